@@ -1,0 +1,37 @@
+# The two commands of the README:
+#   make run    set up (once) and run the main job on the embedded local stack
+#   make test   set up (once) and run the whole test suite
+# Setup creates .venv with the pinned CPU stack (torch 2.13.0 first, so pip
+# never pulls a CUDA build) and installs alignd in editable mode with its
+# dev extras.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.alignd-installed
+
+.PHONY: setup run test bench protos clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip>=24"
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: setup
+	HF_HUB_OFFLINE=1 $(BIN)/alignd demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/serving.py
+
+protos: setup
+	$(BIN)/python scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

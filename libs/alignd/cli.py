@@ -1,0 +1,135 @@
+"""The `alignd` command line.
+
+  alignd up    [--config stack.yaml] [--set k=v ...] [--run-dir DIR]   every role, local processes
+  alignd serve ROLE --config FILE [--set k=v ...] [--run-dir DIR]      one role (what a container runs)
+  alignd demo  [--run-dir DIR]                                         the local stack, one call per role
+  alignd tiny-model DIR [--kind causal_lm|reward] [--arch gpt2|llama]  save a tiny random model
+
+Every command that runs something keeps its logs and outputs in --run-dir
+(default: a new directory under ./runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+from alignd import __version__
+from alignd.config import ROLE_CONFIGS, ROLES, ConfigError, load_config
+
+ROLE_APPS = {role: f"alignd.services.{role}.app:create" for role in ROLES}
+
+
+def new_run_dir(kind: str, base: str | os.PathLike = "runs") -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(base) / f"{kind}-{stamp}-{os.getpid()}"
+    path.mkdir(parents=True, exist_ok=False)
+    return path
+
+
+def resolve_run_dir(arg: str | None, kind: str) -> Path:
+    if arg:
+        p = Path(arg)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+    return new_run_dir(kind)
+
+
+def create_app(role: str, cfg):
+    module, func = ROLE_APPS[role].split(":")
+    return getattr(importlib.import_module(module), func)(cfg)
+
+
+def cmd_serve(args) -> int:
+    from alignd.runtime.logging import configure_logging
+    from alignd.runtime.role import run_role
+    from alignd.runtime.server import ServiceHost
+
+    cfg = load_config(ROLE_CONFIGS[args.role], args.config, args.set)
+    configure_logging(cfg.log_level, role=args.role)
+    app = create_app(args.role, cfg)
+    host = ServiceHost(args.role, cfg.server, app.service_names)
+    endpoint = Path(args.endpoint_file) if args.endpoint_file else None
+    if endpoint is None and args.run_dir:
+        endpoint = Path(args.run_dir) / f"{args.role}.endpoint.json"
+    return run_role(app, host, endpoint)
+
+
+def cmd_up(args) -> int:
+    from alignd.launcher import default_stack_config, run_stack
+    from alignd.config import StackConfig
+
+    run_dir = resolve_run_dir(args.run_dir, "up")
+    if args.config:
+        cfg = load_config(StackConfig, args.config, args.set)
+    else:
+        cfg = default_stack_config(args.set)
+    return run_stack(cfg, run_dir)
+
+
+def cmd_demo(args) -> int:
+    from alignd.demo import run_demo
+
+    run_dir = resolve_run_dir(args.run_dir, "demo")
+    return run_demo(run_dir, config=args.config, overrides=args.set)
+
+
+def cmd_tiny_model(args) -> int:
+    from alignd.models.tiny import build_tiny_model
+
+    out = build_tiny_model(args.dir, arch=args.arch, kind=args.kind, seed=args.seed)
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignd", description="RLHF as gRPC microservices.")
+    parser.add_argument("--version", action="version", version=f"alignd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, config_required: bool = False):
+        p.add_argument("--config", required=config_required, help="YAML configuration file")
+        p.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE",
+            help="override a configuration key (dotted path; value parsed as YAML); repeatable",
+        )
+        p.add_argument("--run-dir", help="directory for logs and outputs (default: a new one under ./runs)")
+
+    p = sub.add_parser("serve", help="run one role (what a container runs)")
+    p.add_argument("role", choices=ROLES)
+    common(p, config_required=True)
+    p.add_argument("--endpoint-file", help="write {address, metrics_url, pid} here once the ports are bound")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("up", help="start every role as a local process on loopback")
+    common(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("demo", help="start the local stack and call every role once")
+    common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("tiny-model", help="save a tiny random model (tests, demos)")
+    p.add_argument("dir")
+    p.add_argument("--kind", choices=["causal_lm", "reward"], default="causal_lm")
+    p.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"alignd: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

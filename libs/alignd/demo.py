@@ -1,0 +1,115 @@
+"""`alignd demo`: the local stack, one real call to every role, a summary.
+
+Until the PPO pipeline lands this is the main job: it starts the embedded
+default stack (tiny models built once into the cache), generates from the
+policy, scores the samples with the reward model, gets their reference
+log-probs, pushes new weights to the policy with UpdateWeights, and writes
+`demo.json` in the run directory.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from alignd.config import StackConfig, load_config
+from alignd.launcher import ChildDied, LocalStack, default_stack_config, report_death
+from alignd.runtime.client import make_channel
+from alignd.runtime.role import write_json_atomic
+from alignd.v1 import (
+    model_pb2,
+    model_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+    reference_pb2,
+    reference_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+)
+
+PROMPTS = ["Write a short story about a robot", "Explain the moon to a child", "What is the capital of France?"]
+TIMEOUT_S = 120.0
+
+
+def run_demo(run_dir: Path, config: str | None = None, overrides: list[str] | None = None) -> int:
+    cfg = load_config(StackConfig, config, overrides) if config else default_stack_config(overrides)
+    t0 = time.perf_counter()
+    try:
+        stack = LocalStack(cfg, run_dir).__enter__()
+    except ChildDied as err:
+        report_death(err)
+        return 1
+    try:
+        started = time.perf_counter() - t0
+        svc = stack.describe()["services"]
+        print(f"stack up in {started:.1f}s: {run_dir / 'stack.json'}")
+        summary = _exercise(svc)
+        summary["stack_start_seconds"] = started
+        write_json_atomic(run_dir / "demo.json", summary)
+        print(f"wrote {run_dir / 'demo.json'}")
+    finally:
+        stack.stop()
+    return 0
+
+
+def _exercise(svc: dict) -> dict:
+    ch = {role: make_channel(s["address"]) for role, s in svc.items()}
+    policy = policy_pb2_grpc.PolicyServiceStub(ch["policy"])
+    gen = policy.Generate(
+        policy_pb2.GenerateRequest(
+            prompts=[policy_pb2.Prompt(text=p) for p in PROMPTS],
+            sampling=policy_pb2.SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=16, num_samples=2, seed=7),
+            return_text=True,
+        ),
+        timeout=TIMEOUT_S,
+    )
+    print(f"policy     Generate: {len(gen.samples)} samples, batch {gen.batch_size}, {gen.generate_seconds * 1000:.0f} ms")
+    reward = reward_pb2_grpc.RewardServiceStub(ch["reward"])
+    scored = reward.Score(
+        reward_pb2.ScoreRequest(
+            items=[
+                reward_pb2.ScoreItem(
+                    tokens=reward_pb2.TokenPair(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids)
+                )
+                for s in gen.samples
+            ]
+        ),
+        timeout=TIMEOUT_S,
+    )
+    print(f"reward     Score:    {', '.join(f'{x:+.3f}' for x in scored.scores)}")
+    reference = reference_pb2_grpc.ReferenceServiceStub(ch["reference"])
+    ref = reference.LogProbs(
+        reference_pb2.LogProbsRequest(
+            items=[
+                reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids)
+                for s in gen.samples
+            ]
+        ),
+        timeout=TIMEOUT_S,
+    )
+    # The reference model starts as the policy: KL(policy || reference) per token is ~0.
+    kl = [sum(a - b for a, b in zip(s.logprobs, r.logprobs)) / len(s.logprobs) for s, r in zip(gen.samples, ref.results)]
+    print(f"reference  LogProbs: mean per-token log-ratio policy/reference {sum(kl) / len(kl):+.2e}")
+    infos = {}
+    for role in ("policy", "reward", "reference", "learner"):
+        info = model_pb2_grpc.ModelServiceStub(ch[role]).GetInfo(model_pb2.GetInfoRequest(), timeout=TIMEOUT_S).info
+        infos[role] = {"architecture": info.architecture, "weight_version": info.weight_version, "parameters": info.num_parameters}
+        print(f"{role:10s} GetInfo:  {info.architecture}, {info.num_parameters:,} parameters, version {info.weight_version}")
+    coord = coordinator_pb2_grpc.CoordinatorServiceStub(ch["coordinator"]).GetCoordinatorInfo(
+        coordinator_pb2.GetCoordinatorInfoRequest(), timeout=TIMEOUT_S
+    )
+    print(f"coordinator GetCoordinatorInfo: drives policy {list(coord.policy_addresses)}, learner {coord.learner_address}")
+    for c in ch.values():
+        c.close()
+    return {
+        "samples": [
+            {"prompt": PROMPTS[s.prompt_index], "response": s.text, "tokens": len(s.token_ids), "score": sc}
+            for s, sc in zip(gen.samples, scored.scores)
+        ],
+        "mean_logratio_policy_reference": sum(kl) / len(kl),
+        "models": infos,
+    }
+
+

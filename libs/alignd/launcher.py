@@ -1,0 +1,272 @@
+"""The local stack: every role as a child process on loopback (`alignd up`).
+
+Children start in dependency order (policy, reward and reference together;
+then the learner, which pushes weights to the policy; then the
+coordinator, which drives them all). Each child binds ephemeral ports,
+writes an endpoint file, and is ready when its gRPC health says SERVING.
+Once every child is ready, `stack.json` is written (atomically) in the run
+directory. If a child dies, the launcher names it, prints its log tail,
+stops the others and exits non-zero. SIGTERM/SIGINT stop every child:
+SIGTERM, the grace period, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from alignd.config import StackConfig, build_config, dump_yaml
+from alignd.runtime.logging import get_logger
+from alignd.runtime.role import write_json_atomic
+
+_log = get_logger("alignd.launcher")
+
+WAVES: list[list[str]] = [["policy", "reward", "reference"], ["learner"], ["coordinator"]]
+LOG_TAIL_LINES = 40
+
+
+class ChildDied(RuntimeError):
+    def __init__(self, role: str, returncode: int | None, log_tail: str) -> None:
+        super().__init__(f"{role} exited with code {returncode}")
+        self.role = role
+        self.returncode = returncode
+        self.log_tail = log_tail
+
+
+@dataclass
+class Child:
+    role: str
+    proc: subprocess.Popen
+    log_path: Path
+    endpoint_file: Path
+    address: str = ""
+    metrics_url: str | None = None
+    exited: threading.Event = field(default_factory=threading.Event)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ALIGND_CACHE", Path.home() / ".cache" / "alignd"))
+
+
+def default_stack_config(overrides: list[str] | None = None) -> StackConfig:
+    """The embedded default: tiny models (built once into the cache), one thread per role."""
+    from alignd.models.tiny import ensure_tiny_models
+
+    models = ensure_tiny_models(default_cache_dir() / "models")
+    data = {
+        role: {"model": {"path": str(models[role])}, "torch_threads": 1}
+        for role in ("policy", "reward", "reference", "learner")
+    }
+    return build_config(StackConfig, data, overrides)
+
+
+class LocalStack:
+    """Starts, supervises and stops the local stack. Use as a context manager."""
+
+    def __init__(self, cfg: StackConfig, run_dir: Path, *, python: str = sys.executable) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.python = python
+        self.children: dict[str, Child] = {}
+        self.any_exited = threading.Event()
+        self._stopping = False
+
+    # -- start -------------------------------------------------------------
+    def _spawn(self, role: str) -> Child:
+        role_cfg = getattr(self.cfg, role)
+        cfg_dir = self.run_dir / "config"
+        logs = self.run_dir / "logs"
+        cfg_dir.mkdir(parents=True, exist_ok=True)
+        logs.mkdir(parents=True, exist_ok=True)
+        cfg_path = cfg_dir / f"{role}.yaml"
+        cfg_path.write_text(dump_yaml(role_cfg))
+        endpoint = self.run_dir / "endpoints" / f"{role}.json"
+        endpoint.unlink(missing_ok=True)
+        log_path = logs / f"{role}.log"
+        log = open(log_path, "ab")
+        cmd = [
+            self.python, "-m", "alignd.cli", "serve", role,
+            "--config", str(cfg_path), "--run-dir", str(self.run_dir), "--endpoint-file", str(endpoint),
+        ]
+        env = dict(os.environ)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        log.close()
+        child = Child(role, proc, log_path, endpoint)
+        threading.Thread(target=self._reap, args=(child,), name=f"reap-{role}", daemon=True).start()
+        _log.info("child_started", child=role, pid=proc.pid, log=str(log_path))
+        return child
+
+    def _reap(self, child: Child) -> None:
+        child.proc.wait()
+        child.exited.set()
+        self.any_exited.set()
+
+    def _died(self, child: Child) -> ChildDied:
+        return ChildDied(child.role, child.proc.returncode, child.log_tail())
+
+    def _wait_ready(self, child: Child, deadline: float) -> None:
+        # 1. The endpoint file appears once the child bound its ports.
+        while not child.endpoint_file.exists():
+            if child.exited.wait(timeout=0.05):
+                raise self._died(child)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{child.role} did not bind its ports in time")
+        info = json.loads(child.endpoint_file.read_text())
+        child.address, child.metrics_url = info["address"], info["metrics_url"]
+        # 2. Health turns SERVING once the model is loaded and warmed up.
+        with grpc.insecure_channel(child.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{child.role} not SERVING within {self.cfg.startup_timeout_seconds:.0f}s")
+                try:
+                    for resp in stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=min(remaining, 5.0)):
+                        if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                            _log.info("child_ready", child=child.role, address=child.address)
+                            return
+                except grpc.RpcError as err:
+                    if child.exited.is_set():
+                        raise self._died(child) from None
+                    if err.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                        raise
+
+    def _fill_addresses(self) -> None:
+        addr = {r: c.address for r, c in self.children.items()}
+        if "policy" in addr:
+            self.cfg.learner.policy_addresses = [addr["policy"]]
+            self.cfg.coordinator.policy_addresses = [addr["policy"]]
+        if "reward" in addr:
+            self.cfg.coordinator.reward_addresses = [addr["reward"]]
+        if "reference" in addr:
+            self.cfg.coordinator.reference_addresses = [addr["reference"]]
+        if "learner" in addr:
+            self.cfg.coordinator.learner_address = addr["learner"]
+
+    def start(self) -> dict:
+        """Starts every role; returns the stack.json content once all are SERVING."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for wave in WAVES:
+            self._fill_addresses()
+            started = [self._spawn(role) for role in wave]
+            for c in started:
+                self.children[c.role] = c
+            deadline = time.monotonic() + self.cfg.startup_timeout_seconds
+            for c in started:
+                self._wait_ready(c, deadline)
+        info = self.describe()
+        write_json_atomic(self.run_dir / "stack.json", info)
+        _log.info("stack_ready", stack_json=str(self.run_dir / "stack.json"))
+        return info
+
+    def describe(self) -> dict:
+        return {
+            "services": {
+                r: {"address": c.address, "metrics_url": c.metrics_url, "pid": c.proc.pid, "log": str(c.log_path)}
+                for r, c in self.children.items()
+            }
+        }
+
+    # -- run / stop --------------------------------------------------------
+    def dead_child(self) -> Child | None:
+        for c in self.children.values():
+            if c.exited.is_set():
+                return c
+        return None
+
+    def stop(self) -> None:
+        """SIGTERM every child (coordinator first), wait the grace period, SIGKILL the rest."""
+        if self._stopping:
+            return
+        self._stopping = True
+        order = [r for wave in reversed(WAVES) for r in wave if r in self.children]
+        for role in order:
+            c = self.children[role]
+            if c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.cfg.stop_grace_seconds
+        for role in order:
+            c = self.children[role]
+            try:
+                c.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _log.warning("child_killed", child=role, pid=c.proc.pid)
+                c.proc.kill()
+                c.proc.wait()
+        _log.info("stack_stopped")
+
+    def __enter__(self) -> "LocalStack":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def report_death(err: ChildDied) -> None:
+    print(f"alignd: role {err.role} exited with code {err.returncode}; last log lines:", file=sys.stderr)
+    print(err.log_tail, file=sys.stderr)
+
+
+def run_stack(cfg: StackConfig, run_dir: Path) -> int:
+    """`alignd up`: start, print where everything is, supervise until a signal or a death."""
+    stop = threading.Event()
+    started = threading.Event()
+    stack = LocalStack(cfg, run_dir)
+
+    def on_signal(signum, _frame):
+        stop.set()
+        stack.any_exited.set()  # wake the supervisor
+        if not started.is_set():
+            raise KeyboardInterrupt  # abandon start-up; the handler below stops the children
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        info = stack.start()
+    except ChildDied as err:
+        report_death(err)
+        stack.stop()
+        return 1
+    except KeyboardInterrupt:
+        stack.stop()
+        return 130
+    except BaseException:
+        stack.stop()
+        raise
+    started.set()
+    for role, svc in info["services"].items():
+        print(f"{role:12s} {svc['address']:22s} metrics {svc['metrics_url']}", flush=True)
+    print(f"alignd: stack ready: {run_dir / 'stack.json'}", flush=True)
+    while not stop.is_set():
+        stack.any_exited.wait()
+        dead = stack.dead_child()
+        if dead is not None and not stop.is_set():
+            report_death(stack._died(dead))
+            stack.stop()
+            return 1
+    stack.stop()
+    return 0

@@ -1,0 +1,230 @@
+"""Loading Hugging Face models from a directory, and the served-model handle.
+
+Every role loads its model with `from_pretrained` on a directory, the same
+code path for a user's model and for the tiny models the tests save.
+`ModelHandle` owns the model, its tokenizer, the weight version and the lock
+that makes a weight swap atomic with respect to inference batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from alignd import __version__
+from alignd.config import ModelConfig
+from alignd.runtime.errors import FailedPrecondition, InvalidArgument
+from alignd.runtime.logging import get_logger
+from alignd.v1 import common_pb2
+
+_log = get_logger("alignd.models")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def set_torch_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)
+        try:
+            torch.set_num_interop_threads(max(1, min(n, 2)))
+        except RuntimeError:  # already set once in this process
+            pass
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's canonical JSON (fast tokenizers) or vocab."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:  # slow tokenizer: vocab + special tokens
+        import json
+
+        text = json.dumps({"vocab": tokenizer.get_vocab(), "special": tokenizer.all_special_tokens}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_model_dir(path: str) -> Path:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {p} has no config.json (expected a save_pretrained directory)")
+    return p
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(check_model_dir(cfg.path)), trust_remote_code=cfg.trust_remote_code)
+    return tok
+
+
+def load_causal_lm(cfg: ModelConfig):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(check_model_dir(cfg.path)), dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+    )
+    return model.to(cfg.device).eval()
+
+
+def load_scalar_head_model(cfg: ModelConfig, *, allow_new_head: bool):
+    """The LM backbone with a scalar head (`AutoModelForSequenceClassification`, 1 label).
+
+    Refuses a directory whose checkpoint has no trained head unless
+    `allow_new_head`: a randomly initialised reward is a silent bug.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        str(check_model_dir(cfg.path)),
+        num_labels=1,
+        dtype=DTYPES[cfg.dtype],
+        trust_remote_code=cfg.trust_remote_code,
+        output_loading_info=True,
+    )
+    if not hasattr(model, "score") or not isinstance(model.score, torch.nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no linear `score` head; alignd needs a sequence-classification head named `score`")
+    if model.score.out_features != 1:
+        raise ValueError(f"score head has {model.score.out_features} outputs; a reward model needs 1")
+    missing_head = [k for k in info.get("missing_keys", []) if k.startswith("score.")]
+    if missing_head:
+        if not allow_new_head:
+            raise ValueError(
+                f"{cfg.path} has no trained scalar head ({', '.join(missing_head)} missing); "
+                "train a reward model first or set allow_new_head: true"
+            )
+        _log.warning("reward_head_initialised", path=cfg.path)
+    return model.to(cfg.device).eval()
+
+
+def context_limit(model, cfg: ModelConfig) -> int:
+    mc = model.config
+    limit = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None) or 2048
+    if cfg.max_context_tokens:
+        limit = min(limit, cfg.max_context_tokens)
+    return int(limit)
+
+
+def alias_groups(model) -> list[list[str]]:
+    """State-dict names grouped by shared storage (tied weights form one group)."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def read_weights_dir(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the `*.safetensors` files in `path`."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_dir():
+        raise InvalidArgument("path", f"{path} is not a directory")
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise InvalidArgument("path", f"{path} holds no *.safetensors files")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+class ModelHandle:
+    """The served model, its tokenizer and weight version.
+
+    Inference holds `lock` for the duration of a batch; `apply_weights` takes
+    the same lock, so a batch sees either the old weights or the new ones,
+    never a mix, and reports the version it ran with.
+    """
+
+    def __init__(self, role: str, cfg: ModelConfig, model, tokenizer) -> None:
+        self.role = role
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.version = 0
+        self.lock = threading.RLock()
+        self._update_lock = threading.Lock()
+        self.device = torch.device(cfg.device)
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        self.max_context = context_limit(model, cfg)
+        self.tokenizer_hash = tokenizer_hash(tokenizer)
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(model.config, "eos_token_id", None)
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = getattr(model.config, "pad_token_id", None)
+        if pad is None:
+            pad = self.eos_token_id if self.eos_token_id is not None else 0
+        self.pad_token_id = int(pad)
+        self.num_parameters = sum(p.numel() for p in model.parameters())
+        self._groups = alias_groups(model)
+
+    def info(self) -> common_pb2.ModelInfo:
+        return common_pb2.ModelInfo(
+            role=self.role,
+            model_name=self.cfg.name or Path(self.cfg.path).name,
+            model_path=str(Path(self.cfg.path).resolve()),
+            architecture=type(self.model).__name__,
+            tokenizer_hash=self.tokenizer_hash,
+            weight_version=self.version,
+            vocab_size=self.vocab_size,
+            max_context_tokens=self.max_context,
+            num_parameters=self.num_parameters,
+            dtype=self.cfg.dtype,
+            device=str(self.device),
+            eos_token_id=-1 if self.eos_token_id is None else int(self.eos_token_id),
+            pad_token_id=self.pad_token_id,
+            alignd_version=__version__,
+        )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def begin_update(self) -> bool:
+        """Claims the (single) update slot; False if an update is running."""
+        return self._update_lock.acquire(blocking=False)
+
+    def end_update(self) -> None:
+        self._update_lock.release()
+
+    def check_version(self, version: int) -> None:
+        if version <= self.version:
+            raise FailedPrecondition(f"version {version} is not above the served version {self.version}")
+
+    def apply_weights(self, tensors: Mapping[str, torch.Tensor], version: int, *, partial: bool) -> int:
+        """Validates then copies `tensors` into the model and sets `version`.
+
+        Returns the number of tensors copied. Raises InvalidArgument (nothing
+        changed) when a name is unknown, a shape differs, or a full update
+        misses a tensor.
+        """
+        state = self.model.state_dict()
+        for name, t in tensors.items():
+            if name not in state:
+                raise InvalidArgument("weights", f"unknown tensor {name!r}")
+            if tuple(t.shape) != tuple(state[name].shape):
+                raise InvalidArgument("weights", f"tensor {name} has shape {list(t.shape)}, expected {list(state[name].shape)}")
+            if t.is_floating_point() != state[name].is_floating_point():
+                raise InvalidArgument("weights", f"tensor {name} has dtype {t.dtype}, expected {state[name].dtype}")
+        if not partial:
+            missing = [g[0] for g in self._groups if not any(n in tensors for n in g)]
+            if missing:
+                shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+                raise InvalidArgument("weights", f"full update misses {len(missing)} tensors: {shown}")
+        t0 = time.perf_counter()
+        with self.lock:
+            self.check_version(version)
+            with torch.no_grad():
+                for name, t in tensors.items():
+                    state[name].copy_(t.to(device=state[name].device, dtype=state[name].dtype))
+            self.version = version
+        _log.info(
+            "weights_applied", version=version, num_tensors=len(tensors), partial=partial,
+            apply_seconds=round(time.perf_counter() - t0, 4),
+        )
+        return len(tensors)

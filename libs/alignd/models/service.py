@@ -1,0 +1,136 @@
+"""alignd.v1.ModelService, shared by every role that serves a model."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from alignd.models.handle import ModelHandle, read_weights_dir
+from alignd.models.weights import receive_stream
+from alignd.runtime.errors import Aborted, FailedPrecondition, InvalidArgument
+from alignd.runtime.logging import get_logger
+from alignd.runtime.server import ServiceHost
+from alignd.v1 import model_pb2, model_pb2_grpc
+
+_log = get_logger("alignd.model_service")
+
+
+class WeightMetrics:
+    """alignd_<slug>_weight_* metrics of one role."""
+
+    def __init__(self, slug: str, registry: CollectorRegistry) -> None:
+        self.version = Gauge(f"alignd_{slug}_weight_version", "Weight version being served.", registry=registry)
+        self.updates = Counter(
+            f"alignd_{slug}_weight_updates_total",
+            "Weight updates by result (applied, rejected).",
+            ["result"],
+            registry=registry,
+        )
+        self.bytes = Counter(
+            f"alignd_{slug}_weight_update_bytes_total", "Bytes of weights received.", registry=registry
+        )
+        self.seconds = Histogram(
+            f"alignd_{slug}_weight_update_seconds",
+            "Time to receive and apply a weight update, in seconds.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=registry,
+        )
+
+
+class ModelServicer(model_pb2_grpc.ModelServiceServicer):
+    """GetInfo / UpdateWeights / LoadWeights over a ModelHandle.
+
+    The handle is set once the role's model is loaded; until then calls
+    answer UNAVAILABLE (and health says NOT_SERVING).
+    """
+
+    def __init__(self, slug: str, host: ServiceHost, *, accepts_updates: bool = True) -> None:
+        self.slug = slug
+        self.host = host
+        self.handle: ModelHandle | None = None
+        self.accepts_updates = accepts_updates
+        self.metrics = WeightMetrics(slug, host.registry)
+
+    def attach(self, handle: ModelHandle) -> None:
+        self.handle = handle
+        self.metrics.version.set(handle.version)
+
+    def _handle(self, context) -> ModelHandle:
+        if self.handle is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "model is still loading")
+        return self.handle
+
+    def GetInfo(self, request, context):
+        return model_pb2.GetInfoResponse(info=self._handle(context).info())
+
+    def _swap(self, handle: ModelHandle, fn):
+        """Runs `fn` with the update slot held and health NOT_SERVING."""
+        if not self.accepts_updates:
+            raise FailedPrecondition(f"the {self.slug} role owns its weights and does not accept updates")
+        if not handle.begin_update():
+            raise Aborted("another weight update is in progress")
+        try:
+            return fn()
+        finally:
+            handle.end_update()
+
+    def UpdateWeights(self, request_iterator, context):
+        handle = self._handle(context)
+        start = time.perf_counter()
+
+        def run():
+            try:
+                received = receive_stream(request_iterator, handle.state_dict())
+                handle.check_version(received.version)
+            except Exception:
+                self.metrics.updates.labels("rejected").inc()
+                raise
+            self.host.set_serving(False)
+            try:
+                n = handle.apply_weights(received.tensors, received.version, partial=received.partial)
+            finally:
+                self.host.set_serving(True)
+            return received, n
+
+        try:
+            received, n = self._swap(handle, run)
+        except (InvalidArgument, FailedPrecondition) as exc:
+            _log.info("weights_rejected", error=exc.message)
+            raise
+        elapsed = time.perf_counter() - start
+        self.metrics.updates.labels("applied").inc()
+        self.metrics.bytes.inc(received.received_bytes)
+        self.metrics.seconds.observe(elapsed)
+        self.metrics.version.set(handle.version)
+        _log.info("weights_updated", version=handle.version, received_bytes=received.received_bytes, seconds=round(elapsed, 4))
+        return model_pb2.UpdateWeightsResponse(
+            version=handle.version, received_bytes=received.received_bytes, num_tensors=n, duration_seconds=elapsed
+        )
+
+    def LoadWeights(self, request, context):
+        handle = self._handle(context)
+        if not request.path:
+            raise InvalidArgument("path", "must not be empty")
+        start = time.perf_counter()
+
+        def run():
+            handle.check_version(request.version)
+            tensors = read_weights_dir(request.path)
+            self.host.set_serving(False)
+            try:
+                return handle.apply_weights(tensors, request.version, partial=False)
+            finally:
+                self.host.set_serving(True)
+
+        try:
+            n = self._swap(handle, run)
+        except Exception:
+            self.metrics.updates.labels("rejected").inc()
+            raise
+        elapsed = time.perf_counter() - start
+        self.metrics.updates.labels("applied").inc()
+        self.metrics.version.set(handle.version)
+        _log.info("weights_loaded", version=handle.version, seconds=round(elapsed, 4))
+        return model_pb2.LoadWeightsResponse(version=handle.version, num_tensors=n, duration_seconds=elapsed)

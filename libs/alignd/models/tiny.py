@@ -1,0 +1,120 @@
+"""Tiny random models for tests, benchmarks and the demo stack.
+
+They are saved with `save_pretrained` and then loaded by the services like any
+user model (`from_pretrained` on the directory). The tokenizer is a
+byte-level BPE trained in-process on a short built-in text, so it covers any
+UTF-8 input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A reward model scores a response
+to a prompt; the policy learns to write responses that score well while
+staying close to the reference model. Labelers rank several outputs for each
+prompt, and every pair of a ranking becomes one comparison. Proximal policy
+optimisation clips the probability ratio so that one update cannot move the
+policy too far. Write a short story about a robot who learns to paint.
+Explain the moon to a six year old in a few sentences. What is the capital of
+France? Paris is the capital of France. Use the word river in a sentence:
+the river ran fast after the rain. Thank you! Please answer the question.
+"""
+
+SPECIAL_TOKENS = {"pad": "<|pad|>", "bos": "<|bos|>", "eos": "<|eos|>"}
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE PreTrainedTokenizerFast with pad/bos/eos (ids 0, 1, 2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[SPECIAL_TOKENS["pad"], SPECIAL_TOKENS["bos"], SPECIAL_TOKENS["eos"]],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=SPECIAL_TOKENS["pad"],
+        bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"],
+    )
+
+
+def _config(arch: str, tokenizer, *, hidden: int, layers: int, heads: int, context: int, num_labels: int | None = None):
+    ids = dict(
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    extra = {"num_labels": num_labels} if num_labels else {}
+    if arch == "gpt2":
+        from transformers import GPT2Config
+
+        return GPT2Config(
+            vocab_size=len(tokenizer), n_positions=context, n_embd=hidden, n_layer=layers, n_head=heads, **ids, **extra
+        )
+    if arch == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=context,
+            tie_word_embeddings=True, **ids, **extra,
+        )
+    raise ValueError(f"unknown tiny architecture {arch!r} (gpt2, llama)")
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    *,
+    arch: str = "gpt2",
+    kind: str = "causal_lm",
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    context: int = 256,
+    vocab_size: int = 512,
+) -> Path:
+    """Builds a random tiny model and saves it (with its tokenizer) to `out_dir`.
+
+    kind: "causal_lm" (policy, reference) or "reward" (scalar head, 1 label).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    out = Path(out_dir)
+    tokenizer = build_tokenizer(vocab_size)
+    torch.manual_seed(seed)
+    if kind == "causal_lm":
+        model = AutoModelForCausalLM.from_config(_config(arch, tokenizer, hidden=hidden, layers=layers, heads=heads, context=context))
+    elif kind == "reward":
+        model = AutoModelForSequenceClassification.from_config(
+            _config(arch, tokenizer, hidden=hidden, layers=layers, heads=heads, context=context, num_labels=1)
+        )
+        with torch.no_grad():  # a head with visible spread, so scores differ between inputs
+            model.score.weight.normal_(0.0, 1.0)
+    else:
+        raise ValueError(f"unknown kind {kind!r} (causal_lm, reward)")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def ensure_tiny_models(cache: str | Path) -> dict[str, Path]:
+    """The demo stack's models under `cache` (built once): policy/reference LM and reward."""
+    cache = Path(cache)
+    lm, rm = cache / "tiny-gpt2", cache / "tiny-gpt2-reward"
+    if not (lm / "config.json").exists():
+        build_tiny_model(lm, seed=0)
+    if not (rm / "config.json").exists():
+        build_tiny_model(rm, kind="reward", seed=1)
+    return {"policy": lm, "reference": lm, "learner": lm, "reward": rm}

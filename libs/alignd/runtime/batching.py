@@ -1,0 +1,190 @@
+"""Dynamic batching: requests that arrive close together run as one batch.
+
+A single worker thread owns the model. Callers `submit()` a request with a
+cost (number of sequences); the worker takes the oldest request, then keeps
+collecting until the batch holds `max_batch_size` sequences or `max_wait_s`
+has passed since that first request arrived, and runs `process(batch)` once.
+The queue is bounded: when `max_queue` requests wait, `submit` raises
+ResourceExhausted instead of letting latency grow without bound.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from alignd.runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from alignd.runtime.logging import get_logger
+
+Req = TypeVar("Req")
+Res = TypeVar("Res")
+
+_log = get_logger("alignd.batching")
+
+
+@dataclass
+class Pending(Generic[Req]):
+    request: Req
+    cost: int  # sequences this request adds to a batch
+    future: Future = field(default_factory=Future)
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    queue_seconds: float = 0.0
+
+
+@dataclass
+class BatchInfo:
+    size: int  # sequences in the batch
+    requests: int  # requests in the batch
+    seconds: float  # time to process the batch
+
+
+class DynamicBatcher(Generic[Req, Res]):
+    """Collects concurrent requests into batches processed by one thread.
+
+    `process(requests) -> results` receives the requests of one batch and
+    returns one result per request (or raises: every request of the batch
+    then fails with that exception). `on_batch(info)` is called after each
+    batch (for metrics).
+    """
+
+    def __init__(
+        self,
+        process: Callable[[Sequence[Req]], Sequence[Res]],
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        name: str,
+        on_batch: Callable[[BatchInfo], None] | None = None,
+        on_queue_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self._process = process
+        self._max_batch = max_batch_size
+        self._max_wait = max_wait_s
+        self._max_queue = max_queue
+        self._on_batch = on_batch
+        self._on_depth = on_queue_depth
+        self._queue: collections.deque[Pending[Req]] = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Req, cost: int) -> Pending[Req]:
+        """Queues a request; wait on `.future` for its result."""
+        pending = Pending(request, max(1, cost))
+        with self._cv:
+            if self._closed:
+                raise Unavailable("server is shutting down")
+            if len(self._queue) >= self._max_queue:
+                raise ResourceExhausted(f"request queue is full ({self._max_queue} waiting); retry later")
+            self._queue.append(pending)
+            depth = len(self._queue)
+            self._cv.notify()
+        if self._on_depth:
+            self._on_depth(depth)
+        return pending
+
+    def run(self, request: Req, cost: int, timeout: float | None = None) -> tuple[Res, Pending[Req], BatchInfo]:
+        """Submits and waits; `timeout` is the caller's remaining deadline in seconds."""
+        pending = self.submit(request, cost)
+        try:
+            result, info = pending.future.result(timeout=timeout)
+        except FutureTimeout:
+            pending.future.cancel()
+            raise DeadlineExceeded(f"no result within the deadline ({timeout:.3f}s)") from None
+        return result, pending, info
+
+    def close(self) -> None:
+        """Stops taking requests; queued ones still run."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=60)
+
+    def _take_batch(self) -> list[Pending[Req]] | None:
+        with self._cv:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cv.wait()
+            first = self._queue.popleft()
+            batch = [first]
+            size = first.cost
+            deadline = first.enqueued_at + self._max_wait
+            while size < self._max_batch:
+                if self._queue:
+                    nxt = self._queue[0]
+                    if size + nxt.cost > self._max_batch:
+                        break
+                    batch.append(self._queue.popleft())
+                    size += nxt.cost
+                    continue
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0 or self._closed:
+                    break
+                self._cv.wait(timeout=remaining)
+            depth = len(self._queue)
+        if self._on_depth:
+            self._on_depth(depth)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            # Drop requests whose caller gave up (deadline); mark the rest running.
+            batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            now = time.perf_counter()
+            for p in batch:
+                p.queue_seconds = now - p.enqueued_at
+            start = time.perf_counter()
+            try:
+                results = self._process([p.request for p in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch processor returned {len(results)} results for {len(batch)} requests")
+            except BaseException as exc:  # noqa: BLE001 - forwarded to every caller
+                for p in batch:
+                    p.future.set_exception(exc)
+                continue
+            info = BatchInfo(size=sum(p.cost for p in batch), requests=len(batch), seconds=time.perf_counter() - start)
+            if self._on_batch:
+                try:
+                    self._on_batch(info)
+                except Exception:  # noqa: BLE001
+                    _log.exception("batch_callback_failed")
+            for p, r in zip(batch, results):
+                p.future.set_result((r, info))
+
+
+
+
+def per_request(fn: Callable[[list[Any]], tuple[list[Any], Any]]) -> Callable[[Sequence[Sequence[Any]]], list[tuple[list[Any], Any]]]:
+    """Adapts `fn(flat_items) -> (results, version)` to the batcher's interface.
+
+    Each request is a list of items; the batch's items are concatenated into
+    one engine call and the results split back per request, each with the
+    weight version that produced it.
+    """
+
+    def process(requests: Sequence[Sequence[Any]]) -> list[tuple[list[Any], Any]]:
+        flat = [item for req in requests for item in req]
+        results, version = fn(flat)
+        out, k = [], 0
+        for req in requests:
+            out.append((results[k : k + len(req)], version))
+            k += len(req)
+        return out
+
+    return process

@@ -1,0 +1,93 @@
+"""Client helpers: channels with retries for idempotent calls, deadlines, health waits.
+
+Retries are declared in the channel's service config and apply to
+UNAVAILABLE only, and only to methods listed as idempotent below. Every call
+should pass a `timeout` (the deadline); `DEFAULT_TIMEOUT_SECONDS` is the
+fallback used by alignd's own clients.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+DEFAULT_TIMEOUT_SECONDS = 60.0
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# Calls that may run twice without harm. Generate is idempotent from the
+# caller's view (a retried sample is just another sample); TrainStep is keyed
+# by its step id on the learner. UpdateWeights is a client stream and is
+# never retried by the channel.
+IDEMPOTENT_METHODS: dict[str, list[str]] = {
+    "alignd.v1.PolicyService": ["Generate"],
+    "alignd.v1.RewardService": ["Score"],
+    "alignd.v1.ReferenceService": ["LogProbs"],
+    "alignd.v1.ModelService": ["GetInfo"],
+    "alignd.v1.LearnerService": ["TrainStep"],
+    "alignd.v1.CoordinatorService": ["GetCoordinatorInfo", "GetRun", "ListRuns"],
+    "grpc.health.v1.Health": ["Check"],
+}
+
+
+def service_config(max_attempts: int = 4) -> str:
+    names = [{"service": svc, "method": m} for svc, methods in IDEMPOTENT_METHODS.items() for m in methods]
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": names,
+                    "retryPolicy": {
+                        "maxAttempts": max_attempts,
+                        "initialBackoff": "0.1s",
+                        "maxBackoff": "2s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def make_channel(address: str, *, retries: bool = True, max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
+    """An insecure channel to `address` (host:port) with alignd's defaults."""
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1 if retries else 0),
+    ]
+    if retries:
+        options.append(("grpc.service_config", service_config()))
+    return grpc.insecure_channel(address, options=options)
+
+
+def wait_for_serving(channel: grpc.Channel, service: str = "", timeout: float = 300.0) -> None:
+    """Blocks until the health service reports SERVING for `service`.
+
+    Uses the streaming Watch RPC, so it returns as soon as the status changes
+    (no polling). Raises TimeoutError after `timeout` seconds.
+    """
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"service {service!r} not SERVING within {timeout:.0f}s")
+        try:
+            for resp in stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=remaining):
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError as err:
+            code = err.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise TimeoutError(f"service {service!r} not SERVING within {timeout:.0f}s") from err
+            if code != grpc.StatusCode.UNAVAILABLE:
+                raise
+            # Server not up yet: wait for the channel to connect (bounded).
+            try:
+                grpc.channel_ready_future(channel).result(timeout=min(1.0, max(remaining, 0.01)))
+            except grpc.FutureTimeoutError:
+                pass

@@ -1,0 +1,113 @@
+"""One server interceptor for every alignd service.
+
+It (1) carries a request id from the `x-request-id` metadata key (or makes
+one) into structlog's context and back to the caller in trailing metadata,
+(2) maps domain errors (`alignd.runtime.errors`) to their status codes and any
+other exception to INTERNAL with a logged traceback, and (3) records
+`grpc_server_started_total`, `grpc_server_handled_total` and
+`grpc_server_handling_seconds`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+
+import grpc
+import structlog
+
+from alignd.runtime.errors import AligndError
+from alignd.runtime.logging import get_logger
+from alignd.runtime.metrics import GrpcServerMetrics
+
+REQUEST_ID_KEY = "x-request-id"
+_log = get_logger("alignd.rpc")
+
+
+def _split_method(full_method: str) -> tuple[str, str]:
+    # "/alignd.v1.PolicyService/Generate" -> ("alignd.v1.PolicyService", "Generate")
+    _, service, method = full_method.split("/", 2)
+    return service, method
+
+
+def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
+    if handler.request_streaming and handler.response_streaming:
+        return "bidi_stream"
+    if handler.request_streaming:
+        return "client_stream"
+    if handler.response_streaming:
+        return "server_stream"
+    return "unary"
+
+
+class ServerInterceptor(grpc.ServerInterceptor):
+    def __init__(self, metrics: GrpcServerMetrics) -> None:
+        self._metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = _split_method(handler_call_details.method)
+        rpc_type = _rpc_type(handler)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        incoming_id = metadata.get(REQUEST_ID_KEY)
+        metrics = self._metrics
+
+        @contextlib.contextmanager
+        def observed(context: grpc.ServicerContext):
+            request_id = incoming_id or uuid.uuid4().hex
+            tokens = structlog.contextvars.bind_contextvars(
+                request_id=request_id, grpc_service=service, grpc_method=method
+            )
+            metrics.started.labels(rpc_type, service, method).inc()
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+                yield
+                code = context.code() or grpc.StatusCode.OK
+            except AligndError as exc:
+                code = exc.code
+                _log.info("rpc_rejected", grpc_code=code.name, error=exc.message)
+                context.abort(exc.code, exc.message)
+            except Exception as exc:  # noqa: BLE001 - the boundary of the RPC
+                ctx_code = context.code()
+                if ctx_code is not None and ctx_code != grpc.StatusCode.OK:
+                    # The handler called context.abort(); keep its status.
+                    code = ctx_code
+                    raise
+                code = grpc.StatusCode.INTERNAL
+                _log.error("rpc_failed", exc_info=exc, grpc_code=code.name)
+                context.abort(code, f"internal error in {method}: {type(exc).__name__}; request_id={request_id}")
+            finally:
+                metrics.handled.labels(rpc_type, service, method, code.name).inc()
+                metrics.handling_seconds.labels(rpc_type, service, method).observe(time.perf_counter() - start)
+                structlog.contextvars.reset_contextvars(**tokens)
+
+        def wrap_unary_response(behavior):
+            def run(request_or_iterator, context):
+                with observed(context):
+                    return behavior(request_or_iterator, context)
+
+            return run
+
+        def wrap_stream_response(behavior):
+            def run(request_or_iterator, context):
+                with observed(context):
+                    yield from behavior(request_or_iterator, context)
+
+            return run
+
+        kwargs = dict(
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(wrap_unary_response(handler.unary_unary), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(wrap_unary_response(handler.stream_unary), **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(wrap_stream_response(handler.unary_stream), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(wrap_stream_response(handler.stream_stream), **kwargs)

@@ -1,0 +1,118 @@
+"""What `alignd serve ROLE` runs: a role app inside a ServiceHost.
+
+A role app registers its servicers, then loads (and warms up) its model
+while the server already answers health checks with NOT_SERVING, so a
+Kubernetes startup probe or the local launcher can watch it come up.
+SIGTERM or SIGINT: health goes NOT_SERVING, in-flight RPCs get the grace
+period, the process exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from alignd.runtime.logging import get_logger
+from alignd.runtime.server import ServiceHost
+
+_log = get_logger("alignd.role")
+
+
+class Loaded:
+    """Holds what a role builds at load time; servicers registered before the
+    model is loaded read it through `get()`, which answers UNAVAILABLE until
+    then."""
+
+    def __init__(self) -> None:
+        self._value = None
+
+    def set(self, value) -> None:
+        self._value = value
+
+    def get(self):
+        value = self._value
+        if value is None:
+            from alignd.runtime.errors import Unavailable
+
+            raise Unavailable("the model is still loading")
+        return value
+
+
+class RoleApp:
+    """Base of the five role apps (services/<slug>/app.py)."""
+
+    slug: str = ""
+    service_names: list[str] = []
+
+    def register(self, host: ServiceHost) -> None:
+        raise NotImplementedError
+
+    def load(self) -> None:
+        """Loads and warms up the model; health turns SERVING afterwards."""
+
+    def close(self) -> None:
+        """Releases resources after the server stopped."""
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temp file, fsync, rename: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def run_role(app: RoleApp, host: ServiceHost, endpoint_file: Path | None = None) -> int:
+    """Serves `app` until SIGTERM/SIGINT; returns the process exit code."""
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        _log.info("signal_received", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    app.register(host)
+    host.start()
+    if endpoint_file is not None:
+        write_json_atomic(
+            endpoint_file,
+            {"role": app.slug, "address": host.address, "metrics_url": host.metrics_url, "pid": os.getpid()},
+        )
+
+    failure: list[BaseException] = []
+
+    def load():
+        t0 = time.perf_counter()
+        try:
+            app.load()
+        except BaseException as exc:  # noqa: BLE001 - reported, then the process exits 1
+            failure.append(exc)
+            _log.error("load_failed", exc_info=exc)
+            stop.set()
+            return
+        host.set_serving(True)
+        _log.info("role_ready", slug=app.slug, load_seconds=round(time.perf_counter() - t0, 3))
+
+    loader = threading.Thread(target=load, name="loader", daemon=True)
+    loader.start()
+    stop.wait()
+    host.stop()
+    try:
+        app.close()
+    except Exception as exc:  # noqa: BLE001
+        _log.error("close_failed", exc_info=exc)
+    return 1 if failure else 0

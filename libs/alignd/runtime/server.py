@@ -1,0 +1,119 @@
+"""Server bootstrap shared by every role.
+
+`ServiceHost` owns the gRPC server (a thread pool: see docs/architecture.md
+for the measurement against grpc.aio), the standard `grpc.health.v1` service,
+server reflection, the shared interceptor and the /metrics endpoint. Health
+is NOT_SERVING for every service until the role calls `set_serving(True)`
+(after its model is loaded and warmed up) and again while weights are swapped
+or the server shuts down.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from alignd.config import ServerConfig
+from alignd.runtime.interceptor import ServerInterceptor
+from alignd.runtime.logging import get_logger
+from alignd.runtime.metrics import GrpcServerMetrics, serve_metrics
+
+_log = get_logger("alignd.server")
+
+
+class ServiceHost:
+    """A gRPC server with health, reflection, metrics and graceful stop."""
+
+    def __init__(
+        self,
+        role: str,
+        cfg: ServerConfig,
+        service_names: Iterable[str],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.role = role
+        self.cfg = cfg
+        self.registry = registry or CollectorRegistry()
+        self.rpc_metrics = GrpcServerMetrics(self.registry)
+        self.service_names = list(service_names)
+        self._executor = ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix=f"{role}-rpc")
+        self.server = grpc.server(
+            self._executor,
+            interceptors=[ServerInterceptor(self.rpc_metrics)],
+            options=[
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self.health = health.HealthServicer(
+            experimental_non_blocking=True,
+            experimental_thread_pool=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-health"),
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._serving = False
+        self._set_health(False)
+        self._metrics_http = None
+        self.metrics_port: int | None = None
+        self.port: int | None = None
+        self._stopped = threading.Event()
+
+    def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            self.health.set(name, status)
+
+    @property
+    def address(self) -> str:
+        return f"{self.cfg.host}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        if self.metrics_port is None:
+            return None
+        return f"http://{self.cfg.metrics_host}:{self.metrics_port}/metrics"
+
+    def start(self) -> None:
+        """Binds the ports and starts serving (health NOT_SERVING until set_serving)."""
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC port {self.cfg.host}:{self.cfg.port}")
+        self.server.start()
+        if self.cfg.metrics_port >= 0:
+            self._metrics_http, self.metrics_port = serve_metrics(
+                self.registry, self.cfg.metrics_host, self.cfg.metrics_port
+            )
+        _log.info("server_started", address=self.address, metrics_url=self.metrics_url)
+
+    def set_serving(self, serving: bool) -> None:
+        self._serving = serving
+        self._set_health(serving)
+        _log.info("health_changed", serving=serving)
+
+    @property
+    def serving(self) -> bool:
+        return self._serving
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING, finish in-flight RPCs for `grace` s, close."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        grace = self.cfg.grace_seconds if grace is None else grace
+        _log.info("server_stopping", grace_seconds=grace)
+        self.server.stop(grace).wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        _log.info("server_stopped")

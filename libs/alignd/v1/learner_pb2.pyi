@@ -1,0 +1,104 @@
+from alignd.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Experience(_message.Message):
+    __slots__ = ("prompt_token_ids", "response_token_ids", "rollout_logprobs", "reference_logprobs", "score", "policy_version", "finish_reason")
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    response_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    rollout_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    reference_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    score: float
+    policy_version: int
+    finish_reason: _common_pb2.FinishReason
+    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., rollout_logprobs: _Optional[_Iterable[float]] = ..., reference_logprobs: _Optional[_Iterable[float]] = ..., score: _Optional[float] = ..., policy_version: _Optional[int] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ...) -> None: ...
+
+class TrainStepRequest(_message.Message):
+    __slots__ = ("step", "experiences")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    EXPERIENCES_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    experiences: _containers.RepeatedCompositeFieldContainer[Experience]
+    def __init__(self, step: _Optional[int] = ..., experiences: _Optional[_Iterable[_Union[Experience, _Mapping]]] = ...) -> None: ...
+
+class TrainStats(_message.Message):
+    __slots__ = ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "entropy", "mean_score", "kl_coef", "grad_norm", "tokens_per_second", "reference_kl", "ptx_loss")
+    POLICY_LOSS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_LOSS_FIELD_NUMBER: _ClassVar[int]
+    APPROX_KL_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    KL_COEF_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_KL_FIELD_NUMBER: _ClassVar[int]
+    PTX_LOSS_FIELD_NUMBER: _ClassVar[int]
+    policy_loss: float
+    value_loss: float
+    approx_kl: float
+    clip_fraction: float
+    entropy: float
+    mean_score: float
+    kl_coef: float
+    grad_norm: float
+    tokens_per_second: float
+    reference_kl: float
+    ptx_loss: float
+    def __init__(self, policy_loss: _Optional[float] = ..., value_loss: _Optional[float] = ..., approx_kl: _Optional[float] = ..., clip_fraction: _Optional[float] = ..., entropy: _Optional[float] = ..., mean_score: _Optional[float] = ..., kl_coef: _Optional[float] = ..., grad_norm: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., reference_kl: _Optional[float] = ..., ptx_loss: _Optional[float] = ...) -> None: ...
+
+class TrainStepResponse(_message.Message):
+    __slots__ = ("step", "policy_version", "stats", "replayed", "skipped")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    policy_version: int
+    stats: TrainStats
+    replayed: bool
+    skipped: bool
+    def __init__(self, step: _Optional[int] = ..., policy_version: _Optional[int] = ..., stats: _Optional[_Union[TrainStats, _Mapping]] = ..., replayed: _Optional[bool] = ..., skipped: _Optional[bool] = ...) -> None: ...
+
+class SaveCheckpointRequest(_message.Message):
+    __slots__ = ("tag",)
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    tag: str
+    def __init__(self, tag: _Optional[str] = ...) -> None: ...
+
+class SaveCheckpointResponse(_message.Message):
+    __slots__ = ("path", "step")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    step: int
+    def __init__(self, path: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+
+class PushWeightsRequest(_message.Message):
+    __slots__ = ("addresses",)
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PushWeightsResponse(_message.Message):
+    __slots__ = ("version", "bytes_per_replica", "duration_seconds")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_REPLICA_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    bytes_per_replica: int
+    duration_seconds: float
+    def __init__(self, version: _Optional[int] = ..., bytes_per_replica: _Optional[int] = ..., duration_seconds: _Optional[float] = ...) -> None: ...

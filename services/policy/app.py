@@ -1,0 +1,48 @@
+"""The policy role: `alignd serve policy --config FILE`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alignd.config import PolicyConfig
+from alignd.models.app import ModelRoleApp
+from alignd.models.handle import ModelHandle, load_causal_lm, load_tokenizer
+from alignd.runtime.batching import DynamicBatcher, per_request
+from alignd.runtime.server import ServiceHost
+from alignd.services.policy.engine import PolicyEngine, Row, Sampling
+from alignd.services.policy.servicer import PolicyServicer
+from alignd.v1 import policy_pb2_grpc
+
+
+@dataclass
+class PolicyState:
+    handle: ModelHandle
+    engine: PolicyEngine
+    batcher: DynamicBatcher
+
+
+class PolicyApp(ModelRoleApp):
+    slug = "policy"
+    role_service = "alignd.v1.PolicyService"
+
+    def __init__(self, cfg: PolicyConfig) -> None:
+        super().__init__(cfg)
+        self.cfg: PolicyConfig = cfg
+
+    def register_role(self, host: ServiceHost) -> None:
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(self.loaded, self.batch_metrics), host.server)
+
+    def load_handle(self) -> ModelHandle:
+        return ModelHandle(self.slug, self.cfg.model, load_causal_lm(self.cfg.model), load_tokenizer(self.cfg.model))
+
+    def build(self, handle: ModelHandle) -> PolicyState:
+        engine = PolicyEngine(handle, self.cfg.batching.max_batch_size)
+        return PolicyState(handle, engine, self.make_batcher(per_request(engine.generate), self.cfg.batching))
+
+    def warmup(self, state: PolicyState) -> None:
+        s = Sampling(1.0, 1.0, 0, 2, frozenset(), False)
+        state.engine.generate([Row([state.handle.pad_token_id], s, 0)])
+
+
+def create(cfg: PolicyConfig) -> PolicyApp:
+    return PolicyApp(cfg)

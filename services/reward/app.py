@@ -1,0 +1,49 @@
+"""The reward role: `alignd serve reward --config FILE`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alignd.config import RewardConfig
+from alignd.models.app import ModelRoleApp
+from alignd.models.handle import ModelHandle, load_scalar_head_model, load_tokenizer
+from alignd.runtime.batching import DynamicBatcher, per_request
+from alignd.runtime.server import ServiceHost
+from alignd.services.reward.engine import RewardEngine
+from alignd.services.reward.servicer import RewardServicer
+from alignd.v1 import reward_pb2_grpc
+
+
+@dataclass
+class RewardState:
+    handle: ModelHandle
+    engine: RewardEngine
+    batcher: DynamicBatcher
+
+
+
+class RewardApp(ModelRoleApp):
+    slug = "reward"
+    role_service = "alignd.v1.RewardService"
+
+    def __init__(self, cfg: RewardConfig) -> None:
+        super().__init__(cfg)
+        self.cfg: RewardConfig = cfg
+
+    def register_role(self, host: ServiceHost) -> None:
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.loaded, self.batch_metrics), host.server)
+
+    def load_handle(self) -> ModelHandle:
+        model = load_scalar_head_model(self.cfg.model, allow_new_head=self.cfg.allow_new_head)
+        return ModelHandle(self.slug, self.cfg.model, model, load_tokenizer(self.cfg.model))
+
+    def build(self, handle: ModelHandle) -> RewardState:
+        engine = RewardEngine(handle, self.cfg.batching.max_batch_size)
+        return RewardState(handle, engine, self.make_batcher(per_request(engine.score), self.cfg.batching))
+
+    def warmup(self, state: RewardState) -> None:
+        state.engine.score([[state.handle.pad_token_id]])
+
+
+def create(cfg: RewardConfig) -> RewardApp:
+    return RewardApp(cfg)

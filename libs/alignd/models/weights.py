@@ -167,3 +167,10 @@ def receive_stream(
         for name, b in buffers.items()
     }
     return ReceivedWeights(version=header.version, partial=header.partial, tensors=tensors, received_bytes=received)
+
+
+def push_weights(channel, state: Mapping[str, torch.Tensor], version: int, *, timeout: float = 600.0, **kw):
+    """Streams `state` to the ModelService behind `channel`; returns the UpdateWeightsResponse."""
+    from alignd.v1 import model_pb2_grpc
+
+    return model_pb2_grpc.ModelServiceStub(channel).UpdateWeights(encode_stream(state, version, **kw), timeout=timeout)

@@ -1,0 +1,130 @@
+"""Shared fixtures: tiny models saved with save_pretrained, and role servers
+started as real subprocesses through the `alignd serve` entry point."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from alignd.runtime.client import make_channel, wait_for_serving
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+STARTUP_TIMEOUT_S = 180.0
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """gpt2 LM, a second gpt2 LM (other weights), llama LM, gpt2 reward model."""
+    from alignd.models.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "lm": build_tiny_model(root / "lm", seed=0),
+        "lm_other": build_tiny_model(root / "lm_other", seed=123),
+        "llama": build_tiny_model(root / "llama", arch="llama", seed=0),
+        "reward": build_tiny_model(root / "reward", kind="reward", seed=1),
+        "reward_other": build_tiny_model(root / "reward_other", kind="reward", seed=77),
+    }
+
+
+@dataclass
+class RoleServer:
+    role: str
+    address: str
+    metrics_url: str
+    proc: subprocess.Popen
+    log_path: Path
+    channel: grpc.Channel
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_role(role: str, cfg: dict, workdir: Path) -> RoleServer:
+    """Runs `python -m alignd.cli serve ROLE` and waits until it is SERVING."""
+    import json
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_path = workdir / f"{role}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    endpoint = workdir / f"{role}.endpoint.json"
+    log_path = workdir / f"{role}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "alignd.cli", "serve", role, "--config", str(cfg_path),
+             "--run-dir", str(workdir), "--endpoint-file", str(endpoint)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    try:
+        # The child writes the endpoint file right after binding; wait for the
+        # process to either write it or die (bounded by the startup timeout).
+        import time
+
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not endpoint.exists():
+            try:
+                proc.wait(timeout=0.05)
+                raise RuntimeError(f"{role} exited with {proc.returncode}:\n{log_path.read_text()}")
+            except subprocess.TimeoutExpired:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{role} did not bind in time:\n{log_path.read_text()}")
+        info = json.loads(endpoint.read_text())
+        channel = make_channel(info["address"])
+        wait_for_serving(channel, timeout=STARTUP_TIMEOUT_S)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        print(log_path.read_text(errors="replace"), file=sys.stderr)
+        raise
+    return RoleServer(role, info["address"], info["metrics_url"], proc, log_path, channel)
+
+
+def stop_role(server: RoleServer) -> int:
+    server.channel.close()
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+    try:
+        return server.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+        raise
+
+
+def role_fixture(role: str, model_key: str, **extra):
+    @pytest.fixture(scope="module")
+    def fixture(tiny_models, tmp_path_factory):
+        cfg = {"model": {"path": str(tiny_models[model_key])}, "torch_threads": 1, **extra}
+        server = start_role(role, cfg, tmp_path_factory.mktemp(role))
+        yield server
+        rc = stop_role(server)
+        assert rc == 0, f"{role} did not shut down cleanly (exit {rc}):\n{server.log()[-3000:]}"
+
+    return fixture
+
+
+policy_server = role_fixture("policy", "lm", batching={"max_batch_size": 32, "max_wait_ms": 20})
+reward_server = role_fixture("reward", "reward")
+reference_server = role_fixture("reference", "lm")
+
+
+def assert_invalid(call, *needles: str) -> grpc.RpcError:
+    """`call()` fails with INVALID_ARGUMENT and a message containing every needle."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    err = info.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
+    for n in needles:
+        assert n in err.details(), (n, err.details())
+    return err

@@ -94,7 +94,13 @@ class DynamicBatcher(Generic[Req, Res]):
         return pending
 
     def run(self, request: Req, cost: int, timeout: float | None = None) -> tuple[Res, Pending[Req], BatchInfo]:
-        """Submits and waits; `timeout` is the caller's remaining deadline in seconds."""
+        """Submits and waits; `timeout` is the caller's remaining deadline in seconds.
+
+        gRPC reports a call without a deadline as a huge remaining time; that
+        (anything beyond a day) means no timeout.
+        """
+        if timeout is not None and timeout > 86400:
+            timeout = None
         pending = self.submit(request, cost)
         try:
             result, info = pending.future.result(timeout=timeout)

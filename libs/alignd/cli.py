@@ -59,11 +59,20 @@ def cmd_serve(args) -> int:
     return run_role(app, host, endpoint)
 
 
+def log_to_run_dir(run_dir: Path) -> None:
+    """The launcher's own JSON events go to run_dir/logs/launcher.log; stdout stays readable."""
+    from alignd.runtime.logging import configure_logging
+
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    configure_logging("info", role="launcher", stream=open(run_dir / "logs" / "launcher.log", "a", buffering=1))
+
+
 def cmd_up(args) -> int:
-    from alignd.launcher import default_stack_config, run_stack
     from alignd.config import StackConfig
+    from alignd.launcher import default_stack_config, run_stack
 
     run_dir = resolve_run_dir(args.run_dir, "up")
+    log_to_run_dir(run_dir)
     if args.config:
         cfg = load_config(StackConfig, args.config, args.set)
     else:
@@ -75,6 +84,7 @@ def cmd_demo(args) -> int:
     from alignd.demo import run_demo
 
     run_dir = resolve_run_dir(args.run_dir, "demo")
+    log_to_run_dir(run_dir)
     return run_demo(run_dir, config=args.config, overrides=args.set)
 
 

@@ -54,6 +54,11 @@ def run_demo(run_dir: Path, config: str | None = None, overrides: list[str] | No
     return 0
 
 
+def infos_path(channel) -> str:
+    info = model_pb2_grpc.ModelServiceStub(channel).GetInfo(model_pb2.GetInfoRequest(), timeout=TIMEOUT_S).info
+    return info.model_path
+
+
 def _exercise(svc: dict) -> dict:
     ch = {role: make_channel(s["address"]) for role, s in svc.items()}
     policy = policy_pb2_grpc.PolicyServiceStub(ch["policy"])
@@ -97,6 +102,44 @@ def _exercise(svc: dict) -> dict:
         info = model_pb2_grpc.ModelServiceStub(ch[role]).GetInfo(model_pb2.GetInfoRequest(), timeout=TIMEOUT_S).info
         infos[role] = {"architecture": info.architecture, "weight_version": info.weight_version, "parameters": info.num_parameters}
         print(f"{role:10s} GetInfo:  {info.architecture}, {info.num_parameters:,} parameters, version {info.weight_version}")
+    # Weight sync: stream perturbed policy weights (as the learner will after a
+    # PPO step) and sample again; the policy now differs from the reference.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alignd.models.weights import push_weights
+
+    model = AutoModelForCausalLM.from_pretrained(infos_path(ch["policy"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    pushed = push_weights(ch["policy"], model.state_dict(), version=1)
+    print(
+        f"policy     UpdateWeights: version {pushed.version}, {pushed.received_bytes / 1e6:.2f} MB "
+        f"in {pushed.duration_seconds * 1000:.0f} ms"
+    )
+    gen2 = policy.Generate(
+        policy_pb2.GenerateRequest(
+            prompts=[policy_pb2.Prompt(text=p) for p in PROMPTS],
+            sampling=policy_pb2.SamplingParams(temperature=1.0, max_new_tokens=16, num_samples=2, seed=7),
+        ),
+        timeout=TIMEOUT_S,
+    )
+    ref2 = reference.LogProbs(
+        reference_pb2.LogProbsRequest(
+            items=[
+                reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids)
+                for s in gen2.samples
+            ]
+        ),
+        timeout=TIMEOUT_S,
+    )
+    kl2 = [sum(a - b for a, b in zip(s.logprobs, r.logprobs)) / len(s.logprobs) for s, r in zip(gen2.samples, ref2.results)]
+    print(
+        f"policy     Generate at version {gen2.samples[0].weight_version}: mean per-token log-ratio "
+        f"policy/reference {sum(kl2) / len(kl2):+.3f} (a KL estimate; > 0 once the policy moved)"
+    )
     coord = coordinator_pb2_grpc.CoordinatorServiceStub(ch["coordinator"]).GetCoordinatorInfo(
         coordinator_pb2.GetCoordinatorInfoRequest(), timeout=TIMEOUT_S
     )
@@ -109,6 +152,8 @@ def _exercise(svc: dict) -> dict:
             for s, sc in zip(gen.samples, scored.scores)
         ],
         "mean_logratio_policy_reference": sum(kl) / len(kl),
+        "mean_logratio_after_update": sum(kl2) / len(kl2),
+        "weight_update": {"version": pushed.version, "bytes": pushed.received_bytes, "seconds": pushed.duration_seconds},
         "models": infos,
     }
 

@@ -71,6 +71,9 @@ class ModelRoleApp(RoleApp):
         return self.batcher
 
     def load(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # tqdm bars would break the JSON log stream
         set_torch_threads(self.cfg.torch_threads)
         t0 = time.perf_counter()
         handle = self.load_handle()

@@ -89,7 +89,9 @@ def build_tiny_model(
     kind: "causal_lm" (policy, reference) or "reward" (scalar head, 1 label).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     out = Path(out_dir)
     tokenizer = build_tokenizer(vocab_size)
     torch.manual_seed(seed)

@@ -44,5 +44,6 @@ def configure_logging(level: str = "info", *, role: str | None = None, stream=No
 def get_logger(name: str | None = None):
     if not _configured:
         configure_logging()
-    log = structlog.get_logger()
-    return log.bind(logger=name) if name else log
+    # Lazy: resolves the configuration at each use, so loggers created at
+    # import time follow a later configure_logging().
+    return structlog.get_logger(component=name) if name else structlog.get_logger()

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -27,78 +29,92 @@ class Strict(BaseModel):
 class ServerConfig(Strict):
     """gRPC and metrics endpoints of one role."""
 
-    host: str = "127.0.0.1"  # interface for gRPC; "0.0.0.0" in containers
-    port: int = Field(0, ge=0, le=65535)  # 0 = an ephemeral port
-    metrics_host: str = "127.0.0.1"  # interface for the /metrics HTTP endpoint
-    metrics_port: int = Field(0, ge=-1, le=65535)  # 0 = ephemeral, -1 = disabled
-    max_workers: int = Field(16, ge=1)  # threads serving RPCs
-    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # per gRPC message
-    grace_seconds: float = Field(10.0, ge=0)  # in-flight RPCs get this long on SIGTERM
+    host: str = Field("127.0.0.1", description='Interface the gRPC server binds; "0.0.0.0" in containers.')
+    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 = an ephemeral port (see the endpoint file / stack.json).")
+    metrics_host: str = Field("127.0.0.1", description="Interface of the Prometheus /metrics HTTP endpoint.")
+    metrics_port: int = Field(0, ge=-1, le=65535, description="/metrics port; 0 = ephemeral, -1 = disabled.")
+    max_workers: int = Field(16, ge=1, description="Threads serving RPCs (the model itself runs on one batcher thread).")
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent, in bytes.")
+    grace_seconds: float = Field(10.0, ge=0, description="On SIGTERM, in-flight RPCs get this long to finish, in seconds.")
 
 
 class ModelConfig(Strict):
     """A Hugging Face model directory loaded with `from_pretrained`."""
 
-    path: str  # directory holding config.json, weights and tokenizer files
-    name: str | None = None  # reported by GetInfo; default: the directory name
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # fp32 on CPU (bf16 is ~100x slower there)
-    device: str = "cpu"  # torch device, e.g. "cuda:0"
-    max_context_tokens: int | None = Field(None, ge=2)  # default: the model's max_position_embeddings
-    trust_remote_code: bool = False
+    path: str = Field(description='save_pretrained directory (config.json, weights, tokenizer); "~" and $VARS are expanded.')
+    name: str | None = Field(None, description="Name reported by GetInfo; default: the directory name.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weight and compute dtype. Use float32 on CPU (bf16 matmuls are ~100x slower there)."
+    )
+    device: str = Field("cpu", description='Torch device, e.g. "cpu" or "cuda:0".')
+    max_context_tokens: int | None = Field(
+        None, ge=2, description="Longest prompt + response in tokens; default: the model's max_position_embeddings."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the directory (transformers trust_remote_code).")
+
+    @field_validator("path")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return os.path.expanduser(os.path.expandvars(v))
 
 
 class BatchingConfig(Strict):
     """Dynamic batching of concurrent requests."""
 
-    max_batch_size: int = Field(32, ge=1)  # sequences per forward batch
-    max_wait_ms: float = Field(5.0, ge=0)  # how long the first request waits for company
-    max_queue: int = Field(256, ge=1)  # queued requests before RESOURCE_EXHAUSTED
+    max_batch_size: int = Field(32, ge=1, description="Sequences per forward batch; larger requests run in chunks of this size.")
+    max_wait_ms: float = Field(
+        5.0, ge=0, description="How long the first request of a batch that is not full waits for others, in milliseconds."
+    )
+    max_queue: int = Field(256, ge=1, description="Requests allowed to wait; beyond this, calls answer RESOURCE_EXHAUSTED.")
 
 
 class RoleConfig(Strict):
-    server: ServerConfig = ServerConfig()
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    torch_threads: int = Field(0, ge=0)  # intra-op threads; 0 = torch's default
+    server: ServerConfig = Field(ServerConfig(), description="gRPC and metrics endpoints.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="structlog level; prompts and responses are only logged at debug."
+    )
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default (all cores).")
 
 
 class PolicyConfig(RoleConfig):
     """policy: samples responses (alignd.v1.PolicyService + ModelService)."""
 
-    model: ModelConfig
-    batching: BatchingConfig = BatchingConfig()
+    model: ModelConfig = Field(description="The policy's causal LM.")
+    batching: BatchingConfig = Field(BatchingConfig(), description="Dynamic batching of Generate calls.")
 
 
 class RewardConfig(RoleConfig):
     """reward: scores responses (alignd.v1.RewardService + ModelService)."""
 
-    model: ModelConfig
-    batching: BatchingConfig = BatchingConfig()
-    # Accept a directory without a trained scalar head (the head is then
-    # randomly initialised). Off by default: a random reward is a silent bug.
-    allow_new_head: bool = False
+    model: ModelConfig = Field(description="The reward model: a *ForSequenceClassification checkpoint with one label.")
+    batching: BatchingConfig = Field(BatchingConfig(), description="Dynamic batching of Score calls.")
+    allow_new_head: bool = Field(
+        False,
+        description="Serve a directory without a trained scalar head (randomly initialised). Off: a random reward is a silent bug.",
+    )
 
 
 class ReferenceConfig(RoleConfig):
     """reference: log-probs of the frozen SFT model (alignd.v1.ReferenceService + ModelService)."""
 
-    model: ModelConfig
-    batching: BatchingConfig = BatchingConfig()
+    model: ModelConfig = Field(description="The frozen reference (SFT) causal LM.")
+    batching: BatchingConfig = Field(BatchingConfig(), description="Dynamic batching of LogProbs calls.")
 
 
 class LearnerConfig(RoleConfig):
     """learner: PPO / SFT / RM training (alignd.v1.LearnerService + ModelService)."""
 
-    model: ModelConfig  # the policy to train (initial weights)
-    policy_addresses: list[str] = []  # policy replicas that receive new weights
+    model: ModelConfig = Field(description="The policy to train (its initial weights).")
+    policy_addresses: list[str] = Field([], description="host:port of every policy replica that receives new weights.")
 
 
 class CoordinatorConfig(RoleConfig):
-    """coordinator: runs the RLHF loop (alignd.v1.CoordinatorService). No torch."""
+    """coordinator: runs the RLHF loop (alignd.v1.CoordinatorService). Imports no torch."""
 
-    policy_addresses: list[str] = []  # every policy replica (round robin)
-    reward_addresses: list[str] = []
-    reference_addresses: list[str] = []
-    learner_address: str | None = None
+    policy_addresses: list[str] = Field([], description="host:port of every policy replica (requests are spread over all).")
+    reward_addresses: list[str] = Field([], description="host:port of every reward replica.")
+    reference_addresses: list[str] = Field([], description="host:port of every reference replica.")
+    learner_address: str | None = Field(None, description="host:port of the learner.")
 
 
 ROLE_CONFIGS: dict[str, type[RoleConfig]] = {
@@ -118,13 +134,15 @@ class StackConfig(Strict):
     ephemeral unless a role's server.port is set).
     """
 
-    startup_timeout_seconds: float = Field(600.0, gt=0)  # per role, load + warm-up
-    stop_grace_seconds: float = Field(15.0, ge=0)  # SIGTERM, then SIGKILL after this
-    policy: PolicyConfig
-    reward: RewardConfig
-    reference: ReferenceConfig
-    learner: LearnerConfig
-    coordinator: CoordinatorConfig = CoordinatorConfig()
+    startup_timeout_seconds: float = Field(600.0, gt=0, description="Per role: model load + warm-up, in seconds.")
+    stop_grace_seconds: float = Field(15.0, ge=0, description="On stop, children get SIGTERM, then SIGKILL after this many seconds.")
+    policy: PolicyConfig = Field(description="The policy role.")
+    reward: RewardConfig = Field(description="The reward role.")
+    reference: ReferenceConfig = Field(description="The reference role.")
+    learner: LearnerConfig = Field(description="The learner role.")
+    coordinator: CoordinatorConfig = Field(
+        CoordinatorConfig(), description="The coordinator role; its addresses are filled in by the launcher."
+    )
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -198,3 +216,54 @@ def load_config(model: type[Strict], path: str | Path | None, overrides: list[st
 
 def dump_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """The configuration reference (docs/configuration.md), generated from the models."""
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from `libs/alignd/config.py` by `python scripts/gen_config_docs.py`; "
+        "tests/test_config_docs.py fails when it is stale.",
+        "",
+        "Each role reads one YAML file (`alignd serve ROLE --config FILE`); the local stack reads one file "
+        "with a section per role (`alignd up --config FILE`, see `configs/local.yaml`). Any key can be "
+        "overridden with `--set dotted.key=value` (the value is parsed as YAML). Unknown keys are errors.",
+        "",
+    ]
+    seen: set[type] = set()
+
+    def type_name(ann) -> str:
+        text = getattr(ann, "__name__", None) if isinstance(ann, type) else None
+        return (text or str(ann).replace("typing.", "")).replace("|", "\\|")
+
+    def section(title: str, model: type[BaseModel], prefix: str) -> None:
+        out.append(f"## {title}")
+        out.append("")
+        if model.__doc__ and model is not Strict:
+            out.append(model.__doc__.strip().splitlines()[0])
+            out.append("")
+        out.append("| key | type | default | meaning |")
+        out.append("|---|---|---|---|")
+        nested = []
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                default = "" if field.is_required() else "(section)"
+                out.append(f"| `{prefix}{name}` | section | {default} | {field.description or ''} |")
+                nested.append((name, ann))
+                continue
+            default = "required" if field.is_required() else f"`{field.default!r}`"
+            out.append(f"| `{prefix}{name}` | `{type_name(ann)}` | {default} | {field.description or ''} |")
+        out.append("")
+        for name, sub in nested:
+            if sub in seen:
+                continue
+            seen.add(sub)
+            section(f"`{name}`: {sub.__name__}", sub, f"{name}.")
+
+    for role, model in ROLE_CONFIGS.items():
+        section(f"Role `{role}` ({model.__name__})", model, "")
+    seen.update(ROLE_CONFIGS.values())  # the stack's role sections are the role configs above
+    section("Local stack (StackConfig)", StackConfig, "")
+    return "\n".join(out).rstrip() + "\n"

@@ -199,6 +199,16 @@ def test_deadline_exceeded_and_cancelled_request_is_skipped(make_batcher):
     assert result(after)[1].requests == 1
 
 
+def test_huge_timeout_means_no_deadline(make_batcher):
+    # gRPC reports a call without a deadline as an enormous remaining time;
+    # waiting on a Future with it must not overflow.
+    gate = Gate()
+    gate.release.set()
+    b, _ = make_batcher(gate)
+    assert b.run("no-deadline", 1, timeout=1e12)[0] == "done:no-deadline"
+    assert b.run("none", 1, timeout=None)[0] == "done:none"
+
+
 def test_close_finishes_queued_requests_then_rejects(make_batcher):
     b, gate = make_batcher()
     first = block(b, gate)

@@ -19,7 +19,9 @@ from alignd.config import (
     load_yaml,
 )
 
-MODEL = {"model": {"path": "/models/tiny"}}
+def base() -> dict:
+    """A minimal valid role config, fresh each call (see test_build_config_does_not_mutate_its_input)."""
+    return {"model": {"path": "/models/tiny"}}
 
 
 def stack_data() -> dict:
@@ -39,12 +41,12 @@ def config_error(fn, *needles: str) -> str:
 
 
 def test_unknown_top_level_key_is_named():
-    config_error(lambda: build_config(PolicyConfig, {**MODEL, "polcy": {}}), "PolicyConfig", "polcy: unknown key")
+    config_error(lambda: build_config(PolicyConfig, {**base(), "polcy": {}}), "PolicyConfig", "polcy: unknown key")
 
 
 def test_unknown_nested_key_is_named_with_dotted_path():
     config_error(
-        lambda: build_config(PolicyConfig, {**MODEL, "batching": {"max_batchsize": 64}}),
+        lambda: build_config(PolicyConfig, {**base(), "batching": {"max_batchsize": 64}}),
         "batching.max_batchsize: unknown key",
     )
     config_error(
@@ -69,7 +71,7 @@ def test_unknown_key_from_override_is_named():
 
 def test_several_errors_are_all_reported():
     msg = config_error(
-        lambda: build_config(PolicyConfig, {**MODEL, "extra": 1, "server": {"port": 70000}}),
+        lambda: build_config(PolicyConfig, {**base(), "extra": 1, "server": {"port": 70000}}),
         "extra: unknown key",
         "server.port",
     )
@@ -82,7 +84,7 @@ def test_several_errors_are_all_reported():
 def test_set_parses_yaml_scalars_and_reaches_nested_fields():
     cfg = build_config(
         PolicyConfig,
-        MODEL,
+        base(),
         [
             "batching.max_batch_size=64",
             "batching.max_wait_ms=2.5",
@@ -102,9 +104,9 @@ def test_set_parses_yaml_scalars_and_reaches_nested_fields():
 
 
 def test_set_parses_lists():
-    cfg = build_config(LearnerConfig, MODEL, ['policy_addresses=["127.0.0.1:50051", "127.0.0.1:50052"]'])
+    cfg = build_config(LearnerConfig, base(), ['policy_addresses=["127.0.0.1:50051", "127.0.0.1:50052"]'])
     assert cfg.policy_addresses == ["127.0.0.1:50051", "127.0.0.1:50052"]
-    cfg = build_config(LearnerConfig, MODEL, ["policy_addresses=[]"])
+    cfg = build_config(LearnerConfig, base(), ["policy_addresses=[]"])
     assert cfg.policy_addresses == []
 
 
@@ -128,15 +130,15 @@ def test_set_into_the_stack():
 
 
 def test_set_value_with_equals_sign_and_empty_value():
-    cfg = build_config(PolicyConfig, MODEL, ["model.name=a=b", "model.device="])
+    cfg = build_config(PolicyConfig, base(), ["model.name=a=b", "model.device="])
     assert cfg.model.name == "a=b"
     assert cfg.model.device == ""
 
 
 def test_set_type_errors_name_the_key():
-    config_error(lambda: build_config(PolicyConfig, MODEL, ["batching.max_batch_size=lots"]), "batching.max_batch_size")
-    config_error(lambda: build_config(PolicyConfig, MODEL, ["batching.max_batch_size=0"]), "batching.max_batch_size")
-    config_error(lambda: build_config(PolicyConfig, MODEL, ["model.dtype=float8"]), "model.dtype")
+    config_error(lambda: build_config(PolicyConfig, base(), ["batching.max_batch_size=lots"]), "batching.max_batch_size")
+    config_error(lambda: build_config(PolicyConfig, base(), ["batching.max_batch_size=0"]), "batching.max_batch_size")
+    config_error(lambda: build_config(PolicyConfig, base(), ["model.dtype=float8"]), "model.dtype")
 
 
 @pytest.mark.parametrize(
@@ -149,13 +151,37 @@ def test_set_type_errors_name_the_key():
     ],
 )
 def test_malformed_overrides(override, needles):
-    config_error(lambda: build_config(PolicyConfig, MODEL, [override]), "--set", *needles)
+    config_error(lambda: build_config(PolicyConfig, base(), [override]), "--set", *needles)
 
 
 def test_set_value_that_is_not_valid_yaml_is_a_config_error():
     # `--set model.name=[oops` must be reported like any other bad value
     # (ConfigError naming the key), not escape as a yaml.ParserError.
-    config_error(lambda: build_config(PolicyConfig, MODEL, ["model.name=[oops"]), "model.name")
+    config_error(lambda: build_config(PolicyConfig, base(), ["model.name=[oops"]), "model.name")
+
+
+def test_model_path_expands_home_and_env_vars(monkeypatch, tmp_path):
+    monkeypatch.setenv("ALIGND_TEST_MODELS", str(tmp_path))
+    monkeypatch.setenv("HOME", "/home/tester")
+    assert build_config(PolicyConfig, {}, ["model.path=$ALIGND_TEST_MODELS/lm"]).model.path == f"{tmp_path}/lm"
+    assert build_config(PolicyConfig, {"model": {"path": "~/lm"}}).model.path == "/home/tester/lm"
+
+
+def test_default_sections_are_not_shared_between_configs():
+    a = build_config(PolicyConfig, base())
+    b = build_config(PolicyConfig, base())
+    a.batching.max_batch_size = 1
+    assert b.batching.max_batch_size == 32
+    assert PolicyConfig.model_fields["batching"].default.max_batch_size == 32
+
+
+def test_build_config_does_not_mutate_its_input():
+    # Overrides must apply to a copy: today build_config copies only the top
+    # level, so `--set model.name=x` writes into the caller's nested dict.
+    data = {"model": {"path": "/m"}, "batching": {"max_batch_size": 8}}
+    cfg = build_config(PolicyConfig, data, ["model.name=x", "batching.max_batch_size=4", "log_level=debug"])
+    assert cfg.model.name == "x" and cfg.batching.max_batch_size == 4
+    assert data == {"model": {"path": "/m"}, "batching": {"max_batch_size": 8}}
 
 
 # -- required fields ---------------------------------------------------------

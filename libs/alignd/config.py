@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+import copy
 import os
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -167,7 +168,11 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
         key = key.strip()
         if not key or any(not p for p in key.split(".")):
             raise ConfigError(f"--set {item!r}: empty key")
-        out.append((key, yaml.safe_load(raw) if raw != "" else ""))
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: value is not valid YAML: {err}") from None
+        out.append((key, value))
     return out
 
 
@@ -183,7 +188,7 @@ def format_validation_error(err: ValidationError) -> str:
 
 
 def build_config(model: type[Strict], data: dict[str, Any] | None, overrides: list[str] | None = None):
-    raw = dict(data or {})
+    raw = copy.deepcopy(data or {})
     for key, value in parse_overrides(overrides):
         _set_dotted(raw, key, value)
     try:
@@ -198,6 +203,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         text = p.read_text()
     except OSError as err:
         raise ConfigError(f"cannot read config {p}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -1,4 +1,4 @@
-"""Conversion between torch tensors and alignd.v1 `Tensor`/`DType`."""
+"""Conversion between torch tensors and alignd.v1 `Tensor`/`Dtype`."""
 
 from __future__ import annotations
 

@@ -44,6 +44,8 @@ def encode_stream(
     partial: bool = False,
 ) -> Iterator[model_pb2.UpdateWeightsRequest]:
     """Yields the UpdateWeights messages for `state`."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     tensors = unique_tensors(state)
     views = {name: tensor_bytes(t) for name, t in tensors.items()}
     total = sum(len(v) for v in views.values())

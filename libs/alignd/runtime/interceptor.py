@@ -41,6 +41,21 @@ def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
     return "unary"
 
 
+class _TrackedContext:
+    """The handler's view of the ServicerContext; records a real abort() call."""
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._context = context
+        self.aborted = False
+
+    def abort(self, code, details):
+        self.aborted = True
+        self._context.abort(code, details)
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+
 class ServerInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: GrpcServerMetrics) -> None:
         self._metrics = metrics
@@ -56,7 +71,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
         metrics = self._metrics
 
         @contextlib.contextmanager
-        def observed(context: grpc.ServicerContext):
+        def observed(context: grpc.ServicerContext, tracked: _TrackedContext):
             request_id = incoming_id or uuid.uuid4().hex
             tokens = structlog.contextvars.bind_contextvars(
                 request_id=request_id, grpc_service=service, grpc_method=method
@@ -73,10 +88,9 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 _log.info("rpc_rejected", grpc_code=code.name, error=exc.message)
                 context.abort(exc.code, exc.message)
             except Exception as exc:  # noqa: BLE001 - the boundary of the RPC
-                ctx_code = context.code()
-                if ctx_code is not None and ctx_code != grpc.StatusCode.OK:
+                if tracked.aborted:
                     # The handler called context.abort(); keep its status.
-                    code = ctx_code
+                    code = context.code() or grpc.StatusCode.UNKNOWN
                     raise
                 code = grpc.StatusCode.INTERNAL
                 _log.error("rpc_failed", exc_info=exc, grpc_code=code.name)
@@ -88,15 +102,17 @@ class ServerInterceptor(grpc.ServerInterceptor):
 
         def wrap_unary_response(behavior):
             def run(request_or_iterator, context):
-                with observed(context):
-                    return behavior(request_or_iterator, context)
+                tracked = _TrackedContext(context)
+                with observed(context, tracked):
+                    return behavior(request_or_iterator, tracked)
 
             return run
 
         def wrap_stream_response(behavior):
             def run(request_or_iterator, context):
-                with observed(context):
-                    yield from behavior(request_or_iterator, context)
+                tracked = _TrackedContext(context)
+                with observed(context, tracked):
+                    yield from behavior(request_or_iterator, tracked)
 
             return run
 

@@ -37,11 +37,11 @@ class TensorChunk(_message.Message):
     OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     name: str
-    dtype: _common_pb2.DType
+    dtype: _common_pb2.Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     offset_bytes: int
     data: bytes
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class WeightsTrailer(_message.Message):
     __slots__ = ("sha256",)

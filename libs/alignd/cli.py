@@ -53,9 +53,8 @@ def cmd_serve(args) -> int:
     configure_logging(cfg.log_level, role=args.role)
     app = create_app(args.role, cfg)
     host = ServiceHost(args.role, cfg.server, app.service_names)
-    endpoint = Path(args.endpoint_file) if args.endpoint_file else None
-    if endpoint is None and args.run_dir:
-        endpoint = Path(args.run_dir) / f"{args.role}.endpoint.json"
+    run_dir = resolve_run_dir(args.run_dir, f"serve-{args.role}")
+    endpoint = Path(args.endpoint_file) if args.endpoint_file else run_dir / f"{args.role}.endpoint.json"
     return run_role(app, host, endpoint)
 
 

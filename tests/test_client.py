@@ -1,0 +1,107 @@
+"""Client helpers: retries on UNAVAILABLE for idempotent calls only; health waits.
+
+The servers here are real gRPC servers (ServiceHost) whose servicers are
+fakes: the unit under test is the client's channel configuration.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+
+from alignd.config import ServerConfig
+from alignd.runtime.client import make_channel, wait_for_serving
+from alignd.runtime.errors import Unavailable
+from alignd.runtime.server import ServiceHost
+from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc, reward_pb2, reward_pb2_grpc
+
+
+class FlakyReward(reward_pb2_grpc.RewardServiceServicer):
+    """Answers UNAVAILABLE `failures` times, then a score."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def Score(self, request, context):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise Unavailable("warming up")
+        return reward_pb2.ScoreResponse(scores=[1.5])
+
+
+class FlakyCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(self) -> None:
+        self.starts = 0
+
+    def StartRun(self, request, context):
+        self.starts += 1
+        raise Unavailable("try later")
+
+
+@pytest.fixture
+def host():
+    h = ServiceHost("test", ServerConfig(metrics_port=-1), ["alignd.v1.RewardService", "alignd.v1.CoordinatorService"])
+    yield h
+    h.stop(grace=0)
+
+
+def test_idempotent_call_is_retried_on_unavailable(host):
+    reward = FlakyReward(failures=2)
+    reward_pb2_grpc.add_RewardServiceServicer_to_server(reward, host.server)
+    host.start()
+    host.set_serving(True)
+    with make_channel(host.address) as ch:
+        resp = reward_pb2_grpc.RewardServiceStub(ch).Score(reward_pb2.ScoreRequest(), timeout=30)
+    assert list(resp.scores) == [1.5]
+    assert reward.calls == 3
+
+
+def test_retries_are_bounded(host):
+    reward = FlakyReward(failures=100)
+    reward_pb2_grpc.add_RewardServiceServicer_to_server(reward, host.server)
+    host.start()
+    with make_channel(host.address) as ch, pytest.raises(grpc.RpcError) as err:
+        reward_pb2_grpc.RewardServiceStub(ch).Score(reward_pb2.ScoreRequest(), timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert reward.calls == 4  # maxAttempts
+
+
+def test_non_idempotent_call_is_not_retried(host):
+    coord = FlakyCoordinator()
+    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(coord, host.server)
+    host.start()
+    with make_channel(host.address) as ch, pytest.raises(grpc.RpcError) as err:
+        coordinator_pb2_grpc.CoordinatorServiceStub(ch).StartRun(coordinator_pb2.StartRunRequest(), timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert coord.starts == 1
+
+
+def test_wait_for_serving_returns_when_health_turns_serving(host):
+    host.start()
+    done = threading.Event()
+    errors = []
+
+    def waiter():
+        try:
+            with make_channel(host.address) as ch:
+                wait_for_serving(ch, timeout=30)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+        done.set()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    assert not done.wait(timeout=0.3)  # NOT_SERVING: still waiting
+    host.set_serving(True)
+    assert done.wait(timeout=30)
+    t.join()
+    assert errors == []
+
+
+def test_wait_for_serving_times_out(host):
+    host.start()
+    with make_channel(host.address) as ch, pytest.raises(TimeoutError):
+        wait_for_serving(ch, timeout=0.5)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from alignd.config import StackConfig, load_config, reference_markdown
+import yaml
+
+from alignd.config import PPOJobConfig, StackConfig, load_config, reference_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,5 +20,7 @@ def test_configuration_reference_is_current():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
-    cfg = load_config(StackConfig, path)
-    assert cfg.policy.model.path and not cfg.policy.model.path.startswith("~")
+    is_job = "run" in yaml.safe_load(path.read_text())
+    cfg = load_config(PPOJobConfig if is_job else StackConfig, path)
+    stack = cfg.stack if is_job else cfg
+    assert stack.policy.model.path and not stack.policy.model.path.startswith("~")

@@ -110,12 +110,14 @@ def test_up_serves_every_role_with_reflection_and_health(tmp_path, cache):
         info = json.loads(run_grpcurl(stack["services"]["coordinator"]["address"], "alignd.v1.CoordinatorService/GetCoordinatorInfo"))
         assert info.get("policyAddresses", info.get("policy_addresses")) == [stack["services"]["policy"]["address"]]
         assert info.get("learnerAddress", info.get("learner_address")) == stack["services"]["learner"]["address"]
-        # Honest stubs: unimplemented work says so.
+        runs = json.loads(run_grpcurl("-d", "{}", stack["services"]["coordinator"]["address"], "alignd.v1.CoordinatorService/ListRuns"))
+        assert runs == {}  # no run yet
         bad = subprocess.run(
-            [grpcurl(), "-plaintext", "-d", "{}", stack["services"]["coordinator"]["address"], "alignd.v1.CoordinatorService/ListRuns"],
+            [grpcurl(), "-plaintext", "-d", '{"run_id": "Bad Id!", "config_yaml": "steps: 1"}',
+             stack["services"]["coordinator"]["address"], "alignd.v1.CoordinatorService/StartRun"],
             capture_output=True, text=True, timeout=60,
         )
-        assert bad.returncode != 0 and "Unimplemented" in bad.stderr
+        assert bad.returncode != 0 and "InvalidArgument" in bad.stderr and "config_yaml" in bad.stderr
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0

@@ -3,6 +3,7 @@
   alignd up    [--config stack.yaml] [--set k=v ...] [--run-dir DIR]   every role, local processes
   alignd serve ROLE --config FILE [--set k=v ...] [--run-dir DIR]      one role (what a container runs)
   alignd demo  [--run-dir DIR]                                         the local stack, one call per role
+  alignd ppo   --config JOB.yaml [--set k=v ...] [--run-dir DIR]        a PPO run on the local stack
   alignd tiny-model DIR [--kind causal_lm|reward] [--arch gpt2|llama]  save a tiny random model
 
 Every command that runs something keeps its logs and outputs in --run-dir
@@ -39,9 +40,9 @@ def resolve_run_dir(arg: str | None, kind: str) -> Path:
     return new_run_dir(kind)
 
 
-def create_app(role: str, cfg):
+def create_app(role: str, cfg, run_dir: Path | None = None):
     module, func = ROLE_APPS[role].split(":")
-    return getattr(importlib.import_module(module), func)(cfg)
+    return getattr(importlib.import_module(module), func)(cfg, run_dir)
 
 
 def cmd_serve(args) -> int:
@@ -51,9 +52,9 @@ def cmd_serve(args) -> int:
 
     cfg = load_config(ROLE_CONFIGS[args.role], args.config, args.set)
     configure_logging(cfg.log_level, role=args.role)
-    app = create_app(args.role, cfg)
-    host = ServiceHost(args.role, cfg.server, app.service_names)
     run_dir = resolve_run_dir(args.run_dir, f"serve-{args.role}")
+    app = create_app(args.role, cfg, run_dir)
+    host = ServiceHost(args.role, cfg.server, app.service_names)
     endpoint = Path(args.endpoint_file) if args.endpoint_file else run_dir / f"{args.role}.endpoint.json"
     return run_role(app, host, endpoint)
 
@@ -85,6 +86,14 @@ def cmd_demo(args) -> int:
     run_dir = resolve_run_dir(args.run_dir, "demo")
     log_to_run_dir(run_dir)
     return run_demo(run_dir, config=args.config, overrides=args.set)
+
+
+def cmd_ppo(args) -> int:
+    from alignd.ppo_cli import run_ppo
+
+    run_dir = resolve_run_dir(args.run_dir, "ppo")
+    log_to_run_dir(run_dir)
+    return run_ppo(args.config, args.set, run_dir)
 
 
 def cmd_tiny_model(args) -> int:
@@ -121,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="start the local stack and call every role once")
     common(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("ppo", help="run PPO on the local stack (a job file: stack + run)")
+    common(p, config_required=True)
+    p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser("tiny-model", help="save a tiny random model (tests, demos)")
     p.add_argument("dir")

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 import copy
 import os
+import typing
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -84,10 +85,23 @@ class PolicyConfig(RoleConfig):
     batching: BatchingConfig = Field(BatchingConfig(), description="Dynamic batching of Generate calls.")
 
 
+class RewardFunctionConfig(Strict):
+    """A programmatic reward served instead of the model's head (rule-based rewards, tests, gold judges)."""
+
+    name: str = Field(description='A function of alignd.rewards ("token_fraction") or "package.module:function".')
+    args: dict[str, Any] = Field({}, description="Keyword arguments passed to the function.")
+
+
 class RewardConfig(RoleConfig):
     """reward: scores responses (alignd.v1.RewardService + ModelService)."""
 
-    model: ModelConfig = Field(description="The reward model: a *ForSequenceClassification checkpoint with one label.")
+    model: ModelConfig = Field(
+        description="The reward model: a *ForSequenceClassification checkpoint with one label (with `function`: "
+        "any model directory; only its tokenizer is used)."
+    )
+    function: RewardFunctionConfig | None = Field(
+        None, description="Score with this function of (prompt ids, response ids, tokenizer) instead of the model."
+    )
     batching: BatchingConfig = Field(BatchingConfig(), description="Dynamic batching of Score calls.")
     allow_new_head: bool = Field(
         False,
@@ -102,11 +116,76 @@ class ReferenceConfig(RoleConfig):
     batching: BatchingConfig = Field(BatchingConfig(), description="Dynamic batching of LogProbs calls.")
 
 
+class PPOConfig(Strict):
+    """PPO hyper-parameters. Defaults are InstructGPT's (Ouyang et al. 2022, appendix C.4)."""
+
+    kl_coef: float = Field(0.02, ge=0, description="beta: per-token KL penalty coefficient (fixed unless adaptive_kl_target is set).")
+    adaptive_kl_target: float | None = Field(
+        None, gt=0, description="Target KL per sequence for the adaptive controller of Ziegler et al. 2019; null = fixed kl_coef."
+    )
+    adaptive_kl_horizon: int = Field(10000, ge=1, description="Horizon (in samples) of the adaptive KL controller.")
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = Field("k1", description="Per-token KL estimator in the reward penalty.")
+    score_position: Literal["last", "eos_plus_one"] = Field(
+        "last", description='Where the RM score is added: the last response token, or one past it when it fits (TRL).'
+    )
+    clip: float = Field(0.2, gt=0, description="PPO ratio clip epsilon.")
+    value_clip: float = Field(0.2, gt=0, description="Clip range of the value prediction around the old value.")
+    value_coef: float = Field(0.1, ge=0, description="Weight of the value loss in the total loss.")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    whiten_unbiased: bool = Field(True, description="Whitening of advantages uses the unbiased variance (TRL) or the biased one.")
+    epochs: int = Field(1, ge=1, description="PPO epochs over each rollout batch.")
+    minibatches: int = Field(8, ge=1, description="Minibatches per epoch (the paper: batch 512 in 8 minibatches of 64).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts; logits are divided by it.")
+    ptx_coef: float = Field(0.0, ge=0, description="gamma_ptx of PPO-ptx (the paper: 27.8); 0 disables the pretraining loss.")
+    ptx_data: str | None = Field(None, description="Text file (one document per line) for the PPO-ptx pretraining loss.")
+    ptx_batch_size: int = Field(4, ge=1, description="Pretraining sequences per minibatch when PPO-ptx is on.")
+    ptx_max_tokens: int = Field(128, ge=2, description="Tokens per pretraining sequence.")
+
+
+class OptimizerConfig(Strict):
+    """Adam for policy and value model (InstructGPT: betas 0.9, 0.95; constant LR after warm-up)."""
+
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate of the policy.")
+    value_lr: float | None = Field(None, gt=0, description="Peak learning rate of the value model; default: lr.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW).")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up from warmup_start_factor x lr to lr, in optimizer steps.")
+    warmup_start_factor: float = Field(0.1, gt=0, le=1, description="LR at step 0 as a fraction of peak (the paper: a tenth).")
+
+
+class EngineConfig(Strict):
+    """How the learner runs its optimizer: plain torch (CPU default) or DeepSpeed ZeRO."""
+
+    kind: Literal["torch", "deepspeed"] = Field("torch", description="Training engine.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (deepspeed engine only).")
+    bf16: bool = Field(False, description="bf16 mixed precision (deepspeed engine on GPUs).")
+
+
 class LearnerConfig(RoleConfig):
     """learner: PPO / SFT / RM training (alignd.v1.LearnerService + ModelService)."""
 
     model: ModelConfig = Field(description="The policy to train (its initial weights).")
+    value_model: ModelConfig | None = Field(
+        None,
+        description="Initial weights of the value model (a one-label *ForSequenceClassification, e.g. the reward model's "
+        "directory, as in the paper). Required unless value_head_on_policy.",
+    )
+    value_head_on_policy: bool = Field(False, description="Use a value head on the policy's backbone instead of a separate value model.")
+    ppo: PPOConfig = Field(PPOConfig(), description="PPO hyper-parameters.")
+    optimizer: OptimizerConfig = Field(OptimizerConfig(), description="Optimizer and LR schedule.")
+    engine: EngineConfig = Field(EngineConfig(), description="Training engine.")
+    ema_decay: float | None = Field(0.992, gt=0, lt=1, description="EMA of the policy weights (the paper: 0.992); null disables.")
+    seed: int = Field(0, description="Seed of minibatch shuffling and initialisation.")
+    checkpoint_dir: str | None = Field(
+        None, description="Where checkpoints go; default: RUN_DIR/learner/checkpoints. The learner resumes from the latest one."
+    )
+    checkpoint_every_steps: int = Field(1, ge=0, description="Checkpoint after every N steps; 0 = only on SaveCheckpoint.")
+    checkpoint_keep: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
     policy_addresses: list[str] = Field([], description="host:port of every policy replica that receives new weights.")
+    push_chunk_bytes: int = Field(1 << 20, ge=1024, description="Chunk size of the weight stream, in bytes.")
 
 
 class CoordinatorConfig(RoleConfig):
@@ -116,6 +195,45 @@ class CoordinatorConfig(RoleConfig):
     reward_addresses: list[str] = Field([], description="host:port of every reward replica.")
     reference_addresses: list[str] = Field([], description="host:port of every reference replica.")
     learner_address: str | None = Field(None, description="host:port of the learner.")
+    runs_dir: str | None = Field(None, description="Where run state lives (RUNS_DIR/<run_id>/); default: RUN_DIR/runs.")
+    rpc_timeout_seconds: float = Field(600.0, gt=0, description="Deadline of each call to another role, in seconds.")
+    recovery_timeout_seconds: float = Field(
+        900.0, gt=0, description="How long a role may be unavailable (restarting) before the run fails, in seconds."
+    )
+
+
+class SamplingConfig(Strict):
+    """Rollout sampling (InstructGPT: temperature 1, no truncation)."""
+
+    temperature: float = Field(1.0, ge=0, description="Softmax temperature; must equal the learner's ppo.temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Top-k truncation; 0 = off.")
+    max_new_tokens: int = Field(32, ge=1, description="Response length limit, in tokens.")
+    stop_token_ids: list[int] = Field([], description="Extra stop tokens (EOS always stops unless ignore_eos).")
+    ignore_eos: bool = Field(False, description="Keep sampling past EOS.")
+
+
+class PromptsConfig(Strict):
+    """Where prompts come from: a JSONL file with a text field, or a plain text file (one prompt per line)."""
+
+    path: str = Field(description='JSONL ({"prompt": ...} per line) or .txt (one prompt per line); "~" and $VARS expanded.')
+    field: str = Field("prompt", description="JSONL field holding the prompt text.")
+
+    @field_validator("path")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return os.path.expanduser(os.path.expandvars(v))
+
+
+class PPORunConfig(Strict):
+    """A PPO run, as sent to CoordinatorService.StartRun (config_yaml)."""
+
+    steps: int = Field(20, ge=1, description="PPO iterations.")
+    prompts_per_step: int = Field(16, ge=1, description="Prompts sampled per iteration (the paper: 512 episodes per batch).")
+    samples_per_prompt: int = Field(1, ge=1, description="Responses sampled per prompt.")
+    prompts: PromptsConfig = Field(description="The prompt set (sampled without replacement, reshuffled each epoch).")
+    sampling: SamplingConfig = Field(SamplingConfig(), description="Rollout sampling.")
+    seed: int = Field(0, description="Seed of prompt order and sampling.")
 
 
 ROLE_CONFIGS: dict[str, type[RoleConfig]] = {
@@ -144,6 +262,13 @@ class StackConfig(Strict):
     coordinator: CoordinatorConfig = Field(
         CoordinatorConfig(), description="The coordinator role; its addresses are filled in by the launcher."
     )
+
+
+class PPOJobConfig(Strict):
+    """`alignd ppo --config FILE`: a local stack plus one PPO run on it."""
+
+    stack: StackConfig = Field(description="The local stack (see StackConfig).")
+    run: PPORunConfig = Field(description="The PPO run.")
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -255,6 +380,12 @@ def reference_markdown() -> str:
         nested = []
         for name, field in model.model_fields.items():
             ann = field.annotation
+            models_in = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if models_in:  # an optional section (`X | None`)
+                sub = models_in[0]
+                out.append(f"| `{prefix}{name}` | section or null | `None` | {field.description or ''} |")
+                nested.append((name, sub))
+                continue
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 default = "" if field.is_required() else "(section)"
                 out.append(f"| `{prefix}{name}` | section | {default} | {field.description or ''} |")
@@ -273,4 +404,6 @@ def reference_markdown() -> str:
         section(f"Role `{role}` ({model.__name__})", model, "")
     seen.update(ROLE_CONFIGS.values())  # the stack's role sections are the role configs above
     section("Local stack (StackConfig)", StackConfig, "")
+    seen.add(StackConfig)
+    section("PPO job (PPOJobConfig): `alignd ppo --config FILE`", PPOJobConfig, "")
     return "\n".join(out).rstrip() + "\n"

@@ -61,18 +61,15 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("ALIGND_CACHE", Path.home() / ".cache" / "alignd"))
-
-
 def default_stack_config(overrides: list[str] | None = None) -> StackConfig:
-    """The embedded default: tiny models (built once into the cache), one thread per role."""
-    from alignd.models.tiny import ensure_tiny_models
-
-    models = ensure_tiny_models(default_cache_dir() / "models")
+    """The embedded default (configs/local.yaml): built-in tiny models, one torch thread per role."""
+    lm, rm = "builtin:tiny-gpt2", "builtin:tiny-gpt2-reward"
     data = {
-        role: {"model": {"path": str(models[role])}, "torch_threads": 1}
-        for role in ("policy", "reward", "reference", "learner")
+        "policy": {"model": {"path": lm}, "torch_threads": 1},
+        "reward": {"model": {"path": rm}, "torch_threads": 1},
+        "reference": {"model": {"path": lm}, "torch_threads": 1},
+        # The value model starts from the reward model, as in InstructGPT.
+        "learner": {"model": {"path": lm}, "value_model": {"path": rm}, "torch_threads": 1},
     }
     return build_config(StackConfig, data, overrides)
 

@@ -1,22 +1,147 @@
 """The coordinator role: `alignd serve coordinator --config FILE`. Imports no torch.
 
-This version reports the roles it drives (GetCoordinatorInfo); the run RPCs
-answer UNIMPLEMENTED until the PPO loop lands.
+It owns runs: StartRun validates a PPO run configuration and starts its loop
+(services/coordinator/loop.py) on a background thread; the run's state lives
+in RUNS_DIR/<run_id>/ (state.json, metrics.jsonl). On start-up the
+coordinator resumes every run that was pending or running when it stopped.
+One run is active at a time (the learner is shared).
 """
 
 from __future__ import annotations
 
+import re
+import threading
+import uuid
+from pathlib import Path
+
+import yaml
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
 from alignd import __version__
-from alignd.config import CoordinatorConfig
-from alignd.runtime.errors import Unimplemented
+from alignd.config import ConfigError, CoordinatorConfig, PPORunConfig, build_config
+from alignd.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from alignd.runtime.logging import get_logger
 from alignd.runtime.role import RoleApp
 from alignd.runtime.server import ServiceHost
+from alignd.services.coordinator.loop import PHASES, Roles, RunLoop
+from alignd.services.coordinator.prompts import DataError
+from alignd.services.coordinator.runs import ACTIVE, RunRecord
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+_log = get_logger("alignd.coordinator")
+RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+class CoordinatorMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.phase_seconds = Histogram(
+            "alignd_coordinator_phase_seconds", "Duration of each phase of a PPO iteration, in seconds.", ["phase"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=registry,
+        )
+        for phase in PHASES:
+            self.phase_seconds.labels(phase)
+        self.steps = Counter("alignd_coordinator_steps_total", "PPO iterations completed.", registry=registry)
+        self.rollout_tokens = Counter(
+            "alignd_coordinator_rollout_tokens_total", "Response tokens generated for rollouts.", registry=registry
+        )
+        self.runs = Counter("alignd_coordinator_runs_total", "Runs ended, by final state.", ["state"], registry=registry)
+        self.step = Gauge("alignd_coordinator_run_step", "Step of the active run.", registry=registry)
+        self.mean_score = Gauge("alignd_coordinator_mean_score", "Mean reward-model score of the last batch.", registry=registry)
+        self.kl = Gauge("alignd_coordinator_reference_kl", "Mean per-token KL(policy || reference) of the last batch.", registry=registry)
+        self.policy_lag = Gauge(
+            "alignd_coordinator_policy_lag_versions", "Versions between the rollout policy and the trained policy, minus one.",
+            registry=registry,
+        )
+
+
+class Coordinator:
+    def __init__(self, cfg: CoordinatorConfig, runs_dir: Path, metrics: CoordinatorMetrics) -> None:
+        self.cfg = cfg
+        self.runs_dir = runs_dir
+        self.metrics = metrics
+        self.lock = threading.Lock()
+        self.loops: dict[str, RunLoop] = {}
+        self.records: dict[str, RunRecord] = {}
+
+    def _load_records(self) -> None:
+        if not self.runs_dir.exists():
+            return
+        for state in sorted(self.runs_dir.glob("*/state.json")):
+            rec = RunRecord.load(state.parent)
+            self.records[rec.run_id] = rec
+
+    def resume_all(self) -> None:
+        self._load_records()
+        for rec in self.records.values():
+            if rec.state in ACTIVE:
+                _log.info("run_resuming", run_id=rec.run_id, step=rec.step)
+                self._start(rec, build_config(PPORunConfig, yaml.safe_load(rec.config_yaml)))
+
+    def _start(self, rec: RunRecord, run_cfg: PPORunConfig) -> None:
+        loop = RunLoop(rec, run_cfg, Roles(self.cfg), self.metrics)
+        self.loops[rec.run_id] = loop
+        loop.start()
+
+    def active(self) -> RunRecord | None:
+        for rec in self.records.values():
+            if rec.state in ACTIVE:
+                return rec
+        return None
+
+    def start_run(self, run_id: str, config_yaml: str, run_dir: str) -> RunRecord:
+        try:
+            data = yaml.safe_load(config_yaml) if config_yaml.strip() else None
+        except yaml.YAMLError as err:
+            raise InvalidArgument("config_yaml", f"not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise InvalidArgument("config_yaml", "must be a YAML mapping of the run configuration")
+        try:
+            run_cfg = build_config(PPORunConfig, data)
+        except ConfigError as err:
+            raise InvalidArgument("config_yaml", str(err)) from None
+        if run_id and not RUN_ID.match(run_id):
+            raise InvalidArgument("run_id", f"{run_id!r}: use 1-63 of a-z 0-9 _ . - starting with a letter or digit")
+        with self.lock:
+            run_id = run_id or f"run-{uuid.uuid4().hex[:8]}"
+            if run_id in self.records:
+                raise AlreadyExists(f"run {run_id} exists")
+            if self.active() is not None:
+                raise FailedPrecondition(f"run {self.active().run_id} is active; stop it or wait")
+            path = Path(run_dir) if run_dir else self.runs_dir / run_id
+            if (path / "state.json").exists():
+                raise AlreadyExists(f"{path} already holds a run")
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "config.yaml").write_text(config_yaml)
+            rec = RunRecord(run_id=run_id, run_dir=str(path), config_yaml=config_yaml, total_steps=run_cfg.steps)
+            try:
+                loop = RunLoop(rec, run_cfg, Roles(self.cfg), self.metrics)
+            except DataError as err:
+                raise InvalidArgument("config_yaml", str(err)) from None
+            rec.save()
+            self.records[run_id] = rec
+            self.loops[run_id] = loop
+            loop.start()
+            _log.info("run_accepted", run_id=run_id, run_dir=str(path), steps=run_cfg.steps)
+            return rec
+
+    def get(self, run_id: str) -> RunRecord:
+        rec = self.records.get(run_id)
+        if rec is None:
+            raise NotFound(f"no run {run_id!r}")
+        return rec
+
+    def stop_run(self, run_id: str) -> RunRecord:
+        rec = self.get(run_id)
+        loop = self.loops.get(run_id)
+        if loop is not None:
+            loop.stop_requested.set()
+        return rec
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
-    def __init__(self, cfg: CoordinatorConfig) -> None:
+    def __init__(self, cfg: CoordinatorConfig, loaded) -> None:
         self.cfg = cfg
+        self.loaded = loaded  # Loaded[Coordinator]
 
     def GetCoordinatorInfo(self, request, context):
         return coordinator_pb2.GetCoordinatorInfoResponse(
@@ -28,28 +153,41 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         )
 
     def StartRun(self, request, context):
-        raise Unimplemented("StartRun is not implemented in this version of alignd")
+        rec = self.loaded.get().start_run(request.run_id, request.config_yaml, request.run_dir)
+        return coordinator_pb2.StartRunResponse(run=rec.to_pb())
 
     def GetRun(self, request, context):
-        raise Unimplemented("GetRun is not implemented in this version of alignd")
+        return coordinator_pb2.GetRunResponse(run=self.loaded.get().get(request.run_id).to_pb())
 
     def StopRun(self, request, context):
-        raise Unimplemented("StopRun is not implemented in this version of alignd")
+        return coordinator_pb2.StopRunResponse(run=self.loaded.get().stop_run(request.run_id).to_pb())
 
     def ListRuns(self, request, context):
-        raise Unimplemented("ListRuns is not implemented in this version of alignd")
+        recs = sorted(self.loaded.get().records.values(), key=lambda r: r.created_unix_seconds, reverse=True)
+        return coordinator_pb2.ListRunsResponse(runs=[r.to_pb() for r in recs])
 
 
 class CoordinatorApp(RoleApp):
     slug = "coordinator"
     service_names = ["alignd.v1.CoordinatorService"]
 
-    def __init__(self, cfg: CoordinatorConfig) -> None:
+    def __init__(self, cfg: CoordinatorConfig, run_dir: Path | None = None) -> None:
+        from alignd.runtime.role import Loaded
+
         self.cfg = cfg
+        self.run_dir = run_dir
+        self.loaded = Loaded()
 
     def register(self, host: ServiceHost) -> None:
-        coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(self.cfg), host.server)
+        self.metrics = CoordinatorMetrics(host.registry)
+        coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(self.cfg, self.loaded), host.server)
+
+    def load(self) -> None:
+        runs_dir = Path(self.cfg.runs_dir) if self.cfg.runs_dir else Path(self.run_dir or ".") / "runs"
+        coordinator = Coordinator(self.cfg, runs_dir, self.metrics)
+        coordinator.resume_all()
+        self.loaded.set(coordinator)
 
 
-def create(cfg: CoordinatorConfig) -> CoordinatorApp:
-    return CoordinatorApp(cfg)
+def create(cfg: CoordinatorConfig, run_dir=None) -> CoordinatorApp:
+    return CoordinatorApp(cfg, run_dir)

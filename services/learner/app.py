@@ -1,29 +1,16 @@
-"""The learner role: `alignd serve learner --config FILE`.
-
-This version loads the policy it will train and serves ModelService.GetInfo
-for it; TrainStep, SaveCheckpoint and PushWeights answer UNIMPLEMENTED until
-the PPO engine lands (nothing answers success for work it did not do).
-"""
+"""The learner role: `alignd serve learner --config FILE`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from alignd.config import LearnerConfig
 from alignd.models.app import ModelRoleApp
-from alignd.models.handle import ModelHandle, load_causal_lm, load_tokenizer
-from alignd.runtime.errors import Unimplemented
+from alignd.models.handle import set_torch_threads
 from alignd.runtime.server import ServiceHost
+from alignd.services.learner.learner import Learner
+from alignd.services.learner.servicer import LearnerMetrics, LearnerServicer
 from alignd.v1 import learner_pb2_grpc
-
-
-class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
-    def TrainStep(self, request, context):
-        raise Unimplemented("TrainStep is not implemented in this version of alignd")
-
-    def SaveCheckpoint(self, request, context):
-        raise Unimplemented("SaveCheckpoint is not implemented in this version of alignd")
-
-    def PushWeights(self, request, context):
-        raise Unimplemented("PushWeights is not implemented in this version of alignd")
 
 
 class LearnerApp(ModelRoleApp):
@@ -31,19 +18,27 @@ class LearnerApp(ModelRoleApp):
     role_service = "alignd.v1.LearnerService"
     accepts_updates = False  # the learner owns the weights it trains
 
-    def __init__(self, cfg: LearnerConfig) -> None:
+    def __init__(self, cfg: LearnerConfig, run_dir: Path | None = None) -> None:
         super().__init__(cfg)
         self.cfg: LearnerConfig = cfg
+        self.run_dir = run_dir
 
     def register_role(self, host: ServiceHost) -> None:
-        learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(), host.server)
+        self.metrics = LearnerMetrics(host.registry)
+        learner_pb2_grpc.add_LearnerServiceServicer_to_server(
+            LearnerServicer(self.loaded, self.metrics, lambda v: self.model_servicer.metrics.version.set(v)), host.server
+        )
 
-    def load_handle(self) -> ModelHandle:
-        return ModelHandle(self.slug, self.cfg.model, load_causal_lm(self.cfg.model), load_tokenizer(self.cfg.model))
+    def load(self) -> None:
+        from transformers.utils import logging as hf_logging
 
-    def build(self, handle: ModelHandle) -> ModelHandle:
-        return handle
+        hf_logging.disable_progress_bar()
+        set_torch_threads(self.cfg.torch_threads)
+        learner = Learner(self.cfg, self.run_dir)
+        self.metrics.policy_version.set(learner.version)
+        self.model_servicer.attach(learner.handle)
+        self.loaded.set(learner)
 
 
-def create(cfg: LearnerConfig) -> LearnerApp:
-    return LearnerApp(cfg)
+def create(cfg: LearnerConfig, run_dir: Path | None = None) -> LearnerApp:
+    return LearnerApp(cfg, run_dir)

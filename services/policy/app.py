@@ -44,5 +44,5 @@ class PolicyApp(ModelRoleApp):
         state.engine.generate([Row([state.handle.pad_token_id], s, 0)])
 
 
-def create(cfg: PolicyConfig) -> PolicyApp:
+def create(cfg: PolicyConfig, run_dir=None) -> PolicyApp:
     return PolicyApp(cfg)

@@ -47,5 +47,5 @@ class ReferenceApp(ModelRoleApp):
         state.engine.logprobs([Item([pad], [pad], 1.0)])
 
 
-def create(cfg: ReferenceConfig) -> ReferenceApp:
+def create(cfg: ReferenceConfig, run_dir=None) -> ReferenceApp:
     return ReferenceApp(cfg)

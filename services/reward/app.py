@@ -9,7 +9,7 @@ from alignd.models.app import ModelRoleApp
 from alignd.models.handle import ModelHandle, load_scalar_head_model, load_tokenizer
 from alignd.runtime.batching import DynamicBatcher, per_request
 from alignd.runtime.server import ServiceHost
-from alignd.services.reward.engine import RewardEngine
+from alignd.services.reward.engine import FunctionRewardEngine, RewardEngine
 from alignd.services.reward.servicer import RewardServicer
 from alignd.v1 import reward_pb2_grpc
 
@@ -17,7 +17,7 @@ from alignd.v1 import reward_pb2_grpc
 @dataclass
 class RewardState:
     handle: ModelHandle
-    engine: RewardEngine
+    engine: RewardEngine | FunctionRewardEngine
     batcher: DynamicBatcher
 
 
@@ -34,16 +34,29 @@ class RewardApp(ModelRoleApp):
         reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.loaded, self.batch_metrics), host.server)
 
     def load_handle(self) -> ModelHandle:
-        model = load_scalar_head_model(self.cfg.model, allow_new_head=self.cfg.allow_new_head)
+        if self.cfg.function is not None:
+            # Only the tokenizer, vocabulary and context matter: load the backbone.
+            from transformers import AutoModel
+
+            from alignd.models.handle import DTYPES, check_model_dir
+
+            model = AutoModel.from_pretrained(str(check_model_dir(self.cfg.model.path)), dtype=DTYPES[self.cfg.model.dtype]).eval()
+        else:
+            model = load_scalar_head_model(self.cfg.model, allow_new_head=self.cfg.allow_new_head)
         return ModelHandle(self.slug, self.cfg.model, model, load_tokenizer(self.cfg.model))
 
     def build(self, handle: ModelHandle) -> RewardState:
-        engine = RewardEngine(handle, self.cfg.batching.max_batch_size)
+        if self.cfg.function is not None:
+            from alignd.rewards import resolve
+
+            engine = FunctionRewardEngine(handle, resolve(self.cfg.function.name), self.cfg.function.args)
+        else:
+            engine = RewardEngine(handle, self.cfg.batching.max_batch_size)
         return RewardState(handle, engine, self.make_batcher(per_request(engine.score), self.cfg.batching))
 
     def warmup(self, state: RewardState) -> None:
-        state.engine.score([[state.handle.pad_token_id]])
+        state.engine.score([([], [state.handle.pad_token_id])])
 
 
-def create(cfg: RewardConfig) -> RewardApp:
+def create(cfg: RewardConfig, run_dir=None) -> RewardApp:
     return RewardApp(cfg)

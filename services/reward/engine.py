@@ -21,12 +21,12 @@ class RewardEngine:
         self.handle = handle
         self.max_batch_size = max_batch_size
 
-    def score(self, sequences: list[list[int]]) -> tuple[list[float], int]:
-        """One score per token sequence (prompt + response); returns (scores, version)."""
+    def score(self, pairs: list[tuple[list[int], list[int]]]) -> tuple[list[float], int]:
+        """One score per (prompt ids, response ids); returns (scores, version)."""
         with self.handle.lock:
             version = self.handle.version
             out: list[float] = []
-            for chunk in chunks(sequences, self.max_batch_size):
+            for chunk in chunks([p + r for p, r in pairs], self.max_batch_size):
                 out.extend(self._chunk(chunk))
             return out, version
 
@@ -38,3 +38,17 @@ class RewardEngine:
         last = torch.tensor([len(s) - 1 for s in seqs], device=h.device)  # (B,)
         pooled = hidden[torch.arange(len(seqs), device=h.device), last]  # (B, H)
         return h.model.score(pooled).squeeze(-1).float().cpu().tolist()  # (B,)
+
+
+class FunctionRewardEngine:
+    """Scores with a programmatic reward function (alignd.rewards) instead of the model's head."""
+
+    def __init__(self, handle: ModelHandle, fn, args: dict) -> None:
+        self.handle = handle
+        self.fn = fn
+        self.args = dict(args)
+
+    def score(self, pairs: list[tuple[list[int], list[int]]]) -> tuple[list[float], int]:
+        with self.handle.lock:
+            tok = self.handle.tokenizer
+            return [float(self.fn(p, r, tok, **self.args)) for p, r in pairs], self.handle.version

@@ -11,8 +11,8 @@ from alignd.runtime.metrics import BatchMetrics
 from alignd.v1 import reward_pb2, reward_pb2_grpc
 
 
-def parse_items(request: reward_pb2.ScoreRequest, handle: ModelHandle) -> list[list[int]]:
-    """Token sequences (prompt + response) of the request's items."""
+def parse_items(request: reward_pb2.ScoreRequest, handle: ModelHandle) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) of the request's items."""
     check_batch(len(request.items), "items")
     seqs = []
     for i, item in enumerate(request.items):
@@ -32,7 +32,7 @@ def parse_items(request: reward_pb2.ScoreRequest, handle: ModelHandle) -> list[l
         else:
             raise InvalidArgument(f"items[{i}]", "no input: set text or tokens")
         check_length(len(prompt) + len(response), handle, f"items[{i}]", "prompt + response")
-        seqs.append(prompt + response)
+        seqs.append((prompt, response))
     return seqs
 
 
@@ -46,7 +46,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         seqs = parse_items(request, state.handle)
         (scores, version), pending, _info = state.batcher.run(seqs, len(seqs), context.time_remaining())
         self.metrics.queue_seconds.observe(pending.queue_seconds)
-        self.metrics.tokens.labels("scored").inc(sum(len(s) for s in seqs))
+        self.metrics.tokens.labels("scored").inc(sum(len(p) + len(r) for p, r in seqs))
         if not all(math.isfinite(s) for s in scores):
             raise FloatingPointError("the reward model produced a non-finite score")
         return reward_pb2.ScoreResponse(scores=scores, weight_version=version)

@@ -49,7 +49,9 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def check_model_dir(path: str) -> Path:
-    p = Path(path)
+    from alignd.models.tiny import resolve_builtin
+
+    p = Path(resolve_builtin(path))
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"model directory {p} has no config.json (expected a save_pretrained directory)")
     return p
@@ -151,6 +153,7 @@ class ModelHandle:
         self.lock = threading.RLock()
         self._update_lock = threading.Lock()
         self.device = torch.device(cfg.device)
+        self.model_path = str(check_model_dir(cfg.path).resolve())
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.max_context = context_limit(model, cfg)
         self.tokenizer_hash = tokenizer_hash(tokenizer)
@@ -167,8 +170,8 @@ class ModelHandle:
     def info(self) -> common_pb2.ModelInfo:
         return common_pb2.ModelInfo(
             role=self.role,
-            model_name=self.cfg.name or Path(self.cfg.path).name,
-            model_path=str(Path(self.cfg.path).resolve()),
+            model_name=self.cfg.name or Path(self.model_path).name,
+            model_path=self.model_path,
             architecture=type(self.model).__name__,
             tokenizer_hash=self.tokenizer_hash,
             weight_version=self.version,

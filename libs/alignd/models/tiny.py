@@ -8,6 +8,9 @@ UTF-8 input.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -111,12 +114,39 @@ def build_tiny_model(
     return out
 
 
-def ensure_tiny_models(cache: str | Path) -> dict[str, Path]:
-    """The demo stack's models under `cache` (built once): policy/reference LM and reward."""
-    cache = Path(cache)
-    lm, rm = cache / "tiny-gpt2", cache / "tiny-gpt2-reward"
-    if not (lm / "config.json").exists():
-        build_tiny_model(lm, seed=0)
-    if not (rm / "config.json").exists():
-        build_tiny_model(rm, kind="reward", seed=1)
-    return {"policy": lm, "reference": lm, "learner": lm, "reward": rm}
+BUILTIN_MODELS = {
+    "tiny-gpt2": dict(kind="causal_lm", seed=0),
+    "tiny-gpt2-reward": dict(kind="reward", seed=1),
+}
+BUILTIN_PREFIX = "builtin:"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ALIGND_CACHE", Path.home() / ".cache" / "alignd"))
+
+
+def resolve_builtin(path: str) -> str:
+    """`builtin:NAME` -> the cached directory of a built-in tiny model, built once.
+
+    Several processes may ask at once (the local stack starts roles together):
+    an exclusive file lock serialises the build, which goes to a temporary
+    directory renamed into place.
+    """
+    if not path.startswith(BUILTIN_PREFIX):
+        return path
+    name = path[len(BUILTIN_PREFIX) :]
+    if name not in BUILTIN_MODELS:
+        raise FileNotFoundError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_MODELS)}")
+    root = default_cache_dir() / "models"
+    final = root / name
+    if (final / "config.json").exists():
+        return str(final)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (final / "config.json").exists():
+            tmp = root / f".{name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_tiny_model(tmp, **BUILTIN_MODELS[name])
+            os.replace(tmp, final)
+    return str(final)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61lignd/v1/coordinator.proto\x12\talignd.v1\"\xb2\x02\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.alignd.v1.RunState\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x04\x12\x39\n\x0elatest_metrics\x18\x07 \x03(\x0b\x32!.alignd.v1.Run.LatestMetricsEntry\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0f\n\x07run_dir\x18\t \x01(\t\x12\x1c\n\x14\x63reated_unix_seconds\x18\n \x01(\x01\x1a\x34\n\x12LatestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1b\n\x19GetCoordinatorInfoRequest\"\x9e\x01\n\x1aGetCoordinatorInfoResponse\x12\x16\n\x0e\x61lignd_version\x18\x01 \x01(\t\x12\x18\n\x10policy_addresses\x18\x02 \x03(\t\x12\x18\n\x10reward_addresses\x18\x03 \x03(\t\x12\x1b\n\x13reference_addresses\x18\x04 \x03(\t\x12\x17\n\x0flearner_address\x18\x05 \x01(\t\"6\n\x0fStartRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x02 \x01(\t\"/\n\x10StartRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.alignd.v1.Run\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"-\n\x0eGetRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.alignd.v1.Run\" \n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\".\n\x0fStopRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.alignd.v1.Run\"\x11\n\x0fListRunsRequest\"0\n\x10ListRunsResponse\x12\x1c\n\x04runs\x18\x01 \x03(\x0b\x32\x0e.alignd.v1.Run*\x99\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x15\n\x11RUN_STATE_STOPPED\x10\x05\x32\x82\x03\n\x12\x43oordinatorService\x12\x61\n\x12GetCoordinatorInfo\x12$.alignd.v1.GetCoordinatorInfoRequest\x1a%.alignd.v1.GetCoordinatorInfoResponse\x12\x43\n\x08StartRun\x12\x1a.alignd.v1.StartRunRequest\x1a\x1b.alignd.v1.StartRunResponse\x12=\n\x06GetRun\x12\x18.alignd.v1.GetRunRequest\x1a\x19.alignd.v1.GetRunResponse\x12@\n\x07StopRun\x12\x19.alignd.v1.StopRunRequest\x1a\x1a.alignd.v1.StopRunResponse\x12\x43\n\x08ListRuns\x12\x1a.alignd.v1.ListRunsRequest\x1a\x1b.alignd.v1.ListRunsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61lignd/v1/coordinator.proto\x12\talignd.v1\"\xb2\x02\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.alignd.v1.RunState\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x04\x12\x39\n\x0elatest_metrics\x18\x07 \x03(\x0b\x32!.alignd.v1.Run.LatestMetricsEntry\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0f\n\x07run_dir\x18\t \x01(\t\x12\x1c\n\x14\x63reated_unix_seconds\x18\n \x01(\x01\x1a\x34\n\x12LatestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1b\n\x19GetCoordinatorInfoRequest\"\x9e\x01\n\x1aGetCoordinatorInfoResponse\x12\x16\n\x0e\x61lignd_version\x18\x01 \x01(\t\x12\x18\n\x10policy_addresses\x18\x02 \x03(\t\x12\x18\n\x10reward_addresses\x18\x03 \x03(\t\x12\x1b\n\x13reference_addresses\x18\x04 \x03(\t\x12\x17\n\x0flearner_address\x18\x05 \x01(\t\"G\n\x0fStartRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x02 \x01(\t\x12\x0f\n\x07run_dir\x18\x03 \x01(\t\"/\n\x10StartRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.alignd.v1.Run\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"-\n\x0eGetRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.alignd.v1.Run\" \n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\".\n\x0fStopRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.alignd.v1.Run\"\x11\n\x0fListRunsRequest\"0\n\x10ListRunsResponse\x12\x1c\n\x04runs\x18\x01 \x03(\x0b\x32\x0e.alignd.v1.Run*\x99\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x15\n\x11RUN_STATE_STOPPED\x10\x05\x32\x82\x03\n\x12\x43oordinatorService\x12\x61\n\x12GetCoordinatorInfo\x12$.alignd.v1.GetCoordinatorInfoRequest\x1a%.alignd.v1.GetCoordinatorInfoResponse\x12\x43\n\x08StartRun\x12\x1a.alignd.v1.StartRunRequest\x1a\x1b.alignd.v1.StartRunResponse\x12=\n\x06GetRun\x12\x18.alignd.v1.GetRunRequest\x1a\x19.alignd.v1.GetRunResponse\x12@\n\x07StopRun\x12\x19.alignd.v1.StopRunRequest\x1a\x1a.alignd.v1.StopRunResponse\x12\x43\n\x08ListRuns\x12\x1a.alignd.v1.ListRunsRequest\x1a\x1b.alignd.v1.ListRunsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RUN_LATESTMETRICSENTRY']._loaded_options = None
   _globals['_RUN_LATESTMETRICSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=878
-  _globals['_RUNSTATE']._serialized_end=1031
+  _globals['_RUNSTATE']._serialized_start=895
+  _globals['_RUNSTATE']._serialized_end=1048
   _globals['_RUN']._serialized_start=43
   _globals['_RUN']._serialized_end=349
   _globals['_RUN_LATESTMETRICSENTRY']._serialized_start=297
@@ -44,21 +44,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCOORDINATORINFORESPONSE']._serialized_start=381
   _globals['_GETCOORDINATORINFORESPONSE']._serialized_end=539
   _globals['_STARTRUNREQUEST']._serialized_start=541
-  _globals['_STARTRUNREQUEST']._serialized_end=595
-  _globals['_STARTRUNRESPONSE']._serialized_start=597
-  _globals['_STARTRUNRESPONSE']._serialized_end=644
-  _globals['_GETRUNREQUEST']._serialized_start=646
-  _globals['_GETRUNREQUEST']._serialized_end=677
-  _globals['_GETRUNRESPONSE']._serialized_start=679
-  _globals['_GETRUNRESPONSE']._serialized_end=724
-  _globals['_STOPRUNREQUEST']._serialized_start=726
-  _globals['_STOPRUNREQUEST']._serialized_end=758
-  _globals['_STOPRUNRESPONSE']._serialized_start=760
-  _globals['_STOPRUNRESPONSE']._serialized_end=806
-  _globals['_LISTRUNSREQUEST']._serialized_start=808
-  _globals['_LISTRUNSREQUEST']._serialized_end=825
-  _globals['_LISTRUNSRESPONSE']._serialized_start=827
-  _globals['_LISTRUNSRESPONSE']._serialized_end=875
-  _globals['_COORDINATORSERVICE']._serialized_start=1034
-  _globals['_COORDINATORSERVICE']._serialized_end=1420
+  _globals['_STARTRUNREQUEST']._serialized_end=612
+  _globals['_STARTRUNRESPONSE']._serialized_start=614
+  _globals['_STARTRUNRESPONSE']._serialized_end=661
+  _globals['_GETRUNREQUEST']._serialized_start=663
+  _globals['_GETRUNREQUEST']._serialized_end=694
+  _globals['_GETRUNRESPONSE']._serialized_start=696
+  _globals['_GETRUNRESPONSE']._serialized_end=741
+  _globals['_STOPRUNREQUEST']._serialized_start=743
+  _globals['_STOPRUNREQUEST']._serialized_end=775
+  _globals['_STOPRUNRESPONSE']._serialized_start=777
+  _globals['_STOPRUNRESPONSE']._serialized_end=823
+  _globals['_LISTRUNSREQUEST']._serialized_start=825
+  _globals['_LISTRUNSREQUEST']._serialized_end=842
+  _globals['_LISTRUNSRESPONSE']._serialized_start=844
+  _globals['_LISTRUNSRESPONSE']._serialized_end=892
+  _globals['_COORDINATORSERVICE']._serialized_start=1051
+  _globals['_COORDINATORSERVICE']._serialized_end=1437
 # @@protoc_insertion_point(module_scope)

@@ -72,12 +72,14 @@ class GetCoordinatorInfoResponse(_message.Message):
     def __init__(self, alignd_version: _Optional[str] = ..., policy_addresses: _Optional[_Iterable[str]] = ..., reward_addresses: _Optional[_Iterable[str]] = ..., reference_addresses: _Optional[_Iterable[str]] = ..., learner_address: _Optional[str] = ...) -> None: ...
 
 class StartRunRequest(_message.Message):
-    __slots__ = ("run_id", "config_yaml")
+    __slots__ = ("run_id", "config_yaml", "run_dir")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
+    RUN_DIR_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     config_yaml: str
-    def __init__(self, run_id: _Optional[str] = ..., config_yaml: _Optional[str] = ...) -> None: ...
+    run_dir: str
+    def __init__(self, run_id: _Optional[str] = ..., config_yaml: _Optional[str] = ..., run_dir: _Optional[str] = ...) -> None: ...
 
 class StartRunResponse(_message.Message):
     __slots__ = ("run",)

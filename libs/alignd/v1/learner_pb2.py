@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from alignd.v1 import common_pb2 as alignd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61lignd/v1/learner.proto\x12\talignd.v1\x1a\x16\x61lignd/v1/common.proto\"\xcf\x01\n\nExperience\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x1a\n\x12response_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10rollout_logprobs\x18\x03 \x03(\x02\x12\x1a\n\x12reference_logprobs\x18\x04 \x03(\x02\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x04\x12.\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x17.alignd.v1.FinishReason\"L\n\x10TrainStepRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12*\n\x0b\x65xperiences\x18\x02 \x03(\x0b\x32\x15.alignd.v1.Experience\"\xeb\x01\n\nTrainStats\x12\x13\n\x0bpolicy_loss\x18\x01 \x01(\x01\x12\x12\n\nvalue_loss\x18\x02 \x01(\x01\x12\x11\n\tapprox_kl\x18\x03 \x01(\x01\x12\x15\n\rclip_fraction\x18\x04 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x05 \x01(\x01\x12\x12\n\nmean_score\x18\x06 \x01(\x01\x12\x0f\n\x07kl_coef\x18\x07 \x01(\x01\x12\x11\n\tgrad_norm\x18\x08 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\t \x01(\x01\x12\x14\n\x0creference_kl\x18\n \x01(\x01\x12\x10\n\x08ptx_loss\x18\x0b \x01(\x01\"\x82\x01\n\x11TrainStepResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12$\n\x05stats\x18\x03 \x01(\x0b\x32\x15.alignd.v1.TrainStats\x12\x10\n\x08replayed\x18\x04 \x01(\x08\x12\x0f\n\x07skipped\x18\x05 \x01(\x08\"$\n\x15SaveCheckpointRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\"4\n\x16SaveCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\"\'\n\x12PushWeightsRequest\x12\x11\n\taddresses\x18\x01 \x03(\t\"[\n\x13PushWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x19\n\x11\x62ytes_per_replica\x18\x02 \x01(\x04\x12\x18\n\x10\x64uration_seconds\x18\x03 \x01(\x01\x32\xfd\x01\n\x0eLearnerService\x12\x46\n\tTrainStep\x12\x1b.alignd.v1.TrainStepRequest\x1a\x1c.alignd.v1.TrainStepResponse\x12U\n\x0eSaveCheckpoint\x12 .alignd.v1.SaveCheckpointRequest\x1a!.alignd.v1.SaveCheckpointResponse\x12L\n\x0bPushWeights\x12\x1d.alignd.v1.PushWeightsRequest\x1a\x1e.alignd.v1.PushWeightsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61lignd/v1/learner.proto\x12\talignd.v1\x1a\x16\x61lignd/v1/common.proto\"\xcf\x01\n\nExperience\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x1a\n\x12response_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10rollout_logprobs\x18\x03 \x03(\x02\x12\x1a\n\x12reference_logprobs\x18\x04 \x03(\x02\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x04\x12.\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x17.alignd.v1.FinishReason\"L\n\x10TrainStepRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12*\n\x0b\x65xperiences\x18\x02 \x03(\x0b\x32\x15.alignd.v1.Experience\"\xe5\x02\n\nTrainStats\x12\x13\n\x0bpolicy_loss\x18\x01 \x01(\x01\x12\x12\n\nvalue_loss\x18\x02 \x01(\x01\x12\x11\n\tapprox_kl\x18\x03 \x01(\x01\x12\x15\n\rclip_fraction\x18\x04 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x05 \x01(\x01\x12\x12\n\nmean_score\x18\x06 \x01(\x01\x12\x0f\n\x07kl_coef\x18\x07 \x01(\x01\x12\x11\n\tgrad_norm\x18\x08 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\t \x01(\x01\x12\x14\n\x0creference_kl\x18\n \x01(\x01\x12\x10\n\x08ptx_loss\x18\x0b \x01(\x01\x12\x12\n\nratio_mean\x18\x0c \x01(\x01\x12\x1b\n\x13value_clip_fraction\x18\r \x01(\x01\x12\x15\n\rlearning_rate\x18\x0e \x01(\x01\x12\x17\n\x0fupdates_applied\x18\x0f \x01(\r\x12\x17\n\x0fupdates_skipped\x18\x10 \x01(\r\"\x82\x01\n\x11TrainStepResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12$\n\x05stats\x18\x03 \x01(\x0b\x32\x15.alignd.v1.TrainStats\x12\x10\n\x08replayed\x18\x04 \x01(\x08\x12\x0f\n\x07skipped\x18\x05 \x01(\x08\"$\n\x15SaveCheckpointRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\"4\n\x16SaveCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\"\'\n\x12PushWeightsRequest\x12\x11\n\taddresses\x18\x01 \x03(\t\"[\n\x13PushWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x19\n\x11\x62ytes_per_replica\x18\x02 \x01(\x04\x12\x18\n\x10\x64uration_seconds\x18\x03 \x01(\x01\x32\xfd\x01\n\x0eLearnerService\x12\x46\n\tTrainStep\x12\x1b.alignd.v1.TrainStepRequest\x1a\x1c.alignd.v1.TrainStepResponse\x12U\n\x0eSaveCheckpoint\x12 .alignd.v1.SaveCheckpointRequest\x1a!.alignd.v1.SaveCheckpointResponse\x12L\n\x0bPushWeights\x12\x1d.alignd.v1.PushWeightsRequest\x1a\x1e.alignd.v1.PushWeightsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,17 +37,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINSTEPREQUEST']._serialized_start=272
   _globals['_TRAINSTEPREQUEST']._serialized_end=348
   _globals['_TRAINSTATS']._serialized_start=351
-  _globals['_TRAINSTATS']._serialized_end=586
-  _globals['_TRAINSTEPRESPONSE']._serialized_start=589
-  _globals['_TRAINSTEPRESPONSE']._serialized_end=719
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=721
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=757
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=759
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=811
-  _globals['_PUSHWEIGHTSREQUEST']._serialized_start=813
-  _globals['_PUSHWEIGHTSREQUEST']._serialized_end=852
-  _globals['_PUSHWEIGHTSRESPONSE']._serialized_start=854
-  _globals['_PUSHWEIGHTSRESPONSE']._serialized_end=945
-  _globals['_LEARNERSERVICE']._serialized_start=948
-  _globals['_LEARNERSERVICE']._serialized_end=1201
+  _globals['_TRAINSTATS']._serialized_end=708
+  _globals['_TRAINSTEPRESPONSE']._serialized_start=711
+  _globals['_TRAINSTEPRESPONSE']._serialized_end=841
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=843
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=879
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=881
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=933
+  _globals['_PUSHWEIGHTSREQUEST']._serialized_start=935
+  _globals['_PUSHWEIGHTSREQUEST']._serialized_end=974
+  _globals['_PUSHWEIGHTSRESPONSE']._serialized_start=976
+  _globals['_PUSHWEIGHTSRESPONSE']._serialized_end=1067
+  _globals['_LEARNERSERVICE']._serialized_start=1070
+  _globals['_LEARNERSERVICE']._serialized_end=1323
 # @@protoc_insertion_point(module_scope)

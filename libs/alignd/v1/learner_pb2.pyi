@@ -34,7 +34,7 @@ class TrainStepRequest(_message.Message):
     def __init__(self, step: _Optional[int] = ..., experiences: _Optional[_Iterable[_Union[Experience, _Mapping]]] = ...) -> None: ...
 
 class TrainStats(_message.Message):
-    __slots__ = ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "entropy", "mean_score", "kl_coef", "grad_norm", "tokens_per_second", "reference_kl", "ptx_loss")
+    __slots__ = ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "entropy", "mean_score", "kl_coef", "grad_norm", "tokens_per_second", "reference_kl", "ptx_loss", "ratio_mean", "value_clip_fraction", "learning_rate", "updates_applied", "updates_skipped")
     POLICY_LOSS_FIELD_NUMBER: _ClassVar[int]
     VALUE_LOSS_FIELD_NUMBER: _ClassVar[int]
     APPROX_KL_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,11 @@ class TrainStats(_message.Message):
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_KL_FIELD_NUMBER: _ClassVar[int]
     PTX_LOSS_FIELD_NUMBER: _ClassVar[int]
+    RATIO_MEAN_FIELD_NUMBER: _ClassVar[int]
+    VALUE_CLIP_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     policy_loss: float
     value_loss: float
     approx_kl: float
@@ -57,7 +62,12 @@ class TrainStats(_message.Message):
     tokens_per_second: float
     reference_kl: float
     ptx_loss: float
-    def __init__(self, policy_loss: _Optional[float] = ..., value_loss: _Optional[float] = ..., approx_kl: _Optional[float] = ..., clip_fraction: _Optional[float] = ..., entropy: _Optional[float] = ..., mean_score: _Optional[float] = ..., kl_coef: _Optional[float] = ..., grad_norm: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., reference_kl: _Optional[float] = ..., ptx_loss: _Optional[float] = ...) -> None: ...
+    ratio_mean: float
+    value_clip_fraction: float
+    learning_rate: float
+    updates_applied: int
+    updates_skipped: int
+    def __init__(self, policy_loss: _Optional[float] = ..., value_loss: _Optional[float] = ..., approx_kl: _Optional[float] = ..., clip_fraction: _Optional[float] = ..., entropy: _Optional[float] = ..., mean_score: _Optional[float] = ..., kl_coef: _Optional[float] = ..., grad_norm: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., reference_kl: _Optional[float] = ..., ptx_loss: _Optional[float] = ..., ratio_mean: _Optional[float] = ..., value_clip_fraction: _Optional[float] = ..., learning_rate: _Optional[float] = ..., updates_applied: _Optional[int] = ..., updates_skipped: _Optional[int] = ...) -> None: ...
 
 class TrainStepResponse(_message.Message):
     __slots__ = ("step", "policy_version", "stats", "replayed", "skipped")

@@ -1,0 +1,91 @@
+"""`alignd ppo --config FILE`: a PPO run on the local stack, with a progress line.
+
+Starts the stack of the job file, sends its `run:` section to the
+coordinator (StartRun), follows the run until it ends, prints a summary and
+stops the stack. The run's state.json and metrics.jsonl are written in the
+run directory; the roles' logs under RUN_DIR/logs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from alignd.config import PPOJobConfig, dump_yaml, load_config
+from alignd.launcher import ChildDied, LocalStack, report_death
+from alignd.runtime.client import make_channel
+from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+TERMINAL = {
+    coordinator_pb2.RUN_STATE_SUCCEEDED: "succeeded",
+    coordinator_pb2.RUN_STATE_FAILED: "failed",
+    coordinator_pb2.RUN_STATE_STOPPED: "stopped",
+}
+POLL_SECONDS = 0.5
+
+
+def load_job(config: str, overrides: list[str] | None) -> PPOJobConfig:
+    job = load_config(PPOJobConfig, config, overrides)
+    base = Path(config).resolve().parent
+    p = Path(job.run.prompts.path)
+    if not p.is_absolute():
+        job.run.prompts.path = str((base / p).resolve())
+    return job
+
+
+def progress_line(run: coordinator_pb2.Run, started: float) -> str:
+    m = run.latest_metrics
+    width = 30
+    done = int(width * run.step / max(1, run.total_steps))
+    bar = "#" * done + "." * (width - done)
+    return (
+        f"\rppo [{bar}] step {run.step}/{run.total_steps}  reward {m.get('mean_score', float('nan')):+.4f}  "
+        f"kl {m.get('reference_kl', float('nan')):.4f}  tok/s {m.get('tokens_per_second', 0.0):.0f}  "
+        f"{time.monotonic() - started:.0f}s"
+    )
+
+
+def run_ppo(config: str, overrides: list[str] | None, run_dir: Path) -> int:
+    job = load_job(config, overrides)
+    started = time.monotonic()
+    try:
+        stack = LocalStack(job.stack, run_dir).__enter__()
+    except ChildDied as err:
+        report_death(err)
+        return 1
+    try:
+        addr = stack.describe()["services"]["coordinator"]["address"]
+        print(f"stack up in {time.monotonic() - started:.1f}s; logs in {run_dir / 'logs'}", flush=True)
+        with make_channel(addr) as ch:
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
+            run = stub.StartRun(
+                coordinator_pb2.StartRunRequest(run_id="ppo", config_yaml=dump_yaml(job.run), run_dir=str(run_dir)),
+                timeout=120,
+            ).run
+            t0 = time.monotonic()
+            while run.state not in TERMINAL:
+                dead = stack.dead_child()
+                if dead is not None:
+                    print()
+                    report_death(stack._died(dead))
+                    return 1
+                stack.any_exited.wait(timeout=POLL_SECONDS)
+                run = stub.GetRun(coordinator_pb2.GetRunRequest(run_id=run.run_id), timeout=60).run
+                print(progress_line(run, t0), end="", flush=True)
+            print()
+    finally:
+        stack.stop()
+    state = TERMINAL[run.state]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if rows:
+        first, last = rows[0], rows[-1]
+        print(
+            f"{state}: {len(rows)} steps in {time.monotonic() - t0:.0f}s; mean reward {first['mean_score']:+.4f} -> "
+            f"{last['mean_score']:+.4f}; KL to reference {last['reference_kl']:.4f}; metrics: {run_dir / 'metrics.jsonl'}"
+        )
+    if state != "succeeded":
+        print(f"run {state}: {run.error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,93 @@
+"""Durable run records: state.json (replaced atomically) and metrics.jsonl (appended, fsync'ed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from alignd.runtime.role import write_json_atomic
+from alignd.v1 import coordinator_pb2
+
+STATES = {
+    "pending": coordinator_pb2.RUN_STATE_PENDING,
+    "running": coordinator_pb2.RUN_STATE_RUNNING,
+    "succeeded": coordinator_pb2.RUN_STATE_SUCCEEDED,
+    "failed": coordinator_pb2.RUN_STATE_FAILED,
+    "stopped": coordinator_pb2.RUN_STATE_STOPPED,
+}
+ACTIVE = ("pending", "running")
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    run_dir: str
+    config_yaml: str
+    total_steps: int
+    state: str = "pending"
+    stage: str = "ppo"
+    step: int = 0
+    policy_version: int = 0
+    sampler_epoch: int = 0
+    sampler_position: int = 0
+    created_unix_seconds: float = field(default_factory=time.time)
+    error: str = ""
+    latest_metrics: dict = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir)
+
+    def save(self) -> None:
+        write_json_atomic(self.path / "state.json", asdict(self))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunRecord":
+        return cls(**json.loads((run_dir / "state.json").read_text()))
+
+    def to_pb(self) -> coordinator_pb2.Run:
+        return coordinator_pb2.Run(
+            run_id=self.run_id,
+            state=STATES[self.state],
+            stage=self.stage,
+            step=self.step,
+            total_steps=self.total_steps,
+            policy_version=self.policy_version,
+            latest_metrics={k: float(v) for k, v in self.latest_metrics.items() if isinstance(v, (int, float))},
+            error=self.error,
+            run_dir=str(self.run_dir),
+            created_unix_seconds=self.created_unix_seconds,
+        )
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per completed step, durable before the step counts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        """Drops lines of steps after `step` (written before a crash, not yet committed in state.json)."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,174 @@
+"""The learner's state machine: PPO steps, idempotency, checkpoints, weight pushes.
+
+No gRPC here except the client side of the weight push. `TrainStep(step)`:
+- step <= the last applied step: the stored result is returned (replayed);
+- step == last + 1: the step is trained, its result stored, and (every
+  `checkpoint_every_steps`) a checkpoint written before the call returns, so
+  a result the coordinator saw survives a crash;
+- anything else: FAILED_PRECONDITION (the coordinator must replay in order).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alignd import rlmath
+from alignd.config import LearnerConfig
+from alignd.models.handle import ModelHandle, load_causal_lm, load_scalar_head_model, load_tokenizer
+from alignd.models.weights import push_weights
+from alignd.runtime.client import make_channel
+from alignd.runtime.errors import FailedPrecondition
+from alignd.runtime.logging import get_logger
+from alignd.services.learner import checkpoint
+from alignd.services.learner.engine import TorchEngine
+from alignd.services.learner.model import PolicyValue, disable_dropout
+from alignd.services.learner.ppo import Batch, PPOTrainer, StepStats
+from alignd.v1 import learner_pb2, model_pb2, model_pb2_grpc
+
+_log = get_logger("alignd.learner")
+
+RESULTS_KEPT = 64  # step results kept for replays
+
+
+def build_engine(cfg: LearnerConfig, module):
+    if cfg.engine.kind == "deepspeed":
+        from alignd.services.learner.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(module, cfg)
+    return TorchEngine(module, cfg.optimizer, cfg.ppo.max_grad_norm)
+
+
+class Learner:
+    def __init__(self, cfg: LearnerConfig, run_dir: Path | None) -> None:
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        policy = load_causal_lm(cfg.model)
+        value_model = None
+        if not cfg.value_head_on_policy:
+            if cfg.value_model is None:
+                raise ValueError("learner: set value_model (e.g. the reward model's directory) or value_head_on_policy: true")
+            value_model = load_scalar_head_model(cfg.value_model, allow_new_head=True)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.module = PolicyValue(policy, value_model)
+        disable_dropout(self.module)
+        self.engine = build_engine(cfg, self.module)
+        self.trainer = PPOTrainer(self.module, self.engine, cfg.ppo, cfg.seed)
+        self.handle = ModelHandle("learner", cfg.model, policy, self.tokenizer)
+        self.ema = [p.detach().clone() for p in policy.parameters()] if cfg.ema_decay else None
+        self.step = 0
+        self.results: dict[int, bytes] = {}
+        self.lock = threading.Lock()
+        root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else (Path(run_dir or ".") / "learner" / "checkpoints")
+        self.checkpoint_root = root
+        self.restored_from: Path | None = None
+        last = checkpoint.latest(root)
+        if last is not None:
+            self._restore(last)
+
+    # -- state -------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self.handle.version
+
+    def _trainer_state(self) -> dict:
+        return {
+            "engine": self.engine.state_dict(),
+            "trainer": self.trainer.state_dict(),
+            "ema": self.ema,
+            "step": self.step,
+            "version": self.version,
+            "results": self.results,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+
+    def _restore(self, path: Path) -> None:
+        module_state, state = checkpoint.load(path)
+        self.module.load_state_dict(module_state)
+        self.engine.load_state_dict(state["engine"])
+        self.trainer.load_state_dict(state["trainer"])
+        self.ema = state["ema"]
+        self.step = state["step"]
+        self.handle.version = state["version"]
+        self.results = state["results"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.restored_from = path
+        _log.info("checkpoint_restored", path=str(path), step=self.step, version=self.version)
+
+    def save_checkpoint(self, tag: str = "") -> Path:
+        t0 = time.perf_counter()
+        path = checkpoint.save(
+            self.checkpoint_root, self.step, self.module.state_dict(), self._trainer_state(),
+            self.module.policy, self.tokenizer, tag=tag, keep=self.cfg.checkpoint_keep,
+        )
+        _log.info("checkpoint_saved", path=str(path), step=self.step, seconds=round(time.perf_counter() - t0, 3))
+        return path
+
+    # -- training ----------------------------------------------------------
+    def train_step(self, step: int, batch: Batch) -> learner_pb2.TrainStepResponse:
+        """Applies `step` exactly once; a repeated step returns its stored result."""
+        with self.lock:
+            if step in self.results:
+                resp = learner_pb2.TrainStepResponse.FromString(self.results[step])
+                resp.replayed = True
+                return resp
+            if step <= self.step:
+                raise FailedPrecondition(f"step {step} was applied but its result is no longer kept (last step {self.step})")
+            if step != self.step + 1:
+                raise FailedPrecondition(f"step {step} out of order: the learner is at step {self.step}, expects {self.step + 1}")
+            stats = self.trainer.step(batch)
+            if self.ema is not None:
+                rlmath.ema_update(self.ema, list(self.module.policy.parameters()), self.cfg.ema_decay)
+            self.step = step
+            self.handle.version = step
+            resp = learner_pb2.TrainStepResponse(
+                step=step, policy_version=self.version, stats=to_pb(stats), skipped=stats.updates_applied == 0
+            )
+            self.results[step] = resp.SerializeToString()
+            for old in sorted(self.results)[:-RESULTS_KEPT]:
+                del self.results[old]
+            if self.cfg.checkpoint_every_steps and step % self.cfg.checkpoint_every_steps == 0:
+                self.save_checkpoint()
+            return resp
+
+    # -- weight sync -------------------------------------------------------
+    def push(self, addresses: list[str]) -> learner_pb2.PushWeightsResponse:
+        """Streams the current policy to every replica not already at this version."""
+        with self.lock:
+            version = self.version
+            state = {k: v.detach().clone() for k, v in self.module.policy.state_dict().items()}
+        t0 = time.perf_counter()
+
+        def one(address: str) -> int:
+            with make_channel(address) as ch:
+                info = model_pb2_grpc.ModelServiceStub(ch).GetInfo(model_pb2.GetInfoRequest(), timeout=30).info
+                if info.weight_version >= version:
+                    return 0
+                resp = push_weights(ch, state, version, chunk_bytes=self.cfg.push_chunk_bytes)
+                return int(resp.received_bytes)
+
+        with ThreadPoolExecutor(max_workers=max(1, len(addresses))) as pool:
+            sent = list(pool.map(one, addresses))
+        return learner_pb2.PushWeightsResponse(
+            version=version, bytes_per_replica=max(sent, default=0), duration_seconds=time.perf_counter() - t0
+        )
+
+
+def to_pb(s: StepStats) -> learner_pb2.TrainStats:
+    return learner_pb2.TrainStats(
+        policy_loss=s.policy_loss, value_loss=s.value_loss, approx_kl=s.approx_kl, clip_fraction=s.clip_fraction,
+        entropy=s.entropy, mean_score=s.mean_score, kl_coef=s.kl_coef, grad_norm=s.grad_norm,
+        tokens_per_second=s.tokens_per_second, reference_kl=s.reference_kl, ptx_loss=s.ptx_loss,
+        ratio_mean=s.ratio_mean, value_clip_fraction=s.value_clip_fraction, learning_rate=s.lr,
+        updates_applied=s.updates_applied, updates_skipped=s.updates_skipped,
+    )
+
+

@@ -1,0 +1,217 @@
+"""One PPO (or PPO-ptx) iteration over a batch of experiences.
+
+InstructGPT's RL step (Ouyang et al. 2022, sec. 3.5 and appendix C.4), with
+the math in `alignd.rlmath`:
+
+1. Recompute old log-probs and values under the current weights (the rollout
+   log-probs of the policy service are kept for diagnostics only: the weights
+   that sampled may differ from the learner's by an in-flight step).
+2. Per-token rewards: -beta * KL_t(pi || pi_ref) on every response token, plus
+   the reward-model score at the score position.
+3. GAE advantages and returns; advantages whitened over the batch.
+4. `epochs` passes over the batch in `minibatches` shuffled minibatches: the
+   clipped surrogate plus value_coef x the clipped value loss (plus
+   ptx_coef x the LM loss on a pretraining batch, in the same backward pass),
+   one optimizer step per minibatch. A non-finite loss or gradient skips that
+   update.
+5. The KL controller sees the batch's mean sequence KL.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from alignd import rlmath
+from alignd.config import PPOConfig
+from alignd.runtime.logging import get_logger
+
+_log = get_logger("alignd.learner.ppo")
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, L) prompt + response, right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    positions: torch.Tensor  # (B, T) index of the logits predicting response token t
+    response: torch.Tensor  # (B, T) response ids (pad positions hold pad_id)
+    mask: torch.Tensor  # (B, T) 1.0 on real response tokens
+    ref_logprobs: torch.Tensor  # (B, T) reference log-probs (0 on padding)
+    rollout_logprobs: torch.Tensor  # (B, T) behaviour log-probs from the policy service
+    scores: torch.Tensor  # (B,) reward-model scores
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, idx: torch.Tensor) -> "Batch":
+        return Batch(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
+
+def collate(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    ref_logprobs: list[list[float]],
+    rollout_logprobs: list[list[float]],
+    scores: list[float],
+    pad_id: int,
+) -> Batch:
+    B = len(prompts)
+    L = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    T = max(len(r) for r in responses)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, L), dtype=torch.long)
+    positions = torch.zeros((B, T), dtype=torch.long)
+    response = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T))
+    ref = torch.zeros((B, T))
+    rollout = torch.zeros((B, T))
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        P, R = len(p), len(r)
+        input_ids[i, : P + R] = torch.tensor(p + r)
+        attention[i, : P + R] = 1
+        positions[i] = torch.clamp(torch.arange(T) + P - 1, max=P + R - 2)  # padding reuses the last position
+        response[i, :R] = torch.tensor(r)
+        mask[i, :R] = 1.0
+        ref[i, :R] = torch.tensor(ref_logprobs[i])
+        rollout[i, :R] = torch.tensor(rollout_logprobs[i])
+    return Batch(input_ids, attention, positions, response, mask, ref, rollout, torch.tensor(scores, dtype=torch.float32))
+
+
+@dataclass
+class StepStats:
+    policy_loss: float = 0.0
+    value_loss: float = 0.0
+    approx_kl: float = 0.0
+    clip_fraction: float = 0.0
+    entropy: float = 0.0
+    mean_score: float = 0.0
+    kl_coef: float = 0.0
+    grad_norm: float = 0.0
+    tokens_per_second: float = 0.0
+    reference_kl: float = 0.0
+    ptx_loss: float = 0.0
+    ratio_mean: float = 0.0
+    value_clip_fraction: float = 0.0
+    updates_applied: int = 0
+    updates_skipped: int = 0
+    lr: float = 0.0
+
+
+class KLController:
+    """Fixed beta, or the adaptive controller of Ziegler et al. 2019."""
+
+    def __init__(self, cfg: PPOConfig) -> None:
+        if cfg.adaptive_kl_target is not None:
+            self.impl = rlmath.AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon)
+        else:
+            self.impl = rlmath.FixedKLController(cfg.kl_coef)
+
+    @property
+    def value(self) -> float:
+        return float(self.impl.value)
+
+    def update(self, kl: float, n: int) -> None:
+        self.impl.update(kl, n)
+
+    def state_dict(self) -> dict:
+        return self.impl.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.impl.load_state_dict(state)
+
+
+class PPOTrainer:
+    def __init__(self, module, engine, cfg: PPOConfig, seed: int, ptx_batches=None) -> None:
+        self.module = module
+        self.engine = engine
+        self.cfg = cfg
+        self.kl = KLController(cfg)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.ptx_batches = ptx_batches  # iterator of (input_ids, attention_mask) or None
+
+    @torch.no_grad()
+    def _old_outputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        logprobs, _entropy, values = self.module(
+            batch.input_ids, batch.attention_mask, batch.positions, batch.response, self.cfg.temperature
+        )
+        return logprobs * batch.mask, values  # (B, T), (B, T) (gae masks values itself)
+
+    def step(self, batch: Batch) -> StepStats:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.module.train()
+        old_logprobs, old_values = self._old_outputs(batch)
+        mask = batch.mask
+        kl = rlmath.kl_estimate(old_logprobs, batch.ref_logprobs, cfg.kl_estimator) * mask  # (B, T)
+        kl_coef = self.kl.value
+        rewards, _non_score = rlmath.per_token_rewards(batch.scores, kl, mask, kl_coef, cfg.score_position)
+        # With the score one past the last token (TRL), that position carries a value too.
+        vmask = rlmath.value_mask_for(mask, cfg.score_position)  # (B, T)
+        advantages, returns = rlmath.gae(rewards, old_values, mask, cfg.gamma, cfg.lam, value_mask=vmask)
+        advantages = rlmath.masked_whiten(advantages, mask, unbiased=cfg.whiten_unbiased) * mask
+
+        stats = StepStats(
+            mean_score=float(batch.scores.mean()),
+            kl_coef=kl_coef,
+            reference_kl=float(rlmath.masked_mean(old_logprobs - batch.ref_logprobs, mask)),
+        )
+        sums: dict[str, float] = {}
+        n_mb = 0
+        B = batch.size
+        mb_size = max(1, math.ceil(B / cfg.minibatches))
+        for _epoch in range(cfg.epochs):
+            perm = torch.randperm(B, generator=self.generator)
+            for start in range(0, B, mb_size):
+                idx = perm[start : start + mb_size]
+                mb = batch.select(idx)
+                logprobs, entropy, values = self.module(
+                    mb.input_ids, mb.attention_mask, mb.positions, mb.response, cfg.temperature
+                )
+                pl, pstats = rlmath.policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb.mask, cfg.clip)
+                vl, vclip = rlmath.value_loss(values, old_values[idx], returns[idx], vmask[idx], cfg.value_clip)
+                loss = pl + cfg.value_coef * vl
+                ptx = torch.zeros(())
+                if cfg.ptx_coef > 0 and self.ptx_batches is not None:
+                    ids, attn = next(self.ptx_batches)
+                    logits = self.module.lm_logits(ids, attn)
+                    ptx = rlmath.lm_loss(logits[:, :-1].float(), ids[:, 1:], attn[:, 1:].float())
+                    loss = rlmath.ppo_ptx_objective(loss, ptx, cfg.ptx_coef)
+                n_mb += 1
+                for k, v in (
+                    ("policy_loss", pl), ("value_loss", vl), ("approx_kl", pstats["approx_kl"]),
+                    ("clip_fraction", pstats["clip_fraction"]), ("entropy", rlmath.masked_mean(entropy, mb.mask)),
+                    ("ratio_mean", pstats["ratio_mean"]), ("value_clip_fraction", vclip), ("ptx_loss", ptx),
+                ):
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                if not torch.isfinite(loss):
+                    self.engine.zero_grad()
+                    stats.updates_skipped += 1
+                    _log.warning("update_skipped", reason="non_finite_loss", loss=float(loss))
+                    continue
+                self.engine.backward(loss)
+                norm, applied = self.engine.step()
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + (norm if math.isfinite(norm) else 0.0)
+                if applied:
+                    stats.updates_applied += 1
+                else:
+                    stats.updates_skipped += 1
+                    _log.warning("update_skipped", reason="non_finite_gradient", grad_norm=norm)
+        for k, v in sums.items():
+            setattr(stats, k, v / max(1, n_mb))
+        seq_kl = float((kl * mask).sum(1).mean())
+        self.kl.update(seq_kl, B)
+        stats.lr = self.engine.lr()
+        tokens = float(batch.attention_mask.sum()) * (1 + cfg.epochs)
+        stats.tokens_per_second = tokens / max(1e-9, time.perf_counter() - t0)
+        return stats
+
+    def state_dict(self) -> dict:
+        return {"kl": self.kl.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kl.load_state_dict(state["kl"])
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,127 @@
+"""alignd.v1.LearnerService: validation and conversion around `Learner`."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from alignd.models.inputs import check_batch, check_ids, check_length
+from alignd.runtime.errors import InvalidArgument
+from alignd.runtime.logging import get_logger
+from alignd.runtime.metrics import LATENCY_BUCKETS_SECONDS
+from alignd.services.learner.ppo import Batch, collate
+from alignd.v1 import learner_pb2, learner_pb2_grpc
+
+_log = get_logger("alignd.learner.servicer")
+
+
+class LearnerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.steps = Counter("alignd_learner_steps_total", "PPO steps applied (replays not counted).", registry=registry)
+        self.replays = Counter("alignd_learner_step_replays_total", "TrainStep calls answered from the stored result.", registry=registry)
+        self.skipped_updates = Counter(
+            "alignd_learner_skipped_updates_total",
+            "Optimizer updates skipped because a loss or gradient was not finite.",
+            registry=registry,
+        )
+        self.step_seconds = Histogram(
+            "alignd_learner_step_seconds", "Time of one PPO step, in seconds.", buckets=LATENCY_BUCKETS_SECONDS, registry=registry
+        )
+        self.tokens = Counter("alignd_learner_trained_tokens_total", "Tokens trained on (prompt + response).", registry=registry)
+        self.policy_version = Gauge("alignd_learner_policy_version", "Policy version after the last step.", registry=registry)
+        self.stat = Gauge("alignd_learner_step_stat", "Statistics of the last PPO step.", ["stat"], registry=registry)
+        self.push_seconds = Histogram(
+            "alignd_learner_weight_push_seconds", "Time to push weights to every policy replica, in seconds.",
+            buckets=LATENCY_BUCKETS_SECONDS, registry=registry,
+        )
+        self.push_bytes = Counter("alignd_learner_weight_push_bytes_total", "Bytes of weights pushed.", registry=registry)
+
+
+def parse_batch(request: learner_pb2.TrainStepRequest, vocab_size: int, max_context: int, pad_id: int) -> Batch:
+    """Validates every experience (nothing is touched before this passes)."""
+    if request.step < 1:
+        raise InvalidArgument("step", f"must be >= 1, got {request.step}")
+    check_batch(len(request.experiences), "experiences")
+    prompts, responses, refs, rollouts, scores = [], [], [], [], []
+    for i, e in enumerate(request.experiences):
+        f = f"experiences[{i}]"
+        prompt = check_ids(e.prompt_token_ids, vocab_size, f"{f}.prompt_token_ids")
+        response = check_ids(e.response_token_ids, vocab_size, f"{f}.response_token_ids")
+        if not prompt:
+            raise InvalidArgument(f"{f}.prompt_token_ids", "empty prompt")
+        if not response:
+            raise InvalidArgument(f"{f}.response_token_ids", "empty response")
+        if len(prompt) + len(response) > max_context:
+            raise InvalidArgument(f, f"prompt + response of {len(prompt) + len(response)} tokens exceeds the context of {max_context}")
+        for name in ("rollout_logprobs", "reference_logprobs"):
+            values = list(getattr(e, name))
+            if len(values) != len(response):
+                raise InvalidArgument(
+                    f"{f}.{name}", f"{len(values)} values for {len(response)} response tokens (arrays must be parallel)"
+                )
+            for j, v in enumerate(values):
+                if not math.isfinite(v):
+                    raise InvalidArgument(f"{f}.{name}[{j}]", f"not finite ({v})")
+        if not math.isfinite(e.score):
+            raise InvalidArgument(f"{f}.score", f"not finite ({e.score})")
+        prompts.append(prompt)
+        responses.append(response)
+        refs.append(list(e.reference_logprobs))
+        rollouts.append(list(e.rollout_logprobs))
+        scores.append(float(e.score))
+    return collate(prompts, responses, refs, rollouts, scores, pad_id)
+
+
+class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
+    def __init__(self, loaded, metrics: LearnerMetrics, on_version) -> None:
+        self.loaded = loaded  # Loaded[Learner]
+        self.metrics = metrics
+        self.on_version = on_version  # keeps ModelService's version gauge in step
+
+    def TrainStep(self, request, context):
+        learner = self.loaded.get()
+        h = learner.handle
+        batch = parse_batch(request, h.vocab_size, h.max_context, h.pad_token_id)
+        t0 = time.perf_counter()
+        resp = learner.train_step(request.step, batch)
+        if resp.replayed:
+            self.metrics.replays.inc()
+            _log.info("step_replayed", step=request.step)
+            return resp
+        elapsed = time.perf_counter() - t0
+        m = self.metrics
+        m.steps.inc()
+        m.step_seconds.observe(elapsed)
+        m.tokens.inc(float(batch.attention_mask.sum()))
+        m.skipped_updates.inc(resp.stats.updates_skipped)
+        m.policy_version.set(resp.policy_version)
+        for field in ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "entropy", "mean_score", "kl_coef",
+                      "grad_norm", "reference_kl", "ptx_loss"):
+            m.stat.labels(field).set(getattr(resp.stats, field))
+        if resp.stats.updates_skipped:
+            _log.warning("nonfinite_updates_skipped", step=request.step, skipped=resp.stats.updates_skipped)
+        self.on_version(resp.policy_version)
+        _log.info(
+            "step_applied", step=resp.step, seconds=round(elapsed, 3), mean_score=round(resp.stats.mean_score, 4),
+            approx_kl=resp.stats.approx_kl, reference_kl=resp.stats.reference_kl,
+        )
+        return resp
+
+    def SaveCheckpoint(self, request, context):
+        learner = self.loaded.get()
+        with learner.lock:
+            path = learner.save_checkpoint(tag=request.tag)
+            return learner_pb2.SaveCheckpointResponse(path=str(path), step=learner.step)
+
+    def PushWeights(self, request, context):
+        learner = self.loaded.get()
+        addresses = list(request.addresses) or list(learner.cfg.policy_addresses)
+        if not addresses:
+            raise InvalidArgument("addresses", "no policy replica given and none configured (policy_addresses)")
+        resp = learner.push(addresses)
+        self.metrics.push_seconds.observe(resp.duration_seconds)
+        self.metrics.push_bytes.inc(resp.bytes_per_replica * len(addresses))
+        _log.info("weights_pushed", version=resp.version, replicas=len(addresses), seconds=round(resp.duration_seconds, 3))
+        return resp

@@ -1,0 +1,170 @@
+"""The learner role as a real subprocess: PPO steps on rollouts from the real
+policy and reference services, validation, idempotency, weight push."""
+
+from __future__ import annotations
+
+import math
+import urllib.request
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from alignd.v1 import (
+    common_pb2,
+    learner_pb2,
+    learner_pb2_grpc,
+    model_pb2,
+    model_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+    reference_pb2,
+    reference_pb2_grpc,
+)
+from conftest import assert_invalid, start_role, stop_role
+
+
+@pytest.fixture(scope="module")
+def learner_server(tiny_models, tmp_path_factory):
+    work = tmp_path_factory.mktemp("learner")
+    cfg = {
+        "model": {"path": str(tiny_models["lm"])},
+        "value_model": {"path": str(tiny_models["reward"])},
+        "torch_threads": 1,
+        "ppo": {"minibatches": 1, "epochs": 1},
+        "optimizer": {"lr": 1e-3, "warmup_steps": 0},
+        "checkpoint_dir": str(work / "checkpoints"),
+    }
+    server = start_role("learner", cfg, work)
+    server.checkpoints = work / "checkpoints"
+    yield server
+    assert stop_role(server) == 0, server.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def stub(learner_server):
+    return learner_pb2_grpc.LearnerServiceStub(learner_server.channel)
+
+
+@pytest.fixture(scope="module")
+def rollouts(policy_server, reference_server):
+    """Real samples of the policy, with reference log-probs from the reference service."""
+    gen = policy_pb2_grpc.PolicyServiceStub(policy_server.channel).Generate(
+        policy_pb2.GenerateRequest(
+            prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=p)) for p in ([5, 6, 7], [9, 10], [11, 12, 13, 14])],
+            sampling=policy_pb2.SamplingParams(temperature=1.0, max_new_tokens=10, num_samples=2, seed=3),
+        ),
+        timeout=60,
+    )
+    ref = reference_pb2_grpc.ReferenceServiceStub(reference_server.channel).LogProbs(
+        reference_pb2.LogProbsRequest(
+            items=[reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids) for s in gen.samples]
+        ),
+        timeout=60,
+    )
+    return gen.samples, [list(r.logprobs) for r in ref.results]
+
+
+def experiences(rollouts, scores=None):
+    samples, refs = rollouts
+    scores = scores or [float(i % 3) - 1.0 for i in range(len(samples))]
+    return [
+        learner_pb2.Experience(
+            prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids, rollout_logprobs=s.logprobs,
+            reference_logprobs=r, score=sc, policy_version=s.weight_version, finish_reason=s.finish_reason,
+        )
+        for s, r, sc in zip(samples, refs, scores)
+    ]
+
+
+def learner_version(server) -> int:
+    return model_pb2_grpc.ModelServiceStub(server.channel).GetInfo(model_pb2.GetInfoRequest(), timeout=10).info.weight_version
+
+
+def test_first_step_policy_equals_reference(stub, rollouts, learner_server):
+    resp = stub.TrainStep(learner_pb2.TrainStepRequest(step=1, experiences=experiences(rollouts)), timeout=120)
+    assert resp.step == 1 and resp.policy_version == 1 and not resp.replayed and not resp.skipped
+    s = resp.stats
+    assert abs(s.reference_kl) < 1e-6, s.reference_kl  # learner's recomputed log-probs == reference service's
+    assert abs(s.ratio_mean - 1.0) < 1e-6, s.ratio_mean  # one minibatch: the ratio before the update is 1
+    assert s.approx_kl < 1e-6 and s.clip_fraction == 0.0
+    assert s.updates_applied == 1 and math.isfinite(s.policy_loss) and math.isfinite(s.value_loss)
+    assert s.kl_coef == pytest.approx(0.02) and s.grad_norm > 0
+    assert learner_version(learner_server) == 1
+    assert (learner_server.checkpoints / "latest").exists()
+
+
+def test_bad_train_steps_leave_state_unchanged(stub, rollouts, learner_server):
+    exps = experiences(rollouts)
+    v0 = learner_version(learner_server)
+    bad = learner_pb2.Experience()
+    bad.CopyFrom(exps[1])
+    del bad.reference_logprobs[-1]
+    assert_invalid(lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=2, experiences=[exps[0], bad]), timeout=30),
+                   "experiences[1].reference_logprobs", "parallel")
+    bad.CopyFrom(exps[0])
+    bad.score = float("nan")
+    assert_invalid(lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=2, experiences=[bad]), timeout=30),
+                   "experiences[0].score", "not finite")
+    bad.CopyFrom(exps[0])
+    bad.rollout_logprobs[0] = float("-inf")
+    assert_invalid(lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=2, experiences=[bad]), timeout=30),
+                   "experiences[0].rollout_logprobs[0]")
+    assert_invalid(lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=2), timeout=30), "experiences", "empty batch")
+    bad.CopyFrom(exps[0])
+    bad.response_token_ids[0] = 10**6
+    assert_invalid(lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=2, experiences=[bad]), timeout=30),
+                   "experiences[0].response_token_ids[0]")
+    assert learner_version(learner_server) == v0
+    ok = stub.TrainStep(learner_pb2.TrainStepRequest(step=v0 + 1, experiences=exps), timeout=120)
+    assert ok.step == v0 + 1 and not ok.replayed
+
+
+def test_repeated_step_is_replayed_not_retrained(stub, rollouts, learner_server):
+    v = learner_version(learner_server)
+    first = stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 1, experiences=experiences(rollouts)), timeout=120)
+    again = stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 1, experiences=experiences(rollouts)), timeout=120)
+    assert again.replayed and not first.replayed
+    assert again.stats == first.stats and again.policy_version == first.policy_version == v + 1
+    assert learner_version(learner_server) == v + 1
+    with pytest.raises(grpc.RpcError) as err:
+        stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 5, experiences=experiences(rollouts)), timeout=30)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "out of order" in err.value.details()
+    metrics = urllib.request.urlopen(learner_server.metrics_url, timeout=10).read().decode()
+    assert "alignd_learner_step_replays_total 1.0" in metrics
+
+
+def test_non_finite_loss_skips_the_update(stub, rollouts, learner_server):
+    v = learner_version(learner_server)
+    huge = [3e38] * len(rollouts[0])  # finite float32 scores whose squared value error overflows
+    resp = stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 1, experiences=experiences(rollouts, huge)), timeout=120)
+    assert resp.skipped and resp.stats.updates_skipped == 1 and resp.stats.updates_applied == 0
+    metrics = urllib.request.urlopen(learner_server.metrics_url, timeout=10).read().decode()
+    assert "alignd_learner_skipped_updates_total 1.0" in metrics
+    assert '"event": "update_skipped"' in learner_server.log()
+    # The learner still trains normally afterwards.
+    ok = stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 2, experiences=experiences(rollouts)), timeout=120)
+    assert ok.stats.updates_applied == 1
+
+
+def test_push_weights_syncs_policy(stub, learner_server, policy_server):
+    v = learner_version(learner_server)
+    resp = stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address]), timeout=120)
+    assert resp.version == v and resp.bytes_per_replica > 0
+    info = model_pb2_grpc.ModelServiceStub(policy_server.channel).GetInfo(model_pb2.GetInfoRequest(), timeout=10).info
+    assert info.weight_version == v
+    # The policy now serves the learner's weights: greedy decoding equals the checkpointed policy's.
+    ckpt = stub.SaveCheckpoint(learner_pb2.SaveCheckpointRequest(tag="test"), timeout=120)
+    trained = AutoModelForCausalLM.from_pretrained(f"{ckpt.path}/policy").eval()
+    prompt = [5, 6, 7, 8]
+    expected = trained.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=2)[0, 4:].tolist()
+    got = policy_pb2_grpc.PolicyServiceStub(policy_server.channel).Generate(
+        policy_pb2.GenerateRequest(prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=prompt))],
+                                   sampling=policy_pb2.SamplingParams(temperature=0, max_new_tokens=8)),
+        timeout=60,
+    ).samples[0]
+    assert list(got.token_ids) == expected and got.weight_version == v
+    # A second push is a no-op: the replica is already at this version.
+    again = stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address]), timeout=60)
+    assert again.bytes_per_replica == 0

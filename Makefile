@@ -14,15 +14,19 @@ STAMP := $(VENV)/.alignd-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
 	$(BIN)/pip install --quiet torch==2.13.0
+	# DeepSpeed is an sdist whose setup imports torch; DS_BUILD_OPS=0 skips
+	# compiling its C++ ops at install (ENV.md). Its version is pinned here
+	# and in the `deepspeed` extra.
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet deepspeed==0.19.8
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
 run: setup
-	HF_HUB_OFFLINE=1 $(BIN)/alignd demo
+	HF_HUB_OFFLINE=1 $(BIN)/alignd ppo --config configs/tiny.yaml
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

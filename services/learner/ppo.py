@@ -13,7 +13,11 @@ the math in `alignd.rlmath`:
    clipped surrogate plus value_coef x the clipped value loss (plus
    ptx_coef x the LM loss on a pretraining batch, in the same backward pass),
    one optimizer step per minibatch. A non-finite loss or gradient skips that
-   update.
+   update. With a data-parallel engine (world size W), every rank holds the
+   whole batch and computes on its share of each minibatch's rows, each token
+   mean normalised by the minibatch's global token count, so the summed
+   gradients and the reported statistics are those of one process
+   (`reduction.py`).
 5. The KL controller sees the batch's mean sequence KL.
 """
 
@@ -28,6 +32,7 @@ import torch
 from alignd import rlmath
 from alignd.config import PPOConfig
 from alignd.runtime.logging import get_logger
+from alignd.services.learner.reduction import DataParallel, token_share
 
 _log = get_logger("alignd.learner.ppo")
 
@@ -163,34 +168,46 @@ class PPOTrainer:
         n_mb = 0
         B = batch.size
         mb_size = max(1, math.ceil(B / cfg.minibatches))
+        dp = DataParallel.of(self.engine)  # every rank holds the whole batch and the same generator
         for _epoch in range(cfg.epochs):
             perm = torch.randperm(B, generator=self.generator)
             for start in range(0, B, mb_size):
-                idx = perm[start : start + mb_size]
+                # This rank's rows of the minibatch; every token mean below is this
+                # rank's share of the minibatch's mean (reduction.py explains why).
+                idx, empty = dp.shard(perm[start : start + mb_size])
                 mb = batch.select(idx)
                 logprobs, entropy, values = self.module(
                     mb.input_ids, mb.attention_mask, mb.positions, mb.response, cfg.temperature
                 )
+                share = token_share(mb.mask, dp, empty)  # () N_r / N of the policy tokens
+                vshare = token_share(vmask[idx], dp, empty)  # () of the value tokens
                 pl, pstats = rlmath.policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb.mask, cfg.clip)
                 vl, vclip = rlmath.value_loss(values, old_values[idx], returns[idx], vmask[idx], cfg.value_clip)
+                pl, vl = pl * share, vl * vshare
                 loss = pl + cfg.value_coef * vl
-                ptx = torch.zeros(())
+                ptx = loss.new_zeros(())
                 if cfg.ptx_coef > 0 and self.ptx_batches is not None:
-                    ids, attn = next(self.ptx_batches)
+                    ids, attn = next(self.ptx_batches)  # the same batch on every rank
+                    rows, ptx_empty = dp.shard(torch.arange(ids.shape[0]))
+                    ids, attn = ids[rows], attn[rows]
                     logits = self.module.lm_logits(ids, attn)
                     ptx = rlmath.lm_loss(logits[:, :-1].float(), ids[:, 1:], attn[:, 1:].float())
+                    ptx = ptx * token_share(attn[:, 1:], dp, ptx_empty)
                     loss = rlmath.ppo_ptx_objective(loss, ptx, cfg.ptx_coef)
                 n_mb += 1
-                for k, v in (
-                    ("policy_loss", pl), ("value_loss", vl), ("approx_kl", pstats["approx_kl"]),
-                    ("clip_fraction", pstats["clip_fraction"]), ("entropy", rlmath.masked_mean(entropy, mb.mask)),
-                    ("ratio_mean", pstats["ratio_mean"]), ("value_clip_fraction", vclip), ("ptx_loss", ptx),
-                ):
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                if not torch.isfinite(loss):
+                names = ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "entropy", "ratio_mean",
+                         "value_clip_fraction", "ptx_loss", "loss")
+                local = (pl, vl, pstats["approx_kl"] * share, pstats["clip_fraction"] * share,
+                         rlmath.masked_mean(entropy, mb.mask) * share, pstats["ratio_mean"] * share,
+                         vclip * vshare, ptx, loss)
+                reduced = dp.all_reduce_sum(torch.stack([v.detach().float() for v in local]))  # (9,) minibatch values
+                for k, v in zip(names[:-1], reduced[:-1].tolist()):
+                    sums[k] = sums.get(k, 0.0) + v
+                total = reduced[-1]  # () the minibatch's loss, the same on every rank
+                if not torch.isfinite(total):
                     self.engine.zero_grad()
                     stats.updates_skipped += 1
-                    _log.warning("update_skipped", reason="non_finite_loss", loss=float(loss))
+                    _log.warning("update_skipped", reason="non_finite_loss", loss=float(total))
                     continue
                 self.engine.backward(loss)
                 norm, applied = self.engine.step()

@@ -168,3 +168,50 @@ def test_push_weights_syncs_policy(stub, learner_server, policy_server):
     # A second push is a no-op: the replica is already at this version.
     again = stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address]), timeout=60)
     assert again.bytes_per_replica == 0
+
+
+@pytest.fixture(scope="module")
+def ptx_learner(tiny_models, tmp_path_factory):
+    """A learner with PPO-ptx on and weight sync through a shared directory."""
+    work = tmp_path_factory.mktemp("learner_ptx")
+    text = work / "pretrain.txt"
+    text.write_text("\n".join(f"The quick brown fox jumps over the lazy dog number {i}." for i in range(200)))
+    cfg = {
+        "model": {"path": str(tiny_models["lm"])},
+        "value_head_on_policy": True,
+        "torch_threads": 1,
+        "ppo": {"minibatches": 1, "ptx_coef": 27.8, "ptx_data": str(text), "ptx_batch_size": 2, "ptx_max_tokens": 32},
+        "checkpoint_every_steps": 0,
+        "weight_sync": "filesystem",
+        "weight_sync_dir": str(work / "shared"),
+        "checkpoint_dir": str(work / "checkpoints"),
+    }
+    server = start_role("learner", cfg, work)
+    server.shared = work / "shared"
+    yield server
+    assert stop_role(server) == 0, server.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def fresh_policy(tiny_models, tmp_path_factory):
+    server = start_role("policy", {"model": {"path": str(tiny_models["lm"])}, "torch_threads": 1}, tmp_path_factory.mktemp("policy2"))
+    yield server
+    assert stop_role(server) == 0
+
+
+def test_ppo_ptx_and_filesystem_weight_sync(ptx_learner, rollouts, fresh_policy):
+    policy_server = fresh_policy
+    stub = learner_pb2_grpc.LearnerServiceStub(ptx_learner.channel)
+    resp = stub.TrainStep(learner_pb2.TrainStepRequest(step=1, experiences=experiences(rollouts)), timeout=120)
+    # A random tiny LM on English text: the LM loss is about log(vocab) = log(512) ~ 6.2.
+    assert 3.0 < resp.stats.ptx_loss < 10.0 and resp.stats.updates_applied == 1
+    assert not (ptx_learner.shared / "policy-v00000001").exists()  # published on push, not on train
+    policy_info = model_pb2_grpc.ModelServiceStub(policy_server.channel)
+    before = policy_info.GetInfo(model_pb2.GetInfoRequest(), timeout=10).info.weight_version
+    push = stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address]), timeout=120)
+    assert push.version == 1 and push.bytes_per_replica == 0  # nothing streamed: loaded from the directory
+    assert (ptx_learner.shared / "policy-v00000001" / "config.json").exists()
+    assert before == 0
+    after = policy_info.GetInfo(model_pb2.GetInfoRequest(), timeout=10).info.weight_version
+    assert after == 1
+    assert '"event": "weights_loaded"' in fresh_policy.log()

@@ -186,6 +186,14 @@ class LearnerConfig(RoleConfig):
     checkpoint_keep: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
     policy_addresses: list[str] = Field([], description="host:port of every policy replica that receives new weights.")
     push_chunk_bytes: int = Field(1 << 20, ge=1024, description="Chunk size of the weight stream, in bytes.")
+    weight_sync: Literal["stream", "filesystem"] = Field(
+        "stream",
+        description='How new policy weights reach the replicas: "stream" (ModelService.UpdateWeights over gRPC) or '
+        '"filesystem" (written once to weight_sync_dir, loaded by each replica with LoadWeights).',
+    )
+    weight_sync_dir: str | None = Field(
+        None, description="Shared directory for weight_sync: filesystem; default: next to the checkpoints."
+    )
 
 
 class CoordinatorConfig(RoleConfig):

@@ -26,7 +26,7 @@ from alignd.runtime.role import write_json_atomic
 LATEST = "latest"
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
@@ -57,7 +57,7 @@ def save(root: Path, step: int, module_state: dict, trainer_state: dict, policy,
     policy.save_pretrained(tmp / "policy")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "policy")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

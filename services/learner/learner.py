@@ -10,7 +10,9 @@ No gRPC here except the client side of the weight push. `TrainStep(step)`:
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -59,7 +61,14 @@ class Learner:
         self.module = PolicyValue(policy, value_model)
         disable_dropout(self.module)
         self.engine = build_engine(cfg, self.module)
-        self.trainer = PPOTrainer(self.module, self.engine, cfg.ppo, cfg.seed)
+        ptx = None
+        if cfg.ppo.ptx_coef > 0:
+            if not cfg.ppo.ptx_data:
+                raise ValueError("learner: ppo.ptx_coef > 0 needs ppo.ptx_data (a text file, one document per line)")
+            from alignd.services.learner.ptx import pack_blocks, ptx_batches
+
+            ptx = ptx_batches(pack_blocks(self.tokenizer, cfg.ppo.ptx_data, cfg.ppo.ptx_max_tokens), cfg.ppo.ptx_batch_size, cfg.seed)
+        self.trainer = PPOTrainer(self.module, self.engine, cfg.ppo, cfg.seed, ptx_batches=ptx)
         self.handle = ModelHandle("learner", cfg.model, policy, self.tokenizer)
         self.ema = [p.detach().clone() for p in policy.parameters()] if cfg.ema_decay else None
         self.step = 0
@@ -140,17 +149,44 @@ class Learner:
             return resp
 
     # -- weight sync -------------------------------------------------------
+    def _publish_dir(self, version: int) -> Path:
+        """The policy of `version` as a save_pretrained directory on the shared filesystem (written once)."""
+        root = Path(self.cfg.weight_sync_dir) if self.cfg.weight_sync_dir else self.checkpoint_root.parent / "published"
+        final = root / f"policy-v{version:08d}"
+        if not final.exists():
+            tmp = root / f".tmp-{final.name}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.module.policy.save_pretrained(tmp)
+            checkpoint.fsync_tree(tmp)
+            os.replace(tmp, final)
+            for old in sorted(p for p in root.glob("policy-v*") if p != final)[:-1]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
     def push(self, addresses: list[str]) -> learner_pb2.PushWeightsResponse:
-        """Streams the current policy to every replica not already at this version."""
+        """Sends the current policy to every replica not already at this version.
+
+        weight_sync "stream": the chunked UpdateWeights stream; "filesystem":
+        the policy is written once to a shared directory and every replica
+        loads it with LoadWeights.
+        """
         with self.lock:
             version = self.version
-            state = {k: v.detach().clone() for k, v in self.module.policy.state_dict().items()}
+            if self.cfg.weight_sync == "filesystem":
+                path = str(self._publish_dir(version).resolve())
+                state = None
+            else:
+                state = {k: v.detach().clone() for k, v in self.module.policy.state_dict().items()}
         t0 = time.perf_counter()
 
         def one(address: str) -> int:
             with make_channel(address) as ch:
-                info = model_pb2_grpc.ModelServiceStub(ch).GetInfo(model_pb2.GetInfoRequest(), timeout=30).info
+                stub = model_pb2_grpc.ModelServiceStub(ch)
+                info = stub.GetInfo(model_pb2.GetInfoRequest(), timeout=30).info
                 if info.weight_version >= version:
+                    return 0
+                if state is None:
+                    stub.LoadWeights(model_pb2.LoadWeightsRequest(path=path, version=version), timeout=600)
                     return 0
                 resp = push_weights(ch, state, version, chunk_bytes=self.cfg.push_chunk_bytes)
                 return int(resp.received_bytes)

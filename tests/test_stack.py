@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,17 @@ def start_up(run_dir: Path, cache: Path) -> tuple[subprocess.Popen, list[str]]:
             return proc, lines
     proc.wait()
     raise AssertionError(f"alignd up exited {proc.returncode} before ready:\n{proc.stderr.read()}")
+
+
+def stop_launcher(proc: subprocess.Popen) -> None:
+    """SIGTERM first (the launcher stops its children), SIGKILL only if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def alive(pid: int) -> bool:
@@ -124,9 +136,7 @@ def test_up_serves_every_role_with_reflection_and_health(tmp_path, cache):
         for role in ROLES:
             assert not alive(stack["services"][role]["pid"]), role
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_launcher(proc)
 
 
 def test_up_names_a_dead_child_and_stops_the_rest(tmp_path, cache):
@@ -143,9 +153,20 @@ def test_up_names_a_dead_child_and_stops_the_rest(tmp_path, cache):
         for role in ROLES:
             assert not alive(stack["services"][role]["pid"]), role
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_launcher(proc)
+
+
+def test_children_die_with_a_killed_launcher(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    proc, _ = start_up(run_dir, cache)
+    stack = json.loads((run_dir / "stack.json").read_text())
+    proc.send_signal(signal.SIGKILL)  # no chance to stop its children itself
+    proc.wait()
+    pids = [svc["pid"] for svc in stack["services"].values()]
+    deadline = time.monotonic() + 60
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling the children's exit (a condition)
+    assert not any(alive(p) for p in pids), [p for p in pids if alive(p)]
 
 
 def test_coordinator_does_not_import_torch():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import zlib
 import itertools
 
 import pytest
@@ -90,7 +91,12 @@ def test_gpt2_state_dict_round_trip_bit_exact_and_tied_weight_sent_once(model):
     assert header.num_tensors == len(unique)
     assert header.total_bytes == sum(t.numel() * t.element_size() for t in unique.values())
     assert header.version == 5 and header.partial is False
-    assert msgs[-1].trailer.sha256 == hashlib.sha256(b"".join(c.data for c in chunks_of(msgs))).digest()
+    assert msgs[-1].trailer.crc32 == zlib.crc32(b"".join(c.data for c in chunks_of(msgs)))  # the default
+    assert not msgs[-1].trailer.sha256
+    sha_msgs = list(encode_stream(state, 5, chunk_bytes=4096, checksum="sha256"))
+    assert sha_msgs[-1].trailer.sha256 == hashlib.sha256(b"".join(c.data for c in chunks_of(sha_msgs))).digest()
+    assert not sha_msgs[-1].trailer.HasField("crc32")
+    assert receive_stream(iter(sha_msgs), state).received_bytes == header.total_bytes
 
     got = receive_stream(iter(msgs), state)
     assert got.version == 5 and got.partial is False
@@ -289,10 +295,12 @@ def test_checksum_mismatch(small):
     data = bytearray(flipped.chunk.data)
     data[0] ^= 0x01
     flipped.chunk.data = bytes(data)
-    invalid(msgs[:2] + [flipped] + msgs[3:], state, "trailer.sha256", "checksum mismatch")
+    invalid(msgs[:2] + [flipped] + msgs[3:], state, "trailer.crc32", "checksum mismatch")
+    bad_crc = model_pb2.UpdateWeightsRequest(trailer=model_pb2.WeightsTrailer(crc32=(msgs[-1].trailer.crc32 + 1) % 2**32))
+    invalid(msgs[:-1] + [bad_crc], state, "trailer.crc32")
     bad_trailer = model_pb2.UpdateWeightsRequest(trailer=model_pb2.WeightsTrailer(sha256=b"\0" * 32))
     invalid(msgs[:-1] + [bad_trailer], state, "trailer.sha256")
-    invalid(msgs[:-1] + [model_pb2.UpdateWeightsRequest(trailer=model_pb2.WeightsTrailer())], state, "trailer.sha256")
+    invalid(msgs[:-1] + [model_pb2.UpdateWeightsRequest(trailer=model_pb2.WeightsTrailer())], state, "trailer", "no checksum")
 
 
 # -- ModelHandle.apply_weights ---------------------------------------------------
@@ -400,3 +408,22 @@ def test_lower_precision_stream_is_cast_on_apply(handle):
     for name, t in bf16.items():
         assert after[name].dtype == torch.float32
         assert torch.equal(after[name], t.to(torch.float32)), name
+
+
+@pytest.mark.parametrize("checksum", ["crc32", "sha256"])
+@pytest.mark.parametrize("chunk", [7, 4096, 1 << 20])
+def test_wire_encoding_equals_protobuf_encoding(checksum, chunk):
+    """encode_stream_wire appends the data field by hand: it must parse to the very same messages."""
+    from alignd.models.weights import encode_stream_wire
+
+    torch.manual_seed(0)
+    state = {"a": torch.randn(300, 257), "b": torch.arange(10, dtype=torch.int64), "c": torch.randn(3).to(torch.bfloat16),
+             "big": torch.randn(1 << 17)}
+    wire = list(encode_stream_wire(state, 9, chunk_bytes=chunk, checksum=checksum))
+    msgs = list(encode_stream(state, 9, chunk_bytes=chunk, checksum=checksum))
+    assert len(wire) == len(msgs)
+    for raw, msg in zip(wire, msgs):
+        assert model_pb2.UpdateWeightsRequest.FromString(raw) == msg
+    got = receive_stream((model_pb2.UpdateWeightsRequest.FromString(b) for b in wire), state)
+    for k, v in state.items():
+        assert torch.equal(got.tensors[k], v)

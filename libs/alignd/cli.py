@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from alignd.runtime.malloc import tune_malloc
+
+    tune_malloc()  # large weight/batch buffers: see runtime/malloc.py
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -35,6 +35,17 @@ WAVES: list[list[str]] = [["policy", "reward", "reference"], ["learner"], ["coor
 LOG_TAIL_LINES = 40
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the launcher dies, even by SIGKILL (Linux prctl)."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux/glibc: the launcher's own stop() is the only guard
+        pass
+
+
 class ChildDied(RuntimeError):
     def __init__(self, role: str, returncode: int | None, log_tail: str) -> None:
         super().__init__(f"{role} exited with code {returncode}")
@@ -105,7 +116,9 @@ class LocalStack:
         env = dict(os.environ)
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent
+        )
         log.close()
         child = Child(role, proc, log_path, endpoint)
         threading.Thread(target=self._reap, args=(child,), name=f"reap-{role}", daemon=True).start()

@@ -1,13 +1,16 @@
 """The weight stream of ModelService.UpdateWeights: encoding and receiving.
 
 Stream: one header, chunks of about `chunk_bytes` per tensor in order, one
-trailer with the SHA-256 of all chunk data. Tensors that share storage (tied
-embeddings) are sent once, under the first state-dict name.
+trailer with a checksum of all chunk data (CRC-32 by default, SHA-256 on
+request; the receiver verifies whichever the trailer carries). Tensors that
+share storage (tied embeddings) are sent once, under the first state-dict
+name.
 """
 
 from __future__ import annotations
 
 import hashlib
+import zlib
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping
 
@@ -36,38 +39,116 @@ def unique_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+def _plan(state: Mapping[str, torch.Tensor], chunk_bytes: int):
+    """(header fields, [(name, dtype, shape, offset, piece memoryview)]) of a stream."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    tensors = unique_tensors(state)
+    views = {name: tensor_bytes(t) for name, t in tensors.items()}
+    total = sum(len(v) for v in views.values())
+
+    def pieces():
+        for name, t in tensors.items():
+            view = views[name]
+            dtype = TORCH_TO_PB[t.dtype]
+            shape = list(t.shape)
+            offset = 0
+            while True:
+                piece = view[offset : offset + chunk_bytes]
+                yield name, dtype, shape, offset, piece
+                offset += len(piece)
+                if offset >= len(view):
+                    break
+
+    return len(tensors), total, pieces()
+
+
+class _Checksum:
+    def __init__(self, kind: str) -> None:
+        if kind not in ("crc32", "sha256"):
+            raise ValueError(f"checksum must be crc32 or sha256, got {kind!r}")
+        self.sha = hashlib.sha256() if kind == "sha256" else None
+        self.crc = 0
+
+    def update(self, data) -> None:
+        if self.sha is not None:
+            self.sha.update(data)
+        else:
+            self.crc = zlib.crc32(data, self.crc)
+
+    def trailer(self) -> model_pb2.UpdateWeightsRequest:
+        t = model_pb2.WeightsTrailer(sha256=self.sha.digest()) if self.sha is not None else model_pb2.WeightsTrailer(crc32=self.crc)
+        return model_pb2.UpdateWeightsRequest(trailer=t)
+
+
 def encode_stream(
     state: Mapping[str, torch.Tensor],
     version: int,
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     partial: bool = False,
+    checksum: str = "crc32",
 ) -> Iterator[model_pb2.UpdateWeightsRequest]:
-    """Yields the UpdateWeights messages for `state`."""
-    if chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    tensors = unique_tensors(state)
-    views = {name: tensor_bytes(t) for name, t in tensors.items()}
-    total = sum(len(v) for v in views.values())
+    """Yields the UpdateWeights messages for `state`; checksum: "crc32" or "sha256"."""
+    ck = _Checksum(checksum)
+    n, total, pieces = _plan(state, chunk_bytes)
     yield model_pb2.UpdateWeightsRequest(
-        header=model_pb2.WeightsHeader(version=version, num_tensors=len(tensors), total_bytes=total, partial=partial)
+        header=model_pb2.WeightsHeader(version=version, num_tensors=n, total_bytes=total, partial=partial)
     )
-    digest = hashlib.sha256()
-    for name, t in tensors.items():
-        view = views[name]
-        dtype = TORCH_TO_PB[t.dtype]
-        shape = list(t.shape)
-        offset = 0
-        while True:
-            piece = bytes(view[offset : offset + chunk_bytes])
-            digest.update(piece)
-            yield model_pb2.UpdateWeightsRequest(
-                chunk=model_pb2.TensorChunk(name=name, dtype=dtype, shape=shape, offset_bytes=offset, data=piece)
-            )
-            offset += len(piece)
-            if offset >= len(view):
-                break
-    yield model_pb2.UpdateWeightsRequest(trailer=model_pb2.WeightsTrailer(sha256=digest.digest()))
+    for name, dtype, shape, offset, piece in pieces:
+        ck.update(piece)
+        yield model_pb2.UpdateWeightsRequest(
+            chunk=model_pb2.TensorChunk(name=name, dtype=dtype, shape=shape, offset_bytes=offset, data=bytes(piece))
+        )
+    yield ck.trailer()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+# Wire tags (field number << 3 | wire type 2 = length-delimited).
+_TAG_REQUEST_CHUNK = bytes([(2 << 3) | 2])  # UpdateWeightsRequest.chunk = 2
+_TAG_CHUNK_DATA = bytes([(5 << 3) | 2])  # TensorChunk.data = 5
+
+
+def encode_stream_wire(
+    state: Mapping[str, torch.Tensor],
+    version: int,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    partial: bool = False,
+    checksum: str = "crc32",
+) -> Iterator[bytes]:
+    """The same stream as `encode_stream`, as serialized messages, built with one copy of the data.
+
+    Building a protobuf message per 1 MiB chunk copies the data twice (into a
+    bytes object, then into the message) before gRPC serialises it a third
+    time. Here each chunk's small fields are serialised by protobuf and the
+    data field is appended in protobuf's wire format (tag, varint length,
+    bytes): field order is free in the format, so the result parses to the
+    same message (tests/test_weights.py checks byte-level equivalence).
+    """
+    ck = _Checksum(checksum)
+    n, total, pieces = _plan(state, chunk_bytes)
+    yield model_pb2.UpdateWeightsRequest(
+        header=model_pb2.WeightsHeader(version=version, num_tensors=n, total_bytes=total, partial=partial)
+    ).SerializeToString()
+    for name, dtype, shape, offset, piece in pieces:
+        ck.update(piece)
+        meta = model_pb2.TensorChunk(name=name, dtype=dtype, shape=shape, offset_bytes=offset).SerializeToString()
+        data_len = _varint(len(piece))
+        inner_len = len(meta) + 1 + len(data_len) + len(piece)
+        yield b"".join((_TAG_REQUEST_CHUNK, _varint(inner_len), meta, _TAG_CHUNK_DATA, data_len, piece))
+    yield ck.trailer().SerializeToString()
 
 
 @dataclass
@@ -87,7 +168,10 @@ class _Buffer:
         for d in shape:
             numel *= d
         self.nbytes = numel * itemsize(dtype)
-        self.data = bytearray(self.nbytes)
+        # Uninitialised (no zero-fill pass): every byte is written by a chunk
+        # before the tensor is accepted (filled == nbytes is checked).
+        self.storage = torch.empty(self.nbytes, dtype=torch.uint8)
+        self.data = memoryview(self.storage.numpy())
         self.filled = 0
 
 
@@ -106,7 +190,10 @@ def receive_stream(
     if first is None or first.WhichOneof("part") != "header":
         raise InvalidArgument("header", "the stream must start with a header message")
     header = first.header
-    digest = hashlib.sha256()
+    # The trailer says which checksum it carries only at the end: keep the
+    # cheap CRC-32 running always, and SHA-256 over the assembled buffers
+    # afterwards when the trailer asks for it (same bytes, same order).
+    crc = 0
     buffers: dict[str, _Buffer] = {}
     current: _Buffer | None = None
     received = 0
@@ -153,7 +240,7 @@ def receive_stream(
         current.data[current.filled : end] = chunk.data
         current.filled = end
         received += len(chunk.data)
-        digest.update(chunk.data)
+        crc = zlib.crc32(chunk.data, crc)
     if trailer is None:
         raise InvalidArgument("trailer", "stream ended without a trailer (truncated)")
     if current is not None and current.filled != current.nbytes:
@@ -162,17 +249,33 @@ def receive_stream(
         raise InvalidArgument("header.num_tensors", f"header announced {header.num_tensors} tensors, stream carried {len(buffers)}")
     if received != header.total_bytes:
         raise InvalidArgument("header.total_bytes", f"header announced {header.total_bytes} bytes, stream carried {received}")
-    if trailer.sha256 != digest.digest():
-        raise InvalidArgument("trailer.sha256", "checksum mismatch: the data received is not the data sent")
+    if not trailer.sha256 and not trailer.HasField("crc32"):
+        raise InvalidArgument("trailer", "no checksum (set crc32 or sha256)")
+    if trailer.HasField("crc32") and trailer.crc32 != crc:
+        raise InvalidArgument("trailer.crc32", "checksum mismatch: the data received is not the data sent")
+    if trailer.sha256:
+        digest = hashlib.sha256()
+        for b in buffers.values():
+            digest.update(b.data)
+        if trailer.sha256 != digest.digest():
+            raise InvalidArgument("trailer.sha256", "checksum mismatch: the data received is not the data sent")
     tensors = {
-        name: torch.frombuffer(b.data, dtype=b.dtype).reshape(b.shape) if b.nbytes else torch.empty(b.shape, dtype=b.dtype)
+        name: b.storage.view(b.dtype).reshape(b.shape) if b.nbytes else torch.empty(b.shape, dtype=b.dtype)
         for name, b in buffers.items()
     }
     return ReceivedWeights(version=header.version, partial=header.partial, tensors=tensors, received_bytes=received)
 
 
-def push_weights(channel, state: Mapping[str, torch.Tensor], version: int, *, timeout: float = 600.0, **kw):
-    """Streams `state` to the ModelService behind `channel`; returns the UpdateWeightsResponse."""
-    from alignd.v1 import model_pb2_grpc
+UPDATE_WEIGHTS_METHOD = "/alignd.v1.ModelService/UpdateWeights"
 
-    return model_pb2_grpc.ModelServiceStub(channel).UpdateWeights(encode_stream(state, version, **kw), timeout=timeout)
+
+def push_weights(channel, state: Mapping[str, torch.Tensor], version: int, *, timeout: float = 600.0, **kw):
+    """Streams `state` to the ModelService behind `channel`; returns the UpdateWeightsResponse.
+
+    Sends pre-serialized messages (`encode_stream_wire`) through a stream-unary
+    call without a request serializer.
+    """
+    call = channel.stream_unary(
+        UPDATE_WEIGHTS_METHOD, request_serializer=None, response_deserializer=model_pb2.UpdateWeightsResponse.FromString
+    )
+    return call(encode_stream_wire(state, version, **kw), timeout=timeout)

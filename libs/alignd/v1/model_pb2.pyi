@@ -44,10 +44,12 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class WeightsTrailer(_message.Message):
-    __slots__ = ("sha256",)
+    __slots__ = ("sha256", "crc32")
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
     sha256: bytes
-    def __init__(self, sha256: _Optional[bytes] = ...) -> None: ...
+    crc32: int
+    def __init__(self, sha256: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class UpdateWeightsRequest(_message.Message):
     __slots__ = ("header", "chunk", "trailer")

@@ -66,7 +66,7 @@ class ModelServiceServicer:
     def UpdateWeights(self, request_iterator, context):
         """Replaces the served weights with those streamed by the client, then sets
         the weight version. The stream is: one `header`, any number of `chunk`s,
-        one `trailer`. Nothing is applied until the trailer's checksum matches
+        one `trailer`. Nothing is applied until the trailer's checksums match
         and every tensor is complete; on any error the old weights keep serving.
         While the new weights are applied the replica's health is NOT_SERVING.
         Errors: INVALID_ARGUMENT (malformed stream, unknown tensor, shape or

@@ -5,15 +5,18 @@ backbone (`model.base_model`) and its linear head `model.score` (hidden ->
 1). The score of (prompt, response) is the head applied to the final hidden
 state of the last token of prompt + response, i.e. the last response token:
 the same position Hugging Face's sequence classifiers pool, and TRL's
-`get_reward` reads.
+`get_reward` reads. A checkpoint trained by alignd also carries a bias
+(`alignd_score_bias` in config.json) that makes demonstrations score 0 on
+average; it is added to every score.
 """
 
 from __future__ import annotations
 
 import torch
 
-from alignd.models.batch import chunks, right_pad
+from alignd.models.batch import chunks
 from alignd.models.handle import ModelHandle
+from alignd.models.scoring import score_bias, score_sequences
 
 
 class RewardEngine:
@@ -33,11 +36,8 @@ class RewardEngine:
     @torch.inference_mode()
     def _chunk(self, seqs: list[list[int]]) -> list[float]:
         h = self.handle
-        ids, mask = right_pad(seqs, h.pad_token_id, h.device)
-        hidden = h.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H)
-        last = torch.tensor([len(s) - 1 for s in seqs], device=h.device)  # (B,)
-        pooled = hidden[torch.arange(len(seqs), device=h.device), last]  # (B, H)
-        return h.model.score(pooled).squeeze(-1).float().cpu().tolist()  # (B,)
+        raw = score_sequences(h.model, seqs, h.pad_token_id, h.device)  # (B,)
+        return (raw + score_bias(h.model)).cpu().tolist()
 
 
 class FunctionRewardEngine:

@@ -1,0 +1,290 @@
+"""Supervised stages of InstructGPT in the learner: SFT and reward-model training.
+
+Pure torch + transformers (no gRPC). Both follow the paper's recipes
+(Ouyang et al. 2022, appendix C):
+
+SFT (C.1): next-token loss on the completion tokens only (prompt tokens are
+masked out of the loss), AdamW, cosine LR decay to 10% of the peak, residual
+dropout during training, validation loss after every epoch and the
+checkpoint chosen by a criterion (lowest validation loss, or the last epoch).
+
+RM (C.2): the LM backbone with a scalar head; for each prompt, the K ranked
+completions are scored in one forward pass and all C(K,2) pairs of that
+prompt form ONE batch element of the loss
+    -1/C(K,2) * sum_{(w,l)} log sigmoid(r_w - r_l)
+(`alignd.rlmath.rm_loss`), one epoch, cosine LR to 10%. Afterwards a bias is
+set so that the demonstrations score 0 on average (the paper normalises the
+RM so that labeler demonstrations achieve a mean score of 0 before RL);
+alignd stores it in the checkpoint's config as `alignd_score_bias`, which the
+reward role adds to every score, because Hugging Face's `score` heads have no
+bias parameter.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from alignd import rlmath
+from alignd.models.scoring import SCORE_BIAS_KEY, score_sequences
+
+IGNORE = -100
+
+
+def cosine_to_floor(step: int, total: int, warmup: int = 0, floor: float = 0.1) -> float:
+    """LR multiplier: linear warm-up, then cosine from 1 to `floor` at `total` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    t = min(1.0, (step - warmup) / span)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Sets every dropout module (GPT-2's residual, attention and embedding dropout); no-op for models without."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+
+
+def _batches(items: Sequence, size: int, rng: random.Random | None) -> list[list]:
+    order = list(range(len(items)))
+    if rng is not None:
+        rng.shuffle(order)
+    return [[items[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
+
+
+# ---------------------------------------------------------------------------
+# SFT
+# ---------------------------------------------------------------------------
+
+
+def encode_demo(tokenizer, prompt: str, completion: str, max_tokens: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): labels are IGNORE on the prompt; the completion ends with EOS.
+
+    The completion keeps up to max_tokens - 1 tokens (cut on the right); the
+    prompt fills the rest, cut from the left (the end of a prompt matters most)
+    and never empty, since the first completion token needs a context.
+    """
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        c = c + [tokenizer.eos_token_id]
+    c = c[: max_tokens - 1]
+    p = p[-(max_tokens - len(c)) :]
+    return p + c, [IGNORE] * len(p) + c
+
+
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    T = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (T - len(s)) for s in seqs], dtype=torch.long)
+
+
+def sft_loss(model, batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, int]:
+    """Mean next-token loss over completion tokens; returns (loss, n_tokens)."""
+    ids = _pad([x for x, _ in batch], pad_id)  # (B, L)
+    labels = _pad([y for _, y in batch], IGNORE)  # (B, L)
+    attn = (torch.arange(ids.shape[1])[None, :] < torch.tensor([len(x) for x, _ in batch])[:, None]).long()  # (B, L)
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()  # (B, L-1, V)
+    target = labels[:, 1:]  # (B, L-1) token t+1 predicted at t
+    mask = (target != IGNORE).float()  # (B, L-1)
+    loss = rlmath.lm_loss(logits, target.clamp(min=0), mask)
+    return loss, int(mask.sum())
+
+
+@dataclass
+class SupervisedResult:
+    history: list[dict] = field(default_factory=list)  # one row per epoch (and per logged step)
+    best_epoch: int = 0
+    best_metric: float = float("nan")
+    best_state: dict | None = None  # parameters of the chosen checkpoint (CPU copies)
+    extra: dict = field(default_factory=dict)
+
+
+def _snapshot(model) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def sft_eval_loss(model, encoded, batch_size: int, pad_id: int) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for batch in _batches(encoded, batch_size, None):
+        loss, k = sft_loss(model, batch, pad_id)
+        total += float(loss) * k
+        n += k
+    return total / max(1, n)
+
+
+def train_sft(
+    model,
+    tokenizer,
+    train: Sequence[tuple[str, str]],
+    val: Sequence[tuple[str, str]],
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    max_tokens: int,
+    residual_dropout: float = 0.2,
+    select: str = "val_loss",
+    warmup_steps: int = 0,
+    betas: tuple[float, float] = (0.9, 0.95),
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    seed: int = 0,
+    on_step: Callable[[dict], None] | None = None,
+) -> SupervisedResult:
+    """Fine-tunes `model` in place on (prompt, completion) pairs; loads the selected epoch's weights at the end."""
+    if select not in ("val_loss", "last"):
+        raise ValueError(f"select must be val_loss or last, got {select!r}")
+    if select == "val_loss" and not val:
+        raise ValueError("select=val_loss needs validation demonstrations")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    enc_train = [encode_demo(tokenizer, p, c, max_tokens) for p, c in train]
+    enc_val = [encode_demo(tokenizer, p, c, max_tokens) for p, c in val]
+    rng = random.Random(seed)
+    total = epochs * math.ceil(len(enc_train) / batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_to_floor(s, total, warmup_steps))
+    result = SupervisedResult()
+    step = 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        set_dropout(model, residual_dropout)
+        run_loss, run_n = 0.0, 0
+        for batch in _batches(enc_train, batch_size, rng):
+            loss, k = sft_loss(model, batch, pad)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if torch.isfinite(norm):
+                opt.step()
+            sched.step()
+            step += 1
+            run_loss += float(loss) * k
+            run_n += k
+            if on_step:
+                on_step({"stage": "sft", "step": step, "total_steps": total, "loss": float(loss), "lr": sched.get_last_lr()[0]})
+        set_dropout(model, 0.0)
+        val_loss = sft_eval_loss(model, enc_val, batch_size, pad) if enc_val else float("nan")
+        row = {"epoch": epoch, "step": step, "train_loss": run_loss / max(1, run_n), "val_loss": val_loss}
+        result.history.append(row)
+        metric = val_loss if select == "val_loss" else -epoch
+        if result.best_state is None or metric < result.best_metric:
+            result.best_epoch, result.best_metric, result.best_state = epoch, metric, _snapshot(model)
+    model.load_state_dict(result.best_state)
+    model.eval()
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Reward model
+# ---------------------------------------------------------------------------
+
+
+def encode_pair(tokenizer, prompt: str, completion: str, max_tokens: int) -> list[int]:
+    """prompt + completion tokens, prompt cut from the left to fit (the score reads the last token)."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"][: max_tokens - 1]
+    keep = max_tokens - len(c)
+    return (p[-keep:] if keep > 0 else []) + c
+
+
+def comparison_rewards(model, tokenizer, comps, max_tokens: int) -> list[torch.Tensor]:
+    """One forward over every completion of every comparison; rewards split per prompt."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    seqs, sizes = [], []
+    for prompt, completions, _ranking in comps:
+        seqs += [encode_pair(tokenizer, prompt, c, max_tokens) for c in completions]
+        sizes.append(len(completions))
+    scores = score_sequences(model, seqs, pad)  # (sum K,)
+    return list(torch.split(scores, sizes))
+
+
+@torch.no_grad()
+def pairwise_accuracy(model, tokenizer, comps, max_tokens: int, batch_size: int = 8) -> float:
+    """Fraction of the C(K,2) pairs of every ranking that the model orders like the labeler."""
+    model.eval()
+    right = total = 0
+    for batch in _batches(list(comps), batch_size, None):
+        for rewards, (_p, _c, ranking) in zip(comparison_rewards(model, tokenizer, batch, max_tokens), batch):
+            for w, l in rlmath.ranking_pairs(ranking):
+                right += int(rewards[w] > rewards[l])
+                total += 1
+    return right / max(1, total)
+
+
+def train_rm(
+    model,
+    tokenizer,
+    train: Sequence[tuple[str, Sequence[str], Sequence[int]]],
+    val: Sequence[tuple[str, Sequence[str], Sequence[int]]],
+    *,
+    lr: float,
+    batch_size: int,
+    max_tokens: int,
+    epochs: int = 1,
+    warmup_steps: int = 0,
+    betas: tuple[float, float] = (0.9, 0.95),
+    max_grad_norm: float = 1.0,
+    seed: int = 0,
+    demonstrations: Sequence[tuple[str, str]] = (),
+    on_step: Callable[[dict], None] | None = None,
+) -> SupervisedResult:
+    """Trains the scalar-head `model` in place on (prompt, completions, ranking) triples.
+
+    batch_size counts prompts (each with all its pairs). Returns history, the
+    held-out pairwise accuracy before and after, and the demonstration bias.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    del pad  # comparison_rewards reads it from the tokenizer
+    set_dropout(model, 0.0)
+    rng = random.Random(seed)
+    total = epochs * math.ceil(len(train) / batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_to_floor(s, total, warmup_steps))
+    result = SupervisedResult()
+    result.extra["val_accuracy_before"] = pairwise_accuracy(model, tokenizer, val, max_tokens) if val else float("nan")
+    step = 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        for batch in _batches(list(train), batch_size, rng):
+            rewards = comparison_rewards(model, tokenizer, batch, max_tokens)
+            loss = rlmath.rm_loss(rewards, [r for _p, _c, r in batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if torch.isfinite(norm):
+                opt.step()
+            sched.step()
+            step += 1
+            if on_step:
+                on_step({"stage": "rm", "step": step, "total_steps": total, "loss": float(loss), "lr": sched.get_last_lr()[0]})
+        acc = pairwise_accuracy(model, tokenizer, val, max_tokens) if val else float("nan")
+        result.history.append({"epoch": epoch, "step": step, "val_accuracy": acc})
+    model.eval()
+    result.best_epoch = epochs
+    result.best_metric = result.history[-1]["val_accuracy"] if result.history else float("nan")
+    result.extra["val_accuracy"] = result.best_metric
+    result.extra["train_accuracy"] = pairwise_accuracy(model, tokenizer, train, max_tokens) if train else float("nan")
+    bias = demonstration_bias(model, tokenizer, demonstrations, max_tokens) if demonstrations else 0.0
+    setattr(model.config, SCORE_BIAS_KEY, bias)
+    result.extra["score_bias"] = bias
+    return result
+
+
+@torch.no_grad()
+def demonstration_bias(model, tokenizer, demos: Sequence[tuple[str, str]], max_tokens: int, batch_size: int = 16) -> float:
+    """-mean raw score of the demonstrations: added to every score, demonstrations average 0."""
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores = []
+    for batch in _batches(list(demos), batch_size, None):
+        scores.append(score_sequences(model, [encode_pair(tokenizer, p, c, max_tokens) for p, c in batch], pad))
+    return -float(torch.cat(scores).mean()) if scores else 0.0

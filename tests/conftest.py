@@ -14,7 +14,7 @@ import grpc
 import pytest
 import yaml
 
-from alignd.launcher import _die_with_parent  # children go when pytest goes, even killed
+from alignd.launcher import child_env  # children go when pytest goes, even killed
 from alignd.runtime.client import make_channel, wait_for_serving
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,7 +64,7 @@ def start_role(role: str, cfg: dict, workdir: Path) -> RoleServer:
         proc = subprocess.Popen(
             [sys.executable, "-m", "alignd.cli", "serve", role, "--config", str(cfg_path),
              "--run-dir", str(workdir), "--endpoint-file", str(endpoint)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env(),
         )
     try:
         # The child writes the endpoint file right after binding; wait for the

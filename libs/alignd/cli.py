@@ -145,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from alignd.launcher import die_with_parent
     from alignd.runtime.malloc import tune_malloc
 
+    die_with_parent()  # a child of `alignd up` or of a test: go when the parent goes
     tune_malloc()  # large weight/batch buffers: see runtime/malloc.py
     args = build_parser().parse_args(argv)
     try:

@@ -35,15 +35,37 @@ WAVES: list[list[str]] = [["policy", "reward", "reference"], ["learner"], ["coor
 LOG_TAIL_LINES = 40
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the launcher dies, even by SIGKILL (Linux prctl)."""
+PARENT_ENV = "ALIGND_PARENT_PID"
+
+
+def child_env(base: dict | None = None) -> dict:
+    """Environment for a child that must not outlive this process (see die_with_parent).
+
+    Not a preexec_fn: running Python between fork and exec in a process whose
+    gRPC threads are live aborts the child (seen: epoll_wait on a closed fd,
+    SIGABRT); the child arms the guard itself at start-up instead.
+    """
+    env = dict(os.environ if base is None else base)
+    env[PARENT_ENV] = str(os.getpid())
+    return env
+
+
+def die_with_parent() -> None:
+    """Called first thing in `alignd` processes started by a launcher: SIGTERM when
+    the launcher dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG); exits at
+    once if the launcher is already gone."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return
     try:
         import ctypes
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:  # not Linux/glibc: the launcher's own stop() is the only guard
-        pass
+        return
+    if os.getppid() != int(parent):  # the launcher died before the guard was armed
+        os._exit(1)
 
 
 class ChildDied(RuntimeError):
@@ -113,11 +135,11 @@ class LocalStack:
             self.python, "-m", "alignd.cli", "serve", role,
             "--config", str(cfg_path), "--run-dir", str(self.run_dir), "--endpoint-file", str(endpoint),
         ]
-        env = dict(os.environ)
+        env = child_env()
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
         )
         log.close()
         child = Child(role, proc, log_path, endpoint)

@@ -215,3 +215,84 @@ def test_ppo_ptx_and_filesystem_weight_sync(ptx_learner, rollouts, fresh_policy)
     after = policy_info.GetInfo(model_pb2.GetInfoRequest(), timeout=10).info.weight_version
     assert after == 1
     assert '"event": "weights_loaded"' in fresh_policy.log()
+
+
+def _write_jsonl(path, rows):
+    import json as _json
+
+    path.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_train_sft_job_learns_demonstrations_and_replays(stub, tiny_models, tmp_path):
+    demos = [{"prompt": "Q: capital of France? A:", "completion": " Paris"},
+             {"prompt": "Q: two plus two? A:", "completion": " four"},
+             {"prompt": "Q: colour of the sky? A:", "completion": " blue"}]
+    req = learner_pb2.TrainSFTRequest(
+        job_id="sft-1", init_model_dir=str(tiny_models["lm"]), demonstrations_path=_write_jsonl(tmp_path / "d.jsonl", demos * 4),
+        validation_path=_write_jsonl(tmp_path / "v.jsonl", demos),
+        config_yaml="epochs: 10\nlr: 3.0e-3\nbatch_size: 4\nmax_tokens: 64\n", output_dir=str(tmp_path / "sft"),
+    )
+    resp = stub.TrainSFT(req, timeout=600)
+    assert not resp.replayed and len(resp.history) == 10 and resp.train_examples == 12 and resp.validation_examples == 3
+    assert resp.best_val_loss == pytest.approx(min(h.val_loss for h in resp.history))
+    assert resp.history[-1].train_loss < resp.history[0].train_loss / 2
+    model = AutoModelForCausalLM.from_pretrained(resp.model_dir).eval()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resp.model_dir)
+    for d in demos:
+        ids = tok(d["prompt"], add_special_tokens=False)["input_ids"]
+        out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert tok.decode(out[0, len(ids):]).startswith(d["completion"])
+    again = stub.TrainSFT(req, timeout=60)
+    assert again.replayed and list(again.history) == list(resp.history)
+
+
+def test_train_jobs_reject_malformed_data_with_file_and_line(stub, tiny_models, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
+    assert_invalid(lambda: stub.TrainSFT(learner_pb2.TrainSFTRequest(
+        job_id="bad", demonstrations_path=str(bad), output_dir=str(tmp_path / "o")), timeout=60), "demonstrations_path", f"{bad}:2")
+    rk = tmp_path / "rank.jsonl"
+    rk.write_text('{"prompt": "p", "completions": ["x", "y", "z"], "ranking": [0, 0, 1]}\n')
+    assert_invalid(lambda: stub.TrainRewardModel(learner_pb2.TrainRewardModelRequest(
+        job_id="bad", init_model_dir=str(tiny_models["lm"]), comparisons_path=str(rk), output_dir=str(tmp_path / "o")), timeout=60),
+        "comparisons_path", f"{rk}:1", "permutation")
+    assert_invalid(lambda: stub.TrainSFT(learner_pb2.TrainSFTRequest(
+        job_id="x", demonstrations_path=str(tmp_path / "missing.jsonl"), output_dir=str(tmp_path / "o")), timeout=60),
+        "demonstrations_path", "missing.jsonl")
+
+
+def test_train_reward_model_job_learns_rankings(stub, tiny_models, tmp_path):
+    import random
+
+    rng = random.Random(0)
+    words = ["good", "fine", "bad", "poor", "nice", "awful"]
+
+    def comps(n, seed):
+        rng.seed(seed)
+        out = []
+        for i in range(n):
+            k = rng.randint(2, 5)
+            cs = [" ".join(rng.choice(words) for _ in range(4)) + f" {j}" for j in range(k)]
+            g = [c.count("good") + c.count("nice") - c.count("bad") - c.count("awful") + 0.01 * j for j, c in enumerate(cs)]
+            out.append({"prompt": f"Say something {i}:", "completions": cs, "ranking": sorted(range(k), key=lambda j: -g[j])})
+        return out
+
+    req = learner_pb2.TrainRewardModelRequest(
+        job_id="rm-1", init_model_dir=str(tiny_models["lm"]),  # a causal LM: its backbone gets a new scalar head
+        comparisons_path=_write_jsonl(tmp_path / "c.jsonl", comps(80, 0)),
+        validation_path=_write_jsonl(tmp_path / "cv.jsonl", comps(30, 1)),
+        demonstrations_path=_write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Say:", "completion": " good nice"}]),
+        config_yaml="epochs: 3\nlr: 2.0e-3\nmax_tokens: 32\n", output_dir=str(tmp_path / "rm"),
+    )
+    resp = stub.TrainRewardModel(req, timeout=600)
+    assert resp.val_accuracy > 0.8 and resp.val_accuracy > resp.val_accuracy_before + 0.2
+    assert resp.train_comparisons == 80 and resp.validation_comparisons == 30 and len(resp.history) == 3
+    from alignd.config import ModelConfig
+    from alignd.models.handle import load_scalar_head_model
+
+    rm = load_scalar_head_model(ModelConfig(path=resp.model_dir), allow_new_head=False)  # the head was trained and saved
+    assert rm.config.alignd_score_bias == pytest.approx(resp.score_bias)
+    assert stub.TrainRewardModel(req, timeout=60).replayed

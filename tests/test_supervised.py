@@ -68,7 +68,7 @@ def test_sft_learns_demonstrations_and_selects_by_validation_loss(lm, tok):
     assert after < before / 3
     for p, c in demos:  # greedy decoding reproduces the demonstrations
         ids = tok(p, add_special_tokens=False)["input_ids"]
-        out = lm.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        out = lm.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
         assert tok.decode(out[0, len(ids):]).startswith(c)
     assert all(m.p == 0.0 for m in lm.modules() if isinstance(m, torch.nn.Dropout))  # dropout off after SFT
 

@@ -171,6 +171,33 @@ class OptimizerConfig(Strict):
     warmup_start_factor: float = Field(0.1, gt=0, le=1, description="LR at step 0 as a fraction of peak (the paper: a tenth).")
 
 
+class SFTConfig(Strict):
+    """Supervised fine-tuning (InstructGPT appendix C.1: cosine LR to 10%, residual dropout 0.2)."""
+
+    epochs: int = Field(2, ge=1, description="Passes over the demonstrations (the paper: 16).")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(8, ge=1, description="Demonstrations per optimizer step.")
+    max_tokens: int = Field(512, ge=4, description="Prompt + completion tokens per example (prompt cut from the left).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps before the cosine decay.")
+    residual_dropout: float = Field(0.2, ge=0, lt=1, description="Dropout during SFT (models without dropout modules ignore it).")
+    select: Literal["val_loss", "last"] = Field("val_loss", description="Which epoch's weights are kept.")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out share (split by prompt) when no validation file is given.")
+    seed: int = Field(0, description="Shuffling and split seed.")
+
+
+class RMTrainConfig(Strict):
+    """Reward-model training (InstructGPT appendix C.2: one epoch, cosine LR to 10%)."""
+
+    epochs: int = Field(1, ge=1, description="Passes over the comparisons (the paper: 1; more overfits).")
+    lr: float = Field(9e-6, gt=0, description="Peak learning rate (the paper's 6B RM: 9e-6).")
+    batch_size: int = Field(8, ge=1, description="Prompts per step, each with all C(K,2) pairs of its ranking.")
+    max_tokens: int = Field(512, ge=4, description="Prompt + completion tokens per sequence (prompt cut from the left).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps before the cosine decay.")
+    max_k: int = Field(9, ge=2, description="Largest K accepted per ranking.")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out share (split by prompt) when no validation file is given.")
+    seed: int = Field(0, description="Shuffling and split seed.")
+
+
 class EngineConfig(Strict):
     """How the learner runs its optimizer: plain torch (CPU default) or DeepSpeed ZeRO."""
 
@@ -429,4 +456,6 @@ def reference_markdown() -> str:
     section("Local stack (StackConfig)", StackConfig, "")
     seen.add(StackConfig)
     section("PPO job (PPOJobConfig): `alignd ppo --config FILE`", PPOJobConfig, "")
+    section("SFT job (SFTConfig): LearnerService.TrainSFT `config_yaml`", SFTConfig, "")
+    section("Reward-model job (RMTrainConfig): LearnerService.TrainRewardModel `config_yaml`", RMTrainConfig, "")
     return "\n".join(out).rstrip() + "\n"

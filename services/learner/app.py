@@ -25,8 +25,11 @@ class LearnerApp(ModelRoleApp):
 
     def register_role(self, host: ServiceHost) -> None:
         self.metrics = LearnerMetrics(host.registry)
+        from alignd.services.learner.jobs import Jobs
+
         learner_pb2_grpc.add_LearnerServiceServicer_to_server(
-            LearnerServicer(self.loaded, self.metrics, lambda v: self.model_servicer.metrics.version.set(v)), host.server
+            LearnerServicer(self.loaded, self.metrics, lambda v: self.model_servicer.metrics.version.set(v), Jobs(self.cfg)),
+            host.server,
         )
 
     def load(self) -> None:

@@ -75,10 +75,19 @@ def parse_batch(request: learner_pb2.TrainStepRequest, vocab_size: int, max_cont
 
 
 class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
-    def __init__(self, loaded, metrics: LearnerMetrics, on_version) -> None:
+    def __init__(self, loaded, metrics: LearnerMetrics, on_version, jobs) -> None:
         self.loaded = loaded  # Loaded[Learner]
         self.metrics = metrics
         self.on_version = on_version  # keeps ModelService's version gauge in step
+        self.jobs = jobs  # services/learner/jobs.Jobs: SFT and RM training
+
+    def TrainSFT(self, request, context):
+        self.loaded.get()
+        return self.jobs.sft(request)
+
+    def TrainRewardModel(self, request, context):
+        self.loaded.get()
+        return self.jobs.reward_model(request)
 
     def TrainStep(self, request, context):
         learner = self.loaded.get()

@@ -112,3 +112,95 @@ class PushWeightsResponse(_message.Message):
     bytes_per_replica: int
     duration_seconds: float
     def __init__(self, version: _Optional[int] = ..., bytes_per_replica: _Optional[int] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
+
+class TrainSFTRequest(_message.Message):
+    __slots__ = ("job_id", "init_model_dir", "demonstrations_path", "validation_path", "config_yaml", "output_dir")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    INIT_MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
+    DEMONSTRATIONS_PATH_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_PATH_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DIR_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    init_model_dir: str
+    demonstrations_path: str
+    validation_path: str
+    config_yaml: str
+    output_dir: str
+    def __init__(self, job_id: _Optional[str] = ..., init_model_dir: _Optional[str] = ..., demonstrations_path: _Optional[str] = ..., validation_path: _Optional[str] = ..., config_yaml: _Optional[str] = ..., output_dir: _Optional[str] = ...) -> None: ...
+
+class EpochStats(_message.Message):
+    __slots__ = ("epoch", "step", "train_loss", "val_loss", "val_accuracy")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    VAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    VAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    step: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    def __init__(self, epoch: _Optional[int] = ..., step: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., val_accuracy: _Optional[float] = ...) -> None: ...
+
+class TrainSFTResponse(_message.Message):
+    __slots__ = ("model_dir", "best_epoch", "best_val_loss", "history", "train_examples", "validation_examples", "replayed", "duration_seconds")
+    MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
+    BEST_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    BEST_VAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model_dir: str
+    best_epoch: int
+    best_val_loss: float
+    history: _containers.RepeatedCompositeFieldContainer[EpochStats]
+    train_examples: int
+    validation_examples: int
+    replayed: bool
+    duration_seconds: float
+    def __init__(self, model_dir: _Optional[str] = ..., best_epoch: _Optional[int] = ..., best_val_loss: _Optional[float] = ..., history: _Optional[_Iterable[_Union[EpochStats, _Mapping]]] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ..., replayed: _Optional[bool] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
+
+class TrainRewardModelRequest(_message.Message):
+    __slots__ = ("job_id", "init_model_dir", "comparisons_path", "validation_path", "demonstrations_path", "config_yaml", "output_dir")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    INIT_MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
+    COMPARISONS_PATH_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_PATH_FIELD_NUMBER: _ClassVar[int]
+    DEMONSTRATIONS_PATH_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DIR_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    init_model_dir: str
+    comparisons_path: str
+    validation_path: str
+    demonstrations_path: str
+    config_yaml: str
+    output_dir: str
+    def __init__(self, job_id: _Optional[str] = ..., init_model_dir: _Optional[str] = ..., comparisons_path: _Optional[str] = ..., validation_path: _Optional[str] = ..., demonstrations_path: _Optional[str] = ..., config_yaml: _Optional[str] = ..., output_dir: _Optional[str] = ...) -> None: ...
+
+class TrainRewardModelResponse(_message.Message):
+    __slots__ = ("model_dir", "val_accuracy_before", "val_accuracy", "train_accuracy", "score_bias", "history", "train_comparisons", "validation_comparisons", "replayed", "duration_seconds")
+    MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
+    VAL_ACCURACY_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    VAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    SCORE_BIAS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_COMPARISONS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_COMPARISONS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model_dir: str
+    val_accuracy_before: float
+    val_accuracy: float
+    train_accuracy: float
+    score_bias: float
+    history: _containers.RepeatedCompositeFieldContainer[EpochStats]
+    train_comparisons: int
+    validation_comparisons: int
+    replayed: bool
+    duration_seconds: float
+    def __init__(self, model_dir: _Optional[str] = ..., val_accuracy_before: _Optional[float] = ..., val_accuracy: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., score_bias: _Optional[float] = ..., history: _Optional[_Iterable[_Union[EpochStats, _Mapping]]] = ..., train_comparisons: _Optional[int] = ..., validation_comparisons: _Optional[int] = ..., replayed: _Optional[bool] = ..., duration_seconds: _Optional[float] = ...) -> None: ...

@@ -50,6 +50,16 @@ class LearnerServiceStub:
                 request_serializer=alignd_dot_v1_dot_learner__pb2.PushWeightsRequest.SerializeToString,
                 response_deserializer=alignd_dot_v1_dot_learner__pb2.PushWeightsResponse.FromString,
                 _registered_method=True)
+        self.TrainSFT = channel.unary_unary(
+                '/alignd.v1.LearnerService/TrainSFT',
+                request_serializer=alignd_dot_v1_dot_learner__pb2.TrainSFTRequest.SerializeToString,
+                response_deserializer=alignd_dot_v1_dot_learner__pb2.TrainSFTResponse.FromString,
+                _registered_method=True)
+        self.TrainRewardModel = channel.unary_unary(
+                '/alignd.v1.LearnerService/TrainRewardModel',
+                request_serializer=alignd_dot_v1_dot_learner__pb2.TrainRewardModelRequest.SerializeToString,
+                response_deserializer=alignd_dot_v1_dot_learner__pb2.TrainRewardModelResponse.FromString,
+                _registered_method=True)
 
 
 class LearnerServiceServicer:
@@ -82,6 +92,27 @@ class LearnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TrainSFT(self, request, context):
+        """Supervised fine-tuning on demonstrations: trains a copy of a model and
+        saves the selected checkpoint as a save_pretrained directory. Idempotent
+        per job_id: a finished job returns its stored result (replayed).
+        Errors: INVALID_ARGUMENT (unreadable or malformed data, named with file
+        and line; bad configuration), FAILED_PRECONDITION (the learner is busy
+        with another job).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrainRewardModel(self, request, context):
+        """Reward-model training on K-wise rankings (all C(K,2) pairs of a prompt as
+        one batch element); saves the model with its demonstration bias.
+        Idempotent per job_id. Errors as TrainSFT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearnerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +130,16 @@ def add_LearnerServiceServicer_to_server(servicer, server):
                     servicer.PushWeights,
                     request_deserializer=alignd_dot_v1_dot_learner__pb2.PushWeightsRequest.FromString,
                     response_serializer=alignd_dot_v1_dot_learner__pb2.PushWeightsResponse.SerializeToString,
+            ),
+            'TrainSFT': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainSFT,
+                    request_deserializer=alignd_dot_v1_dot_learner__pb2.TrainSFTRequest.FromString,
+                    response_serializer=alignd_dot_v1_dot_learner__pb2.TrainSFTResponse.SerializeToString,
+            ),
+            'TrainRewardModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainRewardModel,
+                    request_deserializer=alignd_dot_v1_dot_learner__pb2.TrainRewardModelRequest.FromString,
+                    response_serializer=alignd_dot_v1_dot_learner__pb2.TrainRewardModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,6 +224,60 @@ class LearnerService:
             '/alignd.v1.LearnerService/PushWeights',
             alignd_dot_v1_dot_learner__pb2.PushWeightsRequest.SerializeToString,
             alignd_dot_v1_dot_learner__pb2.PushWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainSFT(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/alignd.v1.LearnerService/TrainSFT',
+            alignd_dot_v1_dot_learner__pb2.TrainSFTRequest.SerializeToString,
+            alignd_dot_v1_dot_learner__pb2.TrainSFTResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainRewardModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/alignd.v1.LearnerService/TrainRewardModel',
+            alignd_dot_v1_dot_learner__pb2.TrainRewardModelRequest.SerializeToString,
+            alignd_dot_v1_dot_learner__pb2.TrainRewardModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

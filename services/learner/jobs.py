@@ -1,0 +1,193 @@
+"""SFT and reward-model training jobs of the learner (LearnerService.TrainSFT / TrainRewardModel).
+
+A job reads its data with `alignd.data` (malformed lines are INVALID_ARGUMENT
+naming file and line), trains a copy of a model with
+`services/learner/supervised.py`, and saves the result as a save_pretrained
+directory: written under a temporary name with the job's result file
+(`alignd_job.json`) inside, fsync'ed, then renamed into place, so a
+directory that exists is complete. A repeated call with the same job id
+returns the stored result (replayed) without training; one job runs at a
+time.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from alignd import data
+from alignd.config import ConfigError, LearnerConfig, ModelConfig, RMTrainConfig, SFTConfig, build_config
+from alignd.models.handle import load_causal_lm, load_scalar_head_model, load_tokenizer
+from alignd.runtime.errors import FailedPrecondition, InvalidArgument
+from alignd.runtime.logging import get_logger
+from alignd.services.learner import supervised
+from alignd.services.learner.checkpoint import fsync_tree
+from alignd.v1 import learner_pb2
+
+_log = get_logger("alignd.learner.jobs")
+JOB_FILE = "alignd_job.json"
+
+
+def _config(model, text: str, field: str = "config_yaml"):
+    try:
+        raw = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as err:
+        raise InvalidArgument(field, f"not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise InvalidArgument(field, "must be a YAML mapping")
+    try:
+        return build_config(model, raw)
+    except ConfigError as err:
+        raise InvalidArgument(field, str(err)) from None
+
+
+def _load(fn, path: str, field: str, **kw):
+    if not path:
+        raise InvalidArgument(field, "must not be empty")
+    try:
+        records, report = fn(path, **kw)
+    except data.DataError as err:
+        raise InvalidArgument(field, str(err)) from None
+    return records, report
+
+
+def _stored(output_dir: str, job_id: str, response_type):
+    f = Path(output_dir) / JOB_FILE
+    if not f.exists():
+        return None
+    stored = json.loads(f.read_text())
+    if stored.get("job_id") != job_id:
+        return None
+    resp = response_type.FromString(base64.b64decode(stored["response"]))
+    resp.replayed = True
+    return resp
+
+
+def _publish(tmp: Path, output_dir: str, job_id: str, resp) -> None:
+    (tmp / JOB_FILE).write_text(json.dumps({"job_id": job_id, "response": base64.b64encode(resp.SerializeToString()).decode()}))
+    fsync_tree(tmp)
+    final = Path(output_dir)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _tmp_dir(output_dir: str) -> Path:
+    if not output_dir:
+        raise InvalidArgument("output_dir", "must not be empty")
+    final = Path(output_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _split(records, validation, fraction: float, seed: int, what: str):
+    if validation:
+        return records, validation
+    if fraction <= 0:
+        return records, []
+    train, val = data.split_train_eval(records, fraction, seed)
+    if not train:
+        raise InvalidArgument(what, "too few examples to hold some out; lower validation_fraction or pass a validation file")
+    return train, val
+
+
+class Jobs:
+    def __init__(self, cfg: LearnerConfig) -> None:
+        self.cfg = cfg
+        self._busy = threading.Lock()
+
+    def _claim(self):
+        if not self._busy.acquire(blocking=False):
+            raise FailedPrecondition("the learner is running another training job")
+
+    def sft(self, req: learner_pb2.TrainSFTRequest) -> learner_pb2.TrainSFTResponse:
+        if not req.job_id:
+            raise InvalidArgument("job_id", "must not be empty")
+        done = _stored(req.output_dir, req.job_id, learner_pb2.TrainSFTResponse)
+        if done is not None:
+            return done
+        cfg: SFTConfig = _config(SFTConfig, req.config_yaml)
+        demos, report = _load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path")
+        val = _load(data.load_demonstrations, req.validation_path, "validation_path")[0] if req.validation_path else []
+        train, val = _split(demos, val, cfg.validation_fraction, cfg.seed, "demonstrations_path")
+        tmp = _tmp_dir(req.output_dir)
+        self._claim()
+        try:
+            t0 = time.perf_counter()
+            mcfg = ModelConfig(path=req.init_model_dir or self.cfg.model.path)
+            model, tok = load_causal_lm(mcfg), load_tokenizer(mcfg)
+            _log.info("sft_started", job_id=req.job_id, train=len(train), validation=len(val), epochs=cfg.epochs)
+            res = supervised.train_sft(
+                model, tok, [(d.prompt, d.completion) for d in train], [(d.prompt, d.completion) for d in val],
+                epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens,
+                residual_dropout=cfg.residual_dropout, select=cfg.select if val else "last",
+                warmup_steps=cfg.warmup_steps, betas=tuple(self.cfg.optimizer.betas), seed=cfg.seed,
+            )
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            resp = learner_pb2.TrainSFTResponse(
+                model_dir=str(Path(req.output_dir).resolve()), best_epoch=res.best_epoch,
+                best_val_loss=min((r["val_loss"] for r in res.history), default=float("nan")) if val else float("nan"),
+                history=[learner_pb2.EpochStats(epoch=r["epoch"], step=r["step"], train_loss=r["train_loss"], val_loss=r["val_loss"])
+                         for r in res.history],
+                train_examples=len(train), validation_examples=len(val), duration_seconds=time.perf_counter() - t0,
+            )
+            _publish(tmp, req.output_dir, req.job_id, resp)
+            _log.info("sft_finished", job_id=req.job_id, best_epoch=res.best_epoch, seconds=round(resp.duration_seconds, 2))
+            return resp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._busy.release()
+
+    def reward_model(self, req: learner_pb2.TrainRewardModelRequest) -> learner_pb2.TrainRewardModelResponse:
+        if not req.job_id:
+            raise InvalidArgument("job_id", "must not be empty")
+        if not req.init_model_dir:
+            raise InvalidArgument("init_model_dir", "must not be empty (the SFT model, or a reward model to continue)")
+        done = _stored(req.output_dir, req.job_id, learner_pb2.TrainRewardModelResponse)
+        if done is not None:
+            return done
+        cfg: RMTrainConfig = _config(RMTrainConfig, req.config_yaml)
+        comps, _ = _load(data.load_comparisons, req.comparisons_path, "comparisons_path", max_k=cfg.max_k)
+        val = _load(data.load_comparisons, req.validation_path, "validation_path", max_k=cfg.max_k)[0] if req.validation_path else []
+        demos = _load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path")[0] if req.demonstrations_path else []
+        train, val = _split(comps, val, cfg.validation_fraction, cfg.seed, "comparisons_path")
+        tmp = _tmp_dir(req.output_dir)
+        self._claim()
+        try:
+            t0 = time.perf_counter()
+            mcfg = ModelConfig(path=req.init_model_dir)
+            model, tok = load_scalar_head_model(mcfg, allow_new_head=True), load_tokenizer(mcfg)
+            if tok.pad_token_id is not None:
+                model.config.pad_token_id = tok.pad_token_id
+            triple = lambda c: (c.prompt, list(c.completions), list(c.ranking))  # noqa: E731
+            _log.info("rm_started", job_id=req.job_id, train=len(train), validation=len(val))
+            res = supervised.train_rm(
+                model, tok, [triple(c) for c in train], [triple(c) for c in val], lr=cfg.lr, batch_size=cfg.batch_size,
+                max_tokens=cfg.max_tokens, epochs=cfg.epochs, warmup_steps=cfg.warmup_steps,
+                betas=tuple(self.cfg.optimizer.betas), seed=cfg.seed, demonstrations=[(d.prompt, d.completion) for d in demos],
+            )
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            resp = learner_pb2.TrainRewardModelResponse(
+                model_dir=str(Path(req.output_dir).resolve()), val_accuracy_before=res.extra["val_accuracy_before"],
+                val_accuracy=res.extra["val_accuracy"], train_accuracy=res.extra["train_accuracy"],
+                score_bias=res.extra["score_bias"],
+                history=[learner_pb2.EpochStats(epoch=r["epoch"], step=r["step"], val_accuracy=r["val_accuracy"]) for r in res.history],
+                train_comparisons=len(train), validation_comparisons=len(val), duration_seconds=time.perf_counter() - t0,
+            )
+            _publish(tmp, req.output_dir, req.job_id, resp)
+            _log.info("rm_finished", job_id=req.job_id, val_accuracy=round(resp.val_accuracy, 4), seconds=round(resp.duration_seconds, 2))
+            return resp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._busy.release()

@@ -54,6 +54,17 @@ def run_demo(run_dir: Path, config: str | None = None, overrides: list[str] | No
     return 0
 
 
+def mean_logratios(reference, samples) -> list[float]:
+    """Per sample, the mean over its tokens of log pi(token) - log pi_ref(token): a k1 KL estimate."""
+    ref = reference.LogProbs(
+        reference_pb2.LogProbsRequest(
+            items=[reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids) for s in samples]
+        ),
+        timeout=TIMEOUT_S,
+    )
+    return [sum(a - b for a, b in zip(s.logprobs, r.logprobs)) / len(s.logprobs) for s, r in zip(samples, ref.results)]
+
+
 def infos_path(channel) -> str:
     info = model_pb2_grpc.ModelServiceStub(channel).GetInfo(model_pb2.GetInfoRequest(), timeout=TIMEOUT_S).info
     return info.model_path
@@ -85,17 +96,8 @@ def _exercise(svc: dict) -> dict:
     )
     print(f"reward     Score:    {', '.join(f'{x:+.3f}' for x in scored.scores)}")
     reference = reference_pb2_grpc.ReferenceServiceStub(ch["reference"])
-    ref = reference.LogProbs(
-        reference_pb2.LogProbsRequest(
-            items=[
-                reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids)
-                for s in gen.samples
-            ]
-        ),
-        timeout=TIMEOUT_S,
-    )
     # The reference model starts as the policy: KL(policy || reference) per token is ~0.
-    kl = [sum(a - b for a, b in zip(s.logprobs, r.logprobs)) / len(s.logprobs) for s, r in zip(gen.samples, ref.results)]
+    kl = mean_logratios(reference, gen.samples)
     print(f"reference  LogProbs: mean per-token log-ratio policy/reference {sum(kl) / len(kl):+.2e}")
     infos = {}
     for role in ("policy", "reward", "reference", "learner"):
@@ -126,16 +128,7 @@ def _exercise(svc: dict) -> dict:
         ),
         timeout=TIMEOUT_S,
     )
-    ref2 = reference.LogProbs(
-        reference_pb2.LogProbsRequest(
-            items=[
-                reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids)
-                for s in gen2.samples
-            ]
-        ),
-        timeout=TIMEOUT_S,
-    )
-    kl2 = [sum(a - b for a, b in zip(s.logprobs, r.logprobs)) / len(s.logprobs) for s, r in zip(gen2.samples, ref2.results)]
+    kl2 = mean_logratios(reference, gen2.samples)
     print(
         f"policy     Generate at version {gen2.samples[0].weight_version}: mean per-token log-ratio "
         f"policy/reference {sum(kl2) / len(kl2):+.3f} (a KL estimate; > 0 once the policy moved)"

@@ -52,6 +52,18 @@ def set_dropout(model: nn.Module, p: float) -> None:
             m.p = p
 
 
+def _update(model, opt, sched, loss: torch.Tensor, max_grad_norm: float) -> bool:
+    """One optimizer step on `loss`; a non-finite gradient norm skips the update (the LR schedule still advances)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    applied = bool(torch.isfinite(norm))
+    if applied:
+        opt.step()
+    sched.step()
+    return applied
+
+
 def _batches(items: Sequence, size: int, rng: random.Random | None) -> list[list]:
     order = list(range(len(items)))
     if rng is not None:
@@ -160,12 +172,7 @@ def train_sft(
         run_loss, run_n = 0.0, 0
         for batch in _batches(enc_train, batch_size, rng):
             loss, k = sft_loss(model, batch, pad)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            if torch.isfinite(norm):
-                opt.step()
-            sched.step()
+            _update(model, opt, sched, loss, max_grad_norm)
             step += 1
             run_loss += float(loss) * k
             run_n += k
@@ -257,12 +264,7 @@ def train_rm(
         for batch in _batches(list(train), batch_size, rng):
             rewards = comparison_rewards(model, tokenizer, batch, max_tokens)
             loss = rlmath.rm_loss(rewards, [r for _p, _c, r in batch])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            if torch.isfinite(norm):
-                opt.step()
-            sched.step()
+            _update(model, opt, sched, loss, max_grad_norm)
             step += 1
             if on_step:
                 on_step({"stage": "rm", "step": step, "total_steps": total, "loss": float(loss), "lr": sched.get_last_lr()[0]})

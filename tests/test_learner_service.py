@@ -296,3 +296,24 @@ def test_train_reward_model_job_learns_rankings(stub, tiny_models, tmp_path):
     rm = load_scalar_head_model(ModelConfig(path=resp.model_dir), allow_new_head=False)  # the head was trained and saved
     assert rm.config.alignd_score_bias == pytest.approx(resp.score_bias)
     assert stub.TrainRewardModel(req, timeout=60).replayed
+
+
+def test_reset_policy_starts_ppo_afresh_from_given_weights(stub, learner_server, tiny_models, rollouts):
+    v = learner_version(learner_server)
+    req = learner_pb2.ResetPolicyRequest(
+        policy_dir=str(tiny_models["lm_other"]), value_model_dir=str(tiny_models["reward_other"]), version=v + 10
+    )
+    resp = stub.ResetPolicy(req, timeout=120)
+    assert resp.version == v + 10 and not resp.replayed
+    assert stub.ResetPolicy(req, timeout=60).replayed  # idempotent before any step
+    assert learner_version(learner_server) == v + 10
+    ckpt = stub.SaveCheckpoint(learner_pb2.SaveCheckpointRequest(tag="after-reset"), timeout=120)
+    assert ckpt.step == 0
+    saved = AutoModelForCausalLM.from_pretrained(f"{ckpt.path}/policy").state_dict()
+    other = AutoModelForCausalLM.from_pretrained(tiny_models["lm_other"]).state_dict()
+    assert all(torch.equal(saved[k], other[k]) for k in other)
+    step = stub.TrainStep(learner_pb2.TrainStepRequest(step=1, experiences=experiences(rollouts)), timeout=120)
+    assert step.policy_version == v + 11 and not step.replayed
+    with pytest.raises(grpc.RpcError) as err:  # a stale version after steps
+        stub.ResetPolicy(req, timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

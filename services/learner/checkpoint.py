@@ -88,3 +88,10 @@ def load(path: Path) -> tuple[dict, dict]:
     module_state = torch.load(path / "module.pt", map_location="cpu", weights_only=False)
     trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     return module_state, trainer_state
+
+
+def remove_others(root: Path, keep: str) -> None:
+    """Deletes every checkpoint but `keep` (called once `latest` points at it)."""
+    for d in root.iterdir():
+        if d.is_dir() and d.name.startswith("step-") and d.name != keep:
+            shutil.rmtree(d, ignore_errors=True)

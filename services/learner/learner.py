@@ -26,7 +26,7 @@ from alignd.config import LearnerConfig
 from alignd.models.handle import ModelHandle, load_causal_lm, load_scalar_head_model, load_tokenizer
 from alignd.models.weights import push_weights
 from alignd.runtime.client import make_channel
-from alignd.runtime.errors import FailedPrecondition
+from alignd.runtime.errors import FailedPrecondition, InvalidArgument
 from alignd.runtime.logging import get_logger
 from alignd.services.learner import checkpoint
 from alignd.services.learner.engine import TorchEngine
@@ -72,6 +72,7 @@ class Learner:
         self.handle = ModelHandle("learner", cfg.model, policy, self.tokenizer)
         self.ema = [p.detach().clone() for p in policy.parameters()] if cfg.ema_decay else None
         self.step = 0
+        self.base_version = 0  # policy version = base_version + step (ResetPolicy moves the base)
         self.results: dict[int, bytes] = {}
         self.lock = threading.Lock()
         root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else (Path(run_dir or ".") / "learner" / "checkpoints")
@@ -93,6 +94,7 @@ class Learner:
             "ema": self.ema,
             "step": self.step,
             "version": self.version,
+            "base_version": self.base_version,
             "results": self.results,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
@@ -104,6 +106,7 @@ class Learner:
         self.trainer.load_state_dict(state["trainer"])
         self.ema = state["ema"]
         self.step = state["step"]
+        self.base_version = state.get("base_version", 0)
         self.handle.version = state["version"]
         self.results = state["results"]
         torch.set_rng_state(state["rng"]["torch"])
@@ -137,7 +140,7 @@ class Learner:
             if self.ema is not None:
                 rlmath.ema_update(self.ema, list(self.module.policy.parameters()), self.cfg.ema_decay)
             self.step = step
-            self.handle.version = step
+            self.handle.version = self.base_version + step
             resp = learner_pb2.TrainStepResponse(
                 step=step, policy_version=self.version, stats=to_pb(stats), skipped=stats.updates_applied == 0
             )
@@ -147,6 +150,43 @@ class Learner:
             if self.cfg.checkpoint_every_steps and step % self.cfg.checkpoint_every_steps == 0:
                 self.save_checkpoint()
             return resp
+
+    def reset(self, policy_dir: str, value_model_dir: str, version: int) -> bool:
+        """Starts PPO afresh from these weights at `version`; False when already done (replay)."""
+        from alignd.models.handle import read_weights_dir
+
+        with self.lock:
+            if self.base_version == version and self.step == 0:
+                return False
+            if version <= self.version:
+                raise FailedPrecondition(f"version {version} is not above the current policy version {self.version}")
+            policy_weights = read_weights_dir(policy_dir)
+            value_weights = read_weights_dir(value_model_dir) if value_model_dir else None
+            if value_weights is not None and self.module.value_model is None:
+                raise FailedPrecondition("value_model_dir given, but the value function is a head on the policy")
+            handle = self.handle
+            handle.apply_weights(policy_weights, version, partial=False)
+            if value_weights is not None:
+                vstate = self.module.value_model.state_dict()
+                unknown = [k for k in value_weights if k not in vstate]
+                if unknown:
+                    raise InvalidArgument("value_model_dir", f"tensors unknown to the value model: {unknown[:3]}")
+                with torch.no_grad():
+                    for k, t in value_weights.items():
+                        vstate[k].copy_(t.to(vstate[k].dtype))
+            elif self.module.value_head is not None:
+                torch.nn.init.zeros_(self.module.value_head.weight)
+                torch.nn.init.zeros_(self.module.value_head.bias)
+            self.engine = build_engine(self.cfg, self.module)
+            self.trainer = PPOTrainer(self.module, self.engine, self.cfg.ppo, self.cfg.seed, ptx_batches=self.trainer.ptx_batches)
+            self.ema = [p.detach().clone() for p in self.module.policy.parameters()] if self.cfg.ema_decay else None
+            self.step = 0
+            self.base_version = version
+            self.results = {}
+            kept = self.save_checkpoint(tag="reset")
+            checkpoint.remove_others(self.checkpoint_root, kept.name)  # they belong to the previous PPO run
+            _log.info("policy_reset", policy_dir=policy_dir, value_model_dir=value_model_dir, version=version)
+            return True
 
     # -- weight sync -------------------------------------------------------
     def _publish_dir(self, version: int) -> Path:

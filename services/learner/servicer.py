@@ -81,6 +81,15 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         self.on_version = on_version  # keeps ModelService's version gauge in step
         self.jobs = jobs  # services/learner/jobs.Jobs: SFT and RM training
 
+    def ResetPolicy(self, request, context):
+        learner = self.loaded.get()
+        if not request.policy_dir:
+            raise InvalidArgument("policy_dir", "must not be empty")
+        done = learner.reset(request.policy_dir, request.value_model_dir, request.version)
+        self.metrics.policy_version.set(learner.version)
+        self.on_version(learner.version)
+        return learner_pb2.ResetPolicyResponse(version=learner.version, replayed=not done)
+
     def TrainSFT(self, request, context):
         self.loaded.get()
         return self.jobs.sft(request)

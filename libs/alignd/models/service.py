@@ -8,6 +8,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from alignd.models.handle import ModelHandle, read_weights_dir
+from alignd.models.scoring import SCORE_BIAS_KEY
 from alignd.models.weights import receive_stream
 from alignd.runtime.errors import Aborted, FailedPrecondition, InvalidArgument
 from alignd.runtime.logging import get_logger
@@ -15,6 +16,19 @@ from alignd.runtime.server import ServiceHost
 from alignd.v1 import model_pb2, model_pb2_grpc
 
 _log = get_logger("alignd.model_service")
+
+
+def _score_bias_of(path: str) -> float:
+    import json
+    from pathlib import Path
+
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        return 0.0
+    try:
+        return float(json.loads(cfg.read_text()).get(SCORE_BIAS_KEY, 0.0) or 0.0)
+    except (ValueError, TypeError):
+        raise InvalidArgument("path", f"{cfg}: unreadable config.json") from None
 
 
 class WeightMetrics:
@@ -118,9 +132,13 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         def run():
             handle.check_version(request.version)
             tensors = read_weights_dir(request.path)
+            bias = _score_bias_of(request.path)
             self.host.set_serving(False)
             try:
-                return handle.apply_weights(tensors, request.version, partial=False)
+                n = handle.apply_weights(tensors, request.version, partial=False)
+                # A reward model's normalisation bias travels in its config.json.
+                setattr(handle.model.config, SCORE_BIAS_KEY, bias)
+                return n
             finally:
                 self.host.set_serving(True)
 

@@ -204,3 +204,21 @@ class TrainRewardModelResponse(_message.Message):
     replayed: bool
     duration_seconds: float
     def __init__(self, model_dir: _Optional[str] = ..., val_accuracy_before: _Optional[float] = ..., val_accuracy: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., score_bias: _Optional[float] = ..., history: _Optional[_Iterable[_Union[EpochStats, _Mapping]]] = ..., train_comparisons: _Optional[int] = ..., validation_comparisons: _Optional[int] = ..., replayed: _Optional[bool] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
+
+class ResetPolicyRequest(_message.Message):
+    __slots__ = ("policy_dir", "value_model_dir", "version")
+    POLICY_DIR_FIELD_NUMBER: _ClassVar[int]
+    VALUE_MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    policy_dir: str
+    value_model_dir: str
+    version: int
+    def __init__(self, policy_dir: _Optional[str] = ..., value_model_dir: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ResetPolicyResponse(_message.Message):
+    __slots__ = ("version", "replayed")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    replayed: bool
+    def __init__(self, version: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...

@@ -50,6 +50,11 @@ class LearnerServiceStub:
                 request_serializer=alignd_dot_v1_dot_learner__pb2.PushWeightsRequest.SerializeToString,
                 response_deserializer=alignd_dot_v1_dot_learner__pb2.PushWeightsResponse.FromString,
                 _registered_method=True)
+        self.ResetPolicy = channel.unary_unary(
+                '/alignd.v1.LearnerService/ResetPolicy',
+                request_serializer=alignd_dot_v1_dot_learner__pb2.ResetPolicyRequest.SerializeToString,
+                response_deserializer=alignd_dot_v1_dot_learner__pb2.ResetPolicyResponse.FromString,
+                _registered_method=True)
         self.TrainSFT = channel.unary_unary(
                 '/alignd.v1.LearnerService/TrainSFT',
                 request_serializer=alignd_dot_v1_dot_learner__pb2.TrainSFTRequest.SerializeToString,
@@ -87,6 +92,17 @@ class LearnerServiceServicer:
 
     def PushWeights(self, request, context):
         """Pushes the current policy weights to policy replicas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetPolicy(self, request, context):
+        """Starts PPO afresh from the given weights (the SFT policy; the value
+        model from the reward model, as in InstructGPT): loads them, resets the
+        optimizer, KL controller, EMA and step counter, and sets the policy
+        version to `version` (above every version the replicas have served).
+        Idempotent: a repeat with the same version before any step is a no-op.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +146,11 @@ def add_LearnerServiceServicer_to_server(servicer, server):
                     servicer.PushWeights,
                     request_deserializer=alignd_dot_v1_dot_learner__pb2.PushWeightsRequest.FromString,
                     response_serializer=alignd_dot_v1_dot_learner__pb2.PushWeightsResponse.SerializeToString,
+            ),
+            'ResetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPolicy,
+                    request_deserializer=alignd_dot_v1_dot_learner__pb2.ResetPolicyRequest.FromString,
+                    response_serializer=alignd_dot_v1_dot_learner__pb2.ResetPolicyResponse.SerializeToString,
             ),
             'TrainSFT': grpc.unary_unary_rpc_method_handler(
                     servicer.TrainSFT,
@@ -224,6 +245,33 @@ class LearnerService:
             '/alignd.v1.LearnerService/PushWeights',
             alignd_dot_v1_dot_learner__pb2.PushWeightsRequest.SerializeToString,
             alignd_dot_v1_dot_learner__pb2.PushWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/alignd.v1.LearnerService/ResetPolicy',
+            alignd_dot_v1_dot_learner__pb2.ResetPolicyRequest.SerializeToString,
+            alignd_dot_v1_dot_learner__pb2.ResetPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,7 +8,7 @@ import pytest
 
 import yaml
 
-from alignd.config import PPOJobConfig, StackConfig, load_config, reference_markdown
+from alignd.config import PipelineJobConfig, PPOJobConfig, StackConfig, load_config, reference_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,7 +20,8 @@ def test_configuration_reference_is_current():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
-    is_job = "run" in yaml.safe_load(path.read_text())
-    cfg = load_config(PPOJobConfig if is_job else StackConfig, path)
-    stack = cfg.stack if is_job else cfg
+    data = yaml.safe_load(path.read_text())
+    model = PipelineJobConfig if "pipeline" in data else PPOJobConfig if "run" in data else StackConfig
+    cfg = load_config(model, path)
+    stack = cfg if model is StackConfig else cfg.stack
     assert stack.policy.model.path and not stack.policy.model.path.startswith("~")

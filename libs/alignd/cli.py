@@ -4,6 +4,7 @@
   alignd serve ROLE --config FILE [--set k=v ...] [--run-dir DIR]      one role (what a container runs)
   alignd demo  [--run-dir DIR]                                         the local stack, one call per role
   alignd ppo   --config JOB.yaml [--set k=v ...] [--run-dir DIR]        a PPO run on the local stack
+  alignd run   --config JOB.yaml [--set k=v ...] [--run-dir DIR]        the whole pipeline on the local stack
   alignd tiny-model DIR [--kind causal_lm|reward] [--arch gpt2|llama]  save a tiny random model
 
 Every command that runs something keeps its logs and outputs in --run-dir
@@ -96,6 +97,14 @@ def cmd_ppo(args) -> int:
     return run_ppo(args.config, args.set, run_dir)
 
 
+def cmd_run(args) -> int:
+    from alignd.ppo_cli import run_ppo
+
+    run_dir = resolve_run_dir(args.run_dir, "run")
+    log_to_run_dir(run_dir)
+    return run_ppo(args.config, args.set, run_dir, pipeline=True)
+
+
 def cmd_tiny_model(args) -> int:
     from alignd.models.tiny import build_tiny_model
 
@@ -134,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ppo", help="run PPO on the local stack (a job file: stack + run)")
     common(p, config_required=True)
     p.set_defaults(func=cmd_ppo)
+
+    p = sub.add_parser("run", help="the whole pipeline (SFT, RM, PPO, evaluation, report) on the local stack")
+    common(p, config_required=True)
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("tiny-model", help="save a tiny random model (tests, demos)")
     p.add_argument("dir")

@@ -286,6 +286,55 @@ class PPORunConfig(Strict):
     seed: int = Field(0, description="Seed of prompt order and sampling.")
 
 
+class JudgeConfig(Strict):
+    """A text judge: a function of (prompt, completion) -> score (alignd.judges or "package.module:function")."""
+
+    name: str = Field(description='A function of alignd.judges (e.g. "char_fraction") or "package.module:function".')
+    args: dict[str, Any] = Field({}, description="Keyword arguments passed to the judge.")
+
+
+class LabelingConfig(Strict):
+    """How comparisons are collected for reward-model training."""
+
+    prompts_per_round: int = Field(32, ge=2, description="Prompts sampled per labeling round.")
+    k: int = Field(4, ge=2, le=9, description="Completions per prompt to rank (the paper: 4..9).")
+    target_agreement: float = Field(
+        0.73, gt=0.5, lt=1, description="Pairwise agreement of two simulated labelers (the paper's labelers: ~73%)."
+    )
+
+
+class EvaluationConfig(Strict):
+    """Held-out evaluation of the final policy against the SFT policy."""
+
+    prompts: PromptsConfig = Field(description="Held-out prompts.")
+    max_prompts: int = Field(64, ge=1, description="At most this many held-out prompts.")
+    samples_per_prompt: int = Field(1, ge=1, description="Responses per prompt and policy.")
+    sampling: SamplingConfig = Field(SamplingConfig(), description="Sampling of the evaluation responses.")
+
+
+class PipelineConfig(Strict):
+    """The whole InstructGPT pipeline, as sent to CoordinatorService.StartRun (`kind: pipeline`)."""
+
+    kind: Literal["pipeline"] = Field("pipeline", description="Marks a pipeline run (PPO-only runs have no kind).")
+    demonstrations: str = Field(description='JSONL of {"prompt", "completion"} for SFT (read by the learner).')
+    sft: SFTConfig = Field(SFTConfig(), description="Supervised fine-tuning.")
+    gold: JudgeConfig = Field(description="The gold scorer: simulated labelers rank by it; the main evaluation judge.")
+    second_judge: JudgeConfig = Field(description="An independent judge for the evaluation.")
+    labeling: LabelingConfig = Field(LabelingConfig(), description="Comparison collection.")
+    rm: RMTrainConfig = Field(RMTrainConfig(), description="Reward-model training.")
+    value_from_rm: bool = Field(
+        True, description="Initialise the learner's value model from the reward model (the paper); false with a value head on the policy."
+    )
+    ppo: PPORunConfig = Field(description="The PPO stage (prompts, steps, sampling).")
+    evaluation: EvaluationConfig = Field(description="Held-out evaluation.")
+    seed: int = Field(0, description="Seed of prompt selection, labelers and evaluation sampling.")
+
+    @field_validator("demonstrations")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return os.path.expanduser(os.path.expandvars(v))
+
+
 ROLE_CONFIGS: dict[str, type[RoleConfig]] = {
     "policy": PolicyConfig,
     "reward": RewardConfig,
@@ -312,6 +361,13 @@ class StackConfig(Strict):
     coordinator: CoordinatorConfig = Field(
         CoordinatorConfig(), description="The coordinator role; its addresses are filled in by the launcher."
     )
+
+
+class PipelineJobConfig(Strict):
+    """`alignd run --config FILE`: a local stack plus one pipeline run on it."""
+
+    stack: StackConfig = Field(description="The local stack (see StackConfig).")
+    pipeline: PipelineConfig = Field(description="The pipeline.")
 
 
 class PPOJobConfig(Strict):
@@ -456,6 +512,9 @@ def reference_markdown() -> str:
     section("Local stack (StackConfig)", StackConfig, "")
     seen.add(StackConfig)
     section("PPO job (PPOJobConfig): `alignd ppo --config FILE`", PPOJobConfig, "")
+    seen.update({PPORunConfig, SFTConfig, RMTrainConfig})
+    section("Pipeline job (PipelineJobConfig): `alignd run --config FILE`", PipelineJobConfig, "")
+    seen.difference_update({SFTConfig, RMTrainConfig})
     section("SFT job (SFTConfig): LearnerService.TrainSFT `config_yaml`", SFTConfig, "")
     section("Reward-model job (RMTrainConfig): LearnerService.TrainRewardModel `config_yaml`", RMTrainConfig, "")
     return "\n".join(out).rstrip() + "\n"

@@ -35,20 +35,37 @@ def load_job(config: str, overrides: list[str] | None) -> PPOJobConfig:
     return job
 
 
+def load_pipeline_job(config: str, overrides: list[str] | None):
+    from alignd.config import PipelineJobConfig
+
+    job = load_config(PipelineJobConfig, config, overrides)
+    base = Path(config).resolve().parent
+    pl = job.pipeline
+
+    def resolve(p: str) -> str:
+        return p if Path(p).is_absolute() else str((base / p).resolve())
+
+    pl.demonstrations = resolve(pl.demonstrations)
+    pl.ppo.prompts.path = resolve(pl.ppo.prompts.path)
+    pl.evaluation.prompts.path = resolve(pl.evaluation.prompts.path)
+    return job
+
+
 def progress_line(run: coordinator_pb2.Run, started: float) -> str:
     m = run.latest_metrics
     width = 30
     done = int(width * run.step / max(1, run.total_steps))
     bar = "#" * done + "." * (width - done)
     return (
-        f"\rppo [{bar}] step {run.step}/{run.total_steps}  reward {m.get('mean_score', float('nan')):+.4f}  "
+        f"\r{run.stage:8s} [{bar}] step {run.step}/{run.total_steps}  reward {m.get('mean_score', float('nan')):+.4f}  "
         f"kl {m.get('reference_kl', float('nan')):.4f}  tok/s {m.get('tokens_per_second', 0.0):.0f}  "
         f"{time.monotonic() - started:.0f}s"
     )
 
 
-def run_ppo(config: str, overrides: list[str] | None, run_dir: Path) -> int:
-    job = load_job(config, overrides)
+def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline: bool = False) -> int:
+    job = load_pipeline_job(config, overrides) if pipeline else load_job(config, overrides)
+    run_yaml = dump_yaml(job.pipeline) if pipeline else dump_yaml(job.run)
     started = time.monotonic()
     try:
         stack = LocalStack(job.stack, run_dir).__enter__()
@@ -61,7 +78,7 @@ def run_ppo(config: str, overrides: list[str] | None, run_dir: Path) -> int:
         with make_channel(addr) as ch:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
             run = stub.StartRun(
-                coordinator_pb2.StartRunRequest(run_id="ppo", config_yaml=dump_yaml(job.run), run_dir=str(run_dir)),
+                coordinator_pb2.StartRunRequest(run_id="pipeline" if pipeline else "ppo", config_yaml=run_yaml, run_dir=str(run_dir)),
                 timeout=120,
             ).run
             t0 = time.monotonic()
@@ -85,6 +102,12 @@ def run_ppo(config: str, overrides: list[str] | None, run_dir: Path) -> int:
             f"{state}: {len(rows)} steps in {time.monotonic() - t0:.0f}s; mean reward {first['mean_score']:+.4f} -> "
             f"{last['mean_score']:+.4f}; KL to reference {last['reference_kl']:.4f}; metrics: {run_dir / 'metrics.jsonl'}"
         )
+    report = run_dir / "report.json"
+    if pipeline and report.exists():
+        r = json.loads(report.read_text())
+        for judge, w in r["win_rates"].items():
+            print(f"win rate vs SFT ({judge}): {w['rate']:.3f} [{w['lower']:.3f}, {w['upper']:.3f}]")
+        print(f"report: {run_dir / 'report.md'}")
     if state != "succeeded":
         print(f"run {state}: {run.error}", file=sys.stderr)
         return 1

@@ -18,12 +18,13 @@ import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from alignd import __version__
-from alignd.config import ConfigError, CoordinatorConfig, PPORunConfig, build_config
+from alignd.config import ConfigError, CoordinatorConfig, PipelineConfig
 from alignd.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from alignd.runtime.logging import get_logger
 from alignd.runtime.role import RoleApp
 from alignd.runtime.server import ServiceHost
 from alignd.services.coordinator.loop import PHASES, Roles, RunLoop
+from alignd.services.coordinator.pipeline import PipelineLoop, parse_run_config
 from alignd.services.coordinator.prompts import DataError
 from alignd.services.coordinator.runs import ACTIVE, RunRecord
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -54,6 +55,13 @@ class CoordinatorMetrics:
         )
 
 
+def make_loop(rec: RunRecord, run_cfg, roles: Roles, metrics) -> RunLoop:
+    """A PipelineLoop for `kind: pipeline` runs, a plain PPO RunLoop otherwise."""
+    if isinstance(run_cfg, PipelineConfig):
+        return PipelineLoop(rec, run_cfg, roles, metrics)
+    return RunLoop(rec, run_cfg, roles, metrics)
+
+
 class Coordinator:
     def __init__(self, cfg: CoordinatorConfig, runs_dir: Path, metrics: CoordinatorMetrics) -> None:
         self.cfg = cfg
@@ -74,13 +82,10 @@ class Coordinator:
         self._load_records()
         for rec in self.records.values():
             if rec.state in ACTIVE:
-                _log.info("run_resuming", run_id=rec.run_id, step=rec.step)
-                self._start(rec, build_config(PPORunConfig, yaml.safe_load(rec.config_yaml)))
-
-    def _start(self, rec: RunRecord, run_cfg: PPORunConfig) -> None:
-        loop = RunLoop(rec, run_cfg, Roles(self.cfg), self.metrics)
-        self.loops[rec.run_id] = loop
-        loop.start()
+                _log.info("run_resuming", run_id=rec.run_id, step=rec.step, stage=rec.stage)
+                loop = make_loop(rec, parse_run_config(yaml.safe_load(rec.config_yaml)), Roles(self.cfg), self.metrics)
+                self.loops[rec.run_id] = loop
+                loop.start()
 
     def active(self) -> RunRecord | None:
         for rec in self.records.values():
@@ -96,9 +101,10 @@ class Coordinator:
         if not isinstance(data, dict):
             raise InvalidArgument("config_yaml", "must be a YAML mapping of the run configuration")
         try:
-            run_cfg = build_config(PPORunConfig, data)
+            run_cfg = parse_run_config(data)
         except ConfigError as err:
             raise InvalidArgument("config_yaml", str(err)) from None
+        total_steps = run_cfg.ppo.steps if isinstance(run_cfg, PipelineConfig) else run_cfg.steps
         if run_id and not RUN_ID.match(run_id):
             raise InvalidArgument("run_id", f"{run_id!r}: use 1-63 of a-z 0-9 _ . - starting with a letter or digit")
         with self.lock:
@@ -112,16 +118,17 @@ class Coordinator:
                 raise AlreadyExists(f"{path} already holds a run")
             path.mkdir(parents=True, exist_ok=True)
             (path / "config.yaml").write_text(config_yaml)
-            rec = RunRecord(run_id=run_id, run_dir=str(path), config_yaml=config_yaml, total_steps=run_cfg.steps)
+            rec = RunRecord(run_id=run_id, run_dir=str(path), config_yaml=config_yaml, total_steps=total_steps,
+                            stage="sft" if isinstance(run_cfg, PipelineConfig) else "ppo")
             try:
-                loop = RunLoop(rec, run_cfg, Roles(self.cfg), self.metrics)
-            except DataError as err:
+                loop = make_loop(rec, run_cfg, Roles(self.cfg), self.metrics)
+            except (DataError, ValueError) as err:
                 raise InvalidArgument("config_yaml", str(err)) from None
             rec.save()
             self.records[run_id] = rec
             self.loops[run_id] = loop
             loop.start()
-            _log.info("run_accepted", run_id=run_id, run_dir=str(path), steps=run_cfg.steps)
+            _log.info("run_accepted", run_id=run_id, run_dir=str(path), steps=total_steps, kind=rec.stage)
             return rec
 
     def get(self, run_id: str) -> RunRecord:

@@ -36,6 +36,7 @@ class RunRecord:
     created_unix_seconds: float = field(default_factory=time.time)
     error: str = ""
     latest_metrics: dict = field(default_factory=dict)
+    artifacts: dict = field(default_factory=dict)  # pipeline: stages done, model dirs, versions, stage results
 
     @property
     def path(self) -> Path:

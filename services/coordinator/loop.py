@@ -28,7 +28,8 @@ from alignd.config import CoordinatorConfig, PPORunConfig
 from alignd.runtime.client import make_channel, wait_for_serving
 from alignd.runtime.errors import FailedPrecondition
 from alignd.runtime.logging import get_logger
-from alignd.services.coordinator.prompts import PromptSampler, SamplerState, load_prompts
+from alignd.data import load_prompts
+from alignd.services.coordinator.prompts import PromptSampler, SamplerState
 from alignd.services.coordinator.runs import MetricsLog, RunRecord
 from alignd.v1 import (
     learner_pb2,
@@ -111,7 +112,7 @@ class RunLoop(threading.Thread):
         self.metrics = metrics
         self.stop_requested = threading.Event()
         self.log = MetricsLog(record.path / "metrics.jsonl")
-        self.prompts = load_prompts(run_cfg.prompts)
+        self.prompts, _report = load_prompts(run_cfg.prompts.path, field=run_cfg.prompts.field)
         self.sampler = PromptSampler(
             len(self.prompts), run_cfg.seed, SamplerState(record.sampler_epoch, record.sampler_position)
         )

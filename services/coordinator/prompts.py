@@ -1,43 +1,10 @@
-"""Prompt sets and the resumable prompt sampler (no torch)."""
+"""The resumable prompt sampler (no torch). Prompt files are read by alignd.data.load_prompts."""
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
-from alignd.config import PromptsConfig
-
-
-class DataError(ValueError):
-    """A data file is unreadable or malformed; the message names file and line."""
-
-
-def load_prompts(cfg: PromptsConfig) -> list[str]:
-    path = Path(cfg.path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read prompts: {err}") from None
-    prompts: list[str] = []
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            value = obj.get(cfg.field) if isinstance(obj, dict) else None
-            if not isinstance(value, str) or not value:
-                raise DataError(f"{path}:{n}: missing or empty string field {cfg.field!r}")
-            prompts.append(value)
-    else:
-        prompts = [line for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise DataError(f"{path}: no prompts")
-    return prompts
 
 
 @dataclass

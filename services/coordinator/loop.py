@@ -137,28 +137,34 @@ class RunLoop(threading.Thread):
 
     # -- the loop ----------------------------------------------------------
     def run(self) -> None:
+        """Runs the body, then records how the run ended (shared by PipelineLoop)."""
         rec = self.record
         try:
             rec.state = "running"
             rec.save()
             self.log.truncate_after(rec.step)
-            same_tokenizer = self._check_tokenizers()
-            _log.info("run_started", run_id=rec.run_id, step=rec.step, total_steps=rec.total_steps)
-            while rec.step < rec.total_steps:
-                if self.stop_requested.is_set():
-                    rec.state = "stopped"
-                    break
-                self._iteration(rec.step + 1, same_tokenizer)
-            else:
-                rec.state = "succeeded"
+            self._body()
         except Exception as exc:  # noqa: BLE001 - the run fails with a message; the coordinator keeps serving
             rec.state = "failed"
-            rec.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, grpc.RpcError) else f"{exc.code().name}: {exc.details()}"
-            _log.error("run_failed", run_id=rec.run_id, error=rec.error, exc_info=exc)
+            detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else f"{type(exc).__name__}: {exc}"
+            rec.error = f"{rec.stage}: {detail}"
+            _log.error("run_failed", run_id=rec.run_id, stage=rec.stage, error=rec.error, exc_info=exc)
         rec.save()
         self.metrics.runs.labels(rec.state).inc()
         _log.info("run_ended", run_id=rec.run_id, state=rec.state, step=rec.step)
         self._pool.shutdown(wait=False)
+
+    def _body(self) -> None:
+        """The PPO iterations; sets the final state (succeeded or stopped)."""
+        rec = self.record
+        same_tokenizer = self._check_tokenizers()
+        _log.info("run_started", run_id=rec.run_id, step=rec.step, total_steps=rec.total_steps)
+        while rec.step < rec.total_steps:
+            if self.stop_requested.is_set():
+                rec.state = "stopped"
+                return
+            self._iteration(rec.step + 1, same_tokenizer)
+        rec.state = "succeeded"
 
     def _generate(self, step: int, prompt_idx: list[int], return_text: bool) -> list[tuple[str, policy_pb2.Sample]]:
         s = self.cfg.sampling

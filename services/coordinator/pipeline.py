@@ -85,37 +85,26 @@ class PipelineLoop(RunLoop):
         self.record.save()
 
     # -- the run -----------------------------------------------------------
-    def run(self) -> None:
+    def _body(self) -> None:
+        """Each stage not yet done, in order (RunLoop.run records how the run ended)."""
         rec = self.record
-        try:
-            rec.state = "running"
+        for stage in STAGES:
+            if stage in self.art.get("done", []):
+                continue
+            if self.stop_requested.is_set():
+                rec.state = "stopped"
+                return
+            rec.stage = stage
             rec.save()
-            self.log.truncate_after(rec.step)
-            for stage in STAGES:
-                if stage in self.art.get("done", []):
-                    continue
-                if self.stop_requested.is_set():
-                    rec.state = "stopped"
-                    break
-                rec.stage = stage
-                rec.save()
-                t0 = time.perf_counter()
-                _log.info("stage_started", run_id=rec.run_id, stage=stage)
-                getattr(self, f"_stage_{stage}")()
-                self.art.setdefault("wall_seconds", {})[stage] = self.art.get("wall_seconds", {}).get(stage, 0.0) + (
-                    time.perf_counter() - t0
-                )
-                self._done(stage)
-                _log.info("stage_finished", run_id=rec.run_id, stage=stage, seconds=round(time.perf_counter() - t0, 2))
-            else:
-                rec.state = "succeeded"
-        except Exception as exc:  # noqa: BLE001
-            rec.state = "failed"
-            rec.error = f"{rec.stage}: {type(exc).__name__}: {getattr(exc, 'details', lambda: str(exc))()}"
-            _log.error("run_failed", run_id=rec.run_id, stage=rec.stage, error=rec.error, exc_info=exc)
-        rec.save()
-        self.metrics.runs.labels(rec.state).inc()
-        self._pool.shutdown(wait=False)
+            t0 = time.perf_counter()
+            _log.info("stage_started", run_id=rec.run_id, stage=stage)
+            getattr(self, f"_stage_{stage}")()
+            seconds = time.perf_counter() - t0
+            walls = self.art.setdefault("wall_seconds", {})
+            walls[stage] = walls.get(stage, 0.0) + seconds
+            self._done(stage)
+            _log.info("stage_finished", run_id=rec.run_id, stage=stage, seconds=round(seconds, 2))
+        rec.state = "succeeded"
 
     # -- stages ------------------------------------------------------------
     def _stage_sft(self) -> None:

@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make run    set up (once) and run the main job on the embedded local stack
+#   make run    set up (once) and run the main job (the pipeline, tiny preset) on the local stack
 #   make test   set up (once) and run the whole test suite
 # Setup creates .venv with the pinned CPU stack (torch 2.13.0 first, so pip
 # never pulls a CUDA build) and installs alignd in editable mode with its
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: setup
-	HF_HUB_OFFLINE=1 $(BIN)/alignd ppo --config configs/tiny.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/alignd run --preset tiny
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

@@ -363,3 +363,18 @@ def test_module_stays_light():
     code = "import sys, alignd.evaluation; print(sorted(m for m in ('torch', 'grpc', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_markdown_plots_section():
+    report = build_report_json(
+        win_rates={"gold": win_rate([1.0, 1.0, 0.0], [0.5, 0.5, 0.5])},
+        figures={"reward curve": "plots/reward_kl.png"},
+    )
+    samples = [{"prompt": "p", "sft": "a", "final": "b"}]
+    md = render_markdown(report, samples, plots=["plots/reward_kl.png", "plots/win_rates.png", "plots/my_extra.png"])
+    assert "## Plots" in md and md.index("## Figures") < md.index("## Plots") < md.index("## Samples")
+    assert "![win rates](plots/win_rates.png)" in md and "![my extra](plots/my_extra.png)" in md
+    assert md.count("(plots/reward_kl.png)") == 1  # already among the figures
+    assert render_markdown(report, samples) == render_markdown(report, samples, plots=None)
+    with pytest.raises(ValueError, match="relative"):
+        render_markdown(report, plots=["/abs/reward_kl.png"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -23,6 +24,8 @@ from alignd.v1 import (
     reference_pb2_grpc,
 )
 from conftest import assert_invalid, start_role, stop_role
+
+HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "configs" / "tiny_heldout_text.txt"
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +171,66 @@ def test_push_weights_syncs_policy(stub, learner_server, policy_server):
     # A second push is a no-op: the replica is already at this version.
     again = stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address]), timeout=60)
     assert again.bytes_per_replica == 0
+
+
+def naive_text_loss(model_dir, tokenizer_dir, text_path, max_tokens, max_blocks) -> tuple[float, int]:
+    """Mean NLL per predicted token, one forward per predicted token on its prefix (the blocks rebuilt here)."""
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    stream = []
+    for line in Path(text_path).read_text().splitlines():
+        if line.strip():
+            stream += tok(line, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    blocks = [stream[i : i + max_tokens] for i in range(0, len(stream) - max_tokens + 1, max_tokens)][:max_blocks]
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for block in blocks:
+            for t in range(1, max_tokens):
+                logits = model(torch.tensor([block[:t]])).logits[0, -1].double()
+                nll -= float(torch.log_softmax(logits, -1)[block[t]])
+                n += 1
+    return nll / n, n
+
+
+def test_evaluate_text_loss_matches_naive_reference_and_tracks_training(stub, learner_server, tiny_models, rollouts):
+    req = learner_pb2.EvaluateTextLossRequest(text_path=str(HELDOUT_TEXT), max_tokens=32, max_blocks=3)
+    v = learner_version(learner_server)
+    before = stub.EvaluateTextLoss(req, timeout=120)
+    assert before.policy_version == v and before.tokens == 3 * 31
+    # The learner's current policy, as a save_pretrained directory (nothing trains in between).
+    ckpt = stub.SaveCheckpoint(learner_pb2.SaveCheckpointRequest(tag="text-loss"), timeout=120)
+    expected, n = naive_text_loss(f"{ckpt.path}/policy", tiny_models["lm"], HELDOUT_TEXT, 32, 3)
+    assert n == before.tokens
+    assert abs(before.loss - expected) < 1e-4, (before.loss, expected)
+    assert 3.0 < before.loss < 10.0  # a random LM over 512 tokens: about log(512) ~ 6.2
+    # Defaults: blocks of 128, every block; evaluating changes nothing.
+    everything = stub.EvaluateTextLoss(learner_pb2.EvaluateTextLossRequest(text_path=str(HELDOUT_TEXT)), timeout=120)
+    assert everything.tokens > 0 and everything.tokens % 127 == 0 and everything.policy_version == v
+    assert stub.EvaluateTextLoss(req, timeout=120).loss == before.loss
+    # The RPC evaluates the current policy: a PPO step moves it.
+    step = stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 1, experiences=experiences(rollouts)), timeout=120)
+    assert step.stats.updates_applied == 1
+    after = stub.EvaluateTextLoss(req, timeout=120)
+    assert after.policy_version == v + 1 and after.tokens == before.tokens
+    assert abs(after.loss - before.loss) > 1e-6, (after.loss, before.loss)
+    assert '"event": "text_loss_evaluated"' in learner_server.log()
+
+
+def test_evaluate_text_loss_rejects_bad_requests(stub, tmp_path):
+    missing = tmp_path / "missing.txt"
+    assert_invalid(lambda: stub.EvaluateTextLoss(learner_pb2.EvaluateTextLossRequest(text_path=str(missing)), timeout=30),
+                   "text_path", "missing.txt", "cannot read")
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.\n")
+    assert_invalid(lambda: stub.EvaluateTextLoss(learner_pb2.EvaluateTextLossRequest(text_path=str(short)), timeout=30),
+                   "text_path", "fewer than one block")
+    assert_invalid(lambda: stub.EvaluateTextLoss(learner_pb2.EvaluateTextLossRequest(), timeout=30), "text_path", "empty")
+    assert_invalid(lambda: stub.EvaluateTextLoss(
+        learner_pb2.EvaluateTextLossRequest(text_path=str(HELDOUT_TEXT), max_tokens=1), timeout=30), "max_tokens")
+    assert_invalid(lambda: stub.EvaluateTextLoss(
+        learner_pb2.EvaluateTextLossRequest(text_path=str(HELDOUT_TEXT), max_tokens=10**6), timeout=30), "max_tokens")
 
 
 @pytest.fixture(scope="module")

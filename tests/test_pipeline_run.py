@@ -17,39 +17,80 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_alignd_run_tiny_pipeline_end_to_end(tmp_path):
+def _run(*args, env=None, timeout=900):
+    return subprocess.run([sys.executable, "-m", "alignd.cli", "run", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+
+
+def test_alignd_run_tiny_preset_meets_the_bar(tmp_path):
+    """The tiny preset, as the README runs it: PPO beats SFT on the gold judge (95% lower bound above 50%) and
+    the reward model's held-out accuracy is above 60% in every round."""
     run_dir = tmp_path / "run"
     env = dict(os.environ, ALIGND_CACHE=str(tmp_path / "cache"))
-    out = subprocess.run(
-        [sys.executable, "-m", "alignd.cli", "run", "--config", str(ROOT / "configs" / "tiny_pipeline.yaml"),
-         "--run-dir", str(run_dir), "--set", "pipeline.ppo.steps=4"],
-        capture_output=True, text=True, timeout=900, env=env,
-    )
+    out = _run("--preset", "tiny", "--run-dir", str(run_dir), env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     state = json.loads((run_dir / "state.json").read_text())
-    assert state["state"] == "succeeded" and state["step"] == 4
+    assert state["state"] == "succeeded" and state["step"] == 40
     art = state["artifacts"]
     assert art["done"] == ["sft", "rm", "ppo", "evaluate", "report"]
-    # SFT: the policy and the reference now serve the SFT model (version 1), RM round 0 trained from it.
     assert (Path(art["sft_dir"]) / "config.json").exists() and (Path(art["rm_dir"]) / "config.json").exists()
-    # Labels: two simulated labelers ranked every task; their agreement is near the calibrated 73%.
-    tasks = (run_dir / "rm-round-0" / "tasks.jsonl").read_text().splitlines()
-    labels = (run_dir / "rm-round-0" / "labels.jsonl").read_text().splitlines()
-    assert len(labels) == 2 * len(tasks) > 0
-    comps, _ = load_comparisons(run_dir / "rm-round-0" / "comparisons.jsonl")
-    assert len(comps) == len(tasks) and all(2 <= c.k <= 4 for c in comps)
+
+    # Labeling round 0 (SFT samples) and one retraining round at step 20 (samples of the step-20 policy).
+    rounds = art["rm_rounds"]
+    assert [r["round"] for r in rounds] == [0, 1] and [r["step"] for r in rounds] == [0, 20]
+    assert rounds[1]["reward_version"] == rounds[0]["reward_version"] + 1  # the reward service reloaded, version bumped
+    for r in (0, 1):
+        tasks = (run_dir / f"rm-round-{r}" / "tasks.jsonl").read_text().splitlines()
+        labels = (run_dir / f"rm-round-{r}" / "labels.jsonl").read_text().splitlines()
+        assert len(labels) == 2 * len(tasks) > 0  # two simulated labelers ranked every task
+    # The round-1 RM trains on the comparisons of both rounds.
+    comps0, _ = load_comparisons(run_dir / "rm-round-0" / "comparisons.jsonl")
+    comps_all, _ = load_comparisons(run_dir / "rm-round-1" / "comparisons_all.jsonl")
+    assert len(comps_all) == rounds[1]["comparisons"] > len(comps0) == rounds[0]["comparisons"]
+    assert all(2 <= c.k <= 6 for c in comps_all)
     assert 0.6 <= art["labeler_agreement"]["agreement"] <= 0.86
-    # PPO ran on the SFT policy: versions continue from the SFT version.
+
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert [r["policy_version"] for r in rows] == [art["sft_version"] + i for i in range(1, 5)]
-    # The report: both judges' win rates with intervals, RM accuracy, agreement.
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert [r["policy_version"] for r in rows] == [art["sft_version"] + i for i in range(1, 41)]
+
+    # The bar: gold win rate's lower bound above 50%, RM accuracy above 60% in every round.
     report = json.loads((run_dir / "report.json").read_text())
-    for judge in ("gold", "second"):
-        w = report["win_rates"][judge]
-        assert 0 <= w["lower"] <= w["rate"] <= w["upper"] <= 1 and w["n"] == 16
-    assert 0 <= report["rm_accuracy_per_round"][0]["accuracy"] <= 1
-    assert set(report["wall_seconds_per_stage"]) == {"sft", "rm", "ppo", "evaluate"}  # report: written during its own stage
+    gold = report["win_rates"]["gold"]
+    assert gold["n"] == 128 and gold["lower"] > 0.5, gold
+    for r in report["rm_accuracy_per_round"]:
+        assert r["accuracy"] > 0.6, report["rm_accuracy_per_round"]
+    w = report["win_rates"]["second"]
+    assert 0 <= w["lower"] <= w["rate"] <= w["upper"] <= 1
+    # Alignment tax measured on the held-out text (PPO without ptx in this preset).
+    tax = report["alignment_tax"]["without_ptx"]
+    assert tax["absolute"] == pytest.approx(tax["after"] - tax["before"]) and tax["before"] > 0
+    assert report["alignment_tax"]["with_ptx"] is None
+    assert set(report["wall_seconds_per_stage"]) == {"sft", "rm", "ppo", "evaluate"}
     md = (run_dir / "report.md").read_text()
-    assert "Win rate vs SFT (gold)" in md
-    assert "win rate vs SFT (gold):" in out.stdout
+    assert "Win rate vs SFT (gold)" in md and "![" in md
+    for png in ("reward_kl", "win_rates", "rm_accuracy", "phase_seconds"):
+        assert (run_dir / "plots" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plots/{png}.png" in md
+    assert "win rate vs SFT (gold):" in out.stdout and "RM held-out accuracy: round 0" in out.stdout
+
+    # The same command again resumes the run from its directory: it is finished, so nothing runs again.
+    again = _run("--preset", "tiny", "--run-dir", str(run_dir), env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "state.json").read_text())["artifacts"]["rm_rounds"] == rounds
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 40
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"prompt": "p"}', "completion"),
+    ('{"prompt": "p", "completion": ""}', "empty"),
+    ("not json", "JSON"),
+])
+def test_bad_demonstrations_refuse_the_run_with_file_and_line(tmp_path, line, problem):
+    good = (ROOT / "configs" / "tiny_demos.jsonl").read_text().splitlines()
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("\n".join(good[:3] + [line] + good[3:]) + "\n")
+    out = _run("--preset", "tiny", "--run-dir", str(tmp_path / "run"), "--set", f"pipeline.demonstrations={demos}", timeout=120)
+    assert out.returncode == 2
+    assert f"{demos}:4:" in out.stderr and problem in out.stderr, out.stderr
+    assert not (tmp_path / "run" / "stack.json").exists()  # refused before any role started

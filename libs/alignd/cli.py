@@ -4,7 +4,8 @@
   alignd serve ROLE --config FILE [--set k=v ...] [--run-dir DIR]      one role (what a container runs)
   alignd demo  [--run-dir DIR]                                         the local stack, one call per role
   alignd ppo   --config JOB.yaml [--set k=v ...] [--run-dir DIR]        a PPO run on the local stack
-  alignd run   --config JOB.yaml [--set k=v ...] [--run-dir DIR]        the whole pipeline on the local stack
+  alignd run   [--preset NAME | --config JOB.yaml] [--set k=v ...] [--run-dir DIR]
+                                                                       the whole pipeline on the local stack
   alignd tiny-model DIR [--kind causal_lm|reward] [--arch gpt2|llama]  save a tiny random model
 
 Every command that runs something keeps its logs and outputs in --run-dir
@@ -97,12 +98,39 @@ def cmd_ppo(args) -> int:
     return run_ppo(args.config, args.set, run_dir)
 
 
+# Pipeline presets: name -> job file in the configs directory.
+PRESETS = {"tiny": "tiny_pipeline.yaml"}
+
+
+def configs_dir() -> Path:
+    """$ALIGND_CONFIGS, else ./configs, else the configs/ of the source tree alignd runs from."""
+    env = os.environ.get("ALIGND_CONFIGS")
+    if env:
+        return Path(env)
+    here = Path("configs")
+    if all((here / f).exists() for f in PRESETS.values()):
+        return here
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def preset_path(name: str) -> Path:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+    path = configs_dir() / PRESETS[name]
+    if not path.exists():
+        raise ConfigError(f"--preset {name}: {path} not found (set ALIGND_CONFIGS to the directory holding {PRESETS[name]})")
+    return path
+
+
 def cmd_run(args) -> int:
     from alignd.ppo_cli import run_ppo
 
+    if args.config and args.preset:
+        raise ConfigError("give --preset or --config, not both")
+    config = args.config or str(preset_path(args.preset or "tiny"))
     run_dir = resolve_run_dir(args.run_dir, "run")
     log_to_run_dir(run_dir)
-    return run_ppo(args.config, args.set, run_dir, pipeline=True)
+    return run_ppo(config, args.set, run_dir, pipeline=True)
 
 
 def cmd_tiny_model(args) -> int:
@@ -144,8 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, config_required=True)
     p.set_defaults(func=cmd_ppo)
 
-    p = sub.add_parser("run", help="the whole pipeline (SFT, RM, PPO, evaluation, report) on the local stack")
-    common(p, config_required=True)
+    p = sub.add_parser(
+        "run", help="the whole pipeline (SFT, RM, PPO, evaluation, report) on the local stack; "
+        "run it again with the same --run-dir to resume",
+    )
+    common(p)
+    p.add_argument("--preset", help=f"a pipeline preset of configs/ ({', '.join(sorted(PRESETS))}; default tiny)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("tiny-model", help="save a tiny random model (tests, demos)")

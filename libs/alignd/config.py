@@ -183,6 +183,9 @@ class SFTConfig(Strict):
     select: Literal["val_loss", "last"] = Field("val_loss", description="Which epoch's weights are kept.")
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out share (split by prompt) when no validation file is given.")
     seed: int = Field(0, description="Shuffling and split seed.")
+    skip_bad_lines: bool = Field(
+        False, description="Drop malformed data lines (counted and reported with file:line) instead of refusing the job."
+    )
 
 
 class RMTrainConfig(Strict):
@@ -196,6 +199,9 @@ class RMTrainConfig(Strict):
     max_k: int = Field(9, ge=2, description="Largest K accepted per ranking.")
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out share (split by prompt) when no validation file is given.")
     seed: int = Field(0, description="Shuffling and split seed.")
+    skip_bad_lines: bool = Field(
+        False, description="Drop malformed data lines (counted and reported with file:line) instead of refusing the job."
+    )
 
 
 class EngineConfig(Strict):
@@ -301,6 +307,28 @@ class LabelingConfig(Strict):
     target_agreement: float = Field(
         0.73, gt=0.5, lt=1, description="Pairwise agreement of two simulated labelers (the paper's labelers: ~73%)."
     )
+    labelers: Literal["simulated", "external"] = Field(
+        "simulated",
+        description=(
+            "Who ranks: two simulated labelers (the gold scorer plus Bradley-Terry noise, calibrated to target_agreement; "
+            "the first one's rankings train the RM), or external labelers through the coordinator's LeaseComparisonTasks "
+            "and SubmitRanking RPCs (the round waits until every task has labels_per_task rankings)."
+        ),
+    )
+    labels_per_task: int = Field(
+        1, ge=1, le=16, description="External labelers: rankings needed per task (2 or more measures their agreement)."
+    )
+
+
+class RMRetrainConfig(Strict):
+    """RM retraining rounds during PPO (the paper's "repeat steps 2 and 3")."""
+
+    every_steps: int = Field(
+        0, ge=0, description="A labeling round on fresh samples of the current policy every N PPO steps; 0 = never."
+    )
+    prompts_per_round: int | None = Field(
+        None, ge=2, description="Prompts per retraining round; default: labeling.prompts_per_round."
+    )
 
 
 class EvaluationConfig(Strict):
@@ -310,6 +338,12 @@ class EvaluationConfig(Strict):
     max_prompts: int = Field(64, ge=1, description="At most this many held-out prompts.")
     samples_per_prompt: int = Field(1, ge=1, description="Responses per prompt and policy.")
     sampling: SamplingConfig = Field(SamplingConfig(), description="Sampling of the evaluation responses.")
+    heldout_text: str | None = Field(
+        None,
+        description="Plain text (one document per line, read by the learner) for the alignment tax: the policy's LM loss "
+        "on it after PPO minus before (with or without PPO-ptx, as the learner is configured). None: not measured.",
+    )
+    heldout_max_tokens: int = Field(128, ge=2, description="Tokens per block of the held-out text.")
 
 
 class PipelineConfig(Strict):
@@ -322,12 +356,22 @@ class PipelineConfig(Strict):
     second_judge: JudgeConfig = Field(description="An independent judge for the evaluation.")
     labeling: LabelingConfig = Field(LabelingConfig(), description="Comparison collection.")
     rm: RMTrainConfig = Field(RMTrainConfig(), description="Reward-model training.")
+    rm_retrain: RMRetrainConfig = Field(
+        RMRetrainConfig(),
+        description="Retraining rounds: the RM is trained again from the SFT model on the comparisons of all rounds, then "
+        "loaded into the reward service with a new version.",
+    )
     value_from_rm: bool = Field(
         True, description="Initialise the learner's value model from the reward model (the paper); false with a value head on the policy."
     )
     ppo: PPORunConfig = Field(description="The PPO stage (prompts, steps, sampling).")
     evaluation: EvaluationConfig = Field(description="Held-out evaluation.")
     seed: int = Field(0, description="Seed of prompt selection, labelers and evaluation sampling.")
+    skip_bad_lines: bool = Field(
+        False,
+        description="Drop malformed lines of the data files (demonstrations, prompts) instead of refusing to start; each is "
+        "counted and reported (file:line) in state.json and report.json. Also sets sft/rm.skip_bad_lines.",
+    )
 
     @field_validator("demonstrations")
     @classmethod

@@ -70,6 +70,8 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
+from alignd.atomic import fsync_dir
+
 __all__ = [
     "Comparison",
     "DataError",
@@ -535,11 +537,7 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[Any], *, str_f
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
     return n
 
 

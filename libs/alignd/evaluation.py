@@ -116,6 +116,7 @@ __all__ = [
     "kl_summary",
     "mean_with_ci",
     "normal_quantile",
+    "plots_markdown",
     "render_markdown",
     "t_cdf",
     "t_quantile",
@@ -131,6 +132,15 @@ METHODS = ("wilson", "bootstrap")
 # Paper figures (Ouyang et al. 2022) shown next to ours in the Markdown report.
 PAPER_RM_ACCURACY = 0.724  # training labelers (69.6% held-out labelers)
 PAPER_LABELER_AGREEMENT = 0.73
+
+# Alt text of the run's PNG plots (alignd.plots writes them into plots/) in report.md,
+# by file name; another file's alt text is its name without the suffix.
+PLOT_TITLES = {
+    "reward_kl.png": "reward and KL",
+    "win_rates.png": "win rates",
+    "rm_accuracy.png": "RM accuracy",
+    "phase_seconds.png": "phase seconds",
+}
 
 
 # --- checks -----------------------------------------------------------------------
@@ -856,6 +866,28 @@ def _clip(text: Any, limit: int) -> str:
     return s if len(s) <= limit else s[: max(0, limit - 3)].rstrip() + "..."
 
 
+def _plot_lines(plots: Sequence[str | os.PathLike[str]], skip: Iterable[str] = ()) -> list[str]:
+    skip = set(skip)
+    lines: list[str] = []
+    for p in plots:
+        rel = _check_relative_path("plot", p)
+        if rel in skip:
+            continue
+        skip.add(rel)
+        name = rel.rsplit("/", 1)[-1]
+        alt = PLOT_TITLES.get(name, name.rsplit(".", 1)[0].replace("_", " "))
+        lines += [f"![{_cell(alt)}]({rel})", ""]
+    return ["## Plots", ""] + lines if lines else []
+
+
+def plots_markdown(plots: Sequence[str | os.PathLike[str]]) -> str:
+    """The "## Plots" section of report.md embedding images by path relative to the report.
+
+    Alt text from PLOT_TITLES by file name. Empty when `plots` is.
+    """
+    return "\n".join(_plot_lines(plots)).rstrip() + "\n" if plots else ""
+
+
 def render_markdown(
     report: Mapping[str, Any],
     samples: Sequence[Mapping[str, Any]] | None = None,
@@ -863,6 +895,7 @@ def render_markdown(
     title: str = "alignd run report",
     max_samples: int = 5,
     max_chars: int = 800,
+    plots: Sequence[str | os.PathLike[str]] | None = None,
 ) -> str:
     """A readable Markdown report from a `build_report_json` dict (text only; images by relative path).
 
@@ -870,6 +903,9 @@ def render_markdown(
     "image": optional relative path}: the SFT policy's and the final policy's responses to
     a held-out prompt with each judge's scores. The first `max_samples` are shown, each text
     cut to `max_chars` characters. Sections that the report does not have read "n/a".
+    plots: image paths relative to the report (as `alignd.plots.render_plots` writes them,
+    e.g. "plots/reward_kl.png"), shown in a "## Plots" section before the samples; a path
+    already among the report's figures is not shown twice.
     """
     win_rates: Mapping[str, Any] = report.get("win_rates") or {}
     acc: Mapping[str, Any] = report.get("acceptance") or {}
@@ -988,6 +1024,9 @@ def render_markdown(
         out += ["## Figures", ""]
         for t, p in figures.items():
             out += [f"![{_cell(t)}]({_check_relative_path(t, p)})", ""]
+
+    if plots:
+        out += _plot_lines(plots, skip=(_check_relative_path(t, p) for t, p in figures.items()))
 
     if samples:
         shown = list(samples)[: max(0, max_samples)]

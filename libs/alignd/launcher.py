@@ -210,6 +210,24 @@ class LocalStack:
         _log.info("stack_ready", stack_json=str(self.run_dir / "stack.json"))
         return info
 
+    def restart(self, role: str) -> Child:
+        """Starts `role` again (after it exited) with the same configuration; returns once it is SERVING.
+
+        Its address changes (ephemeral ports): stack.json is rewritten. Roles that
+        call it must be given the new address; the coordinator, which nothing
+        calls, can be restarted freely.
+        """
+        old = self.children[role]
+        if old.proc.poll() is None:
+            raise RuntimeError(f"{role} (pid {old.proc.pid}) is still running")
+        child = self._spawn(role)
+        self.children[role] = child
+        self.any_exited.clear()
+        self._wait_ready(child, time.monotonic() + self.cfg.startup_timeout_seconds)
+        write_json_atomic(self.run_dir / "stack.json", self.describe())
+        _log.info("child_restarted", child=role, pid=child.proc.pid, address=child.address)
+        return child
+
     def describe(self) -> dict:
         return {
             "services": {

@@ -48,6 +48,8 @@ def load_pipeline_job(config: str, overrides: list[str] | None):
     pl.demonstrations = resolve(pl.demonstrations)
     pl.ppo.prompts.path = resolve(pl.ppo.prompts.path)
     pl.evaluation.prompts.path = resolve(pl.evaluation.prompts.path)
+    if pl.evaluation.heldout_text:
+        pl.evaluation.heldout_text = resolve(pl.evaluation.heldout_text)
     return job
 
 
@@ -66,6 +68,20 @@ def progress_line(run: coordinator_pb2.Run, started: float) -> str:
 def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline: bool = False) -> int:
     job = load_pipeline_job(config, overrides) if pipeline else load_job(config, overrides)
     run_yaml = dump_yaml(job.pipeline) if pipeline else dump_yaml(job.run)
+    if pipeline:  # bad data refuses the run before any role starts
+        from alignd.data import DataError
+        from alignd.services.coordinator.pipeline import check_data
+
+        try:
+            reports, _ = check_data(job.pipeline)
+        except DataError as err:
+            print(f"alignd: bad data, the run does not start: {err}\n"
+                  "  (fix the line, or set pipeline.skip_bad_lines=true to skip bad lines, counted in the report)",
+                  file=sys.stderr)
+            return 2
+        for name, r in reports.items():
+            if r["skipped"]:
+                print(f"{name}: skipped {r['skipped']} bad line(s) of {r['path']}, first: {r['problems'][0]}", flush=True)
     started = time.monotonic()
     try:
         stack = LocalStack(job.stack, run_dir).__enter__()
@@ -107,6 +123,16 @@ def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline
         r = json.loads(report.read_text())
         for judge, w in r["win_rates"].items():
             print(f"win rate vs SFT ({judge}): {w['rate']:.3f} [{w['lower']:.3f}, {w['upper']:.3f}]")
+        accs = ", ".join(f"round {x['round']} {x['accuracy']:.3f}" for x in r.get("rm_accuracy_per_round", []))
+        agree = (r.get("labeler_agreement") or {}).get("agreement")
+        print(f"RM held-out accuracy: {accs or 'n/a'}; labeler agreement {agree:.3f}" if agree is not None
+              else f"RM held-out accuracy: {accs or 'n/a'}")
+        for key, tax in (r.get("alignment_tax") or {}).items():
+            if tax:
+                print(f"alignment tax ({key.replace('_', ' ')}): {tax['absolute']:+.3f} nats/token "
+                      f"({tax['before']:.3f} -> {tax['after']:.3f})")
+        walls = r.get("wall_seconds_per_stage") or {}
+        print("wall seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()))
         print(f"report: {run_dir / 'report.md'}")
     if state != "succeeded":
         print(f"run {state}: {run.error}", file=sys.stderr)

@@ -26,10 +26,12 @@ from alignd.runtime.server import ServiceHost
 from alignd.services.coordinator.loop import PHASES, Roles, RunLoop
 from alignd.services.coordinator.pipeline import PipelineLoop, parse_run_config
 from alignd.data import DataError
+from alignd.services.coordinator.labels import ComparisonStore, LabelError
 from alignd.services.coordinator.runs import ACTIVE, RunRecord
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 _log = get_logger("alignd.coordinator")
+DEFAULT_LEASE_SECONDS = 600.0
 RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
@@ -109,14 +111,15 @@ class Coordinator:
             raise InvalidArgument("run_id", f"{run_id!r}: use 1-63 of a-z 0-9 _ . - starting with a letter or digit")
         with self.lock:
             run_id = run_id or f"run-{uuid.uuid4().hex[:8]}"
-            if run_id in self.records:
-                raise AlreadyExists(f"run {run_id} exists")
-            if self.active() is not None:
-                raise FailedPrecondition(f"run {self.active().run_id} is active; stop it or wait")
             path = Path(run_dir) if run_dir else self.runs_dir / run_id
             if (path / "state.json").exists():
-                raise AlreadyExists(f"{path} already holds a run")
+                return self._restart(path, run_id, config_yaml, run_cfg)
+            if run_id in self.records:
+                raise AlreadyExists(f"run {run_id} exists in {self.records[run_id].run_dir}")
+            if self.active() is not None:
+                raise FailedPrecondition(f"run {self.active().run_id} is active; stop it or wait")
             path.mkdir(parents=True, exist_ok=True)
+            self._link(run_id, path)
             (path / "config.yaml").write_text(config_yaml)
             rec = RunRecord(run_id=run_id, run_dir=str(path), config_yaml=config_yaml, total_steps=total_steps,
                             stage="sft" if isinstance(run_cfg, PipelineConfig) else "ppo")
@@ -131,6 +134,41 @@ class Coordinator:
             _log.info("run_accepted", run_id=run_id, run_dir=str(path), steps=total_steps, kind=rec.stage)
             return rec
 
+    def _link(self, run_id: str, path: Path) -> None:
+        """A run outside RUNS_DIR gets a symlink RUNS_DIR/<run_id> to it, so a restarted coordinator finds and resumes it."""
+        link = self.runs_dir / run_id
+        if link.resolve() == path.resolve():
+            return
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(path.resolve(), target_is_directory=True)
+
+    def _restart(self, path: Path, run_id: str, config_yaml: str, run_cfg) -> RunRecord:
+        """StartRun on a directory that holds the same run (same id and configuration) resumes it from its durable
+        state: an unfinished, failed or stopped run goes on where it stopped; a running or finished one is returned."""
+        rec = RunRecord.load(path)
+        if rec.run_id != run_id or rec.config_yaml != config_yaml:
+            raise AlreadyExists(
+                f"{path} already holds run {rec.run_id!r} with {'another configuration' if rec.run_id == run_id else 'another id'}; "
+                "use a new run_dir, or the same run_id and configuration to resume it"
+            )
+        loop = self.loops.get(run_id)
+        if rec.state == "succeeded" or (loop is not None and loop.is_alive()):
+            return self.records.get(run_id, rec)
+        active = self.active()
+        if active is not None and active.run_id != run_id:
+            raise FailedPrecondition(f"run {active.run_id} is active; stop it or wait")
+        rec.state, rec.error = "pending", ""
+        loop = make_loop(rec, run_cfg, Roles(self.cfg), self.metrics)
+        rec.save()
+        self._link(run_id, path)
+        self.records[run_id] = rec
+        self.loops[run_id] = loop
+        _log.info("run_resuming", run_id=run_id, step=rec.step, stage=rec.stage)
+        loop.start()
+        return rec
+
     def get(self, run_id: str) -> RunRecord:
         rec = self.records.get(run_id)
         if rec is None:
@@ -143,6 +181,40 @@ class Coordinator:
         if loop is not None:
             loop.stop_requested.set()
         return rec
+
+
+    # -- external labelers ---------------------------------------------------
+    def labeling_round(self, run_id: str) -> tuple[int, ComparisonStore]:
+        """The run's open labeling round, or FAILED_PRECONDITION naming the run's stage."""
+        rec = self.get(run_id)
+        loop = self.loops.get(run_id)
+        current = getattr(loop, "labeling", None)
+        if current is None or current[1].closed:
+            raise FailedPrecondition(f"run {run_id} has no labeling round open (state {rec.state}, stage {rec.stage})")
+        return current
+
+    @staticmethod
+    def label_call(fn):
+        """Maps ComparisonStore errors to gRPC statuses (the message names the request field)."""
+        try:
+            return fn()
+        except LabelError as err:
+            raise _status_error(err) from None
+        except RuntimeError as err:  # closed between lookup and call: the round just ended
+            raise FailedPrecondition(str(err)) from None
+
+
+def _status_error(err: LabelError) -> Exception:
+    """The gRPC-status error for a refused labeling request; the message starts with the request field."""
+    if err.code == "invalid_argument":
+        return InvalidArgument(err.field, err.problem)
+    cls = {"not_found": NotFound, "already_exists": AlreadyExists}.get(err.code, FailedPrecondition)
+    return cls(str(err))
+
+
+def _progress(r: int, store: ComparisonStore) -> coordinator_pb2.LabelingProgress:
+    p = store.progress()
+    return coordinator_pb2.LabelingProgress(round=r, tasks=p.total, labelled=p.labelled, rankings=p.labels)
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -172,6 +244,41 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def ListRuns(self, request, context):
         recs = sorted(self.loaded.get().records.values(), key=lambda r: r.created_unix_seconds, reverse=True)
         return coordinator_pb2.ListRunsResponse(runs=[r.to_pb() for r in recs])
+
+
+    def LeaseComparisonTasks(self, request, context):
+        c = self.loaded.get()
+        if not request.labeler:
+            raise InvalidArgument("labeler", "required: who is labelling")
+        if request.max_tasks > 1000:
+            raise InvalidArgument("max_tasks", f"{request.max_tasks} is above 1000")
+        if not (request.lease_seconds >= 0 and request.lease_seconds <= 86400):
+            raise InvalidArgument("lease_seconds", f"{request.lease_seconds} is outside [0, 86400]")
+        r, store = c.labeling_round(request.run_id)
+        lease = request.lease_seconds or DEFAULT_LEASE_SECONDS
+        tasks = c.label_call(lambda: store.pending(request.max_tasks or 16, labeler=request.labeler, lease_s=lease))
+        return coordinator_pb2.LeaseComparisonTasksResponse(
+            tasks=[coordinator_pb2.ComparisonTask(task_id=t.task_id, prompt=t.prompt, completions=t.completions) for t in tasks],
+            progress=_progress(r, store),
+        )
+
+    def SubmitRanking(self, request, context):
+        c = self.loaded.get()
+        if not request.labeler:
+            raise InvalidArgument("labeler", "required: who ranked the task")
+        if not request.task_id:
+            raise InvalidArgument("task_id", "required")
+        r, store = c.labeling_round(request.run_id)
+        c.label_call(lambda: store.submit(request.task_id, list(request.ranking), request.labeler))
+        return coordinator_pb2.SubmitRankingResponse(progress=_progress(r, store))
+
+    def ReleaseComparisonTask(self, request, context):
+        c = self.loaded.get()
+        if not request.labeler:
+            raise InvalidArgument("labeler", "required")
+        _, store = c.labeling_round(request.run_id)
+        released = c.label_call(lambda: store.release(request.task_id, request.labeler))
+        return coordinator_pb2.ReleaseComparisonTaskResponse(released=released)
 
 
 class CoordinatorApp(RoleApp):

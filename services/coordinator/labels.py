@@ -290,6 +290,7 @@ class ComparisonStore:
         self._clock = clock
         self._wall_clock = wall_clock
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # notified on every accepted label and on close
         self._tasks: dict[str, Task] = {}  # in round order
         self._index: dict[str, int] = {}
         self._labels: list[Label] = []  # in acceptance order
@@ -404,6 +405,8 @@ class ComparisonStore:
         have.append(label)
         if len(have) >= self.labels_per_task:
             self._incomplete.pop(label.task_id, None)
+        with self._changed:  # also called while loading, before anyone waits
+            self._changed.notify_all()
 
     def close(self) -> None:
         """Closes the files and releases the directory; the store is unusable afterwards."""
@@ -414,6 +417,17 @@ class ComparisonStore:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
+            self._changed.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._lock_fd is None
+
+    def wait_until_done(self, timeout: float | None = None) -> bool:
+        """Blocks until every task has labels_per_task labels (True), the timeout passes or the store closes (False)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: (self.has_round and not self._incomplete) or self._lock_fd is None, timeout) \
+                and self._lock_fd is not None
 
     def __enter__(self) -> "ComparisonStore":
         return self

@@ -104,7 +104,7 @@ class Roles:
 
 
 class RunLoop(threading.Thread):
-    def __init__(self, record: RunRecord, run_cfg: PPORunConfig, roles: Roles, metrics) -> None:
+    def __init__(self, record: RunRecord, run_cfg: PPORunConfig, roles: Roles, metrics, *, skip_bad: bool = False) -> None:
         super().__init__(name=f"run-{record.run_id}", daemon=True)
         self.record = record
         self.cfg = run_cfg
@@ -112,7 +112,7 @@ class RunLoop(threading.Thread):
         self.metrics = metrics
         self.stop_requested = threading.Event()
         self.log = MetricsLog(record.path / "metrics.jsonl")
-        self.prompts, _report = load_prompts(run_cfg.prompts.path, field=run_cfg.prompts.field)
+        self.prompts, self.prompts_report = load_prompts(run_cfg.prompts.path, field=run_cfg.prompts.field, skip_bad=skip_bad)
         self.sampler = PromptSampler(
             len(self.prompts), run_cfg.seed, SamplerState(record.sampler_epoch, record.sampler_position)
         )
@@ -258,6 +258,7 @@ class RunLoop(threading.Thread):
             "grad_norm": resp.stats.grad_norm,
             "ratio_mean": resp.stats.ratio_mean,
             "updates_skipped": resp.stats.updates_skipped,
+            "ptx_loss": resp.stats.ptx_loss,
             "replayed": resp.replayed,
             "policy_version": push.version,
             "rollout_policy_version": min(versions) if versions else 0,

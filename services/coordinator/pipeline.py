@@ -18,14 +18,16 @@ from __future__ import annotations
 import json
 import random
 import time
+from itertools import combinations
 from pathlib import Path
 
 
 from alignd import evaluation, judges, labelers
+from alignd.plots import render_plots
 from alignd.config import PipelineConfig, dump_yaml
-from alignd.data import load_prompts
+from alignd.data import load_demonstrations, load_prompts
 from alignd.runtime.logging import get_logger
-from alignd.runtime.role import write_json_atomic
+from alignd.runtime.role import write_bytes_atomic, write_json_atomic
 from alignd.services.coordinator.labels import ComparisonStore
 from alignd.services.coordinator.loop import RunFailed, RunLoop
 from alignd.v1 import learner_pb2, learner_pb2_grpc, model_pb2, model_pb2_grpc, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
@@ -38,10 +40,20 @@ JOB_TIMEOUT_S = 6 * 3600.0
 
 class PipelineLoop(RunLoop):
     def __init__(self, record, cfg: PipelineConfig, roles, metrics) -> None:
-        super().__init__(record, cfg.ppo, roles, metrics)
+        super().__init__(record, cfg.ppo, roles, metrics, skip_bad=cfg.skip_bad_lines)
+        if cfg.skip_bad_lines:  # the learner's jobs skip the same lines
+            cfg = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"skip_bad_lines": True}),
+                                         "rm": cfg.rm.model_copy(update={"skip_bad_lines": True})})
         self.pcfg = cfg
+        self.data_reports, self.eval_prompts_all = check_data(cfg)
+        if "data" not in record.artifacts:
+            record.artifacts["data"] = self.data_reports
+        for name, r in self.data_reports.items():
+            if r["skipped"]:
+                _log.warning("data_lines_skipped", run_id=record.run_id, file=name, path=r["path"], skipped=r["skipped"])
         self.gold = judges.resolve(cfg.gold.name, cfg.gold.args)
         self.second = judges.resolve(cfg.second_judge.name, cfg.second_judge.args)
+        self.labeling: tuple[int, ComparisonStore] | None = None  # the open labeling round, for the labeler RPCs
 
     # -- plumbing ----------------------------------------------------------
     @property
@@ -122,9 +134,7 @@ class PipelineLoop(RunLoop):
         self._write_eval_samples("eval_sft.jsonl")
 
     def _eval_prompts(self) -> list[str]:
-        ev = self.pcfg.evaluation
-        prompts, _ = load_prompts(ev.prompts.path, field=ev.prompts.field)
-        return prompts[: ev.max_prompts]
+        return self.eval_prompts_all[: self.pcfg.evaluation.max_prompts]
 
     def _write_eval_samples(self, name: str) -> None:
         ev = self.pcfg.evaluation
@@ -135,65 +145,131 @@ class PipelineLoop(RunLoop):
         write_json_atomic(self.record.path / name, {"samples": rows})
 
     def _stage_rm(self) -> None:
-        lab = self.pcfg.labeling
-        round_dir = self.record.path / "rm-round-0"
-        store = ComparisonStore(round_dir, labels_per_task=2)
-        try:
-            if not store.has_round:
-                prompts = list(self.prompts)
-                random.Random(f"{self.pcfg.seed}:rm").shuffle(prompts)
-                chosen = prompts[: lab.prompts_per_round]
-                groups = self._sample(chosen, lab.k, self.cfg.sampling, seed=self.pcfg.seed + 2)
-                tasks = []
-                for p, g in zip(chosen, groups):
-                    distinct = list(dict.fromkeys(s.text for s in g if s.text))
-                    if len(distinct) >= 2:
-                        tasks.append((p, distinct))
-                if not tasks:
-                    raise RunFailed("rm: every prompt's samples were identical; nothing to rank")
-                store.create_round(tasks)
-            items = [(t.prompt, list(t.completions)) for t in store.tasks()]
-            if "labeler_temperature" not in self.art:
-                cal = labelers.calibrate_temperature(self.gold, items, target=lab.target_agreement, seeds=(1, 2))
-                self.art["labeler_temperature"] = cal.temperature
-                self.record.save()
-            temp = self.art["labeler_temperature"]
-            a = labelers.SimulatedLabeler(self.gold, temp, seed=self.pcfg.seed * 1000 + 1, name="sim-a")
-            b = labelers.SimulatedLabeler(self.gold, temp, seed=self.pcfg.seed * 1000 + 2, name="sim-b")
-            store.label_with(a)
-            store.label_with(b)
-            agreement, pairs = store.agreement("sim-a", "sim-b")
-            comparisons = round_dir / "comparisons.jsonl"
-            store.export_comparisons(comparisons, labeler="sim-a")
-        finally:
-            store.close()
-        resp = self.roles.call("TrainRewardModel", self.roles.learner, lambda t: self._learner().TrainRewardModel(
-            learner_pb2.TrainRewardModelRequest(
-                job_id=f"{self.record.run_id}-rm-0", init_model_dir=self.art["sft_dir"], comparisons_path=str(comparisons),
-                demonstrations_path=self.pcfg.demonstrations, config_yaml=dump_yaml(self.pcfg.rm),
-                output_dir=str(self.record.path / "rm-0"),
-            ), timeout=JOB_TIMEOUT_S))
-        self.art.update(rm_dir=resp.model_dir, labeler_agreement={"agreement": agreement, "pairs": pairs, "temperature": temp},
-                        rm_rounds=[{"round": 0, "accuracy": resp.val_accuracy, "n": resp.validation_comparisons,
-                                    "train_accuracy": resp.train_accuracy}])
-        rm_version = self.art.get("rm_version") or max(self._versions(self.roles.reward)) + 1
-        self.art["rm_version"] = rm_version
-        self.record.save()
-        self._load_weights(self.roles.reward, resp.model_dir, rm_version)
+        """Round 0 on samples of the SFT policy; then the learner starts PPO from SFT (value model from the RM)."""
+        if not self._round_done(0):
+            self._rm_round(0)
         learner = self._learner()
         self.roles.call("ResetPolicy", self.roles.learner, lambda t: learner.ResetPolicy(learner_pb2.ResetPolicyRequest(
-            policy_dir=self.art["sft_dir"], value_model_dir=resp.model_dir if self.pcfg.value_from_rm else "",
+            policy_dir=self.art["sft_dir"], value_model_dir=self.art["rm_dir"] if self.pcfg.value_from_rm else "",
             version=self.art["sft_version"]), timeout=t))
+        self._text_loss("sft")  # the learner holds the SFT policy now
+
+    def _text_loss(self, key: str) -> None:
+        """The learner's current policy's LM loss on the held-out text (the alignment tax), stored under `key`."""
+        ev = self.pcfg.evaluation
+        if not ev.heldout_text:
+            return
+        learner = self._learner()
+        resp = self.roles.call("EvaluateTextLoss", self.roles.learner, lambda t: learner.EvaluateTextLoss(
+            learner_pb2.EvaluateTextLossRequest(text_path=ev.heldout_text, max_tokens=ev.heldout_max_tokens), timeout=t))
+        self.art.setdefault("text_loss", {})[key] = {"loss": resp.loss, "tokens": resp.tokens, "policy_version": resp.policy_version}
+        self.record.save()
+
+    def _round_done(self, r: int) -> bool:
+        return any(x["round"] == r for x in self.art.get("rm_rounds", []))
+
+    def _round_tasks(self, r: int) -> list[tuple[str, list[str]]]:
+        """K samples per prompt of the policy the replicas serve now, for prompts drawn afresh for round r."""
+        lab = self.pcfg.labeling
+        n = lab.prompts_per_round if r == 0 else (self.pcfg.rm_retrain.prompts_per_round or lab.prompts_per_round)
+        prompts = list(self.prompts)
+        random.Random(f"{self.pcfg.seed}:rm:{r}" if r else f"{self.pcfg.seed}:rm").shuffle(prompts)
+        chosen = prompts[:n]
+        groups = self._sample(chosen, lab.k, self.cfg.sampling, seed=self.pcfg.seed + 2 + 7919 * r)
+        tasks = []
+        for p, g in zip(chosen, groups):
+            distinct = list(dict.fromkeys(s.text for s in g if s.text))
+            if len(distinct) >= 2:
+                tasks.append((p, distinct))
+        if not tasks:
+            raise RunFailed(f"rm round {r}: every prompt's samples were identical; nothing to rank")
+        return tasks
+
+    def _label(self, store: ComparisonStore, r: int) -> dict:
+        """Fills the round with rankings; returns what is known of labeler agreement."""
+        lab = self.pcfg.labeling
+        if lab.labelers == "external":
+            _log.info("labeling_round_open", run_id=self.record.run_id, round=r, tasks=store.progress().total)
+            while not store.wait_until_done(timeout=1.0):
+                if self.stop_requested.is_set():
+                    raise RunFailed(f"stopped while waiting for rankings of round {r}")
+            return external_agreement(store)
+        items = [(t.prompt, list(t.completions)) for t in store.tasks()]
+        key = f"labeler_temperature_{r}" if r else "labeler_temperature"
+        if key not in self.art:
+            cal = labelers.calibrate_temperature(self.gold, items, target=lab.target_agreement, seeds=(1, 2))
+            self.art[key] = cal.temperature
+            self.record.save()
+        temp = self.art[key]
+        seed = self.pcfg.seed * 1000 + 10 * r
+        store.label_with(labelers.SimulatedLabeler(self.gold, temp, seed=seed + 1, name="sim-a"))
+        store.label_with(labelers.SimulatedLabeler(self.gold, temp, seed=seed + 2, name="sim-b"))
+        agreement, pairs = store.agreement("sim-a", "sim-b")
+        return {"agreement": agreement, "pairs": pairs, "temperature": temp}
+
+    def _rm_round(self, r: int) -> None:
+        """One labeling round and RM (re)training: the RM starts from the SFT model and sees the comparisons of
+        rounds 0..r; the reward service loads it with a new version. Idempotent, so a restart redoes what is missing."""
+        lab = self.pcfg.labeling
+        round_dir = self.record.path / f"rm-round-{r}"
+        simulated = lab.labelers == "simulated"
+        store = ComparisonStore(round_dir, labels_per_task=2 if simulated else lab.labels_per_task)
+        try:
+            if not store.has_round:
+                store.create_round(self._round_tasks(r))
+            self.labeling = (r, store)
+            try:
+                agreement = self._label(store, r)
+            finally:
+                self.labeling = None
+            store.export_comparisons(round_dir / "comparisons.jsonl", labeler="sim-a" if simulated else None)
+        finally:
+            store.close()
+        # The RM of round r trains on every round's comparisons so far.
+        data = round_dir / "comparisons_all.jsonl"
+        parts = [(self.record.path / f"rm-round-{i}" / "comparisons.jsonl").read_bytes() for i in range(r + 1)]
+        write_bytes_atomic(data, b"".join(parts))
+        resp = self.roles.call("TrainRewardModel", self.roles.learner, lambda t: self._learner().TrainRewardModel(
+            learner_pb2.TrainRewardModelRequest(
+                job_id=f"{self.record.run_id}-rm-{r}", init_model_dir=self.art["sft_dir"], comparisons_path=str(data),
+                demonstrations_path=self.pcfg.demonstrations, config_yaml=dump_yaml(self.pcfg.rm),
+                output_dir=str(self.record.path / f"rm-{r}"),
+            ), timeout=JOB_TIMEOUT_S))
+        versions = self.art.setdefault("rm_versions", {})
+        if str(r) not in versions:
+            versions[str(r)] = max(self._versions(self.roles.reward)) + 1
+            self.record.save()
+        self._load_weights(self.roles.reward, resp.model_dir, versions[str(r)])
+        if r == 0 and agreement:
+            self.art["labeler_agreement"] = agreement
+        self.art["rm_dir"] = resp.model_dir
+        self.art.setdefault("rm_rounds", []).append({
+            "round": r, "step": self.record.step, "accuracy": resp.val_accuracy, "n": resp.validation_comparisons,
+            "train_accuracy": resp.train_accuracy, "comparisons": sum(1 for _ in data.open("rb")),
+            "reward_version": versions[str(r)], "labeler_agreement": agreement.get("agreement") if agreement else None,
+        })
+        self.record.save()
+        _log.info("rm_round_finished", run_id=self.record.run_id, round=r, accuracy=round(resp.val_accuracy, 4),
+                  reward_version=versions[str(r)])
 
     def _stage_ppo(self) -> None:
         same_tokenizer = self._check_tokenizers()
+        every = self.pcfg.rm_retrain.every_steps
         while self.record.step < self.record.total_steps:
             if self.stop_requested.is_set():
                 raise RunFailed("stopped")
-            self._iteration(self.record.step + 1, same_tokenizer)
+            step = self.record.step
+            if every and step and step % every == 0 and not self._round_done(step // every):
+                self.record.stage = "rm"
+                self.record.save()
+                self._rm_round(step // every)
+                self.record.stage = "ppo"
+                self.record.save()
+            self._iteration(step + 1, same_tokenizer)
 
     def _stage_evaluate(self) -> None:
         self._write_eval_samples("eval_final.jsonl")
+        self._text_loss("final")
         sft = json.loads((self.record.path / "eval_sft.jsonl").read_text())["samples"]
         final = json.loads((self.record.path / "eval_final.jsonl").read_text())["samples"]
         result = {"win_rates": {}, "reward": {}}
@@ -215,14 +291,22 @@ class PipelineLoop(RunLoop):
 
     def _stage_report(self) -> None:
         ev = json.loads((self.record.path / "evaluation.json").read_text())
+        losses = self.art.get("text_loss", {})
+        tax = None
+        if "sft" in losses and "final" in losses:
+            ptx = any(r.get("ptx_loss") for r in self.log.read())
+            tax = {"with_ptx" if ptx else "without_ptx": (losses["sft"]["loss"], losses["final"]["loss"])}
         report = evaluation.build_report_json(
+            alignment_tax=tax,
             win_rates=ev["win_rates"],
             rm_accuracy_per_round=self.art.get("rm_rounds", []),
-            labeler_agreement=self.art.get("labeler_agreement", {}).get("agreement"),
+            labeler_agreement=self.art.get("labeler_agreement") or None,
             kl_to_reference={"per_token": ev["kl_to_reference"]} if ev.get("kl_to_reference") is not None else None,
             reward={"sft": ev["reward"]["sft"], "final": ev["reward"]["final"]},
             wall_seconds_per_stage=self.art.get("wall_seconds", {}),
-            meta={"run_id": self.record.run_id, "ppo_steps": self.record.step},
+            meta={"run_id": self.record.run_id, "ppo_steps": self.record.step,
+                  "rm_rounds": len(self.art.get("rm_rounds", [])), "labelers": self.pcfg.labeling.labelers,
+                  "skipped_data_lines": {k: v["skipped"] for k, v in self.art.get("data", {}).items()}},
         )
         write_json_atomic(self.record.path / "report.json", report)
         sft = json.loads((self.record.path / "eval_sft.jsonl").read_text())["samples"]
@@ -232,14 +316,44 @@ class PipelineLoop(RunLoop):
              "scores": {"gold": {"sft": self.gold(a["prompt"], a["responses"][0]), "final": self.gold(b["prompt"], b["responses"][0])}}}
             for a, b in list(zip(sft, final))[:5]
         ]
-        md = evaluation.render_markdown(report, samples)
-        tmp = self.record.path / ".report.md.tmp"
-        tmp.write_text(md)
-        tmp.replace(self.record.path / "report.md")
+        plots = render_plots(self.record.path, report)
+        md = evaluation.render_markdown(report, samples, plots=[p.relative_to(self.record.path).as_posix() for p in plots])
+        write_bytes_atomic(self.record.path / "report.md", md.encode())
         self.record.latest_metrics.update({
             "gold_win_rate": report["win_rates"]["gold"]["rate"],
             "gold_win_rate_lower": report["win_rates"]["gold"]["lower"],
         })
+
+
+def check_data(cfg: PipelineConfig) -> tuple[dict, list[str]]:
+    """Reads the run's data files as the run will: a malformed line raises DataError (`file:line: problem`) so the
+    run refuses to start, unless cfg.skip_bad_lines, which drops and counts it. Returns ({file: load report},
+    the evaluation prompts)."""
+    skip = cfg.skip_bad_lines
+    _, demos = load_demonstrations(cfg.demonstrations, skip_bad=skip)
+    _, prompts = load_prompts(cfg.ppo.prompts.path, field=cfg.ppo.prompts.field, skip_bad=skip)
+    ev = cfg.evaluation
+    eval_prompts, evals = load_prompts(ev.prompts.path, field=ev.prompts.field, skip_bad=skip)
+    reports = {
+        name: {"path": r.path, "loaded": r.loaded, "skipped": r.skipped, "problems": r.problems[:20]}
+        for name, r in (("demonstrations", demos), ("prompts", prompts), ("evaluation_prompts", evals))
+    }
+    return reports, eval_prompts
+
+
+def external_agreement(store: ComparisonStore) -> dict:
+    """Pooled pairwise agreement between every two labelers who ranked the same task ({} with one label per task)."""
+    agreed = total = 0
+    for task in store.tasks():
+        ranks = [lab.ranking for lab in store.labels(task_id=task.task_id)]
+        for i in range(len(ranks)):
+            for j in range(i + 1, len(ranks)):
+                pa = {c: n for n, c in enumerate(ranks[i])}
+                pb = {c: n for n, c in enumerate(ranks[j])}
+                for x, y in combinations(range(task.k), 2):
+                    agreed += (pa[x] < pa[y]) == (pb[x] < pb[y])
+                    total += 1
+    return {"agreement": agreed / total, "pairs": total} if total else {}
 
 
 def parse_run_config(data: dict):

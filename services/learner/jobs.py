@@ -116,8 +116,9 @@ class Jobs:
         if done is not None:
             return done
         cfg: SFTConfig = _config(SFTConfig, req.config_yaml)
-        demos, report = _load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path")
-        val = _load(data.load_demonstrations, req.validation_path, "validation_path")[0] if req.validation_path else []
+        skip = cfg.skip_bad_lines
+        demos, report = _load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path", skip_bad=skip)
+        val = _load(data.load_demonstrations, req.validation_path, "validation_path", skip_bad=skip)[0] if req.validation_path else []
         train, val = _split(demos, val, cfg.validation_fraction, cfg.seed, "demonstrations_path")
         tmp = _tmp_dir(req.output_dir)
         self._claim()
@@ -157,9 +158,12 @@ class Jobs:
         if done is not None:
             return done
         cfg: RMTrainConfig = _config(RMTrainConfig, req.config_yaml)
-        comps, _ = _load(data.load_comparisons, req.comparisons_path, "comparisons_path", max_k=cfg.max_k)
-        val = _load(data.load_comparisons, req.validation_path, "validation_path", max_k=cfg.max_k)[0] if req.validation_path else []
-        demos = _load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path")[0] if req.demonstrations_path else []
+        skip = cfg.skip_bad_lines
+        comps, _ = _load(data.load_comparisons, req.comparisons_path, "comparisons_path", max_k=cfg.max_k, skip_bad=skip)
+        val = (_load(data.load_comparisons, req.validation_path, "validation_path", max_k=cfg.max_k, skip_bad=skip)[0]
+               if req.validation_path else [])
+        demos = (_load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path", skip_bad=skip)[0]
+                 if req.demonstrations_path else [])
         train, val = _split(comps, val, cfg.validation_fraction, cfg.seed, "comparisons_path")
         tmp = _tmp_dir(req.output_dir)
         self._claim()

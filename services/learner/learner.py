@@ -37,6 +37,8 @@ from alignd.v1 import learner_pb2, model_pb2, model_pb2_grpc
 _log = get_logger("alignd.learner")
 
 RESULTS_KEPT = 64  # step results kept for replays
+TEXT_BLOCK_TOKENS = 128  # EvaluateTextLoss block size when the request leaves it 0
+TEXT_BLOCKS_PER_FORWARD = 8  # EvaluateTextLoss blocks per forward batch
 
 
 def build_engine(cfg: LearnerConfig, module):
@@ -187,6 +189,40 @@ class Learner:
             checkpoint.remove_others(self.checkpoint_root, kept.name)  # they belong to the previous PPO run
             _log.info("policy_reset", policy_dir=policy_dir, value_model_dir=value_model_dir, version=version)
             return True
+
+    # -- evaluation --------------------------------------------------------
+    def text_loss(self, text_path: str, max_tokens: int, max_blocks: int) -> learner_pb2.EvaluateTextLossResponse:
+        """Mean per-token NLL of the current policy on packed held-out text (no dropout, no state change)."""
+        from alignd.services.learner.ptx import pack_blocks, text_nll
+
+        max_tokens = max_tokens or TEXT_BLOCK_TOKENS
+        if not 2 <= max_tokens <= self.handle.max_context:
+            raise InvalidArgument("max_tokens", f"must be in [2, {self.handle.max_context}] (the policy's context), got {max_tokens}")
+        if not text_path:
+            raise InvalidArgument("text_path", "must not be empty")
+        try:
+            blocks = pack_blocks(self.tokenizer, text_path, max_tokens, label="file")
+        except ValueError as err:
+            raise InvalidArgument("text_path", str(err)) from None
+        if max_blocks:
+            blocks = blocks[:max_blocks]
+        t0 = time.perf_counter()
+        with self.lock:
+            policy = self.module.policy
+            modes = [(m, m.training) for m in policy.modules()]
+            policy.eval()
+            try:
+                nll, tokens = text_nll(policy, blocks, TEXT_BLOCKS_PER_FORWARD)
+            finally:
+                for m, training in modes:
+                    m.training = training
+            version = self.version
+        loss = nll / tokens
+        _log.info(
+            "text_loss_evaluated", text_path=text_path, blocks=blocks.shape[0], tokens=tokens, loss=round(loss, 6),
+            policy_version=version, seconds=round(time.perf_counter() - t0, 3),
+        )
+        return learner_pb2.EvaluateTextLossResponse(loss=loss, tokens=tokens, policy_version=version)
 
     # -- weight sync -------------------------------------------------------
     def _publish_dir(self, version: int) -> Path:

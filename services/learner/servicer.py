@@ -127,6 +127,10 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         )
         return resp
 
+    def EvaluateTextLoss(self, request, context):
+        learner = self.loaded.get()
+        return learner.text_loss(request.text_path, request.max_tokens, request.max_blocks)
+
     def SaveCheckpoint(self, request, context):
         learner = self.loaded.get()
         with learner.lock:

@@ -27,7 +27,8 @@ IDEMPOTENT_METHODS: dict[str, list[str]] = {
     "alignd.v1.ReferenceService": ["LogProbs"],
     "alignd.v1.ModelService": ["GetInfo"],
     "alignd.v1.LearnerService": ["TrainStep"],
-    "alignd.v1.CoordinatorService": ["GetCoordinatorInfo", "GetRun", "ListRuns"],
+    # SubmitRanking: resubmitting the same ranking returns the stored record.
+    "alignd.v1.CoordinatorService": ["GetCoordinatorInfo", "GetRun", "ListRuns", "SubmitRanking", "ReleaseComparisonTask"],
     "grpc.health.v1.Health": ["Check"],
 }
 

@@ -9,13 +9,13 @@ period, the process exits 0.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 import time
 from pathlib import Path
 
+from alignd.atomic import write_bytes_atomic, write_json_atomic  # noqa: F401 (re-exported)
 from alignd.runtime.logging import get_logger
 from alignd.runtime.server import ServiceHost
 
@@ -56,22 +56,6 @@ class RoleApp:
 
     def close(self) -> None:
         """Releases resources after the server stopped."""
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temp file, fsync, rename: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def run_role(app: RoleApp, host: ServiceHost, endpoint_file: Path | None = None) -> int:

@@ -120,3 +120,79 @@ class ListRunsResponse(_message.Message):
     RUNS_FIELD_NUMBER: _ClassVar[int]
     runs: _containers.RepeatedCompositeFieldContainer[Run]
     def __init__(self, runs: _Optional[_Iterable[_Union[Run, _Mapping]]] = ...) -> None: ...
+
+class ComparisonTask(_message.Message):
+    __slots__ = ("task_id", "prompt", "completions")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    prompt: str
+    completions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task_id: _Optional[str] = ..., prompt: _Optional[str] = ..., completions: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LabelingProgress(_message.Message):
+    __slots__ = ("round", "tasks", "labelled", "rankings")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_FIELD_NUMBER: _ClassVar[int]
+    RANKINGS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    tasks: int
+    labelled: int
+    rankings: int
+    def __init__(self, round: _Optional[int] = ..., tasks: _Optional[int] = ..., labelled: _Optional[int] = ..., rankings: _Optional[int] = ...) -> None: ...
+
+class LeaseComparisonTasksRequest(_message.Message):
+    __slots__ = ("run_id", "labeler", "max_tasks", "lease_seconds")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELER_FIELD_NUMBER: _ClassVar[int]
+    MAX_TASKS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    labeler: str
+    max_tasks: int
+    lease_seconds: float
+    def __init__(self, run_id: _Optional[str] = ..., labeler: _Optional[str] = ..., max_tasks: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+
+class LeaseComparisonTasksResponse(_message.Message):
+    __slots__ = ("tasks", "progress")
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[ComparisonTask]
+    progress: LabelingProgress
+    def __init__(self, tasks: _Optional[_Iterable[_Union[ComparisonTask, _Mapping]]] = ..., progress: _Optional[_Union[LabelingProgress, _Mapping]] = ...) -> None: ...
+
+class SubmitRankingRequest(_message.Message):
+    __slots__ = ("run_id", "task_id", "labeler", "ranking")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELER_FIELD_NUMBER: _ClassVar[int]
+    RANKING_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    task_id: str
+    labeler: str
+    ranking: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., labeler: _Optional[str] = ..., ranking: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SubmitRankingResponse(_message.Message):
+    __slots__ = ("progress",)
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    progress: LabelingProgress
+    def __init__(self, progress: _Optional[_Union[LabelingProgress, _Mapping]] = ...) -> None: ...
+
+class ReleaseComparisonTaskRequest(_message.Message):
+    __slots__ = ("run_id", "task_id", "labeler")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELER_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    task_id: str
+    labeler: str
+    def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., labeler: _Optional[str] = ...) -> None: ...
+
+class ReleaseComparisonTaskResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...

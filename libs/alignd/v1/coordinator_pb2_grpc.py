@@ -60,6 +60,21 @@ class CoordinatorServiceStub:
                 request_serializer=alignd_dot_v1_dot_coordinator__pb2.ListRunsRequest.SerializeToString,
                 response_deserializer=alignd_dot_v1_dot_coordinator__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
+        self.LeaseComparisonTasks = channel.unary_unary(
+                '/alignd.v1.CoordinatorService/LeaseComparisonTasks',
+                request_serializer=alignd_dot_v1_dot_coordinator__pb2.LeaseComparisonTasksRequest.SerializeToString,
+                response_deserializer=alignd_dot_v1_dot_coordinator__pb2.LeaseComparisonTasksResponse.FromString,
+                _registered_method=True)
+        self.SubmitRanking = channel.unary_unary(
+                '/alignd.v1.CoordinatorService/SubmitRanking',
+                request_serializer=alignd_dot_v1_dot_coordinator__pb2.SubmitRankingRequest.SerializeToString,
+                response_deserializer=alignd_dot_v1_dot_coordinator__pb2.SubmitRankingResponse.FromString,
+                _registered_method=True)
+        self.ReleaseComparisonTask = channel.unary_unary(
+                '/alignd.v1.CoordinatorService/ReleaseComparisonTask',
+                request_serializer=alignd_dot_v1_dot_coordinator__pb2.ReleaseComparisonTaskRequest.SerializeToString,
+                response_deserializer=alignd_dot_v1_dot_coordinator__pb2.ReleaseComparisonTaskResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -102,6 +117,34 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LeaseComparisonTasks(self, request, context):
+        """External labelers: pending comparison tasks of the run's open labeling
+        round, leased to the caller for a while so that other labelers get other
+        tasks. Errors: NOT_FOUND (run), FAILED_PRECONDITION (no round open),
+        INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitRanking(self, request, context):
+        """Accepts a labeler's ranking of one task; the ranking is durable (fsync'ed)
+        before the call returns. Resubmitting the same ranking is a no-op (safe to
+        retry). Errors: NOT_FOUND (run or task), ALREADY_EXISTS (this labeler
+        ranked the task differently before), INVALID_ARGUMENT (not a permutation),
+        FAILED_PRECONDITION (no round open).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseComparisonTask(self, request, context):
+        """Gives a leased task back so that another labeler can take it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +172,21 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListRuns,
                     request_deserializer=alignd_dot_v1_dot_coordinator__pb2.ListRunsRequest.FromString,
                     response_serializer=alignd_dot_v1_dot_coordinator__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'LeaseComparisonTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseComparisonTasks,
+                    request_deserializer=alignd_dot_v1_dot_coordinator__pb2.LeaseComparisonTasksRequest.FromString,
+                    response_serializer=alignd_dot_v1_dot_coordinator__pb2.LeaseComparisonTasksResponse.SerializeToString,
+            ),
+            'SubmitRanking': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitRanking,
+                    request_deserializer=alignd_dot_v1_dot_coordinator__pb2.SubmitRankingRequest.FromString,
+                    response_serializer=alignd_dot_v1_dot_coordinator__pb2.SubmitRankingResponse.SerializeToString,
+            ),
+            'ReleaseComparisonTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseComparisonTask,
+                    request_deserializer=alignd_dot_v1_dot_coordinator__pb2.ReleaseComparisonTaskRequest.FromString,
+                    response_serializer=alignd_dot_v1_dot_coordinator__pb2.ReleaseComparisonTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +325,87 @@ class CoordinatorService:
             '/alignd.v1.CoordinatorService/ListRuns',
             alignd_dot_v1_dot_coordinator__pb2.ListRunsRequest.SerializeToString,
             alignd_dot_v1_dot_coordinator__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseComparisonTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/alignd.v1.CoordinatorService/LeaseComparisonTasks',
+            alignd_dot_v1_dot_coordinator__pb2.LeaseComparisonTasksRequest.SerializeToString,
+            alignd_dot_v1_dot_coordinator__pb2.LeaseComparisonTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitRanking(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/alignd.v1.CoordinatorService/SubmitRanking',
+            alignd_dot_v1_dot_coordinator__pb2.SubmitRankingRequest.SerializeToString,
+            alignd_dot_v1_dot_coordinator__pb2.SubmitRankingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseComparisonTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/alignd.v1.CoordinatorService/ReleaseComparisonTask',
+            alignd_dot_v1_dot_coordinator__pb2.ReleaseComparisonTaskRequest.SerializeToString,
+            alignd_dot_v1_dot_coordinator__pb2.ReleaseComparisonTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

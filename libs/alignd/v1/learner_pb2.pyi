@@ -222,3 +222,23 @@ class ResetPolicyResponse(_message.Message):
     version: int
     replayed: bool
     def __init__(self, version: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class EvaluateTextLossRequest(_message.Message):
+    __slots__ = ("text_path", "max_tokens", "max_blocks")
+    TEXT_PATH_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    text_path: str
+    max_tokens: int
+    max_blocks: int
+    def __init__(self, text_path: _Optional[str] = ..., max_tokens: _Optional[int] = ..., max_blocks: _Optional[int] = ...) -> None: ...
+
+class EvaluateTextLossResponse(_message.Message):
+    __slots__ = ("loss", "tokens", "policy_version")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    loss: float
+    tokens: int
+    policy_version: int
+    def __init__(self, loss: _Optional[float] = ..., tokens: _Optional[int] = ..., policy_version: _Optional[int] = ...) -> None: ...

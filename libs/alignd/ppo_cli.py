@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from alignd.config import PPOJobConfig, dump_yaml, load_config
+from alignd.config import ConfigError, PPOJobConfig, dump_yaml, load_config
 from alignd.launcher import ChildDied, LocalStack, report_death
 from alignd.runtime.client import make_channel
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -35,6 +35,9 @@ def load_job(config: str, overrides: list[str] | None) -> PPOJobConfig:
     return job
 
 
+CACHE_PREFIX = "cache:"
+
+
 def load_pipeline_job(config: str, overrides: list[str] | None):
     from alignd.config import PipelineJobConfig
 
@@ -43,6 +46,13 @@ def load_pipeline_job(config: str, overrides: list[str] | None):
     pl = job.pipeline
 
     def resolve(p: str) -> str:
+        if p.startswith(CACHE_PREFIX):  # prepared by `python -m alignd.assets` into $ALIGND_CACHE
+            from alignd.models.tiny import default_cache_dir
+
+            path = default_cache_dir() / p[len(CACHE_PREFIX):]
+            if not path.exists():
+                raise ConfigError(f"{p}: {path} does not exist; prepare the real-model assets first: python -m alignd.assets")
+            return str(path)
         return p if Path(p).is_absolute() else str((base / p).resolve())
 
     pl.demonstrations = resolve(pl.demonstrations)

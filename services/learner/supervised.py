@@ -174,7 +174,7 @@ def train_sft(
             loss, k = sft_loss(model, batch, pad)
             _update(model, opt, sched, loss, max_grad_norm)
             step += 1
-            run_loss += float(loss) * k
+            run_loss += float(loss.detach()) * k
             run_n += k
             if on_step:
                 on_step({"stage": "sft", "step": step, "total_steps": total, "loss": float(loss), "lr": sched.get_last_lr()[0]})

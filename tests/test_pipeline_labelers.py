@@ -85,6 +85,10 @@ def test_external_labelers_and_coordinator_sigkill_in_rm_stage(tmp_path):
         tasks = list(first.tasks)
         assert first.progress.round == 0 and first.progress.tasks == len(tasks) >= 6 and first.progress.labelled == 0
         assert stub.GetRun(cpb.GetRunRequest(run_id=RUN_ID)).run.stage == "rm"
+        # GetRun shows what the stage waits for (the CLI's progress bar).
+        run = _until(lambda: (r := stub.GetRun(cpb.GetRunRequest(run_id=RUN_ID)).run).stage_detail.endswith("external labelers") and r,
+                     "the labeling progress")
+        assert f"0/{len(tasks)} tasks ranked" in run.stage_detail and 0.2 <= run.stage_fraction < 0.6
         # A second labeler gets none of alice's leased tasks.
         assert _lease(stub, "bob").tasks == []
 

@@ -64,15 +64,19 @@ def load_pipeline_job(config: str, overrides: list[str] | None):
 
 
 def progress_line(run: coordinator_pb2.Run, started: float) -> str:
+    """One bar per stage: PPO shows steps, reward, KL and tokens/s; the other stages what they are doing."""
     m = run.latest_metrics
     width = 30
-    done = int(width * run.step / max(1, run.total_steps))
+    ppo = run.stage == "ppo" and not run.stage_detail
+    fraction = run.step / max(1, run.total_steps) if ppo else run.stage_fraction
+    done = int(width * min(1.0, fraction))
     bar = "#" * done + "." * (width - done)
-    return (
-        f"\r{run.stage:8s} [{bar}] step {run.step}/{run.total_steps}  reward {m.get('mean_score', float('nan')):+.4f}  "
-        f"kl {m.get('reference_kl', float('nan')):.4f}  tok/s {m.get('tokens_per_second', 0.0):.0f}  "
-        f"{time.monotonic() - started:.0f}s"
-    )
+    if ppo:
+        what = (f"step {run.step}/{run.total_steps}  reward {m.get('mean_score', float('nan')):+.4f}  "
+                f"kl {m.get('reference_kl', float('nan')):.4f}  tok/s {m.get('tokens_per_second', 0.0):.0f}")
+    else:
+        what = run.stage_detail
+    return f"\r{run.stage:8s} [{bar}] {what[:70]:70s} {time.monotonic() - started:.0f}s"
 
 
 def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline: bool = False) -> int:
@@ -115,7 +119,10 @@ def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline
                     report_death(stack._died(dead))
                     return 1
                 stack.any_exited.wait(timeout=POLL_SECONDS)
+                previous = run.stage
                 run = stub.GetRun(coordinator_pb2.GetRunRequest(run_id=run.run_id), timeout=60).run
+                if pipeline and run.stage != previous:
+                    print()  # the finished stage's bar stays on its own line
                 print(progress_line(run, t0), end="", flush=True)
             print()
     finally:

@@ -92,6 +92,11 @@ class PipelineLoop(RunLoop):
             out[s.prompt_index].append(s)
         return out
 
+    def _progress(self, fraction: float, detail: str) -> None:
+        """Stage progress for GetRun (and the CLI's bar); saved with the record."""
+        self.record.stage_fraction, self.record.stage_detail = max(0.0, min(1.0, fraction)), detail
+        self.record.save()
+
     def _done(self, stage: str) -> None:
         self.art.setdefault("done", []).append(stage)
         self.record.save()
@@ -106,7 +111,7 @@ class PipelineLoop(RunLoop):
             if self.stop_requested.is_set():
                 rec.state = "stopped"
                 return
-            rec.stage = stage
+            rec.stage, rec.stage_fraction, rec.stage_detail = stage, 0.0, ""
             rec.save()
             t0 = time.perf_counter()
             _log.info("stage_started", run_id=rec.run_id, stage=stage)
@@ -120,6 +125,7 @@ class PipelineLoop(RunLoop):
 
     # -- stages ------------------------------------------------------------
     def _stage_sft(self) -> None:
+        self._progress(0.0, "training on the demonstrations")
         out = str(self.record.path / "sft")
         resp = self.roles.call("TrainSFT", self.roles.learner, lambda t: self._learner().TrainSFT(
             learner_pb2.TrainSFTRequest(
@@ -129,6 +135,7 @@ class PipelineLoop(RunLoop):
         version = self.art.get("sft_version") or max(self._versions(self.roles.policy + self.roles.reference)) + 1
         self.art.update(sft_dir=resp.model_dir, sft_version=version, sft_best_val_loss=resp.best_val_loss)
         self.record.save()
+        self._progress(0.8, "loading the SFT policy; sampling held-out prompts")
         self._load_weights(self.roles.policy + self.roles.reference, resp.model_dir, version)
         # Held-out samples of the SFT policy, the baseline of the evaluation.
         self._write_eval_samples("eval_sft.jsonl")
@@ -190,9 +197,14 @@ class PipelineLoop(RunLoop):
         lab = self.pcfg.labeling
         if lab.labelers == "external":
             _log.info("labeling_round_open", run_id=self.record.run_id, round=r, tasks=store.progress().total)
+            seen = None
             while not store.wait_until_done(timeout=1.0):
                 if self.stop_requested.is_set():
                     raise RunFailed(f"stopped while waiting for rankings of round {r}")
+                p = store.progress()
+                if (p.labelled, p.labels) != seen:
+                    seen = (p.labelled, p.labels)
+                    self._progress(0.2 + 0.4 * p.fraction, f"round {r}: {p.labelled}/{p.total} tasks ranked by external labelers")
             return external_agreement(store)
         items = [(t.prompt, list(t.completions)) for t in store.tasks()]
         key = f"labeler_temperature_{r}" if r else "labeler_temperature"
@@ -216,7 +228,9 @@ class PipelineLoop(RunLoop):
         store = ComparisonStore(round_dir, labels_per_task=2 if simulated else lab.labels_per_task)
         try:
             if not store.has_round:
+                self._progress(0.0, f"round {r}: sampling {lab.k} completions per prompt")
                 store.create_round(self._round_tasks(r))
+            self._progress(0.2, f"round {r}: ranking {store.progress().total} tasks")
             self.labeling = (r, store)
             try:
                 agreement = self._label(store, r)
@@ -225,6 +239,7 @@ class PipelineLoop(RunLoop):
             store.export_comparisons(round_dir / "comparisons.jsonl", labeler="sim-a" if simulated else None)
         finally:
             store.close()
+        self._progress(0.6, f"round {r}: training the reward model")
         # The RM of round r trains on every round's comparisons so far.
         data = round_dir / "comparisons_all.jsonl"
         parts = [(self.record.path / f"rm-round-{i}" / "comparisons.jsonl").read_bytes() for i in range(r + 1)]
@@ -263,11 +278,12 @@ class PipelineLoop(RunLoop):
                 self.record.stage = "rm"
                 self.record.save()
                 self._rm_round(step // every)
-                self.record.stage = "ppo"
+                self.record.stage, self.record.stage_detail = "ppo", ""
                 self.record.save()
             self._iteration(step + 1, same_tokenizer)
 
     def _stage_evaluate(self) -> None:
+        self._progress(0.0, "sampling held-out prompts")
         self._write_eval_samples("eval_final.jsonl")
         self._text_loss("final")
         sft = json.loads((self.record.path / "eval_sft.jsonl").read_text())["samples"]
@@ -306,6 +322,8 @@ class PipelineLoop(RunLoop):
             wall_seconds_per_stage=self.art.get("wall_seconds", {}),
             meta={"run_id": self.record.run_id, "ppo_steps": self.record.step,
                   "rm_rounds": len(self.art.get("rm_rounds", [])), "labelers": self.pcfg.labeling.labelers,
+                  "evaluation_temperature": self.pcfg.evaluation.sampling.temperature,
+                  "evaluation_max_new_tokens": self.pcfg.evaluation.sampling.max_new_tokens,
                   "skipped_data_lines": {k: v["skipped"] for k, v in self.art.get("data", {}).items()}},
         )
         write_json_atomic(self.record.path / "report.json", report)

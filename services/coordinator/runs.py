@@ -37,6 +37,8 @@ class RunRecord:
     error: str = ""
     latest_metrics: dict = field(default_factory=dict)
     artifacts: dict = field(default_factory=dict)  # pipeline: stages done, model dirs, versions, stage results
+    stage_fraction: float = 0.0  # progress of the current stage, [0, 1]
+    stage_detail: str = ""  # what the current stage is doing, for people
 
     @property
     def path(self) -> Path:
@@ -61,6 +63,8 @@ class RunRecord:
             error=self.error,
             run_dir=str(self.run_dir),
             created_unix_seconds=self.created_unix_seconds,
+            stage_fraction=self.stage_fraction if self.stage != "ppo" else self.step / max(1, self.total_steps),
+            stage_detail=self.stage_detail,
         )
 
 

@@ -23,7 +23,7 @@ RUN_STATE_FAILED: RunState
 RUN_STATE_STOPPED: RunState
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "state", "stage", "step", "total_steps", "policy_version", "latest_metrics", "error", "run_dir", "created_unix_seconds")
+    __slots__ = ("run_id", "state", "stage", "step", "total_steps", "policy_version", "latest_metrics", "error", "run_dir", "created_unix_seconds", "stage_fraction", "stage_detail")
     class LatestMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,8 @@ class Run(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RUN_DIR_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    STAGE_DETAIL_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     state: RunState
     stage: str
@@ -51,7 +53,9 @@ class Run(_message.Message):
     error: str
     run_dir: str
     created_unix_seconds: float
-    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., stage: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., policy_version: _Optional[int] = ..., latest_metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., run_dir: _Optional[str] = ..., created_unix_seconds: _Optional[float] = ...) -> None: ...
+    stage_fraction: float
+    stage_detail: str
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., stage: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., policy_version: _Optional[int] = ..., latest_metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., run_dir: _Optional[str] = ..., created_unix_seconds: _Optional[float] = ..., stage_fraction: _Optional[float] = ..., stage_detail: _Optional[str] = ...) -> None: ...
 
 class GetCoordinatorInfoRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,400 @@
+{{/*
+Names, labels and the shared pieces of every role's workload.
+
+Most helpers take a dict: (dict "root" $ "role" "policy"), where role is a
+role slug (policy, reward, reference, learner, coordinator); chart-wide
+objects pass no role.
+*/}}
+
+{{- define "alignd.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+The release prefix of every name, cut to 40 characters so that the longest
+derived name (<fullname>-reference-headless) stays a valid 63-character DNS
+label.
+*/}}
+{{- define "alignd.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "alignd.roles" -}}policy reward reference learner coordinator{{- end -}}
+
+{{- define "alignd.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* <fullname>-<role>: the workload, its ConfigMap prefix and its client Service. */}}
+{{- define "alignd.componentName" -}}
+{{- printf "%s-%s" (include "alignd.fullname" .root) .role -}}
+{{- end -}}
+
+{{/* The headless Service of a role (every replica's address; the learner's rendezvous). */}}
+{{- define "alignd.headlessName" -}}
+{{- printf "%s-headless" (include "alignd.componentName" .) -}}
+{{- end -}}
+
+{{- define "alignd.svcSuffix" -}}
+{{- printf "%s.svc.%s" .root.Release.Namespace .root.Values.clusterDomain -}}
+{{- end -}}
+
+{{/* host:port of a role for other roles: its headless Service (policy, reward, reference) or its Service. */}}
+{{- define "alignd.headlessAddress" -}}
+{{- $v := index .root.Values .role -}}
+{{- printf "%s.%s:%d" (include "alignd.headlessName" .) (include "alignd.svcSuffix" .) (int $v.ports.grpc) -}}
+{{- end -}}
+
+{{- define "alignd.serviceAddress" -}}
+{{- $v := index .root.Values .role -}}
+{{- printf "%s.%s:%d" (include "alignd.componentName" .) (include "alignd.svcSuffix" .) (int $v.ports.grpc) -}}
+{{- end -}}
+
+{{- define "alignd.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "alignd.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+{{- if .role }}
+app.kubernetes.io/component: {{ .role }}
+{{- end }}
+{{- end -}}
+
+{{- define "alignd.labels" -}}
+helm.sh/chart: {{ include "alignd.chart" .root }}
+{{ include "alignd.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: alignd
+{{- end -}}
+
+{{- define "alignd.coordinatorServiceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (printf "%s-coordinator" (include "alignd.fullname" .)) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "alignd.rewardAuthSecretName" -}}
+{{- default (printf "%s-reward-auth" (include "alignd.fullname" .)) .Values.rewardAuth.existingSecret -}}
+{{- end -}}
+
+{{- define "alignd.pvcName" -}}
+{{- default (printf "%s-data" (include "alignd.fullname" .)) .Values.persistence.existingClaim -}}
+{{- end -}}
+
+{{- define "alignd.image" -}}
+{{- $v := index .root.Values .role -}}
+{{- printf "%s:%s" $v.image.repository (default .root.Chart.AppVersion $v.image.tag) -}}
+{{- end -}}
+
+{{/* GPUs per pod of a role: its nvidia.com/gpu limit (or request), else 0. */}}
+{{- define "alignd.gpus" -}}
+{{- $v := index .root.Values .role -}}
+{{- $res := $v.resources | default dict -}}
+{{- $lim := $res.limits | default dict -}}
+{{- $req := $res.requests | default dict -}}
+{{- index $lim "nvidia.com/gpu" | default (index $req "nvidia.com/gpu") | default 0 | int -}}
+{{- end -}}
+
+{{/* The learner's processes per pod under torchrun: its GPUs, at least 1. */}}
+{{- define "alignd.learnerProcsPerPod" -}}
+{{- max 1 (int (include "alignd.gpus" (dict "root" .root "role" "learner"))) -}}
+{{- end -}}
+
+{{- define "alignd.learnerWorldSize" -}}
+{{- mul (int .root.Values.learner.replicas) (int (include "alignd.learnerProcsPerPod" .)) -}}
+{{- end -}}
+
+{{- define "alignd.learnerMasterAddr" -}}
+{{- $r := dict "root" .root "role" "learner" -}}
+{{- printf "%s-0.%s.%s" (include "alignd.componentName" $r) (include "alignd.headlessName" $r) (include "alignd.svcSuffix" $r) -}}
+{{- end -}}
+
+{{/*
+The role's configuration file: the user's `config`, with server.* set from
+`ports` (bound on all interfaces) and, where the config leaves them empty,
+the addresses of the other roles and the paths on the shared volume.
+*/}}
+{{- define "alignd.roleConfig" -}}
+{{- $root := .root -}}
+{{- $role := .role -}}
+{{- $v := index $root.Values $role -}}
+{{- $cfg := deepCopy ($v.config | default dict) -}}
+{{- $server := deepCopy (get $cfg "server" | default dict) -}}
+{{- $_ := set $server "host" "0.0.0.0" -}}
+{{- $_ := set $server "port" (int $v.ports.grpc) -}}
+{{- $_ := set $server "metrics_host" "0.0.0.0" -}}
+{{- $_ := set $server "metrics_port" (int $v.ports.metrics) -}}
+{{- $_ := set $cfg "server" $server -}}
+{{- $mount := $root.Values.persistence.mountPath -}}
+{{- if eq $role "coordinator" -}}
+{{- range $other := list "policy" "reward" "reference" -}}
+{{- $key := printf "%s_addresses" $other -}}
+{{- if and (index $root.Values $other).enabled (not (get $cfg $key)) -}}
+{{- $_ := set $cfg $key (list (include "alignd.headlessAddress" (dict "root" $root "role" $other))) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $root.Values.learner.enabled (not (get $cfg "learner_address")) -}}
+{{- $_ := set $cfg "learner_address" (include "alignd.serviceAddress" (dict "root" $root "role" "learner")) -}}
+{{- end -}}
+{{- if not (get $cfg "runs_dir") -}}
+{{- $_ := set $cfg "runs_dir" (printf "%s/runs" $mount) -}}
+{{- end -}}
+{{- else if eq $role "learner" -}}
+{{- if and $root.Values.policy.enabled (not (get $cfg "policy_addresses")) -}}
+{{- $_ := set $cfg "policy_addresses" (list (include "alignd.headlessAddress" (dict "root" $root "role" "policy"))) -}}
+{{- end -}}
+{{- if not (get $cfg "checkpoint_dir") -}}
+{{- $_ := set $cfg "checkpoint_dir" (printf "%s/learner/checkpoints" $mount) -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $cfg -}}
+{{- end -}}
+
+{{/* Probe timing: a probe block of values plus the native gRPC check on the role's port. */}}
+{{- define "alignd.probe" -}}
+grpc:
+  port: {{ .port }}
+periodSeconds: {{ .probe.periodSeconds }}
+timeoutSeconds: {{ .probe.timeoutSeconds }}
+failureThreshold: {{ .probe.failureThreshold }}
+{{- end -}}
+
+{{/*
+The pod template of a role (Deployment or StatefulSet).
+*/}}
+{{- define "alignd.podTemplate" -}}
+{{- $root := .root -}}
+{{- $role := .role -}}
+{{- $v := index $root.Values $role -}}
+{{- $ctx := dict "root" $root "role" $role -}}
+{{- $mount := $root.Values.persistence.mountPath -}}
+{{- $torchrun := and (eq $role "learner") (gt (int (include "alignd.learnerWorldSize" $ctx)) 1) -}}
+{{- $rewardAuth := and (eq $role "reward") $root.Values.rewardAuth.enabled -}}
+metadata:
+  labels:
+    {{- include "alignd.selectorLabels" $ctx | nindent 4 }}
+    app.kubernetes.io/part-of: alignd
+  annotations:
+    checksum/config: {{ include "alignd.roleConfig" $ctx | sha256sum }}
+    {{- if and $rewardAuth (not $root.Values.rewardAuth.existingSecret) }}
+    checksum/reward-auth: {{ toYaml $root.Values.rewardAuth.tokens | sha256sum }}
+    {{- end }}
+    {{- with $v.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  {{- if eq $role "coordinator" }}
+  serviceAccountName: {{ include "alignd.coordinatorServiceAccountName" $root }}
+  automountServiceAccountToken: true
+  {{- else }}
+  automountServiceAccountToken: false
+  {{- end }}
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
+  terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+  {{- with $v.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ $role }}
+      image: {{ include "alignd.image" $ctx | quote }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      {{- if $torchrun }}
+      command:
+        - torchrun
+        - --nnodes={{ $v.replicas }}
+        - --nproc-per-node={{ include "alignd.learnerProcsPerPod" $ctx }}
+        - --node-rank=$(NODE_RANK)
+        - --master-addr=$(MASTER_ADDR)
+        - --master-port=$(MASTER_PORT)
+        - --max-restarts={{ $root.Values.learnerLaunch.maxRestarts }}
+        - --module
+        - alignd.cli
+        - serve
+      {{- else }}
+      command:
+        - alignd
+        - serve
+      {{- end }}
+      args:
+        - {{ $role }}
+        - --config
+        - /etc/alignd/config.yaml
+        - --run-dir
+        - $(ALIGND_RUN_DIR)
+      env:
+        - name: POD_NAME
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.name
+        - name: POD_NAMESPACE
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.namespace
+        - name: ALIGND_RUN_DIR
+          value: {{ printf "%s/logs/%s/$(POD_NAME)" $mount $role | quote }}
+        - name: HOME
+          value: /tmp
+        - name: ALIGND_CACHE
+          value: /var/cache/alignd
+        - name: HF_HOME
+          value: /var/cache/alignd/huggingface
+        - name: TORCH_EXTENSIONS_DIR
+          value: /var/cache/alignd/torch_extensions
+        - name: PYTHONUNBUFFERED
+          value: "1"
+        {{- if $torchrun }}
+        - name: NODE_RANK
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.labels['apps.kubernetes.io/pod-index']
+        - name: MASTER_ADDR
+          value: {{ include "alignd.learnerMasterAddr" $ctx | quote }}
+        - name: MASTER_PORT
+          value: {{ $root.Values.learnerLaunch.masterPort | quote }}
+        {{- end }}
+        {{- if $rewardAuth }}
+        - name: ALIGND_REWARD_TOKENS_FILE
+          value: {{ printf "%s/%s" $root.Values.rewardAuth.mountPath $root.Values.rewardAuth.secretKey | quote }}
+        {{- end }}
+        {{- with $v.env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      ports:
+        - name: grpc
+          containerPort: {{ $v.ports.grpc }}
+          protocol: TCP
+        - name: metrics
+          containerPort: {{ $v.ports.metrics }}
+          protocol: TCP
+        {{- if eq $role "learner" }}
+        - name: rendezvous
+          containerPort: {{ $root.Values.learnerLaunch.masterPort }}
+          protocol: TCP
+        {{- end }}
+      startupProbe:
+        {{- include "alignd.probe" (dict "port" $v.ports.grpc "probe" $v.startupProbe) | nindent 8 }}
+      livenessProbe:
+        {{- include "alignd.probe" (dict "port" $v.ports.grpc "probe" $v.livenessProbe) | nindent 8 }}
+      readinessProbe:
+        {{- include "alignd.probe" (dict "port" $v.ports.grpc "probe" $v.readinessProbe) | nindent 8 }}
+      {{- with $v.resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- toYaml $root.Values.containerSecurityContext | nindent 8 }}
+      volumeMounts:
+        - name: config
+          mountPath: /etc/alignd
+          readOnly: true
+        - name: data
+          mountPath: {{ $mount }}
+        - name: cache
+          mountPath: /var/cache/alignd
+        - name: tmp
+          mountPath: /tmp
+        {{- if $v.shmSize }}
+        - name: shm
+          mountPath: /dev/shm
+        {{- end }}
+        {{- if $rewardAuth }}
+        - name: reward-auth
+          mountPath: {{ $root.Values.rewardAuth.mountPath }}
+          readOnly: true
+        {{- end }}
+        {{- with $v.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+  volumes:
+    - name: config
+      configMap:
+        name: {{ include "alignd.componentName" $ctx }}-config
+    - name: data
+      {{- if $root.Values.persistence.enabled }}
+      persistentVolumeClaim:
+        claimName: {{ include "alignd.pvcName" $root }}
+      {{- else }}
+      emptyDir: {}
+      {{- end }}
+    - name: cache
+      emptyDir:
+        sizeLimit: {{ $root.Values.cache.sizeLimit }}
+    - name: tmp
+      emptyDir: {}
+    {{- if $v.shmSize }}
+    - name: shm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ $v.shmSize }}
+    {{- end }}
+    {{- if $rewardAuth }}
+    - name: reward-auth
+      secret:
+        secretName: {{ include "alignd.rewardAuthSecretName" $root }}
+        defaultMode: 0440
+        items:
+          - key: {{ $root.Values.rewardAuth.secretKey }}
+            path: {{ $root.Values.rewardAuth.secretKey }}
+    {{- end }}
+    {{- with $v.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end -}}
+
+{{/* A role's Deployment (policy, reward, reference, coordinator). */}}
+{{- define "alignd.deployment" -}}
+{{- $ctx := dict "root" .root "role" .role -}}
+{{- $v := index .root.Values .role -}}
+{{- if $v.enabled }}
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ include "alignd.componentName" $ctx }}
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "alignd.labels" $ctx | nindent 4 }}
+spec:
+  replicas: {{ $v.replicas }}
+  revisionHistoryLimit: 5
+  {{- if eq .role "coordinator" }}
+  # One coordinator at a time: it owns the run state on the shared volume.
+  strategy:
+    type: Recreate
+  {{- else }}
+  strategy:
+    type: RollingUpdate
+    rollingUpdate:
+      maxSurge: 0
+      maxUnavailable: 1
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- include "alignd.selectorLabels" $ctx | nindent 6 }}
+  template:
+    {{- include "alignd.podTemplate" $ctx | nindent 4 }}
+{{- end }}
+{{- end -}}

@@ -2,19 +2,32 @@
 #   make run    set up (once) and run the main job (the pipeline, tiny preset) on the local stack
 #   make test   set up (once) and run the whole test suite
 # Setup creates .venv with the pinned CPU stack (torch 2.13.0 first, so pip
-# never pulls a CUDA build) and installs alignd in editable mode with its
-# dev extras.
+# never pulls a CUDA build), installs alignd in editable mode with its
+# dev extras, and unpacks Prometheus + promtool (for tests/test_prometheus.py)
+# into .venv/tools/prometheus.
 
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.alignd-installed
 
+# Prometheus and promtool (tests/test_prometheus.py): the Debian package,
+# fetched with `apt-get download` and unpacked with `dpkg-deb -x` under the
+# venv (no root, no dpkg database; `make clean` removes it). Pinned to the
+# version the rules and the dashboard are tested with; if the archive no
+# longer carries it (a point release replaced it), the current candidate.
+PROMETHEUS_DEB_VERSION := 2.42.0+ds-5+deb12u1
+PROMETHEUS_DIR := $(VENV)/tools/prometheus
+PROMTOOL := $(PROMETHEUS_DIR)/usr/bin/promtool
+PROM_TMP := $(PROMETHEUS_DIR).tmp
+# Package lists of our own, for machines whose system lists are missing or stale.
+APT_OWN_LISTS = -o Dir::State::Lists=$(abspath $(PROM_TMP))/lists -o Dir::Cache=$(abspath $(PROM_TMP))/cache -o Debug::NoLocking=1
+
 .PHONY: setup run smollm2 test bench protos clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile | $(PROMTOOL)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
 	$(BIN)/pip install --quiet torch==2.13.0
@@ -24,6 +37,18 @@ $(STAMP): pyproject.toml Makefile
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet deepspeed==0.19.8
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+$(PROMTOOL):
+	rm -rf $(PROMETHEUS_DIR) $(PROM_TMP) && mkdir -p $(PROM_TMP)/lists/partial $(PROM_TMP)/cache/archives/partial
+	cd $(PROM_TMP) && { apt-get -q download "prometheus=$(PROMETHEUS_DEB_VERSION)" \
+	  || { apt-get -q $(APT_OWN_LISTS) update >/dev/null \
+	       && { apt-get -q $(APT_OWN_LISTS) download "prometheus=$(PROMETHEUS_DEB_VERSION)" \
+	            || apt-get -q $(APT_OWN_LISTS) download prometheus; }; }; }
+	dpkg-deb -x $(PROM_TMP)/prometheus_*.deb $(PROM_TMP)/root
+	$(PROM_TMP)/root/usr/bin/prometheus --version >/dev/null
+	$(PROM_TMP)/root/usr/bin/promtool --version >/dev/null
+	mv $(PROM_TMP)/root $(PROMETHEUS_DIR) && rm -rf $(PROM_TMP)
+	@$(PROMTOOL) --version | head -n 1
 
 run: setup
 	HF_HUB_OFFLINE=1 $(BIN)/alignd run --preset tiny

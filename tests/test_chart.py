@@ -493,7 +493,7 @@ def test_chart_packages(tmp_path):
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())
     for needed in ("Chart.yaml", "values.yaml", "values.schema.json", "README.md", "dashboards/alignd.json",
-                   "ci/ci-values.yaml", "templates/_helpers.tpl", "templates/learner-statefulset.yaml"):
+                   "rules/alignd.rules.yaml", "ci/ci-values.yaml", "templates/_helpers.tpl", "templates/learner-statefulset.yaml"):
         assert f"alignd/{needed}" in names, needed
 
 

@@ -66,6 +66,7 @@ def test_external_labelers_and_coordinator_sigkill_in_rm_stage(tmp_path):
     demos.write_text("\n".join(good[:5] + ['{"prompt": "no completion"}'] + good[5:]) + "\n")
     job = load_pipeline_job(str(ROOT / "configs" / "tiny_pipeline.yaml"), [
         f"pipeline.demonstrations={demos}", "pipeline.skip_bad_lines=true",
+        "pipeline.rm_job=launcher",  # the RM trains in its own process (`alignd job train-rm`), not in the learner
         "pipeline.labeling.labelers=external", "pipeline.labeling.prompts_per_round=12", "pipeline.labeling.k=4",
         "pipeline.rm_retrain.every_steps=0", "pipeline.ppo.steps=2", "pipeline.ppo.prompts_per_step=8",
         "pipeline.evaluation.max_prompts=8",
@@ -157,6 +158,9 @@ def test_external_labelers_and_coordinator_sigkill_in_rm_stage(tmp_path):
     state = json.loads((run_dir / "state.json").read_text())
     assert state["artifacts"]["done"] == ["sft", "rm", "ppo", "evaluate", "report"]
     assert state["artifacts"]["rm_rounds"][0]["comparisons"] == len(accepted)
+    # The RM job ran through the launcher: its request and log are in the run directory, its model was served.
+    assert (run_dir / "jobs" / "rm-ext-rm-0.request.json").exists() and (run_dir / "jobs" / "rm-ext-rm-0.log").exists()
+    assert (Path(state["artifacts"]["rm_dir"]) / "alignd_job.json").exists()
     meta = json.loads((run_dir / "report.json").read_text())["meta"]
     assert meta["labelers"] == "external"
     assert meta["skipped_data_lines"] == {"demonstrations": 1, "prompts": 0, "evaluation_prompts": 0}

@@ -7,6 +7,7 @@
   alignd run   [--preset NAME | --config JOB.yaml] [--set k=v ...] [--run-dir DIR]
                                                                        the whole pipeline on the local stack
   alignd tiny-model DIR [--kind causal_lm|reward] [--arch gpt2|llama]  save a tiny random model
+  alignd job train-rm --request FILE.json                               one reward-model training job, standalone
 
 Every command that runs something keeps its logs and outputs in --run-dir
 (default: a new directory under ./runs).
@@ -141,6 +142,40 @@ def cmd_tiny_model(args) -> int:
     return 0
 
 
+EXIT_INVALID = 2
+
+
+def cmd_job_train_rm(args) -> int:
+    """The learner's reward-model job in its own process (what the coordinator's job launchers run): the request is a
+    JSON object with the fields of TrainRewardModelRequest; the result is published in its output_dir (a repeated
+    job id returns the stored result) and printed as one JSON line. Exit 2: invalid request, the message names the field."""
+    import json
+
+    from alignd.runtime.logging import configure_logging
+    from alignd.services.coordinator.launchers import response_to_dict, rm_request
+
+    configure_logging(args.log_level, role="job", stream=sys.stderr)
+    try:
+        raw = json.loads(Path(args.request).read_text())
+        req = rm_request(raw)
+    except OSError as err:
+        print(f"alignd: job train-rm: --request {args.request}: {err.strerror}", file=sys.stderr)
+        return EXIT_INVALID
+    except ValueError as err:  # JSON syntax, not an object, unknown field, wrong type
+        print(f"alignd: job train-rm: {args.request}: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    from alignd.runtime.errors import InvalidArgument
+    from alignd.services.learner.jobs import train_reward_model
+
+    try:
+        resp = train_reward_model(req)
+    except InvalidArgument as err:
+        print(f"alignd: job train-rm: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    print(json.dumps(response_to_dict(resp)), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignd", description="RLHF as gRPC microservices.")
     parser.add_argument("--version", action="version", version=f"alignd {__version__}")
@@ -186,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("job", help="run one training job standalone (what the coordinator's job launchers start)")
+    jobs = p.add_subparsers(dest="job", required=True)
+    j = jobs.add_parser(
+        "train-rm", help="train a reward model from a JSON request (the fields of TrainRewardModelRequest); "
+        "publishes output_dir, prints the response as JSON; exit 2 on an invalid request",
+    )
+    j.add_argument("--request", required=True, metavar="FILE.json", help="the request: a JSON object")
+    j.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                   help="level of the JSON log on stderr")
+    j.set_defaults(func=cmd_job_train_rm)
     return parser
 
 

@@ -28,6 +28,7 @@ from alignd.config import PipelineConfig, dump_yaml
 from alignd.data import load_demonstrations, load_prompts
 from alignd.runtime.logging import get_logger
 from alignd.runtime.role import write_bytes_atomic, write_json_atomic
+from alignd.services.coordinator import launchers
 from alignd.services.coordinator.labels import ComparisonStore
 from alignd.services.coordinator.loop import RunFailed, RunLoop
 from alignd.v1 import learner_pb2, learner_pb2_grpc, model_pb2, model_pb2_grpc, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
@@ -54,6 +55,7 @@ class PipelineLoop(RunLoop):
         self.gold = judges.resolve(cfg.gold.name, cfg.gold.args)
         self.second = judges.resolve(cfg.second_judge.name, cfg.second_judge.args)
         self.labeling: tuple[int, ComparisonStore] | None = None  # the open labeling round, for the labeler RPCs
+        self.launcher = None  # built on first use when rm_job: launcher
 
     # -- plumbing ----------------------------------------------------------
     @property
@@ -244,12 +246,19 @@ class PipelineLoop(RunLoop):
         data = round_dir / "comparisons_all.jsonl"
         parts = [(self.record.path / f"rm-round-{i}" / "comparisons.jsonl").read_bytes() for i in range(r + 1)]
         write_bytes_atomic(data, b"".join(parts))
-        resp = self.roles.call("TrainRewardModel", self.roles.learner, lambda t: self._learner().TrainRewardModel(
-            learner_pb2.TrainRewardModelRequest(
-                job_id=f"{self.record.run_id}-rm-{r}", init_model_dir=self.art["sft_dir"], comparisons_path=str(data),
-                demonstrations_path=self.pcfg.demonstrations, config_yaml=dump_yaml(self.pcfg.rm),
-                output_dir=str(self.record.path / f"rm-{r}"),
-            ), timeout=JOB_TIMEOUT_S))
+        req = dict(job_id=f"{self.record.run_id}-rm-{r}", init_model_dir=self.art["sft_dir"], comparisons_path=str(data),
+                   demonstrations_path=self.pcfg.demonstrations, config_yaml=dump_yaml(self.pcfg.rm),
+                   output_dir=str(self.record.path / f"rm-{r}"))
+        if self.pcfg.rm_job == "launcher":
+            if self.launcher is None:
+                self.launcher = launchers.make_launcher(self.roles.cfg.launcher)
+            try:
+                resp = launchers.rm_response(launchers.run_rm_job(self.launcher, req, JOB_TIMEOUT_S, cancel=self.stop_requested))
+            except launchers.JobFailed as err:
+                raise RunFailed(f"rm round {r}: {err}") from err
+        else:
+            resp = self.roles.call("TrainRewardModel", self.roles.learner, lambda t: self._learner().TrainRewardModel(
+                learner_pb2.TrainRewardModelRequest(**req), timeout=JOB_TIMEOUT_S))
         versions = self.art.setdefault("rm_versions", {})
         if str(r) not in versions:
             versions[str(r)] = max(self._versions(self.roles.reward)) + 1

@@ -13,17 +13,19 @@ time.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from alignd import data
-from alignd.config import ConfigError, LearnerConfig, ModelConfig, RMTrainConfig, SFTConfig, build_config
+from alignd.config import ConfigError, LearnerConfig, ModelConfig, OptimizerConfig, RMTrainConfig, SFTConfig, build_config
 from alignd.models.handle import load_causal_lm, load_scalar_head_model, load_tokenizer
 from alignd.runtime.errors import FailedPrecondition, InvalidArgument
 from alignd.runtime.logging import get_logger
@@ -150,23 +152,47 @@ class Jobs:
             self._busy.release()
 
     def reward_model(self, req: learner_pb2.TrainRewardModelRequest) -> learner_pb2.TrainRewardModelResponse:
-        if not req.job_id:
-            raise InvalidArgument("job_id", "must not be empty")
-        if not req.init_model_dir:
-            raise InvalidArgument("init_model_dir", "must not be empty (the SFT model, or a reward model to continue)")
-        done = _stored(req.output_dir, req.job_id, learner_pb2.TrainRewardModelResponse)
-        if done is not None:
-            return done
-        cfg: RMTrainConfig = _config(RMTrainConfig, req.config_yaml)
-        skip = cfg.skip_bad_lines
-        comps, _ = _load(data.load_comparisons, req.comparisons_path, "comparisons_path", max_k=cfg.max_k, skip_bad=skip)
-        val = (_load(data.load_comparisons, req.validation_path, "validation_path", max_k=cfg.max_k, skip_bad=skip)[0]
-               if req.validation_path else [])
-        demos = (_load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path", skip_bad=skip)[0]
-                 if req.demonstrations_path else [])
-        train, val = _split(comps, val, cfg.validation_fraction, cfg.seed, "comparisons_path")
-        tmp = _tmp_dir(req.output_dir)
+        return train_reward_model(req, betas=tuple(self.cfg.optimizer.betas), claim=self._claiming)
+
+    @contextlib.contextmanager
+    def _claiming(self):
         self._claim()
+        try:
+            yield
+        finally:
+            self._busy.release()
+
+
+def train_reward_model(
+    req: learner_pb2.TrainRewardModelRequest,
+    *,
+    betas: tuple[float, float] = tuple(OptimizerConfig().betas),
+    claim: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> learner_pb2.TrainRewardModelResponse:
+    """The reward-model training job (LearnerService.TrainRewardModel, and `alignd job train-rm` standalone).
+
+    Validates the request (InvalidArgument naming the field), replays the result stored in output_dir
+    for the same job id, else trains and publishes output_dir atomically with the result inside.
+    `claim` is entered around the training (the learner's one-job-at-a-time lock)."""
+    if not req.job_id:
+        raise InvalidArgument("job_id", "must not be empty")
+    if not req.init_model_dir:
+        raise InvalidArgument("init_model_dir", "must not be empty (the SFT model, or a reward model to continue)")
+    if not req.output_dir:
+        raise InvalidArgument("output_dir", "must not be empty")
+    done = _stored(req.output_dir, req.job_id, learner_pb2.TrainRewardModelResponse)
+    if done is not None:
+        return done
+    cfg: RMTrainConfig = _config(RMTrainConfig, req.config_yaml)
+    skip = cfg.skip_bad_lines
+    comps, _ = _load(data.load_comparisons, req.comparisons_path, "comparisons_path", max_k=cfg.max_k, skip_bad=skip)
+    val = (_load(data.load_comparisons, req.validation_path, "validation_path", max_k=cfg.max_k, skip_bad=skip)[0]
+           if req.validation_path else [])
+    demos = (_load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path", skip_bad=skip)[0]
+             if req.demonstrations_path else [])
+    train, val = _split(comps, val, cfg.validation_fraction, cfg.seed, "comparisons_path")
+    tmp = _tmp_dir(req.output_dir)
+    with claim():
         try:
             t0 = time.perf_counter()
             mcfg = ModelConfig(path=req.init_model_dir)
@@ -178,7 +204,7 @@ class Jobs:
             res = supervised.train_rm(
                 model, tok, [triple(c) for c in train], [triple(c) for c in val], lr=cfg.lr, batch_size=cfg.batch_size,
                 max_tokens=cfg.max_tokens, epochs=cfg.epochs, warmup_steps=cfg.warmup_steps,
-                betas=tuple(self.cfg.optimizer.betas), seed=cfg.seed, demonstrations=[(d.prompt, d.completion) for d in demos],
+                betas=tuple(betas), seed=cfg.seed, demonstrations=[(d.prompt, d.completion) for d in demos],
             )
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
@@ -194,4 +220,3 @@ class Jobs:
             return resp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            self._busy.release()

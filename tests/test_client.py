@@ -105,3 +105,37 @@ def test_wait_for_serving_times_out(host):
     host.start()
     with make_channel(host.address) as ch, pytest.raises(TimeoutError):
         wait_for_serving(ch, timeout=0.5)
+
+
+def test_expand_addresses_spells_out_every_replica_behind_a_name():
+    import socket
+
+    from alignd.runtime.client import expand_addresses
+
+    table = {
+        "policy-headless": ["10.0.0.7", "10.0.0.5", "10.0.0.6", "10.0.0.5"],
+        "reward": ["10.0.1.1"],
+        "v6-headless": ["fd00::2", "fd00::1"],
+    }
+    calls = []
+
+    def resolve(host, port, type=0):
+        calls.append((host, port, type))
+        if host not in table:
+            raise socket.gaierror(-2, "Name or service not known")
+        return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, type, 6, "", (ip, port)) for ip in table[host]]
+
+    got = expand_addresses(
+        ["policy-headless:50051", "reward:50052", "127.0.0.1:1", "localhost:2", "not-yet:3", "v6-headless:4", "[::1]:5"],
+        resolve=resolve,
+    )
+    assert got == [
+        "10.0.0.5:50051", "10.0.0.6:50051", "10.0.0.7:50051",  # one per distinct replica, sorted
+        "reward:50052",  # a single address: the name is kept (gRPC re-resolves it on reconnect)
+        "127.0.0.1:1", "localhost:2",  # literals and localhost are not looked up
+        "not-yet:3",  # not resolvable yet: kept, the channel retries
+        "[fd00::1]:4", "[fd00::2]:4",
+        "[::1]:5",
+    ]
+    assert {c[0] for c in calls} == {"policy-headless", "reward", "not-yet", "v6-headless"}
+    assert all(c[2] == socket.SOCK_STREAM for c in calls)

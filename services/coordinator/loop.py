@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import grpc
 
 from alignd.config import CoordinatorConfig, PPORunConfig
-from alignd.runtime.client import make_channel, wait_for_serving
+from alignd.runtime.client import expand_addresses, make_channel, wait_for_serving
 from alignd.runtime.errors import FailedPrecondition
 from alignd.runtime.logging import get_logger
 from alignd.data import load_prompts
@@ -66,9 +66,10 @@ class Roles:
         if missing:
             raise FailedPrecondition(f"coordinator is not configured with {', '.join(missing)}")
         self.cfg = cfg
-        self.policy = [make_channel(a) for a in cfg.policy_addresses]
-        self.reward = [make_channel(a) for a in cfg.reward_addresses]
-        self.reference = [make_channel(a) for a in cfg.reference_addresses]
+        # A headless Service name becomes one channel per replica (resolved when the run starts).
+        self.policy = [make_channel(a) for a in expand_addresses(cfg.policy_addresses)]
+        self.reward = [make_channel(a) for a in expand_addresses(cfg.reward_addresses)]
+        self.reference = [make_channel(a) for a in expand_addresses(cfg.reference_addresses)]
         self.learner = make_channel(cfg.learner_address)
         self._rr = 0
 

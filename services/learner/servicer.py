@@ -8,6 +8,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from alignd.models.inputs import check_batch, check_ids, check_length
+from alignd.runtime.client import expand_addresses
 from alignd.runtime.errors import InvalidArgument
 from alignd.runtime.logging import get_logger
 from alignd.runtime.metrics import LATENCY_BUCKETS_SECONDS
@@ -139,7 +140,8 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
 
     def PushWeights(self, request, context):
         learner = self.loaded.get()
-        addresses = list(request.addresses) or list(learner.cfg.policy_addresses)
+        # Every replica behind a headless Service name gets the weights (resolved on each push).
+        addresses = expand_addresses(list(request.addresses) or list(learner.cfg.policy_addresses))
         if not addresses:
             raise InvalidArgument("addresses", "no policy replica given and none configured (policy_addresses)")
         resp = learner.push(addresses)

@@ -8,7 +8,9 @@ fallback used by alignd's own clients.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import socket
 import time
 
 import grpc
@@ -92,3 +94,37 @@ def wait_for_serving(channel: grpc.Channel, service: str = "", timeout: float = 
                 grpc.channel_ready_future(channel).result(timeout=min(1.0, max(remaining, 0.01)))
             except grpc.FutureTimeoutError:
                 pass
+
+
+def expand_addresses(addresses: list[str], resolve=socket.getaddrinfo) -> list[str]:
+    """host:port entries with every replica spelt out: a name that resolves to several IPs (a Kubernetes headless
+    Service, one A record per ready pod) becomes one ip:port per address, sorted, so callers can spread work over
+    the replicas and reach each one (weight pushes). IP literals, localhost and names that do not resolve (yet)
+    are kept as given; duplicates are dropped."""
+    out: list[str] = []
+    for addr in addresses:
+        host, sep, port = addr.rpartition(":")
+        if not sep or not port.isdigit():
+            out.append(addr)
+            continue
+        bare = host.strip("[]")
+        try:
+            ipaddress.ip_address(bare)
+            out.append(addr)
+            continue
+        except ValueError:
+            pass
+        if bare == "localhost":
+            out.append(addr)
+            continue
+        try:
+            infos = resolve(bare, int(port), type=socket.SOCK_STREAM)
+        except OSError:
+            out.append(addr)
+            continue
+        ips = sorted({info[4][0] for info in infos})
+        if len(ips) <= 1:
+            out.append(addr)
+        else:
+            out.extend(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips)
+    return list(dict.fromkeys(out))

@@ -239,6 +239,16 @@ def test_get_info(model_stub, tok, tiny_models):
     assert info.eos_token_id == tok.eos_token_id
 
 
+def test_model_memory_metric_counts_parameters_and_buffers(policy_server, lm):
+    import urllib.request
+
+    text = urllib.request.urlopen(policy_server.metrics_url, timeout=10).read().decode()
+    want = sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()])
+    line = next(x for x in text.splitlines() if x.startswith('alignd_policy_model_memory_bytes{device="cpu"}'))
+    assert float(line.split()[-1]) == want
+    assert "alignd_policy_gpu_memory_allocated_bytes{" not in text  # CPU: no GPU gauge samples
+
+
 def test_metrics_and_request_id(stub, tok, policy_server):
     import urllib.request
 

@@ -45,6 +45,18 @@ class WeightMetrics:
         self.bytes = Counter(
             f"alignd_{slug}_weight_update_bytes_total", "Bytes of weights received.", registry=registry
         )
+        self.memory = Gauge(
+            f"alignd_{slug}_model_memory_bytes",
+            "Bytes of the served model's parameters and buffers, by device (cpu, cuda:N).",
+            ["device"],
+            registry=registry,
+        )
+        self.gpu_memory = Gauge(
+            f"alignd_{slug}_gpu_memory_allocated_bytes",
+            "torch.cuda.memory_allocated of the role's CUDA device (exported only when the model is on a GPU).",
+            ["device"],
+            registry=registry,
+        )
         self.seconds = Histogram(
             f"alignd_{slug}_weight_update_seconds",
             "Time to receive and apply a weight update, in seconds.",
@@ -70,6 +82,15 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     def attach(self, handle: ModelHandle) -> None:
         self.handle = handle
         self.metrics.version.set(handle.version)
+        by_device: dict[str, int] = {}
+        for t in [*handle.model.parameters(), *handle.model.buffers()]:
+            by_device[str(t.device)] = by_device.get(str(t.device), 0) + t.numel() * t.element_size()
+        for device, n in by_device.items():
+            self.metrics.memory.labels(device).set(n)
+            if device.startswith("cuda"):
+                import torch
+
+                self.metrics.gpu_memory.labels(device).set_function(lambda d=device: torch.cuda.memory_allocated(d))
 
     def _handle(self, context) -> ModelHandle:
         if self.handle is None:

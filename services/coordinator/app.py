@@ -48,6 +48,8 @@ class CoordinatorMetrics:
             "alignd_coordinator_rollout_tokens_total", "Response tokens generated for rollouts.", registry=registry
         )
         self.runs = Counter("alignd_coordinator_runs_total", "Runs ended, by final state.", ["state"], registry=registry)
+        for state in ("succeeded", "failed", "stopped"):  # exported at 0 from the start, so increase() sees the first end
+            self.runs.labels(state)
         self.step = Gauge("alignd_coordinator_run_step", "Step of the active run.", registry=registry)
         self.mean_score = Gauge("alignd_coordinator_mean_score", "Mean reward-model score of the last batch.", registry=registry)
         self.kl = Gauge("alignd_coordinator_reference_kl", "Mean per-token KL(policy || reference) of the last batch.", registry=registry)

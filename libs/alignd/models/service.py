@@ -42,6 +42,8 @@ class WeightMetrics:
             ["result"],
             registry=registry,
         )
+        for result in ("applied", "rejected"):  # exported at 0 from the start, so rate() sees the first one
+            self.updates.labels(result)
         self.bytes = Counter(
             f"alignd_{slug}_weight_update_bytes_total", "Bytes of weights received.", registry=registry
         )

@@ -275,6 +275,12 @@ def test_addresses_between_roles_are_service_dns_names(rendered, case):
     assert learner.policy_addresses == coord.policy_addresses
     assert coord.runs_dir == "/var/lib/alignd/runs"
     assert learner.checkpoint_dir == "/var/lib/alignd/learner/checkpoints"
+    # RM jobs on Kubernetes (launcher.kind: kubernetes) get the learner's image, the shared volume and this namespace.
+    k8s = coord.launcher.kubernetes
+    assert k8s.image == workload(docs, "learner")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert k8s.pvc_claim == one(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    assert k8s.run_mount_path == "/var/lib/alignd" and k8s.namespace == NAMESPACE
+    assert coord.launcher.kind == "local"  # the defaults above change nothing until a user picks kubernetes
 
 
 def test_user_addresses_and_ports_win_where_they_should(chart):

@@ -149,6 +149,23 @@ the addresses of the other roles and the paths on the shared volume.
 {{- if not (get $cfg "runs_dir") -}}
 {{- $_ := set $cfg "runs_dir" (printf "%s/runs" $mount) -}}
 {{- end -}}
+{{- /* Kubernetes RM jobs (launcher.kind: kubernetes): the learner's image, the shared volume, this namespace. */ -}}
+{{- $launcher := deepCopy (get $cfg "launcher" | default dict) -}}
+{{- $k8s := deepCopy (get $launcher "kubernetes" | default dict) -}}
+{{- if not (get $k8s "image") -}}
+{{- $_ := set $k8s "image" (include "alignd.image" (dict "root" $root "role" "learner")) -}}
+{{- end -}}
+{{- if and $root.Values.persistence.enabled (not (get $k8s "pvc_claim")) -}}
+{{- $_ := set $k8s "pvc_claim" (include "alignd.pvcName" $root) -}}
+{{- end -}}
+{{- if not (get $k8s "run_mount_path") -}}
+{{- $_ := set $k8s "run_mount_path" $mount -}}
+{{- end -}}
+{{- if not (get $k8s "namespace") -}}
+{{- $_ := set $k8s "namespace" $root.Release.Namespace -}}
+{{- end -}}
+{{- $_ := set $launcher "kubernetes" $k8s -}}
+{{- $_ := set $cfg "launcher" $launcher -}}
 {{- else if eq $role "learner" -}}
 {{- if and $root.Values.policy.enabled (not (get $cfg "policy_addresses")) -}}
 {{- $_ := set $cfg "policy_addresses" (list (include "alignd.headlessAddress" (dict "root" $root "role" "policy"))) -}}

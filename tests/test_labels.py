@@ -470,3 +470,17 @@ def test_sigkill_loses_no_accepted_ranking(tmp_path):
         left = store.pending(labeler="after", lease_s=0)
         assert len(left) == 4000 - len(got)
         store.submit(left[0].task_id, list(range(left[0].k)), "after")
+
+
+def test_external_agreement_pools_every_pair_of_labelers(tmp_path):
+    from alignd.services.coordinator.pipeline import external_agreement
+
+    with ComparisonStore(tmp_path / "r", labels_per_task=2) as s:
+        s.create_round([("p", ["a", "b", "c"]), ("q", ["x", "y"])])
+        t0, t1 = s.tasks()
+        assert external_agreement(s) == {}  # nobody ranked yet
+        s.submit(t0.task_id, [0, 1, 2], "u")
+        s.submit(t0.task_id, [0, 2, 1], "v")  # agrees with u on 2 of 3 pairs
+        s.submit(t1.task_id, [0, 1], "u")
+        s.submit(t1.task_id, [0, 1], "w")  # agrees on its 1 pair; v and w share no task
+        assert external_agreement(s) == {"agreement": 0.75, "pairs": 4}

@@ -29,7 +29,7 @@ from alignd.data import load_demonstrations, load_prompts
 from alignd.runtime.logging import get_logger
 from alignd.runtime.role import write_bytes_atomic, write_json_atomic
 from alignd.services.coordinator import launchers
-from alignd.services.coordinator.labels import ComparisonStore
+from alignd.services.coordinator.labels import ComparisonStore, LabelError
 from alignd.services.coordinator.loop import RunFailed, RunLoop
 from alignd.v1 import learner_pb2, learner_pb2_grpc, model_pb2, model_pb2_grpc, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
 
@@ -46,7 +46,7 @@ class PipelineLoop(RunLoop):
             cfg = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"skip_bad_lines": True}),
                                          "rm": cfg.rm.model_copy(update={"skip_bad_lines": True})})
         self.pcfg = cfg
-        self.data_reports, self.eval_prompts_all = check_data(cfg)
+        self.data_reports, self.eval_prompts_all = check_data(cfg, self.prompts_report)  # prompts: read by RunLoop
         if "data" not in record.artifacts:
             record.artifacts["data"] = self.data_reports
         for name, r in self.data_reports.items():
@@ -352,13 +352,13 @@ class PipelineLoop(RunLoop):
         })
 
 
-def check_data(cfg: PipelineConfig) -> tuple[dict, list[str]]:
+def check_data(cfg: PipelineConfig, prompts_report=None) -> tuple[dict, list[str]]:
     """Reads the run's data files as the run will: a malformed line raises DataError (`file:line: problem`) so the
     run refuses to start, unless cfg.skip_bad_lines, which drops and counts it. Returns ({file: load report},
-    the evaluation prompts)."""
+    the evaluation prompts). prompts_report: the PPO prompts' report when the caller loaded them already."""
     skip = cfg.skip_bad_lines
     _, demos = load_demonstrations(cfg.demonstrations, skip_bad=skip)
-    _, prompts = load_prompts(cfg.ppo.prompts.path, field=cfg.ppo.prompts.field, skip_bad=skip)
+    prompts = prompts_report or load_prompts(cfg.ppo.prompts.path, field=cfg.ppo.prompts.field, skip_bad=skip)[1]
     ev = cfg.evaluation
     eval_prompts, evals = load_prompts(ev.prompts.path, field=ev.prompts.field, skip_bad=skip)
     reports = {
@@ -370,17 +370,14 @@ def check_data(cfg: PipelineConfig) -> tuple[dict, list[str]]:
 
 def external_agreement(store: ComparisonStore) -> dict:
     """Pooled pairwise agreement between every two labelers who ranked the same task ({} with one label per task)."""
-    agreed = total = 0
-    for task in store.tasks():
-        ranks = [lab.ranking for lab in store.labels(task_id=task.task_id)]
-        for i in range(len(ranks)):
-            for j in range(i + 1, len(ranks)):
-                pa = {c: n for n, c in enumerate(ranks[i])}
-                pb = {c: n for n, c in enumerate(ranks[j])}
-                for x, y in combinations(range(task.k), 2):
-                    agreed += (pa[x] < pa[y]) == (pb[x] < pb[y])
-                    total += 1
-    return {"agreement": agreed / total, "pairs": total} if total else {}
+    agreed = total = 0.0
+    for a, b in combinations(store.labelers(), 2):
+        try:
+            rate, pairs = store.agreement(a, b)
+        except LabelError:  # no task in common
+            continue
+        agreed, total = agreed + rate * pairs, total + pairs
+    return {"agreement": agreed / total, "pairs": int(total)} if total else {}
 
 
 def parse_run_config(data: dict):

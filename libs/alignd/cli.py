@@ -57,8 +57,11 @@ def cmd_serve(args) -> int:
     configure_logging(cfg.log_level, role=args.role)
     run_dir = resolve_run_dir(args.run_dir, f"serve-{args.role}")
     app = create_app(args.role, cfg, run_dir)
-    host = ServiceHost(args.role, cfg.server, app.service_names)
     endpoint = Path(args.endpoint_file) if args.endpoint_file else run_dir / f"{args.role}.endpoint.json"
+    if getattr(app, "follows_rank0", False):
+        # A learner rank > 0 under torchrun serves no API: it runs rank 0's commands (services/learner/ranks.py).
+        return app.follow(endpoint)
+    host = ServiceHost(args.role, cfg.server, app.service_names)
     return run_role(app, host, endpoint)
 
 

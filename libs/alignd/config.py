@@ -210,6 +210,14 @@ class EngineConfig(Strict):
     kind: Literal["torch", "deepspeed"] = Field("torch", description="Training engine.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (deepspeed engine only).")
     bf16: bool = Field(False, description="bf16 mixed precision (deepspeed engine on GPUs).")
+    collective_timeout_seconds: float = Field(
+        1800.0, ge=5,
+        description="torch.distributed timeout of every collective, in seconds (deepspeed engine). Under torchrun a rank "
+        "that dies or hangs makes the others' next collective fail after at most this long, which ends the whole job "
+        "(Kubernetes restarts it from the latest checkpoint); ranks > 0 wait at most this long for rank 0's next "
+        "command (rank 0 sends a heartbeat every min(10 s, a quarter of it) when idle). Keep it above the longest "
+        "checkpoint write.",
+    )
 
 
 class LearnerConfig(RoleConfig):

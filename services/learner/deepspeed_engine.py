@@ -12,9 +12,13 @@ bf16 from `engine.bf16`.
 Processes: one (the learner as it is; torch.distributed is initialised over
 gloo on a free loopback port when nobody did) or N under `torchrun`
 (`torchrun --nproc_per_node N ...`: RANK/WORLD_SIZE/MASTER_* come from the
-environment). Backend: NCCL when CUDA is available, else gloo. Every rank
-must call `PPOTrainer.step` with the same batch; the trainer gives each rank
-its share of every minibatch (`reduction.py`). DeepSpeed AVERAGES gradients
+environment; the learner service then serves from rank 0 and the other ranks
+follow its commands, ranks.py). Backend: NCCL when CUDA is available, else
+gloo. Every collective times out after `engine.collective_timeout_seconds`
+(given to `init_process_group`): a rank that died or hangs makes the others
+fail instead of waiting forever. Every rank must call `PPOTrainer.step` with
+the same batch; the trainer gives each rank its share of every minibatch
+(`reduction.py`). DeepSpeed AVERAGES gradients
 over ranks, while the shares' gradients must be SUMMED (each rank's loss is
 already normalised by the global token count), so `backward` scales the loss
 by the world size: mean_r(W * grad L_r) = sum_r grad L_r = grad L. (ZeRO-2's
@@ -25,7 +29,8 @@ DeepSpeed's first `initialize` JIT-compiles its shared-memory collective op
 with g++ (1-2 minutes on CPU); gloo does not need it, so it is skipped
 (`_skip_shm_op`).
 
-Checkpoint (`state_dict`): this rank's ZeRO optimizer state (for stage >= 1
+Checkpoint (`state_dict`, one file per rank in the learner's checkpoints,
+checkpoint.py): this rank's ZeRO optimizer state (for stage >= 1
 its partition of the fp32 master weights and Adam moments; for stage 0 the
 whole torch optimizer), the LR scheduler, the world size and the ZeRO stage.
 The module's weights are not in it (the learner saves them with the module
@@ -33,7 +38,8 @@ state dict, and `load_state_dict` refreshes ZeRO's fp32 master copy from
 them), so restore the module first, then the engine, with the same world size
 and stage. Stage 3 partitions the parameters themselves: `module.state_dict()`
 then holds placeholders, which the learner's checkpoints and weight pushes do
-not gather yet (use stage 0-2 with the learner).
+not gather yet (use stage 0-2 with the learner; a learner of world size > 1
+refuses stage 3 at start-up, ranks.check_config).
 """
 
 from __future__ import annotations
@@ -68,19 +74,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str | None = None) -> None:
-    """torch.distributed from torchrun's environment, or a one-process group on loopback."""
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> None:
+    """torch.distributed from torchrun's environment, or a one-process group on loopback.
+
+    timeout_s: how long any collective (and the rendezvous) may wait for the other ranks.
+    """
     if dist.is_initialized():
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = timedelta(seconds=timeout_s)
     if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
-        dist.init_process_group(backend, init_method="env://", timeout=timedelta(minutes=30))
+        dist.init_process_group(backend, init_method="env://", timeout=timeout)
     else:
         os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize insists on it
         dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timedelta(minutes=30)
+            backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
         )
 
 
@@ -102,7 +112,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         _skip_shm_op()
-        init_distributed()
+        init_distributed(timeout_s=cfg.engine.collective_timeout_seconds)
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         self.module = module
         self.cfg = cfg

@@ -6,6 +6,12 @@ No gRPC here except the client side of the weight push. `TrainStep(step)`:
   `checkpoint_every_steps`) a checkpoint written before the call returns, so
   a result the coordinator saw survives a crash;
 - anything else: FAILED_PRECONDITION (the coordinator must replay in order).
+
+Under torchrun (ranks.py) every rank builds a `Learner`. On rank 0 the
+state-changing methods (`train_step`, `reset`, `save_checkpoint`) check the
+request, then run their part as a command (`self.ranks.command`) that the
+other ranks execute through `apply`; the read-only ones (`text_loss`,
+`push`) run on rank 0 alone. With one process `self.ranks` is a no-op.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from alignd.models.weights import push_weights
 from alignd.runtime.client import make_channel
 from alignd.runtime.errors import FailedPrecondition, InvalidArgument
 from alignd.runtime.logging import get_logger
-from alignd.services.learner import checkpoint
+from alignd.services.learner import checkpoint, ranks
 from alignd.services.learner.engine import TorchEngine
 from alignd.services.learner.model import PolicyValue, disable_dropout
 from alignd.services.learner.ppo import Batch, PPOTrainer, StepStats
@@ -52,6 +58,7 @@ def build_engine(cfg: LearnerConfig, module):
 class Learner:
     def __init__(self, cfg: LearnerConfig, run_dir: Path | None) -> None:
         self.cfg = cfg
+        ranks.select_device(ranks.Launch.from_env())
         torch.manual_seed(cfg.seed)
         policy = load_causal_lm(cfg.model)
         value_model = None
@@ -63,6 +70,8 @@ class Learner:
         self.module = PolicyValue(policy, value_model)
         disable_dropout(self.module)
         self.engine = build_engine(cfg, self.module)
+        # After the engine, which initialised torch.distributed (every rank gets here in the same order).
+        self.ranks = ranks.open_group(cfg)
         ptx = None
         if cfg.ppo.ptx_coef > 0:
             if not cfg.ppo.ptx_data:
@@ -83,48 +92,90 @@ class Learner:
         last = checkpoint.latest(root)
         if last is not None:
             self._restore(last)
+        self.ranks.agree(self.summary())  # every rank restored the same checkpoint from the same directory
 
     # -- state -------------------------------------------------------------
     @property
     def version(self) -> int:
         return self.handle.version
 
-    def _trainer_state(self) -> dict:
+    def summary(self) -> dict:
+        """What every rank must agree on after each command (ranks.RankGroup.agree)."""
         return {
-            "engine": self.engine.state_dict(),
+            "step": self.step, "version": self.version, "base_version": self.base_version,
+            "checkpoint_root": str(self.checkpoint_root.resolve()),
+        }
+
+    def _trainer_state(self) -> dict:
+        """What every rank shares (rank 0 writes it)."""
+        return {
             "trainer": self.trainer.state_dict(),
             "ema": self.ema,
             "step": self.step,
             "version": self.version,
             "base_version": self.base_version,
             "results": self.results,
+        }
+
+    def _rank_state(self) -> dict:
+        """This rank's engine state (its ZeRO partition) and RNGs."""
+        return {
+            "rank": self.ranks.rank,
+            "engine": self.engine.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
 
     def _restore(self, path: Path) -> None:
-        module_state, state = checkpoint.load(path)
-        self.module.load_state_dict(module_state)
-        self.engine.load_state_dict(state["engine"])
+        module_state, state, mine = checkpoint.load(path, self.ranks.rank, self.ranks.world_size)
+        self.module.load_state_dict(module_state)  # first: ZeRO refreshes its fp32 partition from it
+        self.engine.load_state_dict(mine["engine"])
         self.trainer.load_state_dict(state["trainer"])
         self.ema = state["ema"]
         self.step = state["step"]
         self.base_version = state.get("base_version", 0)
         self.handle.version = state["version"]
         self.results = state["results"]
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(mine["rng"]["torch"])
+        np.random.set_state(mine["rng"]["numpy"])
+        random.setstate(mine["rng"]["python"])
         self.restored_from = path
-        _log.info("checkpoint_restored", path=str(path), step=self.step, version=self.version)
+        _log.info("checkpoint_restored", path=str(path), step=self.step, version=self.version, rank=self.ranks.rank)
 
-    def save_checkpoint(self, tag: str = "") -> Path:
+    def _write_checkpoint(self, tag: str = "") -> Path:
+        """Writes a checkpoint; with several ranks every rank calls it at the same point (its shard)."""
         t0 = time.perf_counter()
+        lead = self.ranks.rank == 0
         path = checkpoint.save(
-            self.checkpoint_root, self.step, self.module.state_dict(), self._trainer_state(),
-            self.module.policy, self.tokenizer, tag=tag, keep=self.cfg.checkpoint_keep,
+            self.checkpoint_root, self.step,
+            self.module.state_dict() if lead else None, self._trainer_state() if lead else None, self._rank_state(),
+            self.module.policy, self.tokenizer, tag=tag, keep=self.cfg.checkpoint_keep, ranks=self.ranks,
         )
-        _log.info("checkpoint_saved", path=str(path), step=self.step, seconds=round(time.perf_counter() - t0, 3))
+        _log.info(
+            "checkpoint_saved", path=str(path), step=self.step, rank=self.ranks.rank,
+            world_size=self.ranks.world_size, seconds=round(time.perf_counter() - t0, 3),
+        )
         return path
+
+    def save_checkpoint(self, tag: str = "") -> tuple[Path, int]:
+        """SaveCheckpoint: (path, step); every rank writes its part."""
+        with self.lock:
+            with self.ranks.command(ranks.SaveCheckpoint(tag), self.summary):
+                path = self._write_checkpoint(tag)
+            return path, self.step
+
+    def apply(self, cmd: ranks.Command) -> None:
+        """Ranks > 0: executes a command that rank 0 checked and broadcast (ranks.follow)."""
+        with self.lock:
+            if isinstance(cmd, ranks.TrainStep):
+                self._train(cmd.step, cmd.batch)
+            elif isinstance(cmd, ranks.ResetPolicy):
+                policy_weights, value_weights = self._reset_weights(cmd.policy_dir, cmd.value_model_dir)
+                self.handle.apply_weights(policy_weights, cmd.version, partial=False)
+                self._reset(cmd.version, value_weights)
+            elif isinstance(cmd, ranks.SaveCheckpoint):
+                self._write_checkpoint(cmd.tag)
+            else:
+                raise TypeError(f"not a learner command: {cmd!r}")
 
     # -- training ----------------------------------------------------------
     def train_step(self, step: int, batch: Batch) -> learner_pb2.TrainStepResponse:
@@ -138,57 +189,79 @@ class Learner:
                 raise FailedPrecondition(f"step {step} was applied but its result is no longer kept (last step {self.step})")
             if step != self.step + 1:
                 raise FailedPrecondition(f"step {step} out of order: the learner is at step {self.step}, expects {self.step + 1}")
-            stats = self.trainer.step(batch)
-            if self.ema is not None:
-                rlmath.ema_update(self.ema, list(self.module.policy.parameters()), self.cfg.ema_decay)
-            self.step = step
-            self.handle.version = self.base_version + step
-            resp = learner_pb2.TrainStepResponse(
-                step=step, policy_version=self.version, stats=to_pb(stats), skipped=stats.updates_applied == 0
-            )
-            self.results[step] = resp.SerializeToString()
-            for old in sorted(self.results)[:-RESULTS_KEPT]:
-                del self.results[old]
-            if self.cfg.checkpoint_every_steps and step % self.cfg.checkpoint_every_steps == 0:
-                self.save_checkpoint()
-            return resp
+            with self.ranks.command(ranks.TrainStep(step, batch), self.summary):
+                return self._train(step, batch)
+
+    def _train(self, step: int, batch: Batch) -> learner_pb2.TrainStepResponse:
+        """Trains `step` (every rank, its share of each minibatch); call with `lock` held."""
+        stats = self.trainer.step(batch)
+        if self.ema is not None:
+            rlmath.ema_update(self.ema, list(self.module.policy.parameters()), self.cfg.ema_decay)
+        self.step = step
+        self.handle.version = self.base_version + step
+        resp = learner_pb2.TrainStepResponse(
+            step=step, policy_version=self.version, stats=to_pb(stats), skipped=stats.updates_applied == 0
+        )
+        self.results[step] = resp.SerializeToString()
+        for old in sorted(self.results)[:-RESULTS_KEPT]:
+            del self.results[old]
+        if self.cfg.checkpoint_every_steps and step % self.cfg.checkpoint_every_steps == 0:
+            self._write_checkpoint()
+        return resp
 
     def reset(self, policy_dir: str, value_model_dir: str, version: int) -> bool:
         """Starts PPO afresh from these weights at `version`; False when already done (replay)."""
-        from alignd.models.handle import read_weights_dir
-
         with self.lock:
             if self.base_version == version and self.step == 0:
                 return False
             if version <= self.version:
                 raise FailedPrecondition(f"version {version} is not above the current policy version {self.version}")
-            policy_weights = read_weights_dir(policy_dir)
-            value_weights = read_weights_dir(value_model_dir) if value_model_dir else None
-            if value_weights is not None and self.module.value_model is None:
-                raise FailedPrecondition("value_model_dir given, but the value function is a head on the policy")
-            handle = self.handle
-            handle.apply_weights(policy_weights, version, partial=False)
-            if value_weights is not None:
-                vstate = self.module.value_model.state_dict()
-                unknown = [k for k in value_weights if k not in vstate]
-                if unknown:
-                    raise InvalidArgument("value_model_dir", f"tensors unknown to the value model: {unknown[:3]}")
-                with torch.no_grad():
-                    for k, t in value_weights.items():
-                        vstate[k].copy_(t.to(vstate[k].dtype))
-            elif self.module.value_head is not None:
-                torch.nn.init.zeros_(self.module.value_head.weight)
-                torch.nn.init.zeros_(self.module.value_head.bias)
-            self.engine = build_engine(self.cfg, self.module)
-            self.trainer = PPOTrainer(self.module, self.engine, self.cfg.ppo, self.cfg.seed, ptx_batches=self.trainer.ptx_batches)
-            self.ema = [p.detach().clone() for p in self.module.policy.parameters()] if self.cfg.ema_decay else None
-            self.step = 0
-            self.base_version = version
-            self.results = {}
-            kept = self.save_checkpoint(tag="reset")
-            checkpoint.remove_others(self.checkpoint_root, kept.name)  # they belong to the previous PPO run
+            # Everything a bad request can fail on happens here, before the other ranks hear of it:
+            # apply_weights checks every tensor before it copies any.
+            policy_weights, value_weights = self._reset_weights(policy_dir, value_model_dir)
+            self.handle.apply_weights(policy_weights, version, partial=False)
+            with self.ranks.command(ranks.ResetPolicy(policy_dir, value_model_dir, version), self.summary):
+                self._reset(version, value_weights)
             _log.info("policy_reset", policy_dir=policy_dir, value_model_dir=value_model_dir, version=version)
             return True
+
+    def _reset_weights(self, policy_dir: str, value_model_dir: str) -> tuple[dict, dict | None]:
+        """Reads and checks the weights of a reset (nothing changes here)."""
+        from alignd.models.handle import read_weights_dir
+
+        policy_weights = read_weights_dir(policy_dir)
+        value_weights = read_weights_dir(value_model_dir) if value_model_dir else None
+        if value_weights is not None:
+            if self.module.value_model is None:
+                raise FailedPrecondition("value_model_dir given, but the value function is a head on the policy")
+            vstate = self.module.value_model.state_dict()
+            unknown = [k for k in value_weights if k not in vstate]
+            if unknown:
+                raise InvalidArgument("value_model_dir", f"tensors unknown to the value model: {unknown[:3]}")
+            wrong = [k for k, t in value_weights.items() if tuple(t.shape) != tuple(vstate[k].shape)]
+            if wrong:
+                raise InvalidArgument("value_model_dir", f"tensors of another shape than the value model's: {wrong[:3]}")
+        return policy_weights, value_weights
+
+    def _reset(self, version: int, value_weights: dict | None) -> None:
+        """The rest of a reset, once the policy weights are in (every rank); call with `lock` held."""
+        if value_weights is not None:
+            vstate = self.module.value_model.state_dict()
+            with torch.no_grad():
+                for k, t in value_weights.items():
+                    vstate[k].copy_(t.to(vstate[k].dtype))
+        elif self.module.value_head is not None:
+            torch.nn.init.zeros_(self.module.value_head.weight)
+            torch.nn.init.zeros_(self.module.value_head.bias)
+        self.engine = build_engine(self.cfg, self.module)
+        self.trainer = PPOTrainer(self.module, self.engine, self.cfg.ppo, self.cfg.seed, ptx_batches=self.trainer.ptx_batches)
+        self.ema = [p.detach().clone() for p in self.module.policy.parameters()] if self.cfg.ema_decay else None
+        self.step = 0
+        self.base_version = version
+        self.results = {}
+        kept = self._write_checkpoint(tag="reset")
+        if self.ranks.rank == 0:
+            checkpoint.remove_others(self.checkpoint_root, kept.name)  # they belong to the previous PPO run
 
     # -- evaluation --------------------------------------------------------
     def text_loss(self, text_path: str, max_tokens: int, max_blocks: int) -> learner_pb2.EvaluateTextLossResponse:

@@ -1,8 +1,15 @@
-"""alignd.v1.LearnerService: validation and conversion around `Learner`."""
+"""alignd.v1.LearnerService: validation and conversion around `Learner`.
+
+Under torchrun this runs on rank 0 only (ranks.py): every request is
+validated here, before `Learner` broadcasts the state-changing ones
+(TrainStep, ResetPolicy, SaveCheckpoint) to the other ranks; PushWeights,
+EvaluateTextLoss, TrainSFT and TrainRewardModel run on rank 0 alone.
+"""
 
 from __future__ import annotations
 
 import math
+import re
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -16,6 +23,8 @@ from alignd.services.learner.ppo import Batch, collate
 from alignd.v1 import learner_pb2, learner_pb2_grpc
 
 _log = get_logger("alignd.learner.servicer")
+
+CHECKPOINT_TAG = re.compile(r"[A-Za-z0-9._-]{0,64}")
 
 
 class LearnerMetrics:
@@ -134,9 +143,10 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
 
     def SaveCheckpoint(self, request, context):
         learner = self.loaded.get()
-        with learner.lock:
-            path = learner.save_checkpoint(tag=request.tag)
-            return learner_pb2.SaveCheckpointResponse(path=str(path), step=learner.step)
+        if not CHECKPOINT_TAG.fullmatch(request.tag):
+            raise InvalidArgument("tag", "at most 64 letters, digits, '.', '_' or '-' (it becomes part of a directory name)")
+        path, step = learner.save_checkpoint(tag=request.tag)  # every rank writes its shard
+        return learner_pb2.SaveCheckpointResponse(path=str(path), step=step)
 
     def PushWeights(self, request, context):
         learner = self.loaded.get()

@@ -202,6 +202,26 @@ class RMTrainConfig(Strict):
     skip_bad_lines: bool = Field(
         False, description="Drop malformed data lines (counted and reported with file:line) instead of refusing the job."
     )
+    pooling: Literal["last", "mean"] = Field(
+        "last",
+        description="What the scalar head reads: the last token of prompt + response (Hugging Face's sequence "
+        "classifiers, TRL), or the mean over the response tokens (a preference spread over the words of a response, "
+        "such as sentiment). Recorded in the RM's config.json; the reward role scores the same way.",
+    )
+    layers: int | None = Field(
+        None, ge=1,
+        description="Keep only the first N transformer blocks of the initial model: an RM smaller (and faster to "
+        "train and serve) than the policy. null keeps them all.",
+    )
+    train: Literal["full", "head"] = Field(
+        "full",
+        description="full: fine-tune the whole model (the paper); head: freeze the backbone and fit the linear head "
+        "alone by L-BFGS on features computed once (epochs, lr, batch_size and warmup_steps then unused), "
+        "regularised by head_l2: for a few hundred noisy comparisons, where fine-tuning overfits.",
+    )
+    head_l2: float = Field(
+        0.3, ge=0, description="train: head: L2 penalty on the head's weights over standardised features."
+    )
 
 
 class EngineConfig(Strict):

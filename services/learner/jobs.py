@@ -27,6 +27,7 @@ import yaml
 from alignd import data
 from alignd.config import ConfigError, LearnerConfig, ModelConfig, OptimizerConfig, RMTrainConfig, SFTConfig, build_config
 from alignd.models.handle import load_causal_lm, load_scalar_head_model, load_tokenizer
+from alignd.models.scoring import SCORE_POOLING_KEY
 from alignd.runtime.errors import FailedPrecondition, InvalidArgument
 from alignd.runtime.logging import get_logger
 from alignd.services.learner import supervised
@@ -200,12 +201,22 @@ def train_reward_model(
             if tok.pad_token_id is not None:
                 model.config.pad_token_id = tok.pad_token_id
             triple = lambda c: (c.prompt, list(c.completions), list(c.ranking))  # noqa: E731
-            _log.info("rm_started", job_id=req.job_id, train=len(train), validation=len(val))
-            res = supervised.train_rm(
-                model, tok, [triple(c) for c in train], [triple(c) for c in val], lr=cfg.lr, batch_size=cfg.batch_size,
-                max_tokens=cfg.max_tokens, epochs=cfg.epochs, warmup_steps=cfg.warmup_steps,
-                betas=tuple(betas), seed=cfg.seed, demonstrations=[(d.prompt, d.completion) for d in demos],
-            )
+            blocks = supervised.truncate_layers(model, cfg.layers) if cfg.layers else None
+            setattr(model.config, SCORE_POOLING_KEY, cfg.pooling)
+            _log.info("rm_started", job_id=req.job_id, train=len(train), validation=len(val), mode=cfg.train,
+                      pooling=cfg.pooling, layers=model.config.num_hidden_layers, init_layers=blocks)
+            demo_pairs = [(d.prompt, d.completion) for d in demos]
+            if cfg.train == "head":
+                res = supervised.fit_rm_head(
+                    model, tok, [triple(c) for c in train], [triple(c) for c in val], l2=cfg.head_l2,
+                    max_tokens=cfg.max_tokens, demonstrations=demo_pairs,
+                )
+            else:
+                res = supervised.train_rm(
+                    model, tok, [triple(c) for c in train], [triple(c) for c in val], lr=cfg.lr,
+                    batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, epochs=cfg.epochs,
+                    warmup_steps=cfg.warmup_steps, betas=tuple(betas), seed=cfg.seed, demonstrations=demo_pairs,
+                )
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             resp = learner_pb2.TrainRewardModelResponse(

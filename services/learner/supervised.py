@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from alignd import rlmath
-from alignd.models.scoring import SCORE_BIAS_KEY, score_sequences
+from alignd.models.scoring import SCORE_BIAS_KEY, pooled_features, score_sequences
 
 IGNORE = -100
 
@@ -195,22 +195,27 @@ def train_sft(
 # ---------------------------------------------------------------------------
 
 
-def encode_pair(tokenizer, prompt: str, completion: str, max_tokens: int) -> list[int]:
-    """prompt + completion tokens, prompt cut from the left to fit (the score reads the last token)."""
+def encode_pair(tokenizer, prompt: str, completion: str, max_tokens: int) -> tuple[list[int], int]:
+    """(prompt + completion tokens, index of the first completion token); the prompt is cut from the left to fit."""
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"][: max_tokens - 1]
     keep = max_tokens - len(c)
-    return (p[-keep:] if keep > 0 else []) + c
+    p = p[-keep:] if keep > 0 else []
+    return p + c, len(p)
+
+
+def _score_pairs(model, tokenizer, pairs: list[tuple[list[int], int]]) -> torch.Tensor:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return score_sequences(model, [s for s, _ in pairs], pad, starts=[b for _, b in pairs])
 
 
 def comparison_rewards(model, tokenizer, comps, max_tokens: int) -> list[torch.Tensor]:
     """One forward over every completion of every comparison; rewards split per prompt."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    seqs, sizes = [], []
+    pairs, sizes = [], []
     for prompt, completions, _ranking in comps:
-        seqs += [encode_pair(tokenizer, prompt, c, max_tokens) for c in completions]
+        pairs += [encode_pair(tokenizer, prompt, c, max_tokens) for c in completions]
         sizes.append(len(completions))
-    scores = score_sequences(model, seqs, pad)  # (sum K,)
+    scores = _score_pairs(model, tokenizer, pairs)  # (sum K,)
     return list(torch.split(scores, sizes))
 
 
@@ -285,8 +290,105 @@ def train_rm(
 def demonstration_bias(model, tokenizer, demos: Sequence[tuple[str, str]], max_tokens: int, batch_size: int = 16) -> float:
     """-mean raw score of the demonstrations: added to every score, demonstrations average 0."""
     model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = []
     for batch in _batches(list(demos), batch_size, None):
-        scores.append(score_sequences(model, [encode_pair(tokenizer, p, c, max_tokens) for p, c in batch], pad))
+        scores.append(_score_pairs(model, tokenizer, [encode_pair(tokenizer, p, c, max_tokens) for p, c in batch]))
     return -float(torch.cat(scores).mean()) if scores else 0.0
+
+
+def truncate_layers(model: nn.Module, n: int) -> int:
+    """Keeps the first `n` transformer blocks of a transformers model (an RM smaller than the model it starts
+    from: the paper's 6B RM for a 175B policy); returns the number of blocks it had. The final norm and the
+    head stay; config.json records the new depth, so the saved directory loads as the smaller model."""
+    base = model.base_model
+    for attr in ("layers", "h", "layer", "blocks"):
+        blocks = getattr(base, attr, None)
+        if isinstance(blocks, nn.ModuleList):
+            break
+    else:
+        raise ValueError(f"{type(base).__name__}: no list of transformer blocks (layers, h, layer, blocks) to truncate")
+    before = len(blocks)
+    if n < 1:
+        raise ValueError(f"layers must be >= 1, got {n}")
+    if n < before:
+        setattr(base, attr, blocks[:n])
+        model.config.num_hidden_layers = n
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = list(model.config.layer_types)[:n]
+    return before
+
+
+@torch.no_grad()
+def _features(model, tokenizer, comps, max_tokens: int, batch_size: int) -> tuple[torch.Tensor, list[int]]:
+    """Pooled features (sum K, H) of every completion of every comparison, and the K of each."""
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pairs, sizes = [], []
+    for prompt, completions, _ranking in comps:
+        pairs += [encode_pair(tokenizer, prompt, c, max_tokens) for c in completions]
+        sizes.append(len(completions))
+    feats = [pooled_features(model, [s for s, _ in chunk], [b for _, b in chunk], pad).double()
+             for chunk in (pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size))]
+    return (torch.cat(feats) if feats else torch.zeros(0, model.config.hidden_size, dtype=torch.float64)), sizes
+
+
+def _pair_accuracy(scores: torch.Tensor, sizes: list[int], rankings) -> float:
+    right = total = 0
+    for rewards, ranking in zip(torch.split(scores, sizes), rankings):
+        for w, l in rlmath.ranking_pairs(ranking):
+            right += int(rewards[w] > rewards[l])
+            total += 1
+    return right / max(1, total)
+
+
+def fit_rm_head(
+    model,
+    tokenizer,
+    train: Sequence[tuple[str, Sequence[str], Sequence[int]]],
+    val: Sequence[tuple[str, Sequence[str], Sequence[int]]],
+    *,
+    l2: float,
+    max_tokens: int,
+    batch_size: int = 16,
+    max_iterations: int = 200,
+    demonstrations: Sequence[tuple[str, str]] = (),
+) -> SupervisedResult:
+    """Fits only the scalar head, the backbone frozen: the same loss as `train_rm` (rlmath.rm_loss, all pairs of a
+    prompt one element) plus l2 * |w|^2 on the standardised features, minimised by L-BFGS over all comparisons
+    at once (deterministic; the features are computed once). With a few hundred noisy comparisons, fine-tuning
+    the backbone overfits where a regularised linear head generalises (docs/real-model-preset.md)."""
+    set_dropout(model, 0.0)
+    result = SupervisedResult()
+    x_train, k_train = _features(model, tokenizer, train, max_tokens, batch_size)  # (N, H)
+    x_val, k_val = _features(model, tokenizer, val, max_tokens, batch_size)
+    head = model.score.weight  # (1, H)
+    if val:
+        result.extra["val_accuracy_before"] = _pair_accuracy(x_val @ head.detach().double()[0], k_val, [r for *_, r in val])
+    else:
+        result.extra["val_accuracy_before"] = float("nan")
+    mu, sd = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # (H,)
+    z = (x_train - mu) / sd
+    rankings = [list(r) for *_, r in train]
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=max_iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = rlmath.rm_loss(list(torch.split(z @ w, k_train)), rankings) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    loss = float(opt.step(closure).detach())
+    with torch.no_grad():
+        raw = (w / sd).to(head.dtype)  # the head on unstandardised features; the constant -w.mu/sd is in the bias
+        head.copy_(raw[None, :])
+    result.extra["train_accuracy"] = _pair_accuracy(x_train @ raw.double(), k_train, rankings) if train else float("nan")
+    acc = _pair_accuracy(x_val @ raw.double(), k_val, [r for *_, r in val]) if val else float("nan")
+    result.history.append({"epoch": 1, "step": 1, "val_accuracy": acc, "train_loss": loss})
+    result.best_epoch, result.best_metric = 1, acc
+    result.extra["val_accuracy"] = acc
+    model.eval()
+    bias = demonstration_bias(model, tokenizer, demonstrations, max_tokens) if demonstrations else 0.0
+    setattr(model.config, SCORE_BIAS_KEY, bias)
+    result.extra["score_bias"] = bias
+    return result

@@ -5,7 +5,8 @@ backbone (`model.base_model`) and its linear head `model.score` (hidden ->
 1). The score of (prompt, response) is the head applied to the final hidden
 state of the last token of prompt + response, i.e. the last response token:
 the same position Hugging Face's sequence classifiers pool, and TRL's
-`get_reward` reads. A checkpoint trained by alignd also carries a bias
+`get_reward` reads; or, for an RM trained with `rm.pooling: mean`, to the
+mean over the response tokens (alignd.models.scoring). A checkpoint trained by alignd also carries a bias
 (`alignd_score_bias` in config.json) that makes demonstrations score 0 on
 average; it is added to every score.
 """
@@ -29,14 +30,14 @@ class RewardEngine:
         with self.handle.lock:
             version = self.handle.version
             out: list[float] = []
-            for chunk in chunks([p + r for p, r in pairs], self.max_batch_size):
-                out.extend(self._chunk(chunk))
+            for chunk in chunks(pairs, self.max_batch_size):
+                out.extend(self._chunk([p + r for p, r in chunk], [len(p) for p, _r in chunk]))
             return out, version
 
     @torch.inference_mode()
-    def _chunk(self, seqs: list[list[int]]) -> list[float]:
+    def _chunk(self, seqs: list[list[int]], starts: list[int]) -> list[float]:
         h = self.handle
-        raw = score_sequences(h.model, seqs, h.pad_token_id, h.device)  # (B,)
+        raw = score_sequences(h.model, seqs, h.pad_token_id, h.device, starts)  # (B,)
         return (raw + score_bias(h.model)).cpu().tolist()
 
 

@@ -12,7 +12,7 @@ import hashlib
 import threading
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -166,6 +166,8 @@ class ModelHandle:
         self.pad_token_id = int(pad)
         self.num_parameters = sum(p.numel() for p in model.parameters())
         self._groups = alias_groups(model)
+        # Set by roles whose LoadWeights may change the architecture (the reward role: an RM of another depth).
+        self.reloader: Callable[[str], Any] | None = None
 
     def info(self) -> common_pb2.ModelInfo:
         return common_pb2.ModelInfo(
@@ -198,6 +200,29 @@ class ModelHandle:
     def check_version(self, version: int) -> None:
         if version <= self.version:
             raise FailedPrecondition(f"version {version} is not above the served version {self.version}")
+
+    def fits(self, tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Whether `tensors` are exactly the served model's (same names and shapes)."""
+        state = self.model.state_dict()
+        return set(tensors) == set(state) and all(tuple(t.shape) == tuple(state[n].shape) for n, t in tensors.items())
+
+    def replace_model(self, model, version: int) -> int:
+        """Serves `model` (a model of another architecture, same tokenizer) from `version` on; returns its tensor count.
+
+        InvalidArgument (nothing changed) when its vocabulary differs from the tokenizer's."""
+        vocab = int(model.get_input_embeddings().num_embeddings)
+        if vocab != self.vocab_size:
+            raise InvalidArgument("path", f"the model's vocabulary has {vocab} tokens, the served tokenizer's model {self.vocab_size}")
+        with self.lock:
+            self.check_version(version)
+            self.model = model
+            self.max_context = context_limit(model, self.cfg)
+            self.num_parameters = sum(p.numel() for p in model.parameters())
+            self._groups = alias_groups(model)
+            self.version = version
+        n = len(model.state_dict())
+        _log.info("model_replaced", version=version, num_tensors=n, num_parameters=self.num_parameters)
+        return n
 
     def apply_weights(self, tensors: Mapping[str, torch.Tensor], version: int, *, partial: bool) -> int:
         """Validates then copies `tensors` into the model and sets `version`.

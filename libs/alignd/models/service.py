@@ -8,7 +8,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from alignd.models.handle import ModelHandle, read_weights_dir
-from alignd.models.scoring import SCORE_BIAS_KEY
+from alignd.models.scoring import POOLINGS, SCORE_BIAS_KEY, SCORE_POOLING_KEY
 from alignd.models.weights import receive_stream
 from alignd.runtime.errors import Aborted, FailedPrecondition, InvalidArgument
 from alignd.runtime.logging import get_logger
@@ -18,17 +18,22 @@ from alignd.v1 import model_pb2, model_pb2_grpc
 _log = get_logger("alignd.model_service")
 
 
-def _score_bias_of(path: str) -> float:
+def _score_config_of(path: str) -> tuple[float, str]:
+    """(bias, pooling) of a reward model directory's config.json (0 and "last" when it does not say)."""
     import json
     from pathlib import Path
 
     cfg = Path(path) / "config.json"
     if not cfg.exists():
-        return 0.0
+        return 0.0, "last"
     try:
-        return float(json.loads(cfg.read_text()).get(SCORE_BIAS_KEY, 0.0) or 0.0)
-    except (ValueError, TypeError):
+        data = json.loads(cfg.read_text())
+        bias, pooling = float(data.get(SCORE_BIAS_KEY, 0.0) or 0.0), data.get(SCORE_POOLING_KEY) or "last"
+    except (ValueError, TypeError, AttributeError):
         raise InvalidArgument("path", f"{cfg}: unreadable config.json") from None
+    if pooling not in POOLINGS:
+        raise InvalidArgument("path", f"{cfg}: {SCORE_POOLING_KEY} {pooling!r} is not one of {', '.join(POOLINGS)}")
+    return bias, pooling
 
 
 class WeightMetrics:
@@ -84,15 +89,21 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     def attach(self, handle: ModelHandle) -> None:
         self.handle = handle
         self.metrics.version.set(handle.version)
+        by_device = self._report_memory(handle)
+        for device in by_device:
+            if device.startswith("cuda"):
+                import torch
+
+                self.metrics.gpu_memory.labels(device).set_function(lambda d=device: torch.cuda.memory_allocated(d))
+
+    def _report_memory(self, handle: ModelHandle) -> dict[str, int]:
+        """alignd_<slug>_model_memory_bytes{device} of the served model; returns the bytes by device."""
         by_device: dict[str, int] = {}
         for t in [*handle.model.parameters(), *handle.model.buffers()]:
             by_device[str(t.device)] = by_device.get(str(t.device), 0) + t.numel() * t.element_size()
         for device, n in by_device.items():
             self.metrics.memory.labels(device).set(n)
-            if device.startswith("cuda"):
-                import torch
-
-                self.metrics.gpu_memory.labels(device).set_function(lambda d=device: torch.cuda.memory_allocated(d))
+        return by_device
 
     def _handle(self, context) -> ModelHandle:
         if self.handle is None:
@@ -155,12 +166,21 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         def run():
             handle.check_version(request.version)
             tensors = read_weights_dir(request.path)
-            bias = _score_bias_of(request.path)
+            bias, pooling = _score_config_of(request.path)
+            reload = handle.reloader is not None and not handle.fits(tensors)
             self.host.set_serving(False)
             try:
+                if reload:
+                    # Another architecture (a reward model of another depth): load the directory as a model.
+                    try:
+                        model = handle.reloader(request.path)
+                    except (ValueError, OSError) as exc:
+                        raise InvalidArgument("path", f"{request.path}: {exc}") from None
+                    return handle.replace_model(model, request.version)
                 n = handle.apply_weights(tensors, request.version, partial=False)
-                # A reward model's normalisation bias travels in its config.json.
+                # A reward model's normalisation bias and pooling travel in its config.json.
                 setattr(handle.model.config, SCORE_BIAS_KEY, bias)
+                setattr(handle.model.config, SCORE_POOLING_KEY, pooling)
                 return n
             finally:
                 self.host.set_serving(True)
@@ -173,5 +193,6 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         elapsed = time.perf_counter() - start
         self.metrics.updates.labels("applied").inc()
         self.metrics.version.set(handle.version)
+        self._report_memory(handle)
         _log.info("weights_loaded", version=handle.version, seconds=round(elapsed, 4))
         return model_pb2.LoadWeightsResponse(version=handle.version, num_tensors=n, duration_seconds=elapsed)

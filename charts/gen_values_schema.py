@@ -169,7 +169,8 @@ def build_schema() -> dict:
             {
                 "enabled": BOOL,
                 "existingSecret": STRING,
-                "tokens": {"type": "object", "additionalProperties": {"type": "string", "minLength": 1}},
+                "trustedNetworks": {"type": "array", "items": STRING},
+                "tokens": {"type": "object", "additionalProperties": {"type": "string", "minLength": 16}},
                 "secretKey": {"type": "string", "pattern": r"^[-._a-zA-Z0-9]+$"},
                 "mountPath": {"type": "string", "pattern": "^/"},
             }

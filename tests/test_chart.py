@@ -54,7 +54,8 @@ CASES = {
     "ci": load_ci_values(),
     "learner-2x8": {
         "learner": {"replicas": 2, "resources": {"limits": {"nvidia.com/gpu": 8}}},
-        "rewardAuth": {"enabled": True, "tokens": {"team-a": "token-a", "eval-bot": "token-b"}},
+        "rewardAuth": {"enabled": True, "tokens": {"team-a": "token-a-0123456789", "eval-bot": "token-b-0123456789"},
+                       "trustedNetworks": ["10.244.0.0/16"]},
     },
     "metrics": {
         "metrics": {
@@ -510,10 +511,15 @@ def test_reward_tokens_secret(rendered, chart):
     docs = rendered["learner-2x8"]
     secret = one(docs, "Secret", f"{FULLNAME}-reward-auth")
     tokens = yaml.safe_load(base64.b64decode(secret["data"]["tokens.yaml"]))
-    assert tokens == {"team-a": "token-a", "eval-bot": "token-b"}
+    assert tokens == {"team-a": "token-a-0123456789", "eval-bot": "token-b-0123456789"}
     c = container(docs, "reward")
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["ALIGND_REWARD_TOKENS_FILE"] == "/etc/alignd/reward-auth/tokens.yaml"
+    # The reward role enforces them: its config points at the mounted file, trusting only the configured CIDRs.
+    auth = role_configs(docs)["reward"]["server"]["auth"]
+    assert auth == {"tokens_file": "/etc/alignd/reward-auth/tokens.yaml", "trusted_networks": ["10.244.0.0/16"]}
+    assert "auth" not in role_configs(rendered["default"])["reward"]["server"]
+    assert all("auth" not in cfg["server"] for role, cfg in role_configs(docs).items() if role != "reward")
     volumes = {v["name"]: v for v in workload(docs, "reward")["spec"]["template"]["spec"]["volumes"]}
     assert volumes["reward-auth"]["secret"]["secretName"] == secret["metadata"]["name"]
     # Only the reward pods see the tokens.

@@ -28,6 +28,38 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class AuthConfig(Strict):
+    """Bearer-token authentication of the role's gRPC API (alignd.runtime.auth)."""
+
+    tokens_file: str | None = Field(
+        None,
+        description="YAML file of named tokens ({name: token}, tokens of 16+ characters; the chart's rewardAuth "
+        "Secret). Calls need 'authorization: Bearer <token>' metadata; the file is re-read when it changes "
+        "(rotation and revocation without a restart). null: no authentication.",
+    )
+    public_methods: list[str] = Field(
+        ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"],
+        description="Full method names callable without a token (the health checks that Kubernetes probes send).",
+    )
+    trusted_networks: list[str] = Field(
+        [],
+        description="CIDRs whose callers may call without a token (e.g. the coordinator's pod network); none by "
+        "default. A caller that does send a token is checked anyway.",
+    )
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for n in v:
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError:
+                raise ValueError(f"{n!r} is not a CIDR network") from None
+        return v
+
+
 class ServerConfig(Strict):
     """gRPC and metrics endpoints of one role."""
 
@@ -42,6 +74,7 @@ class ServerConfig(Strict):
     )
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent, in bytes.")
     grace_seconds: float = Field(10.0, ge=0, description="On SIGTERM, in-flight RPCs get this long to finish, in seconds.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Bearer-token authentication (off by default).")
 
 
 class ModelConfig(Strict):

@@ -134,6 +134,15 @@ the addresses of the other roles and the paths on the shared volume.
 {{- $_ := set $server "port" (int $v.ports.grpc) -}}
 {{- $_ := set $server "metrics_host" "0.0.0.0" -}}
 {{- $_ := set $server "metrics_port" (int $v.ports.metrics) -}}
+{{- if and (eq $role "reward") $root.Values.rewardAuth.enabled -}}
+{{- /* The mounted tokens Secret; callers from rewardAuth.trustedNetworks (e.g. the coordinator's pods) need none. */ -}}
+{{- $auth := deepCopy (get $server "auth" | default dict) -}}
+{{- $_ := set $auth "tokens_file" (printf "%s/%s" $root.Values.rewardAuth.mountPath $root.Values.rewardAuth.secretKey) -}}
+{{- if and $root.Values.rewardAuth.trustedNetworks (not (get $auth "trusted_networks")) -}}
+{{- $_ := set $auth "trusted_networks" $root.Values.rewardAuth.trustedNetworks -}}
+{{- end -}}
+{{- $_ := set $server "auth" $auth -}}
+{{- end -}}
 {{- $_ := set $cfg "server" $server -}}
 {{- $mount := $root.Values.persistence.mountPath -}}
 {{- if eq $role "coordinator" -}}

@@ -67,3 +67,9 @@ class Unimplemented(AligndError):
 
 class DeadlineExceeded(AligndError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(AligndError):
+    """No valid credentials: a missing, unknown or revoked bearer token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED

@@ -27,6 +27,26 @@ from alignd.runtime.metrics import GrpcServerMetrics, serve_metrics
 _log = get_logger("alignd.server")
 
 
+def auth_interceptor(role: str, cfg, registry: CollectorRegistry):
+    """The bearer-token check of `server.auth` (ConfigError when the tokens file is unusable)."""
+    from prometheus_client import Counter
+
+    from alignd.config import ConfigError
+    from alignd.runtime.auth import AuthInterceptor, TokenError, TokenFile
+
+    try:
+        tokens = TokenFile(cfg.tokens_file)
+    except TokenError as exc:
+        raise ConfigError(str(exc)) from None
+    rejected = Counter(
+        f"alignd_{role}_auth_rejected_total", "Calls refused UNAUTHENTICATED, by reason (missing, malformed, unknown).",
+        ["reason"], registry=registry,
+    )
+    for reason in ("missing", "malformed", "unknown"):
+        rejected.labels(reason)
+    return AuthInterceptor(tokens, cfg.public_methods, cfg.trusted_networks, lambda reason: rejected.labels(reason).inc())
+
+
 class ServiceHost:
     """A gRPC server with health, reflection, metrics and graceful stop."""
 
@@ -43,9 +63,12 @@ class ServiceHost:
         self.rpc_metrics = GrpcServerMetrics(self.registry)
         self.service_names = list(service_names)
         self._executor = ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix=f"{role}-rpc")
+        interceptors = [ServerInterceptor(self.rpc_metrics)]
+        if cfg.auth.tokens_file:
+            interceptors.append(auth_interceptor(role, cfg.auth, self.registry))
         self.server = grpc.server(
             self._executor,
-            interceptors=[ServerInterceptor(self.rpc_metrics)],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),

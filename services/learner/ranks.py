@@ -78,6 +78,7 @@ if TYPE_CHECKING:
 
 _log = get_logger("alignd.learner.ranks")
 
+PENDING_SIGNALS: list[int] = []  # stop signals received by a follower, logged by `follow`
 EXIT_GROUP_FAILED = 1  # what a rank exits with when the group is broken (torchrun then fails the job)
 HEARTBEAT_MAX_SECONDS = 10.0
 
@@ -153,7 +154,8 @@ def ignore_stop_signals(rank: int) -> None:
     """Ranks > 0: SIGTERM/SIGINT are logged; the rank stops when rank 0 broadcasts Shutdown."""
 
     def on_signal(signum, _frame):
-        _log.info("signal_received", signal=signal.Signals(signum).name, rank=rank, action="wait_for_rank0_shutdown")
+        # No lock in a handler (see runtime/role.py): the follower loop logs it at its next command or heartbeat.
+        PENDING_SIGNALS.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -365,6 +367,9 @@ def follow(learner) -> int:
     _log.info("follower_ready", rank=group.rank, world_size=group.world_size, step=learner.step, version=learner.version)
     while True:
         cmd = group.receive()
+        while PENDING_SIGNALS:
+            _log.info("signal_received", signal=signal.Signals(PENDING_SIGNALS.pop(0)).name, rank=group.rank,
+                      action="wait_for_rank0_shutdown")
         if isinstance(cmd, Heartbeat):
             continue
         if isinstance(cmd, Shutdown):

@@ -60,11 +60,13 @@ class RoleApp:
 
 def run_role(app: RoleApp, host: ServiceHost, endpoint_file: Path | None = None) -> int:
     """Serves `app` until SIGTERM/SIGINT; returns the process exit code."""
-    stop = threading.Event()
+    stop = threading.Event()  # set by the loader when loading fails
+    signals: list[int] = []
 
     def on_signal(signum, _frame):
-        _log.info("signal_received", signal=signal.Signals(signum).name)
-        stop.set()
+        # Runs between two bytecodes of the main thread, which may hold a lock (the log's, an Event's):
+        # take none here (a lock taken in a handler deadlocked a shutdown); the main thread logs it.
+        signals.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -93,7 +95,10 @@ def run_role(app: RoleApp, host: ServiceHost, endpoint_file: Path | None = None)
 
     loader = threading.Thread(target=load, name="loader", daemon=True)
     loader.start()
-    stop.wait()
+    while not signals and not stop.wait(0.1):
+        pass
+    if signals:
+        _log.info("signal_received", signal=signal.Signals(signals[0]).name)
     host.stop()
     try:
         app.close()

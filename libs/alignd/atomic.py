@@ -14,13 +14,16 @@ import tempfile
 from pathlib import Path
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a directory, making a rename or a new entry in it durable."""
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file's data, or a directory's entries (making a rename or a new entry in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+fsync_dir = fsync_path  # a directory: its renames and new entries
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:

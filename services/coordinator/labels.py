@@ -79,6 +79,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Sequence
 
+from alignd.atomic import fsync_dir
 from alignd.data import DEFAULT_MAX_K, DataError, write_jsonl_atomic
 from alignd.labelers import Labeler
 
@@ -249,14 +250,6 @@ def _check_labeler(labeler: Any) -> str:
     if len(labeler) > MAX_LABELER_NAME:
         raise LabelError("labeler", f"name is longer than {MAX_LABELER_NAME} characters")
     return labeler
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ComparisonStore:
@@ -622,7 +615,7 @@ class ComparisonStore:
                 view = view[os.write(self._fd, view) :]
             os.fsync(self._fd)
             if created:
-                _fsync_dir(self.dir)  # the new file's directory entry is durable too
+                fsync_dir(self.dir)  # the new file's directory entry is durable too
         except BaseException:
             try:  # never leave a partial line for the next append to follow
                 os.ftruncate(self._fd, self._size)

@@ -32,6 +32,7 @@ from typing import Protocol
 
 import torch
 
+from alignd.atomic import fsync_path
 from alignd.runtime.role import write_json_atomic
 
 LATEST = "latest"
@@ -62,19 +63,11 @@ def shard_name(rank: int) -> str:
     return f"engine-rank{rank:05d}.pt"
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(root: Path) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
-            fsync_file(Path(dirpath) / name)
-        fsync_file(Path(dirpath))
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
 
 
 def step_dir_name(step: int, tag: str = "") -> str:
@@ -96,7 +89,7 @@ def save(
     ranks.barrier()  # the temporary directory exists
     shard = tmp / shard_name(ranks.rank)
     torch.save(rank_state, shard)
-    fsync_file(shard)
+    fsync_path(shard)
     if ranks.rank == 0:
         torch.save(module_state, tmp / "module.pt")
         torch.save({**trainer_state, "world_size": ranks.world_size}, tmp / "trainer.pt")

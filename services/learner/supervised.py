@@ -209,14 +209,30 @@ def _score_pairs(model, tokenizer, pairs: list[tuple[list[int], int]]) -> torch.
     return score_sequences(model, [s for s, _ in pairs], pad, starts=[b for _, b in pairs])
 
 
-def comparison_rewards(model, tokenizer, comps, max_tokens: int) -> list[torch.Tensor]:
-    """One forward over every completion of every comparison; rewards split per prompt."""
+def _encode_comparisons(tokenizer, comps, max_tokens: int) -> tuple[list[tuple[list[int], int]], list[int]]:
+    """encode_pair of every completion of every comparison, and the K of each."""
     pairs, sizes = [], []
     for prompt, completions, _ranking in comps:
         pairs += [encode_pair(tokenizer, prompt, c, max_tokens) for c in completions]
         sizes.append(len(completions))
+    return pairs, sizes
+
+
+def comparison_rewards(model, tokenizer, comps, max_tokens: int) -> list[torch.Tensor]:
+    """One forward over every completion of every comparison; rewards split per prompt."""
+    pairs, sizes = _encode_comparisons(tokenizer, comps, max_tokens)
     scores = _score_pairs(model, tokenizer, pairs)  # (sum K,)
     return list(torch.split(scores, sizes))
+
+
+def _pair_counts(rewards_list, rankings) -> tuple[int, int]:
+    """(pairs ordered like the ranking, all pairs) over prompts."""
+    right = total = 0
+    for rewards, ranking in zip(rewards_list, rankings):
+        for w, l in rlmath.ranking_pairs(ranking):
+            right += int(rewards[w] > rewards[l])
+            total += 1
+    return right, total
 
 
 @torch.no_grad()
@@ -225,10 +241,8 @@ def pairwise_accuracy(model, tokenizer, comps, max_tokens: int, batch_size: int 
     model.eval()
     right = total = 0
     for batch in _batches(list(comps), batch_size, None):
-        for rewards, (_p, _c, ranking) in zip(comparison_rewards(model, tokenizer, batch, max_tokens), batch):
-            for w, l in rlmath.ranking_pairs(ranking):
-                right += int(rewards[w] > rewards[l])
-                total += 1
+        r, t = _pair_counts(comparison_rewards(model, tokenizer, batch, max_tokens), [c[2] for c in batch])
+        right, total = right + r, total + t
     return right / max(1, total)
 
 
@@ -323,21 +337,14 @@ def _features(model, tokenizer, comps, max_tokens: int, batch_size: int) -> tupl
     """Pooled features (sum K, H) of every completion of every comparison, and the K of each."""
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    pairs, sizes = [], []
-    for prompt, completions, _ranking in comps:
-        pairs += [encode_pair(tokenizer, prompt, c, max_tokens) for c in completions]
-        sizes.append(len(completions))
+    pairs, sizes = _encode_comparisons(tokenizer, comps, max_tokens)
     feats = [pooled_features(model, [s for s, _ in chunk], [b for _, b in chunk], pad).double()
              for chunk in (pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size))]
     return (torch.cat(feats) if feats else torch.zeros(0, model.config.hidden_size, dtype=torch.float64)), sizes
 
 
 def _pair_accuracy(scores: torch.Tensor, sizes: list[int], rankings) -> float:
-    right = total = 0
-    for rewards, ranking in zip(torch.split(scores, sizes), rankings):
-        for w, l in rlmath.ranking_pairs(ranking):
-            right += int(rewards[w] > rewards[l])
-            total += 1
+    right, total = _pair_counts(torch.split(scores, sizes), rankings)
     return right / max(1, total)
 
 

@@ -120,19 +120,34 @@ def alias_groups(model) -> list[list[str]]:
     return list(groups.values())
 
 
-def read_weights_dir(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the `*.safetensors` files in `path`."""
-    from safetensors.torch import load_file
-
+def _weight_files(path: str) -> list[Path]:
     p = Path(path)
     if not p.is_dir():
         raise InvalidArgument("path", f"{path} is not a directory")
     files = sorted(p.glob("*.safetensors"))
     if not files:
         raise InvalidArgument("path", f"{path} holds no *.safetensors files")
+    return files
+
+
+def read_weights_dir(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the `*.safetensors` files in `path`."""
+    from safetensors.torch import load_file
+
     out: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in _weight_files(path):
         out.update(load_file(str(f)))
+    return out
+
+
+def read_weights_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor in `path`'s `*.safetensors` files, from their headers alone."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[int, ...]] = {}
+    for f in _weight_files(path):
+        with safe_open(str(f), framework="pt") as st:
+            out.update({name: tuple(st.get_slice(name).get_shape()) for name in st.keys()})
     return out
 
 
@@ -201,10 +216,10 @@ class ModelHandle:
         if version <= self.version:
             raise FailedPrecondition(f"version {version} is not above the served version {self.version}")
 
-    def fits(self, tensors: Mapping[str, torch.Tensor]) -> bool:
-        """Whether `tensors` are exactly the served model's (same names and shapes)."""
+    def fits(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        """Whether tensors of these names and shapes are exactly the served model's."""
         state = self.model.state_dict()
-        return set(tensors) == set(state) and all(tuple(t.shape) == tuple(state[n].shape) for n, t in tensors.items())
+        return set(shapes) == set(state) and all(tuple(shape) == tuple(state[n].shape) for n, shape in shapes.items())
 
     def replace_model(self, model, version: int) -> int:
         """Serves `model` (a model of another architecture, same tokenizer) from `version` on; returns its tensor count.

@@ -7,7 +7,7 @@ import time
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from alignd.models.handle import ModelHandle, read_weights_dir
+from alignd.models.handle import ModelHandle, read_weights_dir, read_weights_shapes
 from alignd.models.scoring import POOLINGS, SCORE_BIAS_KEY, SCORE_POOLING_KEY
 from alignd.models.weights import receive_stream
 from alignd.runtime.errors import Aborted, FailedPrecondition, InvalidArgument
@@ -165,9 +165,9 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
 
         def run():
             handle.check_version(request.version)
-            tensors = read_weights_dir(request.path)
             bias, pooling = _score_config_of(request.path)
-            reload = handle.reloader is not None and not handle.fits(tensors)
+            reload = handle.reloader is not None and not handle.fits(read_weights_shapes(request.path))
+            tensors = None if reload else read_weights_dir(request.path)  # a reload reads the directory itself
             self.host.set_serving(False)
             try:
                 if reload:

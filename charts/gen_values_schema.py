@@ -74,7 +74,12 @@ def role_block(role: str, config_def: str) -> dict:
                     "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
                 }
             ),
-            "ports": obj({"grpc": PORT, "metrics": PORT}, description="gRPC and /metrics ports (also set server.* of config)."),
+            "ports": (
+                obj({"grpc": PORT, "metrics": PORT, "http": PORT},
+                    description="gRPC, /metrics and HTTP (/get_reward) ports (also set server.* and http.port of config).")
+                if role == "reward" else
+                obj({"grpc": PORT, "metrics": PORT}, description="gRPC and /metrics ports (also set server.* of config).")
+            ),
             "resources": obj(
                 {
                     "requests": {"type": "object", "additionalProperties": QUANTITY},
@@ -170,9 +175,21 @@ def build_schema() -> dict:
                 "enabled": BOOL,
                 "existingSecret": STRING,
                 "trustedNetworks": {"type": "array", "items": STRING},
+                "coordinatorTokenName": STRING,
                 "tokens": {"type": "object", "additionalProperties": {"type": "string", "minLength": 16}},
                 "secretKey": {"type": "string", "pattern": r"^[-._a-zA-Z0-9]+$"},
                 "mountPath": {"type": "string", "pattern": "^/"},
+            }
+        ),
+        "rewardTLS": obj(
+            {
+                "enabled": BOOL,
+                "secretName": STRING,
+                "mountPath": {"type": "string", "pattern": "^/"},
+                "mutual": BOOL,
+                "clientCASecret": STRING,
+                "coordinatorClientSecret": STRING,
+                "serverName": STRING,
             }
         ),
         "rewardService": obj(

@@ -51,8 +51,11 @@ class RoleServer:
         return self.log_path.read_text(errors="replace")
 
 
-def start_role(role: str, cfg: dict, workdir: Path) -> RoleServer:
-    """Runs `python -m alignd.cli serve ROLE` and waits until it is SERVING."""
+def start_role(
+    role: str, cfg: dict, workdir: Path, credentials: grpc.ChannelCredentials | None = None, options: list | None = None
+) -> RoleServer:
+    """Runs `python -m alignd.cli serve ROLE` and waits until it is SERVING (over TLS with `credentials`; channel
+    `options` such as grpc.ssl_target_name_override)."""
     import json
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +84,10 @@ def start_role(role: str, cfg: dict, workdir: Path) -> RoleServer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{role} did not bind in time:\n{log_path.read_text()}")
         info = json.loads(endpoint.read_text())
-        channel = make_channel(info["address"])
+        if credentials is None:
+            channel = make_channel(info["address"])
+        else:
+            channel = grpc.secure_channel(info["address"], credentials, options=options)
         wait_for_serving(channel, timeout=STARTUP_TIMEOUT_S)
     except BaseException:
         proc.kill()

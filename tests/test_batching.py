@@ -306,3 +306,68 @@ def test_per_request_through_the_batcher(make_batcher):
 def test_invalid_max_batch_size():
     with pytest.raises(ValueError):
         DynamicBatcher(lambda r: r, max_batch_size=0, max_wait_s=0.0, max_queue=1, name="bad")
+
+
+def test_token_budget_closes_a_batch(make_batcher):
+    b, gate = make_batcher(max_batch_size=32, max_batch_tokens=100)
+    first = block(b, gate)
+    queued = [b.submit(f"t{i}", 1, tokens=40) for i in range(5)]  # 40 + 40 fit in 100, a third does not
+    big = b.submit("big", 1, tokens=500)  # over the budget alone: runs alone, not refused
+    gate.release.set()
+    result(first)
+    assert [result(p)[0] for p in queued + [big]] == [f"done:t{i}" for i in range(5)] + ["done:big"]
+    assert gate.batches[1:] == [["t0", "t1"], ["t2", "t3"], ["t4"], ["big"]]
+
+
+def test_expired_request_is_dropped_unrun_and_counted(make_batcher):
+    import time
+
+    dropped: list[str] = []
+    b, gate = make_batcher(max_batch_size=32, on_drop=dropped.append)
+    first = block(b, gate)
+    # Queued behind the blocked batch with a deadline that passes before the worker reaches it.
+    late = b.submit("late", 1, deadline=time.perf_counter() - 1e-3)
+    on_time = b.submit("on_time", 1, deadline=time.perf_counter() + WAIT)
+    gate.release.set()
+    result(first)
+    assert result(on_time)[0] == "done:on_time"
+    with pytest.raises(DeadlineExceeded):
+        result(late)
+    assert all("late" not in batch for batch in gate.batches)  # never computed
+    assert dropped == ["deadline"]
+
+
+def test_run_with_an_exhausted_deadline_is_refused_before_queueing(make_batcher):
+    b, gate = make_batcher()
+    with pytest.raises(DeadlineExceeded):
+        b.run("x", 1, timeout=0.0)
+    assert gate.batches == []
+
+
+def test_plan_chunks_against_a_naive_reference():
+    import random
+
+    from alignd.services.reward.engine import plan_chunks
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 40))]
+        rows, budget = rng.randint(1, 9), rng.choice([None, 40, 100, 250])
+        plan = plan_chunks(lengths, rows, budget)
+        flat = sorted(i for chunk in plan for i in chunk)
+        assert flat == list(range(len(lengths)))  # every row exactly once
+        for chunk in plan:
+            padded = len(chunk) * max(lengths[i] for i in chunk)
+            assert len(chunk) <= rows
+            assert budget is None or padded <= budget or len(chunk) == 1
+        # Naive reference: walk the rows by length, open a new pass when the next row breaks a bound.
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        naive, cur = [], []
+        for i in order:
+            trial = cur + [i]
+            if cur and (len(trial) > rows or (budget is not None and len(trial) * max(lengths[j] for j in trial) > budget)):
+                naive.append(cur)
+                trial = [i]
+            cur = trial
+        naive.append(cur)
+        assert plan == naive

@@ -765,3 +765,78 @@ def test_coordinator_image_has_no_torch():
     assert installs and all("torch" not in i and "[" not in i for i in installs), installs
     args = dict(rest.split("=", 1) for word, rest in instructions if word == "ARG" and "=" in rest)
     assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", args["PYTHON_IMAGE"])
+
+
+# -- reward HTTP API and TLS ------------------------------------------------------------
+
+
+def test_reward_http_port_everywhere(rendered):
+    docs = rendered["default"]
+    cfg = role_configs(docs)["reward"]
+    assert cfg["http"] == {"host": "0.0.0.0", "port": 8000}
+    assert build_config(ROLE_CONFIGS["reward"], cfg).http.port == 8000
+    (port,) = [p for p in container(docs, "reward")["ports"] if p["name"] == "http"]
+    assert port["containerPort"] == 8000
+    for name in (f"{FULLNAME}-reward", f"{FULLNAME}-reward-headless"):
+        (svc_port,) = [p for p in one(docs, "Service", name)["spec"]["ports"] if p["name"] == "http"]
+        assert (svc_port["port"], svc_port["targetPort"], svc_port["appProtocol"]) == (8000, "http", "http")
+    np = one(docs, "NetworkPolicy", f"{FULLNAME}-reward")
+    http_rules = [r for r in np["spec"]["ingress"] if r.get("ports") == [{"port": "http", "protocol": "TCP"}]]
+    assert len(http_rules) == 1 and http_rules[0]["from"] == grpc_peers(np)  # the same callers as gRPC
+    for role in ROLES:
+        if role != "reward":
+            assert "http" not in role_configs(docs)[role]
+            assert all(p["name"] != "http" for p in container(docs, role)["ports"])
+
+
+TLS_VALUES = {
+    "rewardAuth": {"enabled": True, "tokens": {"coordinator": "coordinator-token-0123", "team-a": "token-a-0123456789"},
+                   "coordinatorTokenName": "coordinator"},
+    "rewardTLS": {"enabled": True, "secretName": "reward-tls", "mutual": True, "coordinatorClientSecret": "coordinator-client"},
+}
+
+
+def test_reward_tls_and_coordinator_credentials(chart):
+    docs = render(chart, TLS_VALUES)
+    for doc in docs:
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    configs = role_configs(docs)
+    reward = build_config(ROLE_CONFIGS["reward"], configs["reward"])
+    assert reward.server.tls.cert_file == "/etc/alignd/reward-tls/tls.crt"
+    assert reward.server.tls.key_file == "/etc/alignd/reward-tls/tls.key"
+    assert reward.server.tls.client_ca_file == "/etc/alignd/reward-tls-client-ca/ca.crt"
+    coord = build_config(ROLE_CONFIGS["coordinator"], configs["coordinator"]).reward_client
+    assert (coord.tokens_file, coord.token_name) == ("/etc/alignd/reward-auth/tokens.yaml", "coordinator")
+    assert coord.ca_file == "/etc/alignd/reward-tls/ca.crt"
+    assert (coord.cert_file, coord.key_file) == ("/etc/alignd/reward-tls-client/tls.crt", "/etc/alignd/reward-tls-client/tls.key")
+    assert coord.server_name == f"{FULLNAME}-reward-headless.{NAMESPACE}.svc.cluster.local"
+
+    def mounts_and_volumes(role):
+        pod = workload(docs, role)["spec"]["template"]["spec"]
+        mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        return mounts, {v["name"]: v for v in pod["volumes"]}
+
+    mounts, volumes = mounts_and_volumes("reward")
+    assert mounts["reward-tls"] == "/etc/alignd/reward-tls" and volumes["reward-tls"]["secret"]["secretName"] == "reward-tls"
+    assert "items" not in volumes["reward-tls"]["secret"]  # tls.crt, tls.key, ca.crt
+    assert volumes["reward-tls-client-ca"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    mounts, volumes = mounts_and_volumes("coordinator")
+    assert volumes["reward-tls"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]  # never the server's key
+    assert volumes["reward-tls-client"]["secret"]["secretName"] == "coordinator-client"
+    assert mounts["reward-auth"] == "/etc/alignd/reward-auth"  # it sends the token named coordinator
+    for role in ("policy", "reference", "learner"):
+        text = json.dumps(workload(docs, role))
+        assert "reward-tls" not in text and "reward-auth" not in text
+    # kubelet's gRPC probes speak no TLS: the reward probes are HTTPS GET /health; the others stay gRPC.
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container(docs, "reward")[probe]["httpGet"] == {"path": "/health", "port": 8000, "scheme": "HTTPS"}
+        assert "grpc" in container(docs, "policy")[probe]
+    (svc_port,) = [p for p in one(docs, "Service", f"{FULLNAME}-reward")["spec"]["ports"] if p["name"] == "http"]
+    assert svc_port["appProtocol"] == "https"
+    with pytest.raises(helm.HelmError, match="rewardTLS.secretName"):
+        render(chart, {"rewardTLS": {"enabled": True}})
+    with pytest.raises(helm.HelmError, match="coordinatorClientSecret"):
+        render(chart, {"rewardTLS": {"enabled": True, "secretName": "s", "mutual": True}})
+    # Without rewardTLS / coordinatorTokenName the coordinator carries no reward credentials.
+    assert "reward_client" not in role_configs(render(chart, {}))["coordinator"]

@@ -6,6 +6,7 @@ Slow (starts five processes); marked and still run in CI.
 from __future__ import annotations
 
 import json
+import urllib.request
 import os
 import shutil
 import signal
@@ -124,6 +125,14 @@ def test_up_serves_every_role_with_reflection_and_health(tmp_path, cache):
         assert info.get("learnerAddress", info.get("learner_address")) == stack["services"]["learner"]["address"]
         runs = json.loads(run_grpcurl("-d", "{}", stack["services"]["coordinator"]["address"], "alignd.v1.CoordinatorService/ListRuns"))
         assert runs == {}  # no run yet
+        # The reward role's HTTP API (OpenRLHF's /get_reward) is listed and answers.
+        http_url = stack["services"]["reward"]["http_url"]
+        assert http_url.startswith("http://127.0.0.1:") and any(http_url in line for line in lines)
+        assert all("http_url" not in stack["services"][r] for r in ROLES if r != "reward")
+        req = urllib.request.Request(http_url + "/get_reward", data=json.dumps({"query": ["Hello there"]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert len(json.loads(resp.read())["rewards"]) == 1
         bad = subprocess.run(
             [grpcurl(), "-plaintext", "-d", '{"run_id": "Bad Id!", "config_yaml": "steps: 1"}',
              stack["services"]["coordinator"]["address"], "alignd.v1.CoordinatorService/StartRun"],

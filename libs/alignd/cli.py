@@ -8,6 +8,8 @@
                                                                        the whole pipeline on the local stack
   alignd tiny-model DIR [--kind causal_lm|reward] [--arch gpt2|llama]  save a tiny random model
   alignd job train-rm --request FILE.json                               one reward-model training job, standalone
+  alignd reward score (--address HOST:PORT | --stack stack.json) (--prompt P --response R | --file in.jsonl)
+                                                                       score pairs with a reward service
 
 Every command that runs something keeps its logs and outputs in --run-dir
 (default: a new directory under ./runs).
@@ -179,6 +181,103 @@ def cmd_job_train_rm(args) -> int:
     return 0
 
 
+def cmd_reward_score(args) -> int:
+    """Scores --prompt/--response, or every line of --file (JSON objects: "prompt", "response", optional "id"), with
+    the reward service at --address (or the reward role of an `alignd up` stack.json); one JSON line per input
+    line on stdout or --out: {"id"?, "score", "weight_version"}. Exit 2: bad arguments or input (file:line:
+    message); exit 1: the service refused or failed (status code and details on stderr)."""
+    import json
+
+    from alignd.atomic import write_bytes_atomic
+    from alignd.reward_client import RewardClient, RewardClientError
+    from alignd.runtime.logging import configure_logging
+
+    configure_logging("warning", role="reward-client", stream=sys.stderr)
+
+    def fail(message: str, code: int = EXIT_INVALID) -> int:
+        print(f"alignd: reward score: {message}", file=sys.stderr)
+        return code
+
+    if args.file is not None and (args.prompt is not None or args.response is not None):
+        return fail("give --file or --prompt/--response, not both")
+    if args.file is None and args.response is None:
+        return fail("give --response (and --prompt) or --file")
+    address = args.address
+    if args.stack is not None:
+        try:
+            address = json.loads(Path(args.stack).read_text())["services"]["reward"]["address"]
+        except OSError as err:
+            return fail(f"--stack {args.stack}: {err.strerror}")
+        except (ValueError, KeyError, TypeError):
+            return fail(f"--stack {args.stack}: not a stack.json of `alignd up` with a reward role "
+                        '({"services": {"reward": {"address": ...}}})')
+        if not isinstance(address, str):
+            return fail(f"--stack {args.stack}: services.reward.address is not a string")
+
+    records: list[dict] = []  # {"prompt", "response", "id"?}
+    if args.file is None:
+        records.append({"prompt": args.prompt or "", "response": args.response})
+    else:
+        name = "<stdin>" if args.file == "-" else args.file
+        try:
+            raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+        except OSError as err:
+            return fail(f"--file {args.file}: {err.strerror}")
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                return fail(f"{name}:{lineno}: not UTF-8")
+            if not text.strip():
+                continue  # blank lines carry no pair
+            try:
+                obj = json.loads(text)
+            except ValueError as err:
+                return fail(f"{name}:{lineno}: not JSON: {err}")
+            if not isinstance(obj, dict):
+                return fail(f"{name}:{lineno}: expected a JSON object with \"prompt\" and \"response\", got {type(obj).__name__}")
+            for key in ("prompt", "response"):
+                if key not in obj:
+                    return fail(f"{name}:{lineno}: missing \"{key}\"")
+                if not isinstance(obj[key], str):
+                    return fail(f"{name}:{lineno}: \"{key}\" must be a string, got {type(obj[key]).__name__}")
+            if not obj["response"]:
+                return fail(f"{name}:{lineno}: \"response\" must not be empty")
+            records.append(obj)
+
+    env_token = os.environ.get("ALIGND_REWARD_TOKEN") or None
+    try:
+        client = RewardClient(
+            address, token=None if args.token_file else env_token, token_file=args.token_file, tls=args.tls,
+            root_certificates_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
+            server_name_override=args.server_name, timeout=args.timeout,
+        )
+    except ValueError as err:
+        return fail(str(err))
+    try:
+        with client:
+            result = client.score_many(records, batch_size=args.batch_size, max_in_flight=args.max_in_flight)
+    except RewardClientError as err:
+        return fail(f"{address}: {err.code.name}: {err.details}", 1)
+    except ValueError as err:  # --batch-size / --max-in-flight out of range
+        return fail(str(err))
+    lines = []
+    for rec, score, version in zip(records, result.scores, result.weight_versions):
+        out = {"id": rec["id"]} if "id" in rec else {}
+        out.update(score=score, weight_version=version)
+        lines.append(json.dumps(out, ensure_ascii=False) + "\n")
+    data = "".join(lines)
+    if args.out is None or args.out == "-":
+        sys.stdout.write(data)
+        sys.stdout.flush()
+    else:
+        try:
+            write_bytes_atomic(args.out, data.encode("utf-8"))
+        except OSError as err:
+            return fail(f"--out {args.out}: {err.strerror}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignd", description="RLHF as gRPC microservices.")
     parser.add_argument("--version", action="version", version=f"alignd {__version__}")
@@ -235,6 +334,32 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                    help="level of the JSON log on stderr")
     j.set_defaults(func=cmd_job_train_rm)
+
+    p = sub.add_parser("reward", help="call a reward service (alignd.v1.RewardService)")
+    reward = p.add_subparsers(dest="reward_command", required=True)
+    r = reward.add_parser(
+        "score", help="score --prompt/--response or a JSONL file of {\"prompt\", \"response\", \"id\"?} objects; "
+        "prints one JSON line per input line: {\"id\"?, \"score\", \"weight_version\"}; exit 2 on bad input, 1 on a service error",
+        description="The bearer token comes from --token-file or the environment variable ALIGND_REWARD_TOKEN "
+        "(never from the command line, where `ps` would show it).",
+    )
+    target = r.add_mutually_exclusive_group(required=True)
+    target.add_argument("--address", metavar="HOST:PORT", help="a reward replica")
+    target.add_argument("--stack", metavar="stack.json", help="the stack.json of `alignd up`: its reward role")
+    r.add_argument("--prompt", help="the prompt (default empty); with --response")
+    r.add_argument("--response", help="the response to score")
+    r.add_argument("--file", metavar="in.jsonl", help='one JSON object per line: "prompt", "response", optional "id"; - = stdin')
+    r.add_argument("--out", metavar="out.jsonl", help="write the results here (atomically) instead of stdout")
+    r.add_argument("--token-file", metavar="F", help="file holding the bearer token (default: $ALIGND_REWARD_TOKEN)")
+    r.add_argument("--tls", action="store_true", help="use TLS (implied by --ca-file, --cert-file, --key-file)")
+    r.add_argument("--ca-file", metavar="F", help="PEM CA bundle for the server's certificate (default: system roots)")
+    r.add_argument("--cert-file", metavar="F", help="PEM client certificate (mutual TLS; with --key-file)")
+    r.add_argument("--key-file", metavar="F", help="PEM client private key (mutual TLS; with --cert-file)")
+    r.add_argument("--server-name", metavar="NAME", help="check the server's certificate against NAME")
+    r.add_argument("--timeout", type=float, default=30.0, metavar="S", help="deadline of each request, retries included (default 30)")
+    r.add_argument("--batch-size", type=int, default=64, metavar="N", help="pairs per request (default 64)")
+    r.add_argument("--max-in-flight", type=int, default=4, metavar="N", help="requests at once (default 4)")
+    r.set_defaults(func=cmd_reward_score)
     return parser
 
 

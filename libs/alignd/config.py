@@ -60,6 +60,37 @@ class AuthConfig(Strict):
         return v
 
 
+class TLSConfig(Strict):
+    """TLS of the role's gRPC API (and of the reward role's HTTP API), from PEM files (a mounted Secret)."""
+
+    cert_file: str | None = Field(
+        None, description="PEM certificate chain the server presents. null (with key_file): plaintext, no TLS."
+    )
+    key_file: str | None = Field(None, description="PEM private key of cert_file.")
+    client_ca_file: str | None = Field(
+        None,
+        description="PEM CA bundle of client certificates: set, the server requires and verifies a client "
+        "certificate (mutual TLS); a caller without one is refused at the handshake.",
+    )
+
+    @field_validator("cert_file", "key_file", "client_ca_file")
+    @classmethod
+    def _expand(cls, v: str | None) -> str | None:
+        return None if v is None else os.path.expanduser(os.path.expandvars(v))
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "TLSConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both (TLS) or neither (plaintext)")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("client_ca_file (mutual TLS) needs cert_file and key_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
 class ServerConfig(Strict):
     """gRPC and metrics endpoints of one role."""
 
@@ -75,6 +106,7 @@ class ServerConfig(Strict):
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent, in bytes.")
     grace_seconds: float = Field(10.0, ge=0, description="On SIGTERM, in-flight RPCs get this long to finish, in seconds.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Bearer-token authentication (off by default).")
+    tls: TLSConfig = Field(default_factory=TLSConfig, description="TLS / mutual TLS from certificate files (off by default).")
 
 
 class ModelConfig(Strict):
@@ -105,6 +137,50 @@ class BatchingConfig(Strict):
         5.0, ge=0, description="How long the first request of a batch that is not full waits for others, in milliseconds."
     )
     max_queue: int = Field(256, ge=1, description="Requests allowed to wait; beyond this, calls answer RESOURCE_EXHAUSTED.")
+
+
+class RewardBatchingConfig(BatchingConfig):
+    """Dynamic batching of Score calls, bounded in sequences and in tokens."""
+
+    max_batch_tokens: int | None = Field(
+        16384, ge=1,
+        description="Token budget of one batch: the batcher stops collecting requests once their prompt + response "
+        "tokens would exceed it, and the engine runs a batch as forward passes of at most max_batch_size rows and "
+        "this many padded tokens (rows x longest row; rows are sorted by length first). null: rows only.",
+    )
+
+
+class RewardHTTPConfig(Strict):
+    """The reward role's HTTP API: OpenRLHF's remote reward model protocol (POST /get_reward)."""
+
+    port: int = Field(0, ge=-1, le=65535, description="HTTP port; 0 = an ephemeral port (stack.json: http_url), -1 = disabled.")
+    host: str | None = Field(None, description="Interface the HTTP server binds; default: server.host.")
+    max_connections: int = Field(
+        256, ge=1, description="Connections served at once; beyond this a connection is answered 503 and closed."
+    )
+    timeout_seconds: float = Field(
+        120.0, gt=0,
+        description="Deadline of one /get_reward request (queue + scoring), in seconds; a caller may ask for less "
+        "with the X-Request-Timeout header. Work whose deadline passed is dropped, answered 504.",
+    )
+    idle_timeout_seconds: float = Field(
+        30.0, gt=0, description="A connection that sends nothing (or sends too slowly) for this long is closed."
+    )
+
+
+class RewardLimitsConfig(Strict):
+    """Request limits of the reward APIs (gRPC Score and HTTP /get_reward alike)."""
+
+    max_items: int = Field(1024, ge=1, description="Items (gRPC) or queries (HTTP) in one request; more: INVALID_ARGUMENT / 400.")
+    max_text_bytes: int = Field(
+        262144, ge=1, description="UTF-8 bytes of one prompt or response text (a query over HTTP); more: INVALID_ARGUMENT / 400."
+    )
+    too_long: Literal["reject", "truncate_left"] = Field(
+        "reject",
+        description="Inputs whose prompt + response exceed the model's context: reject (INVALID_ARGUMENT / 400 naming "
+        "the item) or truncate_left (drop the oldest tokens, prompt first, keeping the end of the response that "
+        "the score reads).",
+    )
 
 
 class RoleConfig(Strict):
@@ -143,10 +219,15 @@ class RewardConfig(RoleConfig):
     function: RewardFunctionConfig | None = Field(
         None, description="Score with this function of (prompt ids, response ids, tokenizer) instead of the model."
     )
-    batching: BatchingConfig = Field(
-        BatchingConfig(max_wait_ms=0.0),
+    batching: RewardBatchingConfig = Field(
+        RewardBatchingConfig(max_wait_ms=0.0),
         description="Dynamic batching of Score calls. No wait by default: calls that arrive while a batch runs "
         "join the next one, and a lone call is not delayed (bench/README.md).",
+    )
+    limits: RewardLimitsConfig = Field(default_factory=RewardLimitsConfig, description="Request limits and the context policy.")
+    http: RewardHTTPConfig = Field(
+        default_factory=RewardHTTPConfig,
+        description="HTTP API (OpenRLHF's POST /get_reward), with the same authentication, TLS, limits and batcher as gRPC.",
     )
     allow_new_head: bool = Field(
         False,
@@ -387,11 +468,49 @@ class LauncherConfig(Strict):
         return self
 
 
+class RoleClientConfig(Strict):
+    """How the coordinator calls a role that requires credentials (a reward role with server.auth / server.tls)."""
+
+    tokens_file: str | None = Field(
+        None,
+        description="File with the bearer token to send: the token alone, or with token_name a tokens YAML "
+        "({name: token}, e.g. the reward role's own mounted Secret). Re-read when it changes. null: no token.",
+    )
+    token_name: str | None = Field(None, description="Which token of the tokens_file YAML to send.")
+    ca_file: str | None = Field(
+        None, description="PEM CA bundle that signed the server's certificate; set: connect with TLS. null: plaintext."
+    )
+    cert_file: str | None = Field(None, description="PEM client certificate, for a server that requires mutual TLS.")
+    key_file: str | None = Field(None, description="PEM private key of cert_file.")
+    server_name: str | None = Field(
+        None, description="Name to verify in the server's certificate instead of the address's host (TLS only)."
+    )
+
+    @field_validator("tokens_file", "ca_file", "cert_file", "key_file")
+    @classmethod
+    def _expand(cls, v: str | None) -> str | None:
+        return None if v is None else os.path.expanduser(os.path.expandvars(v))
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "RoleClientConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mutual TLS)")
+        if self.cert_file is not None and self.ca_file is None:
+            raise ValueError("cert_file (mutual TLS) needs ca_file (TLS)")
+        if self.token_name is not None and self.tokens_file is None:
+            raise ValueError("token_name needs tokens_file")
+        return self
+
+
 class CoordinatorConfig(RoleConfig):
     """coordinator: runs the RLHF loop (alignd.v1.CoordinatorService). Imports no torch."""
 
     policy_addresses: list[str] = Field([], description="host:port of every policy replica (requests are spread over all).")
     reward_addresses: list[str] = Field([], description="host:port of every reward replica.")
+    reward_client: RoleClientConfig = Field(
+        default_factory=RoleClientConfig,
+        description="Credentials for the reward replicas (their server.auth token, their server.tls CA); none by default.",
+    )
     reference_addresses: list[str] = Field([], description="host:port of every reference replica.")
     learner_address: str | None = Field(None, description="host:port of the learner.")
     runs_dir: str | None = Field(None, description="Where run state lives (RUNS_DIR/<run_id>/); default: RUN_DIR/runs.")

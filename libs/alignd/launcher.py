@@ -84,6 +84,7 @@ class Child:
     endpoint_file: Path
     address: str = ""
     metrics_url: str | None = None
+    extra: dict = field(default_factory=dict)  # other endpoints of the role (the reward role's http_url)
     exited: threading.Event = field(default_factory=threading.Event)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
@@ -164,6 +165,7 @@ class LocalStack:
                 raise TimeoutError(f"{child.role} did not bind its ports in time")
         info = json.loads(child.endpoint_file.read_text())
         child.address, child.metrics_url = info["address"], info["metrics_url"]
+        child.extra = {k: v for k, v in info.items() if k == "http_url"}
         # 2. Health turns SERVING once the model is loaded and warmed up.
         with grpc.insecure_channel(child.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -231,7 +233,7 @@ class LocalStack:
     def describe(self) -> dict:
         return {
             "services": {
-                r: {"address": c.address, "metrics_url": c.metrics_url, "pid": c.proc.pid, "log": str(c.log_path)}
+                r: {"address": c.address, "metrics_url": c.metrics_url, **c.extra, "pid": c.proc.pid, "log": str(c.log_path)}
                 for r, c in self.children.items()
             }
         }
@@ -309,7 +311,8 @@ def run_stack(cfg: StackConfig, run_dir: Path) -> int:
         raise
     started.set()
     for role, svc in info["services"].items():
-        print(f"{role:12s} {svc['address']:22s} metrics {svc['metrics_url']}", flush=True)
+        http = f"  http {svc['http_url']}" if svc.get("http_url") else ""
+        print(f"{role:12s} {svc['address']:22s} metrics {svc['metrics_url']}{http}", flush=True)
     print(f"alignd: stack ready: {run_dir / 'stack.json'}", flush=True)
     while not stop.is_set():
         stack.any_exited.wait()

@@ -68,7 +68,7 @@ class Roles:
         self.cfg = cfg
         # A headless Service name becomes one channel per replica (resolved when the run starts).
         self.policy = [make_channel(a) for a in expand_addresses(cfg.policy_addresses)]
-        self.reward = [make_channel(a) for a in expand_addresses(cfg.reward_addresses)]
+        self.reward = [make_channel(a, credentials=cfg.reward_client) for a in expand_addresses(cfg.reward_addresses)]
         self.reference = [make_channel(a) for a in expand_addresses(cfg.reference_addresses)]
         self.learner = make_channel(cfg.learner_address)
         self._rr = 0

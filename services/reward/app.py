@@ -9,6 +9,7 @@ from alignd.models.app import ModelRoleApp
 from alignd.models.handle import ModelHandle, load_scalar_head_model, load_tokenizer
 from alignd.runtime.batching import DynamicBatcher, per_request
 from alignd.runtime.server import ServiceHost
+from alignd.services.reward.api import RewardAPI, RewardAPIMetrics
 from alignd.services.reward.engine import FunctionRewardEngine, RewardEngine
 from alignd.services.reward.servicer import RewardServicer
 from alignd.v1 import reward_pb2_grpc
@@ -30,8 +31,26 @@ class RewardApp(ModelRoleApp):
         super().__init__(cfg)
         self.cfg: RewardConfig = cfg
 
+    http_server = None
+
     def register_role(self, host: ServiceHost) -> None:
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.loaded, self.batch_metrics), host.server)
+        metrics = RewardAPIMetrics(host.registry)
+        self.api = RewardAPI(self.loaded, self.cfg.limits, metrics, self.batch_metrics)
+        if host.authenticator is not None:
+            # gRPC refusals happen in the interceptor, before the servicer: count them with the API's.
+            host.authenticator.listeners.append(
+                lambda api, reason: api == "grpc" and metrics.rejected.labels("grpc", "unauthenticated").inc()
+            )
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.api), host.server)
+
+    def start_extra(self, host: ServiceHost) -> dict:
+        """The HTTP API (OpenRLHF's /get_reward), bound next to the gRPC port; its URL goes into the endpoint file."""
+        if self.cfg.http.port < 0:
+            return {}
+        from alignd.services.reward.http import start_http
+
+        self.http_server = start_http(self.cfg.http, self.cfg.server, self.api, host)
+        return {"http_url": self.http_server.url}
 
     def load_handle(self) -> ModelHandle:
         if self.cfg.function is not None:
@@ -57,8 +76,14 @@ class RewardApp(ModelRoleApp):
 
             engine = FunctionRewardEngine(handle, resolve(self.cfg.function.name), self.cfg.function.args)
         else:
-            engine = RewardEngine(handle, self.cfg.batching.max_batch_size)
+            engine = RewardEngine(handle, self.cfg.batching.max_batch_size, self.cfg.batching.max_batch_tokens)
         return RewardState(handle, engine, self.make_batcher(per_request(engine.score), self.cfg.batching))
+
+    def close(self) -> None:
+        if self.http_server is not None:
+            self.http_server.shutdown()
+            self.http_server.server_close()
+        super().close()
 
     def warmup(self, state: RewardState) -> None:
         state.engine.score([([], [state.handle.pad_token_id])])

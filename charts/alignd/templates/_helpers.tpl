@@ -143,7 +143,22 @@ the addresses of the other roles and the paths on the shared volume.
 {{- end -}}
 {{- $_ := set $server "auth" $auth -}}
 {{- end -}}
+{{- if and (eq $role "reward") $root.Values.rewardTLS.enabled -}}
+{{- /* The mounted kubernetes.io/tls Secret; with mutual, the client CA's ca.crt. */ -}}
+{{- $tlsDir := $root.Values.rewardTLS.mountPath -}}
+{{- $tls := dict "cert_file" (printf "%s/tls.crt" $tlsDir) "key_file" (printf "%s/tls.key" $tlsDir) -}}
+{{- if $root.Values.rewardTLS.mutual -}}
+{{- $_ := set $tls "client_ca_file" (printf "%s-client-ca/ca.crt" $tlsDir) -}}
+{{- end -}}
+{{- $_ := set $server "tls" $tls -}}
+{{- end -}}
 {{- $_ := set $cfg "server" $server -}}
+{{- if eq $role "reward" -}}
+{{- $http := deepCopy (get $cfg "http" | default dict) -}}
+{{- $_ := set $http "host" "0.0.0.0" -}}
+{{- $_ := set $http "port" (int $v.ports.http) -}}
+{{- $_ := set $cfg "http" $http -}}
+{{- end -}}
 {{- $mount := $root.Values.persistence.mountPath -}}
 {{- if eq $role "coordinator" -}}
 {{- range $other := list "policy" "reward" "reference" -}}
@@ -157,6 +172,24 @@ the addresses of the other roles and the paths on the shared volume.
 {{- end -}}
 {{- if not (get $cfg "runs_dir") -}}
 {{- $_ := set $cfg "runs_dir" (printf "%s/runs" $mount) -}}
+{{- end -}}
+{{- /* Credentials for the reward replicas: its token (rewardAuth.coordinatorTokenName), its CA (rewardTLS). */ -}}
+{{- $rc := deepCopy (get $cfg "reward_client" | default dict) -}}
+{{- if and $root.Values.rewardAuth.enabled $root.Values.rewardAuth.coordinatorTokenName -}}
+{{- $_ := set $rc "tokens_file" (printf "%s/%s" $root.Values.rewardAuth.mountPath $root.Values.rewardAuth.secretKey) -}}
+{{- $_ := set $rc "token_name" $root.Values.rewardAuth.coordinatorTokenName -}}
+{{- end -}}
+{{- if $root.Values.rewardTLS.enabled -}}
+{{- $tlsDir := $root.Values.rewardTLS.mountPath -}}
+{{- $_ := set $rc "ca_file" (printf "%s/ca.crt" $tlsDir) -}}
+{{- $_ := set $rc "server_name" (default (printf "%s.%s" (include "alignd.headlessName" (dict "root" $root "role" "reward")) (include "alignd.svcSuffix" (dict "root" $root))) $root.Values.rewardTLS.serverName) -}}
+{{- if $root.Values.rewardTLS.mutual -}}
+{{- $_ := set $rc "cert_file" (printf "%s-client/tls.crt" $tlsDir) -}}
+{{- $_ := set $rc "key_file" (printf "%s-client/tls.key" $tlsDir) -}}
+{{- end -}}
+{{- end -}}
+{{- if $rc -}}
+{{- $_ := set $cfg "reward_client" $rc -}}
 {{- end -}}
 {{- /* Kubernetes RM jobs (launcher.kind: kubernetes): the learner's image, the shared volume, this namespace. */ -}}
 {{- $launcher := deepCopy (get $cfg "launcher" | default dict) -}}
@@ -186,10 +219,18 @@ the addresses of the other roles and the paths on the shared volume.
 {{- toYaml $cfg -}}
 {{- end -}}
 
-{{/* Probe timing: a probe block of values plus the native gRPC check on the role's port. */}}
+{{/* Probe timing: a probe block of values plus the native gRPC check on the role's port, or (a reward role
+with TLS: kubelet's gRPC probes speak no TLS) HTTPS GET /health on its http port. */}}
 {{- define "alignd.probe" -}}
+{{- if .https }}
+httpGet:
+  path: /health
+  port: {{ .https }}
+  scheme: HTTPS
+{{- else }}
 grpc:
   port: {{ .port }}
+{{- end }}
 periodSeconds: {{ .probe.periodSeconds }}
 timeoutSeconds: {{ .probe.timeoutSeconds }}
 failureThreshold: {{ .probe.failureThreshold }}
@@ -206,6 +247,13 @@ The pod template of a role (Deployment or StatefulSet).
 {{- $mount := $root.Values.persistence.mountPath -}}
 {{- $torchrun := and (eq $role "learner") (gt (int (include "alignd.learnerWorldSize" $ctx)) 1) -}}
 {{- $rewardAuth := and (eq $role "reward") $root.Values.rewardAuth.enabled -}}
+{{- /* The coordinator mounts the tokens too when it sends one of them. */ -}}
+{{- $tokensMount := or $rewardAuth (and (eq $role "coordinator") $root.Values.rewardAuth.enabled $root.Values.rewardAuth.coordinatorTokenName) -}}
+{{- $rewardTLS := and (or (eq $role "reward") (eq $role "coordinator")) $root.Values.rewardTLS.enabled -}}
+{{- $httpsProbe := "" -}}
+{{- if and (eq $role "reward") $root.Values.rewardTLS.enabled -}}
+{{- $httpsProbe = $v.ports.http -}}
+{{- end -}}
 metadata:
   labels:
     {{- include "alignd.selectorLabels" $ctx | nindent 4 }}
@@ -302,7 +350,7 @@ spec:
         - name: MASTER_PORT
           value: {{ $root.Values.learnerLaunch.masterPort | quote }}
         {{- end }}
-        {{- if $rewardAuth }}
+        {{- if $tokensMount }}
         - name: ALIGND_REWARD_TOKENS_FILE
           value: {{ printf "%s/%s" $root.Values.rewardAuth.mountPath $root.Values.rewardAuth.secretKey | quote }}
         {{- end }}
@@ -321,12 +369,17 @@ spec:
           containerPort: {{ $root.Values.learnerLaunch.masterPort }}
           protocol: TCP
         {{- end }}
+        {{- if eq $role "reward" }}
+        - name: http
+          containerPort: {{ $v.ports.http }}
+          protocol: TCP
+        {{- end }}
       startupProbe:
-        {{- include "alignd.probe" (dict "port" $v.ports.grpc "probe" $v.startupProbe) | nindent 8 }}
+        {{- include "alignd.probe" (dict "port" $v.ports.grpc "https" $httpsProbe "probe" $v.startupProbe) | nindent 8 }}
       livenessProbe:
-        {{- include "alignd.probe" (dict "port" $v.ports.grpc "probe" $v.livenessProbe) | nindent 8 }}
+        {{- include "alignd.probe" (dict "port" $v.ports.grpc "https" $httpsProbe "probe" $v.livenessProbe) | nindent 8 }}
       readinessProbe:
-        {{- include "alignd.probe" (dict "port" $v.ports.grpc "probe" $v.readinessProbe) | nindent 8 }}
+        {{- include "alignd.probe" (dict "port" $v.ports.grpc "https" $httpsProbe "probe" $v.readinessProbe) | nindent 8 }}
       {{- with $v.resources }}
       resources:
         {{- toYaml . | nindent 8 }}
@@ -347,10 +400,26 @@ spec:
         - name: shm
           mountPath: /dev/shm
         {{- end }}
-        {{- if $rewardAuth }}
+        {{- if $tokensMount }}
         - name: reward-auth
           mountPath: {{ $root.Values.rewardAuth.mountPath }}
           readOnly: true
+        {{- end }}
+        {{- if $rewardTLS }}
+        - name: reward-tls
+          mountPath: {{ $root.Values.rewardTLS.mountPath }}
+          readOnly: true
+        {{- if $root.Values.rewardTLS.mutual }}
+        {{- if eq $role "reward" }}
+        - name: reward-tls-client-ca
+          mountPath: {{ printf "%s-client-ca" $root.Values.rewardTLS.mountPath }}
+          readOnly: true
+        {{- else }}
+        - name: reward-tls-client
+          mountPath: {{ printf "%s-client" $root.Values.rewardTLS.mountPath }}
+          readOnly: true
+        {{- end }}
+        {{- end }}
         {{- end }}
         {{- with $v.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
@@ -377,7 +446,45 @@ spec:
         medium: Memory
         sizeLimit: {{ $v.shmSize }}
     {{- end }}
-    {{- if $rewardAuth }}
+    {{- if $rewardTLS }}
+    {{- if not $root.Values.rewardTLS.secretName }}
+    {{- fail "rewardTLS.enabled: give rewardTLS.secretName (a kubernetes.io/tls Secret with tls.crt, tls.key, ca.crt)" }}
+    {{- end }}
+    - name: reward-tls
+      secret:
+        secretName: {{ $root.Values.rewardTLS.secretName }}
+        defaultMode: 0440
+        {{- if eq $role "coordinator" }}
+        items:
+          - key: ca.crt
+            path: ca.crt
+        {{- end }}
+    {{- if $root.Values.rewardTLS.mutual }}
+    {{- if eq $role "reward" }}
+    - name: reward-tls-client-ca
+      secret:
+        secretName: {{ default $root.Values.rewardTLS.secretName $root.Values.rewardTLS.clientCASecret }}
+        defaultMode: 0440
+        items:
+          - key: ca.crt
+            path: ca.crt
+    {{- else }}
+    {{- if not $root.Values.rewardTLS.coordinatorClientSecret }}
+    {{- fail "rewardTLS.mutual: give rewardTLS.coordinatorClientSecret (the coordinator's client certificate)" }}
+    {{- end }}
+    - name: reward-tls-client
+      secret:
+        secretName: {{ $root.Values.rewardTLS.coordinatorClientSecret }}
+        defaultMode: 0440
+        items:
+          - key: tls.crt
+            path: tls.crt
+          - key: tls.key
+            path: tls.key
+    {{- end }}
+    {{- end }}
+    {{- end }}
+    {{- if $tokensMount }}
     - name: reward-auth
       secret:
         secretName: {{ include "alignd.rewardAuthSecretName" $root }}

@@ -67,6 +67,8 @@ class ModelRoleApp(RoleApp):
             name=self.slug,
             on_batch=self.batch_metrics.on_batch,
             on_queue_depth=self.batch_metrics.queue_depth.set,
+            max_batch_tokens=getattr(batching, "max_batch_tokens", None),
+            on_drop=lambda reason: self.batch_metrics.dropped.labels(reason).inc(),
         )
         return self.batcher
 

@@ -21,6 +21,8 @@ the log context as `client`. Tokens are compared in constant time.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hmac
 import ipaddress
 import os
@@ -134,53 +136,77 @@ def peer_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return None
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Refuses calls without a valid bearer token (see the module docs); place it after the request interceptor,
-    which turns the Unauthenticated error into the status and counts it."""
+# The authenticated caller's name during a call (the token's name; "trusted-network"; None without authentication),
+# for per-client metrics. Set by AuthInterceptor around the handler, and by the HTTP API around its request.
+CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("alignd_client", default=None)
+
+
+class Authenticator:
+    """The token check shared by the gRPC interceptor and the reward role's HTTP API."""
 
     def __init__(self, tokens: TokenFile, public_methods=HEALTH_METHODS, trusted_networks=(), on_reject=None) -> None:
         self.tokens = tokens
         self.public = frozenset(public_methods)
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in trusted_networks]
-        self.on_reject = on_reject or (lambda reason: None)
+        # on_reject(api, reason) for each refusal; more listeners may be appended (the reward role's metrics).
+        self.listeners = [on_reject] if on_reject else []
 
-    def _check(self, metadata, context) -> None:
-        header = dict(metadata or ()).get(AUTH_KEY)
+    def _reject(self, api: str, reason: str, message: str) -> Unauthenticated:
+        for listener in self.listeners:
+            listener(api, reason)
+        return Unauthenticated(message)
+
+    def authenticate(self, header: str | None, ip, api: str = "grpc") -> str:
+        """The caller's name, from its `authorization` header value and its IP; Unauthenticated otherwise."""
         if header is None:
-            ip = peer_ip(context.peer())
             if ip is not None and any(ip in net for net in self.trusted):
-                structlog.contextvars.bind_contextvars(client="trusted-network")
-                return
-            self.on_reject("missing")
-            raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <token>'")
+                return "trusted-network"
+            raise self._reject(api, "missing", "missing credentials: send 'authorization: Bearer <token>'")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            self.on_reject("malformed")
-            raise Unauthenticated("malformed authorization metadata: expected 'Bearer <token>'")
+            raise self._reject(api, "malformed", "malformed authorization: expected 'Bearer <token>'")
         name = self.tokens.name_of(token.strip())
         if name is None:
-            self.on_reject("unknown")
-            raise Unauthenticated("unknown or revoked token")
-        structlog.contextvars.bind_contextvars(client=name)
+            raise self._reject(api, "unknown", "unknown or revoked token")
+        return name
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Refuses calls without a valid bearer token (see the module docs); place it after the request interceptor,
+    which turns the Unauthenticated error into the status and counts it."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method in self.public:
+        if handler is None or handler_call_details.method in self.authenticator.public:
             return handler
-        metadata = handler_call_details.invocation_metadata
-        check = self._check
+        header = dict(handler_call_details.invocation_metadata or ()).get(AUTH_KEY)
+        authenticate = self.authenticator.authenticate
+
+        @contextlib.contextmanager
+        def as_client(context):
+            name = authenticate(header, peer_ip(context.peer()))
+            log_tokens = structlog.contextvars.bind_contextvars(client=name)
+            token = CLIENT.set(name)
+            try:
+                yield
+            finally:
+                CLIENT.reset(token)
+                structlog.contextvars.reset_contextvars(**log_tokens)
 
         def unary(behavior):
             def run(request_or_iterator, context):
-                check(metadata, context)
-                return behavior(request_or_iterator, context)
+                with as_client(context):
+                    return behavior(request_or_iterator, context)
 
             return run
 
         def streaming(behavior):
             def run(request_or_iterator, context):
-                check(metadata, context)
-                yield from behavior(request_or_iterator, context)
+                with as_client(context):
+                    yield from behavior(request_or_iterator, context)
 
             return run
 

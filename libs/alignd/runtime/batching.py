@@ -1,11 +1,15 @@
 """Dynamic batching: requests that arrive close together run as one batch.
 
 A single worker thread owns the model. Callers `submit()` a request with a
-cost (number of sequences); the worker takes the oldest request, then keeps
-collecting until the batch holds `max_batch_size` sequences or `max_wait_s`
-has passed since that first request arrived, and runs `process(batch)` once.
-The queue is bounded: when `max_queue` requests wait, `submit` raises
-ResourceExhausted instead of letting latency grow without bound.
+cost (number of sequences) and a token count; the worker takes the oldest
+request, then keeps collecting until the batch holds `max_batch_size`
+sequences, or the next request would take it past `max_batch_tokens` tokens,
+or `max_wait_s` has passed since that first request arrived, and runs
+`process(batch)` once. The queue is bounded: when `max_queue` requests wait,
+`submit` raises ResourceExhausted instead of letting latency grow without
+bound. A request carries its caller's deadline: one whose deadline passed
+(or whose caller gave up) while it waited is dropped, never computed, and
+its caller gets DeadlineExceeded.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ _log = get_logger("alignd.batching")
 class Pending(Generic[Req]):
     request: Req
     cost: int  # sequences this request adds to a batch
+    tokens: int = 0  # tokens this request adds to a batch
+    deadline: float | None = None  # perf_counter time after which the result is useless
     future: Future = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.perf_counter)
     queue_seconds: float = 0.0
@@ -50,7 +56,9 @@ class DynamicBatcher(Generic[Req, Res]):
     `process(requests) -> results` receives the requests of one batch and
     returns one result per request (or raises: every request of the batch
     then fails with that exception). `on_batch(info)` is called after each
-    batch (for metrics).
+    batch (for metrics), `on_drop(reason)` for each request dropped unrun
+    ("deadline": its deadline passed in the queue; "cancelled": its caller
+    gave up first).
     """
 
     def __init__(
@@ -63,11 +71,15 @@ class DynamicBatcher(Generic[Req, Res]):
         name: str,
         on_batch: Callable[[BatchInfo], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
+        max_batch_tokens: int | None = None,
+        on_drop: Callable[[str], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self._process = process
         self._max_batch = max_batch_size
+        self._max_tokens = max_batch_tokens
+        self._on_drop = on_drop
         self._max_wait = max_wait_s
         self._max_queue = max_queue
         self._on_batch = on_batch
@@ -78,9 +90,9 @@ class DynamicBatcher(Generic[Req, Res]):
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, request: Req, cost: int) -> Pending[Req]:
-        """Queues a request; wait on `.future` for its result."""
-        pending = Pending(request, max(1, cost))
+    def submit(self, request: Req, cost: int, tokens: int = 0, deadline: float | None = None) -> Pending[Req]:
+        """Queues a request; wait on `.future` for its result. `deadline` is a time.perf_counter() value."""
+        pending = Pending(request, max(1, cost), max(0, tokens), deadline)
         with self._cv:
             if self._closed:
                 raise Unavailable("server is shutting down")
@@ -93,7 +105,9 @@ class DynamicBatcher(Generic[Req, Res]):
             self._on_depth(depth)
         return pending
 
-    def run(self, request: Req, cost: int, timeout: float | None = None) -> tuple[Res, Pending[Req], BatchInfo]:
+    def run(
+        self, request: Req, cost: int, timeout: float | None = None, tokens: int = 0
+    ) -> tuple[Res, Pending[Req], BatchInfo]:
         """Submits and waits; `timeout` is the caller's remaining deadline in seconds.
 
         gRPC reports a call without a deadline as a huge remaining time; that
@@ -101,7 +115,10 @@ class DynamicBatcher(Generic[Req, Res]):
         """
         if timeout is not None and timeout > 86400:
             timeout = None
-        pending = self.submit(request, cost)
+        if timeout is not None and timeout <= 0:
+            raise DeadlineExceeded("the deadline passed before the request was queued")
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        pending = self.submit(request, cost, tokens, deadline)
         try:
             result, info = pending.future.result(timeout=timeout)
         except FutureTimeout:
@@ -124,15 +141,18 @@ class DynamicBatcher(Generic[Req, Res]):
                 self._cv.wait()
             first = self._queue.popleft()
             batch = [first]
-            size = first.cost
+            size, tokens = first.cost, first.tokens
             deadline = first.enqueued_at + self._max_wait
             while size < self._max_batch:
                 if self._queue:
                     nxt = self._queue[0]
                     if size + nxt.cost > self._max_batch:
                         break
+                    if self._max_tokens is not None and tokens + nxt.tokens > self._max_tokens:
+                        break
                     batch.append(self._queue.popleft())
                     size += nxt.cost
+                    tokens += nxt.tokens
                     continue
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0 or self._closed:
@@ -148,8 +168,7 @@ class DynamicBatcher(Generic[Req, Res]):
             batch = self._take_batch()
             if batch is None:
                 return
-            # Drop requests whose caller gave up (deadline); mark the rest running.
-            batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
+            batch = self._drop_expired(batch)
             if not batch:
                 continue
             now = time.perf_counter()
@@ -172,6 +191,27 @@ class DynamicBatcher(Generic[Req, Res]):
                     _log.exception("batch_callback_failed")
             for p, r in zip(batch, results):
                 p.future.set_result((r, info))
+
+    def _drop_expired(self, batch: list[Pending[Req]]) -> list[Pending[Req]]:
+        """The requests still worth computing, marked running; the others are answered without running."""
+        now = time.perf_counter()
+        keep = []
+        for p in batch:
+            if not p.future.set_running_or_notify_cancel():  # the caller gave up (its wait timed out)
+                self._dropped("cancelled")
+            elif p.deadline is not None and now >= p.deadline:
+                p.future.set_exception(DeadlineExceeded("the deadline passed while the request waited in the queue"))
+                self._dropped("deadline")
+            else:
+                keep.append(p)
+        return keep
+
+    def _dropped(self, reason: str) -> None:
+        if self._on_drop:
+            try:
+                self._on_drop(reason)
+            except Exception:  # noqa: BLE001
+                _log.exception("batch_callback_failed")
 
 
 

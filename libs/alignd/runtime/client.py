@@ -55,8 +55,11 @@ def service_config(max_attempts: int = 4) -> str:
     )
 
 
-def make_channel(address: str, *, retries: bool = True, max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
-    """An insecure channel to `address` (host:port) with alignd's defaults."""
+def make_channel(
+    address: str, *, retries: bool = True, max_message_bytes: int = MAX_MESSAGE_BYTES, credentials=None
+) -> grpc.Channel:
+    """A channel to `address` (host:port) with alignd's defaults: plaintext, or with `credentials` (a
+    config.RoleClientConfig) TLS / mutual TLS and a bearer token on every call."""
     options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -64,7 +67,95 @@ def make_channel(address: str, *, retries: bool = True, max_message_bytes: int =
     ]
     if retries:
         options.append(("grpc.service_config", service_config()))
-    return grpc.insecure_channel(address, options=options)
+    if credentials is None:
+        return grpc.insecure_channel(address, options=options)
+    if credentials.server_name:
+        options.append(("grpc.ssl_target_name_override", credentials.server_name))
+    if credentials.ca_file:
+        def read(path):
+            with open(path, "rb") as f:
+                return f.read()
+
+        ssl = grpc.ssl_channel_credentials(
+            root_certificates=read(credentials.ca_file),
+            private_key=read(credentials.key_file) if credentials.key_file else None,
+            certificate_chain=read(credentials.cert_file) if credentials.cert_file else None,
+        )
+        channel = grpc.secure_channel(address, ssl, options=options)
+    else:
+        channel = grpc.insecure_channel(address, options=options)
+    if credentials.tokens_file:
+        channel = grpc.intercept_channel(channel, BearerToken(TokenSource(credentials.tokens_file, credentials.token_name)))
+    return channel
+
+
+class TokenSource:
+    """The token to send, from a file holding it alone or from a tokens YAML by name; re-read when the file changes."""
+
+    def __init__(self, path: str, name: str | None = None) -> None:
+        import os
+        import threading
+
+        self.path, self.name = path, name
+        self._os = os
+        self._lock = threading.Lock()
+        self._signature: tuple | None = None
+        self._token = ""
+        self.token()  # fail early (OSError / ValueError) on an unusable file
+
+    def token(self) -> str:
+        st = self._os.stat(self.path)
+        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if signature != self._signature:
+            with self._lock:
+                with open(self.path, encoding="utf-8") as f:
+                    text = f.read()
+                if self.name is None:
+                    token = text.strip()
+                else:
+                    import yaml
+
+                    data = yaml.safe_load(text) or {}
+                    token = data.get(self.name) if isinstance(data, dict) else None
+                    if not isinstance(token, str):
+                        raise ValueError(f"{self.path}: no token named {self.name!r}")
+                if not token:
+                    raise ValueError(f"{self.path}: empty token")
+                self._token, self._signature = token, signature
+        return self._token
+
+
+class BearerToken(
+    grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer <token>` to every call of a channel (plaintext or TLS)."""
+
+    def __init__(self, source: TokenSource) -> None:
+        self.source = source
+
+    def _details(self, details):
+        metadata = [*(details.metadata or ()), ("authorization", f"Bearer {self.source.token()}")]
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, base, metadata) -> None:
+        self.method, self.timeout, self.credentials = base.method, base.timeout, base.credentials
+        self.wait_for_ready, self.compression = getattr(base, "wait_for_ready", None), getattr(base, "compression", None)
+        self.metadata = metadata
 
 
 def wait_for_serving(channel: grpc.Channel, service: str = "", timeout: float = 300.0) -> None:

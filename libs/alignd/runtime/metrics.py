@@ -77,6 +77,15 @@ class BatchMetrics:
         self.queue_depth = Gauge(
             f"alignd_{slug}_queue_depth_requests", "Requests waiting in the batching queue.", registry=registry
         )
+        self.dropped = Counter(
+            f"alignd_{slug}_dropped_total",
+            "Requests dropped from the batching queue without being computed, by reason (deadline: it passed "
+            "while the request waited; cancelled: the caller gave up first).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("deadline", "cancelled"):
+            self.dropped.labels(reason)
         self.sequences = Counter(
             f"alignd_{slug}_sequences_total", "Sequences processed.", registry=registry
         )

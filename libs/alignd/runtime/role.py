@@ -51,6 +51,11 @@ class RoleApp:
     def register(self, host: ServiceHost) -> None:
         raise NotImplementedError
 
+    def start_extra(self, host: ServiceHost) -> dict:
+        """Starts what the role serves besides gRPC (after the gRPC port is bound); returns its endpoint-file
+        entries (the reward role's http_url)."""
+        return {}
+
     def load(self) -> None:
         """Loads and warms up the model; health turns SERVING afterwards."""
 
@@ -73,10 +78,15 @@ def run_role(app: RoleApp, host: ServiceHost, endpoint_file: Path | None = None)
 
     app.register(host)
     host.start()
+    try:
+        extra = app.start_extra(host)
+    except BaseException:
+        host.stop(0)
+        raise
     if endpoint_file is not None:
         write_json_atomic(
             endpoint_file,
-            {"role": app.slug, "address": host.address, "metrics_url": host.metrics_url, "pid": os.getpid()},
+            {"role": app.slug, "address": host.address, "metrics_url": host.metrics_url, "pid": os.getpid(), **extra},
         )
 
     failure: list[BaseException] = []

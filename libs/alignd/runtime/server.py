@@ -27,12 +27,12 @@ from alignd.runtime.metrics import GrpcServerMetrics, serve_metrics
 _log = get_logger("alignd.server")
 
 
-def auth_interceptor(role: str, cfg, registry: CollectorRegistry):
+def make_authenticator(role: str, cfg, registry: CollectorRegistry):
     """The bearer-token check of `server.auth` (ConfigError when the tokens file is unusable)."""
     from prometheus_client import Counter
 
     from alignd.config import ConfigError
-    from alignd.runtime.auth import AuthInterceptor, TokenError, TokenFile
+    from alignd.runtime.auth import Authenticator, TokenError, TokenFile
 
     try:
         tokens = TokenFile(cfg.tokens_file)
@@ -44,7 +44,9 @@ def auth_interceptor(role: str, cfg, registry: CollectorRegistry):
     )
     for reason in ("missing", "malformed", "unknown"):
         rejected.labels(reason)
-    return AuthInterceptor(tokens, cfg.public_methods, cfg.trusted_networks, lambda reason: rejected.labels(reason).inc())
+    return Authenticator(
+        tokens, cfg.public_methods, cfg.trusted_networks, lambda api, reason: rejected.labels(reason).inc()
+    )
 
 
 class ServiceHost:
@@ -64,8 +66,18 @@ class ServiceHost:
         self.service_names = list(service_names)
         self._executor = ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix=f"{role}-rpc")
         interceptors = [ServerInterceptor(self.rpc_metrics)]
+        # Shared with other APIs of the role (the reward role's HTTP API); None without server.auth / server.tls.
+        self.cert_files = None
+        if cfg.tls.enabled:
+            from alignd.runtime.tls import CertFiles
+
+            self.cert_files = CertFiles(cfg.tls)  # ConfigError when the files are unusable
+        self.authenticator = None
         if cfg.auth.tokens_file:
-            interceptors.append(auth_interceptor(role, cfg.auth, self.registry))
+            from alignd.runtime.auth import AuthInterceptor
+
+            self.authenticator = make_authenticator(role, cfg.auth, self.registry)
+            interceptors.append(AuthInterceptor(self.authenticator))
         self.server = grpc.server(
             self._executor,
             interceptors=interceptors,
@@ -107,7 +119,11 @@ class ServiceHost:
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        self.port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        bind = f"{self.cfg.host}:{self.cfg.port}"
+        if self.cert_files is not None:
+            self.port = self.server.add_secure_port(bind, self.cert_files.grpc_credentials())
+        else:
+            self.port = self.server.add_insecure_port(bind)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {self.cfg.host}:{self.cfg.port}")
         self.server.start()
@@ -115,7 +131,10 @@ class ServiceHost:
             self._metrics_http, self.metrics_port = serve_metrics(
                 self.registry, self.cfg.metrics_host, self.cfg.metrics_port
             )
-        _log.info("server_started", address=self.address, metrics_url=self.metrics_url)
+        _log.info(
+            "server_started", address=self.address, metrics_url=self.metrics_url,
+            tls="mutual" if self.cert_files is not None and self.cert_files.mutual else bool(self.cert_files),
+        )
 
     def set_serving(self, serving: bool) -> None:
         self._serving = serving

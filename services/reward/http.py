@@ -1,0 +1,381 @@
+"""The reward role's HTTP API: the protocol of OpenRLHF's remote reward model.
+
+OpenRLHF (`--remote_rm_url http://HOST:PORT/get_reward`) posts
+`{"query": [...], "prompts": [...], "labels": [...]}` and reads `rewards`
+from the answer `{"rewards": [...], "scores": [...], "extra_logs": {...}}`.
+Each query is the prompt and the response decoded together (with special
+tokens) by OpenRLHF's tokenizer; `prompts[i]` is the prompt text of
+`query[i]`. alignd splits a query into prompt and response like this:
+
+1. Copies of the reward model tokenizer's pad token at either end of the
+   query are removed (OpenRLHF decodes left-padded batches with the pads).
+2. With `prompts` given: `prompts[i]` (likewise without pad tokens at its
+   start) must begin the query; the rest is the response. A query that does
+   not start with its prompt is refused (400 naming `prompts[i]`), because
+   scoring a wrong split would be silently wrong.
+3. Without `prompts` (older OpenRLHF clients send only `query`): the whole
+   query is the response, with an empty prompt.
+
+The prompt and the response are then tokenized separately and scored like a
+gRPC `Score` text item, through the same batcher: the same input gets the
+same score over either API. `labels` is accepted (null, or one entry per
+query) and ignored. `rewards` and `scores` are both the scores;
+`extra_logs` holds `weight_version` per query (the reward model version that
+scored it), a list as OpenRLHF logs them.
+
+Errors are JSON `{"error": MESSAGE, "code": STATUS}` with the HTTP status of
+the gRPC code: 400 (INVALID_ARGUMENT, naming the field, e.g. `query[3]`),
+401 (UNAUTHENTICATED, with `WWW-Authenticate: Bearer`), 404, 405, 411
+(no Content-Length), 413 (a body over `server.max_message_bytes`), 415 (not
+JSON), 429 (RESOURCE_EXHAUSTED, with `Retry-After`), 503 (UNAVAILABLE:
+loading or full of connections), 504 (DEADLINE_EXCEEDED). Authentication
+is the gRPC API's: `Authorization: Bearer <token>` checked against
+`server.auth` (trusted networks included), and TLS / mutual TLS come from
+`server.tls`; under mutual TLS a client without a certificate completes the
+handshake but gets 403 for everything except `GET /health` (so that
+Kubernetes' HTTPS probes work). `GET /health` answers 200 when the role
+serves, else 503, and needs no token.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import structlog
+
+from alignd.runtime.auth import CLIENT
+from alignd.runtime.errors import AligndError, DeadlineExceeded, InvalidArgument, Unauthenticated
+from alignd.runtime.logging import get_logger
+from alignd.services.reward.api import RewardAPI, status_name
+
+_log = get_logger("alignd.reward.http")
+
+GRPC_TO_HTTP = {
+    "INVALID_ARGUMENT": HTTPStatus.BAD_REQUEST,
+    "UNAUTHENTICATED": HTTPStatus.UNAUTHORIZED,
+    "RESOURCE_EXHAUSTED": HTTPStatus.TOO_MANY_REQUESTS,
+    "UNAVAILABLE": HTTPStatus.SERVICE_UNAVAILABLE,
+    "DEADLINE_EXCEEDED": HTTPStatus.GATEWAY_TIMEOUT,
+    "INTERNAL": HTTPStatus.INTERNAL_SERVER_ERROR,
+}
+TIMEOUT_HEADER = "X-Request-Timeout"  # seconds; lowers http.timeout_seconds for one request
+
+
+class HttpError(Exception):
+    def __init__(self, status: HTTPStatus, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def split_query(query: str, prompt: str | None, pad: str | None, index: int) -> tuple[str, str]:
+    """(prompt, response) of one OpenRLHF query (see the module docs)."""
+    if pad:
+        while query.startswith(pad):
+            query = query[len(pad):]
+        while query.endswith(pad):
+            query = query[: -len(pad)]
+    if prompt is None:
+        return "", query
+    if pad:
+        while prompt.startswith(pad):
+            prompt = prompt[len(pad):]
+    if not query.startswith(prompt):
+        raise InvalidArgument(f"prompts[{index}]", f"query[{index}] does not start with its prompt")
+    return prompt, query[len(prompt):]
+
+
+def parse_body(body: bytes) -> tuple[list[str], list[str | None]]:
+    """(queries, prompts or Nones) of a /get_reward body; InvalidArgument names the field."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument("body", f"not JSON ({exc.__class__.__name__}: {exc})") from None
+    except RecursionError:
+        raise InvalidArgument("body", "JSON nested too deeply") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument("body", f"must be a JSON object, got {type(data).__name__}")
+    queries = data.get("query")
+    if not isinstance(queries, list):
+        raise InvalidArgument("query", "required: a list of strings (prompt + response, decoded together)")
+    for i, q in enumerate(queries):
+        if not isinstance(q, str):
+            raise InvalidArgument(f"query[{i}]", f"must be a string, got {type(q).__name__}")
+    prompts = data.get("prompts")
+    if prompts is None:
+        prompts = [None] * len(queries)
+    elif not isinstance(prompts, list) or len(prompts) != len(queries):
+        raise InvalidArgument("prompts", f"must be null or a list of {len(queries)} strings, one per query")
+    for i, p in enumerate(prompts):
+        if p is not None and not isinstance(p, str):
+            raise InvalidArgument(f"prompts[{i}]", f"must be a string, got {type(p).__name__}")
+    labels = data.get("labels")
+    if labels is not None and (not isinstance(labels, list) or len(labels) != len(queries)):
+        raise InvalidArgument("labels", f"must be null or a list of {len(queries)} entries, one per query")
+    return queries, prompts
+
+
+class RewardHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` at once; TLS handshakes run on the connection's
+    thread, not the accept loop."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address, api: RewardAPI, *, authenticator, tls, serving, max_body_bytes: int,
+                 max_connections: int, timeout_seconds: float, idle_timeout_seconds: float) -> None:
+        self.api = api
+        self.authenticator = authenticator  # alignd.runtime.auth.Authenticator or None
+        self.tls = tls  # alignd.runtime.tls.HttpTLS or None
+        self.serving = serving  # () -> bool
+        self.max_body_bytes = max_body_bytes
+        self.timeout_seconds = timeout_seconds
+        self.idle_timeout_seconds = idle_timeout_seconds
+        self._slots = threading.BoundedSemaphore(max_connections)
+        host = address[0]
+        try:
+            if ipaddress.ip_address(host.strip("[]")).version == 6:
+                self.address_family = socket.AF_INET6
+        except ValueError:
+            pass
+        super().__init__(address, RewardHTTPHandler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            _log.warning("http_connection_refused", reason="max_connections")
+            try:
+                request.sendall(_plain_response(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later"))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            request.settimeout(self.idle_timeout_seconds)
+            if self.tls is not None:
+                try:
+                    request = self.tls.context().wrap_socket(request, server_side=True)
+                except (OSError, ValueError) as exc:  # handshake refused (no client certificate, bad TLS)
+                    _log.info("http_tls_handshake_failed", error=type(exc).__name__)
+                    self.shutdown_request(request)
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{'https' if self.tls is not None else 'http'}://{host}:{port}"
+
+
+def _plain_response(status: HTTPStatus, message: str) -> bytes:
+    body = json.dumps({"error": message, "code": "UNAVAILABLE"}).encode()
+    head = f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    return head.encode() + body
+
+
+class RewardHTTPHandler(BaseHTTPRequestHandler):
+    server: RewardHTTPServer
+    protocol_version = "HTTP/1.1"  # keep-alive: OpenRLHF's requests sessions reuse connections
+    server_version = "alignd-reward"
+    sys_version = ""
+
+    def log_message(self, format, *args):  # noqa: A002 - http.server's signature; requests are logged as events
+        pass
+
+    def _send_json(self, status: HTTPStatus, payload: dict, headers: dict | None = None) -> None:
+        body = json.dumps(payload, allow_nan=False).encode()
+        self.send_response(status.value)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_error(self, err: HttpError) -> None:
+        headers = {}
+        if err.status == HTTPStatus.UNAUTHORIZED:
+            headers["WWW-Authenticate"] = "Bearer"
+        elif err.status == HTTPStatus.TOO_MANY_REQUESTS:
+            headers["Retry-After"] = "1"
+        if not self._body_read:
+            self.close_connection = True  # the body was not read: the stream cannot be reused
+        self._send_json(err.status, {"error": err.message, "code": err.code}, headers)
+
+    _body_read = True  # reset by each POST until its body is read
+
+    def do_GET(self):
+        if self.path.split("?", 1)[0] == "/health":
+            serving = self.server.serving()
+            self._send_json(HTTPStatus.OK if serving else HTTPStatus.SERVICE_UNAVAILABLE,
+                            {"status": "SERVING" if serving else "NOT_SERVING"})
+            return
+        self._route_error("GET")
+
+    def _route_error(self, method: str) -> None:
+        if self.path.split("?", 1)[0] in ("/get_reward", "/health"):
+            self._drain()
+            self._send_error(HttpError(HTTPStatus.METHOD_NOT_ALLOWED, "UNIMPLEMENTED", f"{method} {self.path}: method not allowed"))
+        else:
+            self._drain()
+            self._send_error(HttpError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"no such path: {self.path[:200]}; POST /get_reward"))
+
+    def _drain(self) -> None:
+        length = self.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) <= self.server.max_body_bytes:
+            self.rfile.read(int(length))
+        elif length is not None:
+            self._body_read = False
+
+    def do_PUT(self):
+        self._route_error("PUT")
+
+    def do_DELETE(self):
+        self._route_error("DELETE")
+
+    def do_POST(self):
+        if self.path.split("?", 1)[0] != "/get_reward":
+            self._route_error("POST")
+            return
+        started = time.perf_counter()
+        api = self.server.api
+        client = None
+        self._body_read = False
+        log_tokens = structlog.contextvars.bind_contextvars(api="http", http_path="/get_reward")
+        try:
+            tls = self.server.tls
+            if tls is not None and not tls.client_verified(self.connection):
+                raise HttpError(HTTPStatus.FORBIDDEN, "UNAUTHENTICATED", "mutual TLS: a client certificate is required")
+            client = self._authenticate()  # before reading the body: a stranger's body is not read
+            body = self._read_body()
+            token = CLIENT.set(client)
+            try:
+                structlog.contextvars.bind_contextvars(client=client)
+                payload = self._score(body)
+            finally:
+                CLIENT.reset(token)
+        except HttpError as err:
+            api.observe("http", client, started, err.code)
+            self._send_error(err)
+        except AligndError as exc:
+            code = status_name(exc)
+            api.observe("http", client, started, code)
+            if not isinstance(exc, Unauthenticated):
+                _log.info("http_request_rejected", code=code, error=exc.message)
+            self._send_error(HttpError(GRPC_TO_HTTP.get(code, HTTPStatus.INTERNAL_SERVER_ERROR), code, exc.message))
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+        except Exception as exc:  # noqa: BLE001 - the boundary of the request
+            api.observe("http", client, started, "INTERNAL")
+            _log.error("http_request_failed", exc_info=exc)
+            self._send_error(HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "INTERNAL", f"internal error: {type(exc).__name__}"))
+        else:
+            api.observe("http", client, started, "OK", len(payload["rewards"]))
+            self._send_json(HTTPStatus.OK, payload)
+        finally:
+            structlog.contextvars.reset_contextvars(**log_tokens)
+            structlog.contextvars.unbind_contextvars("client")
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
+            raise HttpError(HTTPStatus.LENGTH_REQUIRED, "INVALID_ARGUMENT", "chunked bodies are not accepted: send Content-Length")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise HttpError(HTTPStatus.LENGTH_REQUIRED, "INVALID_ARGUMENT", "Content-Length is required")
+        if not length.strip().isdigit():
+            raise HttpError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", "Content-Length: not a number")
+        n = int(length)
+        if n > self.server.max_body_bytes:
+            raise HttpError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "INVALID_ARGUMENT",
+                f"body of {n} bytes; at most {self.server.max_body_bytes} (server.max_message_bytes)",
+            )
+        ctype = self.headers.get("Content-Type", "application/json").split(";", 1)[0].strip().lower()
+        body = self.rfile.read(n)
+        if len(body) != n:
+            raise ConnectionError("the body ended early")
+        self._body_read = True
+        if ctype not in ("application/json", ""):
+            raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "INVALID_ARGUMENT", f"Content-Type {ctype!r}: send application/json")
+        return body
+
+    def _authenticate(self) -> str | None:
+        auth = self.server.authenticator
+        if auth is None:
+            return None
+        try:
+            ip = ipaddress.ip_address(self.client_address[0].split("%")[0])
+        except ValueError:
+            ip = None
+        return auth.authenticate(self.headers.get("Authorization"), ip, api="http")
+
+    def _timeout(self) -> float:
+        timeout = self.server.timeout_seconds
+        asked = self.headers.get(TIMEOUT_HEADER)
+        if asked is not None:
+            try:
+                value = float(asked)
+            except ValueError:
+                raise InvalidArgument(TIMEOUT_HEADER, "not a number of seconds") from None
+            if not value > 0:
+                raise InvalidArgument(TIMEOUT_HEADER, "must be > 0 seconds")
+            timeout = min(timeout, value)
+        return timeout
+
+    def _score(self, body: bytes) -> dict:
+        api = self.server.api
+        deadline = time.perf_counter() + self._timeout()
+        queries, prompts = parse_body(body)
+        api.check_count(len(queries), "query")
+        state = api.loaded.get()
+        handle = state.handle
+        pad = handle.tokenizer.pad_token if isinstance(handle.tokenizer.pad_token, str) else None
+        pairs = []
+        for i, (query, prompt) in enumerate(zip(queries, prompts)):
+            p, r = split_query(query, prompt, pad, i)
+            pairs.append(api.text_pair(handle, p, r, f"query[{i}]", f"prompts[{i}]", f"query[{i}]"))
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            raise DeadlineExceeded("the deadline passed while the request was read and checked")
+        scores, version = api.score(state, pairs, remaining)
+        return {"rewards": scores, "scores": scores, "extra_logs": {"weight_version": [version] * len(scores)}}
+
+
+def start_http(cfg, server_cfg, api: RewardAPI, host_obj) -> RewardHTTPServer:
+    """Binds and serves the HTTP API on a daemon thread (cfg: RewardHTTPConfig)."""
+    tls = None
+    if host_obj.cert_files is not None:
+        from alignd.runtime.tls import HttpTLS
+
+        tls = HttpTLS(host_obj.cert_files)
+    address = (cfg.host or server_cfg.host, cfg.port)
+    try:
+        server = RewardHTTPServer(
+            address, api,
+            authenticator=host_obj.authenticator, tls=tls, serving=lambda: host_obj.serving,
+            max_body_bytes=server_cfg.max_message_bytes, max_connections=cfg.max_connections,
+            timeout_seconds=cfg.timeout_seconds, idle_timeout_seconds=cfg.idle_timeout_seconds,
+        )
+    except OSError as exc:
+        from alignd.config import ConfigError
+
+        raise ConfigError(f"http.port: cannot bind {address[0]}:{address[1]} ({exc.strerror or exc})") from None
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="reward-http", daemon=True).start()
+    _log.info("http_server_started", url=server.url)
+    return server

@@ -172,7 +172,7 @@ def test_default_sections_are_not_shared_between_configs():
     b = build_config(PolicyConfig, base())
     a.batching.max_batch_size = 1
     assert b.batching.max_batch_size == 32
-    assert PolicyConfig.model_fields["batching"].default.max_batch_size == 32
+    assert PolicyConfig.model_fields["batching"].default_factory().max_batch_size == 32
 
 
 def test_build_config_does_not_mutate_its_input():
@@ -265,3 +265,14 @@ def test_cli_serve_with_unknown_override_exits_2_and_names_it(tmp_path):
     proc = run_cli("serve", "policy", "--config", str(p), "--set", "server.prot=1")
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert "server.prot" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("cls, wait_ms", [("RewardConfig", 0.0), ("PolicyConfig", 20.0), ("ReferenceConfig", 0.0)])
+def test_partial_batching_section_keeps_the_roles_defaults(cls, wait_ms):
+    import alignd.config as config
+
+    model = getattr(config, cls)
+    partial = config.build_config(model, {"model": {"path": "x"}, "batching": {"max_queue": 512}})
+    assert partial.batching.max_queue == 512
+    assert partial.batching.max_wait_ms == wait_ms  # the role's default, not BatchingConfig's 5 ms
+    assert config.build_config(model, {"model": {"path": "x"}}).batching.max_wait_ms == wait_ms

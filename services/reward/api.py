@@ -65,6 +65,15 @@ class RewardAPIMetrics:
         for api in APIS:
             for reason in REASONS:
                 self.rejected.labels(api, reason)
+        self._children: dict = {}
+
+    def child(self, metric, *labels: str):
+        """metric.labels(*labels), cached: the lookup costs more than the update, on every request."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
 
 class RewardAPI:
@@ -136,20 +145,21 @@ class RewardAPI:
         tokens = sum(len(p) + len(r) for p, r in pairs)
         (scores, version), pending, _info = state.batcher.run(pairs, len(pairs), timeout, tokens=tokens)
         self.batch_metrics.queue_seconds.observe(pending.queue_seconds)
-        self.batch_metrics.tokens.labels("scored").inc(tokens)
+        self.metrics.child(self.batch_metrics.tokens, "scored").inc(tokens)
         if not all(math.isfinite(s) for s in scores):
             raise FloatingPointError("the reward model produced a non-finite score")
         return scores, version
 
     def observe(self, api: str, client: str | None, started: float, code: str, items: int = 0) -> None:
         client = client or ANONYMOUS
-        self.metrics.requests.labels(api, client, code).inc()
-        self.metrics.seconds.labels(api, client).observe(time.perf_counter() - started)
+        m = self.metrics
+        m.child(m.requests, api, client, code).inc()
+        m.child(m.seconds, api, client).observe(time.perf_counter() - started)
         if code == "OK":
-            self.metrics.items.labels(api, client).inc(items)
+            m.child(m.items, api, client).inc(items)
         else:
             reason = code.lower() if code.lower() in REASONS else "internal"
-            self.metrics.rejected.labels(api, reason).inc()
+            m.child(m.rejected, api, reason).inc()
 
 
 def status_name(exc: BaseException) -> str:

@@ -56,9 +56,34 @@ class _TrackedContext:
         return getattr(self._context, name)
 
 
+class _MethodMetrics:
+    """The labelled metric children of one method, looked up once (a labels() call costs more than the update)."""
+
+    def __init__(self, metrics: GrpcServerMetrics, rpc_type: str, service: str, method: str) -> None:
+        self.started = metrics.started.labels(rpc_type, service, method)
+        self.seconds = metrics.handling_seconds.labels(rpc_type, service, method)
+        self._handled = metrics.handled
+        self._key = (rpc_type, service, method)
+        self._by_code: dict = {}
+
+    def handled(self, code: grpc.StatusCode):
+        child = self._by_code.get(code)
+        if child is None:
+            child = self._by_code[code] = self._handled.labels(*self._key, code.name)
+        return child
+
+
 class ServerInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: GrpcServerMetrics) -> None:
         self._metrics = metrics
+        self._methods: dict[tuple[str, str, str], _MethodMetrics] = {}
+
+    def _method_metrics(self, rpc_type: str, service: str, method: str) -> _MethodMetrics:
+        key = (rpc_type, service, method)
+        found = self._methods.get(key)
+        if found is None:
+            found = self._methods[key] = _MethodMetrics(self._metrics, rpc_type, service, method)
+        return found
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -68,7 +93,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
         rpc_type = _rpc_type(handler)
         metadata = dict(handler_call_details.invocation_metadata or ())
         incoming_id = metadata.get(REQUEST_ID_KEY)
-        metrics = self._metrics
+        metrics = self._method_metrics(rpc_type, service, method)
 
         @contextlib.contextmanager
         def observed(context: grpc.ServicerContext, tracked: _TrackedContext):
@@ -76,7 +101,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
             tokens = structlog.contextvars.bind_contextvars(
                 request_id=request_id, grpc_service=service, grpc_method=method
             )
-            metrics.started.labels(rpc_type, service, method).inc()
+            metrics.started.inc()
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
@@ -96,8 +121,8 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 _log.error("rpc_failed", exc_info=exc, grpc_code=code.name)
                 context.abort(code, f"internal error in {method}: {type(exc).__name__}; request_id={request_id}")
             finally:
-                metrics.handled.labels(rpc_type, service, method, code.name).inc()
-                metrics.handling_seconds.labels(rpc_type, service, method).observe(time.perf_counter() - start)
+                metrics.handled(code).inc()
+                metrics.seconds.observe(time.perf_counter() - start)
                 structlog.contextvars.reset_contextvars(**tokens)
 
         def wrap_unary_response(behavior):

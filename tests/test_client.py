@@ -139,3 +139,27 @@ def test_expand_addresses_spells_out_every_replica_behind_a_name():
     ]
     assert {c[0] for c in calls} == {"policy-headless", "reward", "not-yet", "v6-headless"}
     assert all(c[2] == socket.SOCK_STREAM for c in calls)
+
+
+def test_token_source_reads_by_name_rotates_and_keeps_the_last_good_token(tmp_path):
+    import yaml
+
+    from alignd.atomic import write_bytes_atomic
+    from alignd.runtime.client import TokenSource
+
+    path = tmp_path / "tokens.yaml"
+    write_bytes_atomic(path, yaml.safe_dump({"coordinator": "first-token-0123456789", "other": "x" * 20}).encode())
+    source = TokenSource(str(path), "coordinator")
+    assert source.token() == "first-token-0123456789"
+    write_bytes_atomic(path, yaml.safe_dump({"coordinator": "second-token-0123456789"}).encode())
+    assert source.token() == "second-token-0123456789"  # rotation: re-read on change
+    write_bytes_atomic(path, b"coordinator: [unclosed")  # a bad rewrite: the last good token stays
+    assert source.token() == "second-token-0123456789"
+    write_bytes_atomic(path, yaml.safe_dump({"someone-else": "third-token-0123456789"}).encode())
+    assert source.token() == "second-token-0123456789"
+    plain = tmp_path / "token.txt"
+    write_bytes_atomic(plain, b"  plain-token-0123456789\n")
+    assert TokenSource(str(plain)).token() == "plain-token-0123456789"
+    write_bytes_atomic(plain, b"")
+    with pytest.raises(ValueError, match="empty token"):
+        TokenSource(str(plain))  # unusable at start: an error, not a silent empty token

@@ -239,3 +239,57 @@ def test_truncate_left_keeps_the_last_context_tokens(truncating):
     long_response = list(range(40, 60))  # the response alone exceeds the context: its last 16 tokens
     assert score(prompt, long_response) == pytest.approx(score([], long_response[4:]), abs=1e-6)
     assert score(prompt, response) != pytest.approx(score(prompt[11:], response), abs=1e-6)  # one token less differs
+
+
+def _raw(url: str, data: bytes) -> tuple[bytes, bool]:
+    """Sends raw bytes on one connection; (everything the server sent until it closed or went quiet, closed?)."""
+    u = urllib.parse.urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+        sock.sendall(data)
+        out, closed = b"", False
+        sock.settimeout(2.0)  # a bound on waiting for the server to send more, not a synchronisation
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    closed = True
+                    break
+                out += chunk
+        except socket.timeout:
+            pass
+    return out, closed
+
+
+def _statuses(raw: bytes) -> list[int]:
+    import re
+
+    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)]
+
+
+def test_framing_cannot_desync_a_keep_alive_connection(rm):
+    _server, url = rm
+    auth = f"Authorization: Bearer {ALICE}\r\n".encode()
+    body = b'{"query": ["hi"]}'
+    post = b"POST /get_reward HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    # A body on GET /health is read and dropped: the next request on the connection is parsed as a request.
+    smuggled = b"POST /get_reward HTTP/1.1\r\nContent-Length: 5\r\n\r\nxxxxx"
+    get = b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled
+    out, _ = _raw(url, get + post)
+    assert _statuses(out) == [200, 200], out[:500]
+    # Chunked bodies, repeated or non-numeric Content-Length: refused, and the connection closes (nothing left on
+    # the stream is read as the next request).
+    for head in (b"Transfer-Encoding: chunked\r\n", b"Content-Length: 5\r\nContent-Length: 7\r\n",
+                 "Content-Length: \u00b2\r\n".encode("latin-1"), b"Content-Length: -1\r\n"):
+        req = b"POST /get_reward HTTP/1.1\r\nHost: x\r\n" + auth + head + b"\r\n5\r\nhello\r\n0\r\n\r\n"
+        out, closed = _raw(url, req + post)
+        assert _statuses(out) in ([411], [400]) and closed, (head, out[:300])
+        assert b"Connection: close" in out
+
+
+def test_huge_or_pad_heavy_inputs_are_refused_cheaply(rm, tok):
+    _server, url = rm
+    status, out, _ = post(url, b'{"query": [' + b"9" * 5000 + b"]}", token=ALICE, raw=True)
+    assert status == 400 and out["error"].startswith("body:")  # an integer beyond Python's digit limit
+    # The size limit applies to the query as sent, before the pads are stripped or anything is tokenized.
+    status, out, _ = post(url, {"query": [tok.pad_token * 100_000 + "hi"]}, token=ALICE)
+    assert status == 400 and out["error"].startswith("query[0]:") and "limits.max_text_bytes" in out["error"]

@@ -70,7 +70,9 @@ class TLSConfig(Strict):
     client_ca_file: str | None = Field(
         None,
         description="PEM CA bundle of client certificates: set, the server requires and verifies a client "
-        "certificate (mutual TLS); a caller without one is refused at the handshake.",
+        "certificate (mutual TLS): a gRPC caller without one is refused at the handshake; over HTTPS (the reward "
+        "role) it gets 403 for everything but GET /health, which probes need. A certificate the CA did not sign "
+        "fails the handshake on both.",
     )
 
     @field_validator("cert_file", "key_file", "client_ca_file")
@@ -190,7 +192,8 @@ class RewardHTTPConfig(Strict):
         "with the X-Request-Timeout header. Work whose deadline passed is dropped, answered 504.",
     )
     idle_timeout_seconds: float = Field(
-        30.0, gt=0, description="A connection that sends nothing (or sends too slowly) for this long is closed."
+        30.0, gt=0, description="A connection that sends nothing for this long is closed (a per-read timeout: a client "
+        "trickling bytes keeps its connection; http.max_connections bounds how many it can hold)."
     )
 
 

@@ -93,13 +93,19 @@ class RewardAPI:
         if n > self.limits.max_items:
             raise InvalidArgument(field, f"{n} items in one request; at most {self.limits.max_items} (limits.max_items)")
 
-    def text_ids(self, handle: ModelHandle, text: str, field: str) -> list[int]:
+    def text_ids_size(self, text: str, field: str) -> None:
+        """InvalidArgument unless `text` is valid Unicode of at most limits.max_text_bytes UTF-8 bytes."""
+        if len(text) > self.limits.max_text_bytes:  # at least one byte per character: no need to encode it
+            raise InvalidArgument(field, f"over {self.limits.max_text_bytes} bytes of text (limits.max_text_bytes)")
         try:
             size = len(text.encode("utf-8"))
         except UnicodeEncodeError:
             raise InvalidArgument(field, "not valid Unicode text (a lone surrogate)") from None
         if size > self.limits.max_text_bytes:
             raise InvalidArgument(field, f"{size} bytes of text; at most {self.limits.max_text_bytes} (limits.max_text_bytes)")
+
+    def text_ids(self, handle: ModelHandle, text: str, field: str) -> list[int]:
+        self.text_ids_size(text, field)
         return tokenize(handle, text) if text else []
 
     def fit(self, handle: ModelHandle, prompt: list[int], response: list[int], field: str) -> tuple[list[int], list[int]]:

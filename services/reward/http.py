@@ -28,11 +28,14 @@ the gRPC code: 400 (INVALID_ARGUMENT, naming the field, e.g. `query[3]`),
 401 (UNAUTHENTICATED, with `WWW-Authenticate: Bearer`), 404, 405, 411
 (no Content-Length), 413 (a body over `server.max_message_bytes`), 415 (not
 JSON), 429 (RESOURCE_EXHAUSTED, with `Retry-After`), 503 (UNAVAILABLE:
-loading or full of connections), 504 (DEADLINE_EXCEEDED). Authentication
+loading or full of connections), 504 (DEADLINE_EXCEEDED). A body is framed
+by one Content-Length only: a chunked body, a repeated Content-Length or one
+that is not a number is refused (411 / 400) and the connection closed; an
+answer that leaves a body unread says `Connection: close`. Authentication
 is the gRPC API's: `Authorization: Bearer <token>` checked against
 `server.auth` (trusted networks included), and TLS / mutual TLS come from
 `server.tls`; under mutual TLS a client without a certificate completes the
-handshake but gets 403 for everything except `GET /health` (so that
+handshake but gets 403 on `/get_reward` (`GET /health` still answers, so that
 Kubernetes' HTTPS probes work). `GET /health` answers 200 when the role
 serves, else 503, and needs no token.
 """
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import socket
 import threading
 import time
@@ -73,18 +77,24 @@ class HttpError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+def _strip_pads(text: str, pad: str, *, end: bool = True) -> str:
+    """`text` without copies of `pad` at its start (and end): in linear time."""
+    i, j, n = 0, len(text), len(pad)
+    while text.startswith(pad, i, j):
+        i += n
+    while end and j - n >= i and text.endswith(pad, i, j):
+        j -= n
+    return text[i:j]
+
+
 def split_query(query: str, prompt: str | None, pad: str | None, index: int) -> tuple[str, str]:
     """(prompt, response) of one OpenRLHF query (see the module docs)."""
     if pad:
-        while query.startswith(pad):
-            query = query[len(pad):]
-        while query.endswith(pad):
-            query = query[: -len(pad)]
+        query = _strip_pads(query, pad)
     if prompt is None:
         return "", query
     if pad:
-        while prompt.startswith(pad):
-            prompt = prompt[len(pad):]
+        prompt = _strip_pads(prompt, pad, end=False)
     if not query.startswith(prompt):
         raise InvalidArgument(f"prompts[{index}]", f"query[{index}] does not start with its prompt")
     return prompt, query[len(prompt):]
@@ -94,8 +104,8 @@ def parse_body(body: bytes) -> tuple[list[str], list[str | None]]:
     """(queries, prompts or Nones) of a /get_reward body; InvalidArgument names the field."""
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument("body", f"not JSON ({exc.__class__.__name__}: {exc})") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer beyond Python's digit limit
+        raise InvalidArgument("body", f"not JSON ({exc.__class__.__name__}: {str(exc)[:200]})") from None
     except RecursionError:
         raise InvalidArgument("body", "JSON nested too deeply") from None
     if not isinstance(data, dict):
@@ -125,6 +135,7 @@ class RewardHTTPServer(ThreadingHTTPServer):
     thread, not the accept loop."""
 
     daemon_threads = True
+    block_on_close = False  # server_close() must not wait for idle keep-alive connections (shutdown grace)
     allow_reuse_address = True
     request_queue_size = 128
 
@@ -149,10 +160,11 @@ class RewardHTTPServer(ThreadingHTTPServer):
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):
             _log.warning("http_connection_refused", reason="max_connections")
-            try:
-                request.sendall(_plain_response(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later"))
-            except OSError:
-                pass
+            if self.tls is None:  # under TLS a plaintext answer would be noise: just close
+                try:
+                    request.sendall(_plain_response(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later"))
+                except OSError:
+                    pass
             self.shutdown_request(request)
             return
         try:
@@ -215,48 +227,85 @@ class RewardHTTPHandler(BaseHTTPRequestHandler):
         elif err.status == HTTPStatus.TOO_MANY_REQUESTS:
             headers["Retry-After"] = "1"
         if not self._body_read:
-            self.close_connection = True  # the body was not read: the stream cannot be reused
+            # The body was not read: the stream cannot be reused. Say so, so the client does not reuse it.
+            self.close_connection = True
+            headers["Connection"] = "close"
         self._send_json(err.status, {"error": err.message, "code": err.code}, headers)
 
-    _body_read = True  # reset by each POST until its body is read
+    # ---- framing: one check for every method, before anything reads or routes ------------------------------------
+
+    _body_read = True  # False while a request's body (if any) is still on the stream
+    _length = 0  # the request's Content-Length
+
+    def _framing(self) -> bool:
+        """Checks the body framing of any request; answers and closes (False) when it cannot be trusted.
+
+        A body is framed by one Content-Length only: chunked (or any other) transfer encodings, several
+        Content-Length headers and values that are not plain digits are refused, and the connection is closed,
+        so that nothing left on the stream is ever read as the next request."""
+        self._body_read, self._length = True, 0
+        problem = None
+        if any(v.strip().lower() not in ("", "identity") for v in self.headers.get_all("Transfer-Encoding") or ()):
+            problem = (HTTPStatus.LENGTH_REQUIRED, "Transfer-Encoding: only bodies with a Content-Length are accepted")
+        lengths = self.headers.get_all("Content-Length") or []
+        if problem is None and len(lengths) > 1:
+            problem = (HTTPStatus.BAD_REQUEST, "Content-Length: given more than once")
+        if problem is None and lengths:
+            if not re.fullmatch(r"[0-9]{1,18}", lengths[0].strip()):
+                problem = (HTTPStatus.BAD_REQUEST, "Content-Length: not a number")
+            else:
+                self._length = int(lengths[0].strip())
+                self._body_read = self._length == 0
+        if problem is not None:
+            self._body_read = False
+            self._send_error(HttpError(problem[0], "INVALID_ARGUMENT", problem[1]))
+            return False
+        return True
+
+    def _drain(self) -> None:
+        """Reads and drops the body of a request that is answered without it (small bodies; else the
+        connection closes after the answer)."""
+        if not self._body_read and self._length <= 65536:
+            if len(self.rfile.read(self._length)) == self._length:
+                self._body_read = True
 
     def do_GET(self):
+        if not self._framing():
+            return
+        self._drain()
         if self.path.split("?", 1)[0] == "/health":
             serving = self.server.serving()
             self._send_json(HTTPStatus.OK if serving else HTTPStatus.SERVICE_UNAVAILABLE,
-                            {"status": "SERVING" if serving else "NOT_SERVING"})
+                            {"status": "SERVING" if serving else "NOT_SERVING"},
+                            None if self._body_read else {"Connection": "close"})
+            self.close_connection = self.close_connection or not self._body_read
             return
         self._route_error("GET")
 
     def _route_error(self, method: str) -> None:
+        self._drain()
         if self.path.split("?", 1)[0] in ("/get_reward", "/health"):
-            self._drain()
-            self._send_error(HttpError(HTTPStatus.METHOD_NOT_ALLOWED, "UNIMPLEMENTED", f"{method} {self.path}: method not allowed"))
+            self._send_error(HttpError(HTTPStatus.METHOD_NOT_ALLOWED, "UNIMPLEMENTED", f"{method} {self.path[:200]}: method not allowed"))
         else:
-            self._drain()
             self._send_error(HttpError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"no such path: {self.path[:200]}; POST /get_reward"))
 
-    def _drain(self) -> None:
-        length = self.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) <= self.server.max_body_bytes:
-            self.rfile.read(int(length))
-        elif length is not None:
-            self._body_read = False
-
     def do_PUT(self):
-        self._route_error("PUT")
+        if self._framing():
+            self._route_error("PUT")
 
     def do_DELETE(self):
-        self._route_error("DELETE")
+        if self._framing():
+            self._route_error("DELETE")
 
     def do_POST(self):
+        if not self._framing():
+            return
         if self.path.split("?", 1)[0] != "/get_reward":
             self._route_error("POST")
             return
         started = time.perf_counter()
         api = self.server.api
         client = None
-        self._body_read = False
         log_tokens = structlog.contextvars.bind_contextvars(api="http", http_path="/get_reward")
         try:
             tls = self.server.tls
@@ -293,14 +342,9 @@ class RewardHTTPHandler(BaseHTTPRequestHandler):
             structlog.contextvars.unbind_contextvars("client")
 
     def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
-            raise HttpError(HTTPStatus.LENGTH_REQUIRED, "INVALID_ARGUMENT", "chunked bodies are not accepted: send Content-Length")
-        length = self.headers.get("Content-Length")
-        if length is None:
+        if not self.headers.get_all("Content-Length"):
             raise HttpError(HTTPStatus.LENGTH_REQUIRED, "INVALID_ARGUMENT", "Content-Length is required")
-        if not length.strip().isdigit():
-            raise HttpError(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT", "Content-Length: not a number")
-        n = int(length)
+        n = self._length
         if n > self.server.max_body_bytes:
             raise HttpError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "INVALID_ARGUMENT",
@@ -321,6 +365,7 @@ class RewardHTTPHandler(BaseHTTPRequestHandler):
             return None
         try:
             ip = ipaddress.ip_address(self.client_address[0].split("%")[0])
+            ip = getattr(ip, "ipv4_mapped", None) or ip  # an IPv4 client of a dual-stack socket
         except ValueError:
             ip = None
         return auth.authenticate(self.headers.get("Authorization"), ip, api="http")
@@ -348,6 +393,9 @@ class RewardHTTPHandler(BaseHTTPRequestHandler):
         pad = handle.tokenizer.pad_token if isinstance(handle.tokenizer.pad_token, str) else None
         pairs = []
         for i, (query, prompt) in enumerate(zip(queries, prompts)):
+            api.text_ids_size(query, f"query[{i}]")  # the limit applies to the query as sent, before any work
+            if prompt is not None:
+                api.text_ids_size(prompt, f"prompts[{i}]")
             p, r = split_query(query, prompt, pad, i)
             pairs.append(api.text_pair(handle, p, r, f"query[{i}]", f"prompts[{i}]", f"query[{i}]"))
         remaining = deadline - time.perf_counter()

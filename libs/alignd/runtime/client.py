@@ -103,25 +103,41 @@ class TokenSource:
         self._token = ""
         self.token()  # fail early (OSError / ValueError) on an unusable file
 
-    def token(self) -> str:
-        st = self._os.stat(self.path)
-        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if signature != self._signature:
-            with self._lock:
-                with open(self.path, encoding="utf-8") as f:
-                    text = f.read()
-                if self.name is None:
-                    token = text.strip()
-                else:
-                    import yaml
+    def _read(self) -> str:
+        with open(self.path, encoding="utf-8") as f:
+            text = f.read()
+        if self.name is None:
+            token = text.strip()
+        else:
+            import yaml
 
-                    data = yaml.safe_load(text) or {}
-                    token = data.get(self.name) if isinstance(data, dict) else None
-                    if not isinstance(token, str):
-                        raise ValueError(f"{self.path}: no token named {self.name!r}")
-                if not token:
-                    raise ValueError(f"{self.path}: empty token")
-                self._token, self._signature = token, signature
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError:
+                raise ValueError(f"{self.path}: not YAML") from None
+            token = data.get(self.name) if isinstance(data, dict) else None
+            if not isinstance(token, str):
+                raise ValueError(f"{self.path}: no token named {self.name!r}")
+        if not token:
+            raise ValueError(f"{self.path}: empty token")
+        return token
+
+    def token(self) -> str:
+        """The current token; after a rewrite that cannot be read, the last good one (logged once)."""
+        try:
+            st = self._os.stat(self.path)
+            signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if signature != self._signature:
+                with self._lock:
+                    if signature != self._signature:
+                        self._signature = signature  # a bad version is not re-read on every call
+                        self._token = self._read()
+        except (OSError, ValueError) as exc:
+            if not self._token:
+                raise
+            from alignd.runtime.logging import get_logger
+
+            get_logger("alignd.client").error("client_token_unreadable", path=self.path, error=str(exc)[:200])
         return self._token
 
 

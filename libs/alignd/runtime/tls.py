@@ -8,7 +8,10 @@ a new `ssl.SSLContext` for the next connection. Connections already open
 keep the certificate they started with. A rewrite that cannot be read or
 does not parse keeps the last good certificates (logged `tls_reload_failed`).
 With `client_ca_file` the server requires a client certificate signed by
-that CA (mutual TLS); a client without one is refused at the handshake.
+that CA (mutual TLS): a gRPC client without one is refused at the handshake;
+an HTTPS client without one completes it, and the reward role's HTTP API
+answers it 403 for everything but `GET /health` (Kubernetes' HTTPS probes).
+A certificate the CA did not sign fails the handshake on both.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class CertFiles:
             self._check(self.pem)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"server.tls: {exc}") from None
+        self._failed_signature: tuple | None = None
 
     @property
     def mutual(self) -> bool:
@@ -89,7 +93,9 @@ class CertFiles:
         try:
             signature = self._stat()
         except OSError as exc:
-            _log.error("tls_reload_failed", error=str(exc))
+            if self._failed_signature != ("missing",):  # log once, not on every connection
+                self._failed_signature = ("missing",)
+                _log.error("tls_reload_failed", error=str(exc))
             return False
         if signature == self._signature:
             return False
@@ -113,8 +119,15 @@ class CertFiles:
         def config(pem: Pem):
             return grpc.ssl_server_certificate_configuration([(pem.key, pem.cert)], root_certificates=pem.client_ca)
 
+        served = [self.pem]  # what gRPC serves now; the HTTP side may have been the one to reload
+
         def fetch():
-            return config(self.pem) if self.refresh() else None
+            self.refresh()
+            pem = self.pem
+            if pem is served[0]:
+                return None
+            served[0] = pem
+            return config(pem)
 
         return grpc.dynamic_ssl_server_credentials(config(self.pem), fetch, require_client_authentication=self.mutual)
 
@@ -125,8 +138,9 @@ def ssl_context(pem: Pem, *, mutual: bool, optional_client_cert: bool = False) -
     finish the handshake (the caller then checks `getpeercert()` per request: the HTTP API's /health)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    # load_cert_chain reads files only: hand it private temporary copies (removed at once).
-    with tempfile.TemporaryDirectory(prefix="alignd-tls-") as tmp:
+    # load_cert_chain reads files only: hand it private temporary copies (removed at once), in memory where possible.
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="alignd-tls-", dir=shm) as tmp:
         cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
         for path, data in ((cert, pem.cert), (key, pem.key)):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

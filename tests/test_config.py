@@ -276,3 +276,11 @@ def test_partial_batching_section_keeps_the_roles_defaults(cls, wait_ms):
     assert partial.batching.max_queue == 512
     assert partial.batching.max_wait_ms == wait_ms  # the role's default, not BatchingConfig's 5 ms
     assert config.build_config(model, {"model": {"path": "x"}}).batching.max_wait_ms == wait_ms
+
+
+def test_restart_backoff_doubles_up_to_its_cap():
+    from alignd.config import RestartConfig
+
+    policy = RestartConfig(backoff_initial_seconds=1.5, backoff_max_seconds=10)
+    assert [policy.backoff(n) for n in range(6)] == [1.5, 3.0, 6.0, 10, 10, 10]
+    assert RestartConfig().policy == "on_failure" and RestartConfig().max_restarts == 5

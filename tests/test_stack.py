@@ -41,10 +41,10 @@ def run_grpcurl(*args: str) -> str:
     return out.stdout
 
 
-def start_up(run_dir: Path, cache: Path) -> tuple[subprocess.Popen, list[str]]:
+def start_up(run_dir: Path, cache: Path, *args: str) -> tuple[subprocess.Popen, list[str]]:
     env = dict(os.environ, ALIGND_CACHE=str(cache))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "alignd.cli", "up", "--run-dir", str(run_dir)],
+        [sys.executable, "-m", "alignd.cli", "up", "--run-dir", str(run_dir), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
     )
     lines = []
@@ -150,14 +150,14 @@ def test_up_serves_every_role_with_reflection_and_health(tmp_path, cache):
 
 def test_up_names_a_dead_child_and_stops_the_rest(tmp_path, cache):
     run_dir = tmp_path / "run"
-    proc, _ = start_up(run_dir, cache)
+    proc, _ = start_up(run_dir, cache, "--set", "restart.max_restarts=0")  # no restart allowed: the stack stops
     try:
         stack = json.loads((run_dir / "stack.json").read_text())
         os.kill(stack["services"]["reference"]["pid"], signal.SIGKILL)
         rc = proc.wait(timeout=120)
         err = proc.stderr.read()
         assert rc != 0
-        assert "role reference exited with code -9" in err
+        assert "role reference exited with code -9 (0 restarts within 600s: restart.max_restarts reached)" in err
         assert "server_started" in err  # the dead child's log tail is shown
         for role in ROLES:
             assert not alive(stack["services"][role]["pid"]), role
@@ -185,3 +185,45 @@ def test_coordinator_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_up_restarts_a_killed_role_on_its_address(tmp_path, cache):
+    """Supervision (stack.restart, default on_failure): kill -9 of a role is answered by a restart on the same
+    ports after the backoff; stack.json, stdout, the log and the launcher's /metrics say so; the role serves."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from alignd.runtime.client import make_channel
+    from alignd.v1 import reward_pb2, reward_pb2_grpc
+
+    run_dir = tmp_path / "run"
+    proc, _ = start_up(run_dir, cache, "--set", "restart.backoff_initial_seconds=0.2")
+    try:
+        before = json.loads((run_dir / "stack.json").read_text())
+        svc = before["services"]["reward"]
+        assert svc["restarts"] == 0 and before["launcher"]["pid"] == proc.pid
+        os.kill(svc["pid"], signal.SIGKILL)
+        for line in proc.stdout:  # blocks until the launcher announces the restart; bounded by pytest's timeout
+            if line.startswith("alignd: reward exited"):
+                break
+        assert "with code -9; restarted on " + svc["address"] + " (restart 1)" in line
+        after = json.loads((run_dir / "stack.json").read_text())["services"]["reward"]
+        assert after["pid"] != svc["pid"] and alive(after["pid"])
+        assert (after["address"], after["metrics_url"], after["http_url"]) == (svc["address"], svc["metrics_url"], svc["http_url"])
+        assert after["restarts"] == 1 and after["last_exit_code"] == -9
+        with make_channel(svc["address"]) as ch:  # the old address serves again
+            item = reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt="Hi", response=" there"))
+            assert len(reward_pb2_grpc.RewardServiceStub(ch).Score(reward_pb2.ScoreRequest(items=[item]), timeout=60).scores) == 1
+        text = urllib.request.urlopen(before["launcher"]["metrics_url"], timeout=10).read().decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(text) for s in fam.samples}
+        assert samples[("alignd_launcher_restarts_total", (("role", "reward"),))] == 1
+        assert samples[("alignd_launcher_restarts_total", (("role", "policy"),))] == 0
+        assert samples[("alignd_launcher_role_up", (("role", "reward"),))] == 1
+        for role in ROLES:
+            assert alive(json.loads((run_dir / "stack.json").read_text())["services"][role]["pid"]), role
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        stop_launcher(proc)

@@ -69,11 +69,12 @@ def die_with_parent() -> None:
 
 
 class ChildDied(RuntimeError):
-    def __init__(self, role: str, returncode: int | None, log_tail: str) -> None:
-        super().__init__(f"{role} exited with code {returncode}")
+    def __init__(self, role: str, returncode: int | None, log_tail: str, reason: str = "") -> None:
+        super().__init__(f"{role} exited with code {returncode}" + (f" ({reason})" if reason else ""))
         self.role = role
         self.returncode = returncode
         self.log_tail = log_tail
+        self.reason = reason
 
 
 @dataclass
@@ -94,6 +95,30 @@ class Child:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def ports(self) -> dict[str, int]:
+        """The ports it was serving on (a restart binds the same ones, so callers' addresses stay valid)."""
+        from urllib.parse import urlparse
+
+        out = {}
+        if self.address:
+            out["port"] = int(self.address.rsplit(":", 1)[1])
+        if self.metrics_url:
+            out["metrics_port"] = urlparse(self.metrics_url).port
+        if self.extra.get("http_url"):
+            out["http_port"] = urlparse(self.extra["http_url"]).port
+        return out
+
+
+def pin_ports(role_cfg, ports: dict[str, int]):
+    """A copy of a role's configuration that binds `ports` (see Child.ports)."""
+    cfg = role_cfg.model_copy(deep=True)
+    if "port" in ports:
+        cfg.server.port = ports["port"]
+    if "metrics_port" in ports:
+        cfg.server.metrics_port = ports["metrics_port"]
+    if "http_port" in ports and hasattr(cfg, "http"):
+        cfg.http.port = ports["http_port"]
+    return cfg
 
 def default_stack_config(overrides: list[str] | None = None) -> StackConfig:
     """The embedded default (configs/local.yaml): built-in tiny models, one torch thread per role."""
@@ -118,10 +143,30 @@ class LocalStack:
         self.children: dict[str, Child] = {}
         self.any_exited = threading.Event()
         self._stopping = False
+        self._stop_requested = threading.Event()  # interrupts a restart backoff
+        # Supervision (cfg.restart): restart times within the window, totals, last exit codes; /metrics.
+        self.recent_restarts: dict[str, list[float]] = {}
+        self.restart_totals: dict[str, int] = {}
+        self.last_exit: dict[str, int | None] = {}
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry()
+        self._m_restarts = Counter(
+            "alignd_launcher_restarts_total", "Role processes the local stack restarted after they exited.", ["role"],
+            registry=self.registry,
+        )
+        self._m_up = Gauge(
+            "alignd_launcher_role_up", "1 while a role's process serves, 0 while it is down or restarting.", ["role"],
+            registry=self.registry,
+        )
+        self._metrics_http = None
+        self.metrics_url: str | None = None
 
     # -- start -------------------------------------------------------------
-    def _spawn(self, role: str) -> Child:
+    def _spawn(self, role: str, ports: dict[str, int] | None = None) -> Child:
         role_cfg = getattr(self.cfg, role)
+        if ports:
+            role_cfg = pin_ports(role_cfg, ports)
         cfg_dir = self.run_dir / "config"
         logs = self.run_dir / "logs"
         cfg_dir.mkdir(parents=True, exist_ok=True)
@@ -199,6 +244,11 @@ class LocalStack:
     def start(self) -> dict:
         """Starts every role; returns the stack.json content once all are SERVING."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self._metrics_http is None:
+            from alignd.runtime.metrics import serve_metrics
+
+            self._metrics_http, port = serve_metrics(self.registry, "127.0.0.1", 0)
+            self.metrics_url = f"http://127.0.0.1:{port}/metrics"
         for wave in WAVES:
             self._fill_addresses()
             started = [self._spawn(role) for role in wave]
@@ -207,22 +257,21 @@ class LocalStack:
             deadline = time.monotonic() + self.cfg.startup_timeout_seconds
             for c in started:
                 self._wait_ready(c, deadline)
+                self._m_up.labels(c.role).set(1)
+                self.restart_totals.setdefault(c.role, 0)
+                self._m_restarts.labels(c.role)
         info = self.describe()
         write_json_atomic(self.run_dir / "stack.json", info)
         _log.info("stack_ready", stack_json=str(self.run_dir / "stack.json"))
         return info
 
     def restart(self, role: str) -> Child:
-        """Starts `role` again (after it exited) with the same configuration; returns once it is SERVING.
-
-        Its address changes (ephemeral ports): stack.json is rewritten. Roles that
-        call it must be given the new address; the coordinator, which nothing
-        calls, can be restarted freely.
-        """
+        """Starts `role` again (after it exited) with the same configuration, on the same ports (the other roles'
+        addresses stay valid); returns once it is SERVING, and rewrites stack.json."""
         old = self.children[role]
         if old.proc.poll() is None:
             raise RuntimeError(f"{role} (pid {old.proc.pid}) is still running")
-        child = self._spawn(role)
+        child = self._spawn(role, ports=old.ports())
         self.children[role] = child
         self.any_exited.clear()
         self._wait_ready(child, time.monotonic() + self.cfg.startup_timeout_seconds)
@@ -231,12 +280,65 @@ class LocalStack:
         return child
 
     def describe(self) -> dict:
-        return {
-            "services": {
-                r: {"address": c.address, "metrics_url": c.metrics_url, **c.extra, "pid": c.proc.pid, "log": str(c.log_path)}
-                for r, c in self.children.items()
-            }
-        }
+        services = {}
+        for r, c in self.children.items():
+            svc = {"address": c.address, "metrics_url": c.metrics_url, **c.extra, "pid": c.proc.pid, "log": str(c.log_path),
+                   "restarts": self.restart_totals.get(r, 0)}
+            if r in self.last_exit:
+                svc["last_exit_code"] = self.last_exit[r]
+            services[r] = svc
+        return {"services": services, "launcher": {"pid": os.getpid(), "metrics_url": self.metrics_url}}
+
+    # -- supervision -------------------------------------------------------
+    def supervise(self, on_restart=None) -> ChildDied | None:
+        """Handles the roles that exited (call it when any_exited is set): each is restarted on its own ports
+        after a backoff, as cfg.restart says; returns the death that must stop the stack, or None."""
+        policy = self.cfg.restart
+        self.any_exited.clear()
+        while True:
+            dead = self.dead_child()
+            if dead is None or self._stopping or self._stop_requested.is_set():
+                return None
+            role, code = dead.role, dead.proc.returncode
+            self.last_exit[role] = code
+            self._m_up.labels(role).set(0)
+            now = time.monotonic()
+            recent = [t for t in self.recent_restarts.get(role, []) if now - t < policy.reset_after_seconds]
+            self.recent_restarts[role] = recent
+            if policy.policy == "never" or (policy.policy == "on_failure" and code == 0):
+                _log.error("child_died", child=role, exit_code=code, restart_policy=policy.policy)
+                return self._died(dead)
+            if len(recent) >= policy.max_restarts:
+                _log.error("child_restart_limit", child=role, exit_code=code, restarts=len(recent),
+                           max_restarts=policy.max_restarts)
+                return ChildDied(role, code, dead.log_tail(),
+                                 f"{len(recent)} restarts within {policy.reset_after_seconds:g}s: restart.max_restarts reached")
+            backoff = policy.backoff(len(recent))
+            _log.warning("child_died", child=role, exit_code=code, restarts=len(recent), backoff_seconds=backoff)
+            if self._stop_requested.wait(backoff):
+                return None
+            recent.append(time.monotonic())
+            self.restart_totals[role] = self.restart_totals.get(role, 0) + 1
+            self._m_restarts.labels(role).inc()
+            try:
+                self.restart(role)
+            except ChildDied:
+                continue  # the new process died while starting: the loop sees it as dead again
+            except TimeoutError:
+                child = self.children[role]
+                _log.error("child_restart_timeout", child=role, pid=child.proc.pid)
+                child.proc.kill()
+                child.exited.wait()
+                continue
+            self._m_up.labels(role).set(1)
+            write_json_atomic(self.run_dir / "stack.json", self.describe())
+            if on_restart is not None:
+                on_restart(role, code)
+
+    def request_stop(self) -> None:
+        """Ends a supervision backoff early (signal handlers may call it: it only sets an Event)."""
+        self._stop_requested.set()
+        self.any_exited.set()
 
     # -- run / stop --------------------------------------------------------
     def dead_child(self) -> Child | None:
@@ -250,6 +352,10 @@ class LocalStack:
         if self._stopping:
             return
         self._stopping = True
+        self._stop_requested.set()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         order = [r for wave in reversed(WAVES) for r in wave if r in self.children]
         for role in order:
             c = self.children[role]
@@ -279,7 +385,8 @@ class LocalStack:
 
 
 def report_death(err: ChildDied) -> None:
-    print(f"alignd: role {err.role} exited with code {err.returncode}; last log lines:", file=sys.stderr)
+    why = f" ({err.reason})" if err.reason else ""
+    print(f"alignd: role {err.role} exited with code {err.returncode}{why}; last log lines:", file=sys.stderr)
     print(err.log_tail, file=sys.stderr)
 
 
@@ -291,7 +398,7 @@ def run_stack(cfg: StackConfig, run_dir: Path) -> int:
 
     def on_signal(signum, _frame):
         stop.set()
-        stack.any_exited.set()  # wake the supervisor
+        stack.request_stop()  # wake the supervisor, end a restart backoff
         if not started.is_set():
             raise KeyboardInterrupt  # abandon start-up; the handler below stops the children
 
@@ -316,9 +423,14 @@ def run_stack(cfg: StackConfig, run_dir: Path) -> int:
     print(f"alignd: stack ready: {run_dir / 'stack.json'}", flush=True)
     while not stop.is_set():
         stack.any_exited.wait()
-        dead = stack.dead_child()
-        if dead is not None and not stop.is_set():
-            report_death(stack._died(dead))
+        if stop.is_set():
+            break
+        death = stack.supervise(  # restarts what died (restart policy); a death it cannot fix stops the stack
+            lambda role, code: print(f"alignd: {role} exited with code {code}; restarted on "
+                                     f"{stack.children[role].address} (restart {stack.restart_totals[role]})", flush=True)
+        )
+        if death is not None and not stop.is_set():
+            report_death(death)
             stack.stop()
             return 1
     stack.stop()

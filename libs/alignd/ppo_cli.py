@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+
+import grpc
 from pathlib import Path
 
 from alignd.config import ConfigError, PPOJobConfig, dump_yaml, load_config
@@ -113,14 +115,25 @@ def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline
             ).run
             t0 = time.monotonic()
             while run.state not in TERMINAL:
-                dead = stack.dead_child()
-                if dead is not None:
-                    print()
-                    report_death(stack._died(dead))
-                    return 1
+                if stack.any_exited.is_set():
+                    death = stack.supervise(  # restarts a role that died, on its ports (stack.restart)
+                        lambda role, code: print(f"\nalignd: {role} exited with code {code}; restarted on "
+                                                 f"{stack.children[role].address} (restart {stack.restart_totals[role]})",
+                                                 flush=True)
+                    )
+                    if death is not None:
+                        print()
+                        report_death(death)
+                        return 1
                 stack.any_exited.wait(timeout=POLL_SECONDS)
                 previous = run.stage
-                run = stub.GetRun(coordinator_pb2.GetRunRequest(run_id=run.run_id), timeout=60).run
+                try:
+                    run = stub.GetRun(coordinator_pb2.GetRunRequest(run_id=run.run_id), timeout=60).run
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.UNAVAILABLE or not stack.any_exited.is_set():
+                        raise
+                    continue  # the coordinator died: the supervisor restarts it, and it resumes the run
+
                 if pipeline and run.stage != previous:
                     print()  # the finished stage's bar stays on its own line
                 print(progress_line(run, t0), end="", flush=True)

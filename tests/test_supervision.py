@@ -1,6 +1,7 @@
 """Supervision of the local stack while a run goes on: `alignd ppo` on the tiny job, with kill -9 of the reward
-role and then of the coordinator mid-run. The launcher restarts each on its own ports, the coordinator resumes
-the run from its durable state, and the run ends with exactly the configured steps, each applied once."""
+role, of the coordinator and of the policy mid-run. The launcher restarts each on its own ports, the coordinator
+resumes the run from its durable state, the restarted policy is re-synced to the current weights before its
+rollouts are used, and the run ends with exactly the configured steps, each applied once."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def _step(run_dir: Path) -> int:
         return -1
 
 
-def test_ppo_run_survives_kill9_of_reward_and_coordinator(tmp_path):
+def test_ppo_run_survives_kill9_of_reward_coordinator_and_policy(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, ALIGND_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
@@ -63,7 +64,7 @@ def test_ppo_run_survives_kill9_of_reward_and_coordinator(tmp_path):
     )
     try:
         killed = {}
-        for role, at_step in (("reward", 3), ("coordinator", 7)):
+        for role, at_step in (("reward", 3), ("coordinator", 6), ("policy", 9)):
             _until(f"step {at_step}", lambda: _step(run_dir) >= at_step)
             pid = _stack(run_dir)["services"][role]["pid"]
             os.kill(pid, signal.SIGKILL)
@@ -76,13 +77,20 @@ def test_ppo_run_survives_kill9_of_reward_and_coordinator(tmp_path):
             svc = stack["services"][role]
             assert svc["pid"] != pid and svc["restarts"] == 1 and svc["last_exit_code"] == -signal.SIGKILL
             assert f"alignd: {role} exited with code -9; restarted on {svc['address']} (restart 1)" in out
-        assert all(stack["services"][r]["restarts"] == 0 for r in ("policy", "reference", "learner"))
+        assert all(stack["services"][r]["restarts"] == 0 for r in ("reference", "learner"))
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
         assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # the configured steps, each once
         learner_log = (run_dir / "logs" / "learner.log").read_text()
         applied = [json.loads(x)["step"] for x in learner_log.splitlines() if '"event": "step_applied"' in x]
         assert sorted(applied) == list(range(1, STEPS + 1)), applied  # no step applied twice
-        assert '"event": "run_resuming"' in (run_dir / "logs" / "coordinator.log").read_text()
+        coordinator_log = (run_dir / "logs" / "coordinator.log").read_text()
+        assert '"event": "run_resuming"' in coordinator_log
+        # The restarted policy came back at its configured weights. Whether the kill landed before the step's
+        # weight push (which then waits for the replica: role_unavailable on PushWeights) or after it (the next
+        # rollouts are stale: policy_resync), no step used rollouts of older weights than the previous step pushed.
+        assert '"event": "policy_resync"' in coordinator_log or '"call": "PushWeights"' in coordinator_log
+        for prev, row in zip(rows, rows[1:]):
+            assert row["rollout_policy_version"] == prev["policy_version"], (prev, row)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

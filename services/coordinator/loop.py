@@ -80,6 +80,7 @@ class Roles:
     def call(self, what: str, channel: grpc.Channel, fn):
         """fn(timeout) with recovery: on UNAVAILABLE, wait for the role's health, then call again."""
         deadline = time.monotonic() + self.cfg.recovery_timeout_seconds
+        attempt = 0
         while True:
             try:
                 return fn(self.cfg.rpc_timeout_seconds)
@@ -94,6 +95,10 @@ class Roles:
                     wait_for_serving(channel, timeout=remaining)
                 except TimeoutError as exc:
                     raise RunFailed(f"{what}: role did not come back: {exc}") from err
+                # The role may serve while what it depends on does not (the learner while a policy replica
+                # restarts, for PushWeights): back off before calling again.
+                attempt += 1
+                time.sleep(min(2.0, 0.1 * 2 ** attempt, max(0.0, deadline - time.monotonic())))
 
     def info(self, channel) -> model_pb2.ModelInfo:
         stub = model_pb2_grpc.ModelServiceStub(channel)
@@ -225,6 +230,7 @@ class RunLoop(threading.Thread):
         prompt_idx = self.sampler.take(self.cfg.prompts_per_step)
         with self._phase("generate", timings):
             samples = self._generate(step, prompt_idx, return_text=not same_tokenizer)
+            samples = self._resync_stale(step, prompt_idx, samples, same_tokenizer)
         # score and reference run concurrently; each is timed on its own.
         t_score = self._pool.submit(self._timed, "score", timings, self._score, samples, same_tokenizer)
         t_ref = self._pool.submit(self._timed, "reference", timings, self._reference, samples)
@@ -287,6 +293,24 @@ class RunLoop(threading.Thread):
         m.policy_lag.set(push.version - row["rollout_policy_version"] - 1 if versions else 0)
         _log.info("step_completed", run_id=rec.run_id, step=step, mean_score=round(row["mean_score"], 4),
                   reference_kl=row["reference_kl"], seconds=round(sum(timings.values()), 3), replayed=resp.replayed)
+
+    def _resync_stale(self, step: int, prompt_idx: list[int], samples, same_tokenizer: bool):
+        """Samples from a policy replica behind the last pushed version (a replica that restarted from its
+        configured weights) are not used: the learner pushes its weights again (to every replica not at its
+        version) and the step's rollouts are generated again, with the same seeds."""
+        expected = self.record.policy_version
+        for attempt in range(3):
+            stale = [s.weight_version for _, s in samples if s.weight_version < expected]
+            if not stale:
+                return samples
+            _log.warning("policy_resync", run_id=self.record.run_id, step=step, expected_version=expected,
+                         found_version=min(stale), stale_samples=len(stale), attempt=attempt + 1)
+            learner = learner_pb2_grpc.LearnerServiceStub(self.roles.learner)
+            self.roles.call(
+                "PushWeights", self.roles.learner, lambda t: learner.PushWeights(learner_pb2.PushWeightsRequest(), timeout=t)
+            )
+            samples = self._generate(step, prompt_idx, return_text=not same_tokenizer)
+        return samples
 
     def _timed(self, name, timings, fn, *args):
         with self._phase(name, timings):

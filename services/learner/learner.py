@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
 
@@ -32,7 +33,7 @@ from alignd.config import LearnerConfig
 from alignd.models.handle import ModelHandle, load_causal_lm, load_scalar_head_model, load_tokenizer
 from alignd.models.weights import push_weights
 from alignd.runtime.client import make_channel
-from alignd.runtime.errors import FailedPrecondition, InvalidArgument
+from alignd.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
 from alignd.runtime.logging import get_logger
 from alignd.services.learner import checkpoint, ranks
 from alignd.services.learner.engine import TorchEngine
@@ -329,6 +330,16 @@ class Learner:
         t0 = time.perf_counter()
 
         def one(address: str) -> int:
+            try:
+                return push_one(address)
+            except grpc.RpcError as err:
+                if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    # A replica that is down or restarting: the caller retries the push (the coordinator, within
+                    # its recovery timeout) instead of failing the run on an INTERNAL error.
+                    raise Unavailable(f"policy replica {address} is unavailable ({err.code().name}); retry the push") from None
+                raise
+
+        def push_one(address: str) -> int:
             with make_channel(address) as ch:
                 stub = model_pb2_grpc.ModelServiceStub(ch)
                 info = stub.GetInfo(model_pb2.GetInfoRequest(), timeout=30).info

@@ -785,13 +785,6 @@ def markdown_table(phases: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 # =========================================================================== main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -1013,6 +1006,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nchecks:")
     for k, c in checks.items():
         print(f"  [{'ok' if c['ok'] else 'FAIL'}] {k}: {c['detail']}")
+    from alignd.atomic import write_json_atomic
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(args.out), result)
     print(f"\nwrote {args.out} ({info['total_seconds']}s) -> {'PASS' if result['passed'] else 'FAIL'}")
     return 0 if result["passed"] else 1

@@ -109,6 +109,17 @@ def stop_role(server: RoleServer) -> int:
         raise
 
 
+def stop_launcher(proc: subprocess.Popen) -> None:
+    """Stops an `alignd up/run/ppo` process: SIGTERM first (it stops its children), SIGKILL only if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def role_fixture(role: str, model_key: str, **extra):
     @pytest.fixture(scope="module")
     def fixture(tiny_models, tmp_path_factory):

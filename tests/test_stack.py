@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import stop_launcher
+
 pytestmark = pytest.mark.slow
 
 ROLES = ("policy", "reward", "reference", "learner", "coordinator")
@@ -54,17 +56,6 @@ def start_up(run_dir: Path, cache: Path, *args: str) -> tuple[subprocess.Popen, 
             return proc, lines
     proc.wait()
     raise AssertionError(f"alignd up exited {proc.returncode} before ready:\n{proc.stderr.read()}")
-
-
-def stop_launcher(proc: subprocess.Popen) -> None:
-    """SIGTERM first (the launcher stops its children), SIGKILL only if it hangs."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def alive(pid: int) -> bool:

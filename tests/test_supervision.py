@@ -17,6 +17,7 @@ import pytest
 
 from alignd.runtime.client import make_channel
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
+from conftest import stop_launcher
 
 pytestmark = pytest.mark.slow
 
@@ -92,10 +93,4 @@ def test_ppo_run_survives_kill9_of_reward_coordinator_and_policy(tmp_path):
         for prev, row in zip(rows, rows[1:]):
             assert row["rollout_policy_version"] == prev["policy_version"], (prev, row)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_launcher(proc)

@@ -288,16 +288,20 @@ class _Attempts:
 # -- requests ------------------------------------------------------------------------------------------------------
 
 
-def _text_pair(pair: Any, where: str) -> tuple[str, str]:
+def _pair(pair: Any, keys: tuple[str, str], what: str, where: str) -> tuple[Any, Any]:
+    """The two halves of `pair`: a mapping with `keys`, or a 2-sequence."""
     if isinstance(pair, Mapping):
-        missing = [k for k in ("prompt", "response") if k not in pair]
+        missing = [k for k in keys if k not in pair]
         if missing:
             raise ValueError(f"{where}: missing {', '.join(repr(k) for k in missing)}")
-        prompt, response = pair["prompt"], pair["response"]
-    elif isinstance(pair, Sequence) and not isinstance(pair, (str, bytes)) and len(pair) == 2:
-        prompt, response = pair
-    else:
-        raise TypeError(f"{where}: expected a (prompt, response) pair or a mapping with 'prompt' and 'response'")
+        return pair[keys[0]], pair[keys[1]]
+    if isinstance(pair, Sequence) and not isinstance(pair, (str, bytes)) and len(pair) == 2:
+        return pair[0], pair[1]
+    raise TypeError(f"{where}: expected a {what} pair or a mapping with {keys[0]!r} and {keys[1]!r}")
+
+
+def _text_pair(pair: Any, where: str) -> tuple[str, str]:
+    prompt, response = _pair(pair, ("prompt", "response"), "(prompt, response)", where)
     for name, value in (("prompt", prompt), ("response", response)):
         if not isinstance(value, str):
             raise TypeError(f"{where}: {name} must be a string, got {type(value).__name__}")
@@ -315,16 +319,7 @@ def _id_list(ids: Any, where: str) -> list[int]:
 
 
 def _token_pair(pair: Any, where: str) -> tuple[list[int], list[int]]:
-    if isinstance(pair, Mapping):
-        missing = [k for k in ("prompt_token_ids", "response_token_ids") if k not in pair]
-        if missing:
-            raise ValueError(f"{where}: missing {', '.join(repr(k) for k in missing)}")
-        prompt, response = pair["prompt_token_ids"], pair["response_token_ids"]
-    elif isinstance(pair, Sequence) and not isinstance(pair, (str, bytes)) and len(pair) == 2:
-        prompt, response = pair
-    else:
-        raise TypeError(f"{where}: expected a (prompt ids, response ids) pair or a mapping with "
-                        "'prompt_token_ids' and 'response_token_ids'")
+    prompt, response = _pair(pair, ("prompt_token_ids", "response_token_ids"), "(prompt ids, response ids)", where)
     return _id_list(prompt, f"{where} prompt"), _id_list(response, f"{where} response")
 
 

@@ -50,14 +50,40 @@ class RoleServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def metrics(self) -> str:
+        """The role's /metrics text."""
+        import urllib.request
+
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as resp:
+            return resp.read().decode()
+
 
 def start_role(
     role: str, cfg: dict, workdir: Path, credentials: grpc.ChannelCredentials | None = None, options: list | None = None
 ) -> RoleServer:
     """Runs `python -m alignd.cli serve ROLE` and waits until it is SERVING (over TLS with `credentials`; channel
     `options` such as grpc.ssl_target_name_override)."""
-    import json
+    return _await_role(_spawn_role(role, cfg, workdir), credentials, options)
 
+
+def start_roles(specs: list[tuple[str, dict, Path]]) -> list[RoleServer]:
+    """Several roles (role, cfg, workdir) started at once, then each waited for: their start-ups overlap."""
+    spawned = [_spawn_role(*spec) for spec in specs]
+    servers: list[RoleServer] = []
+    try:
+        for sp in spawned:
+            servers.append(_await_role(sp))
+    except BaseException:
+        for sp in spawned[len(servers) + 1:]:
+            sp[1].kill()
+            sp[1].wait()
+        for srv in servers:
+            stop_role(srv)
+        raise
+    return servers
+
+
+def _spawn_role(role: str, cfg: dict, workdir: Path):
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_path = workdir / f"{role}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -69,11 +95,17 @@ def start_role(
              "--run-dir", str(workdir), "--endpoint-file", str(endpoint)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env(),
         )
+    return role, proc, endpoint, log_path
+
+
+def _await_role(spawned, credentials: grpc.ChannelCredentials | None = None, options: list | None = None) -> RoleServer:
+    import json
+    import time
+
+    role, proc, endpoint, log_path = spawned
     try:
         # The child writes the endpoint file right after binding; wait for the
         # process to either write it or die (bounded by the startup timeout).
-        import time
-
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not endpoint.exists():
             try:
@@ -107,6 +139,39 @@ def stop_role(server: RoleServer) -> int:
         server.proc.kill()
         server.proc.wait()
         raise
+
+
+def stop_roles(servers: list[RoleServer]) -> None:
+    """stop_role for several roles, their graceful stops overlapping."""
+    for server in servers:
+        server.channel.close()
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGTERM)
+    for server in servers:
+        stop_role(server)
+
+
+def wait_until(what: str, fn, timeout: float, poll: float = 0.2):
+    """fn()'s first truthy value, polled every `poll` seconds (a condition, not a sleep as synchronisation);
+    TimeoutError naming `what` after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(what)
+
+
+def dump_stack(run_dir: Path, lines: int = 40) -> None:
+    """Prints a local stack's stack.json and the end of every role's log (for a failing test's report)."""
+    stack = run_dir / "stack.json"
+    print(f"--- {stack}:\n{stack.read_text() if stack.exists() else '(none)'}", file=sys.stderr)
+    for log in sorted((run_dir / "logs").glob("*.log")) if (run_dir / "logs").exists() else []:
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        print(f"--- {log} (last {lines} lines):\n" + "\n".join(tail), file=sys.stderr)
 
 
 def stop_launcher(proc: subprocess.Popen) -> None:

@@ -93,6 +93,17 @@ class TLSConfig(Strict):
         return self.cert_file is not None
 
 
+class FaultInjectionConfig(Strict):
+    """Faults this role injects into its own RPCs, for chaos drills (e.g. one slow policy replica, to check that
+    the coordinator hedges it). Off by default; never set it on a production replica by accident: every injected
+    fault is logged (`fault_injected`) and counted in alignd_rpc_faults_injected_total."""
+
+    delay_seconds: float = Field(0.0, ge=0, description="Added before each matching RPC is served, in seconds; 0 = off.")
+    methods: list[str] = Field(
+        [], description='RPC method names to delay, e.g. ["Generate"]; empty = every RPC of the role (health checks never).'
+    )
+
+
 class ServerConfig(Strict):
     """gRPC and metrics endpoints of one role."""
 
@@ -109,6 +120,9 @@ class ServerConfig(Strict):
     grace_seconds: float = Field(10.0, ge=0, description="On SIGTERM, in-flight RPCs get this long to finish, in seconds.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Bearer-token authentication (off by default).")
     tls: TLSConfig = Field(default_factory=TLSConfig, description="TLS / mutual TLS from certificate files (off by default).")
+    fault_injection: FaultInjectionConfig = Field(
+        default_factory=FaultInjectionConfig, description="Injected delays for chaos drills (off by default)."
+    )
 
 
 class ModelConfig(Strict):
@@ -401,7 +415,11 @@ class LearnerConfig(RoleConfig):
     checkpoint_dir: str | None = Field(
         None, description="Where checkpoints go; default: RUN_DIR/learner/checkpoints. The learner resumes from the latest one."
     )
-    checkpoint_every_steps: int = Field(1, ge=0, description="Checkpoint after every N steps; 0 = only on SaveCheckpoint.")
+    checkpoint_every_steps: int = Field(
+        1, ge=0,
+        description="Checkpoint after every N steps; 0 = only on SaveCheckpoint. Keep 1 for runs that must survive a "
+        "learner restart: with N > 1 a restarted learner is behind the coordinator's step and the run fails.",
+    )
     checkpoint_keep: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
     policy_addresses: list[str] = Field([], description="host:port of every policy replica that receives new weights.")
     push_chunk_bytes: int = Field(1 << 20, ge=1024, description="Chunk size of the weight stream, in bytes.")
@@ -531,6 +549,26 @@ class RoleClientConfig(Strict):
         return self
 
 
+RETRY_PHASES = ("generate", "score", "reference", "train", "sync_weights", "evaluate", "sft", "rm")
+
+
+class HedgingConfig(Strict):
+    """What the coordinator does about a slow or failed policy replica (with two replicas or more)."""
+
+    enabled: bool = Field(True, description="Hedge slow shards and route around failed replicas.")
+    delay_factor: float = Field(
+        2.0, ge=1.0,
+        description="A rollout shard still running this many times longer than the step's fastest finished shard is "
+        "sent again to a replica that is done; the first answer is used, the other call cancelled.",
+    )
+    min_delay_seconds: float = Field(1.0, ge=0, description="Never hedge a shard younger than this, in seconds.")
+    out_of_rotation_steps: int = Field(
+        5, ge=1,
+        description="A replica that was slow (its shard hedged and the hedge won) or unavailable gets no shard of "
+        "its own for this many steps; then it is checked, re-synced to the current weights, and used again.",
+    )
+
+
 class CoordinatorConfig(RoleConfig):
     """coordinator: runs the RLHF loop (alignd.v1.CoordinatorService). Imports no torch."""
 
@@ -547,6 +585,23 @@ class CoordinatorConfig(RoleConfig):
     recovery_timeout_seconds: float = Field(
         900.0, gt=0, description="How long a role may be unavailable (restarting) before the run fails, in seconds."
     )
+    retry_budget_seconds: dict[Literal[RETRY_PHASES], float] = Field(
+        {},
+        description="Per phase, how long a call may keep retrying an unavailable role (with jittered backoff) before "
+        "the run fails, in seconds; phases: " + ", ".join(RETRY_PHASES) + ". A phase not listed uses "
+        "recovery_timeout_seconds.",
+    )
+    hedging: HedgingConfig = Field(
+        default_factory=HedgingConfig, description="Slow and failed policy replicas: hedging and rotation."
+    )
+
+    @field_validator("retry_budget_seconds")
+    @classmethod
+    def _positive_budgets(cls, v: dict) -> dict:
+        bad = [k for k, x in v.items() if not x > 0]
+        if bad:
+            raise ValueError(f"retry budgets must be > 0 seconds: {bad}")
+        return v
     launcher: LauncherConfig = Field(
         LauncherConfig(), description="How jobs that run outside the roles (reward-model training) are started."
     )

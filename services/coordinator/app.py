@@ -53,6 +53,31 @@ class CoordinatorMetrics:
         self.step = Gauge("alignd_coordinator_run_step", "Step of the active run.", registry=registry)
         self.mean_score = Gauge("alignd_coordinator_mean_score", "Mean reward-model score of the last batch.", registry=registry)
         self.kl = Gauge("alignd_coordinator_reference_kl", "Mean per-token KL(policy || reference) of the last batch.", registry=registry)
+        self.resyncs = Counter(
+            "alignd_coordinator_resyncs_total",
+            "Re-syncs of a role found serving older weights than the run expects (a replica that restarted).", ["role"],
+            registry=registry,
+        )
+        for role in ("policy", "reward", "reference"):
+            self.resyncs.labels(role)
+        self.hedged_shards = Counter(
+            "alignd_coordinator_hedged_shards_total", "Rollout shards sent again because their policy replica was slow.",
+            registry=registry,
+        )
+        self.failed_over_shards = Counter(
+            "alignd_coordinator_failed_over_shards_total",
+            "Rollout shards sent to another policy replica because theirs was unavailable.", registry=registry,
+        )
+        self.replicas_out = Counter(
+            "alignd_coordinator_replicas_out_of_rotation_total", "Policy replicas taken out of the rotation, by reason.",
+            ["reason"], registry=registry,
+        )
+        for reason in ("slow", "unavailable"):
+            self.replicas_out.labels(reason)
+        self.replicas_in_rotation = Gauge(
+            "alignd_coordinator_policy_replicas_in_rotation", "Policy replicas serving rollout shards of their own.",
+            registry=registry,
+        )
         self.policy_lag = Gauge(
             "alignd_coordinator_policy_lag_versions", "Versions between the rollout policy and the trained policy, minus one.",
             registry=registry,

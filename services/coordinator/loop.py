@@ -16,6 +16,7 @@ is applied twice.
 from __future__ import annotations
 
 import hashlib
+import random
 import statistics
 import threading
 import time
@@ -30,6 +31,7 @@ from alignd.runtime.errors import FailedPrecondition
 from alignd.runtime.logging import get_logger
 from alignd.data import load_prompts
 from alignd.services.coordinator.prompts import PromptSampler, SamplerState
+from alignd.services.coordinator.replicas import Rotation, fan_out
 from alignd.services.coordinator.runs import MetricsLog, RunRecord
 from alignd.v1 import (
     learner_pb2,
@@ -53,6 +55,14 @@ class RunFailed(RuntimeError):
     pass
 
 
+# The phase whose retry budget (coordinator.retry_budget_seconds) a call spends.
+PHASE_OF = {
+    "Generate": "generate", "Score": "score", "LogProbs": "reference", "TrainStep": "train",
+    "PushWeights": "sync_weights", "LoadWeights": "sync_weights", "TrainSFT": "sft", "TrainRewardModel": "rm",
+    "EvaluateTextLoss": "evaluate",
+}
+
+
 class Roles:
     """Channels to every role, and calls that survive a role restarting."""
 
@@ -67,19 +77,27 @@ class Roles:
             raise FailedPrecondition(f"coordinator is not configured with {', '.join(missing)}")
         self.cfg = cfg
         # A headless Service name becomes one channel per replica (resolved when the run starts).
-        self.policy = [make_channel(a) for a in expand_addresses(cfg.policy_addresses)]
+        self.policy_addresses = expand_addresses(cfg.policy_addresses)
+        self.policy = [make_channel(a) for a in self.policy_addresses]
         self.reward = [make_channel(a, credentials=cfg.reward_client) for a in expand_addresses(cfg.reward_addresses)]
         self.reference = [make_channel(a) for a in expand_addresses(cfg.reference_addresses)]
         self.learner = make_channel(cfg.learner_address)
         self._rr = 0
+        self._jitter = random.Random()
 
     def next_rr(self) -> int:
         self._rr += 1
         return self._rr
 
-    def call(self, what: str, channel: grpc.Channel, fn):
-        """fn(timeout) with recovery: on UNAVAILABLE, wait for the role's health, then call again."""
-        deadline = time.monotonic() + self.cfg.recovery_timeout_seconds
+    def budget(self, what: str) -> float:
+        """Seconds a call of `what` may keep retrying an unavailable role."""
+        return self.cfg.retry_budget_seconds.get(PHASE_OF.get(what, ""), self.cfg.recovery_timeout_seconds)
+
+    def call(self, what: str, channel: grpc.Channel, fn, budget: float | None = None):
+        """fn(timeout) with recovery: on UNAVAILABLE, wait for the role's health, back off (jittered), call again;
+        for at most the phase's retry budget."""
+        budget = self.budget(what) if budget is None else budget
+        deadline = time.monotonic() + budget
         attempt = 0
         while True:
             try:
@@ -89,16 +107,32 @@ class Roles:
                     raise
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise RunFailed(f"{what}: role unavailable for {self.cfg.recovery_timeout_seconds:.0f}s") from err
-                _log.warning("role_unavailable", call=what, error=err.details())
+                    raise RunFailed(f"{what}: role unavailable for {budget:.0f}s (its retry budget)") from err
+                _log.warning("role_unavailable", call=what, error=err.details(), attempt=attempt + 1)
                 try:
                     wait_for_serving(channel, timeout=remaining)
                 except TimeoutError as exc:
-                    raise RunFailed(f"{what}: role did not come back: {exc}") from err
+                    raise RunFailed(f"{what}: role did not come back within its retry budget: {exc}") from err
                 # The role may serve while what it depends on does not (the learner while a policy replica
                 # restarts, for PushWeights): back off before calling again.
                 attempt += 1
-                time.sleep(min(2.0, 0.1 * 2 ** attempt, max(0.0, deadline - time.monotonic())))
+                pause = min(2.0, 0.1 * 2 ** attempt) * self._jitter.uniform(0.5, 1.0)
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+
+    def call_any(self, what: str, channels: list[grpc.Channel], fn):
+        """fn(channel, timeout) on one replica, round robin; one that is UNAVAILABLE is skipped for the next,
+        and when every replica is, the first is waited for (Roles.call)."""
+        start = self.next_rr()
+        order = [channels[(start + i) % len(channels)] for i in range(len(channels))]
+        for ch in order[:-1]:
+            try:
+                return fn(ch, self.cfg.rpc_timeout_seconds)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                _log.warning("replica_skipped", call=what, error=err.details())
+        last = order[-1]
+        return self.call(what, last, lambda t: fn(last, t))
 
     def info(self, channel) -> model_pb2.ModelInfo:
         stub = model_pb2_grpc.ModelServiceStub(channel)
@@ -123,6 +157,8 @@ class RunLoop(threading.Thread):
             len(self.prompts), run_cfg.seed, SamplerState(record.sampler_epoch, record.sampler_position)
         )
         self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(roles.policy)), thread_name_prefix="fanout")
+        self.rotation = Rotation(len(roles.policy), roles.cfg.hedging.out_of_rotation_steps)
+        metrics.replicas_in_rotation.set(len(roles.policy))
 
     # -- helpers -----------------------------------------------------------
     @contextmanager
@@ -172,37 +208,133 @@ class RunLoop(threading.Thread):
             self._iteration(rec.step + 1, same_tokenizer)
         rec.state = "succeeded"
 
-    def _generate(self, step: int, prompt_idx: list[int], return_text: bool) -> list[tuple[str, policy_pb2.Sample]]:
+    def _generate_request(self, step: int, shard: int, prompt_idx: list[int], return_text: bool) -> policy_pb2.GenerateRequest:
+        """Shard `shard` of the step: its seed depends on the shard, not on the replica that serves it."""
         s = self.cfg.sampling
+        seed = int.from_bytes(hashlib.sha256(f"{self.cfg.seed}:{step}:{shard}".encode()).digest()[:8], "little") >> 1
+        return policy_pb2.GenerateRequest(
+            prompts=[policy_pb2.Prompt(text=self.prompts[i]) for i in prompt_idx],
+            sampling=policy_pb2.SamplingParams(
+                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
+                stop_token_ids=s.stop_token_ids, ignore_eos=s.ignore_eos, seed=seed,
+                num_samples=self.cfg.samples_per_prompt,
+            ),
+            return_text=return_text,
+        )
+
+    def _generate(self, step: int, prompt_idx: list[int], return_text: bool) -> list[tuple[str, policy_pb2.Sample]]:
+        """The step's rollouts: one shard per configured replica, hedged and failed over (replicas.fan_out)."""
         n_rep = len(self.roles.policy)
         shards = [prompt_idx[i::n_rep] for i in range(n_rep)]
+        reqs = {r: self._generate_request(step, r, shards[r], return_text) for r in range(n_rep) if shards[r]}
 
-        def one(r: int):
-            if not shards[r]:
-                return []
-            ch = self.roles.policy[r]
+        def wait_for(shard: int):
+            ch = self.roles.policy[shard]
             stub = policy_pb2_grpc.PolicyServiceStub(ch)
-            seed = int.from_bytes(hashlib.sha256(f"{self.cfg.seed}:{step}:{r}".encode()).digest()[:8], "little") >> 1
-            req = policy_pb2.GenerateRequest(
-                prompts=[policy_pb2.Prompt(text=self.prompts[i]) for i in shards[r]],
-                sampling=policy_pb2.SamplingParams(
-                    temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
-                    stop_token_ids=s.stop_token_ids, ignore_eos=s.ignore_eos, seed=seed,
-                    num_samples=self.cfg.samples_per_prompt,
-                ),
-                return_text=return_text,
-            )
-            resp = self.roles.call("Generate", ch, lambda t: stub.Generate(req, timeout=t))
-            return [(self.prompts[shards[r][smp.prompt_index]], smp) for smp in resp.samples]
+            return self.roles.call("Generate", ch, lambda t: stub.Generate(reqs[shard], timeout=t))
 
+        if n_rep == 1:
+            resps = {r: wait_for(r) for r in reqs}
+        else:
+            def launch(shard: int, replica: int):
+                stub = policy_pb2_grpc.PolicyServiceStub(self.roles.policy[replica])
+                return stub.Generate.future(reqs[shard], timeout=self.roles.cfg.rpc_timeout_seconds)
+
+            res = fan_out(sorted(reqs), self.rotation, step, launch, self.roles.cfg.hedging, self._replica_out, wait_for)
+            resps = res.responses
+            if res.hedged:
+                self.metrics.hedged_shards.inc(len(res.hedged))
+            if res.failed_over:
+                self.metrics.failed_over_shards.inc(len(res.failed_over))
         out = []
-        for part in self._pool.map(one, range(n_rep)):
-            out.extend(part)
+        for r in sorted(resps):
+            out.extend((self.prompts[shards[r][smp.prompt_index]], smp) for smp in resps[r].samples)
         return out
 
+    # -- replicas in the rotation, and what every role must serve ----------
+    def _replica_out(self, replica: int, reason: str) -> None:
+        _log.warning("replica_out_of_rotation", run_id=self.record.run_id, replica=self.roles.policy_addresses[replica],
+                     reason=reason, steps=self.rotation.out_steps)
+        self.metrics.replicas_out.labels(reason).inc()
+        self.metrics.replicas_in_rotation.set(sum(map(self.rotation.is_in, range(self.rotation.n))))
+
+    def _return_replicas(self, step: int) -> None:
+        """Replicas whose time out of the rotation is over come back once they answer and serve the current weights."""
+        for r in self.rotation.due(step):
+            ch = self.roles.policy[r]
+            try:
+                info = model_pb2_grpc.ModelServiceStub(ch).GetInfo(model_pb2.GetInfoRequest(), timeout=10).info
+                if info.weight_version < self.expected_version("policy"):
+                    self.resync("policy", [r])
+            except (grpc.RpcError, RunFailed) as err:
+                _log.warning("replica_still_out", run_id=self.record.run_id, replica=self.roles.policy_addresses[r],
+                             error=str(err.details() if isinstance(err, grpc.RpcError) else err))
+                self.rotation.take_out(r, step, "unavailable")
+                continue
+            self.rotation.put_back(r)
+            _log.info("replica_back_in_rotation", run_id=self.record.run_id, replica=self.roles.policy_addresses[r])
+            self.metrics.replicas_in_rotation.set(sum(map(self.rotation.is_in, range(self.rotation.n))))
+
+    def expected_version(self, role: str) -> int:
+        """The weight version `role`'s replicas must serve now; 0: the weights in their own configuration."""
+        return self.record.policy_version if role == "policy" else 0
+
+    def resync(self, role: str, replicas: list[int] | None = None) -> None:
+        """Brings `role`'s replicas (policy: those given, else every one in the rotation) to expected_version."""
+        if role == "policy":
+            self._push(replicas)
+
+    def _push(self, replicas: list[int] | None = None) -> learner_pb2.PushWeightsResponse:
+        """PushWeights to the policy replicas in the rotation (the learner's configured set when that is all of
+        them), or to `replicas`. A push that fails because a replica is down takes the replicas that do not answer
+        out of the rotation (if others remain), and is retried without them."""
+        learner = learner_pb2_grpc.LearnerServiceStub(self.roles.learner)
+
+        def push(timeout: float):
+            if replicas is not None:
+                addresses = [self.roles.policy_addresses[r] for r in replicas]
+            elif all(map(self.rotation.is_in, range(self.rotation.n))):
+                addresses = []
+            else:
+                addresses = [self.roles.policy_addresses[r] for r in range(self.rotation.n) if self.rotation.is_in(r)]
+            try:
+                return learner.PushWeights(learner_pb2.PushWeightsRequest(addresses=addresses), timeout=timeout)
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNAVAILABLE and replicas is None and self.rotation.n > 1:
+                    self._take_out_unreachable()
+                raise
+
+        return self.roles.call("PushWeights", self.roles.learner, push)
+
+    def _take_out_unreachable(self) -> None:
+        """Replicas in the rotation that do not answer GetInfo leave it, unless none would be left."""
+        inside = [r for r in range(self.rotation.n) if self.rotation.is_in(r)]
+        down = []
+        for r in inside:
+            try:
+                model_pb2_grpc.ModelServiceStub(self.roles.policy[r]).GetInfo(model_pb2.GetInfoRequest(), timeout=5)
+            except grpc.RpcError:
+                down.append(r)
+        if down and len(down) < len(inside):
+            for r in down:
+                self.rotation.take_out(r, self.record.step + 1, "unavailable")
+                self._replica_out(r, "unavailable")
+
+    def _fresh(self, role: str, fn, version_of):
+        """fn() -> a response; when version_of(response) is below what `role` must serve (a replica that restarted
+        from the weights in its configuration), the replicas are re-synced and fn is called again."""
+        for attempt in range(3):
+            resp = fn()
+            want, got = self.expected_version(role), version_of(resp)
+            if got >= want:
+                return resp
+            _log.warning("role_resync", run_id=self.record.run_id, role=role, expected_version=want,
+                         found_version=got, attempt=attempt + 1)
+            self.metrics.resyncs.labels(role).inc()
+            self.resync(role)
+        raise RunFailed(f"{role} replicas still serve weight version {got} after 3 re-syncs; expected {want}")
+
     def _score(self, samples, same_tokenizer: bool) -> list[float]:
-        ch = self.roles.reward[self.roles.next_rr() % len(self.roles.reward)]
-        stub = reward_pb2_grpc.RewardServiceStub(ch)
         if same_tokenizer:
             items = [
                 reward_pb2.ScoreItem(tokens=reward_pb2.TokenPair(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids))
@@ -211,16 +343,27 @@ class RunLoop(threading.Thread):
         else:
             items = [reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt=p, response=s.text)) for p, s in samples]
         req = reward_pb2.ScoreRequest(items=items)
-        return list(self.roles.call("Score", ch, lambda t: stub.Score(req, timeout=t)).scores)
+
+        def call():
+            return self.roles.call_any(
+                "Score", self.roles.reward, lambda ch, t: reward_pb2_grpc.RewardServiceStub(ch).Score(req, timeout=t)
+            )
+
+        return list(self._fresh("reward", call, lambda r: r.weight_version).scores)
 
     def _reference(self, samples) -> list[list[float]]:
-        ch = self.roles.reference[self.roles.next_rr() % len(self.roles.reference)]
-        stub = reference_pb2_grpc.ReferenceServiceStub(ch)
         req = reference_pb2.LogProbsRequest(
             items=[reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids) for _, s in samples],
             temperature=self.cfg.sampling.temperature or 1.0,
         )
-        resp = self.roles.call("LogProbs", ch, lambda t: stub.LogProbs(req, timeout=t))
+
+        def call():
+            return self.roles.call_any(
+                "LogProbs", self.roles.reference,
+                lambda ch, t: reference_pb2_grpc.ReferenceServiceStub(ch).LogProbs(req, timeout=t),
+            )
+
+        resp = self._fresh("reference", call, lambda r: r.weight_version)
         return [list(r.logprobs) for r in resp.results]
 
     def _iteration(self, step: int, same_tokenizer: bool) -> None:
@@ -228,9 +371,12 @@ class RunLoop(threading.Thread):
         timings: dict[str, float] = {}
         sampler_before = SamplerState(self.sampler.state.epoch, self.sampler.state.position)
         prompt_idx = self.sampler.take(self.cfg.prompts_per_step)
+        self._return_replicas(step)
         with self._phase("generate", timings):
-            samples = self._generate(step, prompt_idx, return_text=not same_tokenizer)
-            samples = self._resync_stale(step, prompt_idx, samples, same_tokenizer)
+            samples = self._fresh(
+                "policy", lambda: self._generate(step, prompt_idx, return_text=not same_tokenizer),
+                lambda got: min((s.weight_version for _, s in got), default=1 << 62),
+            )
         # score and reference run concurrently; each is timed on its own.
         t_score = self._pool.submit(self._timed, "score", timings, self._score, samples, same_tokenizer)
         t_ref = self._pool.submit(self._timed, "reference", timings, self._reference, samples)
@@ -247,9 +393,7 @@ class RunLoop(threading.Thread):
             req = learner_pb2.TrainStepRequest(step=step, experiences=experiences)
             resp = self.roles.call("TrainStep", self.roles.learner, lambda t: learner.TrainStep(req, timeout=t))
         with self._phase("sync_weights", timings):
-            push = self.roles.call(
-                "PushWeights", self.roles.learner, lambda t: learner.PushWeights(learner_pb2.PushWeightsRequest(), timeout=t)
-            )
+            push = self._push()
         n_tokens = sum(len(s.token_ids) for _, s in samples)
         versions = [s.weight_version for _, s in samples]
         row = {
@@ -293,24 +437,6 @@ class RunLoop(threading.Thread):
         m.policy_lag.set(push.version - row["rollout_policy_version"] - 1 if versions else 0)
         _log.info("step_completed", run_id=rec.run_id, step=step, mean_score=round(row["mean_score"], 4),
                   reference_kl=row["reference_kl"], seconds=round(sum(timings.values()), 3), replayed=resp.replayed)
-
-    def _resync_stale(self, step: int, prompt_idx: list[int], samples, same_tokenizer: bool):
-        """Samples from a policy replica behind the last pushed version (a replica that restarted from its
-        configured weights) are not used: the learner pushes its weights again (to every replica not at its
-        version) and the step's rollouts are generated again, with the same seeds."""
-        expected = self.record.policy_version
-        for attempt in range(3):
-            stale = [s.weight_version for _, s in samples if s.weight_version < expected]
-            if not stale:
-                return samples
-            _log.warning("policy_resync", run_id=self.record.run_id, step=step, expected_version=expected,
-                         found_version=min(stale), stale_samples=len(stale), attempt=attempt + 1)
-            learner = learner_pb2_grpc.LearnerServiceStub(self.roles.learner)
-            self.roles.call(
-                "PushWeights", self.roles.learner, lambda t: learner.PushWeights(learner_pb2.PushWeightsRequest(), timeout=t)
-            )
-            samples = self._generate(step, prompt_idx, return_text=not same_tokenizer)
-        return samples
 
     def _timed(self, name, timings, fn, *args):
         with self._phase(name, timings):

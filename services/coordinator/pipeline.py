@@ -75,10 +75,28 @@ class PipelineLoop(RunLoop):
                 continue  # already loaded before a restart
             self.roles.call("LoadWeights", ch, lambda t: stub.LoadWeights(model_pb2.LoadWeightsRequest(path=path, version=version), timeout=t))
 
+    def expected_version(self, role: str) -> int:
+        """policy: the last pushed version, or the SFT policy's before PPO; reference: the SFT policy's;
+        reward: the RM of the last round (0 before any: the models in the roles' configuration)."""
+        if role == "policy":
+            return self.record.policy_version or self.art.get("sft_version", 0)
+        if role == "reference":
+            return self.art.get("sft_version", 0)
+        return self.art.get("rm_version", 0)
+
+    def resync(self, role: str, replicas: list[int] | None = None) -> None:
+        if role == "policy" and self.record.policy_version:
+            super().resync(role, replicas)  # the learner pushes the current policy
+        elif role == "policy":
+            chosen = replicas if replicas is not None else range(len(self.roles.policy))
+            self._load_weights([self.roles.policy[r] for r in chosen], self.art["sft_dir"], self.art["sft_version"])
+        elif role == "reference":
+            self._load_weights(self.roles.reference, self.art["sft_dir"], self.art["sft_version"])
+        else:
+            self._load_weights(self.roles.reward, self.art["rm_dir"], self.art["rm_version"])
+
     def _sample(self, prompts: list[str], n: int, sampling, seed: int) -> list[list[policy_pb2.Sample]]:
-        """n samples per prompt from the first policy replica, texts included; grouped by prompt."""
-        ch = self.roles.policy[0]
-        stub = policy_pb2_grpc.PolicyServiceStub(ch)
+        """n samples per prompt from one policy replica in the rotation, texts included; grouped by prompt."""
         req = policy_pb2.GenerateRequest(
             prompts=[policy_pb2.Prompt(text=p) for p in prompts],
             sampling=policy_pb2.SamplingParams(
@@ -88,7 +106,14 @@ class PipelineLoop(RunLoop):
             ),
             return_text=True,
         )
-        resp = self.roles.call("Generate", ch, lambda t: stub.Generate(req, timeout=t))
+        channels = [self.roles.policy[r] for r in self.rotation.active()]
+
+        def call():
+            return self.roles.call_any(
+                "Generate", channels, lambda ch, t: policy_pb2_grpc.PolicyServiceStub(ch).Generate(req, timeout=t)
+            )
+
+        resp = self._fresh("policy", call, lambda r: min((s.weight_version for s in r.samples), default=1 << 62))
         out: list[list] = [[] for _ in prompts]
         for s in resp.samples:
             out[s.prompt_index].append(s)
@@ -266,7 +291,7 @@ class PipelineLoop(RunLoop):
         self._load_weights(self.roles.reward, resp.model_dir, versions[str(r)])
         if r == 0 and agreement:
             self.art["labeler_agreement"] = agreement
-        self.art["rm_dir"] = resp.model_dir
+        self.art["rm_dir"], self.art["rm_version"] = resp.model_dir, versions[str(r)]
         self.art.setdefault("rm_rounds", []).append({
             "round": r, "step": self.record.step, "accuracy": resp.val_accuracy, "n": resp.validation_comparisons,
             "train_accuracy": resp.train_accuracy, "comparisons": sum(1 for _ in data.open("rb")),
@@ -303,13 +328,17 @@ class PipelineLoop(RunLoop):
             b = [[judge(r["prompt"], x) for x in r["responses"]] for r in sft]
             result["win_rates"][name] = evaluation.win_rate(a, b).to_dict()
             result[f"{name}_mean"] = {"sft": sum(map(sum, b)) / sum(map(len, b)), "final": sum(map(sum, a)) / sum(map(len, a))}
-        ch = self.roles.reward[0]
-        stub = reward_pb2_grpc.RewardServiceStub(ch)
         for key, rows in (("sft", sft), ("final", final)):
             items = [reward_pb2.ScoreItem(tokens=reward_pb2.TokenPair(prompt_token_ids=r["prompt_token_ids"], response_token_ids=t))
                      for r in rows for t in r["token_ids"] if t]
-            scores = list(self.roles.call("Score", ch, lambda t: stub.Score(reward_pb2.ScoreRequest(items=items), timeout=t)).scores)
-            result["reward"][key] = scores
+            req = reward_pb2.ScoreRequest(items=items)
+
+            def call():
+                return self.roles.call_any(
+                    "Score", self.roles.reward, lambda ch, t: reward_pb2_grpc.RewardServiceStub(ch).Score(req, timeout=t)
+                )
+
+            result["reward"][key] = list(self._fresh("reward", call, lambda r: r.weight_version).scores)
         rows = self.log.read()
         result["kl_to_reference"] = rows[-1]["reference_kl"] if rows else None
         write_json_atomic(self.record.path / "evaluation.json", result)

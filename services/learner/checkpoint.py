@@ -55,6 +55,10 @@ class _OneRank:
         pass
 
 
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, I/O error); the previous checkpoint and `latest` are untouched."""
+
+
 class CheckpointMismatch(ValueError):
     """A checkpoint that this learner cannot restore (another world size, a missing shard)."""
 
@@ -78,9 +82,23 @@ def save(
     root: Path, step: int, module_state: dict | None, trainer_state: dict | None, rank_state: dict,
     policy=None, tokenizer=None, tag: str = "", keep: int = 2, ranks: Ranks = _OneRank(),
 ) -> Path:
-    """Every rank calls this at the same point; rank 0 also passes the module, trainer state and policy."""
+    """Every rank calls this at the same point; rank 0 also passes the module, trainer state and policy.
+
+    A failure while writing (disk full, an I/O error) removes the partial directory and raises
+    CheckpointWriteError: `latest` still names the previous checkpoint, which is left as it was."""
     final = root / step_dir_name(step, tag)
     tmp = root / f".tmp-{final.name}"
+    try:
+        return _save(root, final, tmp, step, module_state, trainer_state, rank_state, policy, tokenizer, keep, ranks)
+    except CheckpointMismatch:
+        raise
+    except Exception as err:  # torch.save reports a full disk as RuntimeError, save_pretrained as OSError
+        if ranks.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"writing checkpoint {final.name} failed: {err}") from err
+
+
+def _save(root, final, tmp, step, module_state, trainer_state, rank_state, policy, tokenizer, keep, ranks) -> Path:
     if ranks.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():

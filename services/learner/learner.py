@@ -90,6 +90,7 @@ class Learner:
         root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else (Path(run_dir or ".") / "learner" / "checkpoints")
         self.checkpoint_root = root
         self.restored_from: Path | None = None
+        self.checkpoint_pending = False  # a checkpoint due after a step could not be written (retried on the next call)
         last = checkpoint.latest(root)
         if last is not None:
             self._restore(last)
@@ -182,6 +183,9 @@ class Learner:
     def train_step(self, step: int, batch: Batch) -> learner_pb2.TrainStepResponse:
         """Applies `step` exactly once; a repeated step returns its stored result."""
         with self.lock:
+            if self.checkpoint_pending:  # the last step's checkpoint failed: write it before answering anything
+                with self.ranks.command(ranks.SaveCheckpoint(""), self.summary):
+                    self._checkpoint_or_unavailable(self.step)
             if step in self.results:
                 resp = learner_pb2.TrainStepResponse.FromString(self.results[step])
                 resp.replayed = True
@@ -207,8 +211,21 @@ class Learner:
         for old in sorted(self.results)[:-RESULTS_KEPT]:
             del self.results[old]
         if self.cfg.checkpoint_every_steps and step % self.cfg.checkpoint_every_steps == 0:
-            self._write_checkpoint()
+            self._checkpoint_or_unavailable(step)
         return resp
+
+    def _checkpoint_or_unavailable(self, step: int) -> None:
+        """Writes the checkpoint due after `step`. When that fails (disk full, I/O error), the previous checkpoint
+        stays the latest, and the caller gets UNAVAILABLE: the coordinator retries the step, which is answered from
+        the stored result once the checkpoint is written (a step's result is only seen once it is durable)."""
+        try:
+            self._write_checkpoint()
+            self.checkpoint_pending = False
+        except checkpoint.CheckpointWriteError as err:
+            self.checkpoint_pending = True
+            _log.error("checkpoint_failed", step=step, error=str(err), rank=self.ranks.rank)
+            raise Unavailable(f"step {step} is applied but its checkpoint could not be written ({err}); "
+                              "the previous checkpoint is intact; retry the step") from None
 
     def reset(self, policy_dir: str, value_model_dir: str, version: int) -> bool:
         """Starts PPO afresh from these weights at `version`; False when already done (replay)."""

@@ -78,6 +78,10 @@ class ServiceHost:
 
             self.authenticator = make_authenticator(role, cfg.auth, self.registry)
             interceptors.append(AuthInterceptor(self.authenticator))
+        if cfg.fault_injection.delay_seconds > 0:
+            from alignd.runtime.faults import FaultInterceptor
+
+            interceptors.append(FaultInterceptor(cfg.fault_injection, self.registry))
         self.server = grpc.server(
             self._executor,
             interceptors=interceptors,

@@ -371,3 +371,36 @@ def test_plan_chunks_against_a_naive_reference():
             cur = trial
         naive.append(cur)
         assert plan == naive
+
+
+def test_a_call_that_ends_first_withdraws_its_queued_request(make_batcher):
+    """on_done (a gRPC context's add_callback): a caller that goes away (a hedge that lost) while its request is
+    queued gets it dropped unrun; the callback after a normal end is harmless."""
+    dropped: list[str] = []
+    b, gate = make_batcher(max_batch_size=32, on_drop=dropped.append)
+    first = block(b, gate)
+    withdraw: list = []
+    errors: list = []
+
+    def caller():
+        try:
+            b.run("hedged", 1, timeout=WAIT, on_done=withdraw.append)
+        except DeadlineExceeded as err:
+            errors.append(err.message)
+
+    t = threading.Thread(target=caller)
+    t.start()
+    while not withdraw:  # the request is queued once on_done was given its function
+        t.join(0.01)
+    withdraw[0]()  # the call ended (cancelled by its client)
+    t.join(WAIT)
+    after = b.submit("after", 1)
+    gate.release.set()
+    result(first)
+    assert result(after)[0] == "done:after"
+    assert errors and "cancelled" in errors[0]
+    assert all("hedged" not in batch for batch in gate.batches) and dropped == ["cancelled"]
+
+    done: list = []
+    assert b.run("normal", 1, timeout=WAIT, on_done=done.append)[0] == "done:normal"
+    assert done[0]() is False  # cancelling a finished request changes nothing

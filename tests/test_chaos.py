@@ -120,7 +120,7 @@ def test_pipeline_survives_random_kill9_of_every_role(tmp_path):
             killed.append((role, point, f"{state['stage']} step {state['step']}"))
             counts[role] += 1
             _until(f"{role} restarted", lambda: proc.poll() is not None or (_json(run_dir / "stack.json") or {})
-                   .get("services", {}).get(role, {}).get("restarts") == counts[role])
+                   .get("services", {}).get(role, {}).get("restarts", 0) >= counts[role])
         out, _ = proc.communicate(timeout=WAIT_S)
         print("kills (role, planned point, where the run was):", killed)
         assert proc.returncode == 0, out[-4000:]

@@ -89,6 +89,45 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_the_retried_step_com
     assert _dirs(root) == ["step-00000002", "step-00000003"]
     assert _learner(tiny_models, root, keep=2).step == 3
 
+    # A reset whose checkpoint fails is answered UNAVAILABLE; its retry writes the reset checkpoint (and only then
+    # removes the previous PPO run's), so a crash in between restores the pre-reset state, never a mix.
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(Unavailable):
+        learner.reset(str(tiny_models["lm"]), "", version=100)
+    assert checkpoint.latest(root).name == "step-00000003" and _dirs(root) == ["step-00000002", "step-00000003"]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert learner.reset(str(tiny_models["lm"]), "", version=100) is False  # already reset in memory: replayed
+    assert checkpoint.latest(root).name == "step-00000000-reset" and _dirs(root) == ["step-00000000-reset"]
+    restarted = _learner(tiny_models, root, keep=2)
+    assert (restarted.step, restarted.version) == (0, 100)
+
+
+def test_rewriting_a_checkpoint_of_the_same_name_never_leaves_latest_dangling(tmp_path, monkeypatch):
+    """A second checkpoint under the same name (a second reset, a SaveCheckpoint at the same step) replaces the
+    first without a moment where `latest` names a missing directory: the new one is staged, `latest` points at
+    it, then it takes the name."""
+    seen = []
+    real_write = checkpoint.write_json_atomic
+
+    def spy(path, obj):
+        real_write(path, obj)
+        if path.name == checkpoint.LATEST:
+            seen.append((obj["checkpoint"], (path.parent / obj["checkpoint"]).is_dir()))
+
+    monkeypatch.setattr(checkpoint, "write_json_atomic", spy)
+
+    class Policy:
+        def save_pretrained(self, d):
+            Path(d).mkdir(parents=True, exist_ok=True)
+            (Path(d) / "config.json").write_text("{}")
+
+    checkpoint.save(tmp_path, 0, {"a": torch.zeros(1)}, {"v": 1}, {"r": 0}, policy=Policy(), tag="reset")
+    checkpoint.save(tmp_path, 0, {"a": torch.ones(1)}, {"v": 2}, {"r": 0}, policy=Policy(), tag="reset")
+    assert all(exists for _, exists in seen), seen
+    assert [name for name, _ in seen] == ["step-00000000-reset", "step-00000000-reset.new", "step-00000000-reset"]
+    _, trainer_state, _ = checkpoint.load(checkpoint.latest(tmp_path))
+    assert trainer_state["v"] == 2 and _dirs(tmp_path) == ["step-00000000-reset"]
+
 
 def test_checkpoint_write_error_names_the_checkpoint(tmp_path, monkeypatch):
     def broken(obj, f, *args, **kwargs):

@@ -555,7 +555,7 @@ RETRY_PHASES = ("generate", "score", "reference", "train", "sync_weights", "eval
 class HedgingConfig(Strict):
     """What the coordinator does about a slow or failed policy replica (with two replicas or more)."""
 
-    enabled: bool = Field(True, description="Hedge slow shards and route around failed replicas.")
+    enabled: bool = Field(True, description="Hedge slow shards (a failed replica's shard is always sent elsewhere).")
     delay_factor: float = Field(
         2.0, ge=1.0,
         description="A rollout shard still running this many times longer than the step's fastest finished shard is "

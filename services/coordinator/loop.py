@@ -49,6 +49,7 @@ from alignd.v1 import (
 _log = get_logger("alignd.coordinator.loop")
 
 PHASES = ("generate", "score", "reference", "train", "sync_weights", "evaluate")
+RETURN_CHECK_BUDGET_S = 10.0  # checking and re-syncing a replica that returns to the rotation (not the phase budget)
 
 
 class RunFailed(RuntimeError):
@@ -133,6 +134,18 @@ class Roles:
                 _log.warning("replica_skipped", call=what, error=err.details())
         last = order[-1]
         return self.call(what, last, lambda t: fn(last, t))
+
+    def refresh_policy(self, r: int) -> bool:
+        """Resolves the policy addresses again; when replica r's address changed (a replaced pod behind a headless
+        Service) and the count is the same, r gets a channel to its new address. True when it changed."""
+        fresh = expand_addresses(self.cfg.policy_addresses)
+        if len(fresh) != len(self.policy_addresses) or fresh[r] == self.policy_addresses[r]:
+            return False
+        _log.info("replica_address_changed", old=self.policy_addresses[r], new=fresh[r])
+        self.policy[r].close()
+        self.policy_addresses[r] = fresh[r]
+        self.policy[r] = make_channel(fresh[r])
+        return True
 
     def info(self, channel) -> model_pb2.ModelInfo:
         stub = model_pb2_grpc.ModelServiceStub(channel)
@@ -259,11 +272,16 @@ class RunLoop(threading.Thread):
         self.metrics.replicas_in_rotation.set(sum(map(self.rotation.is_in, range(self.rotation.n))))
 
     def _return_replicas(self, step: int) -> None:
-        """Replicas whose time out of the rotation is over come back once they answer and serve the current weights."""
+        """Replicas whose time out of the rotation is over come back once they answer and serve the current weights
+        (a replica that does not answer is looked up again: a Kubernetes pod that was replaced has a new address)."""
         for r in self.rotation.due(step):
-            ch = self.roles.policy[r]
             try:
-                info = model_pb2_grpc.ModelServiceStub(ch).GetInfo(model_pb2.GetInfoRequest(), timeout=10).info
+                try:
+                    info = self._replica_info(r)
+                except grpc.RpcError:
+                    if not self.roles.refresh_policy(r):
+                        raise
+                    info = self._replica_info(r)
                 if info.weight_version < self.expected_version("policy"):
                     self.resync("policy", [r])
             except (grpc.RpcError, RunFailed) as err:
@@ -275,6 +293,10 @@ class RunLoop(threading.Thread):
             _log.info("replica_back_in_rotation", run_id=self.record.run_id, replica=self.roles.policy_addresses[r])
             self.metrics.replicas_in_rotation.set(sum(map(self.rotation.is_in, range(self.rotation.n))))
 
+    def _replica_info(self, r: int) -> model_pb2.ModelInfo:
+        stub = model_pb2_grpc.ModelServiceStub(self.roles.policy[r])
+        return stub.GetInfo(model_pb2.GetInfoRequest(), timeout=RETURN_CHECK_BUDGET_S).info
+
     def expected_version(self, role: str) -> int:
         """The weight version `role`'s replicas must serve now; 0: the weights in their own configuration."""
         return self.record.policy_version if role == "policy" else 0
@@ -282,12 +304,13 @@ class RunLoop(threading.Thread):
     def resync(self, role: str, replicas: list[int] | None = None) -> None:
         """Brings `role`'s replicas (policy: those given, else every one in the rotation) to expected_version."""
         if role == "policy":
-            self._push(replicas)
+            self._push(replicas, budget=RETURN_CHECK_BUDGET_S if replicas is not None else None)
 
-    def _push(self, replicas: list[int] | None = None) -> learner_pb2.PushWeightsResponse:
-        """PushWeights to the policy replicas in the rotation (the learner's configured set when that is all of
-        them), or to `replicas`. A push that fails because a replica is down takes the replicas that do not answer
-        out of the rotation (if others remain), and is retried without them."""
+    def _push(self, replicas: list[int] | None = None, budget: float | None = None) -> learner_pb2.PushWeightsResponse:
+        """PushWeights to `replicas`, else to every replica but those out of the rotation for being unavailable
+        (the learner's configured set when every replica is in the rotation). A push that fails because a replica
+        is down takes the replicas that do not answer out of the rotation (if others remain), and is retried
+        without them."""
         learner = learner_pb2_grpc.LearnerServiceStub(self.roles.learner)
 
         def push(timeout: float):
@@ -295,8 +318,9 @@ class RunLoop(threading.Thread):
                 addresses = [self.roles.policy_addresses[r] for r in replicas]
             elif all(map(self.rotation.is_in, range(self.rotation.n))):
                 addresses = []
-            else:
-                addresses = [self.roles.policy_addresses[r] for r in range(self.rotation.n) if self.rotation.is_in(r)]
+            else:  # slow replicas still get the weights: a fail-over may need them
+                addresses = [self.roles.policy_addresses[r] for r in range(self.rotation.n)
+                             if self.rotation.reason[r] != "unavailable"]
             try:
                 return learner.PushWeights(learner_pb2.PushWeightsRequest(addresses=addresses), timeout=timeout)
             except grpc.RpcError as err:
@@ -304,7 +328,7 @@ class RunLoop(threading.Thread):
                     self._take_out_unreachable()
                 raise
 
-        return self.roles.call("PushWeights", self.roles.learner, push)
+        return self.roles.call("PushWeights", self.roles.learner, push, budget=budget)
 
     def _take_out_unreachable(self) -> None:
         """Replicas in the rotation that do not answer GetInfo leave it, unless none would be left."""

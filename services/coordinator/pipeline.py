@@ -82,7 +82,14 @@ class PipelineLoop(RunLoop):
             return self.record.policy_version or self.art.get("sft_version", 0)
         if role == "reference":
             return self.art.get("sft_version", 0)
-        return self.art.get("rm_version", 0)
+        return self._rm_loaded()[1]
+
+    def _rm_loaded(self) -> tuple[str, int]:
+        """(directory, version) of the RM the reward role must serve: the last round's ("", 0) before any. Runs
+        recorded before rm_version existed take the version from rm_rounds."""
+        rounds = self.art.get("rm_rounds", [])
+        version = self.art.get("rm_version") or (rounds[-1]["reward_version"] if rounds else 0)
+        return self.art.get("rm_dir", ""), version
 
     def resync(self, role: str, replicas: list[int] | None = None) -> None:
         if role == "policy" and self.record.policy_version:
@@ -93,7 +100,7 @@ class PipelineLoop(RunLoop):
         elif role == "reference":
             self._load_weights(self.roles.reference, self.art["sft_dir"], self.art["sft_version"])
         else:
-            self._load_weights(self.roles.reward, self.art["rm_dir"], self.art["rm_version"])
+            self._load_weights(self.roles.reward, *self._rm_loaded())
 
     def _sample(self, prompts: list[str], n: int, sampling, seed: int) -> list[list[policy_pb2.Sample]]:
         """n samples per prompt from one policy replica in the rotation, texts included; grouped by prompt."""
@@ -285,8 +292,8 @@ class PipelineLoop(RunLoop):
             resp = self.roles.call("TrainRewardModel", self.roles.learner, lambda t: self._learner().TrainRewardModel(
                 learner_pb2.TrainRewardModelRequest(**req), timeout=JOB_TIMEOUT_S))
         versions = self.art.setdefault("rm_versions", {})
-        if str(r) not in versions:
-            versions[str(r)] = max(self._versions(self.roles.reward)) + 1
+        if str(r) not in versions:  # above every version served or recorded (a restarted replica serves 0)
+            versions[str(r)] = max([*self._versions(self.roles.reward), *map(int, versions.values())]) + 1
             self.record.save()
         self._load_weights(self.roles.reward, resp.model_dir, versions[str(r)])
         if r == 0 and agreement:

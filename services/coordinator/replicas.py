@@ -95,7 +95,7 @@ def fan_out(
     attempts: dict[int, list[_Attempt]] = {s: [] for s in shards}
     result = FanoutResult(responses={})
     active = rotation.active()
-    load = {r: 0 for r in range(rotation.n)}  # shards assigned per replica this step
+    load = {r: 0 for r in range(rotation.n)}  # attempts running per replica  # shards assigned per replica this step
     fastest: float | None = None
 
     def start(shard: int, replica: int) -> None:
@@ -117,8 +117,12 @@ def fan_out(
         if rotation.take_out(replica, step, reason):
             on_out(replica, reason)
 
-    for i, shard in enumerate(shards):
-        start(shard, shard if shard in active and rotation.is_in(shard) else active[i % len(active)])
+    own = [s for s in shards if rotation.is_in(s)]
+    for shard in own:  # a replica in the rotation serves its own shard
+        start(shard, shard)
+    for i, shard in enumerate(s for s in shards if s not in own):  # the others go to the least loaded
+        target = pick(set())
+        start(shard, target if target is not None else active[i % len(active)])
 
     while len(result.responses) < len(shards):
         timeout = None

@@ -123,10 +123,17 @@ def _save(root, final, tmp, step, module_state, trainer_state, rank_state, polic
                 "filesystem that every learner rank mounts at the same path"
             )
         fsync_tree(tmp)
-        if final.exists():
+        pointer = {"step": step, "world_size": ranks.world_size}
+        if final.exists():  # the same name again (a SaveCheckpoint, a second reset): `latest` never names a gap
+            staged = root / f"{final.name}.new"
+            if staged.exists():
+                shutil.rmtree(staged)
+            os.replace(tmp, staged)
+            write_json_atomic(root / LATEST, {"checkpoint": staged.name, **pointer})
             shutil.rmtree(final)
+            tmp = staged
         os.replace(tmp, final)
-        write_json_atomic(root / LATEST, {"checkpoint": final.name, "step": step, "world_size": ranks.world_size})
+        write_json_atomic(root / LATEST, {"checkpoint": final.name, **pointer})
         _prune(root, keep, final.name)
     return final
 

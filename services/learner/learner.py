@@ -90,7 +90,8 @@ class Learner:
         root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else (Path(run_dir or ".") / "learner" / "checkpoints")
         self.checkpoint_root = root
         self.restored_from: Path | None = None
-        self.checkpoint_pending = False  # a checkpoint due after a step could not be written (retried on the next call)
+        # The tag of a checkpoint that was due but could not be written (disk full); written before the next answer.
+        self.checkpoint_pending: str | None = None
         last = checkpoint.latest(root)
         if last is not None:
             self._restore(last)
@@ -163,6 +164,7 @@ class Learner:
         with self.lock:
             with self.ranks.command(ranks.SaveCheckpoint(tag), self.summary):
                 path = self._write_checkpoint(tag)
+            self.checkpoint_pending = None  # the state it was to hold is on disk now
             return path, self.step
 
     def apply(self, cmd: ranks.Command) -> None:
@@ -183,9 +185,7 @@ class Learner:
     def train_step(self, step: int, batch: Batch) -> learner_pb2.TrainStepResponse:
         """Applies `step` exactly once; a repeated step returns its stored result."""
         with self.lock:
-            if self.checkpoint_pending:  # the last step's checkpoint failed: write it before answering anything
-                with self.ranks.command(ranks.SaveCheckpoint(""), self.summary):
-                    self._checkpoint_or_unavailable(self.step)
+            self._flush_pending()
             if step in self.results:
                 resp = learner_pb2.TrainStepResponse.FromString(self.results[step])
                 resp.replayed = True
@@ -214,22 +214,33 @@ class Learner:
             self._checkpoint_or_unavailable(step)
         return resp
 
-    def _checkpoint_or_unavailable(self, step: int) -> None:
-        """Writes the checkpoint due after `step`. When that fails (disk full, I/O error), the previous checkpoint
-        stays the latest, and the caller gets UNAVAILABLE: the coordinator retries the step, which is answered from
-        the stored result once the checkpoint is written (a step's result is only seen once it is durable)."""
+    def _checkpoint_or_unavailable(self, step: int, tag: str = "") -> Path:
+        """Writes the checkpoint due now. When that fails (disk full, I/O error), the previous checkpoint stays the
+        latest, and the caller gets UNAVAILABLE: the coordinator retries, and the retry writes the checkpoint before
+        it is answered from the stored result (a result is only seen once it is durable). With several ranks the
+        error aborts the group (ranks.command), which restarts from the previous checkpoint."""
         try:
-            self._write_checkpoint()
-            self.checkpoint_pending = False
+            path = self._write_checkpoint(tag)
         except checkpoint.CheckpointWriteError as err:
-            self.checkpoint_pending = True
+            self.checkpoint_pending = tag
             _log.error("checkpoint_failed", step=step, error=str(err), rank=self.ranks.rank)
             raise Unavailable(f"step {step} is applied but its checkpoint could not be written ({err}); "
-                              "the previous checkpoint is intact; retry the step") from None
+                              "the previous checkpoint is intact; retry") from None
+        self.checkpoint_pending = None
+        if tag == "reset" and self.ranks.rank == 0:
+            checkpoint.remove_others(self.checkpoint_root, path.name)  # they belong to the previous PPO run
+        return path
+
+    def _flush_pending(self) -> None:
+        """Writes a checkpoint that failed before (call with `lock` held)."""
+        if self.checkpoint_pending is not None:
+            with self.ranks.command(ranks.SaveCheckpoint(self.checkpoint_pending), self.summary):
+                self._checkpoint_or_unavailable(self.step, self.checkpoint_pending)
 
     def reset(self, policy_dir: str, value_model_dir: str, version: int) -> bool:
         """Starts PPO afresh from these weights at `version`; False when already done (replay)."""
         with self.lock:
+            self._flush_pending()
             if self.base_version == version and self.step == 0:
                 return False
             if version <= self.version:
@@ -277,9 +288,7 @@ class Learner:
         self.step = 0
         self.base_version = version
         self.results = {}
-        kept = self._write_checkpoint(tag="reset")
-        if self.ranks.rank == 0:
-            checkpoint.remove_others(self.checkpoint_root, kept.name)  # they belong to the previous PPO run
+        self._checkpoint_or_unavailable(0, tag="reset")
 
     # -- evaluation --------------------------------------------------------
     def text_loss(self, text_path: str, max_tokens: int, max_blocks: int) -> learner_pb2.EvaluateTextLossResponse:

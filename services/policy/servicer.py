@@ -88,7 +88,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def Generate(self, request, context):
         state = self.loaded.get()
         prompts, rows, n = self.parse(request, state.handle)
-        (results, version), pending, info = state.batcher.run(rows, len(rows), context.time_remaining())
+        (results, version), pending, info = state.batcher.run(
+            rows, len(rows), context.time_remaining(), on_done=context.add_callback
+        )
         self.metrics.queue_seconds.observe(pending.queue_seconds)
         samples = []
         for k, (row, res) in enumerate(zip(rows, results)):

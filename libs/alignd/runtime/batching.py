@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
+from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from alignd.runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable
@@ -106,12 +107,16 @@ class DynamicBatcher(Generic[Req, Res]):
         return pending
 
     def run(
-        self, request: Req, cost: int, timeout: float | None = None, tokens: int = 0
+        self, request: Req, cost: int, timeout: float | None = None, tokens: int = 0, on_done=None,
     ) -> tuple[Res, Pending[Req], BatchInfo]:
         """Submits and waits; `timeout` is the caller's remaining deadline in seconds.
 
         gRPC reports a call without a deadline as a huge remaining time; that
-        (anything beyond a day) means no timeout.
+        (anything beyond a day) means no timeout. `on_done` (a gRPC context's
+        add_callback) is given a function that withdraws the request when the
+        call ends first (a cancelled call, e.g. a hedge that lost): still
+        queued, it is dropped unrun ("cancelled"); a batch already running
+        finishes.
         """
         if timeout is not None and timeout > 86400:
             timeout = None
@@ -119,11 +124,15 @@ class DynamicBatcher(Generic[Req, Res]):
             raise DeadlineExceeded("the deadline passed before the request was queued")
         deadline = None if timeout is None else time.perf_counter() + timeout
         pending = self.submit(request, cost, tokens, deadline)
+        if on_done is not None:
+            on_done(pending.future.cancel)
         try:
             result, info = pending.future.result(timeout=timeout)
         except FutureTimeout:
             pending.future.cancel()
             raise DeadlineExceeded(f"no result within the deadline ({timeout:.3f}s)") from None
+        except FutureCancelled:
+            raise DeadlineExceeded("the caller cancelled the request while it was queued") from None
         return result, pending, info
 
     def close(self) -> None:

@@ -1,0 +1,219 @@
+"""alignd against TRL's PPO trainer, side by side in one run (issue 8).
+
+    .venv/bin/python bench/ppo_vs_trl.py [--models tiny] [--warmup 2] [--iterations 8]
+        [--out bench/results/ppo_vs_trl.json] [--quiet-wait-s 60]
+
+For each model it runs, one after the other on the same machine:
+- TRL 1.12.0's `trl.experimental.ppo.PPOTrainer` (the last release that has it), in a subprocess of its own;
+- `alignd ppo` on the local stack (every role a process, real gRPC on loopback), on-policy;
+with the same policy, reward model (also the value model's initialisation), prompts, batch size, minibatches,
+PPO epochs, response length, temperature and KL coefficient. Both run on the CPU threads they are given (TRL
+in one process, alignd's roles one thread each as in the preset), fp32.
+
+Seconds per iteration are the median over the timed iterations (after warm-up) of the wall time from one
+iteration's end to the next: TRL's `on_step_end` callback, alignd's metrics.jsonl `time`. alignd's phase
+breakdown (generate, score, reference, train, sync_weights) is the median of each phase. What differs in the
+work done is listed in bench/README.md (alignd recomputes the rollout log-probs with one more forward pass and
+pushes the weights to the policy role each iteration; TRL does neither).
+
+The async column is not measured yet (the mode is not implemented): it is written as null.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from smollm2_timings import NCPU, Meter, _ticks_all  # noqa: E402  (the quiet-machine gate of the other benches)
+
+
+def _ticks_tree() -> int:
+    """CPU ticks of this process and of its reaped children (their children included once they were reaped):
+    the work of a finished run, which must not count as other processes' load."""
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15])
+
+
+class TreeMeter(Meter):
+    def snap(self):
+        return time.perf_counter(), _ticks_all(), _ticks_tree()
+
+# The tiny preset's PPO shape (configs/tiny.yaml), with a reward *model* instead of its function reward:
+# TRL can only score with a model.
+TINY = dict(
+    policy="builtin:tiny-gpt2", reward="builtin:tiny-gpt2-reward", prompts=str(ROOT / "configs" / "tiny_prompts.txt"),
+    batch=16, minibatches=2, epochs=4, response_tokens=16, temperature=1.0, kl_coef=0.02, lr=5e-3,
+)
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def _deltas(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+# -- TRL, in a process of its own ---------------------------------------------------------------------
+def trl_worker(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    torch.manual_seed(0)
+    torch.set_num_threads(spec["threads"])
+    tok = AutoTokenizer.from_pretrained(spec["policy"])
+    tok.padding_side = "left"
+    prompts = [line.strip() for line in Path(spec["prompts"]).read_text().splitlines() if line.strip()]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    data = Dataset.from_dict({"input_ids": ids})
+    policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32)
+    reward = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=torch.float32)
+    value = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=torch.float32)
+    n_iter = spec["warmup"] + spec["iterations"]
+    cfg = PPOConfig(
+        output_dir=spec["out_dir"], per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
+        num_mini_batches=spec["minibatches"], num_ppo_epochs=spec["epochs"], response_length=spec["response_tokens"],
+        temperature=spec["temperature"], kl_coef=spec["kl_coef"], learning_rate=spec["lr"],
+        total_episodes=n_iter * spec["batch"], local_rollout_forward_batch_size=spec["batch"],
+        stop_token=None, missing_eos_penalty=None, num_sample_generations=0, lr_scheduler_type="constant",
+        bf16=False, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
+    )
+
+    class Clock(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.marks.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            self.marks.append(time.perf_counter())
+
+    clock = Clock()
+    trainer = PPOTrainer(
+        args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward, value_model=value,
+        train_dataset=data, eval_dataset=data, callbacks=[clock],
+    )
+    trainer.train()
+    Path(spec["result"]).write_text(json.dumps({"marks": clock.marks, "threads": spec["threads"]}))
+    return 0
+
+
+def run_trl(spec: dict, work: Path) -> dict:
+    spec = {**spec, "out_dir": str(work / "trl-out"), "result": str(work / "trl.json")}
+    (work / "trl-spec.json").write_text(json.dumps(spec))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
+    out = subprocess.run([sys.executable, __file__, "--_trl-worker", str(work / "trl-spec.json")],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"TRL worker failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    marks = json.loads((work / "trl.json").read_text())["marks"]
+    per_iter = _deltas(marks)[spec["warmup"]:]
+    return {"seconds_per_iteration": _median(per_iter), "seconds_all": per_iter}
+
+
+# -- alignd ------------------------------------------------------------------------------------------
+def run_alignd(spec: dict, work: Path) -> dict:
+    n_iter = spec["warmup"] + spec["iterations"]
+    sets = [
+        f"run.steps={n_iter}", f"run.prompts_per_step={spec['batch']}", f"run.prompts.path={spec['prompts']}",
+        f"run.sampling.max_new_tokens={spec['response_tokens']}", f"run.sampling.temperature={spec['temperature']}",
+        "run.sampling.ignore_eos=true",
+        "stack.reward.function=null", f"stack.reward.model.path={spec['reward']}",
+        "stack.learner.value_head_on_policy=false", f"stack.learner.value_model.path={spec['reward']}",
+        f"stack.learner.ppo.minibatches={spec['minibatches']}", f"stack.learner.ppo.epochs={spec['epochs']}",
+        f"stack.learner.ppo.kl_coef={spec['kl_coef']}", f"stack.learner.optimizer.lr={spec['lr']}",
+        "stack.learner.checkpoint_every_steps=0",
+    ]
+    args = [sys.executable, "-m", "alignd.cli", "ppo", "--config", str(ROOT / "configs" / "tiny.yaml"),
+            "--run-dir", str(work / "alignd")]
+    for s in sets:
+        args += ["--set", s]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"alignd ppo failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    rows = [json.loads(x) for x in (work / "alignd" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    per_iter = _deltas([r["time"] for r in rows])[spec["warmup"] - 1:]
+    timed = rows[spec["warmup"]:]
+    phases = {k: _median([r["phase_seconds"][k] for r in timed]) for k in timed[0]["phase_seconds"]}
+    return {"seconds_per_iteration": _median(per_iter), "seconds_all": per_iter, "phase_seconds": phases}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="tiny", help="comma-separated: tiny (smollm2: not yet)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iterations", type=int, default=8)
+    ap.add_argument("--trl-threads", type=int, default=NCPU, help="torch threads of the TRL process")
+    ap.add_argument("--quiet-wait-s", type=float, default=60.0)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ppo_vs_trl.json"))
+    ap.add_argument("--_trl-worker", dest="trl_worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.trl_worker:
+        return trl_worker(args.trl_worker)
+
+    from alignd.models.tiny import resolve_builtin
+
+    import torch
+    import transformers
+    import trl
+
+    results = {"machine": {"cpus": NCPU, "python": platform.python_version(), "torch": torch.__version__,
+                           "transformers": transformers.__version__, "trl": trl.__version__,
+                           "processor": platform.processor() or platform.machine()},
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": {}}
+    meter = TreeMeter(args.quiet_wait_s)
+    for name in args.models.split(","):
+        if name != "tiny":
+            raise SystemExit(f"unknown model {name!r} (tiny only so far)")
+        spec = {**TINY, "policy": resolve_builtin(TINY["policy"]), "reward": resolve_builtin(TINY["reward"]),
+                "warmup": args.warmup, "iterations": args.iterations, "threads": args.trl_threads}
+        with tempfile.TemporaryDirectory(prefix="ppo-vs-trl-") as tmp:
+            work = Path(tmp)
+            row: dict = {"settings": {k: v for k, v in spec.items() if k not in ("policy", "reward")}}
+            for key, fn in (("trl", run_trl), ("alignd_onpolicy", run_alignd)):
+                meter.wait_quiet()
+                a = meter.snap()
+                res = fn(spec, work)
+                b = meter.snap()
+                row[f"{key}_seconds_per_iteration"] = res["seconds_per_iteration"]
+                row[f"{key}_seconds_all"] = res["seconds_all"]
+                row[f"{key}_foreign_cpu"] = round(Meter.foreign(a, b), 3)
+                if "phase_seconds" in res:
+                    row[f"{key}_phase_seconds"] = res["phase_seconds"]
+                print(f"{name} {key}: {res['seconds_per_iteration']:.3f} s/iteration "
+                      f"({', '.join(f'{x:.3f}' for x in res['seconds_all'])})", flush=True)
+            row["alignd_async_seconds_per_iteration"] = None
+            tokens = spec["batch"] * spec["response_tokens"]
+            for key in ("trl", "alignd_onpolicy"):
+                s = row[f"{key}_seconds_per_iteration"]
+                row[f"{key}_tokens_per_second"] = tokens / s if s else None
+            row["alignd_onpolicy_over_trl"] = row["alignd_onpolicy_seconds_per_iteration"] / row["trl_seconds_per_iteration"]
+            results["models"][name] = row
+            print(f"{name}: alignd on-policy / TRL = {row['alignd_onpolicy_over_trl']:.2f}x", flush=True)
+    from alignd.atomic import write_json_atomic
+
+    write_json_atomic(Path(args.out), results)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """alignd against TRL's PPO trainer, side by side in one run (issue 8).
 
-    .venv/bin/python bench/ppo_vs_trl.py [--models tiny] [--warmup 2] [--iterations 8]
+    .venv/bin/python bench/ppo_vs_trl.py [--models tiny,smollm2] [--warmup 2] [--iterations 8]
         [--out bench/results/ppo_vs_trl.json] [--quiet-wait-s 60]
 
 For each model it runs, one after the other on the same machine:
@@ -55,7 +55,46 @@ class TreeMeter(Meter):
 TINY = dict(
     policy="builtin:tiny-gpt2", reward="builtin:tiny-gpt2-reward", prompts=str(ROOT / "configs" / "tiny_prompts.txt"),
     batch=16, minibatches=2, epochs=4, response_tokens=16, temperature=1.0, kl_coef=0.02, lr=5e-3,
+    config=str(ROOT / "configs" / "tiny.yaml"),
 )
+# The real-model preset's PPO shape (configs/smollm2_pipeline.yaml), with a separate value model as TRL has:
+# the policy SmolLM2-135M-Instruct (`make smollm2`), a reward model of the same backbone with a seeded head.
+SMOLLM2 = dict(
+    batch=16, minibatches=2, epochs=1, response_tokens=24, temperature=1.0, kl_coef=0.05, lr=4e-5,
+)
+
+
+def _prompt_texts(path: str) -> list[str]:
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.endswith(".jsonl"):
+        return [json.loads(line)["prompt"] for line in lines]
+    return [line.strip() for line in lines]
+
+
+def smollm2_spec(work_root: Path) -> dict:
+    """The SmolLM2 models and prompts (`make smollm2` first), a reward model built once, and a PPO job config."""
+    import torch
+    import yaml
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignd import assets
+
+    policy = assets.ensure_smollm2()
+    prompts = assets.ensure_prompt_corpus()
+    rm = assets.default_cache_dir() / "bench" / "smollm2-135m-rm"
+    if not (rm / "config.json").exists():
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(str(policy), num_labels=1, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(policy))
+        model.config.pad_token_id = tok.pad_token_id
+        tmp = rm.with_name(rm.name + ".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, rm)
+    stack = yaml.safe_load((ROOT / "configs" / "smollm2_pipeline.yaml").read_text())["stack"]
+    job = work_root / "smollm2_ppo.yaml"
+    job.write_text(yaml.safe_dump({"stack": stack, "run": {"prompts": {"path": str(prompts)}}}))
+    return {**SMOLLM2, "policy": str(policy), "reward": str(rm), "prompts": str(prompts), "config": str(job)}
 
 
 def _median(xs: list[float]) -> float | None:
@@ -78,8 +117,7 @@ def trl_worker(spec_path: str) -> int:
     torch.set_num_threads(spec["threads"])
     tok = AutoTokenizer.from_pretrained(spec["policy"])
     tok.padding_side = "left"
-    prompts = [line.strip() for line in Path(spec["prompts"]).read_text().splitlines() if line.strip()]
-    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in _prompt_texts(spec["prompts"])]
     data = Dataset.from_dict({"input_ids": ids})
     policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32)
@@ -141,7 +179,7 @@ def run_alignd(spec: dict, work: Path) -> dict:
         f"stack.learner.ppo.kl_coef={spec['kl_coef']}", f"stack.learner.optimizer.lr={spec['lr']}",
         "stack.learner.checkpoint_every_steps=0",
     ]
-    args = [sys.executable, "-m", "alignd.cli", "ppo", "--config", str(ROOT / "configs" / "tiny.yaml"),
+    args = [sys.executable, "-m", "alignd.cli", "ppo", "--config", spec["config"],
             "--run-dir", str(work / "alignd")]
     for s in sets:
         args += ["--set", s]
@@ -158,7 +196,7 @@ def run_alignd(spec: dict, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="tiny", help="comma-separated: tiny (smollm2: not yet)")
+    ap.add_argument("--models", default="tiny", help="comma-separated: tiny, smollm2 (after `make smollm2`)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iterations", type=int, default=8)
     ap.add_argument("--trl-threads", type=int, default=NCPU, help="torch threads of the TRL process")
@@ -181,13 +219,16 @@ def main(argv: list[str] | None = None) -> int:
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": {}}
     meter = TreeMeter(args.quiet_wait_s)
     for name in args.models.split(","):
-        if name != "tiny":
-            raise SystemExit(f"unknown model {name!r} (tiny only so far)")
-        spec = {**TINY, "policy": resolve_builtin(TINY["policy"]), "reward": resolve_builtin(TINY["reward"]),
-                "warmup": args.warmup, "iterations": args.iterations, "threads": args.trl_threads}
         with tempfile.TemporaryDirectory(prefix="ppo-vs-trl-") as tmp:
             work = Path(tmp)
-            row: dict = {"settings": {k: v for k, v in spec.items() if k not in ("policy", "reward")}}
+            if name == "tiny":
+                spec = {**TINY, "policy": resolve_builtin(TINY["policy"]), "reward": resolve_builtin(TINY["reward"])}
+            elif name == "smollm2":
+                spec = smollm2_spec(work)
+            else:
+                raise SystemExit(f"unknown model {name!r}: tiny or smollm2")
+            spec.update(warmup=args.warmup, iterations=args.iterations, threads=args.trl_threads)
+            row: dict = {"settings": {k: v for k, v in spec.items() if k not in ("policy", "reward", "config")}}
             for key, fn in (("trl", run_trl), ("alignd_onpolicy", run_alignd)):
                 meter.wait_quiet()
                 a = meter.snap()

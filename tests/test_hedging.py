@@ -15,7 +15,7 @@ import yaml
 
 from alignd.services.coordinator.replicas import Rotation
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc, learner_pb2, learner_pb2_grpc, model_pb2, model_pb2_grpc, reward_pb2, reward_pb2_grpc
-from conftest import start_role, start_roles, stop_roles
+from conftest import start_role, start_roles, stop_roles, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -32,22 +32,29 @@ def _events(log: str, name: str) -> list[dict]:
     return [json.loads(x) for x in log.splitlines() if f'"event": "{name}"' in x]
 
 
-def _run(coord, run_id: str, steps: int) -> list[dict]:
+def _start_run(coord, run_id: str, steps: int, prompts: int, tokens: int):
     stub = coordinator_pb2_grpc.CoordinatorServiceStub(coord.channel)
     cfg = yaml.safe_dump({
-        "steps": steps, "prompts_per_step": PROMPTS, "prompts": {"path": str(ROOT / "configs" / "tiny_prompts.txt")},
-        "sampling": {"max_new_tokens": TOKENS, "ignore_eos": True}, "seed": 3,
+        "steps": steps, "prompts_per_step": prompts, "prompts": {"path": str(ROOT / "configs" / "tiny_prompts.txt")},
+        "sampling": {"max_new_tokens": tokens, "ignore_eos": True}, "seed": 3,
     })
     stub.StartRun(coordinator_pb2.StartRunRequest(run_id=run_id, config_yaml=cfg), timeout=60)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        run = stub.GetRun(coordinator_pb2.GetRunRequest(run_id=run_id), timeout=30).run
-        if run.state != coordinator_pb2.RUN_STATE_RUNNING and run.state != coordinator_pb2.RUN_STATE_PENDING:
-            break
-        time.sleep(0.2)  # polling the run's state (a condition), not synchronising on time
+    return stub
+
+
+def _finish_run(stub, run_id: str) -> list[dict]:
+    """Waits for the run to end; it must have succeeded. Its metrics.jsonl rows."""
+    ended = (coordinator_pb2.RUN_STATE_RUNNING, coordinator_pb2.RUN_STATE_PENDING)
+    run = wait_until(f"run {run_id} ended", lambda: (
+        r if (r := stub.GetRun(coordinator_pb2.GetRunRequest(run_id=run_id), timeout=30).run).state not in ended else None
+    ), timeout=300)
     assert run.state == coordinator_pb2.RUN_STATE_SUCCEEDED, run.error
     path = Path(run.run_dir) / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _run(coord, run_id: str, steps: int) -> list[dict]:
+    return _finish_run(_start_run(coord, run_id, steps, PROMPTS, TOKENS), run_id)
 
 
 def test_retry_budget_per_phase_bounds_the_wait_for_an_unavailable_role():
@@ -187,39 +194,21 @@ def test_killed_replica_fails_over_then_comes_back_resynced(stack):
     """kill -9 of one of two replicas mid-run: its shards go to the other at once (no waiting for it), pushes skip
     it; restarted (at its configured weights), it is re-synced to the current version before it serves again."""
     c = stack.coordinator("c_failover", ["fast_a", "fast_b"])
-    stub = coordinator_pb2_grpc.CoordinatorServiceStub(c.channel)
-    cfg = yaml.safe_dump({
-        "steps": FAILOVER_STEPS, "prompts_per_step": 8, "prompts": {"path": str(ROOT / "configs" / "tiny_prompts.txt")},
-        "sampling": {"max_new_tokens": 8, "ignore_eos": True}, "seed": 3,
-    })
-    stub.StartRun(coordinator_pb2.StartRunRequest(run_id="failover", config_yaml=cfg), timeout=60)
+    stub = _start_run(c, "failover", FAILOVER_STEPS, 8, 8)
 
     def step() -> int:
         return stub.GetRun(coordinator_pb2.GetRunRequest(run_id="failover"), timeout=30).run.step
 
-    def until(cond) -> None:
-        deadline = time.monotonic() + 300
-        while not cond():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)  # polling the run's state (a condition), not synchronising on time
-
-    until(lambda: step() >= 2)
+    wait_until("step 2", lambda: step() >= 2, timeout=300, poll=0.05)
     victim = stack.servers["fast_b"]
     port = int(victim.address.rsplit(":", 1)[1])
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
     victim.channel.close()
-    until(lambda: _events(c.log(), "replica_out_of_rotation"))  # the run goes on without it
+    # The run goes on without it.
+    wait_until("out of the rotation", lambda: _events(c.log(), "replica_out_of_rotation"), timeout=300, poll=0.05)
     stack.servers["fast_b"] = start_role("policy", {**stack.base, "server": {"port": port}}, stack.work / "fast_b2")
-    run = None
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        run = stub.GetRun(coordinator_pb2.GetRunRequest(run_id="failover"), timeout=30).run
-        if run.state not in (coordinator_pb2.RUN_STATE_RUNNING, coordinator_pb2.RUN_STATE_PENDING):
-            break
-        time.sleep(0.2)  # polling the run's state (a condition), not synchronising on time
-    assert run.state == coordinator_pb2.RUN_STATE_SUCCEEDED, run.error
-    rows = [json.loads(x) for x in (Path(run.run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = _finish_run(stub, "failover")
     assert [r["step"] for r in rows] == list(range(1, FAILOVER_STEPS + 1))
     assert all(r["response_tokens"] == 8 * 8 for r in rows)
     for prev, row in zip(rows, rows[1:]):  # no rollouts of older weights than the last push were used

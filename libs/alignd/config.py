@@ -10,7 +10,7 @@ in docs/configuration.md and in the comments of configs/*.yaml.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 import copy
@@ -585,7 +585,7 @@ class CoordinatorConfig(RoleConfig):
     recovery_timeout_seconds: float = Field(
         900.0, gt=0, description="How long a role may be unavailable (restarting) before the run fails, in seconds."
     )
-    retry_budget_seconds: dict[Literal[RETRY_PHASES], float] = Field(
+    retry_budget_seconds: dict[Literal[RETRY_PHASES], Annotated[float, Field(gt=0)]] = Field(
         {},
         description="Per phase, how long a call may keep retrying an unavailable role (with jittered backoff) before "
         "the run fails, in seconds; phases: " + ", ".join(RETRY_PHASES) + ". A phase not listed uses "
@@ -594,14 +594,6 @@ class CoordinatorConfig(RoleConfig):
     hedging: HedgingConfig = Field(
         default_factory=HedgingConfig, description="Slow and failed policy replicas: hedging and rotation."
     )
-
-    @field_validator("retry_budget_seconds")
-    @classmethod
-    def _positive_budgets(cls, v: dict) -> dict:
-        bad = [k for k, x in v.items() if not x > 0]
-        if bad:
-            raise ValueError(f"retry budgets must be > 0 seconds: {bad}")
-        return v
     launcher: LauncherConfig = Field(
         LauncherConfig(), description="How jobs that run outside the roles (reward-model training) are started."
     )

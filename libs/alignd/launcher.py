@@ -384,6 +384,12 @@ class LocalStack:
         self.stop()
 
 
+def report_restart(stack: "LocalStack", role: str, code: int | None, prefix: str = "") -> None:
+    """The line printed when the supervisor restarted a role (LocalStack.supervise's on_restart)."""
+    print(f"{prefix}alignd: {role} exited with code {code}; restarted on {stack.children[role].address} "
+          f"(restart {stack.restart_totals[role]})", flush=True)
+
+
 def report_death(err: ChildDied) -> None:
     why = f" ({err.reason})" if err.reason else ""
     print(f"alignd: role {err.role} exited with code {err.returncode}{why}; last log lines:", file=sys.stderr)
@@ -425,10 +431,8 @@ def run_stack(cfg: StackConfig, run_dir: Path) -> int:
         stack.any_exited.wait()
         if stop.is_set():
             break
-        death = stack.supervise(  # restarts what died (restart policy); a death it cannot fix stops the stack
-            lambda role, code: print(f"alignd: {role} exited with code {code}; restarted on "
-                                     f"{stack.children[role].address} (restart {stack.restart_totals[role]})", flush=True)
-        )
+        # restarts what died (restart policy); a death it cannot fix stops the stack
+        death = stack.supervise(lambda role, code: report_restart(stack, role, code))
         if death is not None and not stop.is_set():
             report_death(death)
             stack.stop()

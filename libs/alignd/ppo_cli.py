@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-
-import grpc
 from pathlib import Path
 
+import grpc
+
 from alignd.config import ConfigError, PPOJobConfig, dump_yaml, load_config
-from alignd.launcher import ChildDied, LocalStack, report_death
+from alignd.launcher import ChildDied, LocalStack, report_death, report_restart
 from alignd.runtime.client import make_channel
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -116,11 +116,8 @@ def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline
             t0 = time.monotonic()
             while run.state not in TERMINAL:
                 if stack.any_exited.is_set():
-                    death = stack.supervise(  # restarts a role that died, on its ports (stack.restart)
-                        lambda role, code: print(f"\nalignd: {role} exited with code {code}; restarted on "
-                                                 f"{stack.children[role].address} (restart {stack.restart_totals[role]})",
-                                                 flush=True)
-                    )
+                    # restarts a role that died, on its ports (stack.restart)
+                    death = stack.supervise(lambda role, code: report_restart(stack, role, code, prefix="\n"))
                     if death is not None:
                         print()
                         report_death(death)

@@ -269,7 +269,7 @@ class RunLoop(threading.Thread):
         _log.warning("replica_out_of_rotation", run_id=self.record.run_id, replica=self.roles.policy_addresses[replica],
                      reason=reason, steps=self.rotation.out_steps)
         self.metrics.replicas_out.labels(reason).inc()
-        self.metrics.replicas_in_rotation.set(sum(map(self.rotation.is_in, range(self.rotation.n))))
+        self.metrics.replicas_in_rotation.set(len(self.rotation.inside()))
 
     def _return_replicas(self, step: int) -> None:
         """Replicas whose time out of the rotation is over come back once they answer and serve the current weights
@@ -291,7 +291,7 @@ class RunLoop(threading.Thread):
                 continue
             self.rotation.put_back(r)
             _log.info("replica_back_in_rotation", run_id=self.record.run_id, replica=self.roles.policy_addresses[r])
-            self.metrics.replicas_in_rotation.set(sum(map(self.rotation.is_in, range(self.rotation.n))))
+            self.metrics.replicas_in_rotation.set(len(self.rotation.inside()))
 
     def _replica_info(self, r: int) -> model_pb2.ModelInfo:
         stub = model_pb2_grpc.ModelServiceStub(self.roles.policy[r])
@@ -316,7 +316,7 @@ class RunLoop(threading.Thread):
         def push(timeout: float):
             if replicas is not None:
                 addresses = [self.roles.policy_addresses[r] for r in replicas]
-            elif all(map(self.rotation.is_in, range(self.rotation.n))):
+            elif len(self.rotation.inside()) == self.rotation.n:
                 addresses = []
             else:  # slow replicas still get the weights: a fail-over may need them
                 addresses = [self.roles.policy_addresses[r] for r in range(self.rotation.n)
@@ -332,7 +332,7 @@ class RunLoop(threading.Thread):
 
     def _take_out_unreachable(self) -> None:
         """Replicas in the rotation that do not answer GetInfo leave it, unless none would be left."""
-        inside = [r for r in range(self.rotation.n) if self.rotation.is_in(r)]
+        inside = self.rotation.inside()
         down = []
         for r in inside:
             try:

@@ -46,9 +46,13 @@ class Rotation:
     def is_in(self, r: int) -> bool:
         return not self.reason[r]
 
+    def inside(self) -> list[int]:
+        """Replicas in the rotation (possibly none)."""
+        return [r for r in range(self.n) if self.is_in(r)]
+
     def active(self) -> list[int]:
         """Replicas in the rotation; every replica when all are out (someone must serve)."""
-        return [r for r in range(self.n) if self.is_in(r)] or list(range(self.n))
+        return self.inside() or list(range(self.n))
 
     def take_out(self, r: int, step: int, reason: str) -> bool:
         """True when the replica was in the rotation until now."""
@@ -95,7 +99,7 @@ def fan_out(
     attempts: dict[int, list[_Attempt]] = {s: [] for s in shards}
     result = FanoutResult(responses={})
     active = rotation.active()
-    load = {r: 0 for r in range(rotation.n)}  # attempts running per replica  # shards assigned per replica this step
+    load = {r: 0 for r in range(rotation.n)}  # attempts running per replica
     fastest: float | None = None
 
     def start(shard: int, replica: int) -> None:
@@ -108,7 +112,7 @@ def fan_out(
     def pick(exclude: set[int], slow_ok: bool = False) -> int | None:
         """The least loaded replica in the rotation, not in `exclude`; with slow_ok, else one that is out for
         being slow (better than waiting for one that is down)."""
-        cands = [r for r in range(rotation.n) if rotation.is_in(r) and r not in exclude]
+        cands = [r for r in rotation.inside() if r not in exclude]
         if not cands and slow_ok:
             cands = [r for r in range(rotation.n) if rotation.reason[r] == "slow" and r not in exclude]
         return min(cands, key=lambda r: (load[r], r)) if cands else None

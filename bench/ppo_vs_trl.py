@@ -6,17 +6,17 @@
 For each model it runs, one after the other on the same machine:
 - TRL 1.12.0's `trl.experimental.ppo.PPOTrainer` (the last release that has it), in a subprocess of its own;
 - `alignd ppo` on the local stack (every role a process, real gRPC on loopback), on-policy;
+- the same with `run.async_rollouts: true` (the next step's rollouts made while the learner trains, staleness 1);
 with the same policy, reward model (also the value model's initialisation), prompts, batch size, minibatches,
 PPO epochs, response length, temperature and KL coefficient. Both run on the CPU threads they are given (TRL
 in one process, alignd's roles one thread each as in the preset), fp32.
 
 Seconds per iteration are the median over the timed iterations (after warm-up) of the wall time from one
 iteration's end to the next: TRL's `on_step_end` callback, alignd's metrics.jsonl `time`. alignd's phase
-breakdown (generate, score, reference, train, sync_weights) is the median of each phase. What differs in the
-work done is listed in bench/README.md (alignd recomputes the rollout log-probs with one more forward pass and
-pushes the weights to the policy role each iteration; TRL does neither).
-
-The async column is not measured yet (the mode is not implemented): it is written as null.
+breakdown (generate, score, reference, train, sync_weights; async adds wait_rollout and wait_generation, and
+its generate/score/reference overlap the previous step's train) is the median of each phase. What differs in
+the work done is listed in bench/README.md (alignd pushes the weights to the policy role each iteration; TRL
+does not). Besides the JSON it writes a Markdown table next to it (same name, .md), as shown in the README.
 """
 
 from __future__ import annotations
@@ -167,8 +167,9 @@ def run_trl(spec: dict, work: Path) -> dict:
 
 
 # -- alignd ------------------------------------------------------------------------------------------
-def run_alignd(spec: dict, work: Path) -> dict:
+def run_alignd(spec: dict, work: Path, async_rollouts: bool = False) -> dict:
     n_iter = spec["warmup"] + spec["iterations"]
+    run_dir = work / ("alignd-async" if async_rollouts else "alignd")
     sets = [
         f"run.steps={n_iter}", f"run.prompts_per_step={spec['batch']}", f"run.prompts.path={spec['prompts']}",
         f"run.sampling.max_new_tokens={spec['response_tokens']}", f"run.sampling.temperature={spec['temperature']}",
@@ -177,21 +178,65 @@ def run_alignd(spec: dict, work: Path) -> dict:
         "stack.learner.value_head_on_policy=false", f"stack.learner.value_model.path={spec['reward']}",
         f"stack.learner.ppo.minibatches={spec['minibatches']}", f"stack.learner.ppo.epochs={spec['epochs']}",
         f"stack.learner.ppo.kl_coef={spec['kl_coef']}", f"stack.learner.optimizer.lr={spec['lr']}",
-        "stack.learner.checkpoint_every_steps=0",
+        "stack.learner.checkpoint_every_steps=0", f"run.async_rollouts={str(async_rollouts).lower()}",
     ]
-    args = [sys.executable, "-m", "alignd.cli", "ppo", "--config", spec["config"],
-            "--run-dir", str(work / "alignd")]
+    args = [sys.executable, "-m", "alignd.cli", "ppo", "--config", spec["config"], "--run-dir", str(run_dir)]
     for s in sets:
         args += ["--set", s]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"alignd ppo failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    rows = [json.loads(x) for x in (work / "alignd" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     per_iter = _deltas([r["time"] for r in rows])[spec["warmup"] - 1:]
     timed = rows[spec["warmup"]:]
     phases = {k: _median([r["phase_seconds"][k] for r in timed]) for k in timed[0]["phase_seconds"]}
-    return {"seconds_per_iteration": _median(per_iter), "seconds_all": per_iter, "phase_seconds": phases}
+    extra = {
+        "staleness": [r["staleness"] for r in timed],
+        "old_logprobs_from_rollout": all(r["old_logprobs_from_rollout"] for r in timed if not r["staleness"]),
+        "mean_score_last": rows[-1]["mean_score"],
+    }
+    if async_rollouts:
+        extra["behaviour_weight_mean"] = statistics.fmean(r["behaviour_weight_mean"] for r in timed)
+        extra["behaviour_truncated_fraction"] = statistics.fmean(r["behaviour_truncated_fraction"] for r in timed)
+    return {"seconds_per_iteration": _median(per_iter), "seconds_all": per_iter, "phase_seconds": phases, **extra}
+
+
+PHASE_COLUMNS = ("generate", "score", "reference", "train", "sync_weights")
+
+
+def markdown(results: dict) -> str:
+    """The README's table: seconds per iteration (median), tokens/s and ratios, then alignd's phases."""
+    m = results["machine"]
+    lines = [
+        f"Measured {results['date']} on {m['cpus']} CPU cores ({m['processor']}), torch {m['torch']}, "
+        f"transformers {m['transformers']}, TRL {m['trl']}; `bench/ppo_vs_trl.py`, median of the timed iterations.",
+        "",
+        "| model | TRL s/iter | alignd on-policy s/iter | alignd async s/iter | on-policy / TRL | async / TRL "
+        "| TRL tok/s | on-policy tok/s | async tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["models"].items():
+        def f(key, fmt="{:.3f}"):
+            v = r.get(key)
+            return fmt.format(v) if v is not None else "n/a"
+        lines.append(
+            f"| {name} | {f('trl_seconds_per_iteration')} | {f('alignd_onpolicy_seconds_per_iteration')} "
+            f"| {f('alignd_async_seconds_per_iteration')} | {f('alignd_onpolicy_over_trl', '{:.2f}x')} "
+            f"| {f('alignd_async_over_trl', '{:.2f}x')} | {f('trl_tokens_per_second', '{:.0f}')} "
+            f"| {f('alignd_onpolicy_tokens_per_second', '{:.0f}')} | {f('alignd_async_tokens_per_second', '{:.0f}')} |"
+        )
+    lines += ["", "alignd's phases, median seconds (async: generate, score and reference overlap the previous step's "
+              "train; wait_rollout is the time the learner waited for them):", "",
+              "| model | mode | " + " | ".join(PHASE_COLUMNS) + " | wait_rollout |",
+              "|---|---|" + "---|" * (len(PHASE_COLUMNS) + 1)]
+    for name, r in results["models"].items():
+        for mode in ("onpolicy", "async"):
+            ph = r.get(f"alignd_{mode}_phase_seconds")
+            if ph:
+                cells = " | ".join(f"{ph[k]:.3f}" if k in ph else "" for k in (*PHASE_COLUMNS, "wait_rollout"))
+                lines.append(f"| {name} | {mode} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"unknown model {name!r}: tiny or smollm2")
             spec.update(warmup=args.warmup, iterations=args.iterations, threads=args.trl_threads)
             row: dict = {"settings": {k: v for k, v in spec.items() if k not in ("policy", "reward", "config")}}
-            for key, fn in (("trl", run_trl), ("alignd_onpolicy", run_alignd)):
+            runs = (("trl", run_trl), ("alignd_onpolicy", run_alignd),
+                    ("alignd_async", lambda sp, w: run_alignd(sp, w, async_rollouts=True)))
+            for key, fn in runs:
                 meter.wait_quiet()
                 a = meter.snap()
                 res = fn(spec, work)
@@ -237,22 +284,29 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"{key}_seconds_per_iteration"] = res["seconds_per_iteration"]
                 row[f"{key}_seconds_all"] = res["seconds_all"]
                 row[f"{key}_foreign_cpu"] = round(Meter.foreign(a, b), 3)
-                if "phase_seconds" in res:
-                    row[f"{key}_phase_seconds"] = res["phase_seconds"]
+                for k, v in res.items():
+                    if k not in ("seconds_per_iteration", "seconds_all"):
+                        row[f"{key}_{k}"] = v
                 print(f"{name} {key}: {res['seconds_per_iteration']:.3f} s/iteration "
                       f"({', '.join(f'{x:.3f}' for x in res['seconds_all'])})", flush=True)
-            row["alignd_async_seconds_per_iteration"] = None
             tokens = spec["batch"] * spec["response_tokens"]
-            for key in ("trl", "alignd_onpolicy"):
+            for key, _ in runs:
                 s = row[f"{key}_seconds_per_iteration"]
                 row[f"{key}_tokens_per_second"] = tokens / s if s else None
-            row["alignd_onpolicy_over_trl"] = row["alignd_onpolicy_seconds_per_iteration"] / row["trl_seconds_per_iteration"]
+            for mode in ("onpolicy", "async"):
+                row[f"alignd_{mode}_over_trl"] = row[f"alignd_{mode}_seconds_per_iteration"] / row["trl_seconds_per_iteration"]
+            row["async_speedup"] = row["alignd_onpolicy_seconds_per_iteration"] / row["alignd_async_seconds_per_iteration"]
             results["models"][name] = row
-            print(f"{name}: alignd on-policy / TRL = {row['alignd_onpolicy_over_trl']:.2f}x", flush=True)
+            print(f"{name}: alignd on-policy / TRL = {row['alignd_onpolicy_over_trl']:.2f}x, "
+                  f"async / TRL = {row['alignd_async_over_trl']:.2f}x", flush=True)
     from alignd.atomic import write_json_atomic
 
     write_json_atomic(Path(args.out), results)
-    print(f"wrote {args.out}")
+    table = markdown(results)
+    md = Path(args.out).with_suffix(".md")
+    md.write_text(table)
+    print(table)
+    print(f"wrote {args.out} and {md}")
     return 0
 
 

@@ -38,6 +38,7 @@ def learner_server(tiny_models, tmp_path_factory):
         "ppo": {"minibatches": 1, "epochs": 1},
         "optimizer": {"lr": 1e-3, "warmup_steps": 0},
         "checkpoint_dir": str(work / "checkpoints"),
+        "weight_sync": "stream",  # the stream is what these tests push through (auto: test_auto_weight_sync_...)
     }
     server = start_role("learner", cfg, work)
     server.checkpoints = work / "checkpoints"
@@ -173,6 +174,49 @@ def test_push_weights_syncs_policy(stub, learner_server, policy_server):
     assert again.bytes_per_replica == 0
 
 
+def test_rollout_logprobs_serve_as_old_logprobs_when_exact_and_current(stub, learner_server, policy_server, reference_server):
+    """The policy service's SAMPLED log-probs of the learner's current weights are the learner's own: taken as the old
+    log-probs, the first minibatch's ratio is 1. Another temperature or a sample of older weights: recomputed."""
+    v = learner_version(learner_server)
+    stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address]), timeout=120)
+    gen = policy_pb2_grpc.PolicyServiceStub(policy_server.channel).Generate(
+        policy_pb2.GenerateRequest(
+            prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=p)) for p in ([5, 6, 7], [9, 10], [11, 12, 13, 14])],
+            sampling=policy_pb2.SamplingParams(temperature=1.0, max_new_tokens=10, num_samples=2, seed=5,
+                                               logprob_mode=policy_pb2.LOGPROB_MODE_SAMPLED),
+        ),
+        timeout=60,
+    )
+    assert {s.weight_version for s in gen.samples} == {v}
+    ref = reference_pb2_grpc.ReferenceServiceStub(reference_server.channel).LogProbs(
+        reference_pb2.LogProbsRequest(
+            items=[reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids) for s in gen.samples]
+        ),
+        timeout=60,
+    )
+    exps = experiences((gen.samples, [list(r.logprobs) for r in ref.results]))
+    resp = stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 1, experiences=exps, rollout_logprobs_exact=True,
+                                                       rollout_temperature=1.0), timeout=120)
+    assert resp.stats.old_logprobs_from_rollout and resp.stats.stale_fraction == 0.0
+    assert abs(resp.stats.ratio_mean - 1.0) < 1e-5, resp.stats.ratio_mean  # one minibatch, one epoch
+    # Other weights now (v + 1): the same samples are stale; their ratio is taken against the behaviour log-probs
+    # (ppo.off_policy: behaviour), so the first minibatch's ratio is pi_{v+1} / pi_v, no longer 1.
+    resp = stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 2, experiences=exps, rollout_logprobs_exact=True,
+                                                       rollout_temperature=1.0), timeout=120)
+    assert resp.stats.old_logprobs_from_rollout and resp.stats.stale_fraction == 1.0
+    assert abs(resp.stats.ratio_mean - 1.0) > 1e-5
+    for e in exps:
+        e.policy_version = v + 2
+    resp = stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 3, experiences=exps, rollout_logprobs_exact=True,
+                                                       rollout_temperature=0.7), timeout=120)
+    assert not resp.stats.old_logprobs_from_rollout and resp.stats.stale_fraction == 0.0
+    assert_invalid(lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 4, experiences=exps, rollout_temperature=-1),
+                                          timeout=30), "rollout_temperature", ">= 0")
+    exps[1].policy_version = 1 << 62
+    assert_invalid(lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 4, experiences=exps), timeout=30),
+                   "experiences[1].policy_version", "out of range")
+
+
 def naive_text_loss(model_dir, tokenizer_dir, text_path, max_tokens, max_blocks) -> tuple[float, int]:
     """Mean NLL per predicted token, one forward per predicted token on its prefix (the blocks rebuilt here)."""
     from transformers import AutoTokenizer
@@ -278,6 +322,26 @@ def test_ppo_ptx_and_filesystem_weight_sync(ptx_learner, rollouts, fresh_policy)
     after = policy_info.GetInfo(model_pb2.GetInfoRequest(), timeout=10).info.weight_version
     assert after == 1
     assert '"event": "weights_loaded"' in fresh_policy.log()
+
+
+def test_auto_weight_sync_goes_through_shared_memory_on_loopback(tiny_models, tmp_path, fresh_policy):
+    """weight_sync auto (the default) with a replica on loopback: the policy is published once in a directory of the
+    learner's own under /dev/shm and loaded from there (nothing streamed); the directory goes with the learner."""
+    cfg = {"model": {"path": str(tiny_models["lm"])}, "value_head_on_policy": True, "torch_threads": 1,
+           "checkpoint_every_steps": 0, "checkpoint_dir": str(tmp_path / "checkpoints")}
+    server = start_role("learner", cfg, tmp_path)
+    try:
+        stub = learner_pb2_grpc.LearnerServiceStub(server.channel)
+        stub.ResetPolicy(learner_pb2.ResetPolicyRequest(policy_dir=str(tiny_models["lm"]), version=7), timeout=120)
+        push = stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[fresh_policy.address]), timeout=120)
+        assert push.version == 7 and push.bytes_per_replica == 0
+        published = list(Path("/dev/shm").glob(f"alignd-weights-{server.proc.pid}-*/policy-v00000007"))
+        assert len(published) == 1 and (published[0] / "config.json").exists()
+        info = model_pb2_grpc.ModelServiceStub(fresh_policy.channel).GetInfo(model_pb2.GetInfoRequest(), timeout=10).info
+        assert info.weight_version == 7
+    finally:
+        assert stop_role(server) == 0, server.log()[-3000:]
+    assert not published[0].parent.exists()
 
 
 def _write_jsonl(path, rows):

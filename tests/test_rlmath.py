@@ -540,6 +540,32 @@ def test_policy_loss_gradient_is_finite_with_inf_padding():
     assert torch.isfinite(loss) and torch.isfinite(lp.grad).all() and lp.grad[0, 1] == 0
 
 
+def test_policy_loss_behaviour_weights_by_naive_loop():
+    """Decoupled PPO: each token's clipped term times its (detached) importance weight, by a naive loop."""
+    g = torch.Generator().manual_seed(3)
+    lp = torch.randn(3, 5, generator=g, dtype=torch.float64).requires_grad_()
+    old = lp.detach() + 0.3 * torch.randn(3, 5, generator=g, dtype=torch.float64)
+    adv = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    w = torch.rand(3, 5, generator=g, dtype=torch.float64) * 2
+    mask = torch.arange(5).unsqueeze(0) < torch.tensor([[5], [2], [4]])
+    loss, stats = rl.policy_loss(lp, old, adv, mask, 0.2, weights=w)
+    total, n = 0.0, 0
+    for b in range(3):
+        for t in range(5):
+            if mask[b, t]:
+                r = math.exp(float(lp[b, t] - old[b, t]))
+                a = float(adv[b, t])
+                total += float(w[b, t]) * max(-a * r, -a * min(max(r, 0.8), 1.2))
+                n += 1
+    assert float(loss) == pytest.approx(total / n, rel=1e-12)
+    # The weights are constants of the gradient, and weights of 1 are the plain loss.
+    loss.backward()
+    assert w.grad is None
+    plain, _ = rl.policy_loss(lp, old, adv, mask, 0.2)
+    ones, stats1 = rl.policy_loss(lp, old, adv, mask, 0.2, weights=torch.ones_like(w))
+    assert float(plain) == float(ones) and float(stats1["ratio_mean"]) == float(stats["ratio_mean"])
+
+
 def test_value_loss_by_hand():
     v = torch.tensor([[1.0, 0.0, 2.0, 9.0]], dtype=torch.float64)
     old = torch.tensor([[0.5, 0.0, 0.0, 0.0]], dtype=torch.float64)

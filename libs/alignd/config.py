@@ -314,6 +314,30 @@ class PPOConfig(Strict):
     ptx_data: str | None = Field(None, description="Text file (one document per line) for the PPO-ptx pretraining loss.")
     ptx_batch_size: int = Field(4, ge=1, description="Pretraining sequences per minibatch when PPO-ptx is on.")
     ptx_max_tokens: int = Field(128, ge=2, description="Tokens per pretraining sequence.")
+    old_logprobs: Literal["auto", "recompute"] = Field(
+        "auto",
+        description=(
+            "The PPO old log-probs. auto: taken from the rollouts when the coordinator marks them exact (sampled "
+            "without top-k/top-p truncation at this temperature, policy and learner in float32) and every "
+            "sample comes from the learner's current weights, as TRL does; this saves one policy forward per step "
+            "when the value model is separate. Otherwise, and always with recompute: one no-grad forward of the "
+            "current weights."
+        ),
+    )
+    off_policy: Literal["behaviour", "decoupled"] = Field(
+        "behaviour",
+        description=(
+            "Samples of older weights than the learner's (async rollouts, run.async_rollouts). behaviour: the PPO "
+            "ratio is pi / pi_behaviour, with the log-probs of the policy that sampled (the rollouts'), so the "
+            "ratio is the importance weight and the clip bounds the step from the sampling policy; no extra forward. "
+            "decoupled (Hilton et al. 2022): the ratio is clipped around the current weights' recomputed log-probs, "
+            "and each token's clipped term is weighted by pi_current / pi_behaviour, truncated at "
+            "behaviour_weight_cap; one more forward per step."
+        ),
+    )
+    behaviour_weight_cap: float | None = Field(
+        2.0, gt=0, description="off_policy: decoupled: truncation of the importance weights; null: not truncated."
+    )
 
 
 class OptimizerConfig(Strict):
@@ -326,6 +350,13 @@ class OptimizerConfig(Strict):
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW).")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up from warmup_start_factor x lr to lr, in optimizer steps.")
     warmup_start_factor: float = Field(0.1, gt=0, le=1, description="LR at step 0 as a fraction of peak (the paper: a tenth).")
+    fused: bool | None = Field(
+        None,
+        description=(
+            "torch's fused AdamW kernel (one pass over each parameter; about 5x faster on CPU than the per-tensor "
+            "loop for a 135M model). null: fused where torch has it for the device, as TRL's default optimizer."
+        ),
+    )
 
 
 class SFTConfig(Strict):
@@ -423,10 +454,13 @@ class LearnerConfig(RoleConfig):
     checkpoint_keep: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
     policy_addresses: list[str] = Field([], description="host:port of every policy replica that receives new weights.")
     push_chunk_bytes: int = Field(1 << 20, ge=1024, description="Chunk size of the weight stream, in bytes.")
-    weight_sync: Literal["stream", "filesystem"] = Field(
-        "stream",
-        description='How new policy weights reach the replicas: "stream" (ModelService.UpdateWeights over gRPC) or '
-        '"filesystem" (written once to weight_sync_dir, loaded by each replica with LoadWeights).',
+    weight_sync: Literal["auto", "stream", "filesystem"] = Field(
+        "auto",
+        description='How new policy weights reach the replicas: "stream" (ModelService.UpdateWeights over gRPC), '
+        '"filesystem" (written once to weight_sync_dir, loaded by each replica with LoadWeights), or "auto": '
+        "filesystem through shared memory (a directory of this process under /dev/shm, removed when it exits) when "
+        "every replica is on loopback (the local stack) and /dev/shm has room for three copies of the policy, "
+        "stream otherwise (about 3x faster for SmolLM2-135M on 2 cores: bench/NOTES.md).",
     )
     weight_sync_dir: str | None = Field(
         None, description="Shared directory for weight_sync: filesystem; default: next to the checkpoints."
@@ -631,6 +665,19 @@ class PPORunConfig(Strict):
     prompts: PromptsConfig = Field(description="The prompt set (sampled without replacement, reshuffled each epoch).")
     sampling: SamplingConfig = Field(SamplingConfig(), description="Rollout sampling.")
     seed: int = Field(0, description="Seed of prompt order and sampling.")
+    async_rollouts: bool = Field(
+        False,
+        description=(
+            "Off (default, the paper): each step samples with the weights of the step before. On: the rollouts of "
+            "the next steps are generated, scored and given reference log-probs while the learner trains, with "
+            "weights at most max_staleness versions old; the learner corrects for the older policy "
+            "(ppo.behaviour_weight_cap). Faster where roles have their own hardware; the staleness used is recorded "
+            "per step."
+        ),
+    )
+    max_staleness: int = Field(
+        1, ge=1, le=8, description="Async rollouts: how many policy versions a step's samples may lag the weights trained on them."
+    )
 
 
 class JudgeConfig(Strict):

@@ -408,8 +408,13 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate loss, [PPO] eq. 7, as a token-level masked mean.
+
+    weights (B, T), detached: per-token importance weights pi_old / pi_behaviour
+    multiplying each token's clipped term (decoupled PPO, Hilton et al. 2022),
+    for samples of an older policy than old_logprobs'; None: all 1.
 
     ratio = pi/pi_old; loss = masked_mean(max(-A ratio, -A clip(ratio, 1-eps, 1+eps)))
     = -masked_mean(min(ratio A, clip(ratio) A)). The log-ratio is zeroed on
@@ -430,7 +435,10 @@ def policy_loss(
     ratio = torch.exp(log_ratio)  # (B, T)
     surr = -advantages * ratio  # (B, T)
     surr_clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)  # (B, T)
-    loss = masked_mean(torch.max(surr, surr_clipped), m)  # ()
+    per_token = torch.max(surr, surr_clipped)  # (B, T)
+    if weights is not None:
+        per_token = per_token * weights.detach()
+    loss = masked_mean(per_token, m)  # ()
     with torch.no_grad():
         log_r = -log_ratio  # (B, T) log pi_old/pi
         stats = {

@@ -79,7 +79,9 @@ class CoordinatorMetrics:
             registry=registry,
         )
         self.policy_lag = Gauge(
-            "alignd_coordinator_policy_lag_versions", "Versions between the rollout policy and the trained policy, minus one.",
+            "alignd_coordinator_policy_lag_versions",
+            "Staleness of the last step: versions between the weights that sampled its rollouts and the weights trained "
+            "on them (0 on-policy; up to run.max_staleness with async rollouts).",
             registry=registry,
         )
 

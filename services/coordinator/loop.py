@@ -11,6 +11,14 @@ state.json replaced atomically. A coordinator killed at any point resumes from
 state.json: the unfinished step is replayed with the same prompts, and the
 learner answers a step it already applied from its stored result, so no step
 is applied twice.
+
+With run.async_rollouts the first three phases of the next max_staleness
+steps run on a rollout thread while the learner trains (`_steps`): step j's
+rollouts start once step j-1-max_staleness's weights are pushed, and a push
+waits until the rollouts already started have generated (they keep the
+weights they started with, so the staleness is exactly as planned and runs
+are reproducible). The learner weights samples of older weights
+(ppo.behaviour_weight_cap); each step records its staleness.
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ import random
 import statistics
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -48,12 +57,29 @@ from alignd.v1 import (
 
 _log = get_logger("alignd.coordinator.loop")
 
-PHASES = ("generate", "score", "reference", "train", "sync_weights", "evaluate")
+# wait_rollout / wait_generation: async runs only (waiting for the step's rollouts; for the next rollouts'
+# generation before the push).
+PHASES = ("generate", "score", "reference", "train", "sync_weights", "evaluate", "wait_rollout", "wait_generation")
 RETURN_CHECK_BUDGET_S = 10.0  # checking and re-syncing a replica that returns to the rotation (not the phase budget)
 
 
 class RunFailed(RuntimeError):
     pass
+
+
+@dataclass
+class Rollout:
+    """One step's samples, with their scores and reference log-probs, and the timings of making them."""
+
+    step: int
+    prompt_idx: list[int]
+    sampler_before: SamplerState
+    sampler_after: SamplerState
+    samples: list = field(default_factory=list)  # (prompt, policy_pb2.Sample)
+    scores: list[float] = field(default_factory=list)
+    ref: list[list[float]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    generated: threading.Event = field(default_factory=threading.Event)  # set when generation ended (or failed)
 
 
 # The phase whose retry budget (coordinator.retry_budget_seconds) a call spends.
@@ -172,6 +198,10 @@ class RunLoop(threading.Thread):
         self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(roles.policy)), thread_name_prefix="fanout")
         self.rotation = Rotation(len(roles.policy), roles.cfg.hedging.out_of_rotation_steps)
         metrics.replicas_in_rotation.set(len(roles.policy))
+        # Whether the rollouts' log-probs are the learner's own, so it need not recompute them (ppo.old_logprobs);
+        # settled with the roles' infos at the start of each run (_check_tokenizers).
+        self._exact = False
+        self._last_step_time = time.time()
 
     # -- helpers -----------------------------------------------------------
     @contextmanager
@@ -182,12 +212,20 @@ class RunLoop(threading.Thread):
         self.metrics.phase_seconds.labels(name).observe(timings[name])
 
     def _check_tokenizers(self) -> bool:
-        """True when the reward model shares the policy's tokenizer (then scores use token ids)."""
+        """True when the reward model shares the policy's tokenizer (then scores use token ids). Also settles
+        whether the rollouts' log-probs are exact (_logprobs_exact), from the same answers."""
         pol = self.roles.info(self.roles.policy[0])
+        dtypes = {pol.dtype, self.roles.info(self.roles.learner).dtype}
         for ch in self.roles.policy[1:] + self.roles.reference:
             other = self.roles.info(ch)
             if other.tokenizer_hash != pol.tokenizer_hash:
                 raise RunFailed(f"{other.role} {other.model_name} tokenizes differently from the policy")
+            if other.role == "policy":
+                dtypes.add(other.dtype)
+        s = self.cfg.sampling
+        # Untruncated sampling, policy and learner in fp32 (in bf16 the cached decoding and the training forward
+        # differ by ~1e-2 in log-prob): the rollouts' log-probs are then the learner's own.
+        self._exact = s.temperature > 0 and s.top_k == 0 and s.top_p >= 1.0 and dtypes == {"float32"}
         return self.roles.info(self.roles.reward[0]).tokenizer_hash == pol.tokenizer_hash
 
     # -- the loop ----------------------------------------------------------
@@ -214,11 +252,9 @@ class RunLoop(threading.Thread):
         rec = self.record
         same_tokenizer = self._check_tokenizers()
         _log.info("run_started", run_id=rec.run_id, step=rec.step, total_steps=rec.total_steps)
-        while rec.step < rec.total_steps:
-            if self.stop_requested.is_set():
-                rec.state = "stopped"
-                return
-            self._iteration(rec.step + 1, same_tokenizer)
+        if not self._steps(rec.total_steps, same_tokenizer):
+            rec.state = "stopped"
+            return
         rec.state = "succeeded"
 
     def _generate_request(self, step: int, shard: int, prompt_idx: list[int], return_text: bool) -> policy_pb2.GenerateRequest:
@@ -231,6 +267,9 @@ class RunLoop(threading.Thread):
                 temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
                 stop_token_ids=s.stop_token_ids, ignore_eos=s.ignore_eos, seed=seed,
                 num_samples=self.cfg.samples_per_prompt,
+                # The probability of each token under the distribution sampled: the behaviour policy's, which the
+                # learner's importance weights and (untruncated) old log-probs need.
+                logprob_mode=policy_pb2.LOGPROB_MODE_SAMPLED,
             ),
             return_text=return_text,
         )
@@ -344,12 +383,13 @@ class RunLoop(threading.Thread):
                 self.rotation.take_out(r, self.record.step + 1, "unavailable")
                 self._replica_out(r, "unavailable")
 
-    def _fresh(self, role: str, fn, version_of):
-        """fn() -> a response; when version_of(response) is below what `role` must serve (a replica that restarted
-        from the weights in its configuration), the replicas are re-synced and fn is called again."""
+    def _fresh(self, role: str, fn, version_of, want: int | None = None):
+        """fn() -> a response; when version_of(response) is below what `role` must serve (`want`, else
+        expected_version: a replica that restarted from the weights in its configuration), the replicas are
+        re-synced and fn is called again."""
         for attempt in range(3):
             resp = fn()
-            want, got = self.expected_version(role), version_of(resp)
+            want, got = (self.expected_version(role) if want is None else want), version_of(resp)
             if got >= want:
                 return resp
             _log.warning("role_resync", run_id=self.record.run_id, role=role, expected_version=want,
@@ -390,36 +430,108 @@ class RunLoop(threading.Thread):
         resp = self._fresh("reference", call, lambda r: r.weight_version)
         return [list(r.logprobs) for r in resp.results]
 
-    def _iteration(self, step: int, same_tokenizer: bool) -> None:
+    # -- rollouts ----------------------------------------------------------
+    def _take_prompts(self, step: int) -> Rollout:
+        """The prompts of `step`, from the sampler (on the loop's thread: the order of steps is the order taken)."""
+        before = SamplerState(self.sampler.state.epoch, self.sampler.state.position)
+        idx = self.sampler.take(self.cfg.prompts_per_step)
+        after = SamplerState(self.sampler.state.epoch, self.sampler.state.position)
+        return Rollout(step=step, prompt_idx=idx, sampler_before=before, sampler_after=after)
+
+    def _rollout(self, ro: Rollout, same_tokenizer: bool, min_version: int) -> Rollout:
+        """Generates ro's samples with weights of at least `min_version` (older ones: the policy is re-synced and
+        they are generated again), then scores them and takes their reference log-probs, concurrently."""
+        self._return_replicas(ro.step)
+        try:
+            with self._phase("generate", ro.timings):
+                ro.samples = self._fresh(
+                    "policy", lambda: self._generate(ro.step, ro.prompt_idx, return_text=not same_tokenizer),
+                    lambda got: min((s.weight_version for _, s in got), default=1 << 62), want=min_version,
+                )
+        finally:
+            ro.generated.set()
+        t_score = self._pool.submit(self._timed, "score", ro.timings, self._score, ro.samples, same_tokenizer)
+        t_ref = self._pool.submit(self._timed, "reference", ro.timings, self._reference, ro.samples)
+        ro.scores, ro.ref = t_score.result(), t_ref.result()
+        return ro
+
+    # -- steps ---------------------------------------------------------------
+    def _steps(self, end: int, same_tokenizer: bool) -> bool:
+        """PPO steps rec.step+1 .. end; False when a stop was requested first. On-policy: each step's rollouts are
+        generated with the weights of the step before. Async (run.async_rollouts): the rollouts of the next
+        max_staleness steps are generated, scored and given reference log-probs while the learner trains; a step's
+        samples come from weights at most max_staleness versions old (never across `end`, where the pipeline
+        retrains the reward model)."""
         rec = self.record
-        timings: dict[str, float] = {}
-        sampler_before = SamplerState(self.sampler.state.epoch, self.sampler.state.position)
-        prompt_idx = self.sampler.take(self.cfg.prompts_per_step)
-        self._return_replicas(step)
-        with self._phase("generate", timings):
-            samples = self._fresh(
-                "policy", lambda: self._generate(step, prompt_idx, return_text=not same_tokenizer),
-                lambda got: min((s.weight_version for _, s in got), default=1 << 62),
-            )
-        # score and reference run concurrently; each is timed on its own.
-        t_score = self._pool.submit(self._timed, "score", timings, self._score, samples, same_tokenizer)
-        t_ref = self._pool.submit(self._timed, "reference", timings, self._reference, samples)
-        scores, ref = t_score.result(), t_ref.result()
+        self._last_step_time = time.time()
+        if not self.cfg.async_rollouts:
+            while rec.step < end:
+                if self.stop_requested.is_set():
+                    return False
+                ro = self._rollout(self._take_prompts(rec.step + 1), same_tokenizer, self.expected_version("policy"))
+                self._train(ro)
+            return True
+        ahead = self.cfg.max_staleness
+        pending: dict[int, tuple[Rollout, Future]] = {}
+        # Rollouts run one at a time, in step order (the policy serves one generation at a time anyway).
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
+        try:
+            while rec.step < end:
+                if self.stop_requested.is_set():
+                    return False
+                # Step j's rollout may start once the weights of step j - 1 - max_staleness are pushed.
+                for j in range(rec.step + 1, min(end, rec.step + 1 + ahead) + 1):
+                    if j not in pending:
+                        ro = self._take_prompts(j)
+                        pending[j] = ro, worker.submit(self._rollout, ro, same_tokenizer, self.expected_version("policy"))
+                ro, fut = pending.pop(rec.step + 1)
+                t0 = time.perf_counter()
+                fut.result()
+                ro.timings["wait_rollout"] = time.perf_counter() - t0
+                self.metrics.phase_seconds.labels("wait_rollout").observe(ro.timings["wait_rollout"])
+
+                def before_push(ro=ro):
+                    # The next rollouts were submitted with the weights before this step: they keep them (the
+                    # staleness stays exactly what was planned, and runs are reproducible).
+                    t1 = time.perf_counter()
+                    for nxt, _ in pending.values():
+                        nxt.generated.wait()
+                    ro.timings["wait_generation"] = time.perf_counter() - t1
+
+                self._train(ro, before_push)
+            return True
+        finally:
+            worker.shutdown(wait=False, cancel_futures=True)
+
+    def _train(self, ro: Rollout, before_push=None) -> None:
+        """TrainStep on ro, PushWeights, then the step's metrics line and run state."""
+        rec = self.record
+        step, samples, scores, timings = ro.step, ro.samples, ro.scores, ro.timings
+        trained_on = rec.policy_version  # the weights the learner holds before this step
         experiences = [
             learner_pb2.Experience(
                 prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids, rollout_logprobs=s.logprobs,
                 reference_logprobs=r, score=sc, policy_version=s.weight_version, finish_reason=s.finish_reason,
             )
-            for (_, s), r, sc in zip(samples, ref, scores)
+            for (_, s), r, sc in zip(samples, ro.ref, scores)
         ]
         learner = learner_pb2_grpc.LearnerServiceStub(self.roles.learner)
         with self._phase("train", timings):
-            req = learner_pb2.TrainStepRequest(step=step, experiences=experiences)
+            req = learner_pb2.TrainStepRequest(
+                step=step, experiences=experiences, rollout_logprobs_exact=self._exact,
+                rollout_temperature=self.cfg.sampling.temperature,
+            )
             resp = self.roles.call("TrainStep", self.roles.learner, lambda t: learner.TrainStep(req, timeout=t))
+        if before_push is not None:
+            before_push()
         with self._phase("sync_weights", timings):
             push = self._push()
+        now = time.time()
         n_tokens = sum(len(s.token_ids) for _, s in samples)
         versions = [s.weight_version for _, s in samples]
+        rollout_version = min(versions) if versions else 0
+        iteration_seconds = now - self._last_step_time
+        self._last_step_time = now
         row = {
             "step": step,
             "mean_score": statistics.fmean(scores),
@@ -436,20 +548,30 @@ class RunLoop(threading.Thread):
             "ptx_loss": resp.stats.ptx_loss,
             "replayed": resp.replayed,
             "policy_version": push.version,
-            "rollout_policy_version": min(versions) if versions else 0,
+            "rollout_policy_version": rollout_version,
+            # Versions between the weights that sampled and those trained on (0: on-policy).
+            "staleness": max(0, trained_on - rollout_version) if versions else 0,
+            "stale_fraction": resp.stats.stale_fraction,
+            "behaviour_weight_mean": resp.stats.behaviour_weight_mean,
+            "behaviour_weight_max": resp.stats.behaviour_weight_max,
+            "behaviour_truncated_fraction": resp.stats.behaviour_truncated_fraction,
+            "old_logprobs_from_rollout": resp.stats.old_logprobs_from_rollout,
             "response_tokens": n_tokens,
             "mean_response_tokens": n_tokens / max(1, len(samples)),
-            "tokens_per_second": n_tokens / max(1e-9, sum(timings.values())),
+            "iteration_seconds": iteration_seconds,
+            "tokens_per_second": n_tokens / max(1e-9, iteration_seconds),
             "weight_sync_bytes": push.bytes_per_replica,
             "phase_seconds": timings,
-            "sampler": {"epoch": self.sampler.state.epoch, "position": self.sampler.state.position},
-            "sampler_before": {"epoch": sampler_before.epoch, "position": sampler_before.position},
-            "time": time.time(),
+            "sampler": {"epoch": ro.sampler_after.epoch, "position": ro.sampler_after.position},
+            "sampler_before": {"epoch": ro.sampler_before.epoch, "position": ro.sampler_before.position},
+            "time": now,
         }
         self.log.append(row)
         rec.step = step
         rec.policy_version = push.version
-        rec.sampler_epoch, rec.sampler_position = self.sampler.state.epoch, self.sampler.state.position
+        # The sampler after this step's prompts (async runs have taken later steps' too: those are taken again
+        # after a restart).
+        rec.sampler_epoch, rec.sampler_position = ro.sampler_after.epoch, ro.sampler_after.position
         rec.latest_metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         rec.save()
         m = self.metrics
@@ -458,9 +580,10 @@ class RunLoop(threading.Thread):
         m.step.set(step)
         m.mean_score.set(row["mean_score"])
         m.kl.set(row["reference_kl"])
-        m.policy_lag.set(push.version - row["rollout_policy_version"] - 1 if versions else 0)
+        m.policy_lag.set(push.version - rollout_version - 1 if versions else 0)
         _log.info("step_completed", run_id=rec.run_id, step=step, mean_score=round(row["mean_score"], 4),
-                  reference_kl=row["reference_kl"], seconds=round(sum(timings.values()), 3), replayed=resp.replayed)
+                  reference_kl=row["reference_kl"], seconds=round(iteration_seconds, 3), staleness=row["staleness"],
+                  replayed=resp.replayed)
 
     def _timed(self, name, timings, fn, *args):
         with self._phase(name, timings):

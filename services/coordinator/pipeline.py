@@ -321,7 +321,10 @@ class PipelineLoop(RunLoop):
                 self._rm_round(step // every)
                 self.record.stage, self.record.stage_detail = "ppo", ""
                 self.record.save()
-            self._iteration(step + 1, same_tokenizer)
+            # Up to the next RM round (async rollouts never cross it: they would be scored by the old RM).
+            end = min(self.record.total_steps, (step // every + 1) * every) if every else self.record.total_steps
+            if not self._steps(end, same_tokenizer):
+                raise RunFailed("stopped")
 
     def _stage_evaluate(self) -> None:
         self._progress(0.0, "sampling held-out prompts")

@@ -31,7 +31,7 @@ import torch
 from alignd import rlmath
 from alignd.config import LearnerConfig
 from alignd.models.handle import ModelHandle, load_causal_lm, load_scalar_head_model, load_tokenizer
-from alignd.models.weights import push_weights
+from alignd.models.weights import is_loopback, push_weights, shared_memory_dir
 from alignd.runtime.client import make_channel
 from alignd.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
 from alignd.runtime.logging import get_logger
@@ -92,6 +92,7 @@ class Learner:
         self.restored_from: Path | None = None
         # The tag of a checkpoint that was due but could not be written (disk full); written before the next answer.
         self.checkpoint_pending: str | None = None
+        self._shm_dir: Path | bool | None = None  # weight_sync auto: None = not decided, False = no room
         last = checkpoint.latest(root)
         if last is not None:
             self._restore(last)
@@ -199,7 +200,7 @@ class Learner:
 
     def _train(self, step: int, batch: Batch) -> learner_pb2.TrainStepResponse:
         """Trains `step` (every rank, its share of each minibatch); call with `lock` held."""
-        stats = self.trainer.step(batch)
+        stats = self.trainer.step(batch, self.version)  # the version before the step: rows of others are stale
         if self.ema is not None:
             rlmath.ema_update(self.ema, list(self.module.policy.parameters()), self.cfg.ema_decay)
         self.step = step
@@ -325,9 +326,23 @@ class Learner:
         return learner_pb2.EvaluateTextLossResponse(loss=loss, tokens=tokens, policy_version=version)
 
     # -- weight sync -------------------------------------------------------
-    def _publish_dir(self, version: int) -> Path:
-        """The policy of `version` as a save_pretrained directory on the shared filesystem (written once)."""
-        root = Path(self.cfg.weight_sync_dir) if self.cfg.weight_sync_dir else self.checkpoint_root.parent / "published"
+    def _sync_mode(self, addresses: list[str]) -> tuple[str, Path | None]:
+        """("stream" | "filesystem", the directory to publish in). weight_sync auto: shared memory when every replica
+        is on this host's loopback and /dev/shm has room for three copies of the policy (two published, one in
+        the making), else the stream."""
+        if self.cfg.weight_sync == "stream":
+            return "stream", None
+        if self.cfg.weight_sync == "filesystem":
+            root = Path(self.cfg.weight_sync_dir) if self.cfg.weight_sync_dir else self.checkpoint_root.parent / "published"
+            return "filesystem", root
+        if self._shm_dir is None and all(is_loopback(a) for a in addresses):
+            need = 3 * sum(p.numel() * p.element_size() for p in self.module.policy.parameters())
+            self._shm_dir = shared_memory_dir(need) or False
+        return ("filesystem", self._shm_dir) if self._shm_dir and all(is_loopback(a) for a in addresses) else ("stream", None)
+
+    def _publish_dir(self, version: int, root: Path) -> Path:
+        """The policy of `version` as a save_pretrained directory in `root` (written once; one older one is kept
+        for replicas still loading it)."""
         final = root / f"policy-v{version:08d}"
         if not final.exists():
             tmp = root / f".tmp-{final.name}-{os.getpid()}"
@@ -344,12 +359,14 @@ class Learner:
 
         weight_sync "stream": the chunked UpdateWeights stream; "filesystem":
         the policy is written once to a shared directory and every replica
-        loads it with LoadWeights.
+        loads it with LoadWeights; "auto": filesystem in shared memory for
+        loopback replicas (_sync_mode).
         """
         with self.lock:
             version = self.version
-            if self.cfg.weight_sync == "filesystem":
-                path = str(self._publish_dir(version).resolve())
+            mode, root = self._sync_mode(addresses)
+            if mode == "filesystem":
+                path = str(self._publish_dir(version, root).resolve())
                 state = None
             else:
                 state = {k: v.detach().clone() for k, v in self.module.policy.state_dict().items()}
@@ -390,7 +407,9 @@ def to_pb(s: StepStats) -> learner_pb2.TrainStats:
         entropy=s.entropy, mean_score=s.mean_score, kl_coef=s.kl_coef, grad_norm=s.grad_norm,
         tokens_per_second=s.tokens_per_second, reference_kl=s.reference_kl, ptx_loss=s.ptx_loss,
         ratio_mean=s.ratio_mean, value_clip_fraction=s.value_clip_fraction, learning_rate=s.lr,
-        updates_applied=s.updates_applied, updates_skipped=s.updates_skipped,
+        updates_applied=s.updates_applied, updates_skipped=s.updates_skipped, stale_fraction=s.stale_fraction,
+        behaviour_weight_mean=s.behaviour_weight_mean, behaviour_weight_max=s.behaviour_weight_max,
+        behaviour_truncated_fraction=s.behaviour_truncated_fraction, old_logprobs_from_rollout=s.old_logprobs_from_rollout,
     )
 
 

@@ -80,10 +80,14 @@ class PolicyValue(nn.Module):
                 hidden = _gather_positions(out.hidden_states[-1], positions)  # (B, T, H)
                 values = self.value_head(hidden).squeeze(-1).float()  # (B, T)
             else:
-                h = self.value_model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                hidden = _gather_positions(h.last_hidden_state, positions)  # (B, T, H)
-                values = self.value_model.score(hidden).squeeze(-1).float()  # (B, T)
+                values = self.values(input_ids, attention_mask, positions)  # (B, T)
         return logprobs, entropy, values
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Values (B, T) of the separate value model alone (the policy is not run)."""
+        h = self.value_model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = _gather_positions(h.last_hidden_state, positions)  # (B, T, H)
+        return self.value_model.score(hidden).squeeze(-1).float()
 
     def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Policy logits (B, L, V) for the PPO-ptx pretraining loss."""

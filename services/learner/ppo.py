@@ -3,9 +3,18 @@
 InstructGPT's RL step (Ouyang et al. 2022, sec. 3.5 and appendix C.4), with
 the math in `alignd.rlmath`:
 
-1. Recompute old log-probs and values under the current weights (the rollout
-   log-probs of the policy service are kept for diagnostics only: the weights
-   that sampled may differ from the learner's by an in-flight step).
+1. Old log-probs and values under the current weights: one no-grad forward,
+   or (ppo.old_logprobs: auto) the rollout log-probs when the coordinator
+   marks them exact and every sample comes from the current weights, so only
+   the separate value model runs (TRL takes them from generation too).
+   Samples of older weights (async rollouts), ppo.off_policy:
+   - behaviour (default): their old log-probs are the rollouts', so the PPO
+     ratio pi / pi_behaviour is itself the importance weight and the clip
+     bounds the update from the policy that sampled (no extra forward);
+   - decoupled (Hilton et al. 2022, "Batch size-invariance for policy
+     optimization"): the ratio is clipped around the current weights'
+     recomputed log-probs, and each token's clipped term is weighted by
+     w = pi_old / pi_behaviour, truncated at ppo.behaviour_weight_cap.
 2. Per-token rewards: -beta * KL_t(pi || pi_ref) on every response token, plus
    the reward-model score at the score position.
 3. GAE advantages and returns; advantages whitened over the batch.
@@ -47,13 +56,16 @@ class Batch:
     ref_logprobs: torch.Tensor  # (B, T) reference log-probs (0 on padding)
     rollout_logprobs: torch.Tensor  # (B, T) behaviour log-probs from the policy service
     scores: torch.Tensor  # (B,) reward-model scores
+    versions: torch.Tensor  # (B,) policy version that sampled each row
+    rollout_exact: bool = False  # rollout_logprobs are the policy's log_softmax(logits / T) (TrainStepRequest)
+    behaviour: bool = False  # rollout_logprobs are the sampling policy's: rows of other versions are stale
 
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
 
     def select(self, idx: torch.Tensor) -> "Batch":
-        return Batch(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+        return Batch(*(v[idx] if isinstance(v, torch.Tensor) else v for v in (getattr(self, f) for f in self.__dataclass_fields__)))
 
 
 def collate(
@@ -63,7 +75,11 @@ def collate(
     rollout_logprobs: list[list[float]],
     scores: list[float],
     pad_id: int,
+    versions: list[int] | None = None,
+    rollout_exact: bool = False,
 ) -> Batch:
+    """versions: the policy version of each row, given when rollout_logprobs are the sampling policy's (rows of
+    other versions than the learner's are then stale); None: every row is taken as current."""
     B = len(prompts)
     L = max(len(p) + len(r) for p, r in zip(prompts, responses))
     T = max(len(r) for r in responses)
@@ -83,7 +99,11 @@ def collate(
         mask[i, :R] = 1.0
         ref[i, :R] = torch.tensor(ref_logprobs[i])
         rollout[i, :R] = torch.tensor(rollout_logprobs[i])
-    return Batch(input_ids, attention, positions, response, mask, ref, rollout, torch.tensor(scores, dtype=torch.float32))
+    return Batch(
+        input_ids, attention, positions, response, mask, ref, rollout, torch.tensor(scores, dtype=torch.float32),
+        torch.tensor(versions if versions is not None else [0] * B, dtype=torch.long), rollout_exact,
+        behaviour=versions is not None,
+    )
 
 
 @dataclass
@@ -104,6 +124,11 @@ class StepStats:
     updates_applied: int = 0
     updates_skipped: int = 0
     lr: float = 0.0
+    stale_fraction: float = 0.0
+    behaviour_weight_mean: float = 1.0
+    behaviour_weight_max: float = 1.0
+    behaviour_truncated_fraction: float = 0.0
+    old_logprobs_from_rollout: bool = False
 
 
 class KLController:
@@ -139,17 +164,55 @@ class PPOTrainer:
         self.ptx_batches = ptx_batches  # iterator of (input_ids, attention_mask) or None
 
     @torch.no_grad()
-    def _old_outputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _old_outputs(self, batch: Batch, current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(old log-probs, old values, whether every old log-prob came from the rollouts). current: (B,) rows
+        sampled by the learner's weights. A row's rollout log-probs serve when it is current and they are exact
+        (ppo.old_logprobs: auto), or when it is stale and ppo.off_policy is behaviour; the others are recomputed."""
+        cfg = self.cfg
+        from_rollout = torch.where(
+            current, torch.tensor(cfg.old_logprobs == "auto" and batch.rollout_exact), torch.tensor(cfg.off_policy == "behaviour")
+        )  # (B,)
+        every = bool(from_rollout.all())
+        if every and self.module.value_model is not None:
+            values = self.module.values(batch.input_ids, batch.attention_mask, batch.positions)
+            return batch.rollout_logprobs * batch.mask, values, True
         logprobs, _entropy, values = self.module(
-            batch.input_ids, batch.attention_mask, batch.positions, batch.response, self.cfg.temperature
+            batch.input_ids, batch.attention_mask, batch.positions, batch.response, cfg.temperature
         )
-        return logprobs * batch.mask, values  # (B, T), (B, T) (gae masks values itself)
+        logprobs = torch.where(from_rollout[:, None], batch.rollout_logprobs, logprobs)
+        return logprobs * batch.mask, values, every  # (B, T), (B, T) (gae masks values itself)
 
-    def step(self, batch: Batch) -> StepStats:
+    def _behaviour_weights(self, batch: Batch, old_logprobs: torch.Tensor, current: torch.Tensor, stats: StepStats):
+        """(B, T) importance weights pi_old / pi_behaviour for rows sampled by other weights (1 elsewhere),
+        truncated at behaviour_weight_cap, with off_policy: decoupled; None when every row is current or the
+        ratio itself is taken against the behaviour policy."""
+        stale = ~current  # (B,)
+        stats.stale_fraction = float(stale.float().mean())
+        if not bool(stale.any()) or self.cfg.off_policy != "decoupled":
+            return None
+        m = batch.mask.bool() & stale[:, None]  # (B, T) tokens of stale rows
+        log_w = torch.where(m, old_logprobs - batch.rollout_logprobs, torch.zeros_like(old_logprobs))
+        w = torch.exp(log_w)  # (B, T)
+        cap = self.cfg.behaviour_weight_cap
+        truncated = (w > cap) & m if cap is not None else torch.zeros_like(m)
+        if cap is not None:
+            w = torch.clamp(w, max=cap)
+        stats.behaviour_weight_mean = float(rlmath.masked_mean(w, m))
+        stats.behaviour_weight_max = float(w[m].max()) if bool(m.any()) else 1.0
+        stats.behaviour_truncated_fraction = float(rlmath.masked_mean(truncated.float(), m))
+        return torch.where(m, w, torch.ones_like(w))
+
+    def step(self, batch: Batch, version: int | None = None) -> StepStats:
+        """One PPO iteration; `version`: the learner's policy version before the step (rows of another version are
+        corrected for, ppo.off_policy; None, or a batch without behaviour log-probs: every row is current)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         self.module.train()
-        old_logprobs, old_values = self._old_outputs(batch)
+        if version is not None and batch.behaviour:
+            current = batch.versions == version  # (B,)
+        else:
+            current = torch.ones(batch.size, dtype=torch.bool)
+        old_logprobs, old_values, from_rollout = self._old_outputs(batch, current)
         mask = batch.mask
         kl = rlmath.kl_estimate(old_logprobs, batch.ref_logprobs, cfg.kl_estimator) * mask  # (B, T)
         kl_coef = self.kl.value
@@ -163,7 +226,9 @@ class PPOTrainer:
             mean_score=float(batch.scores.mean()),
             kl_coef=kl_coef,
             reference_kl=float(rlmath.masked_mean(old_logprobs - batch.ref_logprobs, mask)),
+            old_logprobs_from_rollout=from_rollout,
         )
+        weights = self._behaviour_weights(batch, old_logprobs, current, stats)  # (B, T) or None
         sums: dict[str, float] = {}
         n_mb = 0
         B = batch.size
@@ -181,7 +246,10 @@ class PPOTrainer:
                 )
                 share = token_share(mb.mask, dp, empty)  # () N_r / N of the policy tokens
                 vshare = token_share(vmask[idx], dp, empty)  # () of the value tokens
-                pl, pstats = rlmath.policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb.mask, cfg.clip)
+                pl, pstats = rlmath.policy_loss(
+                    logprobs, old_logprobs[idx], advantages[idx], mb.mask, cfg.clip,
+                    weights=weights[idx] if weights is not None else None,
+                )
                 vl, vclip = rlmath.value_loss(values, old_values[idx], returns[idx], vmask[idx], cfg.value_clip)
                 pl, vl = pl * share, vl * vshare
                 loss = pl + cfg.value_coef * vl

@@ -49,12 +49,16 @@ class LearnerMetrics:
         self.push_bytes = Counter("alignd_learner_weight_push_bytes_total", "Bytes of weights pushed.", registry=registry)
 
 
-def parse_batch(request: learner_pb2.TrainStepRequest, vocab_size: int, max_context: int, pad_id: int) -> Batch:
+def parse_batch(
+    request: learner_pb2.TrainStepRequest, vocab_size: int, max_context: int, pad_id: int, temperature: float = 1.0
+) -> Batch:
     """Validates every experience (nothing is touched before this passes)."""
     if request.step < 1:
         raise InvalidArgument("step", f"must be >= 1, got {request.step}")
     check_batch(len(request.experiences), "experiences")
-    prompts, responses, refs, rollouts, scores = [], [], [], [], []
+    if not (math.isfinite(request.rollout_temperature) and request.rollout_temperature >= 0):
+        raise InvalidArgument("rollout_temperature", f"must be a finite number >= 0, got {request.rollout_temperature}")
+    prompts, responses, refs, rollouts, scores, versions = [], [], [], [], [], []
     for i, e in enumerate(request.experiences):
         f = f"experiences[{i}]"
         prompt = check_ids(e.prompt_token_ids, vocab_size, f"{f}.prompt_token_ids")
@@ -74,6 +78,8 @@ def parse_batch(request: learner_pb2.TrainStepRequest, vocab_size: int, max_cont
             for j, v in enumerate(values):
                 if not math.isfinite(v):
                     raise InvalidArgument(f"{f}.{name}[{j}]", f"not finite ({v})")
+        if e.policy_version >= 1 << 62:
+            raise InvalidArgument(f"{f}.policy_version", f"out of range ({e.policy_version})")
         if not math.isfinite(e.score):
             raise InvalidArgument(f"{f}.score", f"not finite ({e.score})")
         prompts.append(prompt)
@@ -81,7 +87,12 @@ def parse_batch(request: learner_pb2.TrainStepRequest, vocab_size: int, max_cont
         refs.append(list(e.reference_logprobs))
         rollouts.append(list(e.rollout_logprobs))
         scores.append(float(e.score))
-    return collate(prompts, responses, refs, rollouts, scores, pad_id)
+        versions.append(e.policy_version)
+    # rollout_temperature > 0: the rollout log-probs are the sampling policy's (else informational). They stand for
+    # the learner's own only at the learner's temperature.
+    behaviour = request.rollout_temperature > 0
+    exact = behaviour and request.rollout_logprobs_exact and math.isclose(request.rollout_temperature, temperature, rel_tol=1e-6)
+    return collate(prompts, responses, refs, rollouts, scores, pad_id, versions if behaviour else None, exact)
 
 
 class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
@@ -111,7 +122,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     def TrainStep(self, request, context):
         learner = self.loaded.get()
         h = learner.handle
-        batch = parse_batch(request, h.vocab_size, h.max_context, h.pad_token_id)
+        batch = parse_batch(request, h.vocab_size, h.max_context, h.pad_token_id, learner.cfg.ppo.temperature)
         t0 = time.perf_counter()
         resp = learner.train_step(request.step, batch)
         if resp.replayed:
@@ -126,7 +137,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         m.skipped_updates.inc(resp.stats.updates_skipped)
         m.policy_version.set(resp.policy_version)
         for field in ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "entropy", "mean_score", "kl_coef",
-                      "grad_norm", "reference_kl", "ptx_loss"):
+                      "grad_norm", "reference_kl", "ptx_loss", "stale_fraction", "behaviour_weight_mean"):
             m.stat.labels(field).set(getattr(resp.stats, field))
         if resp.stats.updates_skipped:
             _log.warning("nonfinite_updates_skipped", step=request.step, skipped=resp.stats.updates_skipped)

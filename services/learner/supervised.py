@@ -32,6 +32,7 @@ from torch import nn
 
 from alignd import rlmath
 from alignd.models.scoring import SCORE_BIAS_KEY, pooled_features, score_sequences
+from alignd.services.learner.engine import adamw
 
 IGNORE = -100
 
@@ -162,7 +163,7 @@ def train_sft(
     enc_val = [encode_demo(tokenizer, p, c, max_tokens) for p, c in val]
     rng = random.Random(seed)
     total = epochs * math.ceil(len(enc_train) / batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    opt = adamw(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_to_floor(s, total, warmup_steps))
     result = SupervisedResult()
     step = 0
@@ -273,7 +274,7 @@ def train_rm(
     set_dropout(model, 0.0)
     rng = random.Random(seed)
     total = epochs * math.ceil(len(train) / batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas)
+    opt = adamw(model.parameters(), lr=lr, betas=betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_to_floor(s, total, warmup_steps))
     result = SupervisedResult()
     result.extra["val_accuracy_before"] = pairwise_accuracy(model, tokenizer, val, max_tokens) if val else float("nan")

@@ -5,13 +5,22 @@ trailer with a checksum of all chunk data (CRC-32 by default, SHA-256 on
 request; the receiver verifies whichever the trailer carries). Tensors that
 share storage (tied embeddings) are sent once, under the first state-dict
 name.
+
+Also here: the shared-memory directory through which a learner publishes weights to replicas on its own host
+(LearnerConfig.weight_sync: auto), and the loopback test that decides it.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import ipaddress
+import itertools
+import os
+import shutil
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import torch
@@ -279,3 +288,54 @@ def push_weights(channel, state: Mapping[str, torch.Tensor], version: int, *, ti
         UPDATE_WEIGHTS_METHOD, request_serializer=None, response_deserializer=model_pb2.UpdateWeightsResponse.FromString
     )
     return call(encode_stream_wire(state, version, **kw), timeout=timeout)
+
+
+# -- shared memory for co-located replicas (LearnerConfig.weight_sync: auto) -------------------------------------
+SHM_ROOT = Path("/dev/shm")
+SHM_PREFIX = "alignd-weights-"
+_shm_count = itertools.count()
+
+
+def is_loopback(address: str) -> bool:
+    """True for a gRPC target on this host's loopback (127.0.0.0/8, ::1, localhost) or a unix socket."""
+    if address.startswith("unix:"):
+        return True
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def shared_memory_dir(need_bytes: int, root: Path = SHM_ROOT) -> Path | None:
+    """A new directory of this process under /dev/shm (removed at exit) when it is writable and has `need_bytes` free;
+    None otherwise. Directories left by processes that died (kill -9) are removed first."""
+    try:
+        if not root.is_dir() or not os.access(root, os.W_OK):
+            return None
+        for old in root.glob(SHM_PREFIX + "*"):
+            pid = old.name[len(SHM_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        st = os.statvfs(root)
+        if st.f_bavail * st.f_frsize < need_bytes:
+            return None
+        path = root / f"{SHM_PREFIX}{os.getpid()}-{next(_shm_count)}"
+        path.mkdir()
+    except OSError:
+        return None
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path

@@ -26,15 +26,19 @@ class Experience(_message.Message):
     def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., rollout_logprobs: _Optional[_Iterable[float]] = ..., reference_logprobs: _Optional[_Iterable[float]] = ..., score: _Optional[float] = ..., policy_version: _Optional[int] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ...) -> None: ...
 
 class TrainStepRequest(_message.Message):
-    __slots__ = ("step", "experiences")
+    __slots__ = ("step", "experiences", "rollout_logprobs_exact", "rollout_temperature")
     STEP_FIELD_NUMBER: _ClassVar[int]
     EXPERIENCES_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_LOGPROBS_EXACT_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     step: int
     experiences: _containers.RepeatedCompositeFieldContainer[Experience]
-    def __init__(self, step: _Optional[int] = ..., experiences: _Optional[_Iterable[_Union[Experience, _Mapping]]] = ...) -> None: ...
+    rollout_logprobs_exact: bool
+    rollout_temperature: float
+    def __init__(self, step: _Optional[int] = ..., experiences: _Optional[_Iterable[_Union[Experience, _Mapping]]] = ..., rollout_logprobs_exact: _Optional[bool] = ..., rollout_temperature: _Optional[float] = ...) -> None: ...
 
 class TrainStats(_message.Message):
-    __slots__ = ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "entropy", "mean_score", "kl_coef", "grad_norm", "tokens_per_second", "reference_kl", "ptx_loss", "ratio_mean", "value_clip_fraction", "learning_rate", "updates_applied", "updates_skipped")
+    __slots__ = ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "entropy", "mean_score", "kl_coef", "grad_norm", "tokens_per_second", "reference_kl", "ptx_loss", "ratio_mean", "value_clip_fraction", "learning_rate", "updates_applied", "updates_skipped", "stale_fraction", "behaviour_weight_mean", "behaviour_weight_max", "behaviour_truncated_fraction", "old_logprobs_from_rollout")
     POLICY_LOSS_FIELD_NUMBER: _ClassVar[int]
     VALUE_LOSS_FIELD_NUMBER: _ClassVar[int]
     APPROX_KL_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +55,11 @@ class TrainStats(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     UPDATES_APPLIED_FIELD_NUMBER: _ClassVar[int]
     UPDATES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    STALE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    BEHAVIOUR_WEIGHT_MEAN_FIELD_NUMBER: _ClassVar[int]
+    BEHAVIOUR_WEIGHT_MAX_FIELD_NUMBER: _ClassVar[int]
+    BEHAVIOUR_TRUNCATED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    OLD_LOGPROBS_FROM_ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     policy_loss: float
     value_loss: float
     approx_kl: float
@@ -67,7 +76,12 @@ class TrainStats(_message.Message):
     learning_rate: float
     updates_applied: int
     updates_skipped: int
-    def __init__(self, policy_loss: _Optional[float] = ..., value_loss: _Optional[float] = ..., approx_kl: _Optional[float] = ..., clip_fraction: _Optional[float] = ..., entropy: _Optional[float] = ..., mean_score: _Optional[float] = ..., kl_coef: _Optional[float] = ..., grad_norm: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., reference_kl: _Optional[float] = ..., ptx_loss: _Optional[float] = ..., ratio_mean: _Optional[float] = ..., value_clip_fraction: _Optional[float] = ..., learning_rate: _Optional[float] = ..., updates_applied: _Optional[int] = ..., updates_skipped: _Optional[int] = ...) -> None: ...
+    stale_fraction: float
+    behaviour_weight_mean: float
+    behaviour_weight_max: float
+    behaviour_truncated_fraction: float
+    old_logprobs_from_rollout: bool
+    def __init__(self, policy_loss: _Optional[float] = ..., value_loss: _Optional[float] = ..., approx_kl: _Optional[float] = ..., clip_fraction: _Optional[float] = ..., entropy: _Optional[float] = ..., mean_score: _Optional[float] = ..., kl_coef: _Optional[float] = ..., grad_norm: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., reference_kl: _Optional[float] = ..., ptx_loss: _Optional[float] = ..., ratio_mean: _Optional[float] = ..., value_clip_fraction: _Optional[float] = ..., learning_rate: _Optional[float] = ..., updates_applied: _Optional[int] = ..., updates_skipped: _Optional[int] = ..., stale_fraction: _Optional[float] = ..., behaviour_weight_mean: _Optional[float] = ..., behaviour_weight_max: _Optional[float] = ..., behaviour_truncated_fraction: _Optional[float] = ..., old_logprobs_from_rollout: _Optional[bool] = ...) -> None: ...
 
 class TrainStepResponse(_message.Message):
     __slots__ = ("step", "policy_version", "stats", "replayed", "skipped")

@@ -65,10 +65,11 @@ def test_old_logprobs_from_rollouts_give_the_recomputed_step(tiny_models, tmp_pa
 def test_stale_rows_take_the_behaviour_logprobs_as_old(tiny_models, tmp_path):
     """off_policy: behaviour (default): rows of other weights keep the rollouts' log-probs as the old ones (the
     ratio is pi / pi_behaviour), with no recomputing forward: the update equals that of the same batch marked current
-    and exact, whatever the shift between behaviour and current log-probs."""
+    and exact, whatever the shift between behaviour and current log-probs. Rollouts that are not exact (truncated
+    sampling) fall back to the decoupled correction."""
     shift = [0.3, -0.2, 0.1, 0.0, 0.25, -0.1]
     a = make_learner(tiny_models, tmp_path / "a")
-    sa = a.trainer.step(batch_of(a, [3] * 6, exact=False, shift=shift), version=4)
+    sa = a.trainer.step(batch_of(a, [3] * 6, exact=True, shift=shift), version=4)
     b = make_learner(tiny_models, tmp_path / "b")
     sb = b.trainer.step(batch_of(b, [4] * 6, exact=True, shift=shift), version=4)
     assert sa.old_logprobs_from_rollout and sb.old_logprobs_from_rollout
@@ -79,10 +80,12 @@ def test_stale_rows_take_the_behaviour_logprobs_as_old(tiny_models, tmp_path):
     assert sa.ratio_mean != pytest.approx(1.0, abs=1e-3)
     for pa, pb in zip(a.module.parameters(), b.module.parameters()):
         assert torch.equal(pa, pb)
-    # Mixed: current rows not exact are recomputed, stale ones keep the rollouts'.
+    # Not exact: every row recomputed, the stale ones weighted pi_current / pi_behaviour = exp(shift).
     c = make_learner(tiny_models, tmp_path / "c")
     sc = c.trainer.step(batch_of(c, [3, 3, 3, 4, 4, 4], exact=False, shift=shift), version=4)
     assert not sc.old_logprobs_from_rollout and sc.stale_fraction == 0.5
+    assert sc.behaviour_weight_mean == pytest.approx(
+        sum(math.exp(x) * n for x, n in zip(shift[:3], (7, 4, 8))) / 19, rel=1e-5)
 
 
 def test_stale_rows_are_weighted_by_current_over_behaviour(tiny_models, tmp_path):

@@ -427,3 +427,30 @@ def test_wire_encoding_equals_protobuf_encoding(checksum, chunk):
     got = receive_stream((model_pb2.UpdateWeightsRequest.FromString(b) for b in wire), state)
     for k, v in state.items():
         assert torch.equal(got.tensors[k], v)
+
+
+def test_shared_memory_dir_of_a_killed_process_is_reclaimed(tmp_path):
+    """weight_sync auto's /dev/shm directory: held by a lock for its process's lifetime; once the process is killed
+    (-9: no atexit), the next one to create a directory removes it, and never removes a live one."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from alignd.models.weights import shared_memory_dir
+
+    code = ("import sys, time; from pathlib import Path; from alignd.models.weights import shared_memory_dir; "
+            "print(shared_memory_dir(1, Path(sys.argv[1])), flush=True); time.sleep(120)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        theirs = Path(child.stdout.readline().strip())
+        assert theirs.parent == tmp_path and theirs.is_dir()
+        mine = shared_memory_dir(1, tmp_path)
+        assert mine is not None and mine.is_dir() and theirs.is_dir()  # the live one is left alone
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert theirs.is_dir()
+    again = shared_memory_dir(1, tmp_path)
+    assert not theirs.exists() and mine.is_dir() and again.is_dir()
+    assert shared_memory_dir(10**18, tmp_path) is None  # no room: the caller streams

@@ -332,7 +332,8 @@ class PPOConfig(Strict):
             "ratio is the importance weight and the clip bounds the step from the sampling policy; no extra forward. "
             "decoupled (Hilton et al. 2022): the ratio is clipped around the current weights' recomputed log-probs, "
             "and each token's clipped term is weighted by pi_current / pi_behaviour, truncated at "
-            "behaviour_weight_cap; one more forward per step."
+            "behaviour_weight_cap; one more forward per step. behaviour needs exact rollouts (untruncated sampling "
+            "at this temperature, fp32); otherwise stale samples are corrected as with decoupled."
         ),
     )
     behaviour_weight_cap: float | None = Field(
@@ -671,7 +672,7 @@ class PPORunConfig(Strict):
             "Off (default, the paper): each step samples with the weights of the step before. On: the rollouts of "
             "the next steps are generated, scored and given reference log-probs while the learner trains, with "
             "weights at most max_staleness versions old; the learner corrects for the older policy "
-            "(ppo.behaviour_weight_cap). Faster where roles have their own hardware; the staleness used is recorded "
+            "(ppo.off_policy). Faster where roles have their own hardware; the staleness used is recorded "
             "per step."
         ),
     )

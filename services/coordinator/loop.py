@@ -17,8 +17,8 @@ steps run on a rollout thread while the learner trains (`_steps`): step j's
 rollouts start once step j-1-max_staleness's weights are pushed, and a push
 waits until the rollouts already started have generated (they keep the
 weights they started with, so the staleness is exactly as planned and runs
-are reproducible). The learner weights samples of older weights
-(ppo.behaviour_weight_cap); each step records its staleness.
+are reproducible). The learner corrects for samples of older weights
+(ppo.off_policy); each step records its staleness.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ class RunLoop(threading.Thread):
 
     def _check_tokenizers(self) -> bool:
         """True when the reward model shares the policy's tokenizer (then scores use token ids). Also settles
-        whether the rollouts' log-probs are exact (_logprobs_exact), from the same answers."""
+        whether the rollouts' log-probs are exact (self._exact), from the same answers."""
         pol = self.roles.info(self.roles.policy[0])
         dtypes = {pol.dtype, self.roles.info(self.roles.learner).dtype}
         for ch in self.roles.policy[1:] + self.roles.reference:
@@ -441,8 +441,8 @@ class RunLoop(threading.Thread):
     def _rollout(self, ro: Rollout, same_tokenizer: bool, min_version: int) -> Rollout:
         """Generates ro's samples with weights of at least `min_version` (older ones: the policy is re-synced and
         they are generated again), then scores them and takes their reference log-probs, concurrently."""
-        self._return_replicas(ro.step)
         try:
+            self._return_replicas(ro.step)
             with self._phase("generate", ro.timings):
                 ro.samples = self._fresh(
                     "policy", lambda: self._generate(ro.step, ro.prompt_idx, return_text=not same_tokenizer),
@@ -494,9 +494,13 @@ class RunLoop(threading.Thread):
                     # The next rollouts were submitted with the weights before this step: they keep them (the
                     # staleness stays exactly what was planned, and runs are reproducible).
                     t1 = time.perf_counter()
-                    for nxt, _ in pending.values():
-                        nxt.generated.wait()
+                    for nxt, nxt_fut in pending.values():
+                        # (a rollout that ended early sets `generated` too; the checks only guard against a hang)
+                        while not nxt.generated.wait(1.0):
+                            if nxt_fut.done() or self.stop_requested.is_set():
+                                break
                     ro.timings["wait_generation"] = time.perf_counter() - t1
+                    self.metrics.phase_seconds.labels("wait_generation").observe(ro.timings["wait_generation"])
 
                 self._train(ro, before_push)
             return True

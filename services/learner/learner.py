@@ -340,6 +340,13 @@ class Learner:
             self._shm_dir = shared_memory_dir(need) or False
         return ("filesystem", self._shm_dir) if self._shm_dir and all(is_loopback(a) for a in addresses) else ("stream", None)
 
+    def _shared_memory_failed(self, why: str) -> None:
+        """weight_sync auto: shared memory did not work (full, or a replica cannot see it); the stream from now on."""
+        _log.warning("weight_sync_fallback", to="stream", reason=why)
+        if isinstance(self._shm_dir, Path):
+            shutil.rmtree(self._shm_dir, ignore_errors=True)
+        self._shm_dir = False
+
     def _publish_dir(self, version: int, root: Path) -> Path:
         """The policy of `version` as a save_pretrained directory in `root` (written once; one older one is kept
         for replicas still loading it)."""
@@ -365,10 +372,17 @@ class Learner:
         with self.lock:
             version = self.version
             mode, root = self._sync_mode(addresses)
+            shm = mode == "filesystem" and self.cfg.weight_sync == "auto"
+            state = path = None
             if mode == "filesystem":
-                path = str(self._publish_dir(version, root).resolve())
-                state = None
-            else:
+                try:
+                    path = str(self._publish_dir(version, root).resolve())
+                except OSError as err:  # shared memory full since it was checked: the stream, from now on
+                    if not shm:
+                        raise
+                    self._shared_memory_failed(str(err))
+                    mode = "stream"
+            if mode == "stream":
                 state = {k: v.detach().clone() for k, v in self.module.policy.state_dict().items()}
         t0 = time.perf_counter()
 
@@ -389,7 +403,16 @@ class Learner:
                 if info.weight_version >= version:
                     return 0
                 if state is None:
-                    stub.LoadWeights(model_pb2.LoadWeightsRequest(path=path, version=version), timeout=600)
+                    try:
+                        stub.LoadWeights(model_pb2.LoadWeightsRequest(path=path, version=version), timeout=600)
+                    except grpc.RpcError as err:
+                        retryable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                        if not shm or err.code() in retryable:
+                            raise
+                        # On loopback but not sharing this /dev/shm (a container of its own): the stream from now
+                        # on; the caller retries the push.
+                        self._shared_memory_failed(f"{address}: {err.details()}")
+                        raise Unavailable(f"policy replica {address} cannot read {path}; retry the push (as a stream)") from None
                     return 0
                 resp = push_weights(ch, state, version, chunk_bytes=self.cfg.push_chunk_bytes)
                 return int(resp.received_bytes)

@@ -166,11 +166,14 @@ class PPOTrainer:
     @torch.no_grad()
     def _old_outputs(self, batch: Batch, current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(old log-probs, old values, whether every old log-prob came from the rollouts). current: (B,) rows
-        sampled by the learner's weights. A row's rollout log-probs serve when it is current and they are exact
-        (ppo.old_logprobs: auto), or when it is stale and ppo.off_policy is behaviour; the others are recomputed."""
+        sampled by the learner's weights. A row's rollout log-probs serve when they are exact and the row is current
+        (ppo.old_logprobs: auto) or stale (ppo.off_policy: behaviour); the others are recomputed (stale rows then get
+        the decoupled weights: with truncated sampling the behaviour log-probs are not the learner's distribution,
+        and a ratio against them would start far from 1)."""
         cfg = self.cfg
         from_rollout = torch.where(
-            current, torch.tensor(cfg.old_logprobs == "auto" and batch.rollout_exact), torch.tensor(cfg.off_policy == "behaviour")
+            current, torch.tensor(cfg.old_logprobs == "auto" and batch.rollout_exact),
+            torch.tensor(self._behaviour_ratio(batch)),
         )  # (B,)
         every = bool(from_rollout.all())
         if every and self.module.value_model is not None:
@@ -182,13 +185,17 @@ class PPOTrainer:
         logprobs = torch.where(from_rollout[:, None], batch.rollout_logprobs, logprobs)
         return logprobs * batch.mask, values, every  # (B, T), (B, T) (gae masks values itself)
 
+    def _behaviour_ratio(self, batch: Batch) -> bool:
+        """Stale rows take the PPO ratio against the behaviour log-probs (off_policy: behaviour, exact rollouts)."""
+        return self.cfg.off_policy == "behaviour" and batch.rollout_exact
+
     def _behaviour_weights(self, batch: Batch, old_logprobs: torch.Tensor, current: torch.Tensor, stats: StepStats):
         """(B, T) importance weights pi_old / pi_behaviour for rows sampled by other weights (1 elsewhere),
         truncated at behaviour_weight_cap, with off_policy: decoupled; None when every row is current or the
         ratio itself is taken against the behaviour policy."""
         stale = ~current  # (B,)
         stats.stale_fraction = float(stale.float().mean())
-        if not bool(stale.any()) or self.cfg.off_policy != "decoupled":
+        if not bool(stale.any()) or self._behaviour_ratio(batch):
             return None
         m = batch.mask.bool() & stale[:, None]  # (B, T) tokens of stale rows
         log_w = torch.where(m, old_logprobs - batch.rollout_logprobs, torch.zeros_like(old_logprobs))

@@ -50,7 +50,8 @@ class LearnerMetrics:
 
 
 def parse_batch(
-    request: learner_pb2.TrainStepRequest, vocab_size: int, max_context: int, pad_id: int, temperature: float = 1.0
+    request: learner_pb2.TrainStepRequest, vocab_size: int, max_context: int, pad_id: int, temperature: float = 1.0,
+    fp32: bool = True,
 ) -> Batch:
     """Validates every experience (nothing is touched before this passes)."""
     if request.step < 1:
@@ -89,9 +90,11 @@ def parse_batch(
         scores.append(float(e.score))
         versions.append(e.policy_version)
     # rollout_temperature > 0: the rollout log-probs are the sampling policy's (else informational). They stand for
-    # the learner's own only at the learner's temperature.
+    # the learner's own only at the learner's temperature, and when it computes in fp32 (not bf16 mixed precision,
+    # which the coordinator cannot see in the configured dtype).
     behaviour = request.rollout_temperature > 0
-    exact = behaviour and request.rollout_logprobs_exact and math.isclose(request.rollout_temperature, temperature, rel_tol=1e-6)
+    exact = (behaviour and request.rollout_logprobs_exact and fp32
+             and math.isclose(request.rollout_temperature, temperature, rel_tol=1e-6))
     return collate(prompts, responses, refs, rollouts, scores, pad_id, versions if behaviour else None, exact)
 
 
@@ -122,7 +125,9 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     def TrainStep(self, request, context):
         learner = self.loaded.get()
         h = learner.handle
-        batch = parse_batch(request, h.vocab_size, h.max_context, h.pad_token_id, learner.cfg.ppo.temperature)
+        cfg = learner.cfg
+        batch = parse_batch(request, h.vocab_size, h.max_context, h.pad_token_id, cfg.ppo.temperature,
+                            fp32=cfg.model.dtype == "float32" and not cfg.engine.bf16)
         t0 = time.perf_counter()
         resp = learner.train_step(request.step, batch)
         if resp.replayed:

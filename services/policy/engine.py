@@ -69,9 +69,13 @@ def sample_token(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> tup
     # Inverse-CDF sampling with one uniform draw: torch.multinomial draws an exponential per vocabulary entry
     # (17% of a SmolLM2 generation on CPU, bench/NOTES.md). right=True never picks a zero-probability token.
     cdf = torch.cumsum(logp.exp().double(), dim=-1)  # (V,)
-    u = float(torch.rand((), generator=gen, dtype=torch.float64)) * float(cdf[-1])
+    total = float(cdf[-1])
+    if not (math.isfinite(total) and total > 0):
+        raise FloatingPointError("the model produced non-finite logits")
+    u = float(torch.rand((), generator=gen, dtype=torch.float64)) * total
     tok = min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True)), logp.shape[-1] - 1)
-    while not math.isfinite(float(logp[tok])):  # u within rounding of the total: the last token that can be sampled
+    # u within rounding of the total: back to the last token with probability mass.
+    while tok > 0 and (float(cdf[tok]) == float(cdf[tok - 1]) or not math.isfinite(float(logp[tok]))):
         tok -= 1
     return tok, float(logp[tok])
 

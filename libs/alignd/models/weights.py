@@ -13,11 +13,13 @@ Also here: the shared-memory directory through which a learner publishes weights
 from __future__ import annotations
 
 import atexit
+import fcntl
 import hashlib
 import ipaddress
-import itertools
 import os
+import secrets
 import shutil
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,7 +295,6 @@ def push_weights(channel, state: Mapping[str, torch.Tensor], version: int, *, ti
 # -- shared memory for co-located replicas (LearnerConfig.weight_sync: auto) -------------------------------------
 SHM_ROOT = Path("/dev/shm")
 SHM_PREFIX = "alignd-weights-"
-_shm_count = itertools.count()
 
 
 def is_loopback(address: str) -> bool:
@@ -310,31 +311,46 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
+_held_locks: list = []  # the lock files of this process's directories, open (and flock-ed) until it exits
+
+
+def _stale(path: Path) -> bool:
+    """True when no live process holds the directory's lock (its owner died, whatever its pid was)."""
+    lock = path / ".lock"
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:  # being created, or left half-made: stale once it is a minute old
+        try:
+            return time.time() - path.stat().st_mtime > 60
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         return False
-    except PermissionError:
-        return True
+    finally:
+        os.close(fd)  # (releases the lock taken just to test it)
     return True
 
 
 def shared_memory_dir(need_bytes: int, root: Path = SHM_ROOT) -> Path | None:
     """A new directory of this process under /dev/shm (removed at exit) when it is writable and has `need_bytes` free;
-    None otherwise. Directories left by processes that died (kill -9) are removed first."""
+    None otherwise. A lock held for the process's lifetime marks it live: directories whose lock nobody holds (their
+    learner died, kill -9) are removed first, whatever pid namespace they came from."""
     try:
         if not root.is_dir() or not os.access(root, os.W_OK):
             return None
         for old in root.glob(SHM_PREFIX + "*"):
-            pid = old.name[len(SHM_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if _stale(old):
                 shutil.rmtree(old, ignore_errors=True)
         st = os.statvfs(root)
         if st.f_bavail * st.f_frsize < need_bytes:
             return None
-        path = root / f"{SHM_PREFIX}{os.getpid()}-{next(_shm_count)}"
+        path = root / f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         path.mkdir()
+        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _held_locks.append(fd)
     except OSError:
         return None
     atexit.register(shutil.rmtree, path, ignore_errors=True)

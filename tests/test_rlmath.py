@@ -546,7 +546,7 @@ def test_policy_loss_behaviour_weights_by_naive_loop():
     lp = torch.randn(3, 5, generator=g, dtype=torch.float64).requires_grad_()
     old = lp.detach() + 0.3 * torch.randn(3, 5, generator=g, dtype=torch.float64)
     adv = torch.randn(3, 5, generator=g, dtype=torch.float64)
-    w = torch.rand(3, 5, generator=g, dtype=torch.float64) * 2
+    w = (torch.rand(3, 5, generator=g, dtype=torch.float64) * 2).requires_grad_()
     mask = torch.arange(5).unsqueeze(0) < torch.tensor([[5], [2], [4]])
     loss, stats = rl.policy_loss(lp, old, adv, mask, 0.2, weights=w)
     total, n = 0.0, 0
@@ -558,9 +558,9 @@ def test_policy_loss_behaviour_weights_by_naive_loop():
                 total += float(w[b, t]) * max(-a * r, -a * min(max(r, 0.8), 1.2))
                 n += 1
     assert float(loss) == pytest.approx(total / n, rel=1e-12)
-    # The weights are constants of the gradient, and weights of 1 are the plain loss.
+    # The weights are constants of the gradient (detached inside), and weights of 1 are the plain loss.
     loss.backward()
-    assert w.grad is None
+    assert w.grad is None and lp.grad is not None
     plain, _ = rl.policy_loss(lp, old, adv, mask, 0.2)
     ones, stats1 = rl.policy_loss(lp, old, adv, mask, 0.2, weights=torch.ones_like(w))
     assert float(plain) == float(ones) and float(stats1["ratio_mean"]) == float(stats["ratio_mean"])

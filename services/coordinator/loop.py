@@ -485,22 +485,18 @@ class RunLoop(threading.Thread):
                         ro = self._take_prompts(j)
                         pending[j] = ro, worker.submit(self._rollout, ro, same_tokenizer, self.expected_version("policy"))
                 ro, fut = pending.pop(rec.step + 1)
-                t0 = time.perf_counter()
-                fut.result()
-                ro.timings["wait_rollout"] = time.perf_counter() - t0
-                self.metrics.phase_seconds.labels("wait_rollout").observe(ro.timings["wait_rollout"])
+                with self._phase("wait_rollout", ro.timings):
+                    fut.result()
 
                 def before_push(ro=ro):
                     # The next rollouts were submitted with the weights before this step: they keep them (the
                     # staleness stays exactly what was planned, and runs are reproducible).
-                    t1 = time.perf_counter()
-                    for nxt, nxt_fut in pending.values():
-                        # (a rollout that ended early sets `generated` too; the checks only guard against a hang)
-                        while not nxt.generated.wait(1.0):
-                            if nxt_fut.done() or self.stop_requested.is_set():
-                                break
-                    ro.timings["wait_generation"] = time.perf_counter() - t1
-                    self.metrics.phase_seconds.labels("wait_generation").observe(ro.timings["wait_generation"])
+                    with self._phase("wait_generation", ro.timings):
+                        for nxt, nxt_fut in pending.values():
+                            # (a rollout that ended early sets `generated` too; the checks only guard against a hang)
+                            while not nxt.generated.wait(1.0):
+                                if nxt_fut.done() or self.stop_requested.is_set():
+                                    break
 
                 self._train(ro, before_push)
             return True

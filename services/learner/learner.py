@@ -335,10 +335,12 @@ class Learner:
         if self.cfg.weight_sync == "filesystem":
             root = Path(self.cfg.weight_sync_dir) if self.cfg.weight_sync_dir else self.checkpoint_root.parent / "published"
             return "filesystem", root
-        if self._shm_dir is None and all(is_loopback(a) for a in addresses):
+        if not all(is_loopback(a) for a in addresses):
+            return "stream", None
+        if self._shm_dir is None:
             need = 3 * sum(p.numel() * p.element_size() for p in self.module.policy.parameters())
             self._shm_dir = shared_memory_dir(need) or False
-        return ("filesystem", self._shm_dir) if self._shm_dir and all(is_loopback(a) for a in addresses) else ("stream", None)
+        return ("filesystem", self._shm_dir) if self._shm_dir else ("stream", None)
 
     def _shared_memory_failed(self, why: str) -> None:
         """weight_sync auto: shared memory did not work (full, or a replica cannot see it); the stream from now on."""

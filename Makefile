@@ -66,8 +66,14 @@ $(REAL_STAMP): $(STAMP)
 smollm2: $(REAL_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/alignd run --preset smollm2
 
+# Two passes: the suite on TEST_WORKERS processes (pytest-xdist; a file's tests stay on one worker, so its
+# module-scoped role servers start once), then the tests marked `serial` alone: they compare wall-clock times
+# (hedged iterations against undisturbed ones), which another worker's load would skew.
+TEST_WORKERS ?= 2
+
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m serial
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/serving.py

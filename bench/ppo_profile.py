@@ -11,7 +11,10 @@ SmolLM2-135M-Instruct (after `make smollm2`) as the policy, the reward model of 
 - adamw_step: one optimizer step over policy and value model parameters, torch's per-tensor loop (foreach) against
   the fused kernel;
 - generate: the policy engine's 16 x 24 tokens with the former torch.multinomial sampler against inverse-CDF
-  sampling.
+  sampling;
+- lm_head: the LM head over every position of the sequence against the response positions only
+  (alignd.models.heads.PositionLogits), in a training minibatch's forward + backward (8 rows, policy and value) and
+  in the policy's no-grad forward of all 16 rows (what the reference role does), interleaved, medians of 5.
 """
 
 from __future__ import annotations
@@ -79,6 +82,33 @@ def main(argv: list[str] | None = None) -> int:
         opt = adamw(param_groups(m, cfg.optimizer), fused, lr=1e-9)
         opt.step()  # the state is allocated on the first step
         out[f"adamw_step_{'fused' if fused else 'foreach'}_s"] = med(opt.step)
+    opt.zero_grad(set_to_none=True)
+    pl = m._position_logits
+    split = pl.split
+
+    def train_minibatch():
+        logprobs, _, values = m(mb.input_ids, mb.attention_mask, mb.positions, mb.response, 1.0)
+        (logprobs.sum() + values.sum()).backward()
+        m.zero_grad(set_to_none=True)
+
+    def forward16():
+        with torch.no_grad():
+            m(b.input_ids, b.attention_mask, b.positions, b.response, 1.0, with_values=False)
+
+    # Interleaved (full, positions, full, ...) so that drift of the machine's speed hits both alike; the first
+    # round is warm-up.
+    times: dict[str, list[float]] = {}
+    try:
+        for _ in range(6):
+            for name, sp in (("full", None), ("positions", split)):
+                pl.split = sp
+                for what, fn in (("train_minibatch", train_minibatch), ("forward16_policy", forward16)):
+                    t = time.perf_counter()
+                    fn()
+                    times.setdefault(f"lm_head_{name}_{what}_s", []).append(time.perf_counter() - t)
+    finally:
+        pl.split = split
+    out.update({k: statistics.median(v[1:]) for k, v in times.items()})
     print(json.dumps(out), flush=True)
     del learner, m, opt
 

@@ -1,7 +1,7 @@
 """alignd against TRL's PPO trainer, side by side in one run (issue 8).
 
     .venv/bin/python bench/ppo_vs_trl.py [--models tiny,smollm2] [--warmup 2] [--iterations 8]
-        [--out bench/results/ppo_vs_trl.json] [--quiet-wait-s 60]
+        [--out bench/results/ppo_vs_trl.json] [--quiet-wait-s 60] [--variant NAME=KEY=VALUE;KEY=VALUE ...]
 
 For each model it runs, one after the other on the same machine:
 - TRL 1.12.0's `trl.experimental.ppo.PPOTrainer` (the last release that has it), in a subprocess of its own;
@@ -17,6 +17,11 @@ breakdown (generate, score, reference, train, sync_weights; async adds wait_roll
 its generate/score/reference overlap the previous step's train) is the median of each phase. What differs in
 the work done is listed in bench/README.md (alignd pushes the weights to the policy role each iteration; TRL
 does not). Besides the JSON it writes a Markdown table next to it (same name, .md), as shown in the README.
+
+`--variant NAME=SETS` adds an alignd run with `--set` overrides of its own (`;`-separated), measured like the
+others and reported as `alignd_NAME_*` (and in a second table), e.g.
+`--variant "async_nostage=run.async_rollouts=true;run.stage_weights=false"`
+`--variant "async_micro2=run.async_rollouts=true;run.rollout_micro_batches=2"`.
 """
 
 from __future__ import annotations
@@ -167,9 +172,9 @@ def run_trl(spec: dict, work: Path) -> dict:
 
 
 # -- alignd ------------------------------------------------------------------------------------------
-def run_alignd(spec: dict, work: Path, async_rollouts: bool = False) -> dict:
+def run_alignd(spec: dict, work: Path, async_rollouts: bool = False, extra: tuple[str, ...] = (), name: str = "") -> dict:
     n_iter = spec["warmup"] + spec["iterations"]
-    run_dir = work / ("alignd-async" if async_rollouts else "alignd")
+    run_dir = work / ("alignd-" + name if name else "alignd-async" if async_rollouts else "alignd")
     sets = [
         f"run.steps={n_iter}", f"run.prompts_per_step={spec['batch']}", f"run.prompts.path={spec['prompts']}",
         f"run.sampling.max_new_tokens={spec['response_tokens']}", f"run.sampling.temperature={spec['temperature']}",
@@ -178,7 +183,7 @@ def run_alignd(spec: dict, work: Path, async_rollouts: bool = False) -> dict:
         "stack.learner.value_head_on_policy=false", f"stack.learner.value_model.path={spec['reward']}",
         f"stack.learner.ppo.minibatches={spec['minibatches']}", f"stack.learner.ppo.epochs={spec['epochs']}",
         f"stack.learner.ppo.kl_coef={spec['kl_coef']}", f"stack.learner.optimizer.lr={spec['lr']}",
-        "stack.learner.checkpoint_every_steps=0", f"run.async_rollouts={str(async_rollouts).lower()}",
+        "stack.learner.checkpoint_every_steps=0", f"run.async_rollouts={str(async_rollouts).lower()}", *extra,
     ]
     args = [sys.executable, "-m", "alignd.cli", "ppo", "--config", spec["config"], "--run-dir", str(run_dir)]
     for s in sets:
@@ -190,19 +195,24 @@ def run_alignd(spec: dict, work: Path, async_rollouts: bool = False) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     per_iter = _deltas([r["time"] for r in rows])[spec["warmup"] - 1:]
     timed = rows[spec["warmup"]:]
-    phases = {k: _median([r["phase_seconds"][k] for r in timed]) for k in timed[0]["phase_seconds"]}
-    extra = {
+    # (stage_weights is there only in the steps whose weights were staged: the median of those)
+    keys = dict.fromkeys(k for r in timed for k in r["phase_seconds"])
+    phases = {k: _median([r["phase_seconds"][k] for r in timed if k in r["phase_seconds"]]) for k in keys}
+    info = {
         "staleness": [r["staleness"] for r in timed],
         "old_logprobs_from_rollout": all(r["old_logprobs_from_rollout"] for r in timed if not r["staleness"]),
         "mean_score_last": rows[-1]["mean_score"],
     }
-    if async_rollouts:
-        extra["behaviour_weight_mean"] = statistics.fmean(r["behaviour_weight_mean"] for r in timed)
-        extra["behaviour_truncated_fraction"] = statistics.fmean(r["behaviour_truncated_fraction"] for r in timed)
-    return {"seconds_per_iteration": _median(per_iter), "seconds_all": per_iter, "phase_seconds": phases, **extra}
+    if any(r["staleness"] for r in timed):
+        info["behaviour_weight_mean"] = statistics.fmean(r["behaviour_weight_mean"] for r in timed)
+        info["behaviour_truncated_fraction"] = statistics.fmean(r["behaviour_truncated_fraction"] for r in timed)
+    info["staged_steps"] = sum(1 for r in timed if "stage_weights" in r["phase_seconds"])
+    if extra:
+        info["overrides"] = list(extra)
+    return {"seconds_per_iteration": _median(per_iter), "seconds_all": per_iter, "phase_seconds": phases, **info}
 
 
-PHASE_COLUMNS = ("generate", "score", "reference", "train", "sync_weights")
+PHASE_COLUMNS = ("generate", "score", "reference", "rollout", "train", "stage_weights", "sync_weights")
 
 
 def markdown(results: dict) -> str:
@@ -231,11 +241,21 @@ def markdown(results: dict) -> str:
               "| model | mode | " + " | ".join(PHASE_COLUMNS) + " | wait_rollout |",
               "|---|---|" + "---|" * (len(PHASE_COLUMNS) + 1)]
     for name, r in results["models"].items():
-        for mode in ("onpolicy", "async"):
+        modes = [k[len("alignd_"):-len("_phase_seconds")] for k in r if k.startswith("alignd_") and k.endswith("_phase_seconds")]
+        for mode in modes:
             ph = r.get(f"alignd_{mode}_phase_seconds")
             if ph:
                 cells = " | ".join(f"{ph[k]:.3f}" if k in ph else "" for k in (*PHASE_COLUMNS, "wait_rollout"))
                 lines.append(f"| {name} | {mode} | {cells} |")
+    variants = [(name, k[len("alignd_"):-len("_overrides")], r) for name, r in results["models"].items()
+                for k in r if k.startswith("alignd_") and k.endswith("_overrides")]
+    if variants:
+        lines += ["", "Variants (`--variant`), median s/iteration:", "",
+                  "| model | variant | overrides | s/iter | / TRL | / async |", "|---|---|---|---|---|---|"]
+        for name, v, r in variants:
+            sec = r[f"alignd_{v}_seconds_per_iteration"]
+            lines.append(f"| {name} | {v} | `{'; '.join(r[f'alignd_{v}_overrides'])}` | {sec:.3f} "
+                         f"| {sec / r['trl_seconds_per_iteration']:.2f}x | {sec / r['alignd_async_seconds_per_iteration']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -247,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trl-threads", type=int, default=NCPU, help="torch threads of the TRL process")
     ap.add_argument("--quiet-wait-s", type=float, default=60.0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ppo_vs_trl.json"))
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE;...",
+                    help="one more alignd run with these --set overrides, reported as alignd_NAME_*")
     ap.add_argument("--_trl-worker", dest="trl_worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.trl_worker:
@@ -274,8 +296,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"unknown model {name!r}: tiny or smollm2")
             spec.update(warmup=args.warmup, iterations=args.iterations, threads=args.trl_threads)
             row: dict = {"settings": {k: v for k, v in spec.items() if k not in ("policy", "reward", "config")}}
-            runs = (("trl", run_trl), ("alignd_onpolicy", run_alignd),
-                    ("alignd_async", lambda sp, w: run_alignd(sp, w, async_rollouts=True)))
+            runs = [("trl", run_trl), ("alignd_onpolicy", run_alignd),
+                    ("alignd_async", lambda sp, w: run_alignd(sp, w, async_rollouts=True))]
+            for v in args.variant:
+                vname, _, sets = v.partition("=")
+                runs.append((f"alignd_{vname}", lambda sp, w, vname=vname, sets=sets: run_alignd(
+                    sp, w, extra=tuple(x for x in sets.split(";") if x), name=vname)))
             for key, fn in runs:
                 meter.wait_quiet()
                 a = meter.snap()
@@ -293,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             for key, _ in runs:
                 s = row[f"{key}_seconds_per_iteration"]
                 row[f"{key}_tokens_per_second"] = tokens / s if s else None
-            for mode in ("onpolicy", "async"):
+            for mode in ("onpolicy", "async", *(v.partition("=")[0] for v in args.variant)):
                 row[f"alignd_{mode}_over_trl"] = row[f"alignd_{mode}_seconds_per_iteration"] / row["trl_seconds_per_iteration"]
             row["async_speedup"] = row["alignd_onpolicy_seconds_per_iteration"] / row["alignd_async_seconds_per_iteration"]
             results["models"][name] = row

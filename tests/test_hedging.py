@@ -17,7 +17,8 @@ from alignd.services.coordinator.replicas import Rotation
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc, learner_pb2, learner_pb2_grpc, model_pb2, model_pb2_grpc, reward_pb2, reward_pb2_grpc
 from conftest import start_role, start_roles, stop_roles, wait_until
 
-pytestmark = pytest.mark.slow
+# serial: the iterations of a hedged run are timed against undisturbed ones (`make test` runs these alone).
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 7  # hedged at steps 1, 3, 5, 7 (out of the rotation for 2 steps each time)

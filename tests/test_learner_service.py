@@ -217,6 +217,58 @@ def test_rollout_logprobs_serve_as_old_logprobs_when_exact_and_current(stub, lea
                    "experiences[1].policy_version", "out of range")
 
 
+def _greedy(policy_server, prompt=(5, 6, 7, 8)) -> tuple[list[int], int]:
+    got = policy_pb2_grpc.PolicyServiceStub(policy_server.channel).Generate(
+        policy_pb2.GenerateRequest(prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(prompt)))],
+                                   sampling=policy_pb2.SamplingParams(temperature=0, max_new_tokens=8)),
+        timeout=60,
+    ).samples[0]
+    return list(got.token_ids), got.weight_version
+
+
+def test_staged_push_serves_the_old_weights_until_committed(stub, learner_server, policy_server, rollouts, tiny_models):
+    """PushWeights(stage_only): the replica receives and checks the new weights but keeps serving its own; the next
+    PushWeights only commits them (nothing sent again), after which the replica serves exactly the learner's."""
+    from alignd.models.weights import push_weights
+
+    replica = model_pb2_grpc.ModelServiceStub(policy_server.channel)
+    stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address]), timeout=120)
+    v = learner_version(learner_server)
+    before = _greedy(policy_server)
+    assert before[1] == v
+    stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 1, experiences=experiences(rollouts)), timeout=120)
+
+    staged = stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address], stage_only=True), timeout=120)
+    assert staged.staged and staged.version == v + 1 and staged.bytes_per_replica > 0 and staged.committed_replicas == 0
+    info = replica.GetInfo(model_pb2.GetInfoRequest(), timeout=10).info
+    assert (info.weight_version, info.staged_weight_version) == (v, v + 1)
+    assert _greedy(policy_server) == before  # still the old weights
+    again = stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address], stage_only=True), timeout=60)
+    assert again.bytes_per_replica == 0  # already staged
+
+    # The replica's own checks: a commit of weights it does not hold, a stage of a version not above the served one.
+    with pytest.raises(grpc.RpcError) as err:
+        replica.CommitWeights(model_pb2.CommitWeightsRequest(version=v + 5), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "version" in err.value.details()
+    assert f"version {v + 1} is" in err.value.details()
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["lm"])
+    with pytest.raises(grpc.RpcError) as err:
+        push_weights(policy_server.channel, lm.state_dict(), v, stage_only=True, timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = replica.GetInfo(model_pb2.GetInfoRequest(), timeout=10).info
+    assert info.staged_weight_version == v + 1  # a rejected update leaves the staged weights alone
+
+    commit = stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address]), timeout=120)
+    assert commit.version == v + 1 and commit.committed_replicas == 1 and commit.bytes_per_replica == 0 and not commit.staged
+    info = replica.GetInfo(model_pb2.GetInfoRequest(), timeout=10).info
+    assert (info.weight_version, info.staged_weight_version) == (v + 1, 0)
+    ckpt = stub.SaveCheckpoint(learner_pb2.SaveCheckpointRequest(tag="staged"), timeout=120)
+    trained = AutoModelForCausalLM.from_pretrained(f"{ckpt.path}/policy").eval()
+    expected = trained.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=2)[0, 4:].tolist()
+    assert _greedy(policy_server) == (expected, v + 1)
+    assert 'alignd_policy_weight_updates_total{result="staged"} 1.0' in policy_server.metrics()
+
+
 def naive_text_loss(model_dir, tokenizer_dir, text_path, max_tokens, max_blocks) -> tuple[float, int]:
     """Mean NLL per predicted token, one forward per predicted token on its prefix (the blocks rebuilt here)."""
     from transformers import AutoTokenizer

@@ -36,7 +36,7 @@ def test_alignd_ppo_tiny_preset_raises_reward(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 21))
     for r in rows:
         assert {"step", "mean_score", "approx_kl", "kl_coef", "policy_version"} <= set(r)
-        assert set(r["phase_seconds"]) == {"generate", "score", "reference", "train", "sync_weights"}
+        assert set(r["phase_seconds"]) == {"generate", "score", "reference", "rollout", "train", "sync_weights"}
         assert math.isfinite(r["reference_kl"]) and math.isfinite(r["approx_kl"])
         assert r["policy_version"] == r["step"]
     assert abs(rows[0]["reference_kl"]) < 1e-5  # step 1: policy == reference
@@ -68,7 +68,10 @@ def test_async_rollouts_tiny_preset(tmp_path):
     def run(name: str, steps: int) -> list[dict]:
         out = subprocess.run(
             [sys.executable, "-m", "alignd.cli", "ppo", "--config", str(ROOT / "configs" / "tiny.yaml"),
-             "--run-dir", str(tmp_path / name), "--set", f"run.steps={steps}", "--set", "run.async_rollouts=true"],
+             "--run-dir", str(tmp_path / name), "--set", f"run.steps={steps}", "--set", "run.async_rollouts=true",
+             # Generation slower than a training step (as on GPUs): each push is staged while the policy generates.
+             "--set", "stack.policy.server.fault_injection.delay_seconds=1.0",
+             "--set", "stack.policy.server.fault_injection.methods=[Generate]"],
             capture_output=True, text=True, timeout=900, env=env,
         )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -81,10 +84,17 @@ def test_async_rollouts_tiny_preset(tmp_path):
     assert [r["rollout_policy_version"] for r in rows] == [0, 0] + list(range(1, 7))
     for r in rows:
         assert r["policy_version"] == r["step"]
-        assert {"generate", "score", "reference", "wait_rollout", "train", "wait_generation", "sync_weights"} == set(r["phase_seconds"])
+        phases = {"generate", "score", "reference", "rollout", "wait_rollout", "train", "wait_generation", "sync_weights"}
+        assert phases <= set(r["phase_seconds"]) <= phases | {"stage_weights"}
+        # A staged push only commits on the replica (nothing sent twice); an unstaged one commits nothing.
+        assert r["weights_committed_replicas"] == (1 if "stage_weights" in r["phase_seconds"] else 0)
         assert r["stale_fraction"] == (1.0 if r["staleness"] else 0.0)
         # Stale samples keep the rollouts' log-probs as the old ones (ppo.off_policy: behaviour); current ones too,
         # being exact (untruncated sampling at the learner's temperature and dtype).
         assert r["old_logprobs_from_rollout"] is True
     assert abs(rows[0]["reference_kl"]) < 1e-5
     assert len({r["mean_score"] for r in rows}) > 1 and all(math.isfinite(r["policy_loss"]) for r in rows)
+    # run.stage_weights: with the next generation still running when a step's training ends (a 1 s delay against
+    # training steps of a fraction of a second), the weights are staged; the last step has no next generation.
+    staged = ["stage_weights" in r["phase_seconds"] for r in rows]
+    assert sum(staged[:-1]) >= 5 and not staged[-1], staged

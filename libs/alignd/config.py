@@ -679,6 +679,32 @@ class PPORunConfig(Strict):
     max_staleness: int = Field(
         1, ge=1, le=8, description="Async rollouts: how many policy versions a step's samples may lag the weights trained on them."
     )
+    stage_weights: bool = Field(
+        True,
+        description=(
+            "Async rollouts: when the learner's new weights are ready while the policy still generates the next "
+            "step's samples, send them to the replicas' staging buffers at once (received and checked, not served); "
+            "after the generation the push only applies them. Each replica then holds one more copy of the policy "
+            "in host memory for a moment; off: the whole transfer waits for the generation."
+        ),
+    )
+    rollout_micro_batches: int = Field(
+        1, ge=1, le=64,
+        description=(
+            "Split each step's prompts into this many micro-batches, generated one after another; each one is "
+            "scored and given reference log-probs as soon as it is generated, while the next one generates. "
+            "Hides scoring behind generation where the roles have their own accelerators, at the cost of "
+            "smaller generation batches; 1 (default): the whole step in one batch."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _micro_batches_fit(self) -> "PPORunConfig":
+        if self.rollout_micro_batches > self.prompts_per_step:
+            raise ValueError(
+                f"rollout_micro_batches ({self.rollout_micro_batches}) exceeds prompts_per_step ({self.prompts_per_step})"
+            )
+        return self
 
 
 class JudgeConfig(Strict):

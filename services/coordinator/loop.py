@@ -6,7 +6,10 @@ Per iteration (DESIGN.md, "One PPO iteration"):
   reference     reference.LogProbs      }
   train         learner.TrainStep(step)  (idempotent per step)
   sync_weights  learner.PushWeights      (replicas already at the version are skipped)
-then the step's metrics line is appended to metrics.jsonl (fsync) and
+With run.rollout_micro_batches the step's prompts are generated in micro-
+batches, one after another, and each is scored and given reference log-probs
+while the next one generates.
+Then the step's metrics line is appended to metrics.jsonl (fsync) and
 state.json replaced atomically. A coordinator killed at any point resumes from
 state.json: the unfinished step is replayed with the same prompts, and the
 learner answers a step it already applied from its stored result, so no step
@@ -17,7 +20,9 @@ steps run on a rollout thread while the learner trains (`_steps`): step j's
 rollouts start once step j-1-max_staleness's weights are pushed, and a push
 waits until the rollouts already started have generated (they keep the
 weights they started with, so the staleness is exactly as planned and runs
-are reproducible). The learner corrects for samples of older weights
+are reproducible; with run.stage_weights the new weights are sent to the
+replicas' staging buffers meanwhile, and the push after the generation only
+applies them). The learner corrects for samples of older weights
 (ppo.off_policy); each step records its staleness.
 """
 
@@ -57,9 +62,15 @@ from alignd.v1 import (
 
 _log = get_logger("alignd.coordinator.loop")
 
+# rollout: generate, score and reference together (wall time; with run.rollout_micro_batches scoring overlaps
+# generation, so it is less than their sum). score / reference: the time of their calls, summed over micro-batches.
 # wait_rollout / wait_generation: async runs only (waiting for the step's rollouts; for the next rollouts'
-# generation before the push).
-PHASES = ("generate", "score", "reference", "train", "sync_weights", "evaluate", "wait_rollout", "wait_generation")
+# generation before the push). stage_weights: async runs, when the new weights are sent to the replicas' staging
+# buffers while they still generate (run.stage_weights); sync_weights then only commits them.
+PHASES = (
+    "generate", "score", "reference", "rollout", "train", "stage_weights", "sync_weights", "evaluate", "wait_rollout",
+    "wait_generation",
+)
 RETURN_CHECK_BUDGET_S = 10.0  # checking and re-syncing a replica that returns to the rotation (not the phase budget)
 
 
@@ -257,10 +268,14 @@ class RunLoop(threading.Thread):
             return
         rec.state = "succeeded"
 
-    def _generate_request(self, step: int, shard: int, prompt_idx: list[int], return_text: bool) -> policy_pb2.GenerateRequest:
-        """Shard `shard` of the step: its seed depends on the shard, not on the replica that serves it."""
+    def _generate_request(
+        self, step: int, shard: int, prompt_idx: list[int], return_text: bool, micro_batch: int | None = None
+    ) -> policy_pb2.GenerateRequest:
+        """Shard `shard` of the step (of its micro-batch, with run.rollout_micro_batches): its seed depends on the
+        shard, not on the replica that serves it."""
         s = self.cfg.sampling
-        seed = int.from_bytes(hashlib.sha256(f"{self.cfg.seed}:{step}:{shard}".encode()).digest()[:8], "little") >> 1
+        key = f"{self.cfg.seed}:{step}:{shard}" + ("" if micro_batch is None else f":{micro_batch}")
+        seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
         return policy_pb2.GenerateRequest(
             prompts=[policy_pb2.Prompt(text=self.prompts[i]) for i in prompt_idx],
             sampling=policy_pb2.SamplingParams(
@@ -274,11 +289,14 @@ class RunLoop(threading.Thread):
             return_text=return_text,
         )
 
-    def _generate(self, step: int, prompt_idx: list[int], return_text: bool) -> list[tuple[str, policy_pb2.Sample]]:
-        """The step's rollouts: one shard per configured replica, hedged and failed over (replicas.fan_out)."""
+    def _generate(
+        self, step: int, prompt_idx: list[int], return_text: bool, micro_batch: int | None = None
+    ) -> list[tuple[str, policy_pb2.Sample]]:
+        """The step's rollouts (or one micro-batch of them): one shard per configured replica, hedged and failed
+        over (replicas.fan_out)."""
         n_rep = len(self.roles.policy)
         shards = [prompt_idx[i::n_rep] for i in range(n_rep)]
-        reqs = {r: self._generate_request(step, r, shards[r], return_text) for r in range(n_rep) if shards[r]}
+        reqs = {r: self._generate_request(step, r, shards[r], return_text, micro_batch) for r in range(n_rep) if shards[r]}
 
         def wait_for(shard: int):
             ch = self.roles.policy[shard]
@@ -345,7 +363,9 @@ class RunLoop(threading.Thread):
         if role == "policy":
             self._push(replicas, budget=RETURN_CHECK_BUDGET_S if replicas is not None else None)
 
-    def _push(self, replicas: list[int] | None = None, budget: float | None = None) -> learner_pb2.PushWeightsResponse:
+    def _push(
+        self, replicas: list[int] | None = None, budget: float | None = None, stage_only: bool = False
+    ) -> learner_pb2.PushWeightsResponse:
         """PushWeights to `replicas`, else to every replica but those out of the rotation for being unavailable
         (the learner's configured set when every replica is in the rotation). A push that fails because a replica
         is down takes the replicas that do not answer out of the rotation (if others remain), and is retried
@@ -361,7 +381,9 @@ class RunLoop(threading.Thread):
                 addresses = [self.roles.policy_addresses[r] for r in range(self.rotation.n)
                              if self.rotation.reason[r] != "unavailable"]
             try:
-                return learner.PushWeights(learner_pb2.PushWeightsRequest(addresses=addresses), timeout=timeout)
+                return learner.PushWeights(
+                    learner_pb2.PushWeightsRequest(addresses=addresses, stage_only=stage_only), timeout=timeout
+                )
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.UNAVAILABLE and replicas is None and self.rotation.n > 1:
                     self._take_out_unreachable()
@@ -440,19 +462,47 @@ class RunLoop(threading.Thread):
 
     def _rollout(self, ro: Rollout, same_tokenizer: bool, min_version: int) -> Rollout:
         """Generates ro's samples with weights of at least `min_version` (older ones: the policy is re-synced and
-        they are generated again), then scores them and takes their reference log-probs, concurrently."""
+        they are generated again); scores them and takes their reference log-probs, concurrently. With
+        run.rollout_micro_batches the prompts are generated in micro-batches, one after another, and each one is
+        scored and given reference log-probs while the next one generates."""
+        t0 = time.perf_counter()
+        n = self.cfg.rollout_micro_batches
+        bounds = [len(ro.prompt_idx) * k // n for k in range(n + 1)]
+        batches = [ro.prompt_idx[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+        spent = {"score": 0.0, "reference": 0.0}
+        lock = threading.Lock()
+
+        def timed(name: str, fn, *args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                with lock:
+                    spent[name] += time.perf_counter() - start
+
+        jobs = []
         try:
             self._return_replicas(ro.step)
             with self._phase("generate", ro.timings):
-                ro.samples = self._fresh(
-                    "policy", lambda: self._generate(ro.step, ro.prompt_idx, return_text=not same_tokenizer),
-                    lambda got: min((s.weight_version for _, s in got), default=1 << 62), want=min_version,
-                )
+                for k, idx in enumerate(batches):
+                    got = self._fresh(
+                        "policy",
+                        lambda idx=idx, k=k: self._generate(
+                            ro.step, idx, return_text=not same_tokenizer, micro_batch=None if n == 1 else k
+                        ),
+                        lambda got: min((s.weight_version for _, s in got), default=1 << 62), want=min_version,
+                    )
+                    ro.samples.extend(got)
+                    jobs.append((self._pool.submit(timed, "score", self._score, got, same_tokenizer),
+                                 self._pool.submit(timed, "reference", self._reference, got)))
         finally:
             ro.generated.set()
-        t_score = self._pool.submit(self._timed, "score", ro.timings, self._score, ro.samples, same_tokenizer)
-        t_ref = self._pool.submit(self._timed, "reference", ro.timings, self._reference, ro.samples)
-        ro.scores, ro.ref = t_score.result(), t_ref.result()
+        for score, ref in jobs:
+            ro.scores.extend(score.result())
+            ro.ref.extend(ref.result())
+        for name, seconds in (*spent.items(), ("rollout", time.perf_counter() - t0)):
+            ro.timings[name] = seconds
+            self.metrics.phase_seconds.labels(name).observe(seconds)
         return ro
 
     # -- steps ---------------------------------------------------------------
@@ -490,7 +540,10 @@ class RunLoop(threading.Thread):
 
                 def before_push(ro=ro):
                     # The next rollouts were submitted with the weights before this step: they keep them (the
-                    # staleness stays exactly what was planned, and runs are reproducible).
+                    # staleness stays exactly what was planned, and runs are reproducible). The new weights are
+                    # staged meanwhile, so that the push after the generation only applies them.
+                    if self.cfg.stage_weights and not all(nxt.generated.is_set() for nxt, _ in pending.values()):
+                        self._stage(ro)
                     with self._phase("wait_generation", ro.timings):
                         for nxt, nxt_fut in pending.values():
                             # (a rollout that ended early sets `generated` too; the checks only guard against a hang)
@@ -502,6 +555,17 @@ class RunLoop(threading.Thread):
             return True
         finally:
             worker.shutdown(wait=False, cancel_futures=True)
+
+    def _stage(self, ro: Rollout) -> None:
+        """PushWeights(stage_only): the replicas receive the new weights while they generate. Best effort: the
+        push that follows sends them in full to any replica that does not hold them staged."""
+        try:
+            with self._phase("stage_weights", ro.timings):
+                self._push(budget=RETURN_CHECK_BUDGET_S, stage_only=True)
+        except (grpc.RpcError, RunFailed) as err:
+            ro.timings.pop("stage_weights", None)
+            _log.warning("weight_staging_failed", run_id=self.record.run_id, step=ro.step,
+                         error=str(err.details() if isinstance(err, grpc.RpcError) else err))
 
     def _train(self, ro: Rollout, before_push=None) -> None:
         """TrainStep on ro, PushWeights, then the step's metrics line and run state."""
@@ -561,6 +625,8 @@ class RunLoop(threading.Thread):
             "iteration_seconds": iteration_seconds,
             "tokens_per_second": n_tokens / max(1e-9, iteration_seconds),
             "weight_sync_bytes": push.bytes_per_replica,
+            # Replicas whose push only applied weights staged during the generation (run.stage_weights).
+            "weights_committed_replicas": push.committed_replicas,
             "phase_seconds": timings,
             "sampler": {"epoch": ro.sampler_after.epoch, "position": ro.sampler_after.position},
             "sampler_before": {"epoch": ro.sampler_before.epoch, "position": ro.sampler_before.position},
@@ -584,7 +650,3 @@ class RunLoop(threading.Thread):
         _log.info("step_completed", run_id=rec.run_id, step=step, mean_score=round(row["mean_score"], 4),
                   reference_kl=row["reference_kl"], seconds=round(iteration_seconds, 3), staleness=row["staleness"],
                   replayed=resp.replayed)
-
-    def _timed(self, name, timings, fn, *args):
-        with self._phase(name, timings):
-            return fn(*args)

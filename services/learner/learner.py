@@ -363,19 +363,25 @@ class Learner:
                 shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def push(self, addresses: list[str]) -> learner_pb2.PushWeightsResponse:
+    def push(self, addresses: list[str], *, stage_only: bool = False) -> learner_pb2.PushWeightsResponse:
         """Sends the current policy to every replica not already at this version.
 
         weight_sync "stream": the chunked UpdateWeights stream; "filesystem":
         the policy is written once to a shared directory and every replica
         loads it with LoadWeights; "auto": filesystem in shared memory for
         loopback replicas (_sync_mode).
+
+        stage_only: the replicas receive and check the weights but keep
+        serving their own (ModelService stage_only); a replica that already
+        holds this version staged is skipped. Without it, a replica holding
+        this version staged only commits it (CommitWeights, nothing sent); one
+        that lost it (restarted) gets the weights in full.
         """
         with self.lock:
             version = self.version
             mode, root = self._sync_mode(addresses)
             shm = mode == "filesystem" and self.cfg.weight_sync == "auto"
-            state = path = None
+            path = None
             if mode == "filesystem":
                 try:
                     path = str(self._publish_dir(version, root).resolve())
@@ -384,9 +390,18 @@ class Learner:
                         raise
                     self._shared_memory_failed(str(err))
                     mode = "stream"
-            if mode == "stream":
-                state = {k: v.detach().clone() for k, v in self.module.policy.state_dict().items()}
         t0 = time.perf_counter()
+        committed = []
+        snapshot: dict[str, dict] = {}
+
+        def stream_state() -> dict:
+            """The stream's copy of the policy, made once, and only when a replica needs more than a commit."""
+            with self.lock:
+                if "state" not in snapshot:
+                    if self.version != version:
+                        raise Unavailable(f"the policy changed from version {version} during the push; retry it")
+                    snapshot["state"] = {k: v.detach().clone() for k, v in self.module.policy.state_dict().items()}
+                return snapshot["state"]
 
         def one(address: str) -> int:
             try:
@@ -402,11 +417,26 @@ class Learner:
             with make_channel(address) as ch:
                 stub = model_pb2_grpc.ModelServiceStub(ch)
                 info = stub.GetInfo(model_pb2.GetInfoRequest(), timeout=30).info
-                if info.weight_version >= version:
+                if info.weight_version >= version or (stage_only and info.staged_weight_version == version):
                     return 0
-                if state is None:
+                if info.staged_weight_version == version:
                     try:
-                        stub.LoadWeights(model_pb2.LoadWeightsRequest(path=path, version=version), timeout=600)
+                        stub.CommitWeights(model_pb2.CommitWeightsRequest(version=version), timeout=600)
+                        committed.append(address)
+                        return 0
+                    except grpc.RpcError as err:
+                        if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                            raise
+                        # No longer staged (replaced or restarted since GetInfo): sent in full below, unless
+                        # another push applied it meanwhile.
+                        _log.info("staged_weights_lost", replica=address, version=version, error=err.details())
+                        if stub.GetInfo(model_pb2.GetInfoRequest(), timeout=30).info.weight_version >= version:
+                            return 0
+                if mode == "filesystem":
+                    try:
+                        stub.LoadWeights(
+                            model_pb2.LoadWeightsRequest(path=path, version=version, stage_only=stage_only), timeout=600
+                        )
                     except grpc.RpcError as err:
                         retryable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
                         if not shm or err.code() in retryable:
@@ -416,13 +446,14 @@ class Learner:
                         self._shared_memory_failed(f"{address}: {err.details()}")
                         raise Unavailable(f"policy replica {address} cannot read {path}; retry the push (as a stream)") from None
                     return 0
-                resp = push_weights(ch, state, version, chunk_bytes=self.cfg.push_chunk_bytes)
+                resp = push_weights(ch, stream_state(), version, chunk_bytes=self.cfg.push_chunk_bytes, stage_only=stage_only)
                 return int(resp.received_bytes)
 
         with ThreadPoolExecutor(max_workers=max(1, len(addresses))) as pool:
             sent = list(pool.map(one, addresses))
         return learner_pb2.PushWeightsResponse(
-            version=version, bytes_per_replica=max(sent, default=0), duration_seconds=time.perf_counter() - t0
+            version=version, bytes_per_replica=max(sent, default=0), duration_seconds=time.perf_counter() - t0,
+            staged=stage_only, committed_replicas=len(committed),
         )
 
 

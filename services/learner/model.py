@@ -11,6 +11,7 @@ state. One forward returns, for every response token t of every sequence:
 
 where the prefix of response token t of row b ends at sequence index
 positions[b, t] = prompt_len[b] - 1 + t (the logits there predict the token).
+The policy's LM head runs at those positions only (alignd.models.heads).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from alignd import rlmath
+from alignd.models.heads import PositionLogits, gather_positions
 
 
 def disable_dropout(module: nn.Module) -> None:
@@ -28,20 +30,12 @@ def disable_dropout(module: nn.Module) -> None:
             m.p = 0.0
 
 
-def _gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x: (B, L, ...) gathered at positions (B, T) -> (B, T, ...)."""
-    idx = positions
-    for _ in range(x.dim() - 2):
-        idx = idx.unsqueeze(-1)
-    idx = idx.expand(*positions.shape, *x.shape[2:])
-    return x.gather(1, idx)
-
-
 class PolicyValue(nn.Module):
     def __init__(self, policy: nn.Module, value_model: nn.Module | None) -> None:
         super().__init__()
         self.policy = policy
         self.value_model = value_model
+        self._position_logits = PositionLogits(policy)  # a plain attribute: it holds the policy's own modules
         if value_model is None:
             hidden = policy.config.hidden_size if hasattr(policy.config, "hidden_size") else policy.config.n_embd
             self.value_head = nn.Linear(hidden, 1)
@@ -68,16 +62,13 @@ class PolicyValue(nn.Module):
         with_values: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         need_hidden = with_values and self.value_model is None
-        out = self.policy(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=need_hidden
-        )
-        logits = _gather_positions(out.logits, positions).float() / temperature  # (B, T, V)
+        logits, hidden = self._position_logits(input_ids, attention_mask, positions, hidden=need_hidden)
+        logits = logits.float() / temperature  # (B, T, V)
         logprobs = rlmath.logprobs_from_logits(logits, response)  # (B, T)
         entropy = rlmath.entropy_from_logits(logits)  # (B, T)
         values = None
         if with_values:
             if self.value_model is None:
-                hidden = _gather_positions(out.hidden_states[-1], positions)  # (B, T, H)
                 values = self.value_head(hidden).squeeze(-1).float()  # (B, T)
             else:
                 values = self.values(input_ids, attention_mask, positions)  # (B, T)
@@ -86,7 +77,7 @@ class PolicyValue(nn.Module):
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Values (B, T) of the separate value model alone (the policy is not run)."""
         h = self.value_model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = _gather_positions(h.last_hidden_state, positions)  # (B, T, H)
+        hidden = gather_positions(h.last_hidden_state, positions)  # (B, T, H)
         return self.value_model.score(hidden).squeeze(-1).float()
 
     def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -170,8 +170,9 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         addresses = expand_addresses(list(request.addresses) or list(learner.cfg.policy_addresses))
         if not addresses:
             raise InvalidArgument("addresses", "no policy replica given and none configured (policy_addresses)")
-        resp = learner.push(addresses)
+        resp = learner.push(addresses, stage_only=request.stage_only)
         self.metrics.push_seconds.observe(resp.duration_seconds)
         self.metrics.push_bytes.inc(resp.bytes_per_replica * len(addresses))
-        _log.info("weights_pushed", version=resp.version, replicas=len(addresses), seconds=round(resp.duration_seconds, 3))
+        _log.info("weights_pushed", version=resp.version, replicas=len(addresses), seconds=round(resp.duration_seconds, 3),
+                  staged=resp.staged, committed_replicas=resp.committed_replicas)
         return resp

@@ -5,6 +5,8 @@ p + r is run through the model once; the logits at position P-1+t predict
 response token t, so
 
     logprob[t] = log_softmax(logits[P-1+t] / temperature)[r[t]],  t = 0..R-1.
+
+The LM head runs at those positions only (alignd.models.heads).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from alignd.models.batch import chunks, right_pad
 from alignd.models.handle import ModelHandle
+from alignd.models.heads import PositionLogits
 
 
 @dataclass
@@ -28,6 +31,7 @@ class ReferenceEngine:
     def __init__(self, handle: ModelHandle, max_batch_size: int) -> None:
         self.handle = handle
         self.max_batch_size = max_batch_size
+        self._logits: PositionLogits | None = None  # of handle.model (made again if the model is replaced)
 
     def logprobs(self, items: list[Item]) -> tuple[list[list[float]], int]:
         with self.handle.lock:
@@ -40,12 +44,20 @@ class ReferenceEngine:
     @torch.inference_mode()
     def _chunk(self, items: list[Item]) -> list[list[float]]:
         h = self.handle
+        if self._logits is None or self._logits.model is not h.model:
+            self._logits = PositionLogits(h.model, "reference")
         ids, mask = right_pad([it.prompt_ids + it.response_ids for it in items], h.pad_token_id, h.device)
-        logits = h.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
+        T = max(len(it.response_ids) for it in items)
+        # positions[i, t] = P - 1 + t, the logits predicting response token t (rows' padding reuses their last one)
+        positions = torch.stack([
+            torch.clamp(torch.arange(T) + len(it.prompt_ids) - 1, max=len(it.prompt_ids) + len(it.response_ids) - 2)
+            for it in items
+        ]).to(ids.device)
+        logits, _ = self._logits(ids, mask, positions)  # (B, T, V)
         out = []
         for i, it in enumerate(items):
             P, R = len(it.prompt_ids), len(it.response_ids)
-            step_logits = logits[i, P - 1 : P - 1 + R].float() / it.temperature  # (R, V)
+            step_logits = logits[i, :R].float() / it.temperature  # (R, V)
             targets = ids[i, P : P + R]  # (R,)
             lp = torch.log_softmax(step_logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (R,)
             out.append(lp.cpu().tolist())

@@ -239,13 +239,9 @@ class ModelHandle:
         _log.info("model_replaced", version=version, num_tensors=n, num_parameters=self.num_parameters)
         return n
 
-    def apply_weights(self, tensors: Mapping[str, torch.Tensor], version: int, *, partial: bool) -> int:
-        """Validates then copies `tensors` into the model and sets `version`.
-
-        Returns the number of tensors copied. Raises InvalidArgument (nothing
-        changed) when a name is unknown, a shape differs, or a full update
-        misses a tensor.
-        """
+    def check_tensors(self, tensors: Mapping[str, torch.Tensor], *, partial: bool) -> None:
+        """Raises InvalidArgument when a name is unknown, a shape or kind of dtype differs, or a full update misses
+        a tensor."""
         state = self.model.state_dict()
         for name, t in tensors.items():
             if name not in state:
@@ -259,6 +255,16 @@ class ModelHandle:
             if missing:
                 shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
                 raise InvalidArgument("weights", f"full update misses {len(missing)} tensors: {shown}")
+
+    def apply_weights(self, tensors: Mapping[str, torch.Tensor], version: int, *, partial: bool) -> int:
+        """Validates then copies `tensors` into the model and sets `version`.
+
+        Returns the number of tensors copied. Raises InvalidArgument (nothing
+        changed) when a name is unknown, a shape differs, or a full update
+        misses a tensor.
+        """
+        self.check_tensors(tensors, partial=partial)
+        state = self.model.state_dict()
         t0 = time.perf_counter()
         with self.lock:
             self.check_version(version)

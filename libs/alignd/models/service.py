@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -43,11 +45,11 @@ class WeightMetrics:
         self.version = Gauge(f"alignd_{slug}_weight_version", "Weight version being served.", registry=registry)
         self.updates = Counter(
             f"alignd_{slug}_weight_updates_total",
-            "Weight updates by result (applied, rejected).",
+            "Weight updates by result (applied, rejected, staged: received and checked, applied later by CommitWeights).",
             ["result"],
             registry=registry,
         )
-        for result in ("applied", "rejected"):  # exported at 0 from the start, so rate() sees the first one
+        for result in ("applied", "rejected", "staged"):  # exported at 0 from the start, so rate() sees the first one
             self.updates.labels(result)
         self.bytes = Counter(
             f"alignd_{slug}_weight_update_bytes_total", "Bytes of weights received.", registry=registry
@@ -72,11 +74,21 @@ class WeightMetrics:
         )
 
 
+@dataclass
+class Staged:
+    """Weights received and checked by a stage_only update, waiting for CommitWeights."""
+
+    version: int
+    apply: Callable[[], int]  # applies them (under the handle's lock); returns the tensor count
+
+
 class ModelServicer(model_pb2_grpc.ModelServiceServicer):
-    """GetInfo / UpdateWeights / LoadWeights over a ModelHandle.
+    """GetInfo / UpdateWeights / LoadWeights / CommitWeights over a ModelHandle.
 
     The handle is set once the role's model is loaded; until then calls
-    answer UNAVAILABLE (and health says NOT_SERVING).
+    answer UNAVAILABLE (and health says NOT_SERVING). A stage_only update
+    keeps the weights it received (one set at most: a later update replaces
+    them) until CommitWeights applies them.
     """
 
     def __init__(self, slug: str, host: ServiceHost, *, accepts_updates: bool = True) -> None:
@@ -85,6 +97,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         self.handle: ModelHandle | None = None
         self.accepts_updates = accepts_updates
         self.metrics = WeightMetrics(slug, host.registry)
+        self.staged: Staged | None = None  # set and cleared with the update slot held
 
     def attach(self, handle: ModelHandle) -> None:
         self.handle = handle
@@ -111,7 +124,16 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         return self.handle
 
     def GetInfo(self, request, context):
-        return model_pb2.GetInfoResponse(info=self._handle(context).info())
+        info = self._handle(context).info()
+        staged = self.staged
+        info.staged_weight_version = staged.version if staged is not None else 0
+        return model_pb2.GetInfoResponse(info=info)
+
+    def _drop_outdated_staged(self, handle: ModelHandle) -> None:
+        """Staged weights no newer than those now served are of no use any more (a stage_only update replaces
+        the staged set instead)."""
+        if self.staged is not None and self.staged.version <= handle.version:
+            self.staged = None
 
     def _swap(self, handle: ModelHandle, fn):
         """Runs `fn` with the update slot held and health NOT_SERVING."""
@@ -124,6 +146,15 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         finally:
             handle.end_update()
 
+    def _counted_swap(self, handle: ModelHandle, fn, start: float) -> tuple[int, float]:
+        """_swap(fn), counting a failure as a rejected update; (fn's result, seconds since start)."""
+        try:
+            n = self._swap(handle, fn)
+        except Exception:
+            self.metrics.updates.labels("rejected").inc()
+            raise
+        return n, time.perf_counter() - start
+
     def UpdateWeights(self, request_iterator, context):
         handle = self._handle(context)
         start = time.perf_counter()
@@ -132,14 +163,21 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             try:
                 received = receive_stream(request_iterator, handle.state_dict())
                 handle.check_version(received.version)
+                if received.stage_only:
+                    handle.check_tensors(received.tensors, partial=received.partial)
             except Exception:
                 self.metrics.updates.labels("rejected").inc()
                 raise
+            if received.stage_only:
+                self.staged = Staged(received.version, lambda: handle.apply_weights(
+                    received.tensors, received.version, partial=received.partial))
+                return received, len(received.tensors)
             self.host.set_serving(False)
             try:
                 n = handle.apply_weights(received.tensors, received.version, partial=received.partial)
             finally:
                 self.host.set_serving(True)
+            self._drop_outdated_staged(handle)
             return received, n
 
         try:
@@ -148,13 +186,15 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             _log.info("weights_rejected", error=exc.message)
             raise
         elapsed = time.perf_counter() - start
-        self.metrics.updates.labels("applied").inc()
+        self.metrics.updates.labels("staged" if received.stage_only else "applied").inc()
         self.metrics.bytes.inc(received.received_bytes)
         self.metrics.seconds.observe(elapsed)
         self.metrics.version.set(handle.version)
-        _log.info("weights_updated", version=handle.version, received_bytes=received.received_bytes, seconds=round(elapsed, 4))
+        _log.info("weights_staged" if received.stage_only else "weights_updated", version=received.version,
+                  received_bytes=received.received_bytes, seconds=round(elapsed, 4))
         return model_pb2.UpdateWeightsResponse(
-            version=handle.version, received_bytes=received.received_bytes, num_tensors=n, duration_seconds=elapsed
+            version=handle.version, received_bytes=received.received_bytes, num_tensors=n, duration_seconds=elapsed,
+            staged=received.stage_only,
         )
 
     def LoadWeights(self, request, context):
@@ -162,12 +202,28 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         if not request.path:
             raise InvalidArgument("path", "must not be empty")
         start = time.perf_counter()
+        bias, pooling = 0.0, "last"
+
+        def apply(tensors) -> int:
+            n = handle.apply_weights(tensors, request.version, partial=False)
+            # A reward model's normalisation bias and pooling travel in its config.json.
+            setattr(handle.model.config, SCORE_BIAS_KEY, bias)
+            setattr(handle.model.config, SCORE_POOLING_KEY, pooling)
+            return n
 
         def run():
+            nonlocal bias, pooling
             handle.check_version(request.version)
             bias, pooling = _score_config_of(request.path)
             reload = handle.reloader is not None and not handle.fits(read_weights_shapes(request.path))
+            if reload and request.stage_only:
+                raise InvalidArgument("stage_only", f"{request.path} holds another architecture: it is loaded as a "
+                                      "model, which cannot be staged")
             tensors = None if reload else read_weights_dir(request.path)  # a reload reads the directory itself
+            if request.stage_only:
+                handle.check_tensors(tensors, partial=False)
+                self.staged = Staged(request.version, lambda: apply(tensors))
+                return len(tensors)
             self.host.set_serving(False)
             try:
                 if reload:
@@ -176,23 +232,45 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                         model = handle.reloader(request.path)
                     except (ValueError, OSError) as exc:
                         raise InvalidArgument("path", f"{request.path}: {exc}") from None
-                    return handle.replace_model(model, request.version)
-                n = handle.apply_weights(tensors, request.version, partial=False)
-                # A reward model's normalisation bias and pooling travel in its config.json.
-                setattr(handle.model.config, SCORE_BIAS_KEY, bias)
-                setattr(handle.model.config, SCORE_POOLING_KEY, pooling)
-                return n
+                    n = handle.replace_model(model, request.version)
+                else:
+                    n = apply(tensors)
             finally:
                 self.host.set_serving(True)
+            self._drop_outdated_staged(handle)
+            return n
 
-        try:
-            n = self._swap(handle, run)
-        except Exception:
-            self.metrics.updates.labels("rejected").inc()
-            raise
-        elapsed = time.perf_counter() - start
+        n, elapsed = self._counted_swap(handle, run, start)
+        if request.stage_only:
+            self.metrics.updates.labels("staged").inc()
+            _log.info("weights_staged", version=request.version, seconds=round(elapsed, 4))
+            return model_pb2.LoadWeightsResponse(version=handle.version, num_tensors=n, duration_seconds=elapsed, staged=True)
         self.metrics.updates.labels("applied").inc()
         self.metrics.version.set(handle.version)
         self._report_memory(handle)
         _log.info("weights_loaded", version=handle.version, seconds=round(elapsed, 4))
         return model_pb2.LoadWeightsResponse(version=handle.version, num_tensors=n, duration_seconds=elapsed)
+
+    def CommitWeights(self, request, context):
+        handle = self._handle(context)
+        start = time.perf_counter()
+
+        def run():
+            staged = self.staged
+            if staged is None or staged.version != request.version:
+                have = f"version {staged.version} is" if staged is not None else "none are"
+                raise FailedPrecondition(f"version: no weights of version {request.version} are staged ({have})")
+            self.staged = None
+            handle.check_version(staged.version)
+            self.host.set_serving(False)
+            try:
+                return staged.apply()
+            finally:
+                self.host.set_serving(True)
+
+        n, elapsed = self._counted_swap(handle, run, start)
+        self.metrics.updates.labels("applied").inc()
+        self.metrics.seconds.observe(elapsed)
+        self.metrics.version.set(handle.version)
+        _log.info("weights_committed", version=handle.version, seconds=round(elapsed, 4))
+        return model_pb2.CommitWeightsResponse(version=handle.version, num_tensors=n, duration_seconds=elapsed)

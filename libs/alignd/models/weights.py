@@ -99,12 +99,15 @@ def encode_stream(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     partial: bool = False,
     checksum: str = "crc32",
+    stage_only: bool = False,
 ) -> Iterator[model_pb2.UpdateWeightsRequest]:
     """Yields the UpdateWeights messages for `state`; checksum: "crc32" or "sha256"."""
     ck = _Checksum(checksum)
     n, total, pieces = _plan(state, chunk_bytes)
     yield model_pb2.UpdateWeightsRequest(
-        header=model_pb2.WeightsHeader(version=version, num_tensors=n, total_bytes=total, partial=partial)
+        header=model_pb2.WeightsHeader(
+            version=version, num_tensors=n, total_bytes=total, partial=partial, stage_only=stage_only
+        )
     )
     for name, dtype, shape, offset, piece in pieces:
         ck.update(piece)
@@ -138,6 +141,7 @@ def encode_stream_wire(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     partial: bool = False,
     checksum: str = "crc32",
+    stage_only: bool = False,
 ) -> Iterator[bytes]:
     """The same stream as `encode_stream`, as serialized messages, built with one copy of the data.
 
@@ -151,7 +155,9 @@ def encode_stream_wire(
     ck = _Checksum(checksum)
     n, total, pieces = _plan(state, chunk_bytes)
     yield model_pb2.UpdateWeightsRequest(
-        header=model_pb2.WeightsHeader(version=version, num_tensors=n, total_bytes=total, partial=partial)
+        header=model_pb2.WeightsHeader(
+            version=version, num_tensors=n, total_bytes=total, partial=partial, stage_only=stage_only
+        )
     ).SerializeToString()
     for name, dtype, shape, offset, piece in pieces:
         ck.update(piece)
@@ -168,6 +174,7 @@ class ReceivedWeights:
     partial: bool
     tensors: dict[str, torch.Tensor]
     received_bytes: int
+    stage_only: bool = False
 
 
 class _Buffer:
@@ -274,7 +281,9 @@ def receive_stream(
         name: b.storage.view(b.dtype).reshape(b.shape) if b.nbytes else torch.empty(b.shape, dtype=b.dtype)
         for name, b in buffers.items()
     }
-    return ReceivedWeights(version=header.version, partial=header.partial, tensors=tensors, received_bytes=received)
+    return ReceivedWeights(
+        version=header.version, partial=header.partial, tensors=tensors, received_bytes=received, stage_only=header.stage_only
+    )
 
 
 UPDATE_WEIGHTS_METHOD = "/alignd.v1.ModelService/UpdateWeights"

@@ -58,7 +58,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("role", "model_name", "model_path", "architecture", "tokenizer_hash", "weight_version", "vocab_size", "max_context_tokens", "num_parameters", "dtype", "device", "eos_token_id", "pad_token_id", "alignd_version")
+    __slots__ = ("role", "model_name", "model_path", "architecture", "tokenizer_hash", "weight_version", "vocab_size", "max_context_tokens", "num_parameters", "dtype", "device", "eos_token_id", "pad_token_id", "alignd_version", "staged_weight_version")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class ModelInfo(_message.Message):
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     PAD_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     ALIGND_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STAGED_WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     role: str
     model_name: str
     model_path: str
@@ -87,4 +88,5 @@ class ModelInfo(_message.Message):
     eos_token_id: int
     pad_token_id: int
     alignd_version: str
-    def __init__(self, role: _Optional[str] = ..., model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., weight_version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., num_parameters: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., alignd_version: _Optional[str] = ...) -> None: ...
+    staged_weight_version: int
+    def __init__(self, role: _Optional[str] = ..., model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., weight_version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., num_parameters: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., alignd_version: _Optional[str] = ..., staged_weight_version: _Optional[int] = ...) -> None: ...

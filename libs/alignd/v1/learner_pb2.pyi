@@ -112,20 +112,26 @@ class SaveCheckpointResponse(_message.Message):
     def __init__(self, path: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class PushWeightsRequest(_message.Message):
-    __slots__ = ("addresses",)
+    __slots__ = ("addresses", "stage_only")
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    STAGE_ONLY_FIELD_NUMBER: _ClassVar[int]
     addresses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+    stage_only: bool
+    def __init__(self, addresses: _Optional[_Iterable[str]] = ..., stage_only: _Optional[bool] = ...) -> None: ...
 
 class PushWeightsResponse(_message.Message):
-    __slots__ = ("version", "bytes_per_replica", "duration_seconds")
+    __slots__ = ("version", "bytes_per_replica", "duration_seconds", "staged", "committed_replicas")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_REPLICA_FIELD_NUMBER: _ClassVar[int]
     DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     version: int
     bytes_per_replica: int
     duration_seconds: float
-    def __init__(self, version: _Optional[int] = ..., bytes_per_replica: _Optional[int] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
+    staged: bool
+    committed_replicas: int
+    def __init__(self, version: _Optional[int] = ..., bytes_per_replica: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., staged: _Optional[bool] = ..., committed_replicas: _Optional[int] = ...) -> None: ...
 
 class TrainSFTRequest(_message.Message):
     __slots__ = ("job_id", "init_model_dir", "demonstrations_path", "validation_path", "config_yaml", "output_dir")

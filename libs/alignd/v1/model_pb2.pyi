@@ -18,16 +18,18 @@ class GetInfoResponse(_message.Message):
     def __init__(self, info: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
 
 class WeightsHeader(_message.Message):
-    __slots__ = ("version", "num_tensors", "total_bytes", "partial")
+    __slots__ = ("version", "num_tensors", "total_bytes", "partial", "stage_only")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    STAGE_ONLY_FIELD_NUMBER: _ClassVar[int]
     version: int
     num_tensors: int
     total_bytes: int
     partial: bool
-    def __init__(self, version: _Optional[int] = ..., num_tensors: _Optional[int] = ..., total_bytes: _Optional[int] = ..., partial: _Optional[bool] = ...) -> None: ...
+    stage_only: bool
+    def __init__(self, version: _Optional[int] = ..., num_tensors: _Optional[int] = ..., total_bytes: _Optional[int] = ..., partial: _Optional[bool] = ..., stage_only: _Optional[bool] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset_bytes", "data")
@@ -62,26 +64,48 @@ class UpdateWeightsRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., trailer: _Optional[_Union[WeightsTrailer, _Mapping]] = ...) -> None: ...
 
 class UpdateWeightsResponse(_message.Message):
-    __slots__ = ("version", "received_bytes", "num_tensors", "duration_seconds")
+    __slots__ = ("version", "received_bytes", "num_tensors", "duration_seconds", "staged")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
     DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
     version: int
     received_bytes: int
     num_tensors: int
     duration_seconds: float
-    def __init__(self, version: _Optional[int] = ..., received_bytes: _Optional[int] = ..., num_tensors: _Optional[int] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
+    staged: bool
+    def __init__(self, version: _Optional[int] = ..., received_bytes: _Optional[int] = ..., num_tensors: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., staged: _Optional[bool] = ...) -> None: ...
 
 class LoadWeightsRequest(_message.Message):
-    __slots__ = ("path", "version")
+    __slots__ = ("path", "version", "stage_only")
     PATH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    STAGE_ONLY_FIELD_NUMBER: _ClassVar[int]
     path: str
     version: int
-    def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    stage_only: bool
+    def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ..., stage_only: _Optional[bool] = ...) -> None: ...
 
 class LoadWeightsResponse(_message.Message):
+    __slots__ = ("version", "num_tensors", "duration_seconds", "staged")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    num_tensors: int
+    duration_seconds: float
+    staged: bool
+    def __init__(self, version: _Optional[int] = ..., num_tensors: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., staged: _Optional[bool] = ...) -> None: ...
+
+class CommitWeightsRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class CommitWeightsResponse(_message.Message):
     __slots__ = ("version", "num_tensors", "duration_seconds")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,11 @@ class ModelServiceStub:
                 request_serializer=alignd_dot_v1_dot_model__pb2.LoadWeightsRequest.SerializeToString,
                 response_deserializer=alignd_dot_v1_dot_model__pb2.LoadWeightsResponse.FromString,
                 _registered_method=True)
+        self.CommitWeights = channel.unary_unary(
+                '/alignd.v1.ModelService/CommitWeights',
+                request_serializer=alignd_dot_v1_dot_model__pb2.CommitWeightsRequest.SerializeToString,
+                response_deserializer=alignd_dot_v1_dot_model__pb2.CommitWeightsResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -87,6 +92,19 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CommitWeights(self, request, context):
+        """Applies the weights an UpdateWeights or LoadWeights with `stage_only`
+        left staged (received and checked, not served). Staging lets the
+        transfer run while the replica still generates with its weights; the
+        commit then only copies them in. Errors: FAILED_PRECONDITION (no weights
+        of that version staged, e.g. the replica restarted since, or the
+        version is not above the served one), ABORTED (another update is in
+        progress).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -104,6 +122,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.LoadWeights,
                     request_deserializer=alignd_dot_v1_dot_model__pb2.LoadWeightsRequest.FromString,
                     response_serializer=alignd_dot_v1_dot_model__pb2.LoadWeightsResponse.SerializeToString,
+            ),
+            'CommitWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitWeights,
+                    request_deserializer=alignd_dot_v1_dot_model__pb2.CommitWeightsRequest.FromString,
+                    response_serializer=alignd_dot_v1_dot_model__pb2.CommitWeightsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -188,6 +211,33 @@ class ModelService:
             '/alignd.v1.ModelService/LoadWeights',
             alignd_dot_v1_dot_model__pb2.LoadWeightsRequest.SerializeToString,
             alignd_dot_v1_dot_model__pb2.LoadWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/alignd.v1.ModelService/CommitWeights',
+            alignd_dot_v1_dot_model__pb2.CommitWeightsRequest.SerializeToString,
+            alignd_dot_v1_dot_model__pb2.CommitWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,

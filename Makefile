@@ -73,7 +73,7 @@ TEST_WORKERS ?= 2
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial"
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m serial
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m serial || [ $$? -eq 5 ]  # 5: none marked serial
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/serving.py

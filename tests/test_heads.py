@@ -83,3 +83,11 @@ def test_models_with_post_processed_logits_get_the_full_forward():
         full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     torch.testing.assert_close(logits, gather_positions(full, positions))
     assert float(logits.abs().max()) <= 2.0 + 1e-4  # capped
+
+
+def test_a_post_head_transform_in_the_config_gets_the_full_forward(tiny_models):
+    """Even where the numeric check could not tell (a soft cap far above these logits), the configuration says."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["lm"]).eval()
+    assert PositionLogits(model).split is not None
+    model.config.final_logit_softcapping = 1e6  # (gpt2 ignores it: only the configuration is looked at)
+    assert PositionLogits(model).split is None

@@ -70,7 +70,7 @@ def test_async_rollouts_tiny_preset(tmp_path):
             [sys.executable, "-m", "alignd.cli", "ppo", "--config", str(ROOT / "configs" / "tiny.yaml"),
              "--run-dir", str(tmp_path / name), "--set", f"run.steps={steps}", "--set", "run.async_rollouts=true",
              # Generation slower than a training step (as on GPUs): each push is staged while the policy generates.
-             "--set", "stack.policy.server.fault_injection.delay_seconds=1.0",
+             "--set", "stack.policy.server.fault_injection.delay_seconds=1.5",
              "--set", "stack.policy.server.fault_injection.methods=[Generate]"],
             capture_output=True, text=True, timeout=900, env=env,
         )
@@ -94,7 +94,7 @@ def test_async_rollouts_tiny_preset(tmp_path):
         assert r["old_logprobs_from_rollout"] is True
     assert abs(rows[0]["reference_kl"]) < 1e-5
     assert len({r["mean_score"] for r in rows}) > 1 and all(math.isfinite(r["policy_loss"]) for r in rows)
-    # run.stage_weights: with the next generation still running when a step's training ends (a 1 s delay against
+    # run.stage_weights: with the next generation still running when a step's training ends (a 1.5 s delay against
     # training steps of a fraction of a second), the weights are staged; the last step has no next generation.
     staged = ["stage_weights" in r["phase_seconds"] for r in rows]
     assert sum(staged[:-1]) >= 5 and not staged[-1], staged

@@ -266,6 +266,7 @@ def test_a_token_in_clear_text_to_another_host_is_warned_about_once():
 # -- retries and deadlines ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.serial  # wall-clock bounds of a fraction of a second
 def test_unavailable_is_retried_with_bounded_backoff(fake):
     address, servicer = fake
     servicer.reset(fail_first=2)
@@ -291,6 +292,7 @@ def test_retries_stop_after_the_attempt_limit(fake):
     assert str(err.value).startswith("UNAVAILABLE: ")
 
 
+@pytest.mark.serial  # wall-clock bounds of a fraction of a second
 def test_backoff_never_passes_the_deadline(fake):
     address, servicer = fake
     servicer.reset(fail_first=1000)
@@ -343,6 +345,7 @@ def test_other_codes_are_not_retried(fake, reward_server):
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.serial  # wall-clock bounds of a fraction of a second
 def test_the_deadline_is_respected(fake):
     address, servicer = fake
     release = threading.Event()

@@ -684,8 +684,10 @@ class PPORunConfig(Strict):
         description=(
             "Async rollouts: when the learner's new weights are ready while the policy still generates the next "
             "step's samples, send them to the replicas' staging buffers at once (received and checked, not served); "
-            "after the generation the push only applies them. Each replica then holds one more copy of the policy "
-            "in host memory for a moment; off: the whole transfer waits for the generation."
+            "after the generation the push only applies them. Each replica holds one more copy of the policy in "
+            "host memory from the staging to the end of that generation (until its next weight update, if the run "
+            "stops in between); off: the whole transfer waits for the generation. Turned off for the rest of a run "
+            "when the learner or a replica cannot stage (an older alignd)."
         ),
     )
     rollout_micro_batches: int = Field(

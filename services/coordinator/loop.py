@@ -212,6 +212,12 @@ class RunLoop(threading.Thread):
         # Whether the rollouts' log-probs are the learner's own, so it need not recompute them (ppo.old_logprobs);
         # settled with the roles' infos at the start of each run (_check_tokenizers).
         self._exact = False
+        # One weight update of a role at a time: the main thread's pushes (and staging) and the rollout thread's
+        # re-syncs would otherwise race for a replica's single update slot; concurrent micro-batches may find the
+        # same restarted reward or reference replica.
+        self._push_lock = threading.Lock()
+        self._resync_locks = {role: threading.Lock() for role in ("policy", "reward", "reference")}
+        self._stage_ok = True  # run.stage_weights, until a learner or replica shows it cannot stage
         self._last_step_time = time.time()
 
     # -- helpers -----------------------------------------------------------
@@ -381,11 +387,13 @@ class RunLoop(threading.Thread):
                 addresses = [self.roles.policy_addresses[r] for r in range(self.rotation.n)
                              if self.rotation.reason[r] != "unavailable"]
             try:
-                return learner.PushWeights(
-                    learner_pb2.PushWeightsRequest(addresses=addresses, stage_only=stage_only), timeout=timeout
-                )
+                with self._push_lock:
+                    return learner.PushWeights(
+                        learner_pb2.PushWeightsRequest(addresses=addresses, stage_only=stage_only), timeout=timeout
+                    )
             except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.UNAVAILABLE and replicas is None and self.rotation.n > 1:
+                # (staging runs while the rollout thread generates: it leaves the rotation to the push after it)
+                if err.code() == grpc.StatusCode.UNAVAILABLE and replicas is None and self.rotation.n > 1 and not stage_only:
                     self._take_out_unreachable()
                 raise
 
@@ -417,7 +425,8 @@ class RunLoop(threading.Thread):
             _log.warning("role_resync", run_id=self.record.run_id, role=role, expected_version=want,
                          found_version=got, attempt=attempt + 1)
             self.metrics.resyncs.labels(role).inc()
-            self.resync(role)
+            with self._resync_locks[role]:  # a second caller finds the replicas at the version, and skips them
+                self.resync(role)
         raise RunFailed(f"{role} replicas still serve weight version {got} after 3 re-syncs; expected {want}")
 
     def _score(self, samples, same_tokenizer: bool) -> list[float]:
@@ -542,7 +551,7 @@ class RunLoop(threading.Thread):
                     # The next rollouts were submitted with the weights before this step: they keep them (the
                     # staleness stays exactly what was planned, and runs are reproducible). The new weights are
                     # staged meanwhile, so that the push after the generation only applies them.
-                    if self.cfg.stage_weights and not all(nxt.generated.is_set() for nxt, _ in pending.values()):
+                    if self.cfg.stage_weights and self._stage_ok and not all(nxt.generated.is_set() for nxt, _ in pending.values()):
                         self._stage(ro)
                     with self._phase("wait_generation", ro.timings):
                         for nxt, nxt_fut in pending.values():
@@ -561,11 +570,17 @@ class RunLoop(threading.Thread):
         push that follows sends them in full to any replica that does not hold them staged."""
         try:
             with self._phase("stage_weights", ro.timings):
-                self._push(budget=RETURN_CHECK_BUDGET_S, stage_only=True)
+                staged = self._push(budget=RETURN_CHECK_BUDGET_S, stage_only=True).staged
         except (grpc.RpcError, RunFailed) as err:
             ro.timings.pop("stage_weights", None)
+            # FAILED_PRECONDITION: a replica predates staging (it applied the weights at once)
+            staged = not (isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.FAILED_PRECONDITION)
             _log.warning("weight_staging_failed", run_id=self.record.run_id, step=ro.step,
                          error=str(err.details() if isinstance(err, grpc.RpcError) else err))
+        if not staged:  # a learner that predates staging answers with a full push
+            self._stage_ok = False
+            _log.warning("weight_staging_off", run_id=self.record.run_id, step=ro.step,
+                         reason="the learner or a policy replica does not stage weights")
 
     def _train(self, ro: Rollout, before_push=None) -> None:
         """TrainStep on ro, PushWeights, then the step's metrics line and run state."""

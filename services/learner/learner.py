@@ -407,9 +407,10 @@ class Learner:
             try:
                 return push_one(address)
             except grpc.RpcError as err:
-                if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    # A replica that is down or restarting: the caller retries the push (the coordinator, within
-                    # its recovery timeout) instead of failing the run on an INTERNAL error.
+                if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED):
+                    # A replica that is down or restarting, or busy with another update: the caller retries the
+                    # push (the coordinator, within its recovery timeout) instead of failing the run on an
+                    # INTERNAL error.
                     raise Unavailable(f"policy replica {address} is unavailable ({err.code().name}); retry the push") from None
                 raise
 
@@ -434,7 +435,7 @@ class Learner:
                             return 0
                 if mode == "filesystem":
                     try:
-                        stub.LoadWeights(
+                        resp = stub.LoadWeights(
                             model_pb2.LoadWeightsRequest(path=path, version=version, stage_only=stage_only), timeout=600
                         )
                     except grpc.RpcError as err:
@@ -445,9 +446,14 @@ class Learner:
                         # on; the caller retries the push.
                         self._shared_memory_failed(f"{address}: {err.details()}")
                         raise Unavailable(f"policy replica {address} cannot read {path}; retry the push (as a stream)") from None
-                    return 0
-                resp = push_weights(ch, stream_state(), version, chunk_bytes=self.cfg.push_chunk_bytes, stage_only=stage_only)
-                return int(resp.received_bytes)
+                    sent = 0
+                else:
+                    resp = push_weights(ch, stream_state(), version, chunk_bytes=self.cfg.push_chunk_bytes, stage_only=stage_only)
+                    sent = int(resp.received_bytes)
+                if stage_only and not resp.staged:
+                    raise FailedPrecondition(f"policy replica {address} applied version {version} instead of staging it "
+                                             "(it predates stage_only); push without stage_only")
+                return sent
 
         with ThreadPoolExecutor(max_workers=max(1, len(addresses))) as pool:
             sent = list(pool.map(one, addresses))

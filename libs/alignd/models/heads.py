@@ -9,10 +9,11 @@ positions asked for, and applies the head there alone.
 
 That equals the model's own logits only for models whose logits are exactly
 `lm_head(last_hidden_state)`; some scale or soft-cap them after the head
-(Gemma 2's final_logit_softcapping, Cohere's logit_scale). So the split is
-checked once, on a short input, against the model's full forward; a model that
-fails the check (or has no separate decoder and head) gets the full forward,
-gathered afterwards: the same numbers, at the full cost.
+(Gemma 2's final_logit_softcapping, Cohere's logit_scale, Granite's
+logits_scaling). A model whose configuration sets one of those, or whose split
+differs from its full forward on a short input (same shapes, so the same
+arithmetic: the check is tight), or that has no separate decoder and head,
+gets the full forward, gathered afterwards: the same numbers, at the full cost.
 """
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx)
 
 
+# Configuration keys of transformers models that transform the logits after the LM head, and their no-op values.
+POST_HEAD_KEYS = {"final_logit_softcapping": (None, 0, 0.0), "logit_scale": (None, 1, 1.0), "logits_scaling": (None, 1, 1.0)}
+
+
+def _post_head(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    for key, noop in POST_HEAD_KEYS.items():
+        if getattr(cfg, key, None) not in noop:
+            return key
+    return None
+
+
 def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     prefix = getattr(model, "base_model_prefix", "")
@@ -49,21 +62,21 @@ class PositionLogits:
     def __init__(self, model: nn.Module, name: str = "policy") -> None:
         self.model = model
         self.split = _decoder_and_head(model)
-        if self.split is not None and not self._split_matches():
+        reason = _post_head(model)
+        if self.split is not None and (reason or not self._split_matches()):
             _log.info("position_logits_full_forward", model=name, architecture=type(model).__name__,
-                      reason="logits are not lm_head(last_hidden_state)")
+                      reason=f"config.{reason}" if reason else "logits are not lm_head(last_hidden_state)")
             self.split = None
 
     @torch.no_grad()
     def _split_matches(self) -> bool:
         decoder, head = self.split
-        vocab = head.weight.shape[0]
-        device = head.weight.device
-        ids = torch.tensor([[1 % vocab, 7 % vocab, 3 % vocab, 11 % vocab, 5 % vocab]], device=device)
-        mask = torch.ones_like(ids)
         was_training = self.model.training
         self.model.eval()
         try:
+            vocab = head.weight.shape[0]
+            ids = torch.tensor([[1 % vocab, 7 % vocab, 3 % vocab, 11 % vocab, 5 % vocab]], device=head.weight.device)
+            mask = torch.ones_like(ids)
             full = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             split = head(decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state).float()
         except Exception as exc:  # noqa: BLE001 - any model that cannot be split this way gets the full forward
@@ -73,7 +86,8 @@ class PositionLogits:
             self.model.train(was_training)
         if full.shape != split.shape:
             return False
-        tol = 1e-3 * max(1.0, float(full.abs().max()))
+        # The same matmuls on the same shapes: equal up to the last bits (kernels may still pick another order).
+        tol = 1e-6 * max(1.0, float(full.abs().max()))
         return bool((full - split).abs().max() <= tol)
 
     def __call__(

@@ -269,6 +269,51 @@ def test_staged_push_serves_the_old_weights_until_committed(stub, learner_server
     assert 'alignd_policy_weight_updates_total{result="staged"} 1.0' in policy_server.metrics()
 
 
+class OlderReplica(model_pb2_grpc.ModelServiceServicer):
+    """A policy replica of an alignd before staging, behind the real ModelService interface (to test the learner,
+    its caller): it ignores stage_only and applies what it receives."""
+
+    def __init__(self) -> None:
+        self.version = 0
+
+    def GetInfo(self, request, context):
+        return model_pb2.GetInfoResponse(info=common_pb2.ModelInfo(role="policy", weight_version=self.version))
+
+    def UpdateWeights(self, request_iterator, context):
+        received = 0
+        for msg in request_iterator:
+            if msg.WhichOneof("part") == "header":
+                version = msg.header.version
+            elif msg.WhichOneof("part") == "chunk":
+                received += len(msg.chunk.data)
+        self.version = version
+        return model_pb2.UpdateWeightsResponse(version=version, received_bytes=received)  # no `staged`
+
+
+def test_a_staged_push_to_a_replica_that_cannot_stage_fails(stub, learner_server):
+    """The learner must not report weights as staged that a replica already serves (that would change which
+    weights generate an async run's next samples): it answers FAILED_PRECONDITION, and the coordinator stops
+    staging for the run."""
+    from concurrent import futures
+
+    from alignd.runtime.client import MAX_MESSAGE_BYTES
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    older = OlderReplica()
+    model_pb2_grpc.add_ModelServiceServicer_to_server(older, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[f"127.0.0.1:{port}"], stage_only=True), timeout=120)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "instead of staging it" in err.value.details()
+        assert older.version == learner_version(learner_server)  # it did apply them: hence the refusal
+    finally:
+        server.stop(None)
+
+
 def naive_text_loss(model_dir, tokenizer_dir, text_path, max_tokens, max_blocks) -> tuple[float, int]:
     """Mean NLL per predicted token, one forward per predicted token on its prefix (the blocks rebuilt here)."""
     from transformers import AutoTokenizer

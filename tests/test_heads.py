@@ -47,20 +47,17 @@ def test_policy_value_gradients_equal_with_and_without_the_split(tiny_models):
     torch.manual_seed(0)
     a = PolicyValue(AutoModelForCausalLM.from_pretrained(tiny_models["lm"]), None)
     b = PolicyValue(AutoModelForCausalLM.from_pretrained(tiny_models["lm"]), None)
-    b.value_head.load_state_dict(a.value_head.state_dict())
     b._position_logits.split = None  # the full forward, gathered
     ids, mask, positions, response = batch(a.policy.config.vocab_size, seed=1)
-    grads = []
+    outs, grads = [], []
     for m in (a, b):
-        with torch.no_grad():
+        with torch.no_grad():  # the same value head in both (the bias is zero-initialised)
             m.value_head.weight.normal_(generator=torch.Generator().manual_seed(3))
         logprobs, entropy, values = m(ids, mask, positions, response, temperature=0.7)
         (logprobs.sum() + 0.1 * entropy.sum() + values.pow(2).sum()).backward()
+        outs.append((logprobs.detach(), entropy.detach(), values.detach()))
         grads.append([p.grad.clone() for p in m.parameters()])
-        out = (logprobs.detach(), entropy.detach(), values.detach())
-        if m is a:
-            first = out
-    for x, y in zip(first, out):
+    for x, y in zip(*outs):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
     for ga, gb in zip(*grads):  # the same sums in another order: float32 rounding, relative to the gradient's scale
         torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-4 * float(ga.abs().max()))

@@ -571,8 +571,7 @@ class RunLoop(threading.Thread):
         try:
             with self._phase("stage_weights", ro.timings):
                 staged = self._push(budget=RETURN_CHECK_BUDGET_S, stage_only=True).staged
-        except (grpc.RpcError, RunFailed) as err:
-            ro.timings.pop("stage_weights", None)
+        except (grpc.RpcError, RunFailed) as err:  # (the phase is not recorded then)
             # FAILED_PRECONDITION: a replica predates staging (it applied the weights at once)
             staged = not (isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.FAILED_PRECONDITION)
             _log.warning("weight_staging_failed", run_id=self.record.run_id, step=ro.step,

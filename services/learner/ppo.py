@@ -40,6 +40,7 @@ import torch
 
 from alignd import rlmath
 from alignd.config import PPOConfig
+from alignd.models.heads import response_positions
 from alignd.runtime.logging import get_logger
 from alignd.services.learner.reduction import DataParallel, token_share
 
@@ -85,7 +86,7 @@ def collate(
     T = max(len(r) for r in responses)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     attention = torch.zeros((B, L), dtype=torch.long)
-    positions = torch.zeros((B, T), dtype=torch.long)
+    positions = response_positions([(len(p), len(r)) for p, r in zip(prompts, responses)], T)
     response = torch.full((B, T), pad_id, dtype=torch.long)
     mask = torch.zeros((B, T))
     ref = torch.zeros((B, T))
@@ -94,7 +95,6 @@ def collate(
         P, R = len(p), len(r)
         input_ids[i, : P + R] = torch.tensor(p + r)
         attention[i, : P + R] = 1
-        positions[i] = torch.clamp(torch.arange(T) + P - 1, max=P + R - 2)  # padding reuses the last position
         response[i, :R] = torch.tensor(r)
         mask[i, :R] = 1.0
         ref[i, :R] = torch.tensor(ref_logprobs[i])

@@ -17,7 +17,7 @@ import torch
 
 from alignd.models.batch import chunks, right_pad
 from alignd.models.handle import ModelHandle
-from alignd.models.heads import PositionLogits
+from alignd.models.heads import PositionLogits, response_positions
 
 
 @dataclass
@@ -47,12 +47,8 @@ class ReferenceEngine:
         if self._logits is None or self._logits.model is not h.model:
             self._logits = PositionLogits(h.model, "reference")
         ids, mask = right_pad([it.prompt_ids + it.response_ids for it in items], h.pad_token_id, h.device)
-        T = max(len(it.response_ids) for it in items)
-        # positions[i, t] = P - 1 + t, the logits predicting response token t (rows' padding reuses their last one)
-        positions = torch.stack([
-            torch.clamp(torch.arange(T) + len(it.prompt_ids) - 1, max=len(it.prompt_ids) + len(it.response_ids) - 2)
-            for it in items
-        ]).to(ids.device)
+        lengths = [(len(it.prompt_ids), len(it.response_ids)) for it in items]
+        positions = response_positions(lengths, max(r for _, r in lengths), ids.device)
         logits, _ = self._logits(ids, mask, positions)  # (B, T, V)
         out = []
         for i, it in enumerate(items):

@@ -47,10 +47,15 @@ def _post_head(model: nn.Module) -> str | None:
     return None
 
 
+def response_positions(lengths: list[tuple[int, int]], T: int, device=None) -> torch.Tensor:
+    """(B, T) positions[b, t] = P_b - 1 + t for rows of (prompt length P_b, response length R_b), right-padded
+    sequences: the logits there predict response token t; a row's padding reuses its last position."""
+    return torch.stack([torch.clamp(torch.arange(T) + P - 1, max=P + R - 2) for P, R in lengths]).to(device)
+
+
 def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    prefix = getattr(model, "base_model_prefix", "")
-    decoder = getattr(model, prefix, None) if prefix else None
+    decoder = getattr(model, "base_model", None)  # transformers: the decoder under base_model_prefix, else the model
     if head is None or decoder is None or decoder is model:
         return None
     return decoder, head

@@ -22,6 +22,56 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 STARTUP_TIMEOUT_S = 180.0
 
+_TOKENS: list[Path] = []
+
+
+def tokens_file() -> Path:
+    """This test process's tokens file (the local stack's callers and scopes: alignd.runtime.tokens), made once."""
+    if not _TOKENS:
+        import tempfile
+
+        from alignd.runtime.tokens import ensure_stack_tokens
+
+        _TOKENS.append(ensure_stack_tokens(tempfile.mkdtemp(prefix="alignd-test-auth-")))
+    return _TOKENS[0]
+
+
+def credentials(name: str = "operator"):
+    """config.RoleClientConfig sending the token `name` of tokens_file() (operator: admin)."""
+    from alignd.config import RoleClientConfig
+
+    return RoleClientConfig(tokens_file=str(tokens_file()), token_name=name)
+
+
+def token_of(name: str = "operator") -> str:
+    from alignd.runtime.auth import read_token_entry
+
+    return read_token_entry(tokens_file(), name)
+
+
+def bearer(name: str = "operator") -> tuple:
+    """Call metadata carrying the token `name` of tokens_file()."""
+    return (("authorization", f"Bearer {token_of(name)}"),)
+
+
+def secure_channel(address: str, name: str = "operator", **kw) -> grpc.Channel:
+    """make_channel to `address` sending the token `name` of tokens_file()."""
+    return make_channel(address, credentials=credentials(name), **kw)
+
+
+def with_test_auth(role: str, cfg: dict) -> tuple[dict, bool]:
+    """`cfg` with server.auth pointing at tokens_file() (and the coordinator's / learner's own token as client),
+    unless the test configured server.auth itself; and whether it did so."""
+    cfg = dict(cfg)
+    server = dict(cfg.get("server") or {})
+    if "auth" in server:
+        return cfg, False
+    server["auth"] = {"tokens_file": str(tokens_file())}
+    cfg["server"] = server
+    if role in ("coordinator", "learner") and "client" not in cfg:
+        cfg["client"] = {"tokens_file": str(tokens_file()), "token_name": role}
+    return cfg, True
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
@@ -84,6 +134,7 @@ def start_roles(specs: list[tuple[str, dict, Path]]) -> list[RoleServer]:
 
 
 def _spawn_role(role: str, cfg: dict, workdir: Path):
+    cfg, injected = with_test_auth(role, cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_path = workdir / f"{role}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -95,14 +146,14 @@ def _spawn_role(role: str, cfg: dict, workdir: Path):
              "--run-dir", str(workdir), "--endpoint-file", str(endpoint)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env(),
         )
-    return role, proc, endpoint, log_path
+    return role, proc, endpoint, log_path, injected
 
 
 def _await_role(spawned, credentials: grpc.ChannelCredentials | None = None, options: list | None = None) -> RoleServer:
     import json
     import time
 
-    role, proc, endpoint, log_path = spawned
+    role, proc, endpoint, log_path, injected = spawned
     try:
         # The child writes the endpoint file right after binding; wait for the
         # process to either write it or die (bounded by the startup timeout).
@@ -117,8 +168,11 @@ def _await_role(spawned, credentials: grpc.ChannelCredentials | None = None, opt
                 raise TimeoutError(f"{role} did not bind in time:\n{log_path.read_text()}")
         info = json.loads(endpoint.read_text())
         if credentials is None:
-            channel = make_channel(info["address"])
+            channel = secure_channel(info["address"]) if injected else make_channel(info["address"])
         else:
+            if injected:  # TLS, and the operator's token on every call
+                credentials = grpc.composite_channel_credentials(
+                    credentials, grpc.access_token_call_credentials(token_of()))
             channel = grpc.secure_channel(info["address"], credentials, options=options)
         wait_for_serving(channel, timeout=STARTUP_TIMEOUT_S)
     except BaseException:

@@ -113,10 +113,21 @@ def test_an_unusable_tokens_file_refuses_to_start(tiny_models, tmp_path):
 
 
 def test_tokens_file_format_and_peer_parsing():
-    assert parse_tokens(f"alice: {ALICE}\nbob: {BOB}\n", "f") == {"alice": ALICE, "bob": BOB}
+    import hashlib
+
+    parsed = parse_tokens(f"alice: {ALICE}\nbob: {{token: {BOB}, scopes: [weights, train]}}\n"
+                          f"carol: {{sha256: {hashlib.sha256(CAROL.encode()).hexdigest()}, scopes: [admin]}}\n", "f")
+    assert {n: sorted(e.scopes) for n, e in parsed.items()} == {"alice": ["score"], "bob": ["train", "weights"],
+                                                                 "carol": ["admin"]}
+    assert parsed["carol"].digest == hashlib.sha256(CAROL.encode()).digest()
     assert parse_tokens("", "f") == {}
     for text, problem in ((f"- {ALICE}", "mapping"), ("alice: short", "16 characters"),
-                          (f"alice: {ALICE}\nbob: {ALICE}", "same token"), ("a: [", "not YAML")):
+                          (f"alice: {ALICE}\nbob: {ALICE}", "same token"), ("a: [", "not YAML"),
+                          (f"alice: {{token: {ALICE}, scopes: [root]}}", "unknown scope 'root'"),
+                          (f"alice: {{token: {ALICE}}}", "scopes must be"),
+                          (f"alice: {{token: {ALICE}, sha256: ab, scopes: [score]}}", "exactly one of"),
+                          ("alice: {sha256: abcd, scopes: [score]}", "64 hex digits"),
+                          (f"alice: {{token: {ALICE}, scopes: [score], role: x}}", "unknown key")):
         with pytest.raises(TokenError, match=problem):
             parse_tokens(text, "f")
     assert str(peer_ip("ipv4:10.1.2.3:5555")) == "10.1.2.3"

@@ -16,6 +16,7 @@ from alignd.runtime.client import make_channel, wait_for_serving
 from alignd.runtime.errors import Unavailable
 from alignd.runtime.server import ServiceHost
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc, reward_pb2, reward_pb2_grpc
+from conftest import secure_channel, tokens_file
 
 
 class FlakyReward(reward_pb2_grpc.RewardServiceServicer):
@@ -43,7 +44,8 @@ class FlakyCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
 @pytest.fixture
 def host():
-    h = ServiceHost("test", ServerConfig(metrics_port=-1), ["alignd.v1.RewardService", "alignd.v1.CoordinatorService"])
+    h = ServiceHost("test", ServerConfig(metrics_port=-1, auth={"tokens_file": str(tokens_file())}),
+                    ["alignd.v1.RewardService", "alignd.v1.CoordinatorService"])
     yield h
     h.stop(grace=0)
 
@@ -53,7 +55,7 @@ def test_idempotent_call_is_retried_on_unavailable(host):
     reward_pb2_grpc.add_RewardServiceServicer_to_server(reward, host.server)
     host.start()
     host.set_serving(True)
-    with make_channel(host.address) as ch:
+    with secure_channel(host.address) as ch:
         resp = reward_pb2_grpc.RewardServiceStub(ch).Score(reward_pb2.ScoreRequest(), timeout=30)
     assert list(resp.scores) == [1.5]
     assert reward.calls == 3
@@ -63,7 +65,7 @@ def test_retries_are_bounded(host):
     reward = FlakyReward(failures=100)
     reward_pb2_grpc.add_RewardServiceServicer_to_server(reward, host.server)
     host.start()
-    with make_channel(host.address) as ch, pytest.raises(grpc.RpcError) as err:
+    with secure_channel(host.address) as ch, pytest.raises(grpc.RpcError) as err:
         reward_pb2_grpc.RewardServiceStub(ch).Score(reward_pb2.ScoreRequest(), timeout=30)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert reward.calls == 4  # maxAttempts
@@ -73,7 +75,7 @@ def test_non_idempotent_call_is_not_retried(host):
     coord = FlakyCoordinator()
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(coord, host.server)
     host.start()
-    with make_channel(host.address) as ch, pytest.raises(grpc.RpcError) as err:
+    with secure_channel(host.address) as ch, pytest.raises(grpc.RpcError) as err:
         coordinator_pb2_grpc.CoordinatorServiceStub(ch).StartRun(coordinator_pb2.StartRunRequest(), timeout=30)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert coord.starts == 1
@@ -86,7 +88,7 @@ def test_wait_for_serving_returns_when_health_turns_serving(host):
 
     def waiter():
         try:
-            with make_channel(host.address) as ch:
+            with secure_channel(host.address) as ch:
                 wait_for_serving(ch, timeout=30)
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
@@ -103,7 +105,7 @@ def test_wait_for_serving_returns_when_health_turns_serving(host):
 
 def test_wait_for_serving_times_out(host):
     host.start()
-    with make_channel(host.address) as ch, pytest.raises(TimeoutError):
+    with secure_channel(host.address) as ch, pytest.raises(TimeoutError):
         wait_for_serving(ch, timeout=0.5)
 
 

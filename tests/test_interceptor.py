@@ -20,6 +20,7 @@ from alignd.runtime.client import make_channel
 from alignd.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from alignd.runtime.interceptor import REQUEST_ID_KEY
 from alignd.runtime.server import ServiceHost
+from conftest import secure_channel, tokens_file
 
 SERVICE = "alignd.test.Probe"
 SECRET = "secret-detail-8f3a"  # must never reach the client
@@ -124,7 +125,8 @@ class Probe:
 
 
 def make_host() -> ServiceHost:
-    cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, max_workers=4, grace_seconds=0)
+    cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, max_workers=4, grace_seconds=0,
+                       auth={"tokens_file": str(tokens_file())})
     host = ServiceHost("probe", cfg, [SERVICE])
     host.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, HANDLERS),))
     host.start()
@@ -134,7 +136,7 @@ def make_host() -> ServiceHost:
 @pytest.fixture
 def probe():
     host = make_host()
-    channel = make_channel(host.address)
+    channel = secure_channel(host.address)  # the probe's methods are in no scope table: admin only
     yield Probe(host, channel)
     channel.close()
     host.stop(grace=0)

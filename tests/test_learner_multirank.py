@@ -54,7 +54,7 @@ from alignd.config import ConfigError, LearnerConfig
 from alignd.runtime.client import make_channel, wait_for_serving
 from alignd.services.learner import checkpoint, ranks
 from alignd.v1 import learner_pb2, learner_pb2_grpc, model_pb2, model_pb2_grpc
-from conftest import assert_invalid
+from conftest import assert_invalid, secure_channel, with_test_auth
 
 LOSS_TOL = 1e-4
 WEIGHT_TOL = 1e-4
@@ -153,7 +153,7 @@ def alive(p: psutil.Process) -> bool:
 def launch(cfg: dict, work: Path, name: str, port: int, nproc: int = 2, nnodes: int = 1, node_rank: int = 0) -> Job:
     work.mkdir(parents=True, exist_ok=True)
     cfg_path = work / f"{name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
+    cfg_path.write_text(yaml.safe_dump(with_test_auth("learner", cfg)[0]))
     endpoint = work / f"{name}.endpoint.json"
     endpoint.unlink(missing_ok=True)
     log_path = work / f"{name}.log"
@@ -186,7 +186,7 @@ def connect(job: Job) -> grpc.Channel:
         if time.monotonic() > deadline:
             job.kill9()
             raise AssertionError(f"rank 0 did not bind in time:\n{job.log()[-6000:]}")
-    channel = make_channel(json.loads(job.endpoint.read_text())["address"])
+    channel = secure_channel(json.loads(job.endpoint.read_text())["address"])
     try:
         wait_for_serving(channel, timeout=STARTUP_TIMEOUT_S)
     except BaseException:
@@ -340,7 +340,7 @@ def test_a_dead_follower_fails_rank0_instead_of_hanging(models, tmp_path):
         # The other pod's first process serves health alone (its probes), SERVING once it follows rank 0.
         follower = json.loads(other.endpoint.read_text())
         assert follower["rank"] == 1
-        with make_channel(follower["address"]) as fch:
+        with secure_channel(follower["address"]) as fch:
             wait_for_serving(fch, timeout=STARTUP_TIMEOUT_S)
             with pytest.raises(grpc.RpcError) as info:
                 learner_pb2_grpc.LearnerServiceStub(fch).TrainStep(request(1), timeout=10)

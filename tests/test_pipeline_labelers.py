@@ -75,7 +75,7 @@ def test_external_labelers_and_coordinator_sigkill_in_rm_stage(tmp_path):
     gold = judges.resolve("char_fraction", {"chars": "aeiou"})
     human = labelers.SimulatedLabeler(gold, 0.05, seed=7, name="alice")
     with LocalStack(job.stack, tmp_path / "stack") as stack:
-        ch = make_channel(stack.describe()["services"]["coordinator"]["address"])
+        ch = make_channel(stack.describe()["services"]["coordinator"]["address"], credentials=stack.operator_credentials())
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
         # No such run; then the run, before its round is open.
         code, msg = _code(lambda: stub.LeaseComparisonTasks(cpb.LeaseComparisonTasksRequest(run_id="nope", labeler="alice")))
@@ -125,7 +125,7 @@ def test_external_labelers_and_coordinator_sigkill_in_rm_stage(tmp_path):
 
         # A new coordinator resumes the run in the rm stage, with every accepted ranking.
         stack.restart("coordinator")
-        ch = make_channel(stack.describe()["services"]["coordinator"]["address"])
+        ch = make_channel(stack.describe()["services"]["coordinator"]["address"], credentials=stack.operator_credentials())
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
         again = _until(lambda: _lease(stub, "alice"), "the resumed labeling round")
         run = stub.GetRun(cpb.GetRunRequest(run_id=RUN_ID)).run

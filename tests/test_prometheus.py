@@ -326,11 +326,15 @@ def _provoke_errors(stack: dict) -> None:
 
     from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc, reward_pb2, reward_pb2_grpc
 
-    with grpc.insecure_channel(stack["services"]["reward"]["address"]) as ch:
+    from alignd.runtime.client import make_channel
+    from alignd.runtime.tokens import operator_credentials
+
+    creds = operator_credentials(stack["auth"]["tokens_file"])
+    with make_channel(stack["services"]["reward"]["address"], credentials=creds) as ch:
         with pytest.raises(grpc.RpcError) as err:
             reward_pb2_grpc.RewardServiceStub(ch).Score(reward_pb2.ScoreRequest(items=[]), timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    with grpc.insecure_channel(stack["services"]["coordinator"]["address"]) as ch:
+    with make_channel(stack["services"]["coordinator"]["address"], credentials=creds) as ch:
         with pytest.raises(grpc.RpcError) as err:
             coordinator_pb2_grpc.CoordinatorServiceStub(ch).StartRun(
                 coordinator_pb2.StartRunRequest(run_id="Bad Id!", config_yaml="steps: 1"), timeout=30
@@ -343,6 +347,7 @@ def test_dashboard_and_rules_return_data_from_a_ppo_run(tmp_path, monkeypatch):
     import grpc
 
     from alignd.launcher import LocalStack, default_stack_config
+    from alignd.runtime.client import make_channel
     from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
 
     prometheus = prometheus_tool("prometheus")
@@ -386,7 +391,7 @@ def test_dashboard_and_rules_return_data_from_a_ppo_run(tmp_path, monkeypatch):
             "steps": RUN_STEPS, "prompts_per_step": 8, "prompts": {"path": str(ROOT / "configs" / "tiny_prompts.txt")},
             "sampling": {"max_new_tokens": 8, "ignore_eos": True}, "seed": 1,
         })
-        with grpc.insecure_channel(info["services"]["coordinator"]["address"]) as ch:
+        with make_channel(info["services"]["coordinator"]["address"], credentials=stack.operator_credentials()) as ch:
             coord = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
             coord.StartRun(coordinator_pb2.StartRunRequest(run_id="prom", config_yaml=run_cfg), timeout=60)
             _provoke_errors(info)

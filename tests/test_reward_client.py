@@ -22,9 +22,10 @@ from alignd.launcher import child_env
 from alignd.reward_client import AsyncRewardClient, RewardClient, RewardClientError, ScoreManyResult, ScoreResult
 from alignd.reward_client import _RetryPolicy
 from alignd.v1 import model_pb2, model_pb2_grpc, reward_pb2, reward_pb2_grpc
-from conftest import STARTUP_TIMEOUT_S, RoleServer, start_role, stop_role
+from conftest import STARTUP_TIMEOUT_S, RoleServer, secure_channel, start_role, stop_role, token_of
 
 ALICE = "alice-token-0123456789"
+SCORER = token_of("scorer")  # the score scope only, as an external scoring client has
 
 PAIRS = [
     ("What is the capital of France?", " Paris is the capital of France."),
@@ -129,9 +130,11 @@ def numbered(n: int) -> list[tuple[str, str]]:
 def test_sync_and_async_scores_equal_a_raw_stub_call(reward_server):
     raw_text = raw_score(reward_server.channel, text_items(PAIRS))
     raw_tokens = raw_score(reward_server.channel, token_items(TOKEN_PAIRS))
-    raw_info = model_pb2_grpc.ModelServiceStub(reward_server.channel).GetInfo(model_pb2.GetInfoRequest(), timeout=30)
+    with secure_channel(reward_server.address, "scorer") as as_scorer:  # a scorer sees no paths (docs/security.md)
+        raw_info = model_pb2_grpc.ModelServiceStub(as_scorer).GetInfo(model_pb2.GetInfoRequest(), timeout=30)
+    assert raw_info.info.model_path == ""
 
-    with RewardClient(reward_server.address) as client:
+    with RewardClient(reward_server.address, token=SCORER) as client:
         client.wait_ready(timeout=30)
         text = client.score(PAIRS)
         as_dicts = client.score([{"prompt": p, "response": r, "id": i} for i, (p, r) in enumerate(PAIRS)])
@@ -145,7 +148,7 @@ def test_sync_and_async_scores_equal_a_raw_stub_call(reward_server):
     assert info == raw_info and info.info.role == "reward"
 
     async def run():
-        async with AsyncRewardClient(reward_server.address) as client:
+        async with AsyncRewardClient(reward_server.address, token=SCORER) as client:
             return await client.score(PAIRS), await client.score_tokens(TOKEN_PAIRS), await client.info()
 
     a_text, a_tokens, a_info = asyncio.run(run())
@@ -153,7 +156,7 @@ def test_sync_and_async_scores_equal_a_raw_stub_call(reward_server):
 
 
 def test_score_many_keeps_order_and_equals_one_call(reward_server):
-    with RewardClient(reward_server.address) as client:
+    with RewardClient(reward_server.address, token=SCORER) as client:
         whole = client.score(PAIRS)
         many = client.score_many(PAIRS, batch_size=3, max_in_flight=2)
         sequential = client.score_many(PAIRS, batch_size=4, max_in_flight=1)
@@ -161,7 +164,7 @@ def test_score_many_keeps_order_and_equals_one_call(reward_server):
         assert client.score_many([], batch_size=3) == ScoreManyResult([], [])
 
     async def run():
-        async with AsyncRewardClient(reward_server.address) as client:
+        async with AsyncRewardClient(reward_server.address, token=SCORER) as client:
             return await client.score_many(PAIRS, batch_size=3, max_in_flight=2)
 
     a_many = asyncio.run(run())
@@ -336,11 +339,11 @@ def test_other_codes_are_not_retried(fake, reward_server):
         client.score(numbered(1))
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.attempts == 1 and len(servicer.calls) == 1
     # The real service: an empty response is INVALID_ARGUMENT, raised after one attempt.
-    with RewardClient(reward_server.address, retries=5) as client, pytest.raises(RewardClientError) as err:
+    with RewardClient(reward_server.address, token=SCORER, retries=5) as client, pytest.raises(RewardClientError) as err:
         client.score([("a prompt", "")])
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.attempts == 1
     assert "items[0].text.response" in err.value.details and "empty response" in err.value.details
-    with RewardClient(reward_server.address) as client, pytest.raises(RewardClientError) as err:
+    with RewardClient(reward_server.address, token=SCORER) as client, pytest.raises(RewardClientError) as err:
         client.score([])
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -570,7 +573,7 @@ def mtls(tiny_models, tmp_path_factory, pki):
 
 def test_mutual_tls(mtls, pki, reward_server):
     server, kwargs = mtls
-    with RewardClient(reward_server.address) as plain:
+    with RewardClient(reward_server.address, token=SCORER) as plain:
         expected = plain.score(PAIRS)  # the same model, served in plaintext
     with RewardClient(server.address, **kwargs) as client:
         assert client.score(PAIRS) == expected

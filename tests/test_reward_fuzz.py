@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from alignd.v1 import reward_pb2, reward_pb2_grpc
-from conftest import start_role, stop_role
+from conftest import start_role, stop_role, token_of
 
 VOCAB = 529  # the tiny test tokenizer's vocabulary (tests/conftest.py models)
 FUZZ = settings(
@@ -91,7 +91,8 @@ bodies = st.one_of(
 def _post(url: str, data: bytes, content_type: str = "application/json") -> tuple[int, bytes]:
     u = urllib.parse.urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
-    conn.request("POST", "/get_reward", body=data, headers={"Content-Type": content_type})
+    conn.request("POST", "/get_reward", body=data,
+                 headers={"Content-Type": content_type, "Authorization": f"Bearer {token_of('scorer')}"})
     resp = conn.getresponse()
     out = resp.status, resp.read()
     conn.close()

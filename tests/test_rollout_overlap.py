@@ -18,6 +18,7 @@ from alignd.services.coordinator.app import CoordinatorMetrics
 from alignd.services.coordinator.loop import Roles, RunLoop
 from alignd.services.coordinator.runs import RunRecord
 from alignd.v1 import reference_pb2, reference_pb2_grpc, reward_pb2, reward_pb2_grpc
+from conftest import credentials
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 60.0  # how long a held Generate waits for the previous micro-batch's scoring to start
@@ -53,7 +54,7 @@ def make_loop(tmp_path: Path, policy, reward, reference, micro_batches: int) -> 
     cfg = CoordinatorConfig(
         policy_addresses=[policy.address], reward_addresses=[reward.address],
         reference_addresses=[reference.address], learner_address="127.0.0.1:1",  # a rollout never calls the learner
-        rpc_timeout_seconds=120,
+        rpc_timeout_seconds=120, client=credentials("coordinator"),
     )
     run_cfg = PPORunConfig(
         prompts_per_step=7, prompts={"path": str(ROOT / "configs" / "tiny_prompts.txt")}, seed=5,

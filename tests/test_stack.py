@@ -15,7 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import stop_launcher
 
@@ -37,8 +39,16 @@ def grpcurl() -> str:
     return path
 
 
-def run_grpcurl(*args: str) -> str:
-    out = subprocess.run([grpcurl(), "-plaintext", *args], capture_output=True, text=True, timeout=60)
+def stack_token(stack: dict, name: str = "operator") -> str:
+    """The token `name` of the stack's generated tokens file (stack.json: auth.tokens_file)."""
+    from alignd.runtime.auth import read_token_entry
+
+    return read_token_entry(stack["auth"]["tokens_file"], name)
+
+
+def run_grpcurl(*args: str, token: str | None = None) -> str:
+    auth = ["-H", f"authorization: Bearer {token}"] if token else []
+    out = subprocess.run([grpcurl(), "-plaintext", *auth, *args], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -81,6 +91,12 @@ def test_up_serves_every_role_with_reflection_and_health(tmp_path, cache):
     try:
         stack = json.loads((run_dir / "stack.json").read_text())
         assert set(stack["services"]) == set(ROLES)
+        # The stack made its credentials: a private file, named in stack.json and on stdout.
+        tokens_file = Path(stack["auth"]["tokens_file"])
+        assert tokens_file.parent == run_dir / "auth" and (tokens_file.stat().st_mode & 0o777) == 0o600
+        assert (tokens_file.parent.stat().st_mode & 0o777) == 0o700
+        assert any(str(tokens_file) in line for line in lines)
+        op = stack_token(stack)
         for role in ROLES:
             svc = stack["services"][role]
             assert svc["address"].startswith("127.0.0.1:") and int(svc["address"].rsplit(":", 1)[1]) > 0
@@ -88,44 +104,54 @@ def test_up_serves_every_role_with_reflection_and_health(tmp_path, cache):
             assert alive(svc["pid"])
             assert any(role in line and svc["address"] in line for line in lines)
 
-            listed = run_grpcurl(svc["address"], "list").split()
+            listed = run_grpcurl(svc["address"], "list", token=op).split()
             for name in SERVICES[role] + ["grpc.health.v1.Health"]:
                 assert name in listed, (role, listed)
+            stranger = subprocess.run([grpcurl(), "-plaintext", svc["address"], "list"], capture_output=True, text=True,
+                                      timeout=60)
+            assert stranger.returncode != 0 and "Unauthenticated" in stranger.stderr, (role, stranger.stderr)
             for name in SERVICES[role]:
-                described = run_grpcurl(svc["address"], "describe", name)
+                described = run_grpcurl(svc["address"], "describe", name, token=op)
                 assert f"service {name.rsplit('.', 1)[1]}" in described and "rpc " in described
-            health = json.loads(run_grpcurl("-d", '{"service": ""}', svc["address"], "grpc.health.v1.Health/Check"))
+            # grpcurl finds the health service by reflection, which takes a token like every RPC but health itself
+            health = json.loads(run_grpcurl("-d", '{"service": ""}', svc["address"], "grpc.health.v1.Health/Check",
+                                            token=op))
             assert health == {"status": "SERVING"}
-            role_health = json.loads(
-                run_grpcurl("-d", json.dumps({"service": SERVICES[role][0]}), svc["address"], "grpc.health.v1.Health/Check")
-            )
+            role_health = json.loads(run_grpcurl("-d", json.dumps({"service": SERVICES[role][0]}), svc["address"],
+                                                 "grpc.health.v1.Health/Check", token=op))
             assert role_health == {"status": "SERVING"}
+            with grpc.insecure_channel(svc["address"]) as ch:  # what a Kubernetes probe sends: no token
+                probe = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+            assert probe.status == health_pb2.HealthCheckResponse.SERVING
 
         # A JSON call through reflection, as a user would try it.
         gen = json.loads(
             run_grpcurl(
                 "-d", '{"prompts": [{"text": "Hello"}], "sampling": {"max_new_tokens": 4, "seed": 1, "temperature": 1}}',
-                stack["services"]["policy"]["address"], "alignd.v1.PolicyService/Generate",
+                stack["services"]["policy"]["address"], "alignd.v1.PolicyService/Generate", token=op,
             )
         )
         sample = gen["samples"][0]
         assert len(gen["samples"]) == 1, gen
         assert 1 <= len(sample.get("tokenIds", sample.get("token_ids", []))) <= 4, gen
-        info = json.loads(run_grpcurl(stack["services"]["coordinator"]["address"], "alignd.v1.CoordinatorService/GetCoordinatorInfo"))
+        info = json.loads(run_grpcurl(stack["services"]["coordinator"]["address"],
+                                      "alignd.v1.CoordinatorService/GetCoordinatorInfo", token=op))
         assert info.get("policyAddresses", info.get("policy_addresses")) == [stack["services"]["policy"]["address"]]
         assert info.get("learnerAddress", info.get("learner_address")) == stack["services"]["learner"]["address"]
-        runs = json.loads(run_grpcurl("-d", "{}", stack["services"]["coordinator"]["address"], "alignd.v1.CoordinatorService/ListRuns"))
+        runs = json.loads(run_grpcurl("-d", "{}", stack["services"]["coordinator"]["address"],
+                                      "alignd.v1.CoordinatorService/ListRuns", token=op))
         assert runs == {}  # no run yet
         # The reward role's HTTP API (OpenRLHF's /get_reward) is listed and answers.
         http_url = stack["services"]["reward"]["http_url"]
         assert http_url.startswith("http://127.0.0.1:") and any(http_url in line for line in lines)
         assert all("http_url" not in stack["services"][r] for r in ROLES if r != "reward")
         req = urllib.request.Request(http_url + "/get_reward", data=json.dumps({"query": ["Hello there"]}).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {stack_token(stack, 'scorer')}"})
         with urllib.request.urlopen(req, timeout=60) as resp:
             assert len(json.loads(resp.read())["rewards"]) == 1
         bad = subprocess.run(
-            [grpcurl(), "-plaintext", "-d", '{"run_id": "Bad Id!", "config_yaml": "steps: 1"}',
+            [grpcurl(), "-plaintext", "-H", f"authorization: Bearer {op}", "-d", '{"run_id": "Bad Id!", "config_yaml": "steps: 1"}',
              stack["services"]["coordinator"]["address"], "alignd.v1.CoordinatorService/StartRun"],
             capture_output=True, text=True, timeout=60,
         )
@@ -186,6 +212,7 @@ def test_up_restarts_a_killed_role_on_its_address(tmp_path, cache):
     from prometheus_client.parser import text_string_to_metric_families
 
     from alignd.runtime.client import make_channel
+    from alignd.runtime.tokens import operator_credentials
     from alignd.v1 import reward_pb2, reward_pb2_grpc
 
     run_dir = tmp_path / "run"
@@ -203,7 +230,8 @@ def test_up_restarts_a_killed_role_on_its_address(tmp_path, cache):
         assert after["pid"] != svc["pid"] and alive(after["pid"])
         assert (after["address"], after["metrics_url"], after["http_url"]) == (svc["address"], svc["metrics_url"], svc["http_url"])
         assert after["restarts"] == 1 and after["last_exit_code"] == -9
-        with make_channel(svc["address"]) as ch:  # the old address serves again
+        with make_channel(svc["address"], credentials=operator_credentials(before["auth"]["tokens_file"])) as ch:
+            # the old address serves again, with the same credentials
             item = reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt="Hi", response=" there"))
             assert len(reward_pb2_grpc.RewardServiceStub(ch).Score(reward_pb2.ScoreRequest(items=[item]), timeout=60).scores) == 1
         text = urllib.request.urlopen(before["launcher"]["metrics_url"], timeout=10).read().decode()

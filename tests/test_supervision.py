@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from alignd.runtime.client import make_channel
+from alignd.runtime.tokens import operator_credentials
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
 from conftest import dump_stack, stop_launcher, wait_until
 
@@ -42,7 +43,8 @@ def _step(run_dir: Path) -> int:
     if stack is None:
         return -1
     try:
-        with make_channel(stack["services"]["coordinator"]["address"]) as ch:
+        with make_channel(stack["services"]["coordinator"]["address"],
+                          credentials=operator_credentials(stack["auth"]["tokens_file"])) as ch:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
             return stub.GetRun(coordinator_pb2.GetRunRequest(run_id="ppo"), timeout=10).run.step
     except Exception:  # noqa: BLE001 - the run may not exist yet, or the coordinator is restarting

@@ -16,7 +16,7 @@ import trustme
 from alignd.atomic import write_bytes_atomic
 from alignd.launcher import child_env
 from alignd.v1 import reward_pb2, reward_pb2_grpc
-from conftest import start_role, stop_role
+from conftest import start_role, stop_role, token_of
 
 ITEM = reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt="Hello", response=" world"))
 
@@ -25,6 +25,11 @@ def _write_server_cert(ca: trustme.CA, cert_path, key_path) -> None:
     cert = ca.issue_cert("127.0.0.1", "localhost")
     write_bytes_atomic(cert_path, b"".join(b.bytes() for b in cert.cert_chain_pems))
     write_bytes_atomic(key_path, cert.private_key_pem.bytes())
+
+
+def with_token(creds: grpc.ChannelCredentials) -> grpc.ChannelCredentials:
+    """TLS credentials that also send the scorer's token of the test tokens file (every role requires one)."""
+    return grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token_of("scorer")))
 
 
 def _score(channel) -> float:
@@ -41,7 +46,7 @@ def _https_post(url: str, ctx: ssl.SSLContext) -> tuple[int, dict]:
     u = urllib.parse.urlparse(url)
     conn = http.client.HTTPSConnection(u.hostname, u.port, context=ctx, timeout=30)
     conn.request("POST", "/get_reward", body=json.dumps({"query": ["Hello world"], "prompts": ["Hello"]}),
-                 headers={"Content-Type": "application/json"})
+                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token_of('scorer')}"})
     resp = conn.getresponse()
     out = resp.status, json.loads(resp.read())
     conn.close()
@@ -87,7 +92,7 @@ def test_rewritten_certificates_serve_new_connections(tls_role):
     server, _ca, info, work = tls_role
 
     def grpc_ok(ca):
-        with grpc.secure_channel(info["address"], grpc.ssl_channel_credentials(ca.cert_pem.bytes())) as ch:
+        with grpc.secure_channel(info["address"], with_token(grpc.ssl_channel_credentials(ca.cert_pem.bytes()))) as ch:
             assert isinstance(_score(ch), float)
 
     def https_ok(ca):

@@ -29,23 +29,47 @@ class Strict(BaseModel):
 
 
 class AuthConfig(Strict):
-    """Bearer-token authentication of the role's gRPC API (alignd.runtime.auth)."""
+    """Authentication and authorisation of the role's APIs (alignd.runtime.auth; docs/security.md)."""
 
+    enabled: bool = Field(
+        True,
+        description="Require a credential with the right scope on every RPC but the health checks. On by default: "
+        "a role refuses to start without tokens_file. false serves every caller unchecked (a role listening so on a "
+        "non-loopback address logs auth_disabled_exposed at start and sets alignd_<slug>_auth_disabled_exposed 1).",
+    )
     tokens_file: str | None = Field(
         None,
-        description="YAML file of named tokens ({name: token}, tokens of 16+ characters; the chart's rewardAuth "
-        "Secret). Calls need 'authorization: Bearer <token>' metadata; the file is re-read when it changes "
-        "(rotation and revocation without a restart). null: no authentication.",
+        description="YAML file of named tokens with their scopes ({name: {token | sha256, scopes: [...]}}; a bare "
+        "`name: token` has the score scope only). `alignd up` generates one per stack (RUN_DIR/auth/tokens.yaml, "
+        "mode 0600) and the chart mounts one from a Secret. Calls need 'authorization: Bearer <token>'; the file "
+        "is re-read when it changes (rotation and revocation without a restart).",
     )
     public_methods: list[str] = Field(
         ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"],
-        description="Full method names callable without a token (the health checks that Kubernetes probes send).",
+        description="Full method names callable without a token: the health checks that Kubernetes probes send "
+        "(the only methods allowed here).",
     )
     trusted_networks: list[str] = Field(
         [],
-        description="CIDRs whose callers may call without a token (e.g. the coordinator's pod network); none by "
-        "default. A caller that does send a token is checked anyway.",
+        description="CIDRs whose callers may call without a token, with the score scope and nothing else (the "
+        "OpenRLHF client sends no token); none by default. A caller that does send a token is checked anyway.",
     )
+    metrics_requires_token: bool = Field(
+        False,
+        description="/metrics answers only with 'Authorization: Bearer <token>' of a token with the metrics (or "
+        "admin) scope (the chart's metrics.auth). Off: /metrics is open on metrics_host, and holds no token, path "
+        "or prompt.",
+    )
+
+    @field_validator("public_methods")
+    @classmethod
+    def _public(cls, v: list[str]) -> list[str]:
+        from alignd.runtime.scopes import HEALTH_METHODS
+
+        extra = [m for m in v if m not in HEALTH_METHODS]
+        if extra:
+            raise ValueError(f"only the health checks may be public, not {', '.join(extra)}")
+        return v
 
     @field_validator("trusted_networks")
     @classmethod
@@ -58,6 +82,35 @@ class AuthConfig(Strict):
             except ValueError:
                 raise ValueError(f"{n!r} is not a CIDR network") from None
         return v
+
+
+class ServerLimitsConfig(Strict):
+    """What one caller may hold of a role's gRPC server (alignd.runtime.access)."""
+
+    max_concurrent_calls_per_client: int = Field(
+        32, ge=1,
+        description="Calls in flight (running or queued) per client: per token, or per peer IP for callers without "
+        "one; beyond it a call answers RESOURCE_EXHAUSTED at once. Keep it below server.max_workers so that one "
+        "client cannot hold every worker thread.",
+    )
+    max_request_bytes: dict[str, Annotated[int, Field(ge=64)]] = Field(
+        {},
+        description="Largest request message per method name (e.g. {Score: 16777216}), checked before it is "
+        "parsed; beyond it RESOURCE_EXHAUSTED. Defaults: Score and LogProbs 16 MiB, Generate 4 MiB, TrainStep "
+        "64 MiB, each UpdateWeights message 16 MiB, every other method 1 MiB; server.max_message_bytes caps all.",
+    )
+    stream_idle_timeout_seconds: float = Field(
+        30.0, gt=0,
+        description="A client stream (UpdateWeights) that sends no message for this long is ended DEADLINE_EXCEEDED, "
+        "releasing what it holds (the replica's weight-update slot).",
+    )
+    max_health_watchers: int = Field(
+        256, ge=1, description="Open grpc.health.v1 Watch streams in all; beyond it Watch answers RESOURCE_EXHAUSTED "
+        "(Check still answers: probes use Check)."
+    )
+    max_health_watchers_per_peer: int = Field(
+        64, ge=1, description="Open Watch streams per peer IP (they need no token, so the peer is the client)."
+    )
 
 
 class TLSConfig(Strict):
@@ -111,18 +164,74 @@ class ServerConfig(Strict):
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 = an ephemeral port (see the endpoint file / stack.json).")
     metrics_host: str = Field("127.0.0.1", description="Interface of the Prometheus /metrics HTTP endpoint.")
     metrics_port: int = Field(0, ge=-1, le=65535, description="/metrics port; 0 = ephemeral, -1 = disabled.")
-    max_workers: int = Field(
-        64, ge=1,
-        description="Threads serving RPCs; each waiting call holds one, so keep it above batching.max_batch_size "
-        "(the model itself runs on one batcher thread).",
+    metrics_tls: bool = Field(
+        False,
+        description="Serve /metrics over HTTPS with server.tls's certificate (requiring a client certificate when "
+        "tls.client_ca_file is set). Off: plain HTTP.",
     )
-    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent, in bytes.")
+    max_workers: int = Field(
+        128, ge=1,
+        description="Threads serving RPCs; each waiting call holds one, so keep it above batching.max_batch_size "
+        "(the model itself runs on one batcher thread) and above limits.max_concurrent_calls_per_client. Health "
+        "checks and refused calls have threads of their own.",
+    )
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024,
+        description="Largest gRPC message the transport accepts or sends, in bytes; limits.max_request_bytes sets "
+        "smaller limits per method.",
+    )
     grace_seconds: float = Field(10.0, ge=0, description="On SIGTERM, in-flight RPCs get this long to finish, in seconds.")
-    auth: AuthConfig = Field(default_factory=AuthConfig, description="Bearer-token authentication (off by default).")
+    auth: AuthConfig = Field(
+        default_factory=AuthConfig, description="Tokens and scopes (on by default: docs/security.md)."
+    )
+    limits: ServerLimitsConfig = Field(
+        default_factory=ServerLimitsConfig, description="Per-client concurrency, request sizes, idle streams."
+    )
     tls: TLSConfig = Field(default_factory=TLSConfig, description="TLS / mutual TLS from certificate files (off by default).")
     fault_injection: FaultInjectionConfig = Field(
         default_factory=FaultInjectionConfig, description="Injected delays for chaos drills (off by default)."
     )
+
+    @model_validator(mode="after")
+    def _metrics_tls_needs_tls(self) -> "ServerConfig":
+        if self.metrics_tls and not self.tls.enabled:
+            raise ValueError("metrics_tls needs tls.cert_file and tls.key_file")
+        return self
+
+
+class RoleClientConfig(Strict):
+    """The credentials a role presents to the roles it calls (its token; TLS / mutual TLS)."""
+
+    tokens_file: str | None = Field(
+        None,
+        description="File with the bearer token to send: the token alone, or with token_name a tokens YAML "
+        "({name: token} or {name: {token, scopes}}: the local stack's generated file). Re-read when it changes. "
+        "null: no token (only for roles with server.auth.enabled: false).",
+    )
+    token_name: str | None = Field(None, description="Which token of the tokens_file YAML to send.")
+    ca_file: str | None = Field(
+        None, description="PEM CA bundle that signed the server's certificate; set: connect with TLS. null: plaintext."
+    )
+    cert_file: str | None = Field(None, description="PEM client certificate, for a server that requires mutual TLS.")
+    key_file: str | None = Field(None, description="PEM private key of cert_file.")
+    server_name: str | None = Field(
+        None, description="Name to verify in the server's certificate instead of the address's host (TLS only)."
+    )
+
+    @field_validator("tokens_file", "ca_file", "cert_file", "key_file")
+    @classmethod
+    def _expand(cls, v: str | None) -> str | None:
+        return None if v is None else os.path.expanduser(os.path.expandvars(v))
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "RoleClientConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mutual TLS)")
+        if self.cert_file is not None and self.ca_file is None:
+            raise ValueError("cert_file (mutual TLS) needs ca_file (TLS)")
+        if self.token_name is not None and self.tokens_file is None:
+            raise ValueError("token_name needs tokens_file")
+        return self
 
 
 class ModelConfig(Strict):
@@ -453,7 +562,16 @@ class LearnerConfig(RoleConfig):
         "learner restart: with N > 1 a restarted learner is behind the coordinator's step and the run fails.",
     )
     checkpoint_keep: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
-    policy_addresses: list[str] = Field([], description="host:port of every policy replica that receives new weights.")
+    policy_addresses: list[str] = Field(
+        [],
+        description="host:port of every policy replica that receives new weights (a headless Service name stands for "
+        "every address it resolves to). PushWeights sends to these and nowhere else.",
+    )
+    client: RoleClientConfig = Field(
+        default_factory=RoleClientConfig,
+        description="Credentials the learner presents to the policy replicas (a token with the weights scope; TLS). "
+        "The local stack fills it in.",
+    )
     push_chunk_bytes: int = Field(1 << 20, ge=1024, description="Chunk size of the weight stream, in bytes.")
     weight_sync: Literal["auto", "stream", "filesystem"] = Field(
         "auto",
@@ -550,40 +668,6 @@ class LauncherConfig(Strict):
         return self
 
 
-class RoleClientConfig(Strict):
-    """How the coordinator calls a role that requires credentials (a reward role with server.auth / server.tls)."""
-
-    tokens_file: str | None = Field(
-        None,
-        description="File with the bearer token to send: the token alone, or with token_name a tokens YAML "
-        "({name: token}, e.g. the reward role's own mounted Secret). Re-read when it changes. null: no token.",
-    )
-    token_name: str | None = Field(None, description="Which token of the tokens_file YAML to send.")
-    ca_file: str | None = Field(
-        None, description="PEM CA bundle that signed the server's certificate; set: connect with TLS. null: plaintext."
-    )
-    cert_file: str | None = Field(None, description="PEM client certificate, for a server that requires mutual TLS.")
-    key_file: str | None = Field(None, description="PEM private key of cert_file.")
-    server_name: str | None = Field(
-        None, description="Name to verify in the server's certificate instead of the address's host (TLS only)."
-    )
-
-    @field_validator("tokens_file", "ca_file", "cert_file", "key_file")
-    @classmethod
-    def _expand(cls, v: str | None) -> str | None:
-        return None if v is None else os.path.expanduser(os.path.expandvars(v))
-
-    @model_validator(mode="after")
-    def _pairs(self) -> "RoleClientConfig":
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together (mutual TLS)")
-        if self.cert_file is not None and self.ca_file is None:
-            raise ValueError("cert_file (mutual TLS) needs ca_file (TLS)")
-        if self.token_name is not None and self.tokens_file is None:
-            raise ValueError("token_name needs tokens_file")
-        return self
-
-
 RETRY_PHASES = ("generate", "score", "reference", "train", "sync_weights", "evaluate", "sft", "rm")
 
 
@@ -609,9 +693,15 @@ class CoordinatorConfig(RoleConfig):
 
     policy_addresses: list[str] = Field([], description="host:port of every policy replica (requests are spread over all).")
     reward_addresses: list[str] = Field([], description="host:port of every reward replica.")
+    client: RoleClientConfig = Field(
+        default_factory=RoleClientConfig,
+        description="Credentials the coordinator presents to every role it calls (a token with the scopes "
+        "generate, score, logprobs, train and weights; TLS). The local stack fills it in.",
+    )
     reward_client: RoleClientConfig = Field(
         default_factory=RoleClientConfig,
-        description="Credentials for the reward replicas (their server.auth token, their server.tls CA); none by default.",
+        description="Other credentials for the reward replicas only (e.g. a reward service run by another team); "
+        "default: client.",
     )
     reference_addresses: list[str] = Field([], description="host:port of every reference replica.")
     learner_address: str | None = Field(None, description="host:port of the learner.")
@@ -632,6 +722,12 @@ class CoordinatorConfig(RoleConfig):
     launcher: LauncherConfig = Field(
         LauncherConfig(), description="How jobs that run outside the roles (reward-model training) are started."
     )
+
+    def credentials_for(self, role: str) -> RoleClientConfig:
+        """What the coordinator presents to `role`: reward_client for the reward replicas when it is set, else client."""
+        if role == "reward" and self.reward_client != RoleClientConfig():
+            return self.reward_client
+        return self.client
 
 
 class SamplingConfig(Strict):

@@ -45,7 +45,7 @@ def run_demo(run_dir: Path, config: str | None = None, overrides: list[str] | No
         started = time.perf_counter() - t0
         svc = stack.describe()["services"]
         print(f"stack up in {started:.1f}s: {run_dir / 'stack.json'}")
-        summary = _exercise(svc)
+        summary = _exercise(svc, stack.operator_credentials())
         summary["stack_start_seconds"] = started
         write_json_atomic(run_dir / "demo.json", summary)
         print(f"wrote {run_dir / 'demo.json'}")
@@ -70,8 +70,8 @@ def infos_path(channel) -> str:
     return info.model_path
 
 
-def _exercise(svc: dict) -> dict:
-    ch = {role: make_channel(s["address"]) for role, s in svc.items()}
+def _exercise(svc: dict, credentials) -> dict:
+    ch = {role: make_channel(s["address"], credentials=credentials) for role, s in svc.items()}
     policy = policy_pb2_grpc.PolicyServiceStub(ch["policy"])
     gen = policy.Generate(
         policy_pb2.GenerateRequest(

@@ -161,6 +161,13 @@ class LocalStack:
         )
         self._metrics_http = None
         self.metrics_url: str | None = None
+        self.tokens_file: Path | None = None  # RUN_DIR/auth/tokens.yaml, made at start (alignd.runtime.tokens)
+
+    def operator_credentials(self):
+        """What `alignd` commands send to this stack's roles: the operator's token (alignd.runtime.tokens)."""
+        from alignd.runtime.tokens import operator_credentials
+
+        return operator_credentials(self.tokens_file)
 
     # -- start -------------------------------------------------------------
     def _spawn(self, role: str, ports: dict[str, int] | None = None) -> Child:
@@ -214,11 +221,19 @@ class LocalStack:
         # 2. Health turns SERVING once the model is loaded and warmed up.
         with grpc.insecure_channel(child.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
+            polling = False
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"{child.role} not SERVING within {self.cfg.startup_timeout_seconds:.0f}s")
                 try:
+                    if polling:  # the role refused another Watch stream (its cap): ask with Check instead
+                        serving = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=min(remaining, 5.0))
+                        if serving.status == health_pb2.HealthCheckResponse.SERVING:
+                            _log.info("child_ready", child=child.role, address=child.address)
+                            return
+                        child.exited.wait(0.2)
+                        continue
                     for resp in stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=min(remaining, 5.0)):
                         if resp.status == health_pb2.HealthCheckResponse.SERVING:
                             _log.info("child_ready", child=child.role, address=child.address)
@@ -226,7 +241,9 @@ class LocalStack:
                 except grpc.RpcError as err:
                     if child.exited.is_set():
                         raise self._died(child) from None
-                    if err.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                    if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        polling = True
+                    elif err.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
                         raise
 
     def _fill_addresses(self) -> None:
@@ -244,6 +261,11 @@ class LocalStack:
     def start(self) -> dict:
         """Starts every role; returns the stack.json content once all are SERVING."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.tokens_file is None:
+            from alignd.runtime.tokens import apply_stack_auth, ensure_stack_tokens
+
+            self.tokens_file = ensure_stack_tokens(self.run_dir)
+            apply_stack_auth(self.cfg, self.tokens_file)
         if self._metrics_http is None:
             from alignd.runtime.metrics import serve_metrics
 
@@ -287,7 +309,10 @@ class LocalStack:
             if r in self.last_exit:
                 svc["last_exit_code"] = self.last_exit[r]
             services[r] = svc
-        return {"services": services, "launcher": {"pid": os.getpid(), "metrics_url": self.metrics_url}}
+        from alignd.runtime.tokens import OPERATOR
+
+        auth = {"tokens_file": str(self.tokens_file), "operator_token": OPERATOR} if self.tokens_file else None
+        return {"services": services, "launcher": {"pid": os.getpid(), "metrics_url": self.metrics_url}, "auth": auth}
 
     # -- supervision -------------------------------------------------------
     def supervise(self, on_restart=None) -> ChildDied | None:
@@ -426,6 +451,8 @@ def run_stack(cfg: StackConfig, run_dir: Path) -> int:
     for role, svc in info["services"].items():
         http = f"  http {svc['http_url']}" if svc.get("http_url") else ""
         print(f"{role:12s} {svc['address']:22s} metrics {svc['metrics_url']}{http}", flush=True)
+    if stack.tokens_file is not None:
+        print(f"credentials  {stack.tokens_file} (operator: admin; scorer: score; ... see docs/security.md)", flush=True)
     print(f"alignd: stack ready: {run_dir / 'stack.json'}", flush=True)
     while not stop.is_set():
         stack.any_exited.wait()

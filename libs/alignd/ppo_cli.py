@@ -107,7 +107,7 @@ def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline
     try:
         addr = stack.describe()["services"]["coordinator"]["address"]
         print(f"stack up in {time.monotonic() - started:.1f}s; logs in {run_dir / 'logs'}", flush=True)
-        with make_channel(addr) as ch:
+        with make_channel(addr, credentials=stack.operator_credentials()) as ch:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
             run = stub.StartRun(
                 coordinator_pb2.StartRunRequest(run_id="pipeline" if pipeline else "ppo", config_yaml=run_yaml, run_dir=str(run_dir)),

@@ -116,12 +116,16 @@ class Roles:
         self.cfg = cfg
         # A headless Service name becomes one channel per replica (resolved when the run starts).
         self.policy_addresses = expand_addresses(cfg.policy_addresses)
-        self.policy = [make_channel(a) for a in self.policy_addresses]
-        self.reward = [make_channel(a, credentials=cfg.reward_client) for a in expand_addresses(cfg.reward_addresses)]
-        self.reference = [make_channel(a) for a in expand_addresses(cfg.reference_addresses)]
-        self.learner = make_channel(cfg.learner_address)
+        self.policy = [self.channel("policy", a) for a in self.policy_addresses]
+        self.reward = [self.channel("reward", a) for a in expand_addresses(cfg.reward_addresses)]
+        self.reference = [self.channel("reference", a) for a in expand_addresses(cfg.reference_addresses)]
+        self.learner = self.channel("learner", cfg.learner_address)
         self._rr = 0
         self._jitter = random.Random()
+
+    def channel(self, role: str, address: str) -> grpc.Channel:
+        """A channel to one replica of `role`, carrying the coordinator's credentials for it."""
+        return make_channel(address, credentials=self.cfg.credentials_for(role))
 
     def next_rr(self) -> int:
         self._rr += 1
@@ -181,7 +185,7 @@ class Roles:
         _log.info("replica_address_changed", old=self.policy_addresses[r], new=fresh[r])
         self.policy[r].close()
         self.policy_addresses[r] = fresh[r]
-        self.policy[r] = make_channel(fresh[r])
+        self.policy[r] = self.channel("policy", fresh[r])
         return True
 
     def info(self, channel) -> model_pb2.ModelInfo:

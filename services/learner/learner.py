@@ -415,7 +415,7 @@ class Learner:
                 raise
 
         def push_one(address: str) -> int:
-            with make_channel(address) as ch:
+            with make_channel(address, credentials=self.cfg.client) as ch:
                 stub = model_pb2_grpc.ModelServiceStub(ch)
                 info = stub.GetInfo(model_pb2.GetInfoRequest(), timeout=30).info
                 if info.weight_version >= version or (stage_only and info.staged_weight_version == version):

@@ -53,8 +53,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import structlog
 
-from alignd.runtime.auth import CLIENT
+from alignd.runtime.auth import PRINCIPAL
 from alignd.runtime.errors import AligndError, DeadlineExceeded, InvalidArgument, Unauthenticated
+from alignd.runtime.scopes import SCORE
 from alignd.runtime.logging import get_logger
 from alignd.services.reward.api import RewardAPI, status_name
 
@@ -63,6 +64,7 @@ _log = get_logger("alignd.reward.http")
 GRPC_TO_HTTP = {
     "INVALID_ARGUMENT": HTTPStatus.BAD_REQUEST,
     "UNAUTHENTICATED": HTTPStatus.UNAUTHORIZED,
+    "PERMISSION_DENIED": HTTPStatus.FORBIDDEN,
     "RESOURCE_EXHAUSTED": HTTPStatus.TOO_MANY_REQUESTS,
     "UNAVAILABLE": HTTPStatus.SERVICE_UNAVAILABLE,
     "DEADLINE_EXCEEDED": HTTPStatus.GATEWAY_TIMEOUT,
@@ -311,14 +313,15 @@ class RewardHTTPHandler(BaseHTTPRequestHandler):
             tls = self.server.tls
             if tls is not None and not tls.client_verified(self.connection):
                 raise HttpError(HTTPStatus.FORBIDDEN, "UNAUTHENTICATED", "mutual TLS: a client certificate is required")
-            client = self._authenticate()  # before reading the body: a stranger's body is not read
+            principal = self._authenticate()  # before reading the body: a stranger's body is not read
+            client = principal.name if principal is not None else None
             body = self._read_body()
-            token = CLIENT.set(client)
+            token = PRINCIPAL.set(principal)
             try:
                 structlog.contextvars.bind_contextvars(client=client)
                 payload = self._score(body)
             finally:
-                CLIENT.reset(token)
+                PRINCIPAL.reset(token)
         except HttpError as err:
             api.observe("http", client, started, err.code)
             self._send_error(err)
@@ -359,7 +362,8 @@ class RewardHTTPHandler(BaseHTTPRequestHandler):
             raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "INVALID_ARGUMENT", f"Content-Type {ctype!r}: send application/json")
         return body
 
-    def _authenticate(self) -> str | None:
+    def _authenticate(self):
+        """The caller (alignd.runtime.auth.Principal) with the score scope; None when authentication is off."""
         auth = self.server.authenticator
         if auth is None:
             return None
@@ -368,7 +372,9 @@ class RewardHTTPHandler(BaseHTTPRequestHandler):
             ip = getattr(ip, "ipv4_mapped", None) or ip  # an IPv4 client of a dual-stack socket
         except ValueError:
             ip = None
-        return auth.authenticate(self.headers.get("Authorization"), ip, api="http")
+        principal = auth.authenticate(self.headers.get("Authorization"), ip, api="http")
+        auth.authorize(principal, SCORE, "/get_reward", api="http")
+        return principal
 
     def _timeout(self) -> float:
         timeout = self.server.timeout_seconds

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from alignd.models.handle import ModelHandle, read_weights_dir, read_weights_shapes
 from alignd.models.scoring import POOLINGS, SCORE_BIAS_KEY, SCORE_POOLING_KEY
 from alignd.models.weights import receive_stream
+from alignd.runtime.auth import caller_is_admin
 from alignd.runtime.errors import Aborted, FailedPrecondition, InvalidArgument
 from alignd.runtime.logging import get_logger
 from alignd.runtime.server import ServiceHost
@@ -125,6 +126,8 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
 
     def GetInfo(self, request, context):
         info = self._handle(context).info()
+        if self.host.authenticator is not None and not caller_is_admin():
+            info.model_path = ""  # where the weights live is for admins (docs/security.md)
         staged = self.staged
         info.staged_weight_version = staged.version if staged is not None else 0
         return model_pb2.GetInfoResponse(info=info)

@@ -1,54 +1,120 @@
-"""Bearer-token authentication of a role's gRPC API (the reward service's, first of all).
+"""Bearer-token authentication and scope authorisation of a role's APIs (docs/security.md).
 
-Callers send `authorization: Bearer <token>` metadata. The tokens live in
-one YAML file of named tokens, `{name: token, ...}` (in Kubernetes a mounted
-Secret: the chart's `rewardAuth`), configured as `server.auth.tokens_file`.
-The file is re-read when it changes (its mtime, size or inode; checked on
-each call), so tokens are added, rotated and revoked by rewriting the file,
-without a restart: a token removed from the file is refused from the next
-call on. A rewrite that does not parse keeps the tokens of the last good
-version (logged `auth_tokens_invalid`); a file that cannot be read at start
-is a configuration error.
+Callers send `authorization: Bearer <token>` metadata (gRPC) or header
+(HTTP). A role checks it against one YAML file of named tokens,
+`server.auth.tokens_file` (in Kubernetes a mounted Secret; on the local
+stack the file `alignd up` generates), each entry one of:
 
-A call gets UNAUTHENTICATED (never reaching the servicer) for a missing
-header, a malformed one, or a token that is not in the file. Exempt, by
-configuration only: `public_methods` (by default the gRPC health checks,
-which Kubernetes probes send without credentials) and callers from
-`trusted_networks` (CIDRs, by default none: e.g. the pod network of the
-coordinator inside the cluster). The token's name (never the token) goes into
-the log context as `client`. Tokens are compared in constant time.
+    scorer: "the-token"                       # a bare token: scope `score` only
+    coordinator:
+      token: "the-token"                      # the token itself, or
+      sha256: "hex digest of the token"       # only its SHA-256 (the role never holds it)
+      scopes: [generate, score, logprobs, train, weights]
+
+Scopes are those of alignd.runtime.scopes; `admin` grants every one. The file
+is re-read when it changes (mtime, size or inode; checked on each call), so
+tokens are added, rotated and revoked by rewriting it, without a restart. A
+rewrite that does not parse keeps the tokens of the last good version
+(logged `auth_tokens_invalid`); a file that cannot be read at start is a
+configuration error.
+
+A call without a valid token gets UNAUTHENTICATED (missing header, malformed
+header, unknown token); a token without the method's scope gets
+PERMISSION_DENIED naming the scope. Exempt, by configuration only: the
+public methods (the gRPC health checks) and callers from `trusted_networks`
+(CIDRs, none by default), which get the `score` scope and nothing else (the
+OpenRLHF client sends no token). The token's name (never the token) goes
+into the log context as `client`. Tokens are compared in constant time.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
+import hashlib
 import hmac
 import ipaddress
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-import structlog
 import yaml
 
-from alignd.runtime.errors import Unauthenticated
-from alignd.runtime.interceptor import rewrap
+from alignd.runtime import scopes as S
+from alignd.runtime.errors import PermissionDenied, Unauthenticated
 from alignd.runtime.logging import get_logger
 
 _log = get_logger("alignd.auth")
 
 AUTH_KEY = "authorization"
-HEALTH_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
+HEALTH_METHODS = S.HEALTH_METHODS
+TRUSTED_NETWORK = "trusted-network"
+MIN_TOKEN_CHARS = 16
+REJECT_REASONS = ("missing", "malformed", "unknown", "scope")
 
 
 class TokenError(ValueError):
-    """The tokens file cannot be read or is not a mapping of names to tokens."""
+    """The tokens file cannot be read or is not a mapping of names to token entries."""
 
 
-def parse_tokens(text: str, source: str) -> dict[str, str]:
-    """{name: token} from the YAML text of a tokens file; TokenError names what is wrong."""
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: the token's name and the scopes it carries."""
+
+    name: str
+    scopes: frozenset[str]
+
+    def allows(self, scope: str) -> bool:
+        return scope in (S.ANY, S.PUBLIC) or S.ADMIN in self.scopes or scope in self.scopes
+
+
+@dataclass(frozen=True)
+class TokenEntry:
+    name: str
+    digest: bytes  # SHA-256 of the token: what is compared (constant time)
+    scopes: frozenset[str]
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _entry(name, value, source: str) -> TokenEntry:
+    where = f"{source}: {name!r}"
+    if isinstance(value, str):  # a bare token: a scoring client (the least privilege)
+        value = {"token": value, "scopes": [S.SCORE]}
+    if not isinstance(value, dict):
+        raise TokenError(f"{where}: must be a token string or a mapping with token (or sha256) and scopes")
+    unknown = set(value) - {"token", "sha256", "scopes"}
+    if unknown:
+        raise TokenError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+    token, sha = value.get("token"), value.get("sha256")
+    if (token is None) == (sha is None):
+        raise TokenError(f"{where}: give exactly one of token and sha256")
+    if token is not None:
+        if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS or token != token.strip():
+            raise TokenError(f"{where}: the token must be a string of at least {MIN_TOKEN_CHARS} characters "
+                             "without surrounding spaces")
+        digest = token_digest(token)
+    else:
+        try:
+            digest = bytes.fromhex(sha) if isinstance(sha, str) else b""
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise TokenError(f"{where}: sha256 must be 64 hex digits (the SHA-256 of the token)")
+    raw_scopes = value.get("scopes")
+    if not isinstance(raw_scopes, list) or not raw_scopes or not all(isinstance(s, str) for s in raw_scopes):
+        raise TokenError(f"{where}: scopes must be a non-empty list of scope names ({', '.join(S.SCOPES)})")
+    try:
+        scopes = S.check_scopes(raw_scopes, where)
+    except ValueError as exc:
+        raise TokenError(str(exc)) from None
+    return TokenEntry(name, digest, scopes)
+
+
+def parse_tokens(text: str, source: str) -> dict[str, TokenEntry]:
+    """{name: TokenEntry} from the YAML text of a tokens file; TokenError names what is wrong."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -57,16 +123,32 @@ def parse_tokens(text: str, source: str) -> dict[str, str]:
         data = {}
     if not isinstance(data, dict):
         raise TokenError(f"{source}: must be a mapping of names to tokens, got {type(data).__name__}")
-    seen: dict[str, str] = {}
-    for name, token in data.items():
-        if not isinstance(name, str) or not name:
-            raise TokenError(f"{source}: token names must be non-empty strings, got {name!r}")
-        if not isinstance(token, str) or len(token) < 16 or token != token.strip():
-            raise TokenError(f"{source}: the token of {name!r} must be a string of at least 16 characters without surrounding spaces")
-        if token in seen:
-            raise TokenError(f"{source}: {name!r} and {seen[token]!r} have the same token")
-        seen[token] = name
-    return {name: token for token, name in seen.items()}
+    out: dict[str, TokenEntry] = {}
+    seen: dict[bytes, str] = {}
+    for name, value in data.items():
+        if not isinstance(name, str) or not name or name == TRUSTED_NETWORK:
+            raise TokenError(f"{source}: token names must be non-empty strings other than {TRUSTED_NETWORK!r}, got {name!r}")
+        entry = _entry(name, value, source)
+        if entry.digest in seen:
+            raise TokenError(f"{source}: {name!r} and {seen[entry.digest]!r} have the same token")
+        seen[entry.digest] = name
+        out[name] = entry
+    return out
+
+
+def read_token_entry(path: str | os.PathLike, name: str) -> str:
+    """The plain token named `name` in the tokens YAML at `path` (a client reading its own credential)."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        raise ValueError(f"{path}: not YAML") from None
+    value = data.get(name) if isinstance(data, dict) else None
+    if isinstance(value, dict):
+        value = value.get("token")
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{path}: no token named {name!r}")
+    return value
 
 
 class TokenFile:
@@ -76,7 +158,7 @@ class TokenFile:
         self.path = Path(os.path.expandvars(os.path.expanduser(str(path))))
         self._lock = threading.Lock()
         self._signature: tuple | None = None
-        self._names: list[tuple[str, bytes]] = []  # (name, token)
+        self._entries: list[TokenEntry] = []
         try:
             self._load(self._stat())
         except (OSError, TokenError) as exc:
@@ -87,10 +169,10 @@ class TokenFile:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _load(self, signature: tuple) -> None:
-        tokens = parse_tokens(self.path.read_text(), str(self.path))
-        self._names = [(name, token.encode()) for name, token in tokens.items()]
+        entries = parse_tokens(self.path.read_text(), str(self.path))
+        self._entries = list(entries.values())
         self._signature = signature
-        _log.info("auth_tokens_loaded", path=str(self.path), names=sorted(tokens))
+        _log.info("auth_tokens_loaded", path=str(self.path), names=sorted(entries))
 
     def refresh(self) -> None:
         """Re-reads the file if it changed; keeps the last good tokens if the new version is bad."""
@@ -113,15 +195,19 @@ class TokenFile:
                 self._signature = signature  # do not re-parse a bad version on every call
                 _log.error("auth_tokens_invalid", path=str(self.path), error=str(exc))
 
-    def name_of(self, token: str) -> str | None:
-        """The name of `token`, or None; every known token is compared (constant time per token)."""
+    def principal_of(self, token: str) -> Principal | None:
+        """Who `token` is, or None; every known token is compared (constant time per token)."""
         self.refresh()
-        given = token.encode()
+        given = token_digest(token)
         found = None
-        for name, known in self._names:
-            if hmac.compare_digest(given, known):
-                found = name
+        for entry in self._entries:
+            if hmac.compare_digest(given, entry.digest):
+                found = Principal(entry.name, entry.scopes)
         return found
+
+    def name_of(self, token: str) -> str | None:
+        p = self.principal_of(token)
+        return None if p is None else p.name
 
 
 def peer_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -136,13 +222,31 @@ def peer_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return None
 
 
-# The authenticated caller's name during a call (the token's name; "trusted-network"; None without authentication),
-# for per-client metrics. Set by AuthInterceptor around the handler, and by the HTTP API around its request.
-CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("alignd_client", default=None)
+# The authenticated caller during a call (None without authentication), for per-client metrics and for answers
+# that depend on the scope (GetInfo's paths). Set by the access interceptor around the handler, and by the HTTP
+# API around its request.
+PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("alignd_principal", default=None)
+
+
+class _ClientName:
+    """CLIENT.get(): the caller's name (the token's name; "trusted-network"; None without authentication)."""
+
+    @staticmethod
+    def get() -> str | None:
+        p = PRINCIPAL.get()
+        return None if p is None else p.name
+
+
+CLIENT = _ClientName()
+
+
+def caller_is_admin() -> bool:
+    p = PRINCIPAL.get()
+    return p is not None and p.allows(S.ADMIN)
 
 
 class Authenticator:
-    """The token check shared by the gRPC interceptor and the reward role's HTTP API."""
+    """The token and scope check shared by the gRPC interceptor and the reward role's HTTP API."""
 
     def __init__(self, tokens: TokenFile, public_methods=HEALTH_METHODS, trusted_networks=(), on_reject=None) -> None:
         self.tokens = tokens
@@ -151,63 +255,34 @@ class Authenticator:
         # on_reject(api, reason) for each refusal; more listeners may be appended (the reward role's metrics).
         self.listeners = [on_reject] if on_reject else []
 
-    def _reject(self, api: str, reason: str, message: str) -> Unauthenticated:
+    def _reject(self, api: str, reason: str) -> None:
         for listener in self.listeners:
             listener(api, reason)
-        return Unauthenticated(message)
 
-    def authenticate(self, header: str | None, ip, api: str = "grpc") -> str:
-        """The caller's name, from its `authorization` header value and its IP; Unauthenticated otherwise."""
+    def is_trusted(self, ip) -> bool:
+        return ip is not None and any(ip in net for net in self.trusted)
+
+    def authenticate(self, header: str | None, ip, api: str = "grpc") -> Principal:
+        """The caller, from its `authorization` header value and its IP (None: not known yet); Unauthenticated
+        otherwise. Without a header, a caller from a trusted network is TRUSTED_NETWORK with the score scope."""
         if header is None:
-            if ip is not None and any(ip in net for net in self.trusted):
-                return "trusted-network"
-            raise self._reject(api, "missing", "missing credentials: send 'authorization: Bearer <token>'")
+            if self.is_trusted(ip):
+                return Principal(TRUSTED_NETWORK, frozenset({S.SCORE}))
+            self._reject(api, "missing")
+            raise Unauthenticated("missing credentials: send 'authorization: Bearer <token>'")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise self._reject(api, "malformed", "malformed authorization: expected 'Bearer <token>'")
-        name = self.tokens.name_of(token.strip())
-        if name is None:
-            raise self._reject(api, "unknown", "unknown or revoked token")
-        return name
+            self._reject(api, "malformed")
+            raise Unauthenticated("malformed authorization: expected 'Bearer <token>'")
+        principal = self.tokens.principal_of(token.strip())
+        if principal is None:
+            self._reject(api, "unknown")
+            raise Unauthenticated("unknown or revoked token")
+        return principal
 
-
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Refuses calls without a valid bearer token (see the module docs); place it after the request interceptor,
-    which turns the Unauthenticated error into the status and counts it."""
-
-    def __init__(self, authenticator: Authenticator) -> None:
-        self.authenticator = authenticator
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method in self.authenticator.public:
-            return handler
-        header = dict(handler_call_details.invocation_metadata or ()).get(AUTH_KEY)
-        authenticate = self.authenticator.authenticate
-
-        @contextlib.contextmanager
-        def as_client(context):
-            name = authenticate(header, peer_ip(context.peer()))
-            log_tokens = structlog.contextvars.bind_contextvars(client=name)
-            token = CLIENT.set(name)
-            try:
-                yield
-            finally:
-                CLIENT.reset(token)
-                structlog.contextvars.reset_contextvars(**log_tokens)
-
-        def unary(behavior):
-            def run(request_or_iterator, context):
-                with as_client(context):
-                    return behavior(request_or_iterator, context)
-
-            return run
-
-        def streaming(behavior):
-            def run(request_or_iterator, context):
-                with as_client(context):
-                    yield from behavior(request_or_iterator, context)
-
-            return run
-
-        return rewrap(handler, unary, streaming)
+    def authorize(self, principal: Principal, scope: str, what: str, api: str = "grpc") -> None:
+        """PermissionDenied naming the scope when `principal` lacks it."""
+        if not principal.allows(scope):
+            self._reject(api, "scope")
+            raise PermissionDenied(f"{what} needs the '{scope}' scope, which the credential of "
+                                   f"{principal.name!r} does not carry")

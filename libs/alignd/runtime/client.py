@@ -116,6 +116,8 @@ class TokenSource:
             except yaml.YAMLError:
                 raise ValueError(f"{self.path}: not YAML") from None
             token = data.get(self.name) if isinstance(data, dict) else None
+            if isinstance(token, dict):  # {name: {token, scopes}}: the local stack's tokens file
+                token = token.get("token")
             if not isinstance(token, str):
                 raise ValueError(f"{self.path}: no token named {self.name!r}")
         if not token:
@@ -186,14 +188,19 @@ def wait_for_serving(channel: grpc.Channel, service: str = "", timeout: float = 
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"service {service!r} not SERVING within {timeout:.0f}s")
+        call = None
         try:
-            for resp in stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=remaining):
+            call = stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=remaining)
+            for resp in call:
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:
                     return
         except grpc.RpcError as err:
             code = err.code()
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise TimeoutError(f"service {service!r} not SERVING within {timeout:.0f}s") from err
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # too many watchers on the server: poll Check instead
+                _poll_check(stub, service, deadline, timeout)
+                return
             if code != grpc.StatusCode.UNAVAILABLE:
                 raise
             # Server not up yet: wait for the channel to connect (bounded).
@@ -201,6 +208,25 @@ def wait_for_serving(channel: grpc.Channel, service: str = "", timeout: float = 
                 grpc.channel_ready_future(channel).result(timeout=min(1.0, max(remaining, 0.01)))
             except grpc.FutureTimeoutError:
                 pass
+        finally:
+            if call is not None:
+                call.cancel()  # the server holds a watcher until the stream ends (its Watch streams are capped)
+
+
+def _poll_check(stub, service: str, deadline: float, timeout: float) -> None:
+    """wait_for_serving by Check every 0.2 s (when the server refuses another Watch stream)."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"service {service!r} not SERVING within {timeout:.0f}s")
+        try:
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=min(remaining, 5.0))
+            if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError as err:
+            if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
 def expand_addresses(addresses: list[str], resolve=socket.getaddrinfo) -> list[str]:

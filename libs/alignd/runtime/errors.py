@@ -73,3 +73,9 @@ class Unauthenticated(AligndError):
     """No valid credentials: a missing, unknown or revoked bearer token."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(AligndError):
+    """Valid credentials without the scope the call needs."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED

@@ -20,6 +20,7 @@ import structlog
 from alignd.runtime.errors import AligndError
 from alignd.runtime.logging import get_logger
 from alignd.runtime.metrics import GrpcServerMetrics
+from alignd.runtime.scopes import HEALTH_METHODS
 
 REQUEST_ID_KEY = "x-request-id"
 _log = get_logger("alignd.rpc")
@@ -32,6 +33,10 @@ def _split_method(full_method: str) -> tuple[str, str]:
 
 
 def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
+    behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    declared = getattr(behavior, "alignd_rpc_type", None)  # the access interceptor reads unary requests itself
+    if declared:
+        return declared
     if handler.request_streaming and handler.response_streaming:
         return "bidi_stream"
     if handler.request_streaming:
@@ -87,8 +92,10 @@ class ServerInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None
+        if handler is None or handler_call_details.method in HEALTH_METHODS:
+            # Health checks keep their own handlers: Watch is non-blocking on the health thread (wrapping it would
+            # make every watcher hold a worker thread), Check runs on the health threads too (ServiceHost).
+            return handler
         service, method = _split_method(handler_call_details.method)
         rpc_type = _rpc_type(handler)
         metadata = dict(handler_call_details.invocation_metadata or ())
@@ -148,10 +155,19 @@ def rewrap(handler: grpc.RpcMethodHandler, wrap_unary_response, wrap_stream_resp
     """The same handler with its behaviour wrapped: `wrap_unary_response` for RPCs that answer one message,
     `wrap_stream_response` for those that stream (each takes and returns a behaviour function)."""
     kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+    def wrapped(wrap, behavior):
+        out = wrap(behavior)
+        # The thread pool a behaviour asked for (the access interceptor's refusals) stays its own.
+        pool = getattr(behavior, "experimental_thread_pool", None)
+        if pool is not None:
+            out.experimental_thread_pool = pool
+        return out
+
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(wrap_unary_response(handler.unary_unary), **kwargs)
+        return grpc.unary_unary_rpc_method_handler(wrapped(wrap_unary_response, handler.unary_unary), **kwargs)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(wrap_unary_response(handler.stream_unary), **kwargs)
+        return grpc.stream_unary_rpc_method_handler(wrapped(wrap_unary_response, handler.stream_unary), **kwargs)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(wrap_stream_response(handler.unary_stream), **kwargs)
-    return grpc.stream_stream_rpc_method_handler(wrap_stream_response(handler.stream_stream), **kwargs)
+        return grpc.unary_stream_rpc_method_handler(wrapped(wrap_stream_response, handler.unary_stream), **kwargs)
+    return grpc.stream_stream_rpc_method_handler(wrapped(wrap_stream_response, handler.stream_stream), **kwargs)

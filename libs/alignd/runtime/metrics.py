@@ -41,9 +41,27 @@ class GrpcServerMetrics:
         )
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int):
-    """Starts the /metrics HTTP endpoint; returns (http_server, bound_port)."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+def serve_metrics(registry: CollectorRegistry, host: str, port: int, *, authorize=None, tls=None):
+    """Starts the /metrics HTTP endpoint; returns (http_server, bound_port).
+
+    authorize(header) -> bool: when given, a request whose `Authorization` header it refuses gets 401 and no
+    metrics (server.auth.metrics_requires_token). tls (a config.TLSConfig): HTTPS with its certificate, and client
+    certificates required when it names a client CA (server.metrics_tls)."""
+    kwargs = {}
+    if tls is not None and tls.enabled:
+        kwargs = dict(certfile=tls.cert_file, keyfile=tls.key_file, client_cafile=tls.client_ca_file,
+                      client_auth_required=tls.client_ca_file is not None)
+    server, _thread = start_http_server(port, addr=host, registry=registry, **kwargs)
+    if authorize is not None:
+        app = server.get_app()
+
+        def guarded(environ, start_response):
+            if not authorize(environ.get("HTTP_AUTHORIZATION")):
+                start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
+                return [b"a token with the metrics scope is required\n"]
+            return app(environ, start_response)
+
+        server.set_app(guarded)
     return server, server.server_port
 
 

@@ -242,7 +242,9 @@ def stop_launcher(proc: subprocess.Popen) -> None:
 def role_fixture(role: str, model_key: str, **extra):
     @pytest.fixture(scope="module")
     def fixture(tiny_models, tmp_path_factory):
-        cfg = {"model": {"path": str(tiny_models[model_key])}, "torch_threads": 1, **extra}
+        # The tiny models' directory is a root: tests load their other weights from there (LoadWeights).
+        cfg = {"model": {"path": str(tiny_models[model_key])}, "torch_threads": 1,
+               "paths": {"roots": [str(Path(tiny_models[model_key]).parent)]}, **extra}
         server = start_role(role, cfg, tmp_path_factory.mktemp(role))
         yield server
         rc = stop_role(server)

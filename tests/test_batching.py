@@ -149,25 +149,35 @@ def test_bounded_queue_raises_resource_exhausted(make_batcher):
     assert b.run("later", 1, timeout=WAIT)[0] == "done:later"
 
 
-def test_exception_reaches_every_caller_of_the_batch_and_batcher_keeps_serving(make_batcher):
+def test_a_failing_request_fails_alone_and_its_batch_neighbours_are_served(make_batcher):
+    """One bad request in a batch: the batch runs again request by request, and only the bad one gets the error."""
     b, gate = make_batcher(Gate(fail_on="boom"))
     first = block(b, gate)
     ps = [b.submit("ok-before", 1), b.submit("boom", 1), b.submit("ok-after", 1)]
     gate.release.set()
     result(first)
-    errors = []
-    for p in ps:
-        with pytest.raises(ValueError, match="cannot process 'boom'") as info:
-            result(p)
-        errors.append(info.value)
-    assert errors[0] is errors[1] is errors[2]  # the one exception, forwarded
-    assert gate.batches[1] == ["ok-before", "boom", "ok-after"]
+    assert result(ps[0])[0] == "done:ok-before" and result(ps[2])[0] == "done:ok-after"
+    with pytest.raises(ValueError, match="cannot process 'boom'"):
+        result(ps[1])
+    assert gate.batches[1:] == [["ok-before", "boom", "ok-after"], ["ok-before"], ["boom"], ["ok-after"]]
+    assert result(ps[0])[1].requests == 1  # each was served on its own
     # Still serving.
     res, pending, info = b.run("next", 1, timeout=WAIT)
     assert res == "done:next" and pending.request == "next" and info.requests == 1
 
 
-def test_wrong_number_of_results_fails_the_batch(make_batcher):
+def test_a_request_failing_alone_gets_its_own_error(make_batcher):
+    b, gate = make_batcher(Gate(fail_on="boom"))
+    first = block(b, gate)
+    p = b.submit("boom", 1)
+    gate.release.set()
+    result(first)
+    with pytest.raises(ValueError, match="cannot process 'boom'"):
+        result(p)
+    assert gate.batches[1:] == [["boom"]]  # a lone request is not run twice
+
+
+def test_wrong_number_of_results_is_caught_and_the_requests_rerun_alone(make_batcher):
     class OneResult(Gate):
         def __call__(self, requests):
             super().__call__(requests)
@@ -178,9 +188,8 @@ def test_wrong_number_of_results_fails_the_batch(make_batcher):
     ps = [b.submit("a", 1), b.submit("b", 1)]
     gate.release.set()
     assert result(first)[0] == "only one"  # one request, one result: fine
-    for p in ps:
-        with pytest.raises(RuntimeError, match="returned 1 results for 2 requests"):
-            result(p)
+    assert [result(p)[0] for p in ps] == ["only one", "only one"]  # two requests, one result: run again alone
+    assert gate.batches[1:] == [["a", "b"], ["a"], ["b"]]
     assert b.run("c", 1, timeout=WAIT)[0] == "only one"
 
 

@@ -84,6 +84,7 @@ def learner_cfg(models: Path, ckpt: Path, engine: str, timeout_s: float = 60.0) 
         "seed": 7,
         "torch_threads": 1,
         "checkpoint_dir": str(ckpt),
+        "paths": {"roots": [str(models)]},  # ResetPolicy reads the initial weights again
     }
 
 
@@ -303,7 +304,7 @@ def test_two_ranks_train_like_one_resume_after_kill9_and_stop_on_sigterm(models,
             policy_dir=str(models / "policy"), value_model_dir=str(models / "value"), version=10), timeout=120)
         assert reset.version == 10 and not reset.replayed
         assert_invalid(lambda: stub.ResetPolicy(learner_pb2.ResetPolicyRequest(
-            policy_dir=str(tmp_path / "missing"), version=20), timeout=30), "missing", "not a directory")
+            policy_dir=str(models / "missing"), version=20), timeout=30), "missing", "not a directory")
         again1 = stub.TrainStep(request(1), timeout=120)
         assert again1.policy_version == 11
         again1.policy_version = ref[0].policy_version

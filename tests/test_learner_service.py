@@ -29,9 +29,29 @@ HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "configs" / "tiny_heldou
 
 
 @pytest.fixture(scope="module")
-def learner_server(tiny_models, tmp_path_factory):
+def older_replica():
+    """A fake replica of an alignd before staging (OlderReplica), served for the whole module."""
+    from concurrent import futures
+
+    from alignd.runtime.client import MAX_MESSAGE_BYTES
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    older = OlderReplica()
+    model_pb2_grpc.add_ModelServiceServicer_to_server(older, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", older
+    server.stop(None)
+
+
+@pytest.fixture(scope="module")
+def learner_server(tiny_models, tmp_path_factory, policy_server, older_replica):
     work = tmp_path_factory.mktemp("learner")
     cfg = {
+        # The only replicas PushWeights may reach (each test names the one it pushes to).
+        "policy_addresses": [policy_server.address, older_replica[0]],
+        "paths": {"roots": [str(tmp_path_factory.getbasetemp()), str(HELDOUT_TEXT.parent)]},  # the test's files
         "model": {"path": str(tiny_models["lm"])},
         "value_model": {"path": str(tiny_models["reward"])},
         "torch_threads": 1,
@@ -290,28 +310,49 @@ class OlderReplica(model_pb2_grpc.ModelServiceServicer):
         return model_pb2.UpdateWeightsResponse(version=version, received_bytes=received)  # no `staged`
 
 
-def test_a_staged_push_to_a_replica_that_cannot_stage_fails(stub, learner_server):
+def test_a_staged_push_to_a_replica_that_cannot_stage_fails(stub, learner_server, older_replica):
     """The learner must not report weights as staged that a replica already serves (that would change which
     weights generate an async run's next samples): it answers FAILED_PRECONDITION, and the coordinator stops
     staging for the run."""
-    from concurrent import futures
+    address, older = older_replica
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[address], stage_only=True), timeout=120)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "instead of staging it" in err.value.details()
+    assert older.version == learner_version(learner_server)  # it did apply them: hence the refusal
 
-    from alignd.runtime.client import MAX_MESSAGE_BYTES
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
-                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
-    older = OlderReplica()
-    model_pb2_grpc.add_ModelServiceServicer_to_server(older, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with pytest.raises(grpc.RpcError) as err:
-            stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[f"127.0.0.1:{port}"], stage_only=True), timeout=120)
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "instead of staging it" in err.value.details()
-        assert older.version == learner_version(learner_server)  # it did apply them: hence the refusal
-    finally:
-        server.stop(None)
+def test_push_weights_reaches_configured_replicas_only(stub, policy_server):
+    """PushWeights sends nowhere but the learner's policy_addresses: another address is refused, naming it."""
+    v = model_pb2_grpc.ModelServiceStub(policy_server.channel).GetInfo(model_pb2.GetInfoRequest(), timeout=10).info
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address, "10.9.8.7:50051"]), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("addresses[1]: not one of the policy replicas")
+    after = model_pb2_grpc.ModelServiceStub(policy_server.channel).GetInfo(model_pb2.GetInfoRequest(), timeout=10).info
+    assert after.weight_version == v.weight_version
+
+
+def test_a_replica_ahead_of_the_learner_is_resynced_not_skipped(stub, learner_server, policy_server, tiny_models):
+    """A replica that reports a version the learner never published (here: another caller loaded other weights
+    at a higher version) gets the learner's weights at the learner's version on the next push."""
+    v = learner_version(learner_server)
+    stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address]), timeout=120)
+    model = model_pb2_grpc.ModelServiceStub(policy_server.channel)
+    model.LoadWeights(model_pb2.LoadWeightsRequest(path=str(tiny_models["lm_other"]), version=v + 50), timeout=60)
+    # A version far above the served one is refused outright: versions advance one publication at a time.
+    with pytest.raises(grpc.RpcError) as err:
+        model.LoadWeights(model_pb2.LoadWeightsRequest(path=str(tiny_models["lm_other"]), version=(1 << 64) - 1), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "largest weight version" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        model.LoadWeights(model_pb2.LoadWeightsRequest(path=str(tiny_models["lm_other"]), version=v + 50 + (1 << 21)),
+                          timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "more than 1048576 above" in err.value.details()
+    assert model.GetInfo(model_pb2.GetInfoRequest(), timeout=10).info.weight_version == v + 50
+    resp = stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address]), timeout=120)
+    assert resp.version == v and resp.bytes_per_replica > 0
+    assert model.GetInfo(model_pb2.GetInfoRequest(), timeout=10).info.weight_version == v
+    assert "replica_version_unknown" in learner_server.log()
 
 
 def naive_text_loss(model_dir, tokenizer_dir, text_path, max_tokens, max_blocks) -> tuple[float, int]:
@@ -375,12 +416,13 @@ def test_evaluate_text_loss_rejects_bad_requests(stub, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ptx_learner(tiny_models, tmp_path_factory):
+def ptx_learner(tiny_models, tmp_path_factory, fresh_policy):
     """A learner with PPO-ptx on and weight sync through a shared directory."""
     work = tmp_path_factory.mktemp("learner_ptx")
     text = work / "pretrain.txt"
     text.write_text("\n".join(f"The quick brown fox jumps over the lazy dog number {i}." for i in range(200)))
     cfg = {
+        "policy_addresses": [fresh_policy.address],
         "model": {"path": str(tiny_models["lm"])},
         "value_head_on_policy": True,
         "torch_threads": 1,
@@ -398,7 +440,10 @@ def ptx_learner(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fresh_policy(tiny_models, tmp_path_factory):
-    server = start_role("policy", {"model": {"path": str(tiny_models["lm"])}, "torch_threads": 1}, tmp_path_factory.mktemp("policy2"))
+    # It loads what the learners of this module publish in their own directories: the test's temp root is a root.
+    cfg = {"model": {"path": str(tiny_models["lm"])}, "torch_threads": 1,
+           "paths": {"roots": [str(tmp_path_factory.getbasetemp())]}}
+    server = start_role("policy", cfg, tmp_path_factory.mktemp("policy2"))
     yield server
     assert stop_role(server) == 0
 
@@ -425,7 +470,8 @@ def test_auto_weight_sync_goes_through_shared_memory_on_loopback(tiny_models, tm
     """weight_sync auto (the default) with a replica on loopback: the policy is published once in a directory of the
     learner's own under /dev/shm and loaded from there (nothing streamed); the directory goes with the learner."""
     cfg = {"model": {"path": str(tiny_models["lm"])}, "value_head_on_policy": True, "torch_threads": 1,
-           "checkpoint_every_steps": 0, "checkpoint_dir": str(tmp_path / "checkpoints")}
+           "checkpoint_every_steps": 0, "checkpoint_dir": str(tmp_path / "checkpoints"),
+           "policy_addresses": [fresh_policy.address], "paths": {"roots": [str(Path(tiny_models["lm"]).parent)]}}
     server = start_role("learner", cfg, tmp_path)
     try:
         stub = learner_pb2_grpc.LearnerServiceStub(server.channel)

@@ -18,7 +18,7 @@ import pytest
 from alignd import judges, labelers
 from alignd.config import dump_yaml
 from alignd.launcher import LocalStack
-from alignd.ppo_cli import load_pipeline_job
+from alignd.ppo_cli import data_dirs, load_pipeline_job
 from alignd.runtime.client import make_channel
 from alignd.v1 import coordinator_pb2 as cpb
 from alignd.v1 import coordinator_pb2_grpc
@@ -74,7 +74,7 @@ def test_external_labelers_and_coordinator_sigkill_in_rm_stage(tmp_path):
     run_dir = tmp_path / "runs-elsewhere" / RUN_ID  # outside the coordinator's RUNS_DIR: found again through its link
     gold = judges.resolve("char_fraction", {"chars": "aeiou"})
     human = labelers.SimulatedLabeler(gold, 0.05, seed=7, name="alice")
-    with LocalStack(job.stack, tmp_path / "stack") as stack:
+    with LocalStack(job.stack, tmp_path / "stack", data_dirs=data_dirs(job, pipeline=True)) as stack:
         ch = make_channel(stack.describe()["services"]["coordinator"]["address"], credentials=stack.operator_credentials())
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
         # No such run; then the run, before its round is open.

@@ -121,7 +121,8 @@ def test_rm_job_writes_a_smaller_mean_pooled_rm_that_the_reward_role_loads(tiny_
     assert saved.num_hidden_layers == 1 and getattr(saved, SCORE_POOLING_KEY) == "mean"
     trained = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", num_labels=1).eval()
 
-    server = start_role("reward", {"model": {"path": str(tiny_models["reward"])}}, tmp_path / "reward")
+    server = start_role("reward", {"model": {"path": str(tiny_models["reward"])},
+                                   "paths": {"roots": [str(tmp_path), str(tiny_models["llama"].parent)]}}, tmp_path / "reward")
     try:
         stub = reward_pb2_grpc.RewardServiceStub(server.channel)
         models = model_pb2_grpc.ModelServiceStub(server.channel)

@@ -335,8 +335,27 @@ class RewardLimitsConfig(Strict):
     )
 
 
+class PathsConfig(Strict):
+    """Where paths named by requests may lead (alignd.runtime.paths; docs/security.md)."""
+
+    roots: list[str] = Field(
+        [],
+        description="Directories that paths in requests (run directories, job outputs and data, weights to load, "
+        "texts to evaluate) must lie under, after symlinks are resolved; anything else is INVALID_ARGUMENT naming "
+        "the field. The role's run directory (--run-dir) is always one. The local stack adds its run directory, the "
+        "directory it was started from, $ALIGND_CACHE and the directories of the job file's data; the chart adds "
+        "the shared volume.",
+    )
+
+    @field_validator("roots")
+    @classmethod
+    def _expand(cls, v: list[str]) -> list[str]:
+        return [os.path.expanduser(os.path.expandvars(r)) for r in v]
+
+
 class RoleConfig(Strict):
     server: ServerConfig = Field(ServerConfig(), description="gRPC and metrics endpoints.")
+    paths: PathsConfig = Field(default_factory=PathsConfig, description="Where paths in requests may lead.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="structlog level; prompts and responses are only logged at debug."
     )
@@ -688,6 +707,17 @@ class HedgingConfig(Strict):
     )
 
 
+class JudgePluginConfig(Strict):
+    """A judge of your own, registered under a name in the coordinator's configuration (never named by a request)."""
+
+    function: str = Field(
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description='"package.module:function" of a function (prompt, completion, **args) -> float, importable by '
+        "the coordinator.",
+    )
+    args: dict[str, Any] = Field({}, description="Keyword arguments bound to it (a run's judge args are added).")
+
+
 class CoordinatorConfig(RoleConfig):
     """coordinator: runs the RLHF loop (alignd.v1.CoordinatorService). Imports no torch."""
 
@@ -722,6 +752,22 @@ class CoordinatorConfig(RoleConfig):
     launcher: LauncherConfig = Field(
         LauncherConfig(), description="How jobs that run outside the roles (reward-model training) are started."
     )
+    judges: dict[str, JudgePluginConfig] = Field(
+        {},
+        description="Judges a run may name besides the built-in ones of alignd.judges (char_fraction, "
+        "distinct_char_fraction, vader, textblob, afinn): {name: {function: \"package.module:function\", args}}. A run "
+        "request names a judge; it never names code.",
+    )
+
+    @field_validator("judges")
+    @classmethod
+    def _judge_names(cls, v: dict) -> dict:
+        from alignd.judges import BUILTIN
+
+        clash = sorted(set(v) & set(BUILTIN))
+        if clash:
+            raise ValueError(f"{', '.join(clash)}: already built-in judges; register yours under other names")
+        return v
 
     def credentials_for(self, role: str) -> RoleClientConfig:
         """What the coordinator presents to `role`: reward_client for the reward replicas when it is set, else client."""
@@ -806,9 +852,12 @@ class PPORunConfig(Strict):
 
 
 class JudgeConfig(Strict):
-    """A text judge: a function of (prompt, completion) -> score (alignd.judges or "package.module:function")."""
+    """A text judge of a run: a function of (prompt, completion) -> score, by name."""
 
-    name: str = Field(description='A function of alignd.judges (e.g. "char_fraction") or "package.module:function".')
+    name: str = Field(
+        description='A built-in judge of alignd.judges (e.g. "char_fraction") or one registered in the coordinator\'s '
+        "configuration (coordinator.judges); a run names judges, never code."
+    )
     args: dict[str, Any] = Field({}, description="Keyword arguments passed to the judge.")
 
 

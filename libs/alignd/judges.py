@@ -57,16 +57,23 @@ BUILTIN: dict[str, Judge] = {
 }
 
 
-def resolve(name: str, args: dict | None = None) -> Callable[[str, str], float]:
-    """The judge `name` with its keyword arguments bound."""
+def resolve(name: str, args: dict | None = None, registry: dict | None = None, field: str = "judge") -> Callable[[str, str], float]:
+    """The judge `name` with its keyword arguments bound: a built-in one, or one of `registry` (the coordinator's
+    `judges`: {name: JudgePluginConfig}), the only place a "module:function" is imported from. ValueError naming
+    `field` otherwise: a run request names judges, never code."""
+    registry = registry or {}
+    kwargs = dict(args or {})
     if name in BUILTIN:
         fn = BUILTIN[name]
-    elif ":" in name:
-        module, attr = name.split(":", 1)
+    elif name in registry:
+        plugin = registry[name]
+        module, attr = plugin.function.split(":", 1)
         fn = getattr(importlib.import_module(module), attr, None)
         if not callable(fn):
-            raise ValueError(f"{name!r} is not a callable")
+            raise ValueError(f"{field}: {name!r} is registered as {plugin.function}, which is not a callable")
+        kwargs = {**plugin.args, **kwargs}
     else:
-        raise ValueError(f"unknown judge {name!r}: use one of {sorted(BUILTIN)} or 'package.module:function'")
-    kwargs = dict(args or {})
+        known = sorted(BUILTIN) + sorted(registry)
+        raise ValueError(f"{field}: unknown judge {name[:80]!r}: use one of {known}; judges of your own are "
+                         "registered in the coordinator's configuration (coordinator.judges)")
     return lambda prompt, completion: float(fn(prompt, completion, **kwargs))

@@ -136,9 +136,10 @@ def default_stack_config(overrides: list[str] | None = None) -> StackConfig:
 class LocalStack:
     """Starts, supervises and stops the local stack. Use as a context manager."""
 
-    def __init__(self, cfg: StackConfig, run_dir: Path, *, python: str = sys.executable) -> None:
+    def __init__(self, cfg: StackConfig, run_dir: Path, *, python: str = sys.executable, data_dirs=()) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.data_dirs = [str(d) for d in data_dirs]  # directories of the job's data files: roots of every role
         self.python = python
         self.children: dict[str, Child] = {}
         self.any_exited = threading.Event()
@@ -162,6 +163,20 @@ class LocalStack:
         self._metrics_http = None
         self.metrics_url: str | None = None
         self.tokens_file: Path | None = None  # RUN_DIR/auth/tokens.yaml, made at start (alignd.runtime.tokens)
+
+    def _apply_roots(self) -> None:
+        """Where paths in requests may lead on the local stack (paths.roots of every role that sets none): the run
+        directory (marked as alignd's: runs write into it), the directory alignd was started from, $ALIGND_CACHE,
+        and the job's data directories."""
+        from alignd.models.tiny import default_cache_dir
+        from alignd.runtime.paths import is_owned, mark_owned
+
+        if not is_owned(self.run_dir):
+            mark_owned(self.run_dir)
+        defaults = [str(self.run_dir.resolve()), os.getcwd(), str(default_cache_dir()), *self.data_dirs]
+        for role in ("policy", "reward", "reference", "learner", "coordinator"):
+            paths = getattr(self.cfg, role).paths
+            paths.roots = list(dict.fromkeys([*(paths.roots or defaults), *self.data_dirs]))
 
     def operator_credentials(self):
         """What `alignd` commands send to this stack's roles: the operator's token (alignd.runtime.tokens)."""
@@ -266,6 +281,7 @@ class LocalStack:
 
             self.tokens_file = ensure_stack_tokens(self.run_dir)
             apply_stack_auth(self.cfg, self.tokens_file)
+            self._apply_roots()
         if self._metrics_http is None:
             from alignd.runtime.metrics import serve_metrics
 

@@ -65,6 +65,16 @@ def load_pipeline_job(config: str, overrides: list[str] | None):
     return job
 
 
+def data_dirs(job, pipeline: bool) -> list[str]:
+    """The directories of the files a job reads (roots of the stack's roles: alignd.runtime.paths)."""
+    if pipeline:
+        pl = job.pipeline
+        files = [pl.demonstrations, pl.ppo.prompts.path, pl.evaluation.prompts.path, pl.evaluation.heldout_text]
+    else:
+        files = [job.run.prompts.path]
+    return sorted({str(Path(f).resolve().parent) for f in files if f})
+
+
 def progress_line(run: coordinator_pb2.Run, started: float) -> str:
     """One bar per stage: PPO shows steps, reward, KL and tokens/s; the other stages what they are doing."""
     m = run.latest_metrics
@@ -100,7 +110,7 @@ def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline
                 print(f"{name}: skipped {r['skipped']} bad line(s) of {r['path']}, first: {r['problems'][0]}", flush=True)
     started = time.monotonic()
     try:
-        stack = LocalStack(job.stack, run_dir).__enter__()
+        stack = LocalStack(job.stack, run_dir, data_dirs=data_dirs(job, pipeline)).__enter__()
     except ChildDied as err:
         report_death(err)
         return 1

@@ -19,7 +19,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from alignd import __version__
 from alignd.config import ConfigError, CoordinatorConfig, PipelineConfig
-from alignd.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from alignd.runtime.auth import CLIENT, PRINCIPAL
+from alignd.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from alignd.runtime.paths import is_owned, mark_owned
+from alignd.runtime.scopes import ADMIN
 from alignd.runtime.logging import get_logger
 from alignd.runtime.role import RoleApp
 from alignd.runtime.server import ServiceHost
@@ -94,10 +97,11 @@ def make_loop(rec: RunRecord, run_cfg, roles: Roles, metrics) -> RunLoop:
 
 
 class Coordinator:
-    def __init__(self, cfg: CoordinatorConfig, runs_dir: Path, metrics: CoordinatorMetrics) -> None:
+    def __init__(self, cfg: CoordinatorConfig, runs_dir: Path, metrics: CoordinatorMetrics, roots=None) -> None:
         self.cfg = cfg
         self.runs_dir = runs_dir
         self.metrics = metrics
+        self.roots = roots  # alignd.runtime.paths.Roots: where run directories and the runs' data may be
         self.lock = threading.Lock()
         self.loops: dict[str, RunLoop] = {}
         self.records: dict[str, RunRecord] = {}
@@ -124,6 +128,42 @@ class Coordinator:
                 return rec
         return None
 
+    def _check_request(self, run_cfg) -> None:
+        """Before anything is written: the judges a pipeline names are built-in or registered, and every data path
+        of the configuration lies under the roots (InvalidArgument naming the key)."""
+        if isinstance(run_cfg, PipelineConfig):
+            from alignd import judges
+
+            for key, judge in (("gold.name", run_cfg.gold), ("second_judge.name", run_cfg.second_judge)):
+                try:
+                    judges.resolve(judge.name, judge.args, self.cfg.judges, key)
+                except ValueError as err:
+                    raise InvalidArgument("config_yaml", str(err)) from None
+        if self.roots is None:
+            return
+        if isinstance(run_cfg, PipelineConfig):
+            named = [("demonstrations", run_cfg.demonstrations), ("ppo.prompts.path", run_cfg.ppo.prompts.path),
+                     ("evaluation.prompts.path", run_cfg.evaluation.prompts.path),
+                     ("evaluation.heldout_text", run_cfg.evaluation.heldout_text)]
+        else:
+            named = [("prompts.path", run_cfg.prompts.path)]
+        for key, value in named:
+            if value:
+                try:
+                    self.roots.check(value, key)
+                except InvalidArgument as err:
+                    raise InvalidArgument("config_yaml", err.message) from None
+
+    def _check_run_dir(self, run_dir: str) -> Path:
+        """The run directory of a request: under the roots, and new, empty, an alignd run or made by alignd."""
+        path = self.roots.check(run_dir, "run_dir") if self.roots is not None else Path(run_dir)
+        if path.exists() and not path.is_dir():
+            raise InvalidArgument("run_dir", "exists and is not a directory")
+        if path.is_dir() and not ((path / "state.json").exists() or is_owned(path) or not any(path.iterdir())):
+            raise InvalidArgument("run_dir", "exists, holds other files and was not made by alignd: choose a new or "
+                                  "empty directory (a run writes state.json, metrics.jsonl and reports into it)")
+        return path
+
     def start_run(self, run_id: str, config_yaml: str, run_dir: str) -> RunRecord:
         try:
             data = yaml.safe_load(config_yaml) if config_yaml.strip() else None
@@ -138,9 +178,11 @@ class Coordinator:
         total_steps = run_cfg.ppo.steps if isinstance(run_cfg, PipelineConfig) else run_cfg.steps
         if run_id and not RUN_ID.match(run_id):
             raise InvalidArgument("run_id", f"{run_id!r}: use 1-63 of a-z 0-9 _ . - starting with a letter or digit")
+        self._check_request(run_cfg)
+        checked = self._check_run_dir(run_dir) if run_dir else None
         with self.lock:
             run_id = run_id or f"run-{uuid.uuid4().hex[:8]}"
-            path = Path(run_dir) if run_dir else self.runs_dir / run_id
+            path = checked if checked is not None else self.runs_dir / run_id
             if (path / "state.json").exists():
                 return self._restart(path, run_id, config_yaml, run_cfg)
             if run_id in self.records:
@@ -148,10 +190,12 @@ class Coordinator:
             if self.active() is not None:
                 raise FailedPrecondition(f"run {self.active().run_id} is active; stop it or wait")
             path.mkdir(parents=True, exist_ok=True)
+            if not is_owned(path):
+                mark_owned(path)
             self._link(run_id, path)
             (path / "config.yaml").write_text(config_yaml)
             rec = RunRecord(run_id=run_id, run_dir=str(path), config_yaml=config_yaml, total_steps=total_steps,
-                            stage="sft" if isinstance(run_cfg, PipelineConfig) else "ppo")
+                            stage="sft" if isinstance(run_cfg, PipelineConfig) else "ppo", owner=CLIENT.get() or "")
             try:
                 loop = make_loop(rec, run_cfg, Roles(self.cfg), self.metrics)
             except (DataError, ValueError) as err:
@@ -206,6 +250,9 @@ class Coordinator:
 
     def stop_run(self, run_id: str) -> RunRecord:
         rec = self.get(run_id)
+        who = PRINCIPAL.get()
+        if who is not None and rec.owner and who.name != rec.owner and not who.allows(ADMIN):
+            raise PermissionDenied(f"run {run_id} was started by {rec.owner!r}; only it or an admin may stop it")
         loop = self.loops.get(run_id)
         if loop is not None:
             loop.stop_requested.set()
@@ -231,6 +278,13 @@ class Coordinator:
             raise _status_error(err) from None
         except RuntimeError as err:  # closed between lookup and call: the round just ended
             raise FailedPrecondition(str(err)) from None
+
+
+def _labeler_is_caller(labeler: str) -> None:
+    """A labeler's token labels as itself: `labeler` must be its name (an admin may act for any labeler)."""
+    who = PRINCIPAL.get()
+    if who is not None and not who.allows(ADMIN) and labeler and labeler != who.name:
+        raise PermissionDenied(f"labeler: the credential {who.name!r} labels as itself, not as {labeler[:64]!r}")
 
 
 def _status_error(err: LabelError) -> Exception:
@@ -277,6 +331,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     def LeaseComparisonTasks(self, request, context):
         c = self.loaded.get()
+        _labeler_is_caller(request.labeler)
         if not request.labeler:
             raise InvalidArgument("labeler", "required: who is labelling")
         if request.max_tasks > 1000:
@@ -293,6 +348,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     def SubmitRanking(self, request, context):
         c = self.loaded.get()
+        _labeler_is_caller(request.labeler)
         if not request.labeler:
             raise InvalidArgument("labeler", "required: who ranked the task")
         if not request.task_id:
@@ -303,6 +359,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     def ReleaseComparisonTask(self, request, context):
         c = self.loaded.get()
+        _labeler_is_caller(request.labeler)
         if not request.labeler:
             raise InvalidArgument("labeler", "required")
         _, store = c.labeling_round(request.run_id)
@@ -326,8 +383,11 @@ class CoordinatorApp(RoleApp):
         coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(self.cfg, self.loaded), host.server)
 
     def load(self) -> None:
+        from alignd.runtime.paths import role_roots
+
         runs_dir = Path(self.cfg.runs_dir) if self.cfg.runs_dir else Path(self.run_dir or ".") / "runs"
-        coordinator = Coordinator(self.cfg, runs_dir, self.metrics)
+        roots = role_roots(self.cfg, self.run_dir, extra=[runs_dir])
+        coordinator = Coordinator(self.cfg, runs_dir, self.metrics, roots)
         coordinator.resume_all()
         self.loaded.set(coordinator)
 

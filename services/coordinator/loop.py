@@ -349,7 +349,7 @@ class RunLoop(threading.Thread):
                     if not self.roles.refresh_policy(r):
                         raise
                     info = self._replica_info(r)
-                if info.weight_version < self.expected_version("policy"):
+                if info.weight_version != self.expected_version("policy"):  # behind, or ahead: never published
                     self.resync("policy", [r])
             except (grpc.RpcError, RunFailed) as err:
                 _log.warning("replica_still_out", run_id=self.record.run_id, replica=self.roles.policy_addresses[r],
@@ -364,9 +364,10 @@ class RunLoop(threading.Thread):
         stub = model_pb2_grpc.ModelServiceStub(self.roles.policy[r])
         return stub.GetInfo(model_pb2.GetInfoRequest(), timeout=RETURN_CHECK_BUDGET_S).info
 
-    def expected_version(self, role: str) -> int:
-        """The weight version `role`'s replicas must serve now; 0: the weights in their own configuration."""
-        return self.record.policy_version if role == "policy" else 0
+    def expected_version(self, role: str) -> int | None:
+        """The weight version `role`'s replicas must serve now; 0: the weights in their own configuration; None: a
+        PPO run does not manage the reward and reference weights (they serve what they were given)."""
+        return self.record.policy_version if role == "policy" else None
 
     def resync(self, role: str, replicas: list[int] | None = None) -> None:
         """Brings `role`'s replicas (policy: those given, else every one in the rotation) to expected_version."""
@@ -424,7 +425,10 @@ class RunLoop(threading.Thread):
         for attempt in range(3):
             resp = fn()
             want, got = (self.expected_version(role) if want is None else want), version_of(resp)
-            if got >= want:
+            # The policy may be ahead of `want` (async rollouts take any version from it on); the reward and
+            # reference replicas of a pipeline serve exactly the run's version: one ahead of it serves weights the
+            # run never published, and is re-synced too.
+            if want is None or got == want or (role == "policy" and got > want):
                 return resp
             _log.warning("role_resync", run_id=self.record.run_id, role=role, expected_version=want,
                          found_version=got, attempt=attempt + 1)

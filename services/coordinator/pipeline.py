@@ -52,8 +52,9 @@ class PipelineLoop(RunLoop):
         for name, r in self.data_reports.items():
             if r["skipped"]:
                 _log.warning("data_lines_skipped", run_id=record.run_id, file=name, path=r["path"], skipped=r["skipped"])
-        self.gold = judges.resolve(cfg.gold.name, cfg.gold.args)
-        self.second = judges.resolve(cfg.second_judge.name, cfg.second_judge.args)
+        registry = roles.cfg.judges
+        self.gold = judges.resolve(cfg.gold.name, cfg.gold.args, registry, "gold.name")
+        self.second = judges.resolve(cfg.second_judge.name, cfg.second_judge.args, registry, "second_judge.name")
         self.labeling: tuple[int, ComparisonStore] | None = None  # the open labeling round, for the labeler RPCs
         self.launcher = None  # built on first use when rm_job: launcher
 
@@ -71,9 +72,12 @@ class PipelineLoop(RunLoop):
     def _load_weights(self, channels, path: str, version: int) -> None:
         for ch in channels:
             stub = model_pb2_grpc.ModelServiceStub(ch)
-            if self.roles.info(ch).weight_version >= version:
+            served = self.roles.info(ch).weight_version
+            if served == version:
                 continue  # already loaded before a restart
-            self.roles.call("LoadWeights", ch, lambda t: stub.LoadWeights(model_pb2.LoadWeightsRequest(path=path, version=version), timeout=t))
+            # A replica ahead of the run serves weights the run never published: replaced, not skipped.
+            req = model_pb2.LoadWeightsRequest(path=path, version=version, replace_newer=served > version)
+            self.roles.call("LoadWeights", ch, lambda t: stub.LoadWeights(req, timeout=t))
 
     def expected_version(self, role: str) -> int:
         """policy: the last pushed version, or the SFT policy's before PPO; reference: the SFT policy's;

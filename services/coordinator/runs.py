@@ -39,6 +39,7 @@ class RunRecord:
     artifacts: dict = field(default_factory=dict)  # pipeline: stages done, model dirs, versions, stage results
     stage_fraction: float = 0.0  # progress of the current stage, [0, 1]
     stage_detail: str = ""  # what the current stage is doing, for people
+    owner: str = ""  # the name of the credential that started the run ("" without authentication): who may stop it
 
     @property
     def path(self) -> Path:

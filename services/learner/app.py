@@ -35,9 +35,12 @@ class LearnerApp(ModelRoleApp):
     accepts_updates = False  # the learner owns the weights it trains
 
     def __init__(self, cfg: LearnerConfig, run_dir: Path | None = None) -> None:
-        super().__init__(cfg)
+        super().__init__(cfg, run_dir)
         self.cfg: LearnerConfig = cfg
-        self.run_dir = run_dir
+        if cfg.checkpoint_dir:  # its own checkpoints are the learner's to read (ResetPolicy of a saved policy)
+            from alignd.runtime.paths import role_roots
+
+            self.roots = role_roots(cfg, run_dir, extra=[cfg.checkpoint_dir])
         self.launch = ranks.Launch.from_env()
         ranks.check_config(cfg, self.launch)  # ConfigError before anything binds or loads
         self.learner: Learner | None = None
@@ -55,7 +58,8 @@ class LearnerApp(ModelRoleApp):
         from alignd.services.learner.jobs import Jobs
 
         learner_pb2_grpc.add_LearnerServiceServicer_to_server(
-            LearnerServicer(self.loaded, self.metrics, lambda v: self.model_servicer.metrics.version.set(v), Jobs(self.cfg)),
+            LearnerServicer(self.loaded, self.metrics, lambda v: self.model_servicer.metrics.version.set(v),
+                            Jobs(self.cfg), self.roots),
             host.server,
         )
 

@@ -30,6 +30,7 @@ from alignd.models.handle import load_causal_lm, load_scalar_head_model, load_to
 from alignd.models.scoring import SCORE_POOLING_KEY
 from alignd.runtime.errors import FailedPrecondition, InvalidArgument
 from alignd.runtime.logging import get_logger
+from alignd.runtime.paths import is_owned, mark_owned
 from alignd.services.learner import supervised
 from alignd.services.learner.checkpoint import fsync_tree
 from alignd.v1 import learner_pb2
@@ -65,30 +66,54 @@ def _stored(output_dir: str, job_id: str, response_type):
     f = Path(output_dir) / JOB_FILE
     if not f.exists():
         return None
-    stored = json.loads(f.read_text())
-    if stored.get("job_id") != job_id:
+    try:
+        stored = json.loads(f.read_text())
+        if not isinstance(stored, dict) or stored.get("job_id") != job_id:
+            return None
+        resp = response_type.FromString(base64.b64decode(stored["response"]))
+    except Exception:  # noqa: BLE001 - not a result this job published: train (publishing checks the directory)
         return None
-    resp = response_type.FromString(base64.b64decode(stored["response"]))
     resp.replayed = True
     return resp
+
+
+def _owned(directory: Path) -> bool:
+    """A directory alignd made: it carries the ownership marker, or a job result (directories of older versions)."""
+    return is_owned(directory) or (directory / JOB_FILE).is_file()
+
+
+def _check_output(output_dir: str) -> Path:
+    """The job's output directory: refused when something that alignd did not make is there (InvalidArgument)."""
+    if not output_dir:
+        raise InvalidArgument("output_dir", "must not be empty")
+    final = Path(output_dir)
+    if final.is_symlink() or (final.exists() and not (final.is_dir() and _owned(final))):
+        raise InvalidArgument("output_dir", "exists and was not made by an alignd job; a job replaces only its own "
+                              "outputs: choose a new directory")
+    return final
 
 
 def _publish(tmp: Path, output_dir: str, job_id: str, resp) -> None:
     (tmp / JOB_FILE).write_text(json.dumps({"job_id": job_id, "response": base64.b64encode(resp.SerializeToString()).decode()}))
     fsync_tree(tmp)
-    final = Path(output_dir)
+    final = _check_output(output_dir)  # again: the directory may have appeared while the job trained
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(final)  # an earlier result of alignd's (a job of another id), replaced
     os.replace(tmp, final)
 
 
 def _tmp_dir(output_dir: str) -> Path:
-    if not output_dir:
-        raise InvalidArgument("output_dir", "must not be empty")
-    final = Path(output_dir)
+    """A fresh, marked working directory next to the output (call with the job lock held: a job of the same
+    process may be using the previous one)."""
+    final = _check_output(output_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp.exists() and not tmp.is_symlink() and _owned(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a job of this pid that died (the lock is ours now)
+    elif tmp.exists() or tmp.is_symlink():
+        raise InvalidArgument("output_dir", f"{tmp.name} next to it exists and was not made by alignd")
+    tmp.mkdir()
+    mark_owned(tmp)
     return tmp
 
 
@@ -123,9 +148,11 @@ class Jobs:
         demos, report = _load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path", skip_bad=skip)
         val = _load(data.load_demonstrations, req.validation_path, "validation_path", skip_bad=skip)[0] if req.validation_path else []
         train, val = _split(demos, val, cfg.validation_fraction, cfg.seed, "demonstrations_path")
-        tmp = _tmp_dir(req.output_dir)
+        _check_output(req.output_dir)
         self._claim()
+        tmp = None
         try:
+            tmp = _tmp_dir(req.output_dir)  # with the job lock held
             t0 = time.perf_counter()
             mcfg = ModelConfig(path=req.init_model_dir or self.cfg.model.path)
             model, tok = load_causal_lm(mcfg), load_tokenizer(mcfg)
@@ -149,7 +176,8 @@ class Jobs:
             _log.info("sft_finished", job_id=req.job_id, best_epoch=res.best_epoch, seconds=round(resp.duration_seconds, 2))
             return resp
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             self._busy.release()
 
     def reward_model(self, req: learner_pb2.TrainRewardModelRequest) -> learner_pb2.TrainRewardModelResponse:
@@ -192,9 +220,11 @@ def train_reward_model(
     demos = (_load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path", skip_bad=skip)[0]
              if req.demonstrations_path else [])
     train, val = _split(comps, val, cfg.validation_fraction, cfg.seed, "comparisons_path")
-    tmp = _tmp_dir(req.output_dir)
+    _check_output(req.output_dir)
     with claim():
+        tmp = None
         try:
+            tmp = _tmp_dir(req.output_dir)  # with the job lock held
             t0 = time.perf_counter()
             mcfg = ModelConfig(path=req.init_model_dir)
             model, tok = load_scalar_head_model(mcfg, allow_new_head=True), load_tokenizer(mcfg)
@@ -230,4 +260,5 @@ def train_reward_model(
             _log.info("rm_finished", job_id=req.job_id, val_accuracy=round(resp.val_accuracy, 4), seconds=round(resp.duration_seconds, 2))
             return resp
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)

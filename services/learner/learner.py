@@ -412,14 +412,32 @@ class Learner:
                     # push (the coordinator, within its recovery timeout) instead of failing the run on an
                     # INTERNAL error.
                     raise Unavailable(f"policy replica {address} is unavailable ({err.code().name}); retry the push") from None
-                raise
+                # The replica refused the weights (its version, its architecture, its credentials): the push cannot
+                # succeed as things are, and says why.
+                raise FailedPrecondition(f"policy replica {address} refused the weights: {err.code().name}: "
+                                         f"{(err.details() or '')[:300]}") from None
+
+        def resync_newer(stub, ch) -> int:
+            """The full policy to a replica that serves a version above ours (applied at once, never staged)."""
+            if mode == "filesystem":
+                stub.LoadWeights(model_pb2.LoadWeightsRequest(path=path, version=version, replace_newer=True), timeout=600)
+                return 0
+            resp = push_weights(ch, stream_state(), version, chunk_bytes=self.cfg.push_chunk_bytes, replace_newer=True)
+            return int(resp.received_bytes)
 
         def push_one(address: str) -> int:
             with make_channel(address, credentials=self.cfg.client) as ch:
                 stub = model_pb2_grpc.ModelServiceStub(ch)
                 info = stub.GetInfo(model_pb2.GetInfoRequest(), timeout=30).info
-                if info.weight_version >= version or (stage_only and info.staged_weight_version == version):
+                if info.weight_version == version or (stage_only and info.staged_weight_version == version):
                     return 0
+                # A replica ahead of this learner serves weights the learner never published (set by another
+                # caller, or kept from before this learner restored a checkpoint): re-synced, never skipped.
+                newer = info.weight_version > version
+                if newer:
+                    _log.warning("replica_version_unknown", replica=address, replica_version=info.weight_version,
+                                 version=version)
+                    return resync_newer(stub, ch)
                 if info.staged_weight_version == version:
                     try:
                         stub.CommitWeights(model_pb2.CommitWeightsRequest(version=version), timeout=600)
@@ -431,7 +449,7 @@ class Learner:
                         # No longer staged (replaced or restarted since GetInfo): sent in full below, unless
                         # another push applied it meanwhile.
                         _log.info("staged_weights_lost", replica=address, version=version, error=err.details())
-                        if stub.GetInfo(model_pb2.GetInfoRequest(), timeout=30).info.weight_version >= version:
+                        if stub.GetInfo(model_pb2.GetInfoRequest(), timeout=30).info.weight_version == version:
                             return 0
                 if mode == "filesystem":
                     try:

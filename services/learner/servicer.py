@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from alignd.models.inputs import check_batch, check_ids, check_length
 from alignd.runtime.client import expand_addresses
-from alignd.runtime.errors import InvalidArgument
+from alignd.runtime.errors import FailedPrecondition, InvalidArgument
 from alignd.runtime.logging import get_logger
 from alignd.runtime.metrics import LATENCY_BUCKETS_SECONDS
 from alignd.services.learner.ppo import Batch, collate
@@ -98,17 +98,40 @@ def parse_batch(
     return collate(prompts, responses, refs, rollouts, scores, pad_id, versions if behaviour else None, exact)
 
 
+# The path fields of each request: they must lie under the learner's roots (alignd.runtime.paths); optional ones may
+# be empty.
+PATH_FIELDS = {
+    "TrainSFT": (("demonstrations_path", True), ("validation_path", False), ("init_model_dir", False), ("output_dir", True)),
+    "TrainRewardModel": (("init_model_dir", True), ("comparisons_path", True), ("validation_path", False),
+                         ("demonstrations_path", False), ("output_dir", True)),
+    "ResetPolicy": (("policy_dir", True), ("value_model_dir", False)),
+    "EvaluateTextLoss": (("text_path", True),),
+}
+
+
 class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
-    def __init__(self, loaded, metrics: LearnerMetrics, on_version, jobs) -> None:
+    def __init__(self, loaded, metrics: LearnerMetrics, on_version, jobs, roots=None) -> None:
         self.loaded = loaded  # Loaded[Learner]
         self.metrics = metrics
         self.on_version = on_version  # keeps ModelService's version gauge in step
         self.jobs = jobs  # services/learner/jobs.Jobs: SFT and RM training
+        self.roots = roots  # alignd.runtime.paths.Roots of the paths in requests
+
+    def _paths(self, method: str, request):
+        """`request` with each path field resolved under the roots (InvalidArgument naming the field otherwise)."""
+        for name, required in PATH_FIELDS[method]:
+            value = getattr(request, name)
+            if not value:
+                if required:
+                    raise InvalidArgument(name, "must not be empty")
+                continue
+            if self.roots is not None:
+                setattr(request, name, str(self.roots.check(value, name)))
+        return request
 
     def ResetPolicy(self, request, context):
         learner = self.loaded.get()
-        if not request.policy_dir:
-            raise InvalidArgument("policy_dir", "must not be empty")
+        request = self._paths("ResetPolicy", request)
         done = learner.reset(request.policy_dir, request.value_model_dir, request.version)
         self.metrics.policy_version.set(learner.version)
         self.on_version(learner.version)
@@ -116,11 +139,15 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
 
     def TrainSFT(self, request, context):
         self.loaded.get()
-        return self.jobs.sft(request)
+        if not request.job_id:
+            raise InvalidArgument("job_id", "must not be empty")
+        return self.jobs.sft(self._paths("TrainSFT", request))
 
     def TrainRewardModel(self, request, context):
         self.loaded.get()
-        return self.jobs.reward_model(request)
+        if not request.job_id:
+            raise InvalidArgument("job_id", "must not be empty")
+        return self.jobs.reward_model(self._paths("TrainRewardModel", request))
 
     def TrainStep(self, request, context):
         learner = self.loaded.get()
@@ -155,6 +182,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
 
     def EvaluateTextLoss(self, request, context):
         learner = self.loaded.get()
+        request = self._paths("EvaluateTextLoss", request)
         return learner.text_loss(request.text_path, request.max_tokens, request.max_blocks)
 
     def SaveCheckpoint(self, request, context):
@@ -166,10 +194,16 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
 
     def PushWeights(self, request, context):
         learner = self.loaded.get()
-        # Every replica behind a headless Service name gets the weights (resolved on each push).
-        addresses = expand_addresses(list(request.addresses) or list(learner.cfg.policy_addresses))
-        if not addresses:
-            raise InvalidArgument("addresses", "no policy replica given and none configured (policy_addresses)")
+        # Every replica behind a headless Service name gets the weights (resolved on each push). A request may
+        # choose some of the configured replicas, never another address.
+        configured = expand_addresses(list(learner.cfg.policy_addresses))
+        if not configured:
+            raise FailedPrecondition("no policy replica is configured (policy_addresses)")
+        for i, a in enumerate(request.addresses):
+            if a not in configured:
+                raise InvalidArgument(f"addresses[{i}]", "not one of the policy replicas this learner is configured "
+                                      "with (policy_addresses); the learner pushes to those only")
+        addresses = list(dict.fromkeys(request.addresses)) or configured
         resp = learner.push(addresses, stage_only=request.stage_only)
         self.metrics.push_seconds.observe(resp.duration_seconds)
         self.metrics.push_bytes.inc(resp.bytes_per_replica * len(addresses))

@@ -25,8 +25,8 @@ class PolicyApp(ModelRoleApp):
     slug = "policy"
     role_service = "alignd.v1.PolicyService"
 
-    def __init__(self, cfg: PolicyConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: PolicyConfig, run_dir=None) -> None:
+        super().__init__(cfg, run_dir)
         self.cfg: PolicyConfig = cfg
 
     def register_role(self, host: ServiceHost) -> None:
@@ -45,4 +45,4 @@ class PolicyApp(ModelRoleApp):
 
 
 def create(cfg: PolicyConfig, run_dir=None) -> PolicyApp:
-    return PolicyApp(cfg)
+    return PolicyApp(cfg, run_dir)

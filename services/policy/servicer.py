@@ -8,7 +8,7 @@ import secrets
 import numpy as np
 
 from alignd.models.handle import ModelHandle
-from alignd.models.inputs import check_batch, check_ids, check_length, tokenize
+from alignd.models.inputs import check_batch, check_ids, check_length, check_temperature, tokenize
 from alignd.runtime.errors import InvalidArgument
 from alignd.runtime.metrics import BatchMetrics
 from alignd.services.policy.engine import Row, Sampling
@@ -22,8 +22,7 @@ def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
 
 def parse_sampling(sp: policy_pb2.SamplingParams, handle: ModelHandle) -> tuple[Sampling, int]:
     """Validates SamplingParams; returns (Sampling, num_samples)."""
-    if not math.isfinite(sp.temperature) or sp.temperature < 0:
-        raise InvalidArgument("sampling.temperature", f"must be >= 0 (0 = greedy), got {sp.temperature}")
+    temperature = check_temperature(sp.temperature, "sampling.temperature", "greedy")
     if not math.isfinite(sp.top_p) or not 0 <= sp.top_p <= 1:
         raise InvalidArgument("sampling.top_p", f"must be in (0, 1] (0 = off), got {sp.top_p}")
     if sp.top_k < 0:
@@ -44,7 +43,7 @@ def parse_sampling(sp: policy_pb2.SamplingParams, handle: ModelHandle) -> tuple[
     ):
         raise InvalidArgument("sampling.logprob_mode", f"unknown mode {sp.logprob_mode}")
     sampling = Sampling(
-        temperature=float(sp.temperature),
+        temperature=temperature,
         top_p=float(sp.top_p) if sp.top_p > 0 else 1.0,
         top_k=int(sp.top_k),
         max_new_tokens=int(sp.max_new_tokens),
@@ -70,7 +69,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         for i, p in enumerate(request.prompts):
             kind = p.WhichOneof("input")
             if kind == "text":
-                ids = tokenize(handle, p.text)
+                ids = tokenize(handle, p.text, f"prompts[{i}].text")
             elif kind == "token_ids":
                 ids = check_ids(p.token_ids.ids, handle.vocab_size, f"prompts[{i}].token_ids.ids")
             else:

@@ -26,8 +26,8 @@ class ReferenceApp(ModelRoleApp):
     slug = "reference"
     role_service = "alignd.v1.ReferenceService"
 
-    def __init__(self, cfg: ReferenceConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: ReferenceConfig, run_dir=None) -> None:
+        super().__init__(cfg, run_dir)
         self.cfg: ReferenceConfig = cfg
 
     def register_role(self, host: ServiceHost) -> None:
@@ -48,4 +48,4 @@ class ReferenceApp(ModelRoleApp):
 
 
 def create(cfg: ReferenceConfig, run_dir=None) -> ReferenceApp:
-    return ReferenceApp(cfg)
+    return ReferenceApp(cfg, run_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from alignd.models.handle import ModelHandle
-from alignd.models.inputs import check_batch, check_ids, check_length
+from alignd.models.inputs import check_batch, check_ids, check_length, check_temperature
 from alignd.runtime.errors import InvalidArgument
 from alignd.runtime.metrics import BatchMetrics
 from alignd.services.reference.engine import Item
@@ -13,9 +13,7 @@ from alignd.v1 import reference_pb2, reference_pb2_grpc
 
 
 def parse_items(request: reference_pb2.LogProbsRequest, handle: ModelHandle) -> list[Item]:
-    if not math.isfinite(request.temperature) or request.temperature < 0:
-        raise InvalidArgument("temperature", f"must be > 0 (0 = 1), got {request.temperature}")
-    temperature = request.temperature or 1.0
+    temperature = check_temperature(request.temperature, "temperature", "1") or 1.0
     check_batch(len(request.items), "items")
     items = []
     for i, it in enumerate(request.items):
@@ -39,6 +37,9 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceServiceServicer):
         state = self.loaded.get()
         items = parse_items(request, state.handle)
         (results, version), pending, _info = state.batcher.run(items, len(items), context.time_remaining())
+        for i, lp in enumerate(results):
+            if not all(math.isfinite(x) for x in lp):  # never a NaN or an infinity with OK
+                raise FloatingPointError(f"the reference model produced a non-finite log-prob for items[{i}]")
         self.metrics.queue_seconds.observe(pending.queue_seconds)
         self.metrics.tokens.labels("scored").inc(sum(len(it.prompt_ids) + len(it.response_ids) for it in items))
         return reference_pb2.LogProbsResponse(

@@ -27,8 +27,8 @@ class RewardApp(ModelRoleApp):
     slug = "reward"
     role_service = "alignd.v1.RewardService"
 
-    def __init__(self, cfg: RewardConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: RewardConfig, run_dir=None) -> None:
+        super().__init__(cfg, run_dir)
         self.cfg: RewardConfig = cfg
 
     http_server = None
@@ -90,4 +90,4 @@ class RewardApp(ModelRoleApp):
 
 
 def create(cfg: RewardConfig, run_dir=None) -> RewardApp:
-    return RewardApp(cfg)
+    return RewardApp(cfg, run_dir)

@@ -36,28 +36,11 @@ from alignd.v1 import (
     reward_pb2_grpc,
 )
 from conftest import secure_channel, start_roles, stop_roles, token_of, tokens_file
+from rpc_catalog import SERVICES, all_methods, base_requests
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = {
-    "policy": ["alignd.v1.PolicyService", "alignd.v1.ModelService"],
-    "reward": ["alignd.v1.RewardService", "alignd.v1.ModelService"],
-    "reference": ["alignd.v1.ReferenceService", "alignd.v1.ModelService"],
-    "learner": ["alignd.v1.LearnerService", "alignd.v1.ModelService"],
-    "coordinator": ["alignd.v1.CoordinatorService"],
-}
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 PROMPT = [5, 6, 7, 8]
-
-
-def all_methods() -> list[str]:
-    """Every method of every alignd.v1 service, as "/package.Service/Method"."""
-    pool = descriptor_pool.Default()
-    out = []
-    for name in ("common", "model", "policy", "reward", "reference", "learner", "coordinator"):
-        fd = pool.FindFileByName(f"alignd/v1/{name}.proto")
-        for svc in fd.services_by_name.values():
-            out.extend(f"/{svc.full_name}/{m.name}" for m in svc.methods)
-    return out
 
 
 def test_every_method_has_a_scope_and_unlisted_methods_need_admin():
@@ -127,42 +110,7 @@ def snapshot(root: Path, roles: dict) -> dict:
 
 def harmful_requests(root: Path, tiny_models) -> dict[str, object]:
     """A request per method that would change state (or read data) if it were served."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from alignd.models.weights import encode_stream
-
-    other = AutoModelForCausalLM.from_pretrained(tiny_models["lm_other"])
-    state = {k: v.detach().clone() for k, v in other.state_dict().items()}
-    ppo_run = yaml.safe_dump({"steps": 1, "prompts_per_step": 2, "prompts": {"path": str(ROOT / "configs" / "tiny_prompts.txt")}})
-    return {
-        "Generate": policy_pb2.GenerateRequest(prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=PROMPT))],
-                                               sampling=policy_pb2.SamplingParams(max_new_tokens=2)),
-        "Score": reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(
-            tokens=reward_pb2.TokenPair(prompt_token_ids=PROMPT, response_token_ids=[9]))]),
-        "LogProbs": reference_pb2.LogProbsRequest(items=[reference_pb2.LogProbsItem(prompt_token_ids=PROMPT,
-                                                                                      response_token_ids=[9])]),
-        "GetInfo": model_pb2.GetInfoRequest(),
-        "UpdateWeights": lambda: encode_stream(state, 99),
-        "LoadWeights": model_pb2.LoadWeightsRequest(path=str(tiny_models["lm_other"]), version=99),
-        "CommitWeights": model_pb2.CommitWeightsRequest(version=99),
-        "TrainStep": learner_pb2.TrainStepRequest(step=1),
-        "SaveCheckpoint": learner_pb2.SaveCheckpointRequest(tag="intruder"),
-        "PushWeights": learner_pb2.PushWeightsRequest(),
-        "ResetPolicy": learner_pb2.ResetPolicyRequest(policy_dir=str(tiny_models["lm_other"]), version=99),
-        "TrainSFT": learner_pb2.TrainSFTRequest(job_id="intruder", demonstrations_path=str(ROOT / "configs" / "tiny_demos.jsonl"),
-                                                output_dir=str(root / "learner" / "intruder-sft")),
-        "TrainRewardModel": learner_pb2.TrainRewardModelRequest(job_id="intruder", output_dir=str(root / "learner" / "rm")),
-        "EvaluateTextLoss": learner_pb2.EvaluateTextLossRequest(text_path=str(ROOT / "configs" / "tiny_heldout_text.txt")),
-        "GetCoordinatorInfo": coordinator_pb2.GetCoordinatorInfoRequest(),
-        "StartRun": coordinator_pb2.StartRunRequest(run_id="intruder", config_yaml=ppo_run),
-        "GetRun": coordinator_pb2.GetRunRequest(run_id="intruder"),
-        "StopRun": coordinator_pb2.StopRunRequest(run_id="intruder"),
-        "ListRuns": coordinator_pb2.ListRunsRequest(),
-        "LeaseComparisonTasks": coordinator_pb2.LeaseComparisonTasksRequest(run_id="intruder", labeler="x"),
-        "SubmitRanking": coordinator_pb2.SubmitRankingRequest(run_id="intruder", task_id="t", labeler="x", ranking=[0, 1]),
-        "ReleaseComparisonTask": coordinator_pb2.ReleaseComparisonTaskRequest(run_id="intruder", task_id="t", labeler="x"),
-    }
+    return base_requests(root, tiny_models, stream_state=True)
 
 
 def call(channel, method: str, request, metadata):

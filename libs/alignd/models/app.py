@@ -29,10 +29,17 @@ class ModelRoleApp(RoleApp):
     role_service: str = ""
     accepts_updates: bool = True
 
-    def __init__(self, cfg: RoleConfig) -> None:
+    def __init__(self, cfg: RoleConfig, run_dir=None) -> None:
         self.cfg = cfg
+        self.run_dir = run_dir
         self.loaded = Loaded()
         self.batcher: DynamicBatcher | None = None
+        # Where paths in requests may lead: paths.roots and the run directory; also the weights the learner
+        # publishes in shared memory (LoadWeights under weight_sync auto).
+        from alignd.models.weights import SHM_PREFIX, SHM_ROOT
+        from alignd.runtime.paths import role_roots
+
+        self.roots = role_roots(cfg, run_dir, prefixes=[SHM_ROOT / SHM_PREFIX])
 
     @property
     def service_names(self) -> list[str]:  # type: ignore[override]
@@ -40,7 +47,7 @@ class ModelRoleApp(RoleApp):
 
     def register(self, host: ServiceHost) -> None:
         self.host = host
-        self.model_servicer = ModelServicer(self.slug, host, accepts_updates=self.accepts_updates)
+        self.model_servicer = ModelServicer(self.slug, host, accepts_updates=self.accepts_updates, roots=self.roots)
         model_pb2_grpc.add_ModelServiceServicer_to_server(self.model_servicer, host.server)
         self.batch_metrics = BatchMetrics(self.slug, host.registry)
         self.register_role(host)

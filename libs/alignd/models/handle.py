@@ -24,6 +24,8 @@ from alignd.v1 import common_pb2
 
 _log = get_logger("alignd.models")
 
+MAX_VERSION = (1 << 62) - 1  # weight versions are below 2^62 (the learner refuses larger ones too)
+MAX_VERSION_JUMP = 1 << 20  # how far above its own version a replica accepts an update (docs/security.md)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -212,16 +214,26 @@ class ModelHandle:
     def end_update(self) -> None:
         self._update_lock.release()
 
-    def check_version(self, version: int) -> None:
+    def check_version(self, version: int, *, replace_newer: bool = False) -> None:
+        """Versions only move forward, by at most MAX_VERSION_JUMP (a restarted replica serves 0 and is brought to
+        the run's version in one update); `replace_newer` also allows a lower version: the learner re-syncing a
+        replica that reports a version it never published."""
+        if version > MAX_VERSION:
+            raise InvalidArgument("version", f"{version} is above the largest weight version, {MAX_VERSION}")
+        if replace_newer and 1 <= version < self.version:
+            return
         if version <= self.version:
             raise FailedPrecondition(f"version {version} is not above the served version {self.version}")
+        if version - self.version > MAX_VERSION_JUMP:
+            raise FailedPrecondition(f"version {version} is more than {MAX_VERSION_JUMP} above the served version "
+                                     f"{self.version}; versions advance one publication at a time")
 
     def fits(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
         """Whether tensors of these names and shapes are exactly the served model's."""
         state = self.model.state_dict()
         return set(shapes) == set(state) and all(tuple(shape) == tuple(state[n].shape) for n, shape in shapes.items())
 
-    def replace_model(self, model, version: int) -> int:
+    def replace_model(self, model, version: int, *, replace_newer: bool = False) -> int:
         """Serves `model` (a model of another architecture, same tokenizer) from `version` on; returns its tensor count.
 
         InvalidArgument (nothing changed) when its vocabulary differs from the tokenizer's."""
@@ -229,7 +241,7 @@ class ModelHandle:
         if vocab != self.vocab_size:
             raise InvalidArgument("path", f"the model's vocabulary has {vocab} tokens, the served tokenizer's model {self.vocab_size}")
         with self.lock:
-            self.check_version(version)
+            self.check_version(version, replace_newer=replace_newer)
             self.model = model
             self.max_context = context_limit(model, self.cfg)
             self.num_parameters = sum(p.numel() for p in model.parameters())
@@ -256,7 +268,9 @@ class ModelHandle:
                 shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
                 raise InvalidArgument("weights", f"full update misses {len(missing)} tensors: {shown}")
 
-    def apply_weights(self, tensors: Mapping[str, torch.Tensor], version: int, *, partial: bool) -> int:
+    def apply_weights(
+        self, tensors: Mapping[str, torch.Tensor], version: int, *, partial: bool, replace_newer: bool = False
+    ) -> int:
         """Validates then copies `tensors` into the model and sets `version`.
 
         Returns the number of tensors copied. Raises InvalidArgument (nothing
@@ -267,7 +281,7 @@ class ModelHandle:
         state = self.model.state_dict()
         t0 = time.perf_counter()
         with self.lock:
-            self.check_version(version)
+            self.check_version(version, replace_newer=replace_newer)
             with torch.no_grad():
                 for name, t in tensors.items():
                     state[name].copy_(t.to(device=state[name].device, dtype=state[name].dtype))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from alignd.models.handle import ModelHandle
@@ -9,6 +10,22 @@ from alignd.runtime.errors import InvalidArgument
 
 # Upper bound on sequences in one request (prompts x samples, or items).
 MAX_REQUEST_SEQUENCES = 4096
+# Upper bound on the UTF-8 bytes of one text, checked before it is tokenised (tokenising costs time and memory in
+# proportion to the text; no context of today's models holds 256 KiB of text).
+MAX_TEXT_BYTES = 256 * 1024
+# Sampling and log-prob temperatures: 0 (greedy / the default) or within these bounds. Logits divided by a smaller
+# one overflow float32 (a temperature of 1e-45 made every row of a batch NaN); a larger one is indistinguishable from
+# uniform sampling.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+
+
+def check_temperature(t: float, field: str, zero: str) -> float:
+    """`t` when it is 0 (meaning `zero`) or a finite number in [MIN_TEMPERATURE, MAX_TEMPERATURE]."""
+    if t == 0:
+        return 0.0
+    if not (math.isfinite(t) and MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+        raise InvalidArgument(field, f"must be 0 ({zero}) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {t}")
+    return float(t)
 
 
 def check_batch(n: int, field: str) -> None:
@@ -26,7 +43,11 @@ def check_ids(ids: Sequence[int], vocab_size: int, field: str) -> list[int]:
     return out
 
 
-def tokenize(handle: ModelHandle, text: str) -> list[int]:
+def tokenize(handle: ModelHandle, text: str, field: str = "text") -> list[int]:
+    """Token ids of `text`; InvalidArgument naming `field` for a text over MAX_TEXT_BYTES (checked first)."""
+    n = len(text.encode("utf-8", "surrogatepass"))
+    if n > MAX_TEXT_BYTES:
+        raise InvalidArgument(field, f"{n} bytes of text; at most {MAX_TEXT_BYTES} (checked before tokenising)")
     return list(handle.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -92,8 +92,9 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     them) until CommitWeights applies them.
     """
 
-    def __init__(self, slug: str, host: ServiceHost, *, accepts_updates: bool = True) -> None:
+    def __init__(self, slug: str, host: ServiceHost, *, accepts_updates: bool = True, roots=None) -> None:
         self.slug = slug
+        self.roots = roots  # alignd.runtime.paths.Roots: where LoadWeights may read from
         self.host = host
         self.handle: ModelHandle | None = None
         self.accepts_updates = accepts_updates
@@ -165,7 +166,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         def run():
             try:
                 received = receive_stream(request_iterator, handle.state_dict())
-                handle.check_version(received.version)
+                handle.check_version(received.version, replace_newer=received.replace_newer)
                 if received.stage_only:
                     handle.check_tensors(received.tensors, partial=received.partial)
             except Exception:
@@ -177,7 +178,8 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                 return received, len(received.tensors)
             self.host.set_serving(False)
             try:
-                n = handle.apply_weights(received.tensors, received.version, partial=received.partial)
+                n = handle.apply_weights(received.tensors, received.version, partial=received.partial,
+                                         replace_newer=received.replace_newer)
             finally:
                 self.host.set_serving(True)
             self._drop_outdated_staged(handle)
@@ -204,11 +206,13 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         handle = self._handle(context)
         if not request.path:
             raise InvalidArgument("path", "must not be empty")
+        if self.roots is not None:
+            request.path = str(self.roots.check(request.path, "path"))
         start = time.perf_counter()
         bias, pooling = 0.0, "last"
 
         def apply(tensors) -> int:
-            n = handle.apply_weights(tensors, request.version, partial=False)
+            n = handle.apply_weights(tensors, request.version, partial=False, replace_newer=request.replace_newer)
             # A reward model's normalisation bias and pooling travel in its config.json.
             setattr(handle.model.config, SCORE_BIAS_KEY, bias)
             setattr(handle.model.config, SCORE_POOLING_KEY, pooling)
@@ -216,7 +220,9 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
 
         def run():
             nonlocal bias, pooling
-            handle.check_version(request.version)
+            if request.stage_only and request.replace_newer:
+                raise InvalidArgument("replace_newer", "not with stage_only: a re-sync is applied at once")
+            handle.check_version(request.version, replace_newer=request.replace_newer)
             bias, pooling = _score_config_of(request.path)
             reload = handle.reloader is not None and not handle.fits(read_weights_shapes(request.path))
             if reload and request.stage_only:
@@ -235,7 +241,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                         model = handle.reloader(request.path)
                     except (ValueError, OSError) as exc:
                         raise InvalidArgument("path", f"{request.path}: {exc}") from None
-                    n = handle.replace_model(model, request.version)
+                    n = handle.replace_model(model, request.version, replace_newer=request.replace_newer)
                 else:
                     n = apply(tensors)
             finally:

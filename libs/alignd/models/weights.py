@@ -100,13 +100,15 @@ def encode_stream(
     partial: bool = False,
     checksum: str = "crc32",
     stage_only: bool = False,
+    replace_newer: bool = False,
 ) -> Iterator[model_pb2.UpdateWeightsRequest]:
     """Yields the UpdateWeights messages for `state`; checksum: "crc32" or "sha256"."""
     ck = _Checksum(checksum)
     n, total, pieces = _plan(state, chunk_bytes)
     yield model_pb2.UpdateWeightsRequest(
         header=model_pb2.WeightsHeader(
-            version=version, num_tensors=n, total_bytes=total, partial=partial, stage_only=stage_only
+            version=version, num_tensors=n, total_bytes=total, partial=partial, stage_only=stage_only,
+            replace_newer=replace_newer,
         )
     )
     for name, dtype, shape, offset, piece in pieces:
@@ -142,6 +144,7 @@ def encode_stream_wire(
     partial: bool = False,
     checksum: str = "crc32",
     stage_only: bool = False,
+    replace_newer: bool = False,
 ) -> Iterator[bytes]:
     """The same stream as `encode_stream`, as serialized messages, built with one copy of the data.
 
@@ -156,7 +159,8 @@ def encode_stream_wire(
     n, total, pieces = _plan(state, chunk_bytes)
     yield model_pb2.UpdateWeightsRequest(
         header=model_pb2.WeightsHeader(
-            version=version, num_tensors=n, total_bytes=total, partial=partial, stage_only=stage_only
+            version=version, num_tensors=n, total_bytes=total, partial=partial, stage_only=stage_only,
+            replace_newer=replace_newer,
         )
     ).SerializeToString()
     for name, dtype, shape, offset, piece in pieces:
@@ -175,6 +179,7 @@ class ReceivedWeights:
     tensors: dict[str, torch.Tensor]
     received_bytes: int
     stage_only: bool = False
+    replace_newer: bool = False
 
 
 class _Buffer:
@@ -208,6 +213,8 @@ def receive_stream(
     if first is None or first.WhichOneof("part") != "header":
         raise InvalidArgument("header", "the stream must start with a header message")
     header = first.header
+    if header.stage_only and header.replace_newer:
+        raise InvalidArgument("header.replace_newer", "not with stage_only: a re-sync is applied at once")
     # The trailer says which checksum it carries only at the end: keep the
     # cheap CRC-32 running always, and SHA-256 over the assembled buffers
     # afterwards when the trailer asks for it (same bytes, same order).
@@ -282,7 +289,8 @@ def receive_stream(
         for name, b in buffers.items()
     }
     return ReceivedWeights(
-        version=header.version, partial=header.partial, tensors=tensors, received_bytes=received, stage_only=header.stage_only
+        version=header.version, partial=header.partial, tensors=tensors, received_bytes=received,
+        stage_only=header.stage_only, replace_newer=header.replace_newer,
     )
 
 

@@ -55,8 +55,9 @@ class DynamicBatcher(Generic[Req, Res]):
     """Collects concurrent requests into batches processed by one thread.
 
     `process(requests) -> results` receives the requests of one batch and
-    returns one result per request (or raises: every request of the batch
-    then fails with that exception). `on_batch(info)` is called after each
+    returns one result per request. When it raises on a batch of several
+    requests, each request runs again on its own: only a request that fails
+    alone gets an error (one caller's bad input never fails its neighbours). `on_batch(info)` is called after each
     batch (for metrics), `on_drop(reason)` for each request dropped unrun
     ("deadline": its deadline passed in the queue; "cancelled": its caller
     gave up first).
@@ -183,23 +184,44 @@ class DynamicBatcher(Generic[Req, Res]):
             now = time.perf_counter()
             for p in batch:
                 p.queue_seconds = now - p.enqueued_at
-            start = time.perf_counter()
             try:
-                results = self._process([p.request for p in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"batch processor returned {len(results)} results for {len(batch)} requests")
+                results, info = self._execute(batch)
+            except Exception as exc:  # noqa: BLE001 - one request's failure must not fail its neighbours
+                if len(batch) == 1:
+                    batch[0].future.set_exception(exc)
+                    continue
+                _log.warning("batch_failed_isolating", requests=len(batch), error=type(exc).__name__)
+                self._run_alone(batch)
+                continue
             except BaseException as exc:  # noqa: BLE001 - forwarded to every caller
                 for p in batch:
                     p.future.set_exception(exc)
                 continue
-            info = BatchInfo(size=sum(p.cost for p in batch), requests=len(batch), seconds=time.perf_counter() - start)
-            if self._on_batch:
-                try:
-                    self._on_batch(info)
-                except Exception:  # noqa: BLE001
-                    _log.exception("batch_callback_failed")
             for p, r in zip(batch, results):
                 p.future.set_result((r, info))
+
+    def _execute(self, batch: list[Pending[Req]]) -> tuple[Sequence[Res], BatchInfo]:
+        start = time.perf_counter()
+        results = self._process([p.request for p in batch])
+        if len(results) != len(batch):
+            raise RuntimeError(f"batch processor returned {len(results)} results for {len(batch)} requests")
+        info = BatchInfo(size=sum(p.cost for p in batch), requests=len(batch), seconds=time.perf_counter() - start)
+        if self._on_batch:
+            try:
+                self._on_batch(info)
+            except Exception:  # noqa: BLE001
+                _log.exception("batch_callback_failed")
+        return results, info
+
+    def _run_alone(self, batch: list[Pending[Req]]) -> None:
+        """After a batch failed: each of its requests again on its own, so only the one that fails gets an error."""
+        for p in batch:
+            try:
+                results, info = self._execute([p])
+            except Exception as exc:  # noqa: BLE001 - this request's own failure
+                p.future.set_exception(exc)
+            else:
+                p.future.set_result((results[0], info))
 
     def _drop_expired(self, batch: list[Pending[Req]]) -> list[Pending[Req]]:
         """The requests still worth computing, marked running; the others are answered without running."""

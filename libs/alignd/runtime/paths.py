@@ -59,6 +59,12 @@ class Roots:
         return [*self.roots, *(p + "*" for p in self.prefixes)]
 
 
+def role_roots(cfg, run_dir: str | os.PathLike | None, *, extra: Iterable[str | os.PathLike] = (),
+               prefixes: Iterable[str | os.PathLike] = ()) -> Roots:
+    """A role's Roots: its paths.roots, its run directory and `extra` (e.g. directories it was configured with)."""
+    return Roots([*cfg.paths.roots, *([run_dir] if run_dir else []), *extra], prefixes=prefixes)
+
+
 def mark_owned(directory: Path) -> None:
     """Marks a directory alignd created (see the module docs)."""
     (Path(directory) / OWNER_FILE).write_text("created by alignd; alignd may replace or remove this directory\n")

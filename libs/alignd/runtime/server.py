@@ -69,54 +69,94 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-_HEALTH_POOL: list[ThreadPoolExecutor] = []
+class HealthInterceptor(grpc.ServerInterceptor):
+    """The health checks on threads of their own, and a bound on open Watch streams (they need no token).
 
+    Check runs on two threads of its own, so a probe is answered while every worker thread is busy. Each Watch
+    holds one thread of a pool of `max_watchers` (grpc's blocking watcher: the servicer only queues each status
+    for it, so changing the health never waits on a watcher's connection; the non-blocking variant sends from
+    inside the health servicer's lock and can deadlock with a watcher that closes meanwhile). Beyond
+    `max_watchers` open streams in all, or `max_per_peer` from one IP, Watch answers RESOURCE_EXHAUSTED at once.
+    """
 
-def _health_pool() -> ThreadPoolExecutor:
-    """The process's health-check threads (grpc reads the pool from the handler function, which every
-    HealthServicer of the process shares)."""
-    if not _HEALTH_POOL:
-        _HEALTH_POOL.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
-    return _HEALTH_POOL[0]
+    WATCH, CHECK = "/grpc.health.v1.Health/Watch", "/grpc.health.v1.Health/Check"
 
+    def __init__(self, max_watchers: int, max_per_peer: int, on_refused=None) -> None:
+        self._check_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="health-check")
+        self._watch_pool = ThreadPoolExecutor(max_workers=max_watchers, thread_name_prefix="health-watch")
+        self._lock = threading.Lock()
+        self._total = 0
+        self._per_peer: dict[str, int] = {}
+        self._max, self._max_per_peer, self._on_refused = max_watchers, max_per_peer, on_refused
 
-class CappedHealthServicer(health.HealthServicer):
-    """grpc.health.v1 with a bound on open Watch streams, in all and per peer IP (they need no token)."""
+    def _refuse(self, handler):
+        if self._on_refused is not None:
+            self._on_refused()
 
-    def __init__(self, pool: ThreadPoolExecutor, max_watchers: int, max_per_peer: int, on_refused=None) -> None:
-        super().__init__(experimental_non_blocking=True, experimental_thread_pool=pool)
-        # Check too runs on the health threads: a probe is answered while every worker thread is busy.
-        self.Check.__func__.experimental_thread_pool = pool
-        self._watch_lock = threading.Lock()
-        self._watchers: dict[str, int] = {}
-        self._max, self._per_peer, self._on_refused = max_watchers, max_per_peer, on_refused
-
-    def Watch(self, request, context, send_response_callback=None):
-        from alignd.runtime.auth import peer_ip
-
-        peer = str(peer_ip(context.peer()))
-        with self._watch_lock:
-            total = sum(self._watchers.values())
-            mine = self._watchers.get(peer, 0)
-            refused = total >= self._max or mine >= self._per_peer
-            if not refused:
-                self._watchers[peer] = mine + 1
-        if refused:
-            if self._on_refused is not None:
-                self._on_refused()
+        def refuse(request_iterator, context):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           "too many open health Watch streams (server.limits.max_health_watchers); use Check")
+            yield  # noqa: unreachable - a generator, like Watch
 
-        def release():
-            with self._watch_lock:
-                n = self._watchers.get(peer, 0) - 1
-                if n > 0:
-                    self._watchers[peer] = n
-                else:
-                    self._watchers.pop(peer, None)
+        refuse.experimental_thread_pool = self._check_pool
+        return grpc.stream_stream_rpc_method_handler(refuse, None, handler.response_serializer)
 
-        context.add_callback(release)
-        return super().Watch(request, context, send_response_callback)
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method not in (self.WATCH, self.CHECK):
+            return handler
+        if method == self.CHECK:
+            check = handler.unary_unary
+
+            def checked(request, context):
+                return check(request, context)
+
+            checked.experimental_thread_pool = self._check_pool
+            return grpc.unary_unary_rpc_method_handler(checked, handler.request_deserializer, handler.response_serializer)
+        with self._lock:  # admitted before it queues for a thread: the pool never holds more than it can run
+            if self._total >= self._max:
+                refused = True
+            else:
+                refused = False
+                self._total += 1
+        if refused:
+            return self._refuse(handler)
+        watch, deserialize = handler.unary_stream, handler.request_deserializer
+
+        def watching(request_iterator, context):
+            from alignd.runtime.auth import peer_ip
+
+            peer = str(peer_ip(context.peer()))
+            try:
+                with self._lock:
+                    mine = self._per_peer.get(peer, 0)
+                    if mine < self._max_per_peer:
+                        self._per_peer[peer] = mine + 1
+                if mine >= self._max_per_peer:
+                    if self._on_refused is not None:
+                        self._on_refused()
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  "too many open health Watch streams from this address; use Check")
+                try:
+                    raw = next(request_iterator, None)  # read here: this runs even for a call cancelled in the queue
+                    if raw is not None:
+                        yield from watch(deserialize(raw), context)
+                except grpc.RpcError:
+                    return  # the watcher went away
+                finally:
+                    with self._lock:
+                        n = self._per_peer.get(peer, 1) - 1
+                        if n > 0:
+                            self._per_peer[peer] = n
+                        else:
+                            self._per_peer.pop(peer, None)
+            finally:
+                with self._lock:
+                    self._total -= 1
+
+        watching.experimental_thread_pool = self._watch_pool
+        return grpc.stream_stream_rpc_method_handler(watching, None, handler.response_serializer)
 
 
 class ServiceHost:
@@ -169,18 +209,16 @@ class ServiceHost:
             interceptors.append(FaultInterceptor(cfg.fault_injection, self.registry))
         self.server = grpc.server(
             self._executor,
-            interceptors=interceptors,
+            interceptors=[HealthInterceptor(cfg.limits.max_health_watchers, cfg.limits.max_health_watchers_per_peer,
+                                            on_refused=self._m_limited.labels("health_watchers").inc), *interceptors],
             options=[
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self.health = CappedHealthServicer(
-            _health_pool(),
-            cfg.limits.max_health_watchers, cfg.limits.max_health_watchers_per_peer,
-            on_refused=self._m_limited.labels("health_watchers").inc,
-        )
+        # Blocking watchers, each on a thread of the HealthInterceptor's Watch pool (see there why).
+        self.health = health.HealthServicer(experimental_non_blocking=False)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._serving = False
         self._set_health(False)

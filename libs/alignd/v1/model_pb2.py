@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from alignd.v1 import common_pb2 as alignd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61lignd/v1/model.proto\x12\talignd.v1\x1a\x16\x61lignd/v1/common.proto\"\x10\n\x0eGetInfoRequest\"5\n\x0fGetInfoResponse\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.alignd.v1.ModelInfo\"o\n\rWeightsHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x02 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07partial\x18\x04 \x01(\x08\x12\x12\n\nstage_only\x18\x05 \x01(\x08\"o\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.alignd.v1.Dtype\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x14\n\x0coffset_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\">\n\x0eWeightsTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x12\n\x05\x63rc32\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_crc32\"\xa1\x01\n\x14UpdateWeightsRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.alignd.v1.WeightsHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.alignd.v1.TensorChunkH\x00\x12,\n\x07trailer\x18\x03 \x01(\x0b\x32\x19.alignd.v1.WeightsTrailerH\x00\x42\x06\n\x04part\"\x7f\n\x15UpdateWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x03 \x01(\r\x12\x18\n\x10\x64uration_seconds\x18\x04 \x01(\x01\x12\x0e\n\x06staged\x18\x05 \x01(\x08\"G\n\x12LoadWeightsRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x12\n\nstage_only\x18\x03 \x01(\x08\"e\n\x13LoadWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x02 \x01(\r\x12\x18\n\x10\x64uration_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06staged\x18\x04 \x01(\x08\"\'\n\x14\x43ommitWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\"W\n\x15\x43ommitWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x02 \x01(\r\x12\x18\n\x10\x64uration_seconds\x18\x03 \x01(\x01\x32\xc8\x02\n\x0cModelService\x12@\n\x07GetInfo\x12\x19.alignd.v1.GetInfoRequest\x1a\x1a.alignd.v1.GetInfoResponse\x12T\n\rUpdateWeights\x12\x1f.alignd.v1.UpdateWeightsRequest\x1a .alignd.v1.UpdateWeightsResponse(\x01\x12L\n\x0bLoadWeights\x12\x1d.alignd.v1.LoadWeightsRequest\x1a\x1e.alignd.v1.LoadWeightsResponse\x12R\n\rCommitWeights\x12\x1f.alignd.v1.CommitWeightsRequest\x1a .alignd.v1.CommitWeightsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61lignd/v1/model.proto\x12\talignd.v1\x1a\x16\x61lignd/v1/common.proto\"\x10\n\x0eGetInfoRequest\"5\n\x0fGetInfoResponse\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.alignd.v1.ModelInfo\"\x86\x01\n\rWeightsHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x02 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07partial\x18\x04 \x01(\x08\x12\x12\n\nstage_only\x18\x05 \x01(\x08\x12\x15\n\rreplace_newer\x18\x06 \x01(\x08\"o\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.alignd.v1.Dtype\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x14\n\x0coffset_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\">\n\x0eWeightsTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x12\n\x05\x63rc32\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_crc32\"\xa1\x01\n\x14UpdateWeightsRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.alignd.v1.WeightsHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.alignd.v1.TensorChunkH\x00\x12,\n\x07trailer\x18\x03 \x01(\x0b\x32\x19.alignd.v1.WeightsTrailerH\x00\x42\x06\n\x04part\"\x7f\n\x15UpdateWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x03 \x01(\r\x12\x18\n\x10\x64uration_seconds\x18\x04 \x01(\x01\x12\x0e\n\x06staged\x18\x05 \x01(\x08\"^\n\x12LoadWeightsRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x12\n\nstage_only\x18\x03 \x01(\x08\x12\x15\n\rreplace_newer\x18\x04 \x01(\x08\"e\n\x13LoadWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x02 \x01(\r\x12\x18\n\x10\x64uration_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06staged\x18\x04 \x01(\x08\"\'\n\x14\x43ommitWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\"W\n\x15\x43ommitWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x02 \x01(\r\x12\x18\n\x10\x64uration_seconds\x18\x03 \x01(\x01\x32\xc8\x02\n\x0cModelService\x12@\n\x07GetInfo\x12\x19.alignd.v1.GetInfoRequest\x1a\x1a.alignd.v1.GetInfoResponse\x12T\n\rUpdateWeights\x12\x1f.alignd.v1.UpdateWeightsRequest\x1a .alignd.v1.UpdateWeightsResponse(\x01\x12L\n\x0bLoadWeights\x12\x1d.alignd.v1.LoadWeightsRequest\x1a\x1e.alignd.v1.LoadWeightsResponse\x12R\n\rCommitWeights\x12\x1f.alignd.v1.CommitWeightsRequest\x1a .alignd.v1.CommitWeightsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,24 +36,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFOREQUEST']._serialized_end=76
   _globals['_GETINFORESPONSE']._serialized_start=78
   _globals['_GETINFORESPONSE']._serialized_end=131
-  _globals['_WEIGHTSHEADER']._serialized_start=133
-  _globals['_WEIGHTSHEADER']._serialized_end=244
-  _globals['_TENSORCHUNK']._serialized_start=246
-  _globals['_TENSORCHUNK']._serialized_end=357
-  _globals['_WEIGHTSTRAILER']._serialized_start=359
-  _globals['_WEIGHTSTRAILER']._serialized_end=421
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=424
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=585
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=587
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=714
-  _globals['_LOADWEIGHTSREQUEST']._serialized_start=716
-  _globals['_LOADWEIGHTSREQUEST']._serialized_end=787
-  _globals['_LOADWEIGHTSRESPONSE']._serialized_start=789
-  _globals['_LOADWEIGHTSRESPONSE']._serialized_end=890
-  _globals['_COMMITWEIGHTSREQUEST']._serialized_start=892
-  _globals['_COMMITWEIGHTSREQUEST']._serialized_end=931
-  _globals['_COMMITWEIGHTSRESPONSE']._serialized_start=933
-  _globals['_COMMITWEIGHTSRESPONSE']._serialized_end=1020
-  _globals['_MODELSERVICE']._serialized_start=1023
-  _globals['_MODELSERVICE']._serialized_end=1351
+  _globals['_WEIGHTSHEADER']._serialized_start=134
+  _globals['_WEIGHTSHEADER']._serialized_end=268
+  _globals['_TENSORCHUNK']._serialized_start=270
+  _globals['_TENSORCHUNK']._serialized_end=381
+  _globals['_WEIGHTSTRAILER']._serialized_start=383
+  _globals['_WEIGHTSTRAILER']._serialized_end=445
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=448
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=609
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=611
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=738
+  _globals['_LOADWEIGHTSREQUEST']._serialized_start=740
+  _globals['_LOADWEIGHTSREQUEST']._serialized_end=834
+  _globals['_LOADWEIGHTSRESPONSE']._serialized_start=836
+  _globals['_LOADWEIGHTSRESPONSE']._serialized_end=937
+  _globals['_COMMITWEIGHTSREQUEST']._serialized_start=939
+  _globals['_COMMITWEIGHTSREQUEST']._serialized_end=978
+  _globals['_COMMITWEIGHTSRESPONSE']._serialized_start=980
+  _globals['_COMMITWEIGHTSRESPONSE']._serialized_end=1067
+  _globals['_MODELSERVICE']._serialized_start=1070
+  _globals['_MODELSERVICE']._serialized_end=1398
 # @@protoc_insertion_point(module_scope)

@@ -18,18 +18,20 @@ class GetInfoResponse(_message.Message):
     def __init__(self, info: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
 
 class WeightsHeader(_message.Message):
-    __slots__ = ("version", "num_tensors", "total_bytes", "partial", "stage_only")
+    __slots__ = ("version", "num_tensors", "total_bytes", "partial", "stage_only", "replace_newer")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
     STAGE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_NEWER_FIELD_NUMBER: _ClassVar[int]
     version: int
     num_tensors: int
     total_bytes: int
     partial: bool
     stage_only: bool
-    def __init__(self, version: _Optional[int] = ..., num_tensors: _Optional[int] = ..., total_bytes: _Optional[int] = ..., partial: _Optional[bool] = ..., stage_only: _Optional[bool] = ...) -> None: ...
+    replace_newer: bool
+    def __init__(self, version: _Optional[int] = ..., num_tensors: _Optional[int] = ..., total_bytes: _Optional[int] = ..., partial: _Optional[bool] = ..., stage_only: _Optional[bool] = ..., replace_newer: _Optional[bool] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset_bytes", "data")
@@ -78,14 +80,16 @@ class UpdateWeightsResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., received_bytes: _Optional[int] = ..., num_tensors: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., staged: _Optional[bool] = ...) -> None: ...
 
 class LoadWeightsRequest(_message.Message):
-    __slots__ = ("path", "version", "stage_only")
+    __slots__ = ("path", "version", "stage_only", "replace_newer")
     PATH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STAGE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_NEWER_FIELD_NUMBER: _ClassVar[int]
     path: str
     version: int
     stage_only: bool
-    def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ..., stage_only: _Optional[bool] = ...) -> None: ...
+    replace_newer: bool
+    def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ..., stage_only: _Optional[bool] = ..., replace_newer: _Optional[bool] = ...) -> None: ...
 
 class LoadWeightsResponse(_message.Message):
     __slots__ = ("version", "num_tensors", "duration_seconds", "staged")

@@ -1,16 +1,18 @@
-"""The reward role's HTTP API under attack: the current stdlib server vs a uvicorn + starlette prototype.
+"""The reward role's HTTP API under attack: the hand-written stdlib server it had vs the uvicorn + starlette server.
 
-Run (from the repository root, uvicorn==0.54.0 and starlette==1.10.0 installed in the venv):
+Run (from the repository root):
 
     .venv/bin/python bench/reward_http_servers.py [--out bench/results/reward_http_servers.json]
-        [--proto-dir /work/proto_http] [--duration 8] [--quick]
+        [--duration 8] [--quick]
 
 Servers (each a subprocess, a fresh one per scenario, so that RSS and stderr are per scenario):
-  current  services/reward/http.py RewardHTTPServer as start_http builds it (max_connections 256,
-           idle_timeout_seconds 30, max_body_bytes = server.max_message_bytes 64 MiB);
-  uvicorn  the prototype PROTO_DIR/reward_asgi.py (uvicorn h11 + starlette; header timeout 10 s,
-           256 connections with eviction of header-phase ones, 64 per client IP, body limit 4 MiB,
-           JSON depth 64).
+  current  the threaded stdlib server alignd had until this measurement (bench/baselines/stdlib_reward_http.py,
+           frozen; max_connections 256, idle_timeout_seconds 30, max_body_bytes = server.max_message_bytes 64 MiB);
+  uvicorn  what the reward role serves now: services/reward/http.py RewardHTTPApp on alignd.runtime.http
+           (uvicorn h11 + starlette; header timeout 10 s, 256 connections with eviction of header-phase ones,
+           64 per client IP, body limit 4 MiB, JSON depth 64).
+The first measurement (bench/results/reward_http_servers.json) was taken with the prototype this server was
+built from.
 Both serve the same fake scorer (a RewardAPI whose text_pair skips the tokenizer and whose score sleeps 2 ms
 per request), real bearer-token auth (alignd.runtime.auth over a temporary tokens file) and alignd's JSON
 logging on stderr.
@@ -65,7 +67,7 @@ DEEP = 10 ** 6
 
 # ---- server side (a subprocess: --serve KIND) ---------------------------------------------------------------------
 
-def serve(kind: str, tokens_file: str, proto_dir: str) -> None:
+def serve(kind: str, tokens_file: str) -> None:
     from types import SimpleNamespace
 
     from prometheus_client import CollectorRegistry
@@ -100,7 +102,8 @@ def serve(kind: str, tokens_file: str, proto_dir: str) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     if kind in ("current", "current_nodelay"):
-        from alignd.services.reward.http import RewardHTTPHandler, RewardHTTPServer
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "baselines"))
+        from stdlib_reward_http import RewardHTTPHandler, RewardHTTPServer
 
         server = RewardHTTPServer(("127.0.0.1", 0), api, authenticator=auth, tls=None, serving=lambda: True,
                                   max_body_bytes=64 * 1024 * 1024, max_connections=256, timeout_seconds=120.0,
@@ -118,14 +121,16 @@ def serve(kind: str, tokens_file: str, proto_dir: str) -> None:
         server.server_close()
         print("STATS {}", flush=True)
     else:
-        sys.path.insert(0, proto_dir)
-        from reward_asgi import ConnectionPolicy, RewardHTTPApp, ServerThread, bind
+        from alignd.config import RewardHTTPConfig
+        from alignd.runtime.http import ConnectionPolicy, HTTPServer
+        from alignd.services.reward.http import RewardHTTPApp
 
-        sock = bind("127.0.0.1", 0)
-        policy = ConnectionPolicy(header_timeout=10.0, max_connections=256, max_per_ip=64)
-        app = RewardHTTPApp(api, authenticator=auth, serving=lambda: True, max_body_bytes=4 << 20, max_json_depth=64)
-        srv = ServerThread(app, sock, policy).start()
-        print(f"READY {sock.getsockname()[1]}", flush=True)
+        cfg = RewardHTTPConfig(max_connections=256)
+        policy = ConnectionPolicy(header_timeout=cfg.header_timeout_seconds, max_connections=cfg.max_connections,
+                                  max_per_ip=cfg.max_connections_per_client)
+        app = RewardHTTPApp(api, cfg, authenticator=auth, serving=lambda: True)
+        srv = HTTPServer(app, "127.0.0.1", 0, policy, keep_alive_seconds=cfg.idle_timeout_seconds).start()
+        print(f"READY {srv.sock.getsockname()[1]}", flush=True)
         while not stop.wait(0.2):
             pass
         stats = dict(policy.stats, open_at_stop=policy.count)
@@ -314,11 +319,11 @@ def proc_status(pid: int) -> dict:
 
 
 class Server:
-    def __init__(self, kind: str, tokens_file: str, proto_dir: str, workdir: Path, tag: str) -> None:
+    def __init__(self, kind: str, tokens_file: str, workdir: Path, tag: str) -> None:
         self.stderr_path = workdir / f"{tag}.stderr"
         self.stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", kind, "--tokens-file", tokens_file, "--proto-dir", proto_dir],
+            [sys.executable, __file__, "--serve", kind, "--tokens-file", tokens_file],
             stdout=subprocess.PIPE, stderr=self.stderr, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
         line = self.proc.stdout.readline().decode()
@@ -442,7 +447,7 @@ def _ms(x: float | None) -> float | None:
 
 
 def run_scenario(kind: str, scenario: str, args, tokens_file: str, token: str, workdir: Path) -> dict:
-    srv = Server(kind, tokens_file, args.proto_dir, workdir, f"{kind}-{scenario}")
+    srv = Server(kind, tokens_file, workdir, f"{kind}-{scenario}")
     attacker = None
     try:
         run_clients(srv.port, token, 0.7, args.clients, srv.proc.pid)  # warm-up (not reported)
@@ -503,7 +508,6 @@ def table(results: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "bench/results/reward_http_servers.json"))
-    p.add_argument("--proto-dir", default="/work/proto_http")
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per server and scenario")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--slowloris", type=int, default=512)
@@ -520,13 +524,11 @@ def main() -> None:
     p.add_argument("--token")
     args = p.parse_args()
     if args.serve:
-        return serve(args.serve, args.tokens_file, args.proto_dir)
+        return serve(args.serve, args.tokens_file)
     if args.attack:
         return attack(args.attack, args.port, args.token, args.slowloris)
     if args.quick:
         args.duration = 4.0
-    if "uvicorn" in args.servers and not (Path(args.proto_dir) / "reward_asgi.py").exists():
-        sys.exit(f"{args.proto_dir}/reward_asgi.py not found (--proto-dir)")
 
     import starlette
     import uvicorn

@@ -19,6 +19,8 @@ from pathlib import Path
 CHART = Path(__file__).resolve().parent / "alignd"
 SCHEMA_PATH = CHART / "values.schema.json"
 ROLES = ("policy", "reward", "reference", "learner", "coordinator")
+# The credential scopes (libs/alignd/runtime/scopes.py SCOPES; tests/test_chart.py checks they agree).
+SCOPES = ("score", "generate", "logprobs", "label", "runs", "train", "weights", "metrics", "admin")
 
 STRING = {"type": "string"}
 BOOL = {"type": "boolean"}
@@ -170,14 +172,26 @@ def build_schema() -> dict:
             }
         ),
         "cache": obj({"sizeLimit": QUANTITY}),
-        "rewardAuth": obj(
+        "auth": obj(
             {
                 "enabled": BOOL,
                 "existingSecret": STRING,
+                "extraTokens": {
+                    "type": "object",
+                    "description": "Your own callers: {name: {sha256 | token, scopes}} (alignd.runtime.auth).",
+                    "additionalProperties": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["scopes"],
+                        "properties": {
+                            "token": {"type": "string", "minLength": 16},
+                            "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+                            "scopes": {"type": "array", "minItems": 1, "items": {"enum": list(SCOPES)}},
+                        },
+                        "oneOf": [{"required": ["token"]}, {"required": ["sha256"]}],
+                    },
+                },
                 "trustedNetworks": {"type": "array", "items": STRING},
-                "coordinatorTokenName": STRING,
-                "tokens": {"type": "object", "additionalProperties": {"type": "string", "minLength": 16}},
-                "secretKey": {"type": "string", "pattern": r"^[-._a-zA-Z0-9]+$"},
                 "mountPath": {"type": "string", "pattern": "^/"},
             }
         ),
@@ -216,6 +230,7 @@ def build_schema() -> dict:
         ),
         "metrics": obj(
             {
+                "auth": BOOL,
                 "serviceMonitor": obj(
                     {"enabled": BOOL, "interval": DURATION, "scrapeTimeout": DURATION, "labels": STRING_MAP}
                 ),

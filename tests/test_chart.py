@@ -54,8 +54,9 @@ CASES = {
     "ci": load_ci_values(),
     "learner-2x8": {
         "learner": {"replicas": 2, "resources": {"limits": {"nvidia.com/gpu": 8}}},
-        "rewardAuth": {"enabled": True, "tokens": {"team-a": "token-a-0123456789", "eval-bot": "token-b-0123456789"},
-                       "trustedNetworks": ["10.244.0.0/16"]},
+        "auth": {"extraTokens": {"team-a": {"token": "token-a-0123456789", "scopes": ["score"]},
+                                 "eval-bot": {"sha256": "ab" * 32, "scopes": ["score", "runs"]}},
+                 "trustedNetworks": ["10.244.0.0/16"]},
     },
     "metrics": {
         "metrics": {
@@ -391,7 +392,7 @@ KITCHEN_SINK = {
     "imagePullSecrets": [{"name": "regcred"}],
     "serviceAccount": {"create": False, "name": "rlhf-jobs"},
     "persistence": {"storageClass": "-", "annotations": {"backup": "daily"}},
-    "rewardAuth": {"enabled": True, "existingSecret": "reward-tokens"},
+    "auth": {"existingSecret": "alignd-tokens"},
     "rewardService": {"type": "LoadBalancer", "annotations": {"lb/internal": "true"}, "loadBalancerSourceRanges": ["203.0.113.0/24"]},
     "networkPolicy": {"reward": {"allowOtherNamespaces": True, "ipBlocks": ["203.0.113.0/24"]}, "coordinatorFrom": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]},
     "metrics": {"grafanaDashboard": {"enabled": True, "namespace": "monitoring", "annotations": {"grafana_folder": "RLHF"}}},
@@ -504,37 +505,86 @@ def test_chart_packages(tmp_path):
         assert f"alignd/{needed}" in names, needed
 
 
-# -- reward API tokens --------------------------------------------------------------
+# -- credentials -----------------------------------------------------------------
 
 
-def test_reward_tokens_secret(rendered, chart):
-    docs = rendered["learner-2x8"]
-    secret = one(docs, "Secret", f"{FULLNAME}-reward-auth")
-    tokens = yaml.safe_load(base64.b64decode(secret["data"]["tokens.yaml"]))
-    assert tokens == {"team-a": "token-a-0123456789", "eval-bot": "token-b-0123456789"}
-    c = container(docs, "reward")
-    env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env["ALIGND_REWARD_TOKENS_FILE"] == "/etc/alignd/reward-auth/tokens.yaml"
-    # The reward role enforces them: its config points at the mounted file, trusting only the configured CIDRs.
-    auth = role_configs(docs)["reward"]["server"]["auth"]
-    assert auth == {"tokens_file": "/etc/alignd/reward-auth/tokens.yaml", "trusted_networks": ["10.244.0.0/16"]}
-    assert "auth" not in role_configs(rendered["default"])["reward"]["server"]
-    assert all("auth" not in cfg["server"] for role, cfg in role_configs(docs).items() if role != "reward")
-    volumes = {v["name"]: v for v in workload(docs, "reward")["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["reward-auth"]["secret"]["secretName"] == secret["metadata"]["name"]
-    # Only the reward pods see the tokens.
+def _tokens(secret: dict) -> dict:
+    return yaml.safe_load(base64.b64decode(secret["data"]["tokens.yaml"]))
+
+
+def test_auth_secret_and_every_role_requires_tokens(rendered, chart):
+    """auth (on by default): one Secret with tokens.yaml (digests and scopes) and the chart's callers' tokens;
+    every role checks calls against tokens.yaml; the coordinator and the learner mount and send their own token,
+    and no pod sees another caller's token."""
+    from alignd.runtime.auth import parse_tokens, token_digest
+    from alignd.runtime.scopes import ROLE_CLIENT_SCOPES
+
+    docs = rendered["default"]
+    secret = one(docs, "Secret", f"{FULLNAME}-auth")
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    plain = {k: base64.b64decode(v).decode() for k, v in secret["data"].items() if k != "tokens.yaml"}
+    assert set(plain) == {"coordinator", "learner", "operator"} and all(len(t) >= 40 for t in plain.values())
+    entries = parse_tokens(base64.b64decode(secret["data"]["tokens.yaml"]).decode(), "tokens.yaml")  # alignd parses it
+    for caller, token in plain.items():
+        assert entries[caller].digest == token_digest(token)  # a digest, never the token
+        assert token not in base64.b64decode(secret["data"]["tokens.yaml"]).decode()
+    for caller, scopes in ROLE_CLIENT_SCOPES.items():
+        assert entries[caller].scopes == frozenset(scopes)  # the chart's scopes are the code's
+    assert entries["operator"].scopes == frozenset({"admin"})
     for role in ROLES:
-        if role != "reward":
-            assert "reward-auth" not in json.dumps(workload(docs, role))
-    assert not find(rendered["default"], "Secret")
+        cfg = build_config(ROLE_CONFIGS[role], role_configs(docs)[role])
+        assert cfg.server.auth.enabled and cfg.server.auth.tokens_file == "/etc/alignd/auth/tokens.yaml", role
+        assert cfg.server.auth.trusted_networks == []
+        assert cfg.paths.roots == ["/var/lib/alignd", "/var/cache/alignd"]
+        volumes = {v["name"]: v for v in workload(docs, role)["spec"]["template"]["spec"]["volumes"]}
+        items = volumes["auth"]["secret"]["items"]
+        expected = [{"key": "tokens.yaml", "path": "tokens.yaml"}]
+        if role in ("coordinator", "learner"):
+            expected.append({"key": role, "path": "token"})
+            assert cfg.client.tokens_file == "/etc/alignd/auth/token" and cfg.client.token_name is None
+        assert items == expected, role  # its own token and nothing else
+        mounts = {m["name"]: m["mountPath"] for m in container(docs, role)["volumeMounts"]}
+        assert mounts["auth"] == "/etc/alignd/auth"
+    # Your own callers join tokens.yaml as given; trusted networks reach the reward role only.
+    docs = rendered["learner-2x8"]
+    extra = _tokens(one(docs, "Secret", f"{FULLNAME}-auth"))
+    assert extra["team-a"] == {"token": "token-a-0123456789", "scopes": ["score"]}
+    assert extra["eval-bot"] == {"sha256": "ab" * 32, "scopes": ["score", "runs"]}
+    assert role_configs(docs)["reward"]["server"]["auth"]["trusted_networks"] == ["10.244.0.0/16"]
+    assert all("trusted_networks" not in cfg["server"]["auth"] for r, cfg in role_configs(docs).items() if r != "reward")
     # An existing Secret is mounted, not created.
-    docs = render(chart, {"rewardAuth": {"enabled": True, "existingSecret": "reward-tokens", "secretKey": "tokens"}})
+    docs = render(chart, {"auth": {"existingSecret": "alignd-tokens"}})
     assert not find(docs, "Secret")
-    volumes = {v["name"]: v for v in workload(docs, "reward")["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["reward-auth"]["secret"]["secretName"] == "reward-tokens"
-    assert volumes["reward-auth"]["secret"]["items"] == [{"key": "tokens", "path": "tokens"}]
-    with pytest.raises(helm.HelmError, match="rewardAuth"):
-        render(chart, {"rewardAuth": {"enabled": True}})
+    volumes = {v["name"]: v for v in workload(docs, "coordinator")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["auth"]["secret"]["secretName"] == "alignd-tokens"
+    # The chart's callers' names are reserved.
+    with pytest.raises(helm.HelmError, match="auth.extraTokens.operator"):
+        render(chart, {"auth": {"extraTokens": {"operator": {"token": "x" * 20, "scopes": ["score"]}}}})
+
+
+def test_auth_off_is_explicit_and_metrics_auth_wires_the_scraper(chart):
+    docs = render(chart, {"auth": {"enabled": False}})
+    assert not find(docs, "Secret")
+    for role in ROLES:
+        cfg = build_config(ROLE_CONFIGS[role], role_configs(docs)[role])
+        assert cfg.server.auth.enabled is False, role
+        assert "auth" not in json.dumps(workload(docs, role)["spec"]["template"]["spec"]["volumes"])
+    docs = render(chart, {"metrics": {"auth": True, "serviceMonitor": {"enabled": True}}})
+    secret = one(docs, "Secret", f"{FULLNAME}-auth")
+    assert "prometheus" in secret["data"] and _tokens(secret)["prometheus"]["scopes"] == ["metrics"]
+    for role in ROLES:
+        assert build_config(ROLE_CONFIGS[role], role_configs(docs)[role]).server.auth.metrics_requires_token
+    (endpoint,) = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["bearerTokenSecret"] == {"name": f"{FULLNAME}-auth", "key": "prometheus"}
+
+
+def test_chart_scopes_are_the_codes():
+    spec = importlib.util.spec_from_file_location("gen_values_schema", ROOT / "charts" / "gen_values_schema.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from alignd.runtime.scopes import SCOPES
+
+    assert tuple(mod.SCOPES) == SCOPES
 
 
 # -- RBAC, network policies -----------------------------------------------------------
@@ -790,8 +840,6 @@ def test_reward_http_port_everywhere(rendered):
 
 
 TLS_VALUES = {
-    "rewardAuth": {"enabled": True, "tokens": {"coordinator": "coordinator-token-0123", "team-a": "token-a-0123456789"},
-                   "coordinatorTokenName": "coordinator"},
     "rewardTLS": {"enabled": True, "secretName": "reward-tls", "mutual": True, "coordinatorClientSecret": "coordinator-client"},
 }
 
@@ -807,7 +855,7 @@ def test_reward_tls_and_coordinator_credentials(chart):
     assert reward.server.tls.key_file == "/etc/alignd/reward-tls/tls.key"
     assert reward.server.tls.client_ca_file == "/etc/alignd/reward-tls-client-ca/ca.crt"
     coord = build_config(ROLE_CONFIGS["coordinator"], configs["coordinator"]).reward_client
-    assert (coord.tokens_file, coord.token_name) == ("/etc/alignd/reward-auth/tokens.yaml", "coordinator")
+    assert (coord.tokens_file, coord.token_name) == ("/etc/alignd/auth/token", None)  # its own token
     assert coord.ca_file == "/etc/alignd/reward-tls/ca.crt"
     assert (coord.cert_file, coord.key_file) == ("/etc/alignd/reward-tls-client/tls.crt", "/etc/alignd/reward-tls-client/tls.key")
     assert coord.server_name == f"{FULLNAME}-reward-headless.{NAMESPACE}.svc.cluster.local"
@@ -824,10 +872,9 @@ def test_reward_tls_and_coordinator_credentials(chart):
     mounts, volumes = mounts_and_volumes("coordinator")
     assert volumes["reward-tls"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]  # never the server's key
     assert volumes["reward-tls-client"]["secret"]["secretName"] == "coordinator-client"
-    assert mounts["reward-auth"] == "/etc/alignd/reward-auth"  # it sends the token named coordinator
+    assert mounts["auth"] == "/etc/alignd/auth"  # it sends its own token
     for role in ("policy", "reference", "learner"):
-        text = json.dumps(workload(docs, role))
-        assert "reward-tls" not in text and "reward-auth" not in text
+        assert "reward-tls" not in json.dumps(workload(docs, role))
     # kubelet's gRPC probes speak no TLS: the reward probes are HTTPS GET /health; the others stay gRPC.
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container(docs, "reward")[probe]["httpGet"] == {"path": "/health", "port": 8000, "scheme": "HTTPS"}
@@ -838,5 +885,5 @@ def test_reward_tls_and_coordinator_credentials(chart):
         render(chart, {"rewardTLS": {"enabled": True}})
     with pytest.raises(helm.HelmError, match="coordinatorClientSecret"):
         render(chart, {"rewardTLS": {"enabled": True, "secretName": "s", "mutual": True}})
-    # Without rewardTLS / coordinatorTokenName the coordinator carries no reward credentials.
+    # Without rewardTLS the coordinator has no reward-only credentials (its client token serves every role).
     assert "reward_client" not in role_configs(render(chart, {}))["coordinator"]

@@ -99,7 +99,9 @@ class Stack:
     def __init__(self, tiny_models, work: Path) -> None:
         self.lm = str(tiny_models["lm"])
         self.work = work
-        self.base = {"model": {"path": self.lm}, "torch_threads": 1}
+        # Paths in requests: the tiny model (ResetPolicy) and the prompts (StartRun) are under these roots.
+        self.roots = {"roots": [str(Path(self.lm).parent), str(Path(__file__).resolve().parents[1] / "configs")]}
+        self.base = {"model": {"path": self.lm}, "torch_threads": 1, "paths": self.roots}
         self.servers = {}
         self.coords = []
         self.version = 1000
@@ -131,6 +133,7 @@ class Stack:
             "reference_addresses": [self.servers["reference"].address],
             "learner_address": self.servers["learner"].address, "runs_dir": str(self.work / name / "runs"),
             "rpc_timeout_seconds": 120, "hedging": {"min_delay_seconds": 0.1, "out_of_rotation_steps": 2},
+            "paths": self.roots,
         }, self.work / name)
         self.coords.append(c)
         return c

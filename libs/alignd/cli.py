@@ -203,9 +203,16 @@ def cmd_reward_score(args) -> int:
     if args.file is None and args.response is None:
         return fail("give --response (and --prompt) or --file")
     address = args.address
+    stack_token = None
     if args.stack is not None:
         try:
-            address = json.loads(Path(args.stack).read_text())["services"]["reward"]["address"]
+            stack = json.loads(Path(args.stack).read_text())
+            address = stack["services"]["reward"]["address"]
+            auth = stack.get("auth") or {}
+            if auth.get("tokens_file"):  # the stack's scoring client (alignd.runtime.tokens)
+                from alignd.runtime.auth import read_token_entry
+
+                stack_token = read_token_entry(auth["tokens_file"], "scorer")
         except OSError as err:
             return fail(f"--stack {args.stack}: {err.strerror}")
         except (ValueError, KeyError, TypeError):
@@ -245,7 +252,7 @@ def cmd_reward_score(args) -> int:
                 return fail(f"{name}:{lineno}: \"response\" must not be empty")
             records.append(obj)
 
-    env_token = os.environ.get("ALIGND_REWARD_TOKEN") or None
+    env_token = os.environ.get("ALIGND_REWARD_TOKEN") or stack_token
     try:
         client = RewardClient(
             address, token=None if args.token_file else env_token, token_file=args.token_file, tls=args.tls,

@@ -302,12 +302,37 @@ class RewardBatchingConfig(BatchingConfig):
 
 
 class RewardHTTPConfig(Strict):
-    """The reward role's HTTP API: OpenRLHF's remote reward model protocol (POST /get_reward)."""
+    """The reward role's HTTP API: OpenRLHF's remote reward model protocol (POST /get_reward), on uvicorn."""
 
     port: int = Field(0, ge=-1, le=65535, description="HTTP port; 0 = an ephemeral port (stack.json: http_url), -1 = disabled.")
     host: str | None = Field(None, description="Interface the HTTP server binds; default: server.host.")
     max_connections: int = Field(
-        256, ge=1, description="Connections served at once; beyond this a connection is answered 503 and closed."
+        1024, ge=1,
+        description="Connections held at once. At the cap a new connection evicts the one that has waited longest "
+        "for its request headers (idle keep-alive or trickling); it is refused 503 only when every connection is "
+        "inside a request. Connections cost a few KB each (one event loop), not a thread.",
+    )
+    max_connections_per_client: int = Field(
+        64, ge=1, description="Connections from one IP address at once; beyond, 503 and closed at once."
+    )
+    connection_cap_exempt_networks: list[str] = Field(
+        [], description="CIDRs not held to max_connections_per_client (an ingress or load balancer that carries "
+        "many clients' connections from one address)."
+    )
+    header_timeout_seconds: float = Field(
+        10.0, gt=0,
+        description="From a connection's accept (or the end of the previous answer) to the end of the request's "
+        "headers, in seconds, however the bytes trickle in; then 408 and closed.",
+    )
+    body_timeout_seconds: float = Field(30.0, gt=0, description="Time to receive a request's body, in seconds; then 408.")
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024,
+        description="Largest request body, in bytes: refused 413 from its Content-Length before it is read (counted "
+        "while read for a chunked body).",
+    )
+    max_json_depth: int = Field(64, ge=2, description="Deepest nesting of arrays and objects in a body, checked before parsing.")
+    max_concurrent_requests: int = Field(
+        64, ge=1, description="Requests parsed and scored at once (worker threads); /health never waits for them."
     )
     timeout_seconds: float = Field(
         120.0, gt=0,
@@ -315,9 +340,20 @@ class RewardHTTPConfig(Strict):
         "with the X-Request-Timeout header. Work whose deadline passed is dropped, answered 504.",
     )
     idle_timeout_seconds: float = Field(
-        30.0, gt=0, description="A connection that sends nothing for this long is closed (a per-read timeout: a client "
-        "trickling bytes keeps its connection; http.max_connections bounds how many it can hold)."
+        30.0, ge=1, description="A keep-alive connection idle this long after an answer is closed, in seconds."
     )
+
+    @field_validator("connection_cap_exempt_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for n in v:
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError:
+                raise ValueError(f"{n!r} is not a CIDR network") from None
+        return v
 
 
 class RewardLimitsConfig(Strict):

@@ -49,7 +49,7 @@ class RewardApp(ModelRoleApp):
             return {}
         from alignd.services.reward.http import start_http
 
-        self.http_server = start_http(self.cfg.http, self.cfg.server, self.api, host)
+        self.http_server = start_http(self.cfg.http, self.cfg.server, self.api, host, registry=host.registry)
         return {"http_url": self.http_server.url}
 
     def load_handle(self) -> ModelHandle:
@@ -81,8 +81,7 @@ class RewardApp(ModelRoleApp):
 
     def close(self) -> None:
         if self.http_server is not None:
-            self.http_server.shutdown()
-            self.http_server.server_close()
+            self.http_server.stop()
         super().close()
 
     def warmup(self, state: RewardState) -> None:

@@ -24,20 +24,31 @@ query) and ignored. `rewards` and `scores` are both the scores;
 scored it), a list as OpenRLHF logs them.
 
 Errors are JSON `{"error": MESSAGE, "code": STATUS}` with the HTTP status of
-the gRPC code: 400 (INVALID_ARGUMENT, naming the field, e.g. `query[3]`),
-401 (UNAUTHENTICATED, with `WWW-Authenticate: Bearer`), 404, 405, 411
-(no Content-Length), 413 (a body over `server.max_message_bytes`), 415 (not
-JSON), 429 (RESOURCE_EXHAUSTED, with `Retry-After`), 503 (UNAVAILABLE:
-loading or full of connections), 504 (DEADLINE_EXCEEDED). A body is framed
-by one Content-Length only: a chunked body, a repeated Content-Length or one
-that is not a number is refused (411 / 400) and the connection closed; an
-answer that leaves a body unread says `Connection: close`. Authentication
-is the gRPC API's: `Authorization: Bearer <token>` checked against
-`server.auth` (trusted networks included), and TLS / mutual TLS come from
-`server.tls`; under mutual TLS a client without a certificate completes the
-handshake but gets 403 on `/get_reward` (`GET /health` still answers, so that
-Kubernetes' HTTPS probes work). `GET /health` answers 200 when the role
-serves, else 503, and needs no token.
+the gRPC code: 400 (INVALID_ARGUMENT, naming the field, e.g. `query[3]`; also
+malformed HTTP framing, answered by h11 and the connection closed), 401
+(UNAUTHENTICATED, with `WWW-Authenticate: Bearer`), 403 (PERMISSION_DENIED:
+a token without the score scope; or mutual TLS without a client
+certificate), 404, 405, 408 (headers or body too slow), 411 (no body length),
+413 (a body over `http.max_body_bytes`, refused from its Content-Length
+before it is read, or counted while a chunked body is read), 415 (not JSON),
+429 (RESOURCE_EXHAUSTED, with `Retry-After`), 503 (UNAVAILABLE: loading, or
+too many connections), 504 (DEADLINE_EXCEEDED). An answer that leaves a body
+unread says `Connection: close`.
+
+Authentication is the gRPC API's: `Authorization: Bearer <token>` of a token
+with the `score` scope, checked against `server.auth` (trusted networks give
+the score scope without a token) before the body is read. TLS / mutual TLS
+come from `server.tls`; under mutual TLS a client without a certificate
+completes the handshake but gets 403 on `/get_reward` (`GET /health` still
+answers, so that Kubernetes' HTTPS probes work). `GET /health` answers 200
+when the role serves, else 503, and needs no token.
+
+The server is uvicorn (h11) with the connection rules of alignd.runtime.http
+(a total header timeout, per-IP and global connection caps that slowloris
+clients cannot exhaust); the app is starlette. Parsing and scoring run on
+worker threads (at most `http.max_concurrent_requests`), /health on the event
+loop, so a flood of requests never starves the probes. The JSON nesting depth
+is bounded before parsing (`http.max_json_depth`).
 """
 
 from __future__ import annotations
@@ -45,13 +56,16 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import socket
-import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import structlog
+import anyio
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from alignd.runtime.auth import PRINCIPAL
 from alignd.runtime.errors import AligndError, DeadlineExceeded, InvalidArgument, Unauthenticated
@@ -65,6 +79,7 @@ GRPC_TO_HTTP = {
     "INVALID_ARGUMENT": HTTPStatus.BAD_REQUEST,
     "UNAUTHENTICATED": HTTPStatus.UNAUTHORIZED,
     "PERMISSION_DENIED": HTTPStatus.FORBIDDEN,
+    "FAILED_PRECONDITION": HTTPStatus.BAD_REQUEST,
     "RESOURCE_EXHAUSTED": HTTPStatus.TOO_MANY_REQUESTS,
     "UNAVAILABLE": HTTPStatus.SERVICE_UNAVAILABLE,
     "DEADLINE_EXCEEDED": HTTPStatus.GATEWAY_TIMEOUT,
@@ -132,253 +147,169 @@ def parse_body(body: bytes) -> tuple[list[str], list[str | None]]:
     return queries, prompts
 
 
-class RewardHTTPServer(ThreadingHTTPServer):
-    """A thread per connection, at most `max_connections` at once; TLS handshakes run on the connection's
-    thread, not the accept loop."""
-
-    daemon_threads = True
-    block_on_close = False  # server_close() must not wait for idle keep-alive connections (shutdown grace)
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def __init__(self, address, api: RewardAPI, *, authenticator, tls, serving, max_body_bytes: int,
-                 max_connections: int, timeout_seconds: float, idle_timeout_seconds: float) -> None:
-        self.api = api
-        self.authenticator = authenticator  # alignd.runtime.auth.Authenticator or None
-        self.tls = tls  # alignd.runtime.tls.HttpTLS or None
-        self.serving = serving  # () -> bool
-        self.max_body_bytes = max_body_bytes
-        self.timeout_seconds = timeout_seconds
-        self.idle_timeout_seconds = idle_timeout_seconds
-        self._slots = threading.BoundedSemaphore(max_connections)
-        host = address[0]
-        try:
-            if ipaddress.ip_address(host.strip("[]")).version == 6:
-                self.address_family = socket.AF_INET6
-        except ValueError:
-            pass
-        super().__init__(address, RewardHTTPHandler)
-
-    def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            _log.warning("http_connection_refused", reason="max_connections")
-            if self.tls is None:  # under TLS a plaintext answer would be noise: just close
-                try:
-                    request.sendall(_plain_response(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later"))
-                except OSError:
-                    pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            request.settimeout(self.idle_timeout_seconds)
-            if self.tls is not None:
-                try:
-                    request = self.tls.context().wrap_socket(request, server_side=True)
-                except (OSError, ValueError) as exc:  # handshake refused (no client certificate, bad TLS)
-                    _log.info("http_tls_handshake_failed", error=type(exc).__name__)
-                    self.shutdown_request(request)
-                    return
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        if ":" in host:
-            host = f"[{host}]"
-        return f"{'https' if self.tls is not None else 'http'}://{host}:{port}"
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_NOT_BRACKETS = bytes(range(256)).translate(None, b"[]{}")  # every byte but the brackets: deleted by translate
+_DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
-def _plain_response(status: HTTPStatus, message: str) -> bytes:
-    body = json.dumps({"error": message, "code": "UNAVAILABLE"}).encode()
-    head = f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    return head.encode() + body
+def check_json_depth(body: bytes, max_depth: int) -> None:
+    """InvalidArgument when `body` nests arrays or objects deeper than `max_depth`, before json.loads builds them.
+    Linear: strings are cut out by one regex pass; the bracket walk stops at the first level too deep."""
+    if body.count(b"[") + body.count(b"{") <= max_depth:
+        return
+    depth = 0
+    for c in _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS):
+        depth += _DEPTH_STEP[c]
+        if depth > max_depth:
+            raise InvalidArgument("body", f"JSON nested deeper than {max_depth} levels (http.max_json_depth)")
 
 
-class RewardHTTPHandler(BaseHTTPRequestHandler):
-    server: RewardHTTPServer
-    protocol_version = "HTTP/1.1"  # keep-alive: OpenRLHF's requests sessions reuse connections
-    server_version = "alignd-reward"
-    sys_version = ""
+def _ip(host: str | None):
+    try:
+        ip = ipaddress.ip_address((host or "").split("%")[0])
+    except ValueError:
+        return None
+    return getattr(ip, "ipv4_mapped", None) or ip  # an IPv4 client of a dual-stack socket
 
-    def log_message(self, format, *args):  # noqa: A002 - http.server's signature; requests are logged as events
-        pass
 
-    def _send_json(self, status: HTTPStatus, payload: dict, headers: dict | None = None) -> None:
-        body = json.dumps(payload, allow_nan=False).encode()
-        self.send_response(status.value)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
+def _body_pending(request: Request) -> bool:
+    h = request.headers
+    return "transfer-encoding" in h or h.get("content-length", "0") not in ("0", "")
 
-    def _send_error(self, err: HttpError) -> None:
+
+class RewardHTTPApp:
+    """POST /get_reward and GET /health over the reward role's RewardAPI (the core the gRPC servicer shares).
+
+    authenticator: alignd.runtime.auth.Authenticator or None (auth off); serving() -> bool: the role's health;
+    cfg: config.RewardHTTPConfig; mutual_tls: a client certificate is required for /get_reward."""
+
+    def __init__(self, api, cfg, *, authenticator, serving, mutual_tls: bool = False) -> None:
+        self.api, self.cfg, self.authenticator, self.serving, self.mutual_tls = api, cfg, authenticator, serving, mutual_tls
+        self._limiter: anyio.CapacityLimiter | None = None  # made on the serving loop
+        self.app = Starlette(
+            routes=[Route("/get_reward", self.get_reward, methods=["POST"]), Route("/health", self.health, methods=["GET"])],
+            exception_handlers={HTTPException: self._http_exception},
+        )
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _json(status: int, payload: dict, headers: dict | None = None) -> Response:
+        return Response(json.dumps(payload, allow_nan=False), status_code=status, headers=headers,
+                        media_type="application/json")
+
+    def _error(self, err: HttpError, body_pending: bool) -> Response:
         headers = {}
         if err.status == HTTPStatus.UNAUTHORIZED:
             headers["WWW-Authenticate"] = "Bearer"
         elif err.status == HTTPStatus.TOO_MANY_REQUESTS:
             headers["Retry-After"] = "1"
-        if not self._body_read:
-            # The body was not read: the stream cannot be reused. Say so, so the client does not reuse it.
-            self.close_connection = True
+        if body_pending:  # the stream cannot be reused: say so (uvicorn closes after such an answer)
             headers["Connection"] = "close"
-        self._send_json(err.status, {"error": err.message, "code": err.code}, headers)
+        return self._json(err.status.value, {"error": err.message, "code": err.code}, headers)
 
-    # ---- framing: one check for every method, before anything reads or routes ------------------------------------
-
-    _body_read = True  # False while a request's body (if any) is still on the stream
-    _length = 0  # the request's Content-Length
-
-    def _framing(self) -> bool:
-        """Checks the body framing of any request; answers and closes (False) when it cannot be trusted.
-
-        A body is framed by one Content-Length only: chunked (or any other) transfer encodings, several
-        Content-Length headers and values that are not plain digits are refused, and the connection is closed,
-        so that nothing left on the stream is ever read as the next request."""
-        self._body_read, self._length = True, 0
-        problem = None
-        if any(v.strip().lower() not in ("", "identity") for v in self.headers.get_all("Transfer-Encoding") or ()):
-            problem = (HTTPStatus.LENGTH_REQUIRED, "Transfer-Encoding: only bodies with a Content-Length are accepted")
-        lengths = self.headers.get_all("Content-Length") or []
-        if problem is None and len(lengths) > 1:
-            problem = (HTTPStatus.BAD_REQUEST, "Content-Length: given more than once")
-        if problem is None and lengths:
-            if not re.fullmatch(r"[0-9]{1,18}", lengths[0].strip()):
-                problem = (HTTPStatus.BAD_REQUEST, "Content-Length: not a number")
-            else:
-                self._length = int(lengths[0].strip())
-                self._body_read = self._length == 0
-        if problem is not None:
-            self._body_read = False
-            self._send_error(HttpError(problem[0], "INVALID_ARGUMENT", problem[1]))
+    async def _drain(self, request: Request) -> bool:
+        """Reads and drops a small body left on a request answered without it; True when none is left."""
+        length = request.headers.get("content-length")
+        if "transfer-encoding" in request.headers or length is None or not length.isdigit() or int(length) > 65536:
+            return not _body_pending(request)
+        try:
+            await request.body()
+        except ClientDisconnect:
             return False
         return True
 
-    def _drain(self) -> None:
-        """Reads and drops the body of a request that is answered without it (small bodies; else the
-        connection closes after the answer)."""
-        if not self._body_read and self._length <= 65536:
-            if len(self.rfile.read(self._length)) == self._length:
-                self._body_read = True
-
-    def do_GET(self):
-        if not self._framing():
-            return
-        self._drain()
-        if self.path.split("?", 1)[0] == "/health":
-            serving = self.server.serving()
-            self._send_json(HTTPStatus.OK if serving else HTTPStatus.SERVICE_UNAVAILABLE,
-                            {"status": "SERVING" if serving else "NOT_SERVING"},
-                            None if self._body_read else {"Connection": "close"})
-            self.close_connection = self.close_connection or not self._body_read
-            return
-        self._route_error("GET")
-
-    def _route_error(self, method: str) -> None:
-        self._drain()
-        if self.path.split("?", 1)[0] in ("/get_reward", "/health"):
-            self._send_error(HttpError(HTTPStatus.METHOD_NOT_ALLOWED, "UNIMPLEMENTED", f"{method} {self.path[:200]}: method not allowed"))
+    async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 405:
+            err = HttpError(HTTPStatus.METHOD_NOT_ALLOWED, "UNIMPLEMENTED",
+                            f"{request.method} {request.url.path[:200]}: method not allowed")
         else:
-            self._send_error(HttpError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"no such path: {self.path[:200]}; POST /get_reward"))
+            err = HttpError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"no such path: {request.url.path[:200]}; POST /get_reward")
+        return self._error(err, not await self._drain(request))
 
-    def do_PUT(self):
-        if self._framing():
-            self._route_error("PUT")
+    async def health(self, request: Request) -> Response:
+        """On the event loop: no worker thread, no token; answers while every scoring thread is busy."""
+        drained = await self._drain(request)
+        serving = self.serving()
+        return self._json(200 if serving else 503, {"status": "SERVING" if serving else "NOT_SERVING"},
+                          None if drained else {"Connection": "close"})
 
-    def do_DELETE(self):
-        if self._framing():
-            self._route_error("DELETE")
-
-    def do_POST(self):
-        if not self._framing():
-            return
-        if self.path.split("?", 1)[0] != "/get_reward":
-            self._route_error("POST")
-            return
+    async def get_reward(self, request: Request) -> Response:
         started = time.perf_counter()
-        api = self.server.api
+        api = self.api
         client = None
-        log_tokens = structlog.contextvars.bind_contextvars(api="http", http_path="/get_reward")
+        pending = _body_pending(request)
         try:
-            tls = self.server.tls
-            if tls is not None and not tls.client_verified(self.connection):
+            if self.mutual_tls and not request.scope.get("extensions", {}).get("tls", {}).get("client_cert_chain"):
                 raise HttpError(HTTPStatus.FORBIDDEN, "UNAUTHENTICATED", "mutual TLS: a client certificate is required")
-            principal = self._authenticate()  # before reading the body: a stranger's body is not read
+            principal = self._authenticate(request)  # before the body: a stranger's body is not read
             client = principal.name if principal is not None else None
-            body = self._read_body()
-            token = PRINCIPAL.set(principal)
-            try:
-                structlog.contextvars.bind_contextvars(client=client)
-                payload = self._score(body)
-            finally:
-                PRINCIPAL.reset(token)
+            ctype = request.headers.get("content-type", "application/json").split(";", 1)[0].strip().lower()
+            if ctype not in ("application/json", ""):
+                raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "INVALID_ARGUMENT",
+                                f"Content-Type {ctype!r}: send application/json")
+            body = await self._read_body(request)
+            pending = False
+            timeout = self._timeout(request)
+            if self._limiter is None:
+                self._limiter = anyio.CapacityLimiter(self.cfg.max_concurrent_requests)
+            payload = await anyio.to_thread.run_sync(self._score, body, timeout, principal, limiter=self._limiter)
         except HttpError as err:
             api.observe("http", client, started, err.code)
-            self._send_error(err)
+            return self._error(err, pending)
         except AligndError as exc:
             code = status_name(exc)
             api.observe("http", client, started, code)
             if not isinstance(exc, Unauthenticated):
                 _log.info("http_request_rejected", code=code, error=exc.message)
-            self._send_error(HttpError(GRPC_TO_HTTP.get(code, HTTPStatus.INTERNAL_SERVER_ERROR), code, exc.message))
-        except (ConnectionError, socket.timeout):
-            self.close_connection = True
+            return self._error(HttpError(GRPC_TO_HTTP.get(code, HTTPStatus.INTERNAL_SERVER_ERROR), code, exc.message), pending)
+        except ClientDisconnect:  # the client hung up mid-body: nothing to answer
+            api.observe("http", client, started, "CANCELLED")
+            return Response(status_code=499)
         except Exception as exc:  # noqa: BLE001 - the boundary of the request
             api.observe("http", client, started, "INTERNAL")
             _log.error("http_request_failed", exc_info=exc)
-            self._send_error(HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "INTERNAL", f"internal error: {type(exc).__name__}"))
-        else:
-            api.observe("http", client, started, "OK", len(payload["rewards"]))
-            self._send_json(HTTPStatus.OK, payload)
-        finally:
-            structlog.contextvars.reset_contextvars(**log_tokens)
-            structlog.contextvars.unbind_contextvars("client")
+            return self._error(HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "INTERNAL",
+                                         f"internal error: {type(exc).__name__}"), pending)
+        api.observe("http", client, started, "OK", len(payload["rewards"]))
+        return self._json(200, payload)
 
-    def _read_body(self) -> bytes:
-        if not self.headers.get_all("Content-Length"):
-            raise HttpError(HTTPStatus.LENGTH_REQUIRED, "INVALID_ARGUMENT", "Content-Length is required")
-        n = self._length
-        if n > self.server.max_body_bytes:
-            raise HttpError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "INVALID_ARGUMENT",
-                f"body of {n} bytes; at most {self.server.max_body_bytes} (server.max_message_bytes)",
-            )
-        ctype = self.headers.get("Content-Type", "application/json").split(";", 1)[0].strip().lower()
-        body = self.rfile.read(n)
-        if len(body) != n:
-            raise ConnectionError("the body ended early")
-        self._body_read = True
-        if ctype not in ("application/json", ""):
-            raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "INVALID_ARGUMENT", f"Content-Type {ctype!r}: send application/json")
-        return body
-
-    def _authenticate(self):
+    def _authenticate(self, request: Request):
         """The caller (alignd.runtime.auth.Principal) with the score scope; None when authentication is off."""
-        auth = self.server.authenticator
+        auth = self.authenticator
         if auth is None:
             return None
-        try:
-            ip = ipaddress.ip_address(self.client_address[0].split("%")[0])
-            ip = getattr(ip, "ipv4_mapped", None) or ip  # an IPv4 client of a dual-stack socket
-        except ValueError:
-            ip = None
-        principal = auth.authenticate(self.headers.get("Authorization"), ip, api="http")
+        principal = auth.authenticate(request.headers.get("authorization"), _ip(request.client.host if request.client else None),
+                                      api="http")
         auth.authorize(principal, SCORE, "/get_reward", api="http")
         return principal
 
-    def _timeout(self) -> float:
-        timeout = self.server.timeout_seconds
-        asked = self.headers.get(TIMEOUT_HEADER)
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.cfg.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is None and "transfer-encoding" not in request.headers:
+            raise HttpError(HTTPStatus.LENGTH_REQUIRED, "INVALID_ARGUMENT", "Content-Length is required")
+        if length is not None and int(length) > limit:  # h11 checked that it is one decimal number
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "INVALID_ARGUMENT",
+                            f"body of {length} bytes; at most {limit} (http.max_body_bytes)")
+        chunks, n = [], 0
+        try:
+            with anyio.fail_after(self.cfg.body_timeout_seconds):
+                async for chunk in request.stream():
+                    n += len(chunk)
+                    if n > limit:  # a chunked body: counted while it is read
+                        raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "INVALID_ARGUMENT",
+                                        f"body over {limit} bytes (http.max_body_bytes)")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise HttpError(HTTPStatus.REQUEST_TIMEOUT, "DEADLINE_EXCEEDED",
+                            f"body not received within {self.cfg.body_timeout_seconds:g} s") from None
+        return b"".join(chunks)
+
+    def _timeout(self, request: Request) -> float:
+        timeout = self.cfg.timeout_seconds
+        asked = request.headers.get(TIMEOUT_HEADER)
         if asked is not None:
             try:
                 value = float(asked)
@@ -389,47 +320,70 @@ class RewardHTTPHandler(BaseHTTPRequestHandler):
             timeout = min(timeout, value)
         return timeout
 
-    def _score(self, body: bytes) -> dict:
-        api = self.server.api
-        deadline = time.perf_counter() + self._timeout()
-        queries, prompts = parse_body(body)
-        api.check_count(len(queries), "query")
-        state = api.loaded.get()
-        handle = state.handle
-        pad = handle.tokenizer.pad_token if isinstance(handle.tokenizer.pad_token, str) else None
-        pairs = []
-        for i, (query, prompt) in enumerate(zip(queries, prompts)):
-            api.text_ids_size(query, f"query[{i}]")  # the limit applies to the query as sent, before any work
-            if prompt is not None:
-                api.text_ids_size(prompt, f"prompts[{i}]")
-            p, r = split_query(query, prompt, pad, i)
-            pairs.append(api.text_pair(handle, p, r, f"query[{i}]", f"prompts[{i}]", f"query[{i}]"))
-        remaining = deadline - time.perf_counter()
-        if remaining <= 0:
-            raise DeadlineExceeded("the deadline passed while the request was read and checked")
-        scores, version = api.score(state, pairs, remaining)
-        return {"rewards": scores, "scores": scores, "extra_logs": {"weight_version": [version] * len(scores)}}
+    def _score(self, body: bytes, timeout: float, principal) -> dict:
+        """On a worker thread: parse, check and score (the batcher's wait blocks)."""
+        token = PRINCIPAL.set(principal)
+        try:
+            api = self.api
+            deadline = time.perf_counter() + timeout
+            check_json_depth(body, self.cfg.max_json_depth)
+            queries, prompts = parse_body(body)
+            api.check_count(len(queries), "query")
+            state = api.loaded.get()
+            handle = state.handle
+            pad = handle.tokenizer.pad_token if isinstance(handle.tokenizer.pad_token, str) else None
+            pairs = []
+            for i, (query, prompt) in enumerate(zip(queries, prompts)):
+                api.text_ids_size(query, f"query[{i}]")  # the limit applies to the query as sent, before any work
+                if prompt is not None:
+                    api.text_ids_size(prompt, f"prompts[{i}]")
+                p, r = split_query(query, prompt, pad, i)
+                pairs.append(api.text_pair(handle, p, r, f"query[{i}]", f"prompts[{i}]", f"query[{i}]"))
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                raise DeadlineExceeded("the deadline passed while the request was read and checked")
+            scores, version = api.score(state, pairs, remaining)
+            return {"rewards": scores, "scores": scores, "extra_logs": {"weight_version": [version] * len(scores)}}
+        finally:
+            PRINCIPAL.reset(token)
 
 
-def start_http(cfg, server_cfg, api: RewardAPI, host_obj) -> RewardHTTPServer:
-    """Binds and serves the HTTP API on a daemon thread (cfg: RewardHTTPConfig)."""
-    tls = None
+def start_http(cfg, server_cfg, api: RewardAPI, host_obj, registry=None):
+    """Binds and serves the HTTP API (cfg: RewardHTTPConfig) on its own thread; returns the running HTTPServer."""
+    from alignd.config import ConfigError
+    from alignd.runtime.http import ConnectionPolicy, HTTPServer, reloading_ssl_context
+
+    ssl_context = None
+    mutual = False
     if host_obj.cert_files is not None:
         from alignd.runtime.tls import HttpTLS
 
-        tls = HttpTLS(host_obj.cert_files)
-    address = (cfg.host or server_cfg.host, cfg.port)
-    try:
-        server = RewardHTTPServer(
-            address, api,
-            authenticator=host_obj.authenticator, tls=tls, serving=lambda: host_obj.serving,
-            max_body_bytes=server_cfg.max_message_bytes, max_connections=cfg.max_connections,
-            timeout_seconds=cfg.timeout_seconds, idle_timeout_seconds=cfg.idle_timeout_seconds,
-        )
-    except OSError as exc:
-        from alignd.config import ConfigError
+        ssl_context = reloading_ssl_context(HttpTLS(host_obj.cert_files))
+        mutual = host_obj.cert_files.mutual
+    app = RewardHTTPApp(api, cfg, authenticator=host_obj.authenticator, serving=lambda: host_obj.serving,
+                        mutual_tls=mutual)
+    policy = ConnectionPolicy(
+        header_timeout=cfg.header_timeout_seconds, max_connections=cfg.max_connections,
+        max_per_ip=cfg.max_connections_per_client,
+        exempt=tuple(ipaddress.ip_network(n, strict=False) for n in cfg.connection_cap_exempt_networks),
+    )
+    if registry is not None:
+        from prometheus_client import Counter
 
-        raise ConfigError(f"http.port: cannot bind {address[0]}:{address[1]} ({exc.strerror or exc})") from None
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="reward-http", daemon=True).start()
+        refused = Counter("alignd_reward_http_connections_refused_total",
+                          "HTTP connections refused or closed by the connection rules, by reason (refused_per_ip, "
+                          "refused_full, evicted: a connection waiting for headers made room; header_timeouts).",
+                          ["reason"], registry=registry)
+        for reason in ("refused_per_ip", "refused_full", "evicted", "header_timeouts"):
+            refused.labels(reason)
+        policy.on_event = lambda reason: refused.labels(reason).inc()
+    host = cfg.host or server_cfg.host
+    try:
+        server = HTTPServer(app, host, cfg.port, policy, ssl_context=ssl_context,
+                            keep_alive_seconds=cfg.idle_timeout_seconds, graceful_seconds=server_cfg.grace_seconds,
+                            name="reward-http")
+    except OSError as exc:
+        raise ConfigError(f"http.port: cannot bind {host}:{cfg.port} ({exc.strerror or exc})") from None
+    server.start()
     _log.info("http_server_started", url=server.url)
     return server

@@ -210,3 +210,13 @@ def test_get_info_shows_paths_to_admins_only(stack):
         admin = model_pb2_grpc.ModelServiceStub(roles[role].channel).GetInfo(model_pb2.GetInfoRequest(), timeout=30).info
         assert admin.model_path and Path(admin.model_path).is_dir()
         assert scorer.model_path == "" and scorer.model_name == admin.model_name
+
+
+def test_docs_scope_table_is_the_code():
+    """docs/security.md lists every method with the scope alignd.runtime.scopes enforces."""
+    doc = (ROOT / "docs" / "security.md").read_text()
+    for method in all_methods():
+        scope = S.METHOD_SCOPES[method]
+        shown = "any valid token" if scope == S.ANY else f"`{scope}`"
+        row = [line for line in doc.splitlines() if line.startswith(f"| `{method}` |")]
+        assert len(row) == 1 and row[0].split("|")[2].strip().startswith(shown), (method, row)

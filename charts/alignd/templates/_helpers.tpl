@@ -83,8 +83,18 @@ app.kubernetes.io/part-of: alignd
 {{- end -}}
 {{- end -}}
 
-{{- define "alignd.rewardAuthSecretName" -}}
-{{- default (printf "%s-reward-auth" (include "alignd.fullname" .)) .Values.rewardAuth.existingSecret -}}
+{{- define "alignd.authSecretName" -}}
+{{- default (printf "%s-auth" (include "alignd.fullname" .)) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{/* The chart's own callers and their scopes (alignd.runtime.scopes; docs/security.md), as YAML. */}}
+{{- define "alignd.authCallers" -}}
+coordinator: [generate, score, logprobs, train, weights]
+learner: [weights]
+operator: [admin]
+{{- if .Values.metrics.auth }}
+prometheus: [metrics]
+{{- end }}
 {{- end -}}
 
 {{- define "alignd.pvcName" -}}
@@ -134,14 +144,33 @@ the addresses of the other roles and the paths on the shared volume.
 {{- $_ := set $server "port" (int $v.ports.grpc) -}}
 {{- $_ := set $server "metrics_host" "0.0.0.0" -}}
 {{- $_ := set $server "metrics_port" (int $v.ports.metrics) -}}
-{{- if and (eq $role "reward") $root.Values.rewardAuth.enabled -}}
-{{- /* The mounted tokens Secret; callers from rewardAuth.trustedNetworks (e.g. the coordinator's pods) need none. */ -}}
+{{- /* Credentials: every role checks calls against the mounted tokens.yaml; open only with auth.enabled false. */ -}}
 {{- $auth := deepCopy (get $server "auth" | default dict) -}}
-{{- $_ := set $auth "tokens_file" (printf "%s/%s" $root.Values.rewardAuth.mountPath $root.Values.rewardAuth.secretKey) -}}
-{{- if and $root.Values.rewardAuth.trustedNetworks (not (get $auth "trusted_networks")) -}}
-{{- $_ := set $auth "trusted_networks" $root.Values.rewardAuth.trustedNetworks -}}
+{{- if $root.Values.auth.enabled -}}
+{{- $_ := set $auth "tokens_file" (printf "%s/tokens.yaml" $root.Values.auth.mountPath) -}}
+{{- if and (eq $role "reward") $root.Values.auth.trustedNetworks (not (get $auth "trusted_networks")) -}}
+{{- $_ := set $auth "trusted_networks" $root.Values.auth.trustedNetworks -}}
+{{- end -}}
+{{- if $root.Values.metrics.auth -}}
+{{- $_ := set $auth "metrics_requires_token" true -}}
+{{- end -}}
+{{- else -}}
+{{- $_ := set $auth "enabled" false -}}
 {{- end -}}
 {{- $_ := set $server "auth" $auth -}}
+{{- /* Paths in requests stay on the shared volume and the cache (alignd.runtime.paths). */ -}}
+{{- $paths := deepCopy (get $cfg "paths" | default dict) -}}
+{{- if not (get $paths "roots") -}}
+{{- $_ := set $paths "roots" (list $root.Values.persistence.mountPath "/var/cache/alignd") -}}
+{{- end -}}
+{{- $_ := set $cfg "paths" $paths -}}
+{{- /* The coordinator and the learner send their own token (mounted as `token`). */ -}}
+{{- if and $root.Values.auth.enabled (or (eq $role "coordinator") (eq $role "learner")) -}}
+{{- $client := deepCopy (get $cfg "client" | default dict) -}}
+{{- if not (get $client "tokens_file") -}}
+{{- $_ := set $client "tokens_file" (printf "%s/token" $root.Values.auth.mountPath) -}}
+{{- end -}}
+{{- $_ := set $cfg "client" $client -}}
 {{- end -}}
 {{- if and (eq $role "reward") $root.Values.rewardTLS.enabled -}}
 {{- /* The mounted kubernetes.io/tls Secret; with mutual, the client CA's ca.crt. */ -}}
@@ -173,11 +202,10 @@ the addresses of the other roles and the paths on the shared volume.
 {{- if not (get $cfg "runs_dir") -}}
 {{- $_ := set $cfg "runs_dir" (printf "%s/runs" $mount) -}}
 {{- end -}}
-{{- /* Credentials for the reward replicas: its token (rewardAuth.coordinatorTokenName), its CA (rewardTLS). */ -}}
+{{- /* Credentials for the reward replicas with rewardTLS: the coordinator's token, the reward CA. */ -}}
 {{- $rc := deepCopy (get $cfg "reward_client" | default dict) -}}
-{{- if and $root.Values.rewardAuth.enabled $root.Values.rewardAuth.coordinatorTokenName -}}
-{{- $_ := set $rc "tokens_file" (printf "%s/%s" $root.Values.rewardAuth.mountPath $root.Values.rewardAuth.secretKey) -}}
-{{- $_ := set $rc "token_name" $root.Values.rewardAuth.coordinatorTokenName -}}
+{{- if and $root.Values.rewardTLS.enabled $root.Values.auth.enabled (not (get $rc "tokens_file")) -}}
+{{- $_ := set $rc "tokens_file" (printf "%s/token" $root.Values.auth.mountPath) -}}
 {{- end -}}
 {{- if $root.Values.rewardTLS.enabled -}}
 {{- $tlsDir := $root.Values.rewardTLS.mountPath -}}
@@ -246,9 +274,9 @@ The pod template of a role (Deployment or StatefulSet).
 {{- $ctx := dict "root" $root "role" $role -}}
 {{- $mount := $root.Values.persistence.mountPath -}}
 {{- $torchrun := and (eq $role "learner") (gt (int (include "alignd.learnerWorldSize" $ctx)) 1) -}}
-{{- $rewardAuth := and (eq $role "reward") $root.Values.rewardAuth.enabled -}}
-{{- /* The coordinator mounts the tokens too when it sends one of them. */ -}}
-{{- $tokensMount := or $rewardAuth (and (eq $role "coordinator") $root.Values.rewardAuth.enabled $root.Values.rewardAuth.coordinatorTokenName) -}}
+{{- $authOn := $root.Values.auth.enabled -}}
+{{- /* The coordinator and the learner call other roles: they mount their own token too. */ -}}
+{{- $ownToken := and $authOn (or (eq $role "coordinator") (eq $role "learner")) -}}
 {{- $rewardTLS := and (or (eq $role "reward") (eq $role "coordinator")) $root.Values.rewardTLS.enabled -}}
 {{- $httpsProbe := "" -}}
 {{- if and (eq $role "reward") $root.Values.rewardTLS.enabled -}}
@@ -260,8 +288,8 @@ metadata:
     app.kubernetes.io/part-of: alignd
   annotations:
     checksum/config: {{ include "alignd.roleConfig" $ctx | sha256sum }}
-    {{- if and $rewardAuth (not $root.Values.rewardAuth.existingSecret) }}
-    checksum/reward-auth: {{ toYaml $root.Values.rewardAuth.tokens | sha256sum }}
+    {{- if $authOn }}
+    checksum/auth-extra-tokens: {{ toYaml $root.Values.auth.extraTokens | sha256sum }}
     {{- end }}
     {{- with $v.podAnnotations }}
     {{- toYaml . | nindent 4 }}
@@ -350,10 +378,6 @@ spec:
         - name: MASTER_PORT
           value: {{ $root.Values.learnerLaunch.masterPort | quote }}
         {{- end }}
-        {{- if $tokensMount }}
-        - name: ALIGND_REWARD_TOKENS_FILE
-          value: {{ printf "%s/%s" $root.Values.rewardAuth.mountPath $root.Values.rewardAuth.secretKey | quote }}
-        {{- end }}
         {{- with $v.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -400,9 +424,9 @@ spec:
         - name: shm
           mountPath: /dev/shm
         {{- end }}
-        {{- if $tokensMount }}
-        - name: reward-auth
-          mountPath: {{ $root.Values.rewardAuth.mountPath }}
+        {{- if $authOn }}
+        - name: auth
+          mountPath: {{ $root.Values.auth.mountPath }}
           readOnly: true
         {{- end }}
         {{- if $rewardTLS }}
@@ -484,14 +508,18 @@ spec:
     {{- end }}
     {{- end }}
     {{- end }}
-    {{- if $tokensMount }}
-    - name: reward-auth
+    {{- if $authOn }}
+    - name: auth
       secret:
-        secretName: {{ include "alignd.rewardAuthSecretName" $root }}
+        secretName: {{ include "alignd.authSecretName" $root }}
         defaultMode: 0440
         items:
-          - key: {{ $root.Values.rewardAuth.secretKey }}
-            path: {{ $root.Values.rewardAuth.secretKey }}
+          - key: tokens.yaml
+            path: tokens.yaml
+          {{- if $ownToken }}
+          - key: {{ $role }}
+            path: token
+          {{- end }}
     {{- end }}
     {{- with $v.extraVolumes }}
     {{- toYaml . | nindent 4 }}

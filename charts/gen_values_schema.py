@@ -195,6 +195,25 @@ def build_schema() -> dict:
                 "mountPath": {"type": "string", "pattern": "^/"},
             }
         ),
+        "tls": obj(
+            {
+                "enabled": BOOL,
+                "mutual": BOOL,
+                "certManager": obj(
+                    {
+                        "enabled": BOOL,
+                        "issuerRef": {"type": "object", "additionalProperties": False,
+                                      "properties": {"name": STRING, "kind": STRING, "group": STRING}},
+                        "duration": DURATION,
+                        "renewBefore": DURATION,
+                    }
+                ),
+                "secretNames": {"type": "object", "propertyNames": {"enum": list(ROLES)},
+                                "additionalProperties": {"type": "string"}},
+                "healthPort": PORT,
+                "mountPath": {"type": "string", "pattern": "^/"},
+            }
+        ),
         "rewardTLS": obj(
             {
                 "enabled": BOOL,

@@ -887,3 +887,49 @@ def test_reward_tls_and_coordinator_credentials(chart):
         render(chart, {"rewardTLS": {"enabled": True, "secretName": "s", "mutual": True}})
     # Without rewardTLS the coordinator has no reward-only credentials (its client token serves every role).
     assert "reward_client" not in role_configs(render(chart, {}))["coordinator"]
+
+
+def test_mutual_tls_between_all_roles(chart):
+    """tls + cert-manager: a Certificate per role (its Services and the peer name, server and client auth); every
+    role serves with its certificate and requires the CA's clients; the coordinator and the learner present their
+    own; probes go to the plaintext health port."""
+    values = {"tls": {"enabled": True, "certManager": {"enabled": True, "issuerRef": {"name": "alignd-ca", "kind": "Issuer"}}}}
+    docs = render(chart, values)
+    for doc in docs:
+        if doc["kind"] not in CRD_KINDS | {"Certificate"}:
+            for version in KUBE_VERSIONS:
+                kubernetes_validate.validate(doc, version, strict=True)
+    peer = f"{FULLNAME}-peers.{NAMESPACE}.svc"
+    configs = role_configs(docs)
+    for role in ROLES:
+        cert = one(docs, "Certificate", f"{FULLNAME}-{role}")
+        assert cert["apiVersion"] == "cert-manager.io/v1"
+        assert cert["spec"]["secretName"] == f"{FULLNAME}-{role}-tls"
+        assert cert["spec"]["usages"] == ["server auth", "client auth"]
+        assert cert["spec"]["issuerRef"] == {"name": "alignd-ca", "kind": "Issuer"}
+        names = cert["spec"]["dnsNames"]
+        assert peer in names and f"{FULLNAME}-{role}.{NAMESPACE}.svc.cluster.local" in names
+        cfg = build_config(ROLE_CONFIGS[role], configs[role])
+        assert (cfg.server.tls.cert_file, cfg.server.tls.key_file, cfg.server.tls.client_ca_file) == (
+            "/etc/alignd/tls/tls.crt", "/etc/alignd/tls/tls.key", "/etc/alignd/tls/ca.crt")
+        assert cfg.server.health_port == 9095
+        if role in ("coordinator", "learner"):
+            assert (cfg.client.ca_file, cfg.client.cert_file, cfg.client.key_file, cfg.client.server_name) == (
+                "/etc/alignd/tls/ca.crt", "/etc/alignd/tls/tls.crt", "/etc/alignd/tls/tls.key", peer)
+            assert cfg.client.tokens_file == "/etc/alignd/auth/token"  # TLS does not replace the token
+        c = container(docs, role)
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert c[probe]["grpc"] == {"port": 9095}, (role, probe)
+        assert {"name": "health", "containerPort": 9095, "protocol": "TCP"} in c["ports"]
+        volumes = {v["name"]: v for v in workload(docs, role)["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == f"{FULLNAME}-{role}-tls"
+    # Secrets you manage instead; an issuer is required with cert-manager; not together with rewardTLS.
+    docs = render(chart, {"tls": {"enabled": True, "secretNames": {"reward": "my-reward-cert"}}})
+    assert not find(docs, "Certificate")
+    volumes = {v["name"]: v for v in workload(docs, "reward")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "my-reward-cert"
+    with pytest.raises(helm.HelmError, match="issuerRef"):
+        render(chart, {"tls": {"enabled": True, "certManager": {"enabled": True}}})
+    with pytest.raises(helm.HelmError, match="enable one"):
+        render(chart, {"tls": {"enabled": True}, "rewardTLS": {"enabled": True, "secretName": "s"}})
+    assert not find(render(chart, {}), "Certificate")

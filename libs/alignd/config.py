@@ -164,6 +164,11 @@ class ServerConfig(Strict):
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 = an ephemeral port (see the endpoint file / stack.json).")
     metrics_host: str = Field("127.0.0.1", description="Interface of the Prometheus /metrics HTTP endpoint.")
     metrics_port: int = Field(0, ge=-1, le=65535, description="/metrics port; 0 = ephemeral, -1 = disabled.")
+    health_port: int = Field(
+        -1, ge=-1, le=65535,
+        description="A second port, plaintext, serving grpc.health.v1 only: for Kubernetes' gRPC probes, which speak "
+        "no TLS, when server.tls is on (the chart's tls). -1 = none; 0 = ephemeral.",
+    )
     metrics_tls: bool = Field(
         False,
         description="Serve /metrics over HTTPS with server.tls's certificate (requiring a client certificate when "

@@ -83,6 +83,29 @@ app.kubernetes.io/part-of: alignd
 {{- end -}}
 {{- end -}}
 
+{{/* The kubernetes.io/tls Secret of a role (values `tls`). */}}
+{{- define "alignd.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "alignd.componentName" .)) (get .root.Values.tls.secretNames .role) -}}
+{{- end -}}
+
+{{/* The name every role's certificate carries and every role verifies its peers by (they dial pod IPs). */}}
+{{- define "alignd.tlsPeerName" -}}
+{{- printf "%s-peers.%s.svc" (include "alignd.fullname" .root) .root.Release.Namespace -}}
+{{- end -}}
+
+{{/* The DNS names of a role's certificate, as a YAML list. */}}
+{{- define "alignd.tlsDNSNames" -}}
+{{- $name := include "alignd.componentName" . -}}
+{{- $ns := .root.Release.Namespace -}}
+{{- $domain := .root.Values.clusterDomain -}}
+- {{ include "alignd.tlsPeerName" . }}
+{{- range $svc := list $name (printf "%s-headless" $name) }}
+- {{ $svc }}
+- {{ $svc }}.{{ $ns }}.svc
+- {{ $svc }}.{{ $ns }}.svc.{{ $domain }}
+{{- end }}
+{{- end -}}
+
 {{- define "alignd.authSecretName" -}}
 {{- default (printf "%s-auth" (include "alignd.fullname" .)) .Values.auth.existingSecret -}}
 {{- end -}}
@@ -171,6 +194,29 @@ the addresses of the other roles and the paths on the shared volume.
 {{- $_ := set $client "tokens_file" (printf "%s/token" $root.Values.auth.mountPath) -}}
 {{- end -}}
 {{- $_ := set $cfg "client" $client -}}
+{{- end -}}
+{{- if and $root.Values.tls.enabled $root.Values.rewardTLS.enabled -}}
+{{- fail "tls and rewardTLS: enable one (tls covers the reward role too)" -}}
+{{- end -}}
+{{- if $root.Values.tls.enabled -}}
+{{- /* Mutual TLS between all roles: the role's own certificate; the CA of its peers; the plaintext health port. */ -}}
+{{- $tlsDir := $root.Values.tls.mountPath -}}
+{{- $tls := dict "cert_file" (printf "%s/tls.crt" $tlsDir) "key_file" (printf "%s/tls.key" $tlsDir) -}}
+{{- if $root.Values.tls.mutual -}}
+{{- $_ := set $tls "client_ca_file" (printf "%s/ca.crt" $tlsDir) -}}
+{{- end -}}
+{{- $_ := set $server "tls" $tls -}}
+{{- $_ := set $server "health_port" (int $root.Values.tls.healthPort) -}}
+{{- if or (eq $role "coordinator") (eq $role "learner") -}}
+{{- $client := deepCopy (get $cfg "client" | default dict) -}}
+{{- $_ := set $client "ca_file" (printf "%s/ca.crt" $tlsDir) -}}
+{{- $_ := set $client "server_name" (include "alignd.tlsPeerName" .) -}}
+{{- if $root.Values.tls.mutual -}}
+{{- $_ := set $client "cert_file" (printf "%s/tls.crt" $tlsDir) -}}
+{{- $_ := set $client "key_file" (printf "%s/tls.key" $tlsDir) -}}
+{{- end -}}
+{{- $_ := set $cfg "client" $client -}}
+{{- end -}}
 {{- end -}}
 {{- if and (eq $role "reward") $root.Values.rewardTLS.enabled -}}
 {{- /* The mounted kubernetes.io/tls Secret; with mutual, the client CA's ca.crt. */ -}}
@@ -279,6 +325,10 @@ The pod template of a role (Deployment or StatefulSet).
 {{- $ownToken := and $authOn (or (eq $role "coordinator") (eq $role "learner")) -}}
 {{- $rewardTLS := and (or (eq $role "reward") (eq $role "coordinator")) $root.Values.rewardTLS.enabled -}}
 {{- $httpsProbe := "" -}}
+{{- $probePort := $v.ports.grpc -}}
+{{- if $root.Values.tls.enabled -}}
+{{- $probePort = $root.Values.tls.healthPort -}}
+{{- end -}}
 {{- if and (eq $role "reward") $root.Values.rewardTLS.enabled -}}
 {{- $httpsProbe = $v.ports.http -}}
 {{- end -}}
@@ -398,12 +448,17 @@ spec:
           containerPort: {{ $v.ports.http }}
           protocol: TCP
         {{- end }}
+        {{- if $root.Values.tls.enabled }}
+        - name: health
+          containerPort: {{ $root.Values.tls.healthPort }}
+          protocol: TCP
+        {{- end }}
       startupProbe:
-        {{- include "alignd.probe" (dict "port" $v.ports.grpc "https" $httpsProbe "probe" $v.startupProbe) | nindent 8 }}
+        {{- include "alignd.probe" (dict "port" $probePort "https" $httpsProbe "probe" $v.startupProbe) | nindent 8 }}
       livenessProbe:
-        {{- include "alignd.probe" (dict "port" $v.ports.grpc "https" $httpsProbe "probe" $v.livenessProbe) | nindent 8 }}
+        {{- include "alignd.probe" (dict "port" $probePort "https" $httpsProbe "probe" $v.livenessProbe) | nindent 8 }}
       readinessProbe:
-        {{- include "alignd.probe" (dict "port" $v.ports.grpc "https" $httpsProbe "probe" $v.readinessProbe) | nindent 8 }}
+        {{- include "alignd.probe" (dict "port" $probePort "https" $httpsProbe "probe" $v.readinessProbe) | nindent 8 }}
       {{- with $v.resources }}
       resources:
         {{- toYaml . | nindent 8 }}
@@ -427,6 +482,11 @@ spec:
         {{- if $authOn }}
         - name: auth
           mountPath: {{ $root.Values.auth.mountPath }}
+          readOnly: true
+        {{- end }}
+        {{- if $root.Values.tls.enabled }}
+        - name: tls
+          mountPath: {{ $root.Values.tls.mountPath }}
           readOnly: true
         {{- end }}
         {{- if $rewardTLS }}
@@ -507,6 +567,12 @@ spec:
             path: tls.key
     {{- end }}
     {{- end }}
+    {{- end }}
+    {{- if $root.Values.tls.enabled }}
+    - name: tls
+      secret:
+        secretName: {{ include "alignd.tlsSecretName" $ctx }}
+        defaultMode: 0440
     {{- end }}
     {{- if $authOn }}
     - name: auth

@@ -207,10 +207,11 @@ class ServiceHost:
             from alignd.runtime.faults import FaultInterceptor
 
             interceptors.append(FaultInterceptor(cfg.fault_injection, self.registry))
+        health_gate = HealthInterceptor(cfg.limits.max_health_watchers, cfg.limits.max_health_watchers_per_peer,
+                                        on_refused=self._m_limited.labels("health_watchers").inc)
         self.server = grpc.server(
             self._executor,
-            interceptors=[HealthInterceptor(cfg.limits.max_health_watchers, cfg.limits.max_health_watchers_per_peer,
-                                            on_refused=self._m_limited.labels("health_watchers").inc), *interceptors],
+            interceptors=[health_gate, *interceptors],
             options=[
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -220,6 +221,13 @@ class ServiceHost:
         # Blocking watchers, each on a thread of the HealthInterceptor's Watch pool (see there why).
         self.health = health.HealthServicer(experimental_non_blocking=False)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # server.health_port: the same health service, plaintext, alone (probes cannot speak TLS).
+        self._health_server = None
+        self.health_port: int | None = None
+        if cfg.health_port >= 0:
+            self._health_server = grpc.server(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-probe"),
+                                              interceptors=[health_gate])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
         self._serving = False
         self._set_health(False)
         self._metrics_http = None
@@ -256,6 +264,11 @@ class ServiceHost:
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {self.cfg.host}:{self.cfg.port}")
         self.server.start()
+        if self._health_server is not None:
+            self.health_port = self._health_server.add_insecure_port(f"{self.cfg.host}:{self.cfg.health_port}")
+            if self.health_port == 0:
+                raise OSError(f"cannot bind the health port {self.cfg.host}:{self.cfg.health_port}")
+            self._health_server.start()
         if self.cfg.metrics_port >= 0:
             self._metrics_http, self.metrics_port = serve_metrics(
                 self.registry, self.cfg.metrics_host, self.cfg.metrics_port,
@@ -264,7 +277,7 @@ class ServiceHost:
         _log.info(
             "server_started", address=self.address, metrics_url=self.metrics_url,
             tls="mutual" if self.cert_files is not None and self.cert_files.mutual else bool(self.cert_files),
-            auth=self.cfg.auth.enabled,
+            auth=self.cfg.auth.enabled, health_port=self.health_port,
         )
         if self.exposed_open:
             _log.warning("auth_disabled_exposed", address=self.address,
@@ -306,6 +319,8 @@ class ServiceHost:
         grace = self.cfg.grace_seconds if grace is None else grace
         _log.info("server_stopping", grace_seconds=grace)
         self.server.stop(grace).wait()
+        if self._health_server is not None:
+            self._health_server.stop(0).wait()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

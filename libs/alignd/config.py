@@ -632,7 +632,11 @@ class LearnerConfig(RoleConfig):
         description="Credentials the learner presents to the policy replicas (a token with the weights scope; TLS). "
         "The local stack fills it in.",
     )
-    push_chunk_bytes: int = Field(1 << 20, ge=1024, description="Chunk size of the weight stream, in bytes.")
+    push_chunk_bytes: int = Field(
+        1 << 20, ge=1024, le=16 << 20,
+        description="Chunk size of the weight stream, in bytes (at most the replicas' request limit of an "
+        "UpdateWeights message, server.limits.max_request_bytes: 16 MiB by default).",
+    )
     weight_sync: Literal["auto", "stream", "filesystem"] = Field(
         "auto",
         description='How new policy weights reach the replicas: "stream" (ModelService.UpdateWeights over gRPC), '

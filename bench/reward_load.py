@@ -153,6 +153,9 @@ async def _client_main(spec: dict) -> dict:
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ]
     channels = [grpc.aio.insecure_channel(spec["address"], options=options) for _ in range(spec["channels"])]
+    from _auth import operator_metadata
+
+    metadata = operator_metadata(Path(spec["tokens_file"]))
     for ch in channels:
         await asyncio.wait_for(ch.channel_ready(), timeout=30)
     calls = [
@@ -193,7 +196,7 @@ async def _client_main(spec: dict) -> dict:
             req = pool[k % REQUEST_POOL]
             k += n
             try:
-                resp = await call(req, timeout=deadline)
+                resp = await call(req, timeout=deadline, metadata=metadata)
                 code = "OK" if len(resp.scores) == items and all(math.isfinite(s) for s in resp.scores) else "BAD_RESPONSE"
             except grpc.aio.AioRpcError as err:
                 code = err.code().name
@@ -532,7 +535,9 @@ def start_role(cfg: dict, d: Path, deadline: float) -> RoleProc:
     info = json.loads(endpoint.read_text())
     r.address, r.metrics_url = info["address"], info.get("metrics_url")
     r.pid = int(info.get("pid") or proc.pid)
-    ch = make_channel(r.address)
+    from _auth import operator, tokens_file
+
+    ch = make_channel(r.address, credentials=operator(tokens_file(d.parent)))
     try:
         wait_for_serving(ch, timeout=max(1.0, deadline - time.monotonic()))
     finally:
@@ -571,12 +576,17 @@ def run_phase(phase: Phase, args, rm_dir: Path, vocab: int, workdir: Path, quiet
     # from the role's default batching section and change only the keys this phase sets.
     batching = RewardConfig.model_fields["batching"].get_default(call_default_factory=True).model_dump(mode="json")
     batching.update(phase.batching)
-    cfg = {
+    from _auth import tokens_file, with_auth
+
+    tokens = tokens_file(workdir)
+    # 200 clients share one token here: the per-client bound on calls in flight is lifted to the client count
+    # (it is what this benchmark loads the batcher with; production keeps one token per caller).
+    cfg = with_auth({
         "model": {"path": str(rm_dir)},
         "torch_threads": args.torch_threads,
         "server": {"max_workers": args.max_workers},
         "batching": batching,
-    }
+    }, tokens, max_concurrent_calls_per_client=max(32, args.concurrency * 2))
     effective = RewardConfig.model_validate(cfg)
     res: dict = {
         "note": phase.note,
@@ -609,6 +619,7 @@ def run_phase(phase: Phase, args, rm_dir: Path, vocab: int, workdir: Path, quiet
         result_paths = []
         for i in range(procs):
             spec = {
+                "tokens_file": str(tokens),
                 "proc": i, "address": role.address, "coroutines": per[i], "channels": args.channels,
                 "vocab": vocab, "items_per_request": args.items_per_request, "seed": args.seed + i,
                 "prompt_tokens": list(args.prompt_tokens), "response_tokens": list(args.response_tokens),

@@ -229,10 +229,12 @@ class Role:
 
 
 def spawn_role(name: str, role: str, cfg: dict, workdir: Path) -> Role:
+    from _auth import tokens_file, with_auth
+
     d = workdir / name
     d.mkdir(parents=True, exist_ok=True)
     cfg_path = d / f"{role}.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cfg_path.write_text(yaml.safe_dump(with_auth(cfg, tokens_file(workdir)), sort_keys=False))
     endpoint = d / "endpoint.json"
     log_path = d / f"{role}.log"
     env = dict(os.environ)  # HF_HUB_OFFLINE / TOKENIZERS_PARALLELISM set above
@@ -257,7 +259,9 @@ def wait_ready(r: Role, deadline: float) -> None:
             raise TimeoutError(f"{r.name} did not bind its ports in time:\n{r.log_tail()}")
     info = json.loads(r.endpoint.read_text())
     r.address, r.metrics_url = info["address"], info["metrics_url"]
-    r.channel = make_channel(r.address)
+    from _auth import operator, tokens_file
+
+    r.channel = make_channel(r.address, credentials=operator(tokens_file(r.endpoint.parent.parent)))
     wait_for_serving(r.channel, timeout=max(1.0, deadline - time.monotonic()))
 
 

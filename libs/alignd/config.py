@@ -17,7 +17,7 @@ import copy
 import os
 import typing
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -26,6 +26,20 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+def _cidrs(v: list[str]) -> list[str]:
+    import ipaddress
+
+    for n in v:
+        try:
+            ipaddress.ip_network(n, strict=False)
+        except ValueError:
+            raise ValueError(f"{n!r} is not a CIDR network") from None
+    return v
+
+
+CIDRList = Annotated[list[str], AfterValidator(_cidrs)]  # network blocks, e.g. ["10.0.0.0/8"]
 
 
 class AuthConfig(Strict):
@@ -49,7 +63,7 @@ class AuthConfig(Strict):
         description="Full method names callable without a token: the health checks that Kubernetes probes send "
         "(the only methods allowed here).",
     )
-    trusted_networks: list[str] = Field(
+    trusted_networks: CIDRList = Field(
         [],
         description="CIDRs whose callers may call without a token, with the score scope and nothing else (the "
         "OpenRLHF client sends no token); none by default. A caller that does send a token is checked anyway.",
@@ -71,17 +85,6 @@ class AuthConfig(Strict):
             raise ValueError(f"only the health checks may be public, not {', '.join(extra)}")
         return v
 
-    @field_validator("trusted_networks")
-    @classmethod
-    def _networks(cls, v: list[str]) -> list[str]:
-        import ipaddress
-
-        for n in v:
-            try:
-                ipaddress.ip_network(n, strict=False)
-            except ValueError:
-                raise ValueError(f"{n!r} is not a CIDR network") from None
-        return v
 
 
 class ServerLimitsConfig(Strict):
@@ -320,7 +323,7 @@ class RewardHTTPConfig(Strict):
     max_connections_per_client: int = Field(
         64, ge=1, description="Connections from one IP address at once; beyond, 503 and closed at once."
     )
-    connection_cap_exempt_networks: list[str] = Field(
+    connection_cap_exempt_networks: CIDRList = Field(
         [], description="CIDRs not held to max_connections_per_client (an ingress or load balancer that carries "
         "many clients' connections from one address)."
     )
@@ -347,18 +350,6 @@ class RewardHTTPConfig(Strict):
     idle_timeout_seconds: float = Field(
         30.0, ge=1, description="A keep-alive connection idle this long after an answer is closed, in seconds."
     )
-
-    @field_validator("connection_cap_exempt_networks")
-    @classmethod
-    def _networks(cls, v: list[str]) -> list[str]:
-        import ipaddress
-
-        for n in v:
-            try:
-                ipaddress.ip_network(n, strict=False)
-            except ValueError:
-                raise ValueError(f"{n!r} is not a CIDR network") from None
-        return v
 
 
 class RewardLimitsConfig(Strict):

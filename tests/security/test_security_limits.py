@@ -55,6 +55,16 @@ def blocked_stream(stop: threading.Event):
     yield  # noqa: unreachable - a generator
 
 
+def scores_started(role) -> float:
+    """grpc_server_started_total of Score on the role (a call counts once a worker runs it)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    req = urllib.request.Request(role.metrics_url, headers={"Authorization": f"Bearer {TOKENS['scraper']['token']}"})
+    text = urllib.request.urlopen(req, timeout=10).read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == "grpc_server_started_total" and s.labels.get("grpc_method") == "Score")
+
+
 def test_calls_in_flight_are_bounded_per_client(role):
     stop = threading.Event()
     held = []
@@ -62,8 +72,10 @@ def test_calls_in_flight_are_bounded_per_client(role):
         with grpc.insecure_channel(role.address) as ch:
             score = ch.stream_unary("/alignd.v1.RewardService/Score", request_serializer=lambda x: x,
                                     response_deserializer=reward_pb2.ScoreResponse.FromString)
+            before = scores_started(role)
             for _ in range(3):  # alice's three calls in flight: never send their message
                 held.append(score.future(blocked_stream(stop), metadata=md("alice")))
+            wait_until("alice's three calls running", lambda: scores_started(role) >= before + 3, timeout=30)
             stub = reward_pb2_grpc.RewardServiceStub(ch)
             with pytest.raises(grpc.RpcError) as err:  # a fourth: refused at once
                 stub.Score(reward_pb2.ScoreRequest(items=[ITEM]), metadata=md("alice"), timeout=10)

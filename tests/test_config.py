@@ -240,6 +240,30 @@ def test_dump_round_trips():
     assert build_config(StackConfig, yaml.safe_load(dump_yaml(cfg))) == cfg
 
 
+def test_the_pipeline_seed_seeds_every_stage_not_set_itself():
+    """pipeline.seed reaches sft, rm, ppo and the learner unless one of them sets its own (bench/presets.py relies on
+    one number changing every stage's randomness); the seeds survive the trip to the coordinator (dump -> load)."""
+    from pathlib import Path
+
+    import yaml
+
+    from alignd.config import PipelineConfig, PipelineJobConfig, PPOJobConfig
+
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny_pipeline.yaml"
+    cfg = load_config(PipelineJobConfig, tiny, ["pipeline.seed=3"])
+    p = cfg.pipeline
+    assert (p.sft.seed, p.rm.seed, p.ppo.seed, cfg.stack.learner.seed) == (3, 3, 3, 3)
+    cfg = load_config(PipelineJobConfig, tiny, ["pipeline.seed=3", "pipeline.rm.seed=9", "stack.learner.seed=1"])
+    p = cfg.pipeline
+    assert (p.sft.seed, p.rm.seed, p.ppo.seed, cfg.stack.learner.seed) == (3, 9, 3, 1)
+    sent = build_config(PipelineConfig, yaml.safe_load(dump_yaml(p)))
+    assert (sent.seed, sent.sft.seed, sent.rm.seed, sent.ppo.seed) == (3, 3, 9, 3)
+    default = load_config(PipelineJobConfig, tiny)
+    assert (default.pipeline.sft.seed, default.pipeline.ppo.seed, default.stack.learner.seed) == (0, 0, 0)
+    ppo = load_config(PPOJobConfig, Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml", ["run.seed=5"])
+    assert ppo.stack.learner.seed == 5
+
+
 # -- CLI ---------------------------------------------------------------------
 
 

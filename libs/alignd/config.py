@@ -970,12 +970,24 @@ class PipelineConfig(Strict):
     )
     ppo: PPORunConfig = Field(description="The PPO stage (prompts, steps, sampling).")
     evaluation: EvaluationConfig = Field(description="Held-out evaluation.")
-    seed: int = Field(0, description="Seed of prompt selection, labelers and evaluation sampling.")
+    seed: int = Field(
+        0,
+        description="The run's seed: prompt selection, labelers and evaluation sampling, and the seed of sft, rm and ppo "
+        "(and, in `alignd run`, of the learner) where those are not set themselves. One number changes every stage's "
+        "randomness (bench/presets.py runs a preset over seeds this way).",
+    )
     skip_bad_lines: bool = Field(
         False,
         description="Drop malformed lines of the data files (demonstrations, prompts) instead of refusing to start; each is "
         "counted and reported (file:line) in state.json and report.json. Also sets sft/rm.skip_bad_lines.",
     )
+
+    @model_validator(mode="after")
+    def _stage_seeds(self) -> "PipelineConfig":
+        for stage in (self.sft, self.rm, self.ppo):
+            if "seed" not in stage.model_fields_set:
+                stage.seed = self.seed
+        return self
 
     @field_validator("demonstrations")
     @classmethod
@@ -1046,12 +1058,24 @@ class PipelineJobConfig(Strict):
     stack: StackConfig = Field(description="The local stack (see StackConfig).")
     pipeline: PipelineConfig = Field(description="The pipeline.")
 
+    @model_validator(mode="after")
+    def _learner_seed(self) -> "PipelineJobConfig":
+        if "seed" not in self.stack.learner.model_fields_set:
+            self.stack.learner.seed = self.pipeline.seed
+        return self
+
 
 class PPOJobConfig(Strict):
     """`alignd ppo --config FILE`: a local stack plus one PPO run on it."""
 
     stack: StackConfig = Field(description="The local stack (see StackConfig).")
     run: PPORunConfig = Field(description="The PPO run.")
+
+    @model_validator(mode="after")
+    def _learner_seed(self) -> "PPOJobConfig":
+        if "seed" not in self.stack.learner.model_fields_set:
+            self.stack.learner.seed = self.run.seed
+        return self
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

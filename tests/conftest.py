@@ -28,11 +28,15 @@ _TOKENS: list[Path] = []
 def tokens_file() -> Path:
     """This test process's tokens file (the local stack's callers and scopes: alignd.runtime.tokens), made once."""
     if not _TOKENS:
+        import atexit
+        import shutil
         import tempfile
 
         from alignd.runtime.tokens import ensure_stack_tokens
 
-        _TOKENS.append(ensure_stack_tokens(tempfile.mkdtemp(prefix="alignd-test-auth-")))
+        base = tempfile.mkdtemp(prefix="alignd-test-auth-")
+        atexit.register(shutil.rmtree, base, ignore_errors=True)  # one per test process, gone with it
+        _TOKENS.append(ensure_stack_tokens(base))
     return _TOKENS[0]
 
 

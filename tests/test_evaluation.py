@@ -281,7 +281,7 @@ def test_report_json_schema_and_round_trip():
     assert report["acceptance"]["passed"] is True
     r0, r1 = report["rm_accuracy_per_round"]
     assert (r0["round"], r0["accuracy"], r0["n"]) == (0, 0.70, 500) and r0["lower"] < 0.70 < r0["upper"]
-    assert r1 == {"round": 1, "accuracy": 0.715, "n": None, "lower": None, "upper": None}
+    assert r1 == {"round": 1, "accuracy": 0.715, "n": None, "lower": None, "upper": None, "breakdown": None}
     assert report["labeler_agreement"] == {"agreement": 0.731, "stderr": 0.004, "temperature": 0.8, "pairs": 1200}
     assert report["kl_to_reference"] == {"per_token": pytest.approx(0.02), "per_sequence": pytest.approx(0.04), "sequences": 2, "tokens": 4}
     assert set(report["reward"]) == {"sft", "final"} and report["reward"]["final"]["mean"] == pytest.approx(1.05)

@@ -78,7 +78,8 @@ a quantity that was not measured is null (or an empty list/dict)::
       WinRate = {wins, losses, ties, n, rate, lower, upper, method, confidence, comparisons}
     acceptance: {primary_judge, min_rate, min_lower, secondary_min_rate,
                  primary_ok: bool, secondary_ok: {judge: bool}, passed: bool}
-    rm_accuracy_per_round: [{round, accuracy, n, lower, upper}]   # n/lower/upper null when n unknown
+    rm_accuracy_per_round: [{round, accuracy, n, lower, upper, breakdown}]   # n/lower/upper null when n unknown
+      breakdown: alignd.rm_breakdown.breakdown of the held-out pairs | null (e.g. external labelers)
     labeler_agreement: {agreement, stderr, temperature, pairs} | null
     kl_to_reference: {per_token, per_sequence, sequences, tokens} | null
     reward: {sft: MeanCI | null, final: MeanCI | null}
@@ -622,15 +623,17 @@ def _rm_round(i: int, entry: float | Mapping[str, Any]) -> dict[str, Any]:
         acc = _finite(entry["accuracy"], f"rm_accuracy_per_round[{i}].accuracy")
         n = entry.get("n")
         rnd = entry.get("round", i)
+        breakdown = entry.get("breakdown")
     else:
-        acc, n, rnd = _finite(entry, f"rm_accuracy_per_round[{i}]"), None, i
+        acc, n, rnd, breakdown = _finite(entry, f"rm_accuracy_per_round[{i}]"), None, i, None
     if not 0.0 <= acc <= 1.0:
         raise ValueError(f"rm_accuracy_per_round[{i}]: accuracy must be in [0, 1], not {acc!r}")
     lower = upper = None
     if n is not None:
         n = int(n)
         lower, upper = wilson_interval(acc * n, n)
-    return {"round": rnd, "accuracy": acc, "n": n, "lower": lower, "upper": upper}
+    return {"round": rnd, "accuracy": acc, "n": n, "lower": lower, "upper": upper,
+            "breakdown": dict(breakdown) if breakdown is not None else None}
 
 
 def _labeler_agreement(x: Any) -> dict[str, Any] | None:
@@ -988,6 +991,23 @@ def render_markdown(
                 for r in rounds
             ],
         )
+        broken = [r for r in rounds if r.get("breakdown")]
+        if broken:
+            labels = (("rm_vs_labeler", "RM vs the labels it trained on, all pairs"),
+                      ("rm_vs_labeler_gold_untied", "... pairs the gold judge orders"),
+                      ("rm_vs_labeler_gold_tied", "... pairs the gold judge ties (coin flips for the labelers)"),
+                      ("rm_vs_labeler_when_labelers_agree", "... pairs the labelers agree on"),
+                      ("gold_vs_labeler", "the gold judge vs the same labels (an RM's ceiling)"),
+                      ("rm_vs_gold", "RM vs the gold judge, pairs it orders"),
+                      ("labeler_vs_gold", "labeler vs the gold judge, pairs it orders"),
+                      ("labelers_agreement", "labelers with each other"))
+            out += ["", "Where the RM errs (held-out pairs; alignd.rm_breakdown):", ""]
+            out += _table(
+                ["pairs"] + [f"round {r['round']}" for r in broken],
+                [[text] + [f"{_pct(r['breakdown'][key]['accuracy'])} (n = {r['breakdown'][key]['n']})" for r in broken]
+                 for key, text in labels]
+                + [["gold ties, share of pairs"] + [_pct(r["breakdown"]["gold_tie_fraction"]) for r in broken]],
+            )
     else:
         out += ["n/a"]
     out += [""]

@@ -22,10 +22,10 @@ from itertools import combinations
 from pathlib import Path
 
 
-from alignd import evaluation, judges, labelers
+from alignd import evaluation, judges, labelers, rm_breakdown
 from alignd.plots import render_plots
 from alignd.config import PipelineConfig, dump_yaml
-from alignd.data import load_demonstrations, load_prompts
+from alignd.data import load_comparisons, load_demonstrations, load_prompts, split_train_eval
 from alignd.runtime.logging import get_logger
 from alignd.runtime.role import write_bytes_atomic, write_json_atomic
 from alignd.services.coordinator import launchers
@@ -275,6 +275,8 @@ class PipelineLoop(RunLoop):
             finally:
                 self.labeling = None
             store.export_comparisons(round_dir / "comparisons.jsonl", labeler="sim-a" if simulated else None)
+            if simulated:  # every labeler's rankings, for the RM's error breakdown (_rm_breakdown)
+                store.export_comparisons(round_dir / "rankings_all_labelers.jsonl")
         finally:
             store.close()
         self._progress(0.6, f"round {r}: training the reward model")
@@ -303,14 +305,57 @@ class PipelineLoop(RunLoop):
         if r == 0 and agreement:
             self.art["labeler_agreement"] = agreement
         self.art["rm_dir"], self.art["rm_version"] = resp.model_dir, versions[str(r)]
+        breakdown = self._rm_breakdown(r, data)  # scored by the reward role, which serves this RM now
         self.art.setdefault("rm_rounds", []).append({
             "round": r, "step": self.record.step, "accuracy": resp.val_accuracy, "n": resp.validation_comparisons,
             "train_accuracy": resp.train_accuracy, "comparisons": sum(1 for _ in data.open("rb")),
             "reward_version": versions[str(r)], "labeler_agreement": agreement.get("agreement") if agreement else None,
+            "breakdown": breakdown,
         })
         self.record.save()
         _log.info("rm_round_finished", run_id=self.record.run_id, round=r, accuracy=round(resp.val_accuracy, 4),
                   reward_version=versions[str(r)])
+
+    def _rm_breakdown(self, r: int, comparisons: Path) -> dict | None:
+        """What the RM of round r gets wrong on its held-out prompts (alignd.rm_breakdown): the prompts the learner
+        held out (the same split of the same file), every labeler's rankings of them, the served RM's scores and the
+        gold judge's. None with external labelers (no gold labels to compare with beyond the judge's own scores:
+        the breakdown still needs every ranking, which only the simulated rounds export)."""
+        files = [self.record.path / f"rm-round-{i}" / "rankings_all_labelers.jsonl" for i in range(r + 1)]
+        rm = self.pcfg.rm
+        if rm.validation_fraction <= 0 or not all(f.exists() for f in files):
+            return None
+        comps, _ = load_comparisons(comparisons, max_k=rm.max_k, skip_bad=rm.skip_bad_lines)
+        _, held = split_train_eval(comps, rm.validation_fraction, rm.seed)
+        held_prompts = {c.prompt for c in held}
+        tasks: dict[str, dict] = {}
+        for f in files:
+            for line in f.read_text().splitlines():
+                rec = json.loads(line)
+                if rec["prompt"] in held_prompts:
+                    t = tasks.setdefault(rec["task_id"], {"prompt": rec["prompt"], "completions": rec["completions"], "rankings": {}})
+                    t["rankings"][rec["labeler"]] = rec["ranking"]
+        rows = list(tasks.values())
+        if not rows:
+            return None
+        req = reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt=t["prompt"], response=c))
+                                             for t in rows for c in t["completions"]])
+
+        def call():
+            return self.roles.call_any(
+                "Score", self.roles.reward, lambda ch, t: reward_pb2_grpc.RewardServiceStub(ch).Score(req, timeout=t)
+            )
+
+        scores = list(self._fresh("reward", call, lambda resp: resp.weight_version).scores)
+        out, i = [], 0
+        for t in rows:
+            k = len(t["completions"])
+            out.append(rm_breakdown.Task(scores[i : i + k], [self.gold(t["prompt"], c) for c in t["completions"]], t["rankings"]))
+            i += k
+        result = rm_breakdown.breakdown(out, labeler="sim-a")
+        _log.info("rm_breakdown", run_id=self.record.run_id, round=r, pairs=result["pairs"],
+                  **{k: round(v["accuracy"], 4) for k, v in result.items() if isinstance(v, dict) and v["accuracy"] is not None})
+        return result
 
     def _stage_ppo(self) -> None:
         same_tokenizer = self._check_tokenizers()

@@ -505,7 +505,8 @@ class RunLoop(threading.Thread):
                     got = self._fresh(
                         "policy",
                         lambda idx=idx, k=k: self._generate(
-                            ro.step, idx, return_text=not same_tokenizer, micro_batch=None if n == 1 else k
+                            ro.step, idx, return_text=self.rollout_texts or not same_tokenizer,
+                            micro_batch=None if n == 1 else k,
                         ),
                         lambda got: min((s.weight_version for _, s in got), default=1 << 62), want=min_version,
                     )
@@ -521,6 +522,14 @@ class RunLoop(threading.Thread):
             ro.timings[name] = seconds
             self.metrics.phase_seconds.labels(name).observe(seconds)
         return ro
+
+    # Whether rollouts come back with their texts even when the reward role can score the token ids (a subclass
+    # judging the texts itself sets it: the pipeline's gold judge per step).
+    rollout_texts = False
+
+    def _step_extras(self, samples) -> dict:
+        """More figures for a step's metrics row, from its samples [(prompt index, policy_pb2.Sample)]."""
+        return {}
 
     # -- steps ---------------------------------------------------------------
     def _steps(self, end: int, same_tokenizer: bool) -> bool:
@@ -654,6 +663,7 @@ class RunLoop(threading.Thread):
             "sampler_before": {"epoch": ro.sampler_before.epoch, "position": ro.sampler_before.position},
             "time": now,
         }
+        row.update(self._step_extras(samples))
         self.log.append(row)
         rec.step = step
         rec.policy_version = push.version

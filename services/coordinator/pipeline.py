@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import time
 from itertools import combinations
 from pathlib import Path
@@ -315,6 +316,15 @@ class PipelineLoop(RunLoop):
         self.record.save()
         _log.info("rm_round_finished", run_id=self.record.run_id, round=r, accuracy=round(resp.val_accuracy, 4),
                   reward_version=versions[str(r)])
+
+    # Every PPO step also records the gold judge's mean score of its rollouts (metrics.jsonl: gold_mean): with
+    # reward_kl it traces how far the gold judge follows the RM as the policy moves away from the reference
+    # (reward over-optimisation, Gao et al. 2022), which the evaluation's end point alone cannot show.
+    rollout_texts = True
+
+    def _step_extras(self, samples) -> dict:
+        golds = [self.gold(prompt, s.text) for prompt, s in samples]
+        return {"gold_mean": statistics.fmean(golds)} if golds else {}
 
     def _rm_breakdown(self, r: int, comparisons: Path) -> dict | None:
         """What the RM of round r gets wrong on its held-out prompts (alignd.rm_breakdown): the prompts the learner

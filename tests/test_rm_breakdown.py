@@ -49,3 +49,15 @@ def test_bad_tasks_are_refused():
         breakdown([Task([1.0, 2.0], [0.0, 1.0, 2.0], {"a": [0, 1]})])
     empty = breakdown([])
     assert empty["pairs"] == 0 and empty["rm_vs_gold"] == {"accuracy": None, "n": 0}
+
+
+def test_the_pipeline_reads_back_rankings_whose_texts_hold_unicode_line_breaks(tmp_path):
+    """Completions may carry U+2028 and friends unescaped (write_jsonl_atomic writes UTF-8): str.splitlines would
+    cut such a record in two (a SmolLM2 run failed so); the pipeline's reader splits at newlines only."""
+    from alignd.data import write_jsonl_atomic
+    from alignd.services.coordinator.pipeline import read_jsonl
+
+    recs = [{"prompt": "Call me\u2028Ishmael", "completions": ["a\u2029b", "c\x85d\x1ce"], "ranking": [1, 0]},
+            {"prompt": "second", "completions": ["x", "y"], "ranking": [0, 1]}]
+    write_jsonl_atomic(tmp_path / "r.jsonl", recs)
+    assert read_jsonl(tmp_path / "r.jsonl") == recs

@@ -148,7 +148,8 @@ def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline
     finally:
         stack.stop()
     state = TERMINAL[run.state]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = run_dir / "metrics.jsonl"  # absent when the run failed before its first PPO step
+    rows = [json.loads(line) for line in metrics.read_text().split("\n") if line.strip()] if metrics.exists() else []
     if rows:
         first, last = rows[0], rows[-1]
         print(

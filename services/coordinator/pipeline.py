@@ -340,8 +340,7 @@ class PipelineLoop(RunLoop):
         held_prompts = {c.prompt for c in held}
         tasks: dict[str, dict] = {}
         for f in files:
-            for line in f.read_text().splitlines():
-                rec = json.loads(line)
+            for rec in read_jsonl(f):
                 if rec["prompt"] in held_prompts:
                     t = tasks.setdefault(rec["task_id"], {"prompt": rec["prompt"], "completions": rec["completions"], "rankings": {}})
                     t["rankings"][rec["labeler"]] = rec["ranking"]
@@ -448,6 +447,12 @@ class PipelineLoop(RunLoop):
             "gold_win_rate": report["win_rates"]["gold"]["rate"],
             "gold_win_rate_lower": report["win_rates"]["gold"]["lower"],
         })
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The objects of a JSONL file the run wrote. Lines end at "\n" only: str.splitlines would also split at
+    U+2028 and the other Unicode line breaks, which texts (a completion, a Moby-Dick opening) carry unescaped."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def check_data(cfg: PipelineConfig, prompts_report=None) -> tuple[dict, list[str]]:

@@ -79,7 +79,7 @@ class MetricsLog:
         """Drops lines of steps after `step` (written before a crash, not yet committed in state.json)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text().split("\n") if line.strip() and json.loads(line)["step"] <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w") as f:
             f.write("".join(line + "\n" for line in kept))
@@ -96,4 +96,4 @@ class MetricsLog:
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in self.path.read_text().split("\n") if line.strip()]

@@ -100,6 +100,29 @@ def test_head_fit_learns_rankings_freezes_the_backbone_and_is_at_its_optimum(tin
     assert float((w.grad * (1 / sd)).norm()) < 1e-3 * float(((w * sd).detach()).norm() + 1)
 
 
+@pytest.mark.parametrize("train_mode", ["head", "full"])
+def test_unit_std_scales_scores_of_the_training_completions_to_std_one_keeping_their_order(tiny_models, tok, train_mode):
+    """rm.score_scale: unit_std divides the head by the spread of the RM's scores over its training completions,
+    measured here through the model as served (score_sequences, independent of the fit's own features)."""
+    train, val = _comparisons(60, 0), _comparisons(20, 1)
+    pairs = [sv.encode_pair(tok, p, c, 32) for p, cs, _r in train for c in cs]
+    got = {}
+    for unit in (False, True):
+        torch.manual_seed(0)
+        model = _rm(tiny_models["reward"])
+        if train_mode == "head":
+            res = sv.fit_rm_head(model, tok, train, val, l2=0.05, max_tokens=32, unit_std=unit)
+        else:
+            res = sv.train_rm(model, tok, train, val, lr=1e-3, batch_size=8, max_tokens=32, unit_std=unit)
+        with torch.no_grad():
+            got[unit] = (score_sequences(model, [s for s, _ in pairs], tok.pad_token_id or 0, starts=[b for _, b in pairs]).double(), res)
+    plain, scaled = got[False][0], got[True][0]
+    assert float(scaled.std()) == pytest.approx(1.0, rel=1e-4) and float(plain.std()) != pytest.approx(1.0, rel=1e-2)
+    assert torch.allclose(scaled * float(plain.std()), plain, atol=1e-5)  # the same scores, rescaled
+    assert got[True][1].extra["score_scale"] == pytest.approx(1 / float(plain.std()), rel=1e-4)
+    assert got[True][1].extra["val_accuracy"] == got[False][1].extra["val_accuracy"]
+
+
 def _jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

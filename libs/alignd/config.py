@@ -571,6 +571,13 @@ class RMTrainConfig(Strict):
     head_l2: float = Field(
         0.3, ge=0, description="train: head: L2 penalty on the head's weights over standardised features."
     )
+    score_scale: Literal["none", "unit_std"] = Field(
+        "none",
+        description="none: scores as trained (the paper: only a bias, so that demonstrations average 0); unit_std: "
+        "the head is also divided by the standard deviation of the RM's scores over its training completions (the "
+        "policy's samples in a pipeline), as Ziegler et al. 2019 normalise the reward, so that ppo.kl_coef weighs "
+        "the KL against a reward of the same spread whatever scale a fit lands on.",
+    )
 
 
 class EngineConfig(Strict):

@@ -239,13 +239,14 @@ def train_reward_model(
             if cfg.train == "head":
                 res = supervised.fit_rm_head(
                     model, tok, [triple(c) for c in train], [triple(c) for c in val], l2=cfg.head_l2,
-                    max_tokens=cfg.max_tokens, demonstrations=demo_pairs,
+                    max_tokens=cfg.max_tokens, demonstrations=demo_pairs, unit_std=cfg.score_scale == "unit_std",
                 )
             else:
                 res = supervised.train_rm(
                     model, tok, [triple(c) for c in train], [triple(c) for c in val], lr=cfg.lr,
                     batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, epochs=cfg.epochs,
                     warmup_steps=cfg.warmup_steps, betas=tuple(betas), seed=cfg.seed, demonstrations=demo_pairs,
+                    unit_std=cfg.score_scale == "unit_std",
                 )
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)

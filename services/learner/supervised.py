@@ -263,6 +263,7 @@ def train_rm(
     seed: int = 0,
     demonstrations: Sequence[tuple[str, str]] = (),
     on_step: Callable[[dict], None] | None = None,
+    unit_std: bool = False,
 ) -> SupervisedResult:
     """Trains the scalar-head `model` in place on (prompt, completions, ranking) triples.
 
@@ -295,10 +296,37 @@ def train_rm(
     result.best_metric = result.history[-1]["val_accuracy"] if result.history else float("nan")
     result.extra["val_accuracy"] = result.best_metric
     result.extra["train_accuracy"] = pairwise_accuracy(model, tokenizer, train, max_tokens) if train else float("nan")
+    if unit_std and train:
+        result.extra["score_scale"] = scale_to_unit_std(model, _training_scores(model, tokenizer, train, max_tokens))
     bias = demonstration_bias(model, tokenizer, demonstrations, max_tokens) if demonstrations else 0.0
     setattr(model.config, SCORE_BIAS_KEY, bias)
     result.extra["score_bias"] = bias
     return result
+
+
+@torch.no_grad()
+def scale_to_unit_std(model, scores: torch.Tensor) -> float:
+    """Divides the scalar head (weight and bias) by the standard deviation of `scores` (N,), the RM's scores of its
+    training completions, so that those have standard deviation 1 (Ziegler et al. 2019 normalise the reward on the
+    initial policy's samples so); returns the factor applied (1.0 when the scores do not vary)."""
+    sd = float(scores.double().std()) if scores.numel() > 1 else 0.0
+    if not math.isfinite(sd) or sd <= 1e-12:
+        return 1.0
+    head = model.score
+    head.weight.div_(sd)
+    if getattr(head, "bias", None) is not None:
+        head.bias.div_(sd)
+    return 1.0 / sd
+
+
+@torch.no_grad()
+def _training_scores(model, tokenizer, train, max_tokens: int, limit: int = 2048, batch_size: int = 16) -> torch.Tensor:
+    """The RM's scores of (up to `limit`, evenly spread) completions of its training comparisons."""
+    model.eval()
+    pairs, _ = _encode_comparisons(tokenizer, train, max_tokens)
+    pairs = pairs[:: max(1, math.ceil(len(pairs) / limit))]
+    out = [_score_pairs(model, tokenizer, pairs[i : i + batch_size]) for i in range(0, len(pairs), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 @torch.no_grad()
@@ -360,6 +388,7 @@ def fit_rm_head(
     batch_size: int = 16,
     max_iterations: int = 200,
     demonstrations: Sequence[tuple[str, str]] = (),
+    unit_std: bool = False,
 ) -> SupervisedResult:
     """Fits only the scalar head, the backbone frozen: the same loss as `train_rm` (rlmath.rm_loss, all pairs of a
     prompt one element) plus l2 * |w|^2 on the standardised features, minimised by L-BFGS over all comparisons
@@ -396,6 +425,8 @@ def fit_rm_head(
     result.best_epoch, result.best_metric = 1, acc
     result.extra["val_accuracy"] = acc
     model.eval()
+    if unit_std and train:
+        result.extra["score_scale"] = scale_to_unit_std(model, x_train @ raw.double())
     bias = demonstration_bias(model, tokenizer, demonstrations, max_tokens) if demonstrations else 0.0
     setattr(model.config, SCORE_BIAS_KEY, bias)
     result.extra["score_bias"] = bias

@@ -275,9 +275,9 @@ class PipelineLoop(RunLoop):
                 agreement = self._label(store, r)
             finally:
                 self.labeling = None
-            store.export_comparisons(round_dir / "comparisons.jsonl", labeler="sim-a" if simulated else None)
-            if simulated:  # every labeler's rankings, for the RM's error breakdown (_rm_breakdown)
-                store.export_comparisons(round_dir / "rankings_all_labelers.jsonl")
+            # Every labeler's rankings train the RM, as in the paper (each ranking of a prompt is one batch
+            # element); with the simulated labelers that is two noisy rankings of each task.
+            store.export_comparisons(round_dir / "comparisons.jsonl")
         finally:
             store.close()
         self._progress(0.6, f"round {r}: training the reward model")
@@ -329,11 +329,10 @@ class PipelineLoop(RunLoop):
     def _rm_breakdown(self, r: int, comparisons: Path) -> dict | None:
         """What the RM of round r gets wrong on its held-out prompts (alignd.rm_breakdown): the prompts the learner
         held out (the same split of the same file), every labeler's rankings of them, the served RM's scores and the
-        gold judge's. None with external labelers (no gold labels to compare with beyond the judge's own scores:
-        the breakdown still needs every ranking, which only the simulated rounds export)."""
-        files = [self.record.path / f"rm-round-{i}" / "rankings_all_labelers.jsonl" for i in range(r + 1)]
+        gold judge's. None with external labelers (the breakdown compares the two simulated labelers)."""
+        files = [self.record.path / f"rm-round-{i}" / "comparisons.jsonl" for i in range(r + 1)]
         rm = self.pcfg.rm
-        if rm.validation_fraction <= 0 or not all(f.exists() for f in files):
+        if self.pcfg.labeling.labelers != "simulated" or rm.validation_fraction <= 0 or not all(f.exists() for f in files):
             return None
         comps, _ = load_comparisons(comparisons, max_k=rm.max_k, skip_bad=rm.skip_bad_lines)
         _, held = split_train_eval(comps, rm.validation_fraction, rm.seed)

@@ -367,9 +367,15 @@ def _features(model, tokenizer, comps, max_tokens: int, batch_size: int) -> tupl
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pairs, sizes = _encode_comparisons(tokenizer, comps, max_tokens)
-    feats = [pooled_features(model, [s for s, _ in chunk], [b for _, b in chunk], pad).double()
-             for chunk in (pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size))]
-    return (torch.cat(feats) if feats else torch.zeros(0, model.config.hidden_size, dtype=torch.float64)), sizes
+    # Each distinct sequence once: the same completions ranked by several labelers share their features.
+    index: dict[tuple, int] = {}
+    rows = [index.setdefault((tuple(s), b), len(index)) for s, b in pairs]
+    unique = list(index)
+    feats = [pooled_features(model, [list(s) for s, _ in chunk], [b for _, b in chunk], pad).double()
+             for chunk in (unique[i : i + batch_size] for i in range(0, len(unique), batch_size))]
+    if not feats:
+        return torch.zeros(0, model.config.hidden_size, dtype=torch.float64), sizes
+    return torch.cat(feats)[torch.tensor(rows, dtype=torch.long)], sizes
 
 
 def _pair_accuracy(scores: torch.Tensor, sizes: list[int], rankings) -> float:

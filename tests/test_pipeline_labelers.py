@@ -165,3 +165,57 @@ def test_external_labelers_and_coordinator_sigkill_in_rm_stage(tmp_path):
     assert meta["labelers"] == "external"
     assert meta["skipped_data_lines"] == {"demonstrations": 1, "prompts": 0, "evaluation_prompts": 0}
     assert state["artifacts"]["data"]["demonstrations"]["problems"][0].startswith(f"{demos}:6:")
+
+
+def _ended(stub, run_id: str):
+    """The run once it is no longer pending or running."""
+    return _until(lambda: (r := stub.GetRun(cpb.GetRunRequest(run_id=run_id)).run).state
+                  not in (cpb.RUN_STATE_PENDING, cpb.RUN_STATE_RUNNING) and r, f"run {run_id} to end")
+
+
+def test_stop_run_stops_a_pipeline_in_its_rm_and_ppo_stages_and_it_resumes(tmp_path):
+    """StopRun ends a pipeline run *stopped*, as it does a plain PPO run (it was recorded *failed*), whether it waits
+    for external labelers or runs PPO steps; StartRun of the same run then goes on where it stopped."""
+    base = ["pipeline.rm_retrain.every_steps=0", "pipeline.labeling.prompts_per_round=12", "pipeline.labeling.k=4",
+            "pipeline.evaluation.max_prompts=8"]
+    ext = load_pipeline_job(str(ROOT / "configs" / "tiny_pipeline.yaml"), [*base, "pipeline.labeling.labelers=external"])
+    ppo = load_pipeline_job(str(ROOT / "configs" / "tiny_pipeline.yaml"), [*base, "pipeline.ppo.steps=400"])
+    with LocalStack(ppo.stack, tmp_path / "stack", data_dirs=data_dirs(ppo, pipeline=True)) as stack:
+        ch = make_channel(stack.describe()["services"]["coordinator"]["address"], credentials=stack.operator_credentials())
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
+
+        # Waiting for external labelers in the rm stage.
+        stub.StartRun(cpb.StartRunRequest(run_id="stop-rm", config_yaml=dump_yaml(ext.pipeline), run_dir=str(tmp_path / "stop-rm")), timeout=60)
+        _until(lambda: _lease_of(stub, "stop-rm"), "the labeling round to open")
+        stub.StopRun(cpb.StopRunRequest(run_id="stop-rm"), timeout=30)
+        run = _ended(stub, "stop-rm")
+        assert (run.state, run.stage, run.error) == (cpb.RUN_STATE_STOPPED, "rm", ""), (run.state, run.stage, run.error)
+        assert json.loads((tmp_path / "stop-rm" / "state.json").read_text())["state"] == "stopped"
+
+        # In the ppo stage, twice: the second StartRun resumes from the step the first stop left.
+        req = cpb.StartRunRequest(run_id="stop-ppo", config_yaml=dump_yaml(ppo.pipeline), run_dir=str(tmp_path / "stop-ppo"))
+        steps = []
+        for _ in range(2):
+            stub.StartRun(req, timeout=60)
+            after = steps[-1] if steps else 0
+            _until(lambda: (r := stub.GetRun(cpb.GetRunRequest(run_id="stop-ppo")).run).stage == "ppo" and r.step > after,
+                   "a ppo step")
+            stub.StopRun(cpb.StopRunRequest(run_id="stop-ppo"), timeout=30)
+            run = _ended(stub, "stop-ppo")
+            assert (run.state, run.stage, run.error) == (cpb.RUN_STATE_STOPPED, "ppo", ""), (run.state, run.stage, run.error)
+            assert after < run.step < 400
+            steps.append(run.step)
+        state = json.loads((tmp_path / "stop-ppo" / "state.json").read_text())
+        assert state["state"] == "stopped" and state["artifacts"]["done"] == ["sft", "rm"]
+        rows = [json.loads(x) for x in (tmp_path / "stop-ppo" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, steps[-1] + 1))  # resumed, not restarted: each step once
+        ch.close()
+
+
+def _lease_of(stub, run_id: str):
+    try:
+        return stub.LeaseComparisonTasks(cpb.LeaseComparisonTasksRequest(run_id=run_id, labeler="alice", max_tasks=1), timeout=30).tasks
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.FAILED_PRECONDITION:  # not open yet
+            return None
+        raise

@@ -78,6 +78,10 @@ class RunFailed(RuntimeError):
     pass
 
 
+class RunStopped(Exception):
+    """StopRun was honoured at a point that cannot return normally (a pipeline stage): the run ends *stopped*."""
+
+
 @dataclass
 class Rollout:
     """One step's samples, with their scores and reference log-probs, and the timings of making them."""
@@ -258,6 +262,9 @@ class RunLoop(threading.Thread):
             rec.save()
             self.log.truncate_after(rec.step)
             self._body()
+        except RunStopped as stop:
+            rec.state = "stopped"
+            _log.info("run_stopped", run_id=rec.run_id, stage=rec.stage, step=rec.step, where=str(stop))
         except Exception as exc:  # noqa: BLE001 - the run fails with a message; the coordinator keeps serving
             rec.state = "failed"
             detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else f"{type(exc).__name__}: {exc}"

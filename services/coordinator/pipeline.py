@@ -31,7 +31,7 @@ from alignd.runtime.logging import get_logger
 from alignd.runtime.role import write_bytes_atomic, write_json_atomic
 from alignd.services.coordinator import launchers
 from alignd.services.coordinator.labels import ComparisonStore, LabelError
-from alignd.services.coordinator.loop import RunFailed, RunLoop
+from alignd.services.coordinator.loop import RunFailed, RunLoop, RunStopped
 from alignd.v1 import learner_pb2, learner_pb2_grpc, model_pb2, model_pb2_grpc, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
 
 _log = get_logger("alignd.coordinator.pipeline")
@@ -239,7 +239,7 @@ class PipelineLoop(RunLoop):
             seen = None
             while not store.wait_until_done(timeout=1.0):
                 if self.stop_requested.is_set():
-                    raise RunFailed(f"stopped while waiting for rankings of round {r}")
+                    raise RunStopped(f"while waiting for rankings of round {r}")
                 p = store.progress()
                 if (p.labelled, p.labels) != seen:
                     seen = (p.labelled, p.labels)
@@ -294,6 +294,8 @@ class PipelineLoop(RunLoop):
             try:
                 resp = launchers.rm_response(launchers.run_rm_job(self.launcher, req, JOB_TIMEOUT_S, cancel=self.stop_requested))
             except launchers.JobFailed as err:
+                if self.stop_requested.is_set():  # the job was cancelled by StopRun
+                    raise RunStopped(f"while the rm job of round {r} ran") from err
                 raise RunFailed(f"rm round {r}: {err}") from err
         else:
             resp = self.roles.call("TrainRewardModel", self.roles.learner, lambda t: self._learner().TrainRewardModel(
@@ -370,7 +372,7 @@ class PipelineLoop(RunLoop):
         every = self.pcfg.rm_retrain.every_steps
         while self.record.step < self.record.total_steps:
             if self.stop_requested.is_set():
-                raise RunFailed("stopped")
+                raise RunStopped("in the ppo stage")
             step = self.record.step
             if every and step and step % every == 0 and not self._round_done(step // every):
                 self.record.stage = "rm"
@@ -381,7 +383,7 @@ class PipelineLoop(RunLoop):
             # Up to the next RM round (async rollouts never cross it: they would be scored by the old RM).
             end = min(self.record.total_steps, (step // every + 1) * every) if every else self.record.total_steps
             if not self._steps(end, same_tokenizer):
-                raise RunFailed("stopped")
+                raise RunStopped("in the ppo stage")
 
     def _stage_evaluate(self) -> None:
         self._progress(0.0, "sampling held-out prompts")

@@ -1,4 +1,4 @@
-"""Regenerates docs/configuration.md from the pydantic models in libs/alignd/config.py.
+"""Regenerates docs/configuration.md from the pydantic models in libs/alignd/config/.
 
 Run: python scripts/gen_config_docs.py
 """

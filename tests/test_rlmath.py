@@ -682,19 +682,24 @@ def test_ema_update_by_hand():
 
 def test_paper_defaults():
     d = rl.PAPER_DEFAULTS
-    assert (d.kl_coef, d.clip, d.gamma, d.lam, d.ema_decay, d.ptx_coef, d.value_clip) == (
-        0.02,
-        0.2,
-        1.0,
-        0.95,
-        0.992,
-        27.8,
-        0.2,
-    )
-    assert d.adam_betas == (0.9, 0.95) and d.batch_size // d.minibatch_size == 8
+    # The paper's numbers (InstructGPT appendix C), once here ...
+    assert (d.kl_coef, d.clip, d.gamma, d.lam, d.ema_decay, d.ptx_coef, d.adam_betas, d.rm_epochs) == (
+        0.02, 0.2, 1.0, 0.95, 0.992, 27.8, (0.9, 0.95), 1)
     assert d.kl_estimator in rl.KL_ESTIMATORS and d.score_position in rl.SCORE_POSITIONS
     with pytest.raises(AttributeError):
         d.kl_coef = 0.1  # frozen
+    # ... and the configuration's defaults are them (alignd.config reads alignd.paper, not its own copies).
+    from alignd.config import LearnerConfig, OptimizerConfig, PPOConfig, RMTrainConfig
+
+    ppo, opt, rm = PPOConfig(), OptimizerConfig(), RMTrainConfig()
+    assert (ppo.kl_coef, ppo.kl_estimator, ppo.score_position, ppo.clip, ppo.value_clip, ppo.gamma, ppo.lam) == (
+        d.kl_coef, d.kl_estimator, d.score_position, d.clip, d.value_clip, d.gamma, d.lam)
+    assert (ppo.whiten_unbiased, ppo.epochs, ppo.minibatches, ppo.temperature, ppo.adaptive_kl_horizon) == (
+        d.whiten_unbiased, d.ppo_epochs, d.batch_size // d.minibatch_size, d.temperature, d.adaptive_kl_horizon)
+    assert (opt.betas, opt.warmup_steps, opt.warmup_start_factor) == (d.adam_betas, d.lr_warmup_steps, d.lr_warmup_start_ratio)
+    assert (rm.epochs, rm.max_k) == (d.rm_epochs, d.rm_max_k)
+    assert LearnerConfig.model_fields["ema_decay"].default == d.ema_decay
+    assert rl.PaperDefaults is __import__("alignd.paper").paper.PaperDefaults  # one class, re-exported by rlmath
 
 
 # ---------------------------------------------------------------------------

@@ -221,7 +221,8 @@ class Coordinator:
         """StartRun on a directory that holds the same run (same id and configuration) resumes it from its durable
         state: an unfinished, failed or stopped run goes on where it stopped; a running or finished one is returned."""
         rec = RunRecord.load(path)
-        if rec.run_id != run_id or rec.config_yaml != config_yaml:
+        # Compared as data, not text: a newer alignd may dump the same configuration with its keys in another order.
+        if rec.run_id != run_id or yaml.safe_load(rec.config_yaml) != yaml.safe_load(config_yaml):
             raise AlreadyExists(
                 f"{path} already holds run {rec.run_id!r} with {'another configuration' if rec.run_id == run_id else 'another id'}; "
                 "use a new run_dir, or the same run_id and configuration to resume it"

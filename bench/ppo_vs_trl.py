@@ -40,20 +40,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from smollm2_timings import NCPU, Meter, _ticks_all  # noqa: E402  (the quiet-machine gate of the other benches)
-
-
-def _ticks_tree() -> int:
-    """CPU ticks of this process and of its reaped children (their children included once they were reaped):
-    the work of a finished run, which must not count as other processes' load."""
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15])
+from _proc import process_ticks, system_ticks  # noqa: E402
+from smollm2_timings import NCPU, Meter  # noqa: E402  (the quiet-machine gate of the other benches)
 
 
 class TreeMeter(Meter):
     def snap(self):
-        return time.perf_counter(), _ticks_all(), _ticks_tree()
+        return time.perf_counter(), system_ticks()[0], process_ticks(reaped_children=True)
 
 # The tiny preset's PPO shape (configs/tiny.yaml), with a reward *model* instead of its function reward:
 # TRL can only score with a model.

@@ -56,6 +56,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import _proc
+
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("undisturbed", "slowloris", "slowloris_spread", "big_body", "big_chunked", "deep_json")
 SERVERS = ("current", "uvicorn")
@@ -303,19 +305,8 @@ def pct(xs: list[float], q: float) -> float | None:
 
 
 def proc_status(pid: int) -> dict:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k in ("VmRSS", "VmHWM", "Threads"):
-                    out[k] = int(v.split()[0])
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        out["cpu_s"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
+    """Memory and thread count (kB, /proc/PID/status) and CPU seconds so far of a server process."""
+    return {**_proc.proc_status(pid), "cpu_s": _proc.process_ticks(pid) / _proc.HZ}
 
 
 class Server:

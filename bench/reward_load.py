@@ -95,6 +95,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from _proc import HZ, cpu_model, mem_total_mb, proc_status, process_ticks, system_ticks
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -117,7 +119,6 @@ RSS_SAMPLE_S = 0.5
 QUEUE_SAMPLE_S = 2.0  # /metrics scrapes for the queue-depth gauge during the window
 QUIET_FRACTION = 0.03
 CLEAN_FRACTION = 0.05
-_HZ = os.sysconf("SC_CLK_TCK")
 
 
 def make_pair(rnd: random.Random, vocab: int, prompt_tokens=PROMPT_TOKENS, response_tokens=RESPONSE_TOKENS):
@@ -257,35 +258,6 @@ class RunTimeout(Exception):
     """The whole run exceeded --time-limit-s (or a signal stopped it)."""
 
 
-def proc_ticks(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def system_busy_ticks() -> int:
-    with open("/proc/stat") as f:
-        vals = [int(x) for x in f.readline().split()[1:]]
-    return vals[0] + vals[1] + vals[2]  # user + nice + system
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM in kB and the thread count of a process ({} if gone)."""
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                if key in ("VmRSS", "VmHWM", "Threads"):
-                    out[key] = int(val.split()[0])
-    except OSError:
-        pass
-    return out
-
-
 def rss_mb(pid: int) -> float | None:
     kb = proc_status(pid).get("VmRSS")
     return None if kb is None else kb / 1024
@@ -298,15 +270,15 @@ class Cpu:
         self.role_pid, self.client_pids = role_pid, client_pids
 
     def snap(self) -> tuple[float, int, int, int, int]:
-        return (time.monotonic(), system_busy_ticks(), proc_ticks(self.role_pid),
-                sum(proc_ticks(p) for p in self.client_pids), proc_ticks(os.getpid()))
+        return (time.monotonic(), system_ticks()[0], process_ticks(self.role_pid),
+                sum(process_ticks(p) for p in self.client_pids), process_ticks(os.getpid()))
 
     @staticmethod
     def delta(a, b) -> dict:
         wall = max(b[0] - a[0], 1e-9)
         ncpu = os.cpu_count() or 1
-        role, clients, me = (b[2] - a[2]) / _HZ, (b[3] - a[3]) / _HZ, (b[4] - a[4]) / _HZ
-        foreign = max(0.0, (b[1] - a[1]) / _HZ - role - clients - me)
+        role, clients, me = (b[2] - a[2]) / HZ, (b[3] - a[3]) / HZ, (b[4] - a[4]) / HZ
+        foreign = max(0.0, (b[1] - a[1]) / HZ - role - clients - me)
         return {
             "wall_s": round(wall, 3),
             "role_cores": round(role / wall, 3),
@@ -325,10 +297,10 @@ class Quiet:
 
     def wait(self, our_pids: list[int]) -> float:
         while True:
-            a = (system_busy_ticks(), sum(proc_ticks(p) for p in [os.getpid(), *our_pids]))
+            a = (system_ticks()[0], sum(process_ticks(p) for p in [os.getpid(), *our_pids]))
             time.sleep(1.0)  # a measurement window
-            b = (system_busy_ticks(), sum(proc_ticks(p) for p in [os.getpid(), *our_pids]))
-            frac = max(0, (b[0] - a[0]) - (b[1] - a[1])) / _HZ / (os.cpu_count() or 1)
+            b = (system_ticks()[0], sum(process_ticks(p) for p in [os.getpid(), *our_pids]))
+            frac = max(0, (b[0] - a[0]) - (b[1] - a[1])) / HZ / (os.cpu_count() or 1)
             if frac < QUIET_FRACTION or self.waited_s >= self.budget_s:
                 return round(frac, 4)
             self.waited_s += 1.0
@@ -408,24 +380,12 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem_total_mb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]) // 1024
-    except (OSError, IndexError, ValueError):
-        mem_total_mb = None
     return {
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "mem_total_mb": mem_total_mb,
+        "cpu_model": cpu_model(),
+        "mem_total_mb": mem_total_mb(),
         "python": platform.python_version(),
         "grpcio": grpc.__version__,
         "torch": torch.__version__,

@@ -59,6 +59,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _proc import HZ, process_ticks, system_ticks
+
 import grpc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -197,28 +199,16 @@ def server_main(mode: str, torch_threads: int, cols: int) -> int:
 
 
 # --------------------------------------------------------------------------- client side
-_HZ = os.sysconf("SC_CLK_TCK")
-
-
-def _proc_ticks(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-    except (OSError, IndexError, ValueError):
-        return 0
 
 
 def cpu_snapshot(pids: list[int]) -> tuple[float, int, int]:
     """(time, user+nice+system ticks of the machine, ticks of this process and `pids`)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:4]]
-    return time.monotonic(), sum(v), _proc_ticks(os.getpid()) + sum(_proc_ticks(p) for p in pids)
+    return time.monotonic(), system_ticks()[0], process_ticks(os.getpid()) + sum(process_ticks(p) for p in pids)
 
 
 def foreign_cpu_fraction(a, b) -> float:
     """Share of all cores that other processes used between two snapshots."""
-    return max(0, (b[1] - a[1]) - (b[2] - a[2])) / _HZ / (max(b[0] - a[0], 1e-9) * (os.cpu_count() or 1))
+    return max(0, (b[1] - a[1]) - (b[2] - a[2])) / HZ / (max(b[0] - a[0], 1e-9) * (os.cpu_count() or 1))
 
 
 class Server:

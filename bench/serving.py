@@ -85,6 +85,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _proc import HZ, cpu_model, minor_faults, process_ticks, system_ticks
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -140,27 +142,6 @@ POLICY_VARIANTS = [
 
 
 # --------------------------------------------------------------------------- CPU accounting
-_HZ = os.sysconf("SC_CLK_TCK")
-
-
-def _proc_ticks(pid: int) -> int:
-    """utime + stime of a process (all its threads), in clock ticks; 0 if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _system_ticks() -> tuple[int, int]:
-    """(user + nice + system, steal) over all CPUs, in clock ticks."""
-    with open("/proc/stat") as f:
-        parts = f.readline().split()
-    vals = [int(x) for x in parts[1:]]
-    user, nice, system = vals[0], vals[1], vals[2]
-    steal = vals[7] if len(vals) > 7 else 0
-    return user + nice + system, steal
 
 
 QUIET_FRACTION = 0.03  # a round starts once other processes used < 3% of the cores for 1 s ...
@@ -192,20 +173,20 @@ class CpuMeter:
             self.waited_s += 1.0
 
     def snapshot(self) -> tuple[float, int, int, int]:
-        busy, steal = _system_ticks()
-        ours = _proc_ticks(os.getpid()) + sum(_proc_ticks(p) for p in self.pids)
+        busy, steal = system_ticks()
+        ours = process_ticks(os.getpid()) + sum(process_ticks(p) for p in self.pids)
         return time.monotonic(), busy, steal, ours
 
     @staticmethod
     def delta(a, b) -> dict:
         wall = max(b[0] - a[0], 1e-9)
         ncpu = os.cpu_count() or 1
-        foreign = max(0, (b[1] - a[1]) - (b[3] - a[3])) / _HZ
+        foreign = max(0, (b[1] - a[1]) - (b[3] - a[3])) / HZ
         return {
             "wall_s": round(wall, 3),
             "foreign_cpu_s": round(foreign, 3),
             "foreign_cpu_fraction": round(foreign / (wall * ncpu), 4),  # of all cores
-            "steal_fraction": round((b[2] - a[2]) / _HZ / (wall * ncpu), 4),
+            "steal_fraction": round((b[2] - a[2]) / HZ / (wall * ncpu), 4),
         }
 
 
@@ -314,19 +295,11 @@ def ms(x: float) -> str:
 def machine_info(threads: int) -> dict:
     import transformers
 
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "torch_threads": threads,
         "torch_interop_threads": torch.get_num_interop_threads(),
         "python": platform.python_version(),
@@ -376,15 +349,6 @@ class ForwardRole:
     grpc_call: callable  # (stub, seqs) -> result
     stub_cls: type
     servers: dict[str, Role] = field(default_factory=dict)  # label -> server
-
-
-def _minflt(pid: int) -> int:
-    """Minor page faults of a process so far (all its threads)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[7])
-    except (OSError, IndexError, ValueError):
-        return 0
 
 
 INPROC_MODES = ("inproc", "inproc_thread")
@@ -456,13 +420,13 @@ def bench_forward(fr: ForwardRole, seqs: list[list[int]], rounds: int, reps: dic
                     srv = fr.servers.get(mode)
                     before = scrape(srv.metrics_url) if srv else None
                     fpid = srv.proc.pid if srv else os.getpid()
-                    f0 = _minflt(fpid)
+                    f0 = minor_faults(fpid)
                     ts = []
                     for _ in range(reps[B]):
                         t0 = time.perf_counter()
                         call(mode, batch)
                         ts.append(time.perf_counter() - t0)
-                    m = {"ts": ts, "faults": _minflt(fpid) - f0}
+                    m = {"ts": ts, "faults": minor_faults(fpid) - f0}
                     if srv:
                         after = scrape(srv.metrics_url)
                         m["batch_s"] = metric_delta(before, after, f"alignd_{slug}_batch_seconds_sum{{}}")

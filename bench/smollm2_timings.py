@@ -42,20 +42,9 @@ import sys
 import time
 from pathlib import Path
 
-_HZ = os.sysconf("SC_CLK_TCK")
+from _proc import HZ, process_ticks, system_ticks
+
 NCPU = os.cpu_count() or 1
-
-
-def _ticks_self() -> int:
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def _ticks_all() -> int:
-    with open("/proc/stat") as f:
-        vals = [int(x) for x in f.readline().split()[1:]]
-    return vals[0] + vals[1] + vals[2]
 
 
 class Meter:
@@ -64,12 +53,12 @@ class Meter:
         self.waited = 0.0
 
     def snap(self):
-        return time.perf_counter(), _ticks_all(), _ticks_self()
+        return time.perf_counter(), system_ticks()[0], process_ticks()
 
     @staticmethod
     def foreign(a, b) -> float:
         wall = max(b[0] - a[0], 1e-9)
-        return max(0, (b[1] - a[1]) - (b[2] - a[2])) / _HZ / (wall * NCPU)
+        return max(0, (b[1] - a[1]) - (b[2] - a[2])) / HZ / (wall * NCPU)
 
     def wait_quiet(self) -> None:
         while self.waited < self.budget:

@@ -92,6 +92,15 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="module")
+def tok(tiny_models, request):
+    """The tokenizer of a tiny model, loaded as users load it: tiny_models[TOKENIZER_OF] of the test module
+    ("lm" unless the module sets it; the reward tests use "reward")."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_models[getattr(request.module, "TOKENIZER_OF", "lm")]))
+
+
 @dataclass
 class RoleServer:
     role: str
@@ -207,20 +216,6 @@ def stop_roles(servers: list[RoleServer]) -> None:
             server.proc.send_signal(signal.SIGTERM)
     for server in servers:
         stop_role(server)
-
-
-def wait_until(what: str, fn, timeout: float, poll: float = 0.2):
-    """fn()'s first truthy value, polled every `poll` seconds (a condition, not a sleep as synchronisation);
-    TimeoutError naming `what` after `timeout` seconds."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError(what)
 
 
 def dump_stack(run_dir: Path, lines: int = 40) -> None:

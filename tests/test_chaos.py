@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dump_stack, stop_launcher, wait_until
+from conftest import dump_stack, stop_launcher
+from helpers import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +36,6 @@ OVERRIDES = [
     "pipeline.rm_retrain.prompts_per_round=32", "pipeline.evaluation.max_prompts=64", "pipeline.sft.epochs=2",
     "pipeline.rm.epochs=2", "stack.restart.backoff_initial_seconds=0.2", "stack.restart.max_restarts=4",
 ]
-
-
-def _until(what: str, fn, timeout: float = WAIT_S):
-    return wait_until(what, fn, timeout, poll=0.05)
 
 
 def _json(path: Path) -> dict | None:
@@ -111,7 +108,7 @@ def test_pipeline_survives_random_kill9_of_every_role(tmp_path):
         counts = {r: 0 for r in ROLES}
         for role, point in plan:
             entered: dict = {}
-            _until(f"{point}", lambda: _reached(run_dir, point, entered) or proc.poll() is not None)
+            wait_until(f"{point}", lambda: _reached(run_dir, point, entered) or proc.poll() is not None, WAIT_S, poll=0.05)
             assert proc.poll() is None, f"the run ended before the kill of {role} at {point}"
             stack = _json(run_dir / "stack.json")
             svc = stack["services"][role]
@@ -119,8 +116,8 @@ def test_pipeline_survives_random_kill9_of_every_role(tmp_path):
             state = _json(run_dir / "state.json")
             killed.append((role, point, f"{state['stage']} step {state['step']}"))
             counts[role] += 1
-            _until(f"{role} restarted", lambda: proc.poll() is not None or (_json(run_dir / "stack.json") or {})
-                   .get("services", {}).get(role, {}).get("restarts", 0) >= counts[role])
+            wait_until(f"{role} restarted", lambda: proc.poll() is not None or (_json(run_dir / "stack.json") or {})
+                       .get("services", {}).get(role, {}).get("restarts", 0) >= counts[role], WAIT_S, poll=0.05)
         out, _ = proc.communicate(timeout=WAIT_S)
         print("kills (role, planned point, where the run was):", killed)
         assert proc.returncode == 0, out[-4000:]

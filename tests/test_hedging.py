@@ -15,7 +15,8 @@ import yaml
 
 from alignd.services.coordinator.replicas import Rotation
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc, learner_pb2, learner_pb2_grpc, model_pb2, model_pb2_grpc, reward_pb2, reward_pb2_grpc
-from conftest import start_role, start_roles, stop_roles, wait_until
+from conftest import start_role, start_roles, stop_roles
+from helpers import wait_until
 
 # serial: the iterations of a hedged run are timed against undisturbed ones (`make test` runs these alone).
 pytestmark = [pytest.mark.slow, pytest.mark.serial]

@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -55,6 +54,7 @@ from alignd.runtime.client import make_channel, wait_for_serving
 from alignd.services.learner import checkpoint, ranks
 from alignd.v1 import learner_pb2, learner_pb2_grpc, model_pb2, model_pb2_grpc
 from conftest import assert_invalid, secure_channel, with_test_auth
+from helpers import free_port
 
 LOSS_TOL = 1e-4
 WEIGHT_TOL = 1e-4
@@ -65,12 +65,6 @@ SHIM = (
     "import ctypes, os, signal, sys; ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM); "
     "os.execv(sys.executable, [sys.executable, '-m', 'torch.distributed.run', *sys.argv[1:]])"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def learner_cfg(models: Path, ckpt: Path, engine: str, timeout_s: float = 60.0) -> dict:

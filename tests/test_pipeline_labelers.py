@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -22,24 +20,12 @@ from alignd.ppo_cli import data_dirs, load_pipeline_job
 from alignd.runtime.client import make_channel
 from alignd.v1 import coordinator_pb2 as cpb
 from alignd.v1 import coordinator_pb2_grpc
+from helpers import wait_until
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = "ext"
 WAIT_S = 300.0
-
-
-def _until(fn, what: str, timeout: float = WAIT_S):
-    """Polls fn() until it returns something truthy (a condition, not a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    tick = threading.Event()
-    while True:
-        out = fn()
-        if out:
-            return out
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        tick.wait(0.1)
 
 
 def _code(call) -> tuple[grpc.StatusCode, str]:
@@ -82,13 +68,12 @@ def test_external_labelers_and_coordinator_sigkill_in_rm_stage(tmp_path):
         assert code == grpc.StatusCode.NOT_FOUND
         stub.StartRun(cpb.StartRunRequest(run_id=RUN_ID, config_yaml=dump_yaml(job.pipeline), run_dir=str(run_dir)), timeout=60)
 
-        first = _until(lambda: _lease(stub, "alice"), "the rm stage's labeling round")
+        first = wait_until("the rm stage's labeling round", lambda: _lease(stub, "alice"), WAIT_S, poll=0.1)
         tasks = list(first.tasks)
         assert first.progress.round == 0 and first.progress.tasks == len(tasks) >= 6 and first.progress.labelled == 0
         assert stub.GetRun(cpb.GetRunRequest(run_id=RUN_ID)).run.stage == "rm"
         # GetRun shows what the stage waits for (the CLI's progress bar).
-        run = _until(lambda: (r := stub.GetRun(cpb.GetRunRequest(run_id=RUN_ID)).run).stage_detail.endswith("external labelers") and r,
-                     "the labeling progress")
+        run = wait_until("the labeling progress", lambda: (r := stub.GetRun(cpb.GetRunRequest(run_id=RUN_ID)).run).stage_detail.endswith("external labelers") and r, WAIT_S, poll=0.1)
         assert f"0/{len(tasks)} tasks ranked" in run.stage_detail and 0.2 <= run.stage_fraction < 0.6
         # A second labeler gets none of alice's leased tasks.
         assert _lease(stub, "bob").tasks == []
@@ -127,7 +112,7 @@ def test_external_labelers_and_coordinator_sigkill_in_rm_stage(tmp_path):
         stack.restart("coordinator")
         ch = make_channel(stack.describe()["services"]["coordinator"]["address"], credentials=stack.operator_credentials())
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
-        again = _until(lambda: _lease(stub, "alice"), "the resumed labeling round")
+        again = wait_until("the resumed labeling round", lambda: _lease(stub, "alice"), WAIT_S, poll=0.1)
         run = stub.GetRun(cpb.GetRunRequest(run_id=RUN_ID)).run
         assert run.stage == "rm" and run.state == cpb.RUN_STATE_RUNNING
         assert again.progress.labelled == len(half) and again.progress.rankings == len(half)
@@ -143,8 +128,7 @@ def test_external_labelers_and_coordinator_sigkill_in_rm_stage(tmp_path):
             stub.SubmitRanking(cpb.SubmitRankingRequest(run_id=RUN_ID, task_id=t.task_id, labeler="alice", ranking=ranking), timeout=30)
             accepted[t.task_id] = list(ranking)
 
-        run = _until(lambda: (r := stub.GetRun(cpb.GetRunRequest(run_id=RUN_ID)).run).state not in (cpb.RUN_STATE_PENDING, cpb.RUN_STATE_RUNNING) and r,
-                     "the run to end")
+        run = wait_until("the run to end", lambda: (r := stub.GetRun(cpb.GetRunRequest(run_id=RUN_ID)).run).state not in (cpb.RUN_STATE_PENDING, cpb.RUN_STATE_RUNNING) and r, WAIT_S, poll=0.1)
         assert run.state == cpb.RUN_STATE_SUCCEEDED, run.error
         assert run.step == 2
         # After the round: no labeling round is open.
@@ -169,8 +153,8 @@ def test_external_labelers_and_coordinator_sigkill_in_rm_stage(tmp_path):
 
 def _ended(stub, run_id: str):
     """The run once it is no longer pending or running."""
-    return _until(lambda: (r := stub.GetRun(cpb.GetRunRequest(run_id=run_id)).run).state
-                  not in (cpb.RUN_STATE_PENDING, cpb.RUN_STATE_RUNNING) and r, f"run {run_id} to end")
+    return wait_until(f"run {run_id} to end", lambda: (r := stub.GetRun(cpb.GetRunRequest(run_id=run_id)).run).state
+                  not in (cpb.RUN_STATE_PENDING, cpb.RUN_STATE_RUNNING) and r, WAIT_S, poll=0.1)
 
 
 def test_stop_run_stops_a_pipeline_in_its_rm_and_ppo_stages_and_it_resumes(tmp_path):
@@ -186,7 +170,7 @@ def test_stop_run_stops_a_pipeline_in_its_rm_and_ppo_stages_and_it_resumes(tmp_p
 
         # Waiting for external labelers in the rm stage.
         stub.StartRun(cpb.StartRunRequest(run_id="stop-rm", config_yaml=dump_yaml(ext.pipeline), run_dir=str(tmp_path / "stop-rm")), timeout=60)
-        _until(lambda: _lease_of(stub, "stop-rm"), "the labeling round to open")
+        wait_until("the labeling round to open", lambda: _lease_of(stub, "stop-rm"), WAIT_S, poll=0.1)
         stub.StopRun(cpb.StopRunRequest(run_id="stop-rm"), timeout=30)
         run = _ended(stub, "stop-rm")
         assert (run.state, run.stage, run.error) == (cpb.RUN_STATE_STOPPED, "rm", ""), (run.state, run.stage, run.error)
@@ -198,8 +182,7 @@ def test_stop_run_stops_a_pipeline_in_its_rm_and_ppo_stages_and_it_resumes(tmp_p
         for _ in range(2):
             stub.StartRun(req, timeout=60)
             after = steps[-1] if steps else 0
-            _until(lambda: (r := stub.GetRun(cpb.GetRunRequest(run_id="stop-ppo")).run).stage == "ppo" and r.step > after,
-                   "a ppo step")
+            wait_until("a ppo step", lambda: (r := stub.GetRun(cpb.GetRunRequest(run_id="stop-ppo")).run).stage == "ppo" and r.step > after, WAIT_S, poll=0.1)
             stub.StopRun(cpb.StopRunRequest(run_id="stop-ppo"), timeout=30)
             run = _ended(stub, "stop-ppo")
             assert (run.state, run.stage, run.error) == (cpb.RUN_STATE_STOPPED, "ppo", ""), (run.state, run.stage, run.error)

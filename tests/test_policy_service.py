@@ -7,7 +7,7 @@ import math
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from alignd.models.weights import encode_stream, push_weights
 from alignd.v1 import common_pb2, model_pb2, model_pb2_grpc, policy_pb2, policy_pb2_grpc
@@ -34,11 +34,6 @@ def lm(tiny_models):
 @pytest.fixture(scope="module")
 def lm_other(tiny_models):
     return AutoModelForCausalLM.from_pretrained(tiny_models["lm_other"]).eval()
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_models):
-    return AutoTokenizer.from_pretrained(tiny_models["lm"])
 
 
 def ids_of(tok, text):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "alignd"
@@ -283,22 +283,16 @@ class PromAPI:
         return float(res[0]["value"][1]) if res else None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _running(proc: subprocess.Popen, log: Path):
+    """wait_until's `alive` check: fails the test when Prometheus has exited."""
+    def check() -> None:
+        if proc.poll() is not None:
+            pytest.fail(f"prometheus exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+    return check
 
 
-def wait_until(what: str, cond, deadline: float, proc: subprocess.Popen | None = None, log: Path | None = None):
-    while True:
-        value = cond()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"prometheus exited with {proc.returncode} while waiting for {what}:\n{log.read_text()[-3000:] if log else ''}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.25)  # polling a condition, not synchronising on time
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
 
 
 def write_prometheus_config(path: Path, stack: dict) -> None:
@@ -380,10 +374,11 @@ def test_dashboard_and_rules_return_data_from_a_ppo_run(tmp_path, monkeypatch):
             except OSError:
                 return False
 
-        wait_until("prometheus ready", ready, deadline, prom, prom_log)
+        wait_until("prometheus ready", ready, _left(deadline), 0.25, alive=_running(prom, prom_log))
         # Every role scraped before the run starts: counters are seen rising, not born at their final value.
         wait_until("up == 1 for every role",
-                   lambda: sorted(r["metric"]["job"] for r in api.query("up == 1")) == sorted(ROLES), deadline, prom, prom_log)
+                   lambda: sorted(r["metric"]["job"] for r in api.query("up == 1")) == sorted(ROLES),
+                   _left(deadline), 0.25, alive=_running(prom, prom_log))
         timings["scraping"] = time.monotonic() - t0
 
         # A short PPO run through the coordinator, and two rejected calls.
@@ -400,14 +395,15 @@ def test_dashboard_and_rules_return_data_from_a_ppo_run(tmp_path, monkeypatch):
                 run = coord.GetRun(coordinator_pb2.GetRunRequest(run_id="prom"), timeout=30).run
                 return run if run.state != coordinator_pb2.RUN_STATE_RUNNING else None
 
-            run = wait_until("the PPO run to end", run_ended, deadline)
+            run = wait_until("the PPO run to end", run_ended, _left(deadline), 0.25)
         assert run.state == coordinator_pb2.RUN_STATE_SUCCEEDED, run.error
         timings["run_done"] = time.monotonic() - t0
 
         # Prometheus has scraped the steps and the run's end.
         wait_until(f"{RUN_STEPS} steps and the run's end scraped",
                    lambda: api.value("sum(alignd_coordinator_steps_total)") == RUN_STEPS
-                   and api.value('sum(alignd_coordinator_runs_total{state="succeeded"})') == 1, deadline, prom, prom_log)
+                   and api.value('sum(alignd_coordinator_runs_total{state="succeeded"})') == 1,
+                   _left(deadline), 0.25, alive=_running(prom, prom_log))
         timings["scraped"] = time.monotonic() - t0
         assert api.value("sum(rate(alignd_coordinator_steps_total[1m]))") > 0  # the counter was seen rising
 
@@ -439,7 +435,7 @@ def test_dashboard_and_rules_return_data_from_a_ppo_run(tmp_path, monkeypatch):
         # rule's last-step subquery resolves at the evaluation interval (5 s): poll.
         for rule in load_rules():
             for vec in underlying_vectors(rule["expr"]):
-                wait_until(f"{rule['alert']}: data for {vec}", lambda v=vec: api.query(v), deadline, prom, prom_log)
+                wait_until(f"{rule['alert']}: data for {vec}", lambda v=vec: api.query(v), _left(deadline), 0.25, alive=_running(prom, prom_log))
         # A healthy run: these alerts' conditions hold for nothing.
         for rule in load_rules():
             if rule["alert"] in ("AligndRunStalled", "AligndNaNLoss", "AligndSkippedUpdates", "AligndServiceDown"):
@@ -453,7 +449,7 @@ def test_dashboard_and_rules_return_data_from_a_ppo_run(tmp_path, monkeypatch):
                 return None
             return rules
 
-        for r in wait_until("every rule evaluated", rules_evaluated, deadline, prom, prom_log):
+        for r in wait_until("every rule evaluated", rules_evaluated, _left(deadline), 0.25, alive=_running(prom, prom_log)):
             assert r["health"] == "ok", (r["name"], r.get("lastError"))
         timings["checked"] = time.monotonic() - t0
     finally:

@@ -10,7 +10,6 @@ import urllib.parse
 
 import pytest
 import yaml
-from transformers import AutoTokenizer
 
 from alignd.atomic import write_bytes_atomic
 from alignd.v1 import reward_pb2, reward_pb2_grpc
@@ -61,9 +60,7 @@ def rm(tiny_models, tmp_path_factory):
     assert stop_role(server) == 0
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_models):
-    return AutoTokenizer.from_pretrained(str(tiny_models["reward"]))
+TOKENIZER_OF = "reward"  # the conftest `tok` fixture loads the reward model's tokenizer
 
 
 PAIRS = [("The cat sat", " on the mat."), ("", "hello world"), ("Q: 2+2?\nA:", " 4"), ("héllo ✓ ", "naïve café ☕")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 from alignd.models.weights import push_weights
 from alignd.v1 import model_pb2, model_pb2_grpc, reward_pb2, reward_pb2_grpc
@@ -23,9 +23,7 @@ def stub(reward_server):
     return reward_pb2_grpc.RewardServiceStub(reward_server.channel)
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_models):
-    return AutoTokenizer.from_pretrained(tiny_models["reward"])
+TOKENIZER_OF = "reward"  # the conftest `tok` fixture loads the reward model's tokenizer
 
 
 def load_rm(path):

@@ -8,7 +8,7 @@ import json
 import grpc
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from alignd import rlmath
 from alignd.config import ModelConfig
@@ -21,9 +21,7 @@ from conftest import start_role, stop_role
 from test_supervised import _comparisons
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_models):
-    return AutoTokenizer.from_pretrained(tiny_models["reward"])
+TOKENIZER_OF = "reward"  # the conftest `tok` fixture loads the reward model's tokenizer
 
 
 def _rm(path, pooling: str = "mean"):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from alignd.config import ModelConfig, RewardConfig
 from alignd.models.handle import ModelHandle, load_scalar_head_model
@@ -18,11 +18,6 @@ from alignd.services.reward.engine import RewardEngine
 @pytest.fixture
 def lm(tiny_models):
     return AutoModelForCausalLM.from_pretrained(tiny_models["lm"])
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_models):
-    return AutoTokenizer.from_pretrained(tiny_models["lm"])
 
 
 def test_cosine_schedule_decays_to_a_tenth():

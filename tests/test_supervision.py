@@ -18,17 +18,14 @@ import pytest
 from alignd.runtime.client import make_channel
 from alignd.runtime.tokens import operator_credentials
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
-from conftest import dump_stack, stop_launcher, wait_until
+from conftest import dump_stack, stop_launcher
+from helpers import wait_until
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 16  # the last kill (step 11) leaves several steps: a kill while the stack stops is not restarted
 WAIT_S = 300.0
-
-
-def _until(what: str, fn, timeout: float = WAIT_S):
-    return wait_until(what, fn, timeout)
 
 
 def _stack(run_dir: Path) -> dict | None:
@@ -62,13 +59,13 @@ def test_ppo_run_survives_kill9_of_reward_coordinator_policy_and_learner(tmp_pat
     try:
         killed = {}
         for role, at_step in (("reward", 3), ("coordinator", 6), ("policy", 9), ("learner", 11)):
-            _until(f"step {at_step}", lambda: _step(run_dir) >= at_step or proc.poll() is not None)
+            wait_until(f"step {at_step}", lambda: _step(run_dir) >= at_step or proc.poll() is not None, WAIT_S)
             assert proc.poll() is None, f"the run ended before the kill of {role}"
             pid = _stack(run_dir)["services"][role]["pid"]
             os.kill(pid, signal.SIGKILL)
             killed[role] = pid
-            _until(f"{role} restarted", lambda: proc.poll() is not None
-                   or (_stack(run_dir) or {}).get("services", {}).get(role, {}).get("restarts", 0) >= 1)
+            wait_until(f"{role} restarted", lambda: proc.poll() is not None
+                       or (_stack(run_dir) or {}).get("services", {}).get(role, {}).get("restarts", 0) >= 1, WAIT_S)
         out, _ = proc.communicate(timeout=WAIT_S)
         assert proc.returncode == 0, out[-3000:]
         stack = _stack(run_dir)

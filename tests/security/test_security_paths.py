@@ -24,7 +24,8 @@ from alignd.v1 import (
     model_pb2,
     model_pb2_grpc,
 )
-from conftest import assert_invalid, start_role, stop_role, wait_until
+from conftest import assert_invalid, start_role, stop_role
+from helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENS = {  # the coordinator's own tokens for this module: two run owners, a labeler, an admin

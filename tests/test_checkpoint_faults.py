@@ -121,8 +121,8 @@ def test_rewriting_a_checkpoint_of_the_same_name_never_leaves_latest_dangling(tm
             Path(d).mkdir(parents=True, exist_ok=True)
             (Path(d) / "config.json").write_text("{}")
 
-    checkpoint.save(tmp_path, 0, {"a": torch.zeros(1)}, {"v": 1}, {"r": 0}, policy=Policy(), tag="reset")
-    checkpoint.save(tmp_path, 0, {"a": torch.ones(1)}, {"v": 2}, {"r": 0}, policy=Policy(), tag="reset")
+    checkpoint.save(tmp_path, 0, module_state={"a": torch.zeros(1)}, trainer_state={"v": 1}, rank_state={"r": 0}, policy=Policy(), tag="reset")
+    checkpoint.save(tmp_path, 0, module_state={"a": torch.ones(1)}, trainer_state={"v": 2}, rank_state={"r": 0}, policy=Policy(), tag="reset")
     assert all(exists for _, exists in seen), seen
     assert [name for name, _ in seen] == ["step-00000000-reset", "step-00000000-reset.new", "step-00000000-reset"]
     _, trainer_state, _ = checkpoint.load(checkpoint.latest(tmp_path))
@@ -135,5 +135,5 @@ def test_checkpoint_write_error_names_the_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken)
     with pytest.raises(checkpoint.CheckpointWriteError, match="step-00000007.*No space left on device"):
-        checkpoint.save(tmp_path, 7, {}, {}, {}, policy=None)
+        checkpoint.save(tmp_path, 7, module_state={}, trainer_state={}, rank_state={}, policy=None)
     assert checkpoint.latest(tmp_path) is None and list(tmp_path.iterdir()) == []

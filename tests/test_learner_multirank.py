@@ -416,8 +416,8 @@ def test_checkpoint_restores_only_into_its_world_size(tmp_path):
 
     policy = GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=1, vocab_size=16, n_positions=8, bos_token_id=0, eos_token_id=0))
     root = tmp_path / "ckpt"
-    path = checkpoint.save(root, 5, {"w": torch.ones(1)}, {"step": 5}, {"rank": 0, "engine": {"x": 0}, "rng": {}},
-                           policy, None, ranks=_RankZeroOfTwo(root))
+    path = checkpoint.save(root, 5, module_state={"w": torch.ones(1)}, trainer_state={"step": 5},
+                           rank_state={"rank": 0, "engine": {"x": 0}, "rng": {}}, policy=policy, ranks=_RankZeroOfTwo(root))
     assert json.loads((root / "latest").read_text()) == {"checkpoint": path.name, "step": 5, "world_size": 2}
     _module, shared, mine = checkpoint.load(path, 1, 2)
     assert mine["engine"] == {"x": 1} and shared["world_size"] == 2 and shared["step"] == 5
@@ -430,8 +430,8 @@ def test_checkpoint_restores_only_into_its_world_size(tmp_path):
 
     # Rank 0 refuses to publish a checkpoint whose shards it cannot see (checkpoint_dir not shared).
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"ranks \[1\] are not visible from rank 0"):
-        checkpoint.save(root, 6, {"w": torch.ones(1)}, {"step": 6}, {"rank": 0, "engine": {}, "rng": {}},
-                        policy, None, ranks=_RankZeroOfTwo(root, peer_writes=False))
+        checkpoint.save(root, 6, module_state={"w": torch.ones(1)}, trainer_state={"step": 6},
+                        rank_state={"rank": 0, "engine": {}, "rng": {}}, policy=policy, ranks=_RankZeroOfTwo(root, peer_writes=False))
     assert json.loads((root / "latest").read_text())["checkpoint"] == path.name  # still the complete one
 
 

@@ -79,7 +79,7 @@ def step_dir_name(step: int, tag: str = "") -> str:
 
 
 def save(
-    root: Path, step: int, module_state: dict | None, trainer_state: dict | None, rank_state: dict,
+    root: Path, step: int, *, module_state: dict | None, trainer_state: dict | None, rank_state: dict,
     policy=None, tokenizer=None, tag: str = "", keep: int = 2, ranks: Ranks = _OneRank(),
 ) -> Path:
     """Every rank calls this at the same point; rank 0 also passes the module, trainer state and policy.
@@ -89,7 +89,8 @@ def save(
     final = root / step_dir_name(step, tag)
     tmp = root / f".tmp-{final.name}"
     try:
-        return _save(root, final, tmp, step, module_state, trainer_state, rank_state, policy, tokenizer, keep, ranks)
+        return _save(final=final, tmp=tmp, step=step, module_state=module_state, trainer_state=trainer_state,
+                     rank_state=rank_state, policy=policy, tokenizer=tokenizer, keep=keep, ranks=ranks)
     except CheckpointMismatch:
         raise
     except Exception as err:  # torch.save reports a full disk as RuntimeError, save_pretrained as OSError
@@ -98,7 +99,9 @@ def save(
         raise CheckpointWriteError(f"writing checkpoint {final.name} failed: {err}") from err
 
 
-def _save(root, final, tmp, step, module_state, trainer_state, rank_state, policy, tokenizer, keep, ranks) -> Path:
+def _save(*, final: Path, tmp: Path, step: int, module_state, trainer_state, rank_state, policy, tokenizer, keep: int,
+          ranks: Ranks) -> Path:
+    root = final.parent
     if ranks.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():

@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import yaml
 
@@ -128,32 +128,69 @@ def _split(records, validation, fraction: float, seed: int, what: str):
     return train, val
 
 
+def run_job(*, job_id: str, output_dir: str, response_type, prepare: Callable[[], Any],
+            train: Callable[[Any, Path], Any], claim: Callable[[], contextlib.AbstractContextManager]):
+    """The skeleton of every training job (SFT, RM, and later ones):
+
+    1. the stored result of the same job id in output_dir, replayed without training;
+    2. `prepare()`: the request's configuration and data, validated (InvalidArgument naming the field) before
+       anything is locked or written;
+    3. under `claim()` (the learner's one-job-at-a-time lock), a fresh working directory next to the output
+       (only once the lock is held: a job of the same process may still be using the previous one);
+    4. `train(prepared, tmp)`: trains, saves the model into tmp and returns the response;
+    5. the response, with model_dir and duration_seconds, published with the model (fsync, rename) and returned.
+    The working directory is removed whatever happens."""
+    done = _stored(output_dir, job_id, response_type)
+    if done is not None:
+        return done
+    prepared = prepare()
+    _check_output(output_dir)
+    with claim():
+        tmp = _tmp_dir(output_dir)
+        try:
+            t0 = time.perf_counter()
+            resp = train(prepared, tmp)
+            resp.model_dir = str(Path(output_dir).resolve())
+            resp.duration_seconds = time.perf_counter() - t0
+            _publish(tmp, output_dir, job_id, resp)
+            return resp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _required(**fields: str) -> None:
+    for name, value in fields.items():
+        if not value:
+            raise InvalidArgument(name, "must not be empty")
+
+
 class Jobs:
     def __init__(self, cfg: LearnerConfig) -> None:
         self.cfg = cfg
         self._busy = threading.Lock()
 
+    @contextlib.contextmanager
     def _claim(self):
         if not self._busy.acquire(blocking=False):
             raise FailedPrecondition("the learner is running another training job")
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     def sft(self, req: learner_pb2.TrainSFTRequest) -> learner_pb2.TrainSFTResponse:
-        if not req.job_id:
-            raise InvalidArgument("job_id", "must not be empty")
-        done = _stored(req.output_dir, req.job_id, learner_pb2.TrainSFTResponse)
-        if done is not None:
-            return done
-        cfg: SFTConfig = _config(SFTConfig, req.config_yaml)
-        skip = cfg.skip_bad_lines
-        demos, report = _load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path", skip_bad=skip)
-        val = _load(data.load_demonstrations, req.validation_path, "validation_path", skip_bad=skip)[0] if req.validation_path else []
-        train, val = _split(demos, val, cfg.validation_fraction, cfg.seed, "demonstrations_path")
-        _check_output(req.output_dir)
-        self._claim()
-        tmp = None
-        try:
-            tmp = _tmp_dir(req.output_dir)  # with the job lock held
-            t0 = time.perf_counter()
+        _required(job_id=req.job_id)
+
+        def prepare():
+            cfg: SFTConfig = _config(SFTConfig, req.config_yaml)
+            skip = cfg.skip_bad_lines
+            demos, _ = _load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path", skip_bad=skip)
+            val = (_load(data.load_demonstrations, req.validation_path, "validation_path", skip_bad=skip)[0]
+                   if req.validation_path else [])
+            return cfg, *_split(demos, val, cfg.validation_fraction, cfg.seed, "demonstrations_path")
+
+        def train(prepared, tmp: Path) -> learner_pb2.TrainSFTResponse:
+            cfg, train, val = prepared
             mcfg = ModelConfig(path=req.init_model_dir or self.cfg.model.path)
             model, tok = load_causal_lm(mcfg), load_tokenizer(mcfg)
             _log.info("sft_started", job_id=req.job_id, train=len(train), validation=len(val), epochs=cfg.epochs)
@@ -165,31 +202,22 @@ class Jobs:
             )
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            resp = learner_pb2.TrainSFTResponse(
-                model_dir=str(Path(req.output_dir).resolve()), best_epoch=res.best_epoch,
+            return learner_pb2.TrainSFTResponse(
+                best_epoch=res.best_epoch,
                 best_val_loss=min((r["val_loss"] for r in res.history), default=float("nan")) if val else float("nan"),
                 history=[learner_pb2.EpochStats(epoch=r["epoch"], step=r["step"], train_loss=r["train_loss"], val_loss=r["val_loss"])
                          for r in res.history],
-                train_examples=len(train), validation_examples=len(val), duration_seconds=time.perf_counter() - t0,
+                train_examples=len(train), validation_examples=len(val),
             )
-            _publish(tmp, req.output_dir, req.job_id, resp)
-            _log.info("sft_finished", job_id=req.job_id, best_epoch=res.best_epoch, seconds=round(resp.duration_seconds, 2))
-            return resp
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            self._busy.release()
+
+        resp = run_job(job_id=req.job_id, output_dir=req.output_dir, response_type=learner_pb2.TrainSFTResponse,
+                       prepare=prepare, train=train, claim=self._claim)
+        if not resp.replayed:
+            _log.info("sft_finished", job_id=req.job_id, best_epoch=resp.best_epoch, seconds=round(resp.duration_seconds, 2))
+        return resp
 
     def reward_model(self, req: learner_pb2.TrainRewardModelRequest) -> learner_pb2.TrainRewardModelResponse:
-        return train_reward_model(req, betas=tuple(self.cfg.optimizer.betas), claim=self._claiming)
-
-    @contextlib.contextmanager
-    def _claiming(self):
-        self._claim()
-        try:
-            yield
-        finally:
-            self._busy.release()
+        return train_reward_model(req, betas=tuple(self.cfg.optimizer.betas), claim=self._claim)
 
 
 def train_reward_model(
@@ -201,65 +229,59 @@ def train_reward_model(
     """The reward-model training job (LearnerService.TrainRewardModel, and `alignd job train-rm` standalone).
 
     Validates the request (InvalidArgument naming the field), replays the result stored in output_dir
-    for the same job id, else trains and publishes output_dir atomically with the result inside.
+    for the same job id, else trains and publishes output_dir atomically with the result inside (run_job).
     `claim` is entered around the training (the learner's one-job-at-a-time lock)."""
-    if not req.job_id:
-        raise InvalidArgument("job_id", "must not be empty")
+    _required(job_id=req.job_id)
     if not req.init_model_dir:
         raise InvalidArgument("init_model_dir", "must not be empty (the SFT model, or a reward model to continue)")
-    if not req.output_dir:
-        raise InvalidArgument("output_dir", "must not be empty")
-    done = _stored(req.output_dir, req.job_id, learner_pb2.TrainRewardModelResponse)
-    if done is not None:
-        return done
-    cfg: RMTrainConfig = _config(RMTrainConfig, req.config_yaml)
-    skip = cfg.skip_bad_lines
-    comps, _ = _load(data.load_comparisons, req.comparisons_path, "comparisons_path", max_k=cfg.max_k, skip_bad=skip)
-    val = (_load(data.load_comparisons, req.validation_path, "validation_path", max_k=cfg.max_k, skip_bad=skip)[0]
-           if req.validation_path else [])
-    demos = (_load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path", skip_bad=skip)[0]
-             if req.demonstrations_path else [])
-    train, val = _split(comps, val, cfg.validation_fraction, cfg.seed, "comparisons_path")
-    _check_output(req.output_dir)
-    with claim():
-        tmp = None
-        try:
-            tmp = _tmp_dir(req.output_dir)  # with the job lock held
-            t0 = time.perf_counter()
-            mcfg = ModelConfig(path=req.init_model_dir)
-            model, tok = load_scalar_head_model(mcfg, allow_new_head=True), load_tokenizer(mcfg)
-            if tok.pad_token_id is not None:
-                model.config.pad_token_id = tok.pad_token_id
-            triple = lambda c: (c.prompt, list(c.completions), list(c.ranking))  # noqa: E731
-            blocks = supervised.truncate_layers(model, cfg.layers) if cfg.layers else None
-            setattr(model.config, SCORE_POOLING_KEY, cfg.pooling)
-            _log.info("rm_started", job_id=req.job_id, train=len(train), validation=len(val), mode=cfg.train,
-                      pooling=cfg.pooling, layers=model.config.num_hidden_layers, init_layers=blocks)
-            demo_pairs = [(d.prompt, d.completion) for d in demos]
-            if cfg.train == "head":
-                res = supervised.fit_rm_head(
-                    model, tok, [triple(c) for c in train], [triple(c) for c in val], l2=cfg.head_l2,
-                    max_tokens=cfg.max_tokens, demonstrations=demo_pairs, unit_std=cfg.score_scale == "unit_std",
-                )
-            else:
-                res = supervised.train_rm(
-                    model, tok, [triple(c) for c in train], [triple(c) for c in val], lr=cfg.lr,
-                    batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, epochs=cfg.epochs,
-                    warmup_steps=cfg.warmup_steps, betas=tuple(betas), seed=cfg.seed, demonstrations=demo_pairs,
-                    unit_std=cfg.score_scale == "unit_std",
-                )
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            resp = learner_pb2.TrainRewardModelResponse(
-                model_dir=str(Path(req.output_dir).resolve()), val_accuracy_before=res.extra["val_accuracy_before"],
-                val_accuracy=res.extra["val_accuracy"], train_accuracy=res.extra["train_accuracy"],
-                score_bias=res.extra["score_bias"],
-                history=[learner_pb2.EpochStats(epoch=r["epoch"], step=r["step"], val_accuracy=r["val_accuracy"]) for r in res.history],
-                train_comparisons=len(train), validation_comparisons=len(val), duration_seconds=time.perf_counter() - t0,
+    _required(output_dir=req.output_dir)
+
+    def prepare():
+        cfg: RMTrainConfig = _config(RMTrainConfig, req.config_yaml)
+        skip = cfg.skip_bad_lines
+        comps, _ = _load(data.load_comparisons, req.comparisons_path, "comparisons_path", max_k=cfg.max_k, skip_bad=skip)
+        val = (_load(data.load_comparisons, req.validation_path, "validation_path", max_k=cfg.max_k, skip_bad=skip)[0]
+               if req.validation_path else [])
+        demos = (_load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path", skip_bad=skip)[0]
+                 if req.demonstrations_path else [])
+        return cfg, demos, *_split(comps, val, cfg.validation_fraction, cfg.seed, "comparisons_path")
+
+    def train(prepared, tmp: Path) -> learner_pb2.TrainRewardModelResponse:
+        cfg, demos, train, val = prepared
+        mcfg = ModelConfig(path=req.init_model_dir)
+        model, tok = load_scalar_head_model(mcfg, allow_new_head=True), load_tokenizer(mcfg)
+        if tok.pad_token_id is not None:
+            model.config.pad_token_id = tok.pad_token_id
+        triple = lambda c: (c.prompt, list(c.completions), list(c.ranking))  # noqa: E731
+        blocks = supervised.truncate_layers(model, cfg.layers) if cfg.layers else None
+        setattr(model.config, SCORE_POOLING_KEY, cfg.pooling)
+        _log.info("rm_started", job_id=req.job_id, train=len(train), validation=len(val), mode=cfg.train,
+                  pooling=cfg.pooling, layers=model.config.num_hidden_layers, init_layers=blocks)
+        demo_pairs = [(d.prompt, d.completion) for d in demos]
+        if cfg.train == "head":
+            res = supervised.fit_rm_head(
+                model, tok, [triple(c) for c in train], [triple(c) for c in val], l2=cfg.head_l2,
+                max_tokens=cfg.max_tokens, demonstrations=demo_pairs, unit_std=cfg.score_scale == "unit_std",
             )
-            _publish(tmp, req.output_dir, req.job_id, resp)
-            _log.info("rm_finished", job_id=req.job_id, val_accuracy=round(resp.val_accuracy, 4), seconds=round(resp.duration_seconds, 2))
-            return resp
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            res = supervised.train_rm(
+                model, tok, [triple(c) for c in train], [triple(c) for c in val], lr=cfg.lr,
+                batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, epochs=cfg.epochs,
+                warmup_steps=cfg.warmup_steps, betas=tuple(betas), seed=cfg.seed, demonstrations=demo_pairs,
+                unit_std=cfg.score_scale == "unit_std",
+            )
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        return learner_pb2.TrainRewardModelResponse(
+            val_accuracy_before=res.extra["val_accuracy_before"],
+            val_accuracy=res.extra["val_accuracy"], train_accuracy=res.extra["train_accuracy"],
+            score_bias=res.extra["score_bias"],
+            history=[learner_pb2.EpochStats(epoch=r["epoch"], step=r["step"], val_accuracy=r["val_accuracy"]) for r in res.history],
+            train_comparisons=len(train), validation_comparisons=len(val),
+        )
+
+    resp = run_job(job_id=req.job_id, output_dir=req.output_dir, response_type=learner_pb2.TrainRewardModelResponse,
+                   prepare=prepare, train=train, claim=claim)
+    if not resp.replayed:
+        _log.info("rm_finished", job_id=req.job_id, val_accuracy=round(resp.val_accuracy, 4), seconds=round(resp.duration_seconds, 2))
+    return resp

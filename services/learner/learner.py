@@ -151,8 +151,9 @@ class Learner:
         lead = self.ranks.rank == 0
         path = checkpoint.save(
             self.checkpoint_root, self.step,
-            self.module.state_dict() if lead else None, self._trainer_state() if lead else None, self._rank_state(),
-            self.module.policy, self.tokenizer, tag=tag, keep=self.cfg.checkpoint_keep, ranks=self.ranks,
+            module_state=self.module.state_dict() if lead else None,
+            trainer_state=self._trainer_state() if lead else None, rank_state=self._rank_state(),
+            policy=self.module.policy, tokenizer=self.tokenizer, tag=tag, keep=self.cfg.checkpoint_keep, ranks=self.ranks,
         )
         _log.info(
             "checkpoint_saved", path=str(path), step=self.step, rank=self.ranks.rank,

@@ -72,6 +72,8 @@ smollm2: $(REAL_STAMP)
 TEST_WORKERS ?= 2
 
 test: setup
+	$(BIN)/ruff format --check .  # ruff (pinned in the dev extra; rules: pyproject.toml [tool.ruff])
+	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial"
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m serial || [ $$? -eq 5 ]  # 5: none marked serial
 

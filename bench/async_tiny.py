@@ -28,8 +28,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(run_dir: Path, seed: int, async_rollouts: bool, ppo_steps: int | None) -> dict:
-    args = [sys.executable, "-m", "alignd.cli", "run", "--preset", "tiny", "--run-dir", str(run_dir),
-            "--set", f"pipeline.seed={seed}", "--set", f"pipeline.ppo.async_rollouts={str(async_rollouts).lower()}"]
+    args = [
+        sys.executable,
+        "-m",
+        "alignd.cli",
+        "run",
+        "--preset",
+        "tiny",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        f"pipeline.seed={seed}",
+        "--set",
+        f"pipeline.ppo.async_rollouts={str(async_rollouts).lower()}",
+    ]
     if ppo_steps:
         args += ["--set", f"pipeline.ppo.steps={ppo_steps}"]
     t0 = time.perf_counter()
@@ -57,9 +69,13 @@ def compare(on: dict, asy: dict) -> dict:
     p = (a["rate"] * a["n"] + b["rate"] * b["n"]) / (a["n"] + b["n"])
     se = math.sqrt(max(p * (1 - p) * (1 / a["n"] + 1 / b["n"]), 1e-12))
     z = (b["rate"] - a["rate"]) / se
-    return {"difference": b["rate"] - a["rate"], "tolerance": tolerance,
-            "within_tolerance": abs(b["rate"] - a["rate"]) <= tolerance, "z": z,
-            "p_value_two_sided": math.erfc(abs(z) / math.sqrt(2))}
+    return {
+        "difference": b["rate"] - a["rate"],
+        "tolerance": tolerance,
+        "within_tolerance": abs(b["rate"] - a["rate"]) <= tolerance,
+        "z": z,
+        "p_value_two_sided": math.erfc(abs(z) / math.sqrt(2)),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     suffix = f"_{args.ppo_steps}steps" if args.ppo_steps else ""
     out_path = Path(args.out or ROOT / "bench" / "results" / f"async_tiny{suffix}.json")
-    results = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
-               "ppo_steps": args.ppo_steps or "preset", "seeds": {}}
+    results = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpus": os.cpu_count(),
+        "ppo_steps": args.ppo_steps or "preset",
+        "seeds": {},
+    }
     for seed in (int(s) for s in args.seeds.split(",")):
         with tempfile.TemporaryDirectory(prefix="async-tiny-") as tmp:
             on = run(Path(tmp) / "onpolicy", seed, False, args.ppo_steps)
@@ -80,12 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         results["seeds"][str(seed)] = {"onpolicy": on, "async": asy, "comparison": cmp}
         for name, r in (("on-policy", on), ("async", asy)):
             g = r["gold"]
-            print(f"seed {seed} {name}: gold win rate {g['rate']:.3f} [{g['lower']:.3f}, {g['upper']:.3f}] (n={g['n']}), "
-                  f"PPO stage {r['ppo_stage_seconds']:.1f} s, iteration {r['ppo_iteration_seconds_median']:.3f} s, "
-                  f"max staleness {max(r['staleness'])}", flush=True)
-        print(f"seed {seed}: difference {cmp['difference']:+.3f} (tolerance {cmp['tolerance']:.3f}: "
-              f"{'within' if cmp['within_tolerance'] else 'OUTSIDE'}), z {cmp['z']:+.2f}, p {cmp['p_value_two_sided']:.2f}",
-              flush=True)
+            print(
+                f"seed {seed} {name}: gold win rate {g['rate']:.3f} [{g['lower']:.3f}, {g['upper']:.3f}] (n={g['n']}), "
+                f"PPO stage {r['ppo_stage_seconds']:.1f} s, iteration {r['ppo_iteration_seconds_median']:.3f} s, "
+                f"max staleness {max(r['staleness'])}",
+                flush=True,
+            )
+        print(
+            f"seed {seed}: difference {cmp['difference']:+.3f} (tolerance {cmp['tolerance']:.3f}: "
+            f"{'within' if cmp['within_tolerance'] else 'OUTSIDE'}), z {cmp['z']:+.2f}, p "
+            f"{cmp['p_value_two_sided']:.2f}",
+            flush=True,
+        )
     from alignd.atomic import write_json_atomic
 
     write_json_atomic(out_path, results)

@@ -67,8 +67,12 @@ def rollout_logprobs(path: str) -> dict:
     with torch.no_grad():
         lp, _, _ = PolicyValue(model, None).eval()(ids, att, pos, resp, 1.0)
     d = (lp - roll) * mask
-    return {"tokens": int(mask.sum()), "max_abs_difference": float(d.abs().max()),
-            "mean_difference": float(d.sum() / mask.sum()), "mean_logprob": float((lp * mask).sum() / mask.sum())}
+    return {
+        "tokens": int(mask.sum()),
+        "max_abs_difference": float(d.abs().max()),
+        "mean_difference": float(d.sum() / mask.sum()),
+        "mean_logprob": float((lp * mask).sum() / mask.sum()),
+    }
 
 
 def sampler(path: str, draws: int) -> dict:
@@ -89,8 +93,12 @@ def sampler(path: str, draws: int) -> dict:
     def tv(x):
         return 0.5 * float((torch.bincount(x, minlength=probs.numel()).float() / draws - probs).abs().sum())
 
-    return {"draws": draws, "entropy_nats": float(-(probs * probs.clamp_min(1e-30).log()).sum()),
-            "tv_inverse_cdf": tv(inv), "tv_multinomial": tv(mult)}
+    return {
+        "draws": draws,
+        "entropy_nats": float(-(probs * probs.clamp_min(1e-30).log()).sum()),
+        "tv_inverse_cdf": tv(inv),
+        "tv_multinomial": tv(mult),
+    }
 
 
 def adamw(path: str) -> dict:
@@ -109,9 +117,11 @@ def adamw(path: str) -> dict:
             opt.zero_grad()
         out[fused] = {n: p.detach() for n, p in m.named_parameters()}
     start = {n: p.detach() for n, p in m0.named_parameters()}
-    return {"steps": 5,
-            "max_abs_difference": max(float((out[True][n] - out[False][n]).abs().max()) for n in start),
-            "max_update": max(float((out[True][n] - start[n]).abs().max()) for n in start)}
+    return {
+        "steps": 5,
+        "max_abs_difference": max(float((out[True][n] - out[False][n]).abs().max()) for n in start),
+        "max_update": max(float((out[True][n] - start[n]).abs().max()) for n in start),
+    }
 
 
 def main() -> None:
@@ -122,8 +132,12 @@ def main() -> None:
     torch.set_num_threads(2)
     path = model_dir()
     t0 = time.perf_counter()
-    result = {"model": "smollm2-135m-instruct", "rollout_logprobs": rollout_logprobs(path),
-              "sampler": sampler(path, args.draws), "adamw": adamw(path)}
+    result = {
+        "model": "smollm2-135m-instruct",
+        "rollout_logprobs": rollout_logprobs(path),
+        "sampler": sampler(path, args.draws),
+        "adamw": adamw(path),
+    }
     result["seconds"] = time.perf_counter() - t0
     from alignd.atomic import write_json_atomic
 

@@ -49,19 +49,25 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "bench"))
     from ppo_vs_trl import smollm2_spec
 
+    import alignd.services.policy.engine as E
     from alignd.config import LearnerConfig, PolicyConfig
     from alignd.models.handle import ModelHandle, load_causal_lm, load_tokenizer
     from alignd.services.learner.engine import adamw, param_groups
     from alignd.services.learner.learner import Learner
     from alignd.services.learner.ppo import collate
-    import alignd.services.policy.engine as E
 
     spec = smollm2_spec(Path(tempfile.mkdtemp()))
     policy_dir, rm_dir = spec["policy"], spec["reward"]
-    cfg = LearnerConfig.model_validate({
-        "model": {"path": str(policy_dir)}, "value_model": {"path": str(rm_dir)}, "value_head_on_policy": False,
-        "ema_decay": None, "checkpoint_every_steps": 0, "ppo": {"minibatches": 2, "epochs": 1},
-    })
+    cfg = LearnerConfig.model_validate(
+        {
+            "model": {"path": str(policy_dir)},
+            "value_model": {"path": str(rm_dir)},
+            "value_head_on_policy": False,
+            "ema_decay": None,
+            "checkpoint_every_steps": 0,
+            "ppo": {"minibatches": 2, "epochs": 1},
+        }
+    )
     learner = Learner(cfg, Path(tempfile.mkdtemp()))
     tok = learner.tokenizer
     prompts = [json.loads(x)["prompt"] for x in Path(spec["prompts"]).open()][:16]
@@ -71,9 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     lp = [[-3.0] * 24] * 16
     b = collate(ids, responses, lp, lp, [0.1] * 16, 0, [0] * 16, True)
     m = learner.module
-    out: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": 2, "batch": 16, "response_tokens": 24}
+    out: dict = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "threads": 2,
+        "batch": 16,
+        "response_tokens": 24,
+    }
     with torch.no_grad():
-        out["old_outputs_policy_and_value_s"] = med(lambda: m(b.input_ids, b.attention_mask, b.positions, b.response, 1.0))
+        out["old_outputs_policy_and_value_s"] = med(
+            lambda: m(b.input_ids, b.attention_mask, b.positions, b.response, 1.0)
+        )
         out["old_outputs_value_only_s"] = med(lambda: m.values(b.input_ids, b.attention_mask, b.positions))
     mb = b.select(torch.arange(8))
     logprobs, _, values = m(mb.input_ids, mb.attention_mask, mb.positions, mb.response, 1.0)
@@ -110,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         pl.split = split
     out.update({k: statistics.median(v[1:]) for k, v in times.items()})
     print(json.dumps(out), flush=True)
-    del learner, m, opt
+    learner = m = opt = None  # freed before the next measurement (closures above refer to them)
 
     pcfg = PolicyConfig.model_validate({"model": {"path": str(policy_dir)}})
-    engine = E.PolicyEngine(ModelHandle("policy", pcfg.model, load_causal_lm(pcfg.model), load_tokenizer(pcfg.model)), 128)
+    engine = E.PolicyEngine(
+        ModelHandle("policy", pcfg.model, load_causal_lm(pcfg.model), load_tokenizer(pcfg.model)), 128
+    )
     rows = [E.Row(p, E.Sampling(1.0, 1.0, 0, 24, frozenset(), True), i) for i, p in enumerate(ids)]
     inverse_cdf = E.sample_token
 

@@ -48,17 +48,32 @@ class TreeMeter(Meter):
     def snap(self):
         return time.perf_counter(), system_ticks()[0], process_ticks(reaped_children=True)
 
+
 # The tiny preset's PPO shape (configs/tiny.yaml), with a reward *model* instead of its function reward:
 # TRL can only score with a model.
 TINY = dict(
-    policy="builtin:tiny-gpt2", reward="builtin:tiny-gpt2-reward", prompts=str(ROOT / "configs" / "tiny_prompts.txt"),
-    batch=16, minibatches=2, epochs=4, response_tokens=16, temperature=1.0, kl_coef=0.02, lr=5e-3,
+    policy="builtin:tiny-gpt2",
+    reward="builtin:tiny-gpt2-reward",
+    prompts=str(ROOT / "configs" / "tiny_prompts.txt"),
+    batch=16,
+    minibatches=2,
+    epochs=4,
+    response_tokens=16,
+    temperature=1.0,
+    kl_coef=0.02,
+    lr=5e-3,
     config=str(ROOT / "configs" / "tiny.yaml"),
 )
 # The real-model preset's PPO shape (configs/smollm2_pipeline.yaml), with a separate value model as TRL has:
 # the policy SmolLM2-135M-Instruct (`make smollm2`), a reward model of the same backbone with a seeded head.
 SMOLLM2 = dict(
-    batch=16, minibatches=2, epochs=1, response_tokens=24, temperature=1.0, kl_coef=0.05, lr=4e-5,
+    batch=16,
+    minibatches=2,
+    epochs=1,
+    response_tokens=24,
+    temperature=1.0,
+    kl_coef=0.05,
+    lr=4e-5,
 )
 
 
@@ -123,12 +138,26 @@ def trl_worker(spec_path: str) -> int:
     value = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=torch.float32)
     n_iter = spec["warmup"] + spec["iterations"]
     cfg = PPOConfig(
-        output_dir=spec["out_dir"], per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
-        num_mini_batches=spec["minibatches"], num_ppo_epochs=spec["epochs"], response_length=spec["response_tokens"],
-        temperature=spec["temperature"], kl_coef=spec["kl_coef"], learning_rate=spec["lr"],
-        total_episodes=n_iter * spec["batch"], local_rollout_forward_batch_size=spec["batch"],
-        stop_token=None, missing_eos_penalty=None, num_sample_generations=0, lr_scheduler_type="constant",
-        bf16=False, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
+        output_dir=spec["out_dir"],
+        per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=1,
+        num_mini_batches=spec["minibatches"],
+        num_ppo_epochs=spec["epochs"],
+        response_length=spec["response_tokens"],
+        temperature=spec["temperature"],
+        kl_coef=spec["kl_coef"],
+        learning_rate=spec["lr"],
+        total_episodes=n_iter * spec["batch"],
+        local_rollout_forward_batch_size=spec["batch"],
+        stop_token=None,
+        missing_eos_penalty=None,
+        num_sample_generations=0,
+        lr_scheduler_type="constant",
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
     )
 
     class Clock(TrainerCallback):
@@ -143,8 +172,15 @@ def trl_worker(spec_path: str) -> int:
 
     clock = Clock()
     trainer = PPOTrainer(
-        args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward, value_model=value,
-        train_dataset=data, eval_dataset=data, callbacks=[clock],
+        args=cfg,
+        processing_class=tok,
+        model=policy,
+        ref_model=ref,
+        reward_model=reward,
+        value_model=value,
+        train_dataset=data,
+        eval_dataset=data,
+        callbacks=[clock],
     )
     trainer.train()
     Path(spec["result"]).write_text(json.dumps({"marks": clock.marks, "threads": spec["threads"]}))
@@ -155,28 +191,44 @@ def run_trl(spec: dict, work: Path) -> dict:
     spec = {**spec, "out_dir": str(work / "trl-out"), "result": str(work / "trl.json")}
     (work / "trl-spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
-    out = subprocess.run([sys.executable, __file__, "--_trl-worker", str(work / "trl-spec.json")],
-                         capture_output=True, text=True, env=env, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, __file__, "--_trl-worker", str(work / "trl-spec.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"TRL worker failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
     marks = json.loads((work / "trl.json").read_text())["marks"]
-    per_iter = _deltas(marks)[spec["warmup"]:]
+    per_iter = _deltas(marks)[spec["warmup"] :]
     return {"seconds_per_iteration": _median(per_iter), "seconds_all": per_iter}
 
 
 # -- alignd ------------------------------------------------------------------------------------------
-def run_alignd(spec: dict, work: Path, async_rollouts: bool = False, extra: tuple[str, ...] = (), name: str = "") -> dict:
+def run_alignd(
+    spec: dict, work: Path, async_rollouts: bool = False, extra: tuple[str, ...] = (), name: str = ""
+) -> dict:
     n_iter = spec["warmup"] + spec["iterations"]
     run_dir = work / ("alignd-" + name if name else "alignd-async" if async_rollouts else "alignd")
     sets = [
-        f"run.steps={n_iter}", f"run.prompts_per_step={spec['batch']}", f"run.prompts.path={spec['prompts']}",
-        f"run.sampling.max_new_tokens={spec['response_tokens']}", f"run.sampling.temperature={spec['temperature']}",
+        f"run.steps={n_iter}",
+        f"run.prompts_per_step={spec['batch']}",
+        f"run.prompts.path={spec['prompts']}",
+        f"run.sampling.max_new_tokens={spec['response_tokens']}",
+        f"run.sampling.temperature={spec['temperature']}",
         "run.sampling.ignore_eos=true",
-        "stack.reward.function=null", f"stack.reward.model.path={spec['reward']}",
-        "stack.learner.value_head_on_policy=false", f"stack.learner.value_model.path={spec['reward']}",
-        f"stack.learner.ppo.minibatches={spec['minibatches']}", f"stack.learner.ppo.epochs={spec['epochs']}",
-        f"stack.learner.ppo.kl_coef={spec['kl_coef']}", f"stack.learner.optimizer.lr={spec['lr']}",
-        "stack.learner.checkpoint_every_steps=0", f"run.async_rollouts={str(async_rollouts).lower()}", *extra,
+        "stack.reward.function=null",
+        f"stack.reward.model.path={spec['reward']}",
+        "stack.learner.value_head_on_policy=false",
+        f"stack.learner.value_model.path={spec['reward']}",
+        f"stack.learner.ppo.minibatches={spec['minibatches']}",
+        f"stack.learner.ppo.epochs={spec['epochs']}",
+        f"stack.learner.ppo.kl_coef={spec['kl_coef']}",
+        f"stack.learner.optimizer.lr={spec['lr']}",
+        "stack.learner.checkpoint_every_steps=0",
+        f"run.async_rollouts={str(async_rollouts).lower()}",
+        *extra,
     ]
     args = [sys.executable, "-m", "alignd.cli", "ppo", "--config", spec["config"], "--run-dir", str(run_dir)]
     for s in sets:
@@ -186,8 +238,8 @@ def run_alignd(spec: dict, work: Path, async_rollouts: bool = False, extra: tupl
     if out.returncode != 0:
         raise RuntimeError(f"alignd ppo failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    per_iter = _deltas([r["time"] for r in rows])[spec["warmup"] - 1:]
-    timed = rows[spec["warmup"]:]
+    per_iter = _deltas([r["time"] for r in rows])[spec["warmup"] - 1 :]
+    timed = rows[spec["warmup"] :]
     # (stage_weights is there only in the steps whose weights were staged: the median of those)
     keys = dict.fromkeys(k for r in timed for k in r["phase_seconds"])
     phases = {k: _median([r["phase_seconds"][k] for r in timed if k in r["phase_seconds"]]) for k in keys}
@@ -220,35 +272,57 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["models"].items():
+
         def f(key, fmt="{:.3f}"):
             v = r.get(key)
             return fmt.format(v) if v is not None else "n/a"
+
         lines.append(
             f"| {name} | {f('trl_seconds_per_iteration')} | {f('alignd_onpolicy_seconds_per_iteration')} "
             f"| {f('alignd_async_seconds_per_iteration')} | {f('alignd_onpolicy_over_trl', '{:.2f}x')} "
             f"| {f('alignd_async_over_trl', '{:.2f}x')} | {f('trl_tokens_per_second', '{:.0f}')} "
             f"| {f('alignd_onpolicy_tokens_per_second', '{:.0f}')} | {f('alignd_async_tokens_per_second', '{:.0f}')} |"
         )
-    lines += ["", "alignd's phases, median seconds (async: generate, score and reference overlap the previous step's "
-              "train; wait_rollout is the time the learner waited for them):", "",
-              "| model | mode | " + " | ".join(PHASE_COLUMNS) + " | wait_rollout |",
-              "|---|---|" + "---|" * (len(PHASE_COLUMNS) + 1)]
+    lines += [
+        "",
+        "alignd's phases, median seconds (async: generate, score and reference overlap the previous step's "
+        "train; wait_rollout is the time the learner waited for them):",
+        "",
+        "| model | mode | " + " | ".join(PHASE_COLUMNS) + " | wait_rollout |",
+        "|---|---|" + "---|" * (len(PHASE_COLUMNS) + 1),
+    ]
     for name, r in results["models"].items():
-        modes = [k[len("alignd_"):-len("_phase_seconds")] for k in r if k.startswith("alignd_") and k.endswith("_phase_seconds")]
+        modes = [
+            k[len("alignd_") : -len("_phase_seconds")]
+            for k in r
+            if k.startswith("alignd_") and k.endswith("_phase_seconds")
+        ]
         for mode in modes:
             ph = r.get(f"alignd_{mode}_phase_seconds")
             if ph:
                 cells = " | ".join(f"{ph[k]:.3f}" if k in ph else "" for k in (*PHASE_COLUMNS, "wait_rollout"))
                 lines.append(f"| {name} | {mode} | {cells} |")
-    variants = [(name, k[len("alignd_"):-len("_overrides")], r) for name, r in results["models"].items()
-                for k in r if k.startswith("alignd_") and k.endswith("_overrides")]
+    variants = [
+        (name, k[len("alignd_") : -len("_overrides")], r)
+        for name, r in results["models"].items()
+        for k in r
+        if k.startswith("alignd_") and k.endswith("_overrides")
+    ]
     if variants:
-        lines += ["", "Variants (`--variant`), median s/iteration:", "",
-                  "| model | variant | overrides | s/iter | / TRL | / async |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Variants (`--variant`), median s/iteration:",
+            "",
+            "| model | variant | overrides | s/iter | / TRL | / async |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, v, r in variants:
             sec = r[f"alignd_{v}_seconds_per_iteration"]
-            lines.append(f"| {name} | {v} | `{'; '.join(r[f'alignd_{v}_overrides'])}` | {sec:.3f} "
-                         f"| {sec / r['trl_seconds_per_iteration']:.2f}x | {sec / r['alignd_async_seconds_per_iteration']:.2f}x |")
+            lines.append(
+                f"| {name} | {v} | `{'; '.join(r[f'alignd_{v}_overrides'])}` | {sec:.3f} "
+                f"| {sec / r['trl_seconds_per_iteration']:.2f}x | "
+                f"{sec / r['alignd_async_seconds_per_iteration']:.2f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -260,23 +334,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trl-threads", type=int, default=NCPU, help="torch threads of the TRL process")
     ap.add_argument("--quiet-wait-s", type=float, default=60.0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ppo_vs_trl.json"))
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE;...",
-                    help="one more alignd run with these --set overrides, reported as alignd_NAME_*")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=KEY=VALUE;...",
+        help="one more alignd run with these --set overrides, reported as alignd_NAME_*",
+    )
     ap.add_argument("--_trl-worker", dest="trl_worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.trl_worker:
         return trl_worker(args.trl_worker)
 
-    from alignd.models.tiny import resolve_builtin
-
     import torch
     import transformers
     import trl
 
-    results = {"machine": {"cpus": NCPU, "python": platform.python_version(), "torch": torch.__version__,
-                           "transformers": transformers.__version__, "trl": trl.__version__,
-                           "processor": platform.processor() or platform.machine()},
-               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": {}}
+    from alignd.models.tiny import resolve_builtin
+
+    results = {
+        "machine": {
+            "cpus": NCPU,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "processor": platform.processor() or platform.machine(),
+        },
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "models": {},
+    }
     meter = TreeMeter(args.quiet_wait_s)
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory(prefix="ppo-vs-trl-") as tmp:
@@ -289,12 +376,21 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"unknown model {name!r}: tiny or smollm2")
             spec.update(warmup=args.warmup, iterations=args.iterations, threads=args.trl_threads)
             row: dict = {"settings": {k: v for k, v in spec.items() if k not in ("policy", "reward", "config")}}
-            runs = [("trl", run_trl), ("alignd_onpolicy", run_alignd),
-                    ("alignd_async", lambda sp, w: run_alignd(sp, w, async_rollouts=True))]
+            runs = [
+                ("trl", run_trl),
+                ("alignd_onpolicy", run_alignd),
+                ("alignd_async", lambda sp, w: run_alignd(sp, w, async_rollouts=True)),
+            ]
             for v in args.variant:
                 vname, _, sets = v.partition("=")
-                runs.append((f"alignd_{vname}", lambda sp, w, vname=vname, sets=sets: run_alignd(
-                    sp, w, extra=tuple(x for x in sets.split(";") if x), name=vname)))
+                runs.append(
+                    (
+                        f"alignd_{vname}",
+                        lambda sp, w, vname=vname, sets=sets: run_alignd(
+                            sp, w, extra=tuple(x for x in sets.split(";") if x), name=vname
+                        ),
+                    )
+                )
             for key, fn in runs:
                 meter.wait_quiet()
                 a = meter.snap()
@@ -306,18 +402,28 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in res.items():
                     if k not in ("seconds_per_iteration", "seconds_all"):
                         row[f"{key}_{k}"] = v
-                print(f"{name} {key}: {res['seconds_per_iteration']:.3f} s/iteration "
-                      f"({', '.join(f'{x:.3f}' for x in res['seconds_all'])})", flush=True)
+                print(
+                    f"{name} {key}: {res['seconds_per_iteration']:.3f} s/iteration "
+                    f"({', '.join(f'{x:.3f}' for x in res['seconds_all'])})",
+                    flush=True,
+                )
             tokens = spec["batch"] * spec["response_tokens"]
             for key, _ in runs:
                 s = row[f"{key}_seconds_per_iteration"]
                 row[f"{key}_tokens_per_second"] = tokens / s if s else None
             for mode in ("onpolicy", "async", *(v.partition("=")[0] for v in args.variant)):
-                row[f"alignd_{mode}_over_trl"] = row[f"alignd_{mode}_seconds_per_iteration"] / row["trl_seconds_per_iteration"]
-            row["async_speedup"] = row["alignd_onpolicy_seconds_per_iteration"] / row["alignd_async_seconds_per_iteration"]
+                row[f"alignd_{mode}_over_trl"] = (
+                    row[f"alignd_{mode}_seconds_per_iteration"] / row["trl_seconds_per_iteration"]
+                )
+            row["async_speedup"] = (
+                row["alignd_onpolicy_seconds_per_iteration"] / row["alignd_async_seconds_per_iteration"]
+            )
             results["models"][name] = row
-            print(f"{name}: alignd on-policy / TRL = {row['alignd_onpolicy_over_trl']:.2f}x, "
-                  f"async / TRL = {row['alignd_async_over_trl']:.2f}x", flush=True)
+            print(
+                f"{name}: alignd on-policy / TRL = {row['alignd_onpolicy_over_trl']:.2f}x, "
+                f"async / TRL = {row['alignd_async_over_trl']:.2f}x",
+                flush=True,
+            )
     from alignd.atomic import write_json_atomic
 
     write_json_atomic(Path(args.out), results)

@@ -74,8 +74,18 @@ def headline(report: dict, wall: float) -> dict:
 
 def run_seed(preset: str, seed: int, base: Path, extra: list[str]) -> dict:
     run_dir = base / f"{preset}-seed{seed}"
-    args = [sys.executable, "-m", "alignd.cli", "run", "--preset", preset, "--run-dir", str(run_dir),
-            "--set", f"pipeline.seed={seed}"]
+    args = [
+        sys.executable,
+        "-m",
+        "alignd.cli",
+        "run",
+        "--preset",
+        preset,
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        f"pipeline.seed={seed}",
+    ]
     for kv in extra:
         args += ["--set", kv]
     print(f"{preset} seed {seed}: {' '.join(args[2:])}", flush=True)
@@ -87,9 +97,12 @@ def run_seed(preset: str, seed: int, base: Path, extra: list[str]) -> dict:
         raise RuntimeError(f"alignd run failed (exit {out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     row = {"seed": seed, **headline(json.loads(report_path.read_text()), wall), "run_dir": str(run_dir)}
     g = row["gold"]
-    print(f"  gold {g['rate']:.3f} [{g['lower']:.3f}, {g['upper']:.3f}]"
-          + (f", second {row['second']['rate']:.3f}" if row["second"] else "")
-          + f", passed {row['passed']}, {wall:.0f} s", flush=True)
+    print(
+        f"  gold {g['rate']:.3f} [{g['lower']:.3f}, {g['upper']:.3f}]"
+        + (f", second {row['second']['rate']:.3f}" if row["second"] else "")
+        + f", passed {row['passed']}, {wall:.0f} s",
+        flush=True,
+    )
     return row
 
 
@@ -97,8 +110,13 @@ def spread(values: list[float]) -> dict | None:
     vals = [v for v in values if v is not None]
     if not vals:
         return None
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "min": min(vals), "max": max(vals), "n": len(vals)}
+    return {
+        "mean": statistics.fmean(vals),
+        "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "min": min(vals),
+        "max": max(vals),
+        "n": len(vals),
+    }
 
 
 BREAKDOWN_KEYS = ("rm_vs_labeler_gold_untied", "rm_vs_labeler_when_labelers_agree", "rm_vs_gold", "gold_vs_labeler")
@@ -127,8 +145,10 @@ def summarise(rows: list[dict]) -> dict:
         "reward_final": pick(lambda r: r["reward"].get("final")),
         "alignment_tax": pick(lambda r: r["alignment_tax"]["absolute"] if r["alignment_tax"] else None),
         "wall_seconds": pick(lambda r: r["wall_seconds"]),
-        **{f"stage_seconds.{s}": pick(lambda r, s=s: r["stage_seconds"].get(s))
-           for s in sorted({s for r in rows for s in r["stage_seconds"]})},
+        **{
+            f"stage_seconds.{s}": pick(lambda r, s=s: r["stage_seconds"].get(s))
+            for s in sorted({s for r in rows for s in r["stage_seconds"]})
+        },
         "all_passed": all(r["passed"] for r in rows),
     }
 
@@ -156,11 +176,14 @@ def measure(preset: str, seeds: list[int], extra: list[str], keep: str | None) -
     data["presets"][preset] = entry
     write_json_atomic(RESULTS, data)
     s = entry["summary"]
-    print(f"{preset}: gold {s['gold_rate']['mean']:.3f} +- {s['gold_rate']['std']:.3f} over seeds {seeds}; "
-          f"all passed: {s['all_passed']}; wrote {RESULTS}")
+    print(
+        f"{preset}: gold {s['gold_rate']['mean']:.3f} +- {s['gold_rate']['std']:.3f} over seeds {seeds}; "
+        f"all passed: {s['all_passed']}; wrote {RESULTS}"
+    )
 
 
 # -- the README's tables ---------------------------------------------------------------------------------------------
+
 
 def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
@@ -180,7 +203,8 @@ def render(preset: str, entry: dict) -> str:
         f"`bench/results/presets.json`):",
         "",
         f"| seed | win rate vs SFT, gold ({j['gold']}), 95% CI | second judge ({j['second']}) | bar | RM accuracy "
-        "(labelers agree) | RM vs gold / gold vs labels | KL to reference, nats/token | alignment tax, nats/token | wall time |",
+        "(labelers agree) | RM vs gold / gold vs labels | KL to reference, nats/token | alignment tax, nats/token | "
+        "wall time |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -206,18 +230,24 @@ def render(preset: str, entry: dict) -> str:
         f"| mean +- sd | {ms('gold_rate', pct)} | {ms('second_rate', pct)} | "
         f"{'all PASS' if s['all_passed'] else 'not all PASS'} | {ms('rm_accuracy_last', pct)} "
         f"({ms('labeler_agreement', pct)}) | {ms('rm_breakdown_first.rm_vs_gold', pct)} / "
-        f"{ms('rm_breakdown_first.gold_vs_labeler', pct)} | {ms('kl_per_token', f3)} | {ms('alignment_tax', lambda x: format(x, '+.3f'))} | "
+        f"{ms('rm_breakdown_first.gold_vs_labeler', pct)} | {ms('kl_per_token', f3)} | "
+        f"{ms('alignment_tax', lambda x: format(x, '+.3f'))} | "
         f"{ms('wall_seconds', minsec)} |"
     )
     stages = sorted(k.split(".", 1)[1] for k in s if k.startswith("stage_seconds."))
     if stages:
-        lines += ["", "Stage times, mean over seeds: " + ", ".join(
-            f"{st} {s['stage_seconds.' + st]['mean']:.0f} s" for st in stages) + "."]
+        lines += [
+            "",
+            "Stage times, mean over seeds: "
+            + ", ".join(f"{st} {s['stage_seconds.' + st]['mean']:.0f} s" for st in stages)
+            + ".",
+        ]
     return "\n".join(lines)
 
 
 def rewrite_readme(text: str, data: dict) -> str:
     """README text with every presets block replaced by its rendering; a block whose preset is missing raises."""
+
     def sub(m: re.Match) -> str:
         name = m.group(1)
         if name not in data["presets"]:

@@ -47,7 +47,6 @@ import os
 import secrets
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,10 +63,11 @@ SERVERS = ("current", "uvicorn")
 BASELINES = ("current_nodelay",)  # undisturbed only: the current server with TCP_NODELAY (one class attribute)
 SCORE_MS = 2.0
 BIG_BODY_BYTES = 64 << 20
-DEEP = 10 ** 6
+DEEP = 10**6
 
 
 # ---- server side (a subprocess: --serve KIND) ---------------------------------------------------------------------
+
 
 def serve(kind: str, tokens_file: str) -> None:
     from types import SimpleNamespace
@@ -87,8 +87,9 @@ def serve(kind: str, tokens_file: str) -> None:
 
         def __init__(self) -> None:
             state = SimpleNamespace(handle=SimpleNamespace(tokenizer=SimpleNamespace(pad_token="<pad>")))
-            super().__init__(SimpleNamespace(get=lambda: state), RewardLimitsConfig(),
-                             RewardAPIMetrics(CollectorRegistry()), None)
+            super().__init__(
+                SimpleNamespace(get=lambda: state), RewardLimitsConfig(), RewardAPIMetrics(CollectorRegistry()), None
+            )
 
         def text_pair(self, handle, prompt, response, field, prompt_field, response_field):
             if not response:
@@ -107,9 +108,17 @@ def serve(kind: str, tokens_file: str) -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent / "baselines"))
         from stdlib_reward_http import RewardHTTPHandler, RewardHTTPServer
 
-        server = RewardHTTPServer(("127.0.0.1", 0), api, authenticator=auth, tls=None, serving=lambda: True,
-                                  max_body_bytes=64 * 1024 * 1024, max_connections=256, timeout_seconds=120.0,
-                                  idle_timeout_seconds=30.0)
+        server = RewardHTTPServer(
+            ("127.0.0.1", 0),
+            api,
+            authenticator=auth,
+            tls=None,
+            serving=lambda: True,
+            max_body_bytes=64 * 1024 * 1024,
+            max_connections=256,
+            timeout_seconds=120.0,
+            idle_timeout_seconds=30.0,
+        )
         if kind == "current_nodelay":
             # socketserver.StreamRequestHandler.disable_nagle_algorithm is False: http.server writes the head and
             # the body in two send()s, so Nagle holds the body for the client's delayed ACK (~40 ms per answer).
@@ -128,8 +137,11 @@ def serve(kind: str, tokens_file: str) -> None:
         from alignd.services.reward.http import RewardHTTPApp
 
         cfg = RewardHTTPConfig(max_connections=256)
-        policy = ConnectionPolicy(header_timeout=cfg.header_timeout_seconds, max_connections=cfg.max_connections,
-                                  max_per_ip=cfg.max_connections_per_client)
+        policy = ConnectionPolicy(
+            header_timeout=cfg.header_timeout_seconds,
+            max_connections=cfg.max_connections,
+            max_per_ip=cfg.max_connections_per_client,
+        )
         app = RewardHTTPApp(api, cfg, authenticator=auth, serving=lambda: True)
         srv = HTTPServer(app, "127.0.0.1", 0, policy, keep_alive_seconds=cfg.idle_timeout_seconds).start()
         print(f"READY {srv.sock.getsockname()[1]}", flush=True)
@@ -144,10 +156,11 @@ def serve(kind: str, tokens_file: str) -> None:
 
 # ---- attackers (a subprocess: --attack KIND) ----------------------------------------------------------------------
 
+
 def big_json_body() -> bytes:
     """64 MiB of {"query": [{}, {}, ...]}: 22M empty objects, ~64 bytes of Python heap per 3 bytes of JSON."""
     n = (BIG_BODY_BYTES - 16) // 3
-    return b'{"query": [' + b'{},' * (n - 1) + b'{}]}'
+    return b'{"query": [' + b"{}," * (n - 1) + b"{}]}"
 
 
 def attack(kind: str, port: int, token: str, n_slow: int) -> None:
@@ -189,14 +202,16 @@ def attack(kind: str, port: int, token: str, n_slow: int) -> None:
 def _post_raw(port: int, token: str, body: bytes, *, chunked: bool, stop: threading.Event):
     s = socket.create_connection(("127.0.0.1", port), timeout=60)
     try:
-        head = (f"POST /get_reward HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-                "Content-Type: application/json\r\n")
+        head = (
+            f"POST /get_reward HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Type: application/json\r\n"
+        )
         head += "Transfer-Encoding: chunked\r\n\r\n" if chunked else f"Content-Length: {len(body)}\r\n\r\n"
         s.sendall(head.encode())
         step = 1 << 20
         try:
             for i in range(0, len(body), step):
-                piece = body[i:i + step]
+                piece = body[i : i + step]
                 s.sendall(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
                 if stop.is_set():
                     return "stopped"
@@ -226,8 +241,9 @@ async def _slowloris(port: int, n: int, ips: list[str], stats: Counter) -> None:
         while not done.is_set():
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection("127.0.0.1", port, local_addr=(ip, 0)), 10)
-            except (OSError, asyncio.TimeoutError):
+                    asyncio.open_connection("127.0.0.1", port, local_addr=(ip, 0)), 10
+                )
+            except (TimeoutError, OSError):
                 stats["connect_failed"] += 1
                 await asyncio.sleep(1)
                 continue
@@ -253,11 +269,11 @@ async def _slowloris(port: int, n: int, ips: list[str], stats: Counter) -> None:
                 trickle = b"X-Slow: " + b"a" * 10000
                 j = 0
                 while not done.is_set() and not closed.is_set():
-                    writer.write(trickle[j % len(trickle):j % len(trickle) + 1])
+                    writer.write(trickle[j % len(trickle) : j % len(trickle) + 1])
                     j += 1
                     try:
                         await asyncio.wait_for(closed.wait(), 1.0)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
             except OSError:
                 pass
@@ -282,10 +298,12 @@ async def _slowloris(port: int, n: int, ips: list[str], stats: Counter) -> None:
 
 # ---- the measuring side -------------------------------------------------------------------------------------------
 
+
 def legit_body() -> bytes:
     prompts = [f"<pad><pad>Question {i}: what is {i} plus {i}? " + "context " * 20 for i in range(8)]
-    return json.dumps({"query": [p + f"The answer is {2 * i}." for i, p in enumerate(prompts)],
-                       "prompts": prompts, "labels": None}).encode()
+    return json.dumps(
+        {"query": [p + f"The answer is {2 * i}." for i, p in enumerate(prompts)], "prompts": prompts, "labels": None}
+    ).encode()
 
 
 class Conn(http.client.HTTPConnection):
@@ -315,7 +333,10 @@ class Server:
         self.stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--serve", kind, "--tokens-file", tokens_file],
-            stdout=subprocess.PIPE, stderr=self.stderr, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
         line = self.proc.stdout.readline().decode()
         if not line.startswith("READY "):
@@ -346,9 +367,13 @@ class Server:
                 events[json.loads(line).get("event", "?")] += 1
             except ValueError:
                 non_json.append(line)
-        return {"lines": len(lines), "non_json_lines": len(non_json),
-                "tracebacks": sum("Traceback (most recent call last)" in ln for ln in lines),
-                "first_non_json": non_json[:3], "json_events": dict(events.most_common(8))}
+        return {
+            "lines": len(lines),
+            "non_json_lines": len(non_json),
+            "tracebacks": sum("Traceback (most recent call last)" in ln for ln in lines),
+            "first_non_json": non_json[:3],
+            "json_events": dict(events.most_common(8)),
+        }
 
 
 def run_clients(port: int, token: str, seconds: float, n_clients: int, pid: int) -> dict:
@@ -423,11 +448,17 @@ def run_clients(port: int, token: str, seconds: float, n_clients: int, pid: int)
         t.join()
     probes = sum(hstat.values())
     return {
-        "ok": len(lat), "ok_per_s": round(len(lat) / seconds, 1),
-        "p50_ms": _ms(pct(lat, 0.5)), "p99_ms": _ms(pct(lat, 0.99)), "max_ms": _ms(max(lat) if lat else None),
+        "ok": len(lat),
+        "ok_per_s": round(len(lat) / seconds, 1),
+        "p50_ms": _ms(pct(lat, 0.5)),
+        "p99_ms": _ms(pct(lat, 0.99)),
+        "max_ms": _ms(max(lat) if lat else None),
         "errors": dict(errors),
-        "health_ok": hstat.get("200", 0), "health_probes": probes, "health_results": dict(hstat),
-        "health_p50_ms": _ms(pct(hlat, 0.5)), "health_p99_ms": _ms(pct(hlat, 0.99)),
+        "health_ok": hstat.get("200", 0),
+        "health_probes": probes,
+        "health_results": dict(hstat),
+        "health_p50_ms": _ms(pct(hlat, 0.5)),
+        "health_p99_ms": _ms(pct(hlat, 0.99)),
         "rss_peak_kb": max((s.get("VmRSS", 0) for s in samples), default=0),
         "threads_peak": max((s.get("Threads", 0) for s in samples), default=0),
     }
@@ -445,8 +476,22 @@ def run_scenario(kind: str, scenario: str, args, tokens_file: str, token: str, w
         base = proc_status(srv.proc.pid)
         if scenario != "undisturbed":
             attacker = subprocess.Popen(
-                [sys.executable, __file__, "--attack", scenario, "--port", str(srv.port), "--token", token,
-                 "--slowloris", str(args.slowloris)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+                [
+                    sys.executable,
+                    __file__,
+                    "--attack",
+                    scenario,
+                    "--port",
+                    str(srv.port),
+                    "--token",
+                    token,
+                    "--slowloris",
+                    str(args.slowloris),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                cwd=ROOT,
+            )
             time.sleep(3.0 if scenario.startswith("slowloris") else 1.0)  # connections up / first body under way
         res = run_clients(srv.port, token, args.duration, args.clients, srv.proc.pid)
         end = proc_status(srv.proc.pid)
@@ -463,14 +508,22 @@ def run_scenario(kind: str, scenario: str, args, tokens_file: str, token: str, w
             attacker = None
             time.sleep(1.0)
         after = run_clients(srv.port, token, 0.6, 1, srv.proc.pid)  # recovered?
-        res.update({
-            "rss_base_mb": round(base.get("VmRSS", 0) / 1024, 1),
-            "rss_peak_growth_mb": round((max(res["rss_peak_kb"], end.get("VmHWM", 0)) - base.get("VmRSS", 0)) / 1024, 1),
-            "cpu_s": round(end.get("cpu_s", 0) - base.get("cpu_s", 0), 2),
-            "attacker": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in attack_stats.items()},
-            "after_attack": {"ok": after["ok"], "errors": after["errors"], "health_ok": after["health_ok"],
-                             "health_probes": after["health_probes"]},
-        })
+        res.update(
+            {
+                "rss_base_mb": round(base.get("VmRSS", 0) / 1024, 1),
+                "rss_peak_growth_mb": round(
+                    (max(res["rss_peak_kb"], end.get("VmHWM", 0)) - base.get("VmRSS", 0)) / 1024, 1
+                ),
+                "cpu_s": round(end.get("cpu_s", 0) - base.get("cpu_s", 0), 2),
+                "attacker": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in attack_stats.items()},
+                "after_attack": {
+                    "ok": after["ok"],
+                    "errors": after["errors"],
+                    "health_ok": after["health_ok"],
+                    "health_probes": after["health_probes"],
+                },
+            }
+        )
         res.pop("rss_peak_kb")
     finally:
         if attacker is not None:
@@ -482,16 +535,42 @@ def run_scenario(kind: str, scenario: str, args, tokens_file: str, token: str, w
 
 
 def table(results: dict) -> str:
-    cols = ("server", "scenario", "ok/s", "p50ms", "p99ms", "errors", "health ok", "h p50", "h p99", "RSS+MB",
-            "thr", "cpu s", "stderr non-JSON/tb")
+    cols = (
+        "server",
+        "scenario",
+        "ok/s",
+        "p50ms",
+        "p99ms",
+        "errors",
+        "health ok",
+        "h p50",
+        "h p99",
+        "RSS+MB",
+        "thr",
+        "cpu s",
+        "stderr non-JSON/tb",
+    )
     rows = [cols]
     for scenario, per in results.items():
         for kind, r in per.items():
             errs = ",".join(f"{k}:{v}" for k, v in r["errors"].items()) or "-"
-            rows.append((kind, scenario, r["ok_per_s"], r["p50_ms"], r["p99_ms"], errs[:34],
-                         f"{r['health_ok']}/{r['health_probes']}", r["health_p50_ms"], r["health_p99_ms"],
-                         r["rss_peak_growth_mb"], r["threads_peak"], r["cpu_s"],
-                         f"{r['stderr']['non_json_lines']}/{r['stderr']['tracebacks']}"))
+            rows.append(
+                (
+                    kind,
+                    scenario,
+                    r["ok_per_s"],
+                    r["p50_ms"],
+                    r["p99_ms"],
+                    errs[:34],
+                    f"{r['health_ok']}/{r['health_probes']}",
+                    r["health_p50_ms"],
+                    r["health_p99_ms"],
+                    r["rss_peak_growth_mb"],
+                    r["threads_peak"],
+                    r["cpu_s"],
+                    f"{r['stderr']['non_json_lines']}/{r['stderr']['tracebacks']}",
+                )
+            )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(cols))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in rows)
 
@@ -506,8 +585,11 @@ def main() -> None:
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--quick", action="store_true", help="4 s per scenario")
     # internal modes
-    p.add_argument("--no-nodelay-baseline", action="store_true",
-                   help="skip current_nodelay (the current server with TCP_NODELAY) in the undisturbed scenario")
+    p.add_argument(
+        "--no-nodelay-baseline",
+        action="store_true",
+        help="skip current_nodelay (the current server with TCP_NODELAY) in the undisturbed scenario",
+    )
     p.add_argument("--serve", choices=SERVERS + BASELINES)
     p.add_argument("--tokens-file")
     p.add_argument("--attack", choices=SCENARIOS[1:])
@@ -541,14 +623,25 @@ def main() -> None:
                 results[scenario][kind] = run_scenario(kind, scenario, args, str(tokens_file), token, workdir)
     out = {
         "benchmark": "reward_http_servers",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "python": sys.version.split()[0]},
         "versions": {"uvicorn": uvicorn.__version__, "starlette": starlette.__version__},
-        "settings": {"duration_s": args.duration, "clients": args.clients, "slowloris": args.slowloris,
-                     "score_ms": SCORE_MS, "big_body_bytes": BIG_BODY_BYTES, "deep_json": DEEP,
-                     "current": {"max_connections": 256, "idle_timeout_s": 30, "max_body_bytes": 64 << 20},
-                     "uvicorn": {"header_timeout_s": 10, "max_connections": 256, "max_per_ip": 64,
-                                 "max_body_bytes": 4 << 20, "max_json_depth": 64}},
+        "settings": {
+            "duration_s": args.duration,
+            "clients": args.clients,
+            "slowloris": args.slowloris,
+            "score_ms": SCORE_MS,
+            "big_body_bytes": BIG_BODY_BYTES,
+            "deep_json": DEEP,
+            "current": {"max_connections": 256, "idle_timeout_s": 30, "max_body_bytes": 64 << 20},
+            "uvicorn": {
+                "header_timeout_s": 10,
+                "max_connections": 256,
+                "max_per_ip": 64,
+                "max_body_bytes": 4 << 20,
+                "max_json_depth": 64,
+            },
+        },
         "wall_s": round(time.time() - started, 1),
         "results": results,
     }

@@ -129,7 +129,7 @@ def make_pair(rnd: random.Random, vocab: int, prompt_tokens=PROMPT_TOKENS, respo
 
 
 def token_range(text: str) -> tuple[int, int]:
-    """"48" -> (48, 48); "44-52" -> (44, 52)."""
+    """ "48" -> (48, 48); "44-52" -> (44, 52)."""
     lo, _, hi = text.partition("-")
     out = (int(lo), int(hi or lo))
     if not 1 <= out[0] <= out[1]:
@@ -147,7 +147,9 @@ async def _client_main(spec: dict) -> dict:
         p, r = make_pair(rnd, spec["vocab"], tuple(spec["prompt_tokens"]), tuple(spec["response_tokens"]))
         return reward_pb2.ScoreItem(tokens=reward_pb2.TokenPair(prompt_token_ids=p, response_token_ids=r))
 
-    pool = [reward_pb2.ScoreRequest(items=[item() for _ in range(items)]).SerializeToString() for _ in range(REQUEST_POOL)]
+    pool = [
+        reward_pb2.ScoreRequest(items=[item() for _ in range(items)]).SerializeToString() for _ in range(REQUEST_POOL)
+    ]
     options = [
         ("grpc.use_local_subchannel_pool", 1),  # one TCP connection per channel object
         ("grpc.enable_retries", 0),  # every status reaches the caller as is
@@ -198,7 +200,9 @@ async def _client_main(spec: dict) -> dict:
             k += n
             try:
                 resp = await call(req, timeout=deadline, metadata=metadata)
-                code = "OK" if len(resp.scores) == items and all(math.isfinite(s) for s in resp.scores) else "BAD_RESPONSE"
+                code = (
+                    "OK" if len(resp.scores) == items and all(math.isfinite(s) for s in resp.scores) else "BAD_RESPONSE"
+                )
             except grpc.aio.AioRpcError as err:
                 code = err.code().name
             except Exception as err:  # noqa: BLE001 - counted, reported by type
@@ -234,7 +238,11 @@ async def _client_main(spec: dict) -> dict:
         "channels": len(channels),
         "sent": st["sent"],
         "budget_exhausted": st["sent"] >= budget,
-        "t_go": t_go, "t0": t0, "t1": t1, "window_end": window_end, "t_done": t_done,
+        "t_go": t_go,
+        "t0": t0,
+        "t1": t1,
+        "window_end": window_end,
+        "t_done": t_done,
         "codes": codes,
         "latencies_ok_s": lat_ok.tolist(),
         "cpu_window_s": cpu(ru["t1"]) - cpu(ru["t0"]),
@@ -270,8 +278,13 @@ class Cpu:
         self.role_pid, self.client_pids = role_pid, client_pids
 
     def snap(self) -> tuple[float, int, int, int, int]:
-        return (time.monotonic(), system_ticks()[0], process_ticks(self.role_pid),
-                sum(process_ticks(p) for p in self.client_pids), process_ticks(os.getpid()))
+        return (
+            time.monotonic(),
+            system_ticks()[0],
+            process_ticks(self.role_pid),
+            sum(process_ticks(p) for p in self.client_pids),
+            process_ticks(os.getpid()),
+        )
 
     @staticmethod
     def delta(a, b) -> dict:
@@ -381,7 +394,7 @@ def machine_info() -> dict:
     import transformers
 
     return {
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)),
         "cpu_model": cpu_model(),
@@ -396,8 +409,9 @@ def machine_info() -> dict:
 
 
 # =========================================================================== in-process reference
-def engine_reference(rm_dir: Path, vocab: int, torch_threads: int, batch_sizes: list[int], seed: int, lengths,
-                     seconds: float) -> dict:
+def engine_reference(
+    rm_dir: Path, vocab: int, torch_threads: int, batch_sizes: list[int], seed: int, lengths, seconds: float
+) -> dict:
     """The role's own engine (RewardEngine on a model from the role's loaders) called in this process on one
     worker thread (as the role's batcher thread calls it), with the role's torch thread count, on batches of
     the same request shapes, while no role runs: the batching gain of the model alone, without gRPC and without
@@ -432,16 +446,20 @@ def engine_reference(rm_dir: Path, vocab: int, torch_threads: int, batch_sizes: 
                 eng.score(pairs)
                 times.append(time.perf_counter() - t)
             med = statistics.median(times)
-            out["batches"][str(b)] = {"median_ms": round(med * 1e3, 3), "calls": len(times),
-                                      "sequences_per_s": round(b / med, 1)}
+            out["batches"][str(b)] = {
+                "median_ms": round(med * 1e3, 3),
+                "calls": len(times),
+                "sequences_per_s": round(b / med, 1),
+            }
 
     th = threading.Thread(target=work, name="engine-ref")
     th.start()
     th.join()
     bs = [str(b) for b in batch_sizes]
     out["ratio_largest_over_batch1_sequences_per_s"] = round(
-        out["batches"][bs[-1]]["sequences_per_s"] / out["batches"][bs[0]]["sequences_per_s"], 3)
-    del handle
+        out["batches"][bs[-1]]["sequences_per_s"] / out["batches"][bs[0]]["sequences_per_s"], 3
+    )
+    handle = None  # freed (the closure above refers to it)
     import gc
 
     gc.collect()
@@ -481,9 +499,23 @@ def start_role(cfg: dict, d: Path, deadline: float) -> RoleProc:
     log_path = d / "reward.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "alignd.cli", "serve", "reward", "--config", str(cfg_path),
-             "--run-dir", str(d), "--endpoint-file", str(endpoint)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dict(os.environ),
+            [
+                sys.executable,
+                "-m",
+                "alignd.cli",
+                "serve",
+                "reward",
+                "--config",
+                str(cfg_path),
+                "--run-dir",
+                str(d),
+                "--endpoint-file",
+                str(endpoint),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ),
         )
     r = RoleProc(proc, d, log_path)
     while not endpoint.exists():
@@ -541,12 +573,16 @@ def run_phase(phase: Phase, args, rm_dir: Path, vocab: int, workdir: Path, quiet
     tokens = tokens_file(workdir)
     # 200 clients share one token here: the per-client bound on calls in flight is lifted to the client count
     # (it is what this benchmark loads the batcher with; production keeps one token per caller).
-    cfg = with_auth({
-        "model": {"path": str(rm_dir)},
-        "torch_threads": args.torch_threads,
-        "server": {"max_workers": args.max_workers},
-        "batching": batching,
-    }, tokens, max_concurrent_calls_per_client=max(32, args.concurrency * 2))
+    cfg = with_auth(
+        {
+            "model": {"path": str(rm_dir)},
+            "torch_threads": args.torch_threads,
+            "server": {"max_workers": args.max_workers},
+            "batching": batching,
+        },
+        tokens,
+        max_concurrent_calls_per_client=max(32, args.concurrency * 2),
+    )
     effective = RewardConfig.model_validate(cfg)
     res: dict = {
         "note": phase.note,
@@ -580,20 +616,32 @@ def run_phase(phase: Phase, args, rm_dir: Path, vocab: int, workdir: Path, quiet
         for i in range(procs):
             spec = {
                 "tokens_file": str(tokens),
-                "proc": i, "address": role.address, "coroutines": per[i], "channels": args.channels,
-                "vocab": vocab, "items_per_request": args.items_per_request, "seed": args.seed + i,
-                "prompt_tokens": list(args.prompt_tokens), "response_tokens": list(args.response_tokens),
-                "deadline_s": args.deadline_s, "max_requests": budgets[i],
+                "proc": i,
+                "address": role.address,
+                "coroutines": per[i],
+                "channels": args.channels,
+                "vocab": vocab,
+                "items_per_request": args.items_per_request,
+                "seed": args.seed + i,
+                "prompt_tokens": list(args.prompt_tokens),
+                "response_tokens": list(args.response_tokens),
+                "deadline_s": args.deadline_s,
+                "max_requests": budgets[i],
                 "backoff_on_exhausted_s": phase.backoff_s,
                 "result_path": str(d / f"client{i}.result.json"),
             }
             sp = d / f"client{i}.spec.json"
             sp.write_text(json.dumps(spec))
             result_paths.append(Path(spec["result_path"]))
-            clients.append(subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--client-spec", str(sp)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(d / f"client{i}.log", "wb"), text=True,
-            ))
+            clients.append(
+                subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), "--client-spec", str(sp)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=open(d / f"client{i}.log", "wb"),
+                    text=True,
+                )
+            )
         for i, c in enumerate(clients):
             line = c.stdout.readline()  # bounded: a client that cannot connect exits after 30 s
             if line.strip() != "READY":
@@ -653,13 +701,16 @@ def run_phase(phase: Phase, args, rm_dir: Path, vocab: int, workdir: Path, quiet
         res["rss_mb_hwm_kernel"] = round(st1.get("VmHWM", 0) / 1024, 1)
         res["threads_after_load"] = st1.get("Threads")
         if m0 is None or m1 is None:
-            raise RuntimeError(f"clients ended before the measured window: exit codes {res['client_exit_codes']}; "
-                               f"see {d}/client*.log")
+            raise RuntimeError(
+                f"clients ended before the measured window: exit codes {res['client_exit_codes']}; see {d}/client*.log"
+            )
 
         results = []
         for i, p in enumerate(result_paths):
             if not p.exists():
-                raise RuntimeError(f"client {i} wrote no result (exit {clients[i].returncode}); see {d / f'client{i}.log'}")
+                raise RuntimeError(
+                    f"client {i} wrote no result (exit {clients[i].returncode}); see {d / f'client{i}.log'}"
+                )
             results.append(json.loads(p.read_text()))
     finally:
         kill_clients(clients)
@@ -686,41 +737,44 @@ def run_phase(phase: Phase, args, rm_dir: Path, vocab: int, workdir: Path, quiet
     cpu_d = Cpu.delta(c0, c1)
     client_cpu_window = sum(r["cpu_window_s"] for r in results)
     rss_during = [v for _t, v in rss_samples]
-    res.update({
-        "window_s": round(window, 3),
-        "max_requests_reached": any(r["budget_exhausted"] for r in results),
-        "calls_sent": sum(r["sent"] for r in results),
-        "ok_in_window": ok,
-        "codes_by_phase": codes,
-        "errors_total_by_code": errors,
-        "errors_other_than_resource_exhausted": {k: v for k, v in errors.items() if k != "RESOURCE_EXHAUSTED"},
-        "throughput_rps": round(ok / window, 2),
-        "throughput_items_per_s": round(ok * args.items_per_request / window, 2),
-        "latency_ms": {
-            "p50": round(quantile(lat, 0.50) * 1e3, 2),
-            "p90": round(quantile(lat, 0.90) * 1e3, 2),
-            "p99": round(quantile(lat, 0.99) * 1e3, 2),
-            "max": round(lat[-1] * 1e3, 2) if lat else float("nan"),
-            "mean": round(sum(lat) / ok * 1e3, 2) if ok else float("nan"),
-        },
-        "client": {
-            "procs": len(results), "coroutines": [r["coroutines"] for r in results],
-            "channels_per_proc": args.channels,
-            "cpu_window_s_getrusage": round(client_cpu_window, 3),
-            "cpu_window_cores_getrusage": round(client_cpu_window / window, 3),
-            "cpu_total_s": round(sum(r["cpu_total_s"] for r in results), 3),
-            "max_rss_mb": round(max(r["max_rss_kb"] for r in results) / 1024, 1),
-        },
-        "cpu_window": cpu_d,
-        "contaminated_by_other_load": cpu_d["foreign_fraction_of_machine"] > CLEAN_FRACTION,
-        "rss_mb_window_start": None if rss_t0 is None else round(rss_t0, 1),
-        "rss_mb_end_of_load": None if rss_t1 is None else round(rss_t1, 1),
-        "rss_mb_peak_sampled": round(max(rss_during), 1) if rss_during else None,
-        "rss_mb_growth_over_window": None if rss_t0 is None or rss_t1 is None else round(rss_t1 - rss_t0, 1),
-        "rss_samples_mb": rss_samples,
-        "server_queue_depth_samples": queue_depth,
-        "server_metrics_window": metrics_delta(m0, m1, window),
-    })
+    res.update(
+        {
+            "window_s": round(window, 3),
+            "max_requests_reached": any(r["budget_exhausted"] for r in results),
+            "calls_sent": sum(r["sent"] for r in results),
+            "ok_in_window": ok,
+            "codes_by_phase": codes,
+            "errors_total_by_code": errors,
+            "errors_other_than_resource_exhausted": {k: v for k, v in errors.items() if k != "RESOURCE_EXHAUSTED"},
+            "throughput_rps": round(ok / window, 2),
+            "throughput_items_per_s": round(ok * args.items_per_request / window, 2),
+            "latency_ms": {
+                "p50": round(quantile(lat, 0.50) * 1e3, 2),
+                "p90": round(quantile(lat, 0.90) * 1e3, 2),
+                "p99": round(quantile(lat, 0.99) * 1e3, 2),
+                "max": round(lat[-1] * 1e3, 2) if lat else float("nan"),
+                "mean": round(sum(lat) / ok * 1e3, 2) if ok else float("nan"),
+            },
+            "client": {
+                "procs": len(results),
+                "coroutines": [r["coroutines"] for r in results],
+                "channels_per_proc": args.channels,
+                "cpu_window_s_getrusage": round(client_cpu_window, 3),
+                "cpu_window_cores_getrusage": round(client_cpu_window / window, 3),
+                "cpu_total_s": round(sum(r["cpu_total_s"] for r in results), 3),
+                "max_rss_mb": round(max(r["max_rss_kb"] for r in results) / 1024, 1),
+            },
+            "cpu_window": cpu_d,
+            "contaminated_by_other_load": cpu_d["foreign_fraction_of_machine"] > CLEAN_FRACTION,
+            "rss_mb_window_start": None if rss_t0 is None else round(rss_t0, 1),
+            "rss_mb_end_of_load": None if rss_t1 is None else round(rss_t1, 1),
+            "rss_mb_peak_sampled": round(max(rss_during), 1) if rss_during else None,
+            "rss_mb_growth_over_window": None if rss_t0 is None or rss_t1 is None else round(rss_t1 - rss_t0, 1),
+            "rss_samples_mb": rss_samples,
+            "server_queue_depth_samples": queue_depth,
+            "server_metrics_window": metrics_delta(m0, m1, window),
+        }
+    )
     return res
 
 
@@ -736,9 +790,11 @@ def fmt_codes(d: dict[str, int]) -> str:
 
 
 def markdown_table(phases: dict[str, dict]) -> str:
-    head = ("| configuration | max_batch_size / max_wait_ms / max_queue | ok calls | errors (all phases) | req/s | items/s "
-            "| p50 ms | p90 ms | p99 ms | max ms | mean batch | role CPU cores | client CPU cores | other CPU cores "
-            "| RSS MB before / window start / end / peak sampled / HWM / after drain |")
+    head = (
+        "| configuration | max_batch_size / max_wait_ms / max_queue | ok calls | errors (all phases) | req/s | items/s "
+        "| p50 ms | p90 ms | p99 ms | max ms | mean batch | role CPU cores | client CPU cores | other CPU cores "
+        "| RSS MB before / window start / end / peak sampled / HWM / after drain |"
+    )
     lines = [head, "|" + "---|" * 16]
     for name, r in phases.items():
         b = r["effective_batching"]
@@ -746,7 +802,8 @@ def markdown_table(phases: dict[str, dict]) -> str:
         L = r["latency_ms"]
         lines.append(
             f"| {name} | {b['max_batch_size']} / {b['max_wait_ms']:g} / {b['max_queue']} | {r['ok_in_window']:,} "
-            f"| {fmt_codes(r['errors_total_by_code'])} | {r['throughput_rps']:,.1f} | {r['throughput_items_per_s']:,.1f} "
+            f"| {fmt_codes(r['errors_total_by_code'])} | {r['throughput_rps']:,.1f} | "
+            f"{r['throughput_items_per_s']:,.1f} "
             f"| {L['p50']:.1f} | {L['p90']:.1f} | {L['p99']:.1f} | {L['max']:.1f} "
             f"| {m.get('mean_batch_size_sequences', float('nan')):.2f} | {r['cpu_window']['role_cores']:.2f} "
             f"| {r['client']['cpu_window_cores_getrusage']:.2f} | {r['cpu_window']['foreign_cores']:.2f} "
@@ -765,16 +822,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=200, help="closed-loop clients (default 200)")
     ap.add_argument("--duration", type=float, default=None, help="measured seconds per configuration (default 60)")
     ap.add_argument("--warmup-s", type=float, default=None, help="unmeasured load before the window (default 5)")
-    ap.add_argument("--max-requests", type=int, default=1_000_000,
-                    help="most Score calls per configuration, warm-up included (default 1,000,000)")
-    ap.add_argument("--items-per-request", type=int, default=ITEMS_PER_REQUEST,
-                    help=f"pairs per Score call (default {ITEMS_PER_REQUEST})")
-    ap.add_argument("--max-batch-size", type=int, default=None,
-                    help="batching.max_batch_size of the dynamic run (default: the role's default)")
-    ap.add_argument("--prompt-tokens", type=token_range, default=PROMPT_TOKENS, metavar="N|LO-HI",
-                    help="prompt length of each item, tokens (default 14-18)")
-    ap.add_argument("--response-tokens", type=token_range, default=RESPONSE_TOKENS, metavar="N|LO-HI",
-                    help="response length of each item, tokens (default 6-10)")
+    ap.add_argument(
+        "--max-requests",
+        type=int,
+        default=1_000_000,
+        help="most Score calls per configuration, warm-up included (default 1,000,000)",
+    )
+    ap.add_argument(
+        "--items-per-request",
+        type=int,
+        default=ITEMS_PER_REQUEST,
+        help=f"pairs per Score call (default {ITEMS_PER_REQUEST})",
+    )
+    ap.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="batching.max_batch_size of the dynamic run (default: the role's default)",
+    )
+    ap.add_argument(
+        "--prompt-tokens",
+        type=token_range,
+        default=PROMPT_TOKENS,
+        metavar="N|LO-HI",
+        help="prompt length of each item, tokens (default 14-18)",
+    )
+    ap.add_argument(
+        "--response-tokens",
+        type=token_range,
+        default=RESPONSE_TOKENS,
+        metavar="N|LO-HI",
+        help="response length of each item, tokens (default 6-10)",
+    )
     ap.add_argument("--deadline-s", type=float, default=10.0, help="deadline of every call (default 10)")
     ap.add_argument("--client-procs", type=int, default=1, help="client processes (default 1)")
     ap.add_argument("--channels", type=int, default=1, help="gRPC channels (TCP connections) per client process")
@@ -782,19 +861,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-workers", type=int, default=256, help="the role's server.max_workers (default 256)")
     ap.add_argument("--max-queue", type=int, default=256, help="batching.max_queue of the two main runs (default 256)")
     ap.add_argument("--overload-max-queue", type=int, default=32, help="batching.max_queue of the overload phase")
-    ap.add_argument("--overload-s", type=float, default=None, help="measured seconds of the overload phase (default 10)")
-    ap.add_argument("--overload-backoff-ms", type=float, default=5.0,
-                    help="a client sleeps this long after RESOURCE_EXHAUSTED, as a polite client would (default 5)")
+    ap.add_argument(
+        "--overload-s", type=float, default=None, help="measured seconds of the overload phase (default 10)"
+    )
+    ap.add_argument(
+        "--overload-backoff-ms",
+        type=float,
+        default=5.0,
+        help="a client sleeps this long after RESOURCE_EXHAUSTED, as a polite client would (default 5)",
+    )
     ap.add_argument("--no-overload", action="store_true", help="skip the overload phase")
-    ap.add_argument("--no-engine-ref", action="store_true",
-                    help="skip the in-process engine reference (batch 1 and the default max_batch_size, no gRPC)")
+    ap.add_argument(
+        "--no-engine-ref",
+        action="store_true",
+        help="skip the in-process engine reference (batch 1 and the default max_batch_size, no gRPC)",
+    )
     ap.add_argument("--min-ratio", type=float, default=4.0, help="required throughput(dynamic)/throughput(batch1)")
     ap.add_argument("--rss-limit-mb", type=float, default=1024.0, help="bound on the role's peak RSS (default 1024)")
-    ap.add_argument("--rss-growth-limit-mb", type=float, default=64.0,
-                    help="bound on the role's RSS growth over a measured window (default 64)")
+    ap.add_argument(
+        "--rss-growth-limit-mb",
+        type=float,
+        default=64.0,
+        help="bound on the role's RSS growth over a measured window (default 64)",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quiet-wait-s", type=float, default=120.0,
-                    help="total seconds the run may wait for other processes to go idle (default 120)")
+    ap.add_argument(
+        "--quiet-wait-s",
+        type=float,
+        default=120.0,
+        help="total seconds the run may wait for other processes to go idle (default 120)",
+    )
     ap.add_argument("--time-limit-s", type=float, default=900.0, help="hard limit of the whole run (default 900)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep role configs, logs and raw client results")
     args = ap.parse_args(argv)
@@ -805,8 +901,10 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup_s if args.warmup_s is not None else (2.0 if args.quick else 5.0)
     overload_s = args.overload_s if args.overload_s is not None else (5.0 if args.quick else 10.0)
     if args.max_queue < args.concurrency:
-        print(f"warning: --max-queue {args.max_queue} < --concurrency {args.concurrency}: RESOURCE_EXHAUSTED possible"
-              " in the main runs")
+        print(
+            f"warning: --max-queue {args.max_queue} < --concurrency {args.concurrency}: RESOURCE_EXHAUSTED possible"
+            " in the main runs"
+        )
 
     def on_alarm(signum, _frame):
         raise RunTimeout(f"signal {signal.Signals(signum).name}: time limit {args.time_limit_s:.0f}s or stop request")
@@ -838,68 +936,130 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # noqa: BLE001 - informational only
             pass
         result["settings"] = {
-            "concurrency": args.concurrency, "duration_s": duration, "warmup_s": warmup,
-            "max_requests_per_configuration": args.max_requests, "items_per_request": args.items_per_request,
-            "prompt_tokens": list(args.prompt_tokens), "response_tokens": list(args.response_tokens),
-            "deadline_s": args.deadline_s, "client_procs": args.client_procs, "channels_per_proc": args.channels,
+            "concurrency": args.concurrency,
+            "duration_s": duration,
+            "warmup_s": warmup,
+            "max_requests_per_configuration": args.max_requests,
+            "items_per_request": args.items_per_request,
+            "prompt_tokens": list(args.prompt_tokens),
+            "response_tokens": list(args.response_tokens),
+            "deadline_s": args.deadline_s,
+            "client_procs": args.client_procs,
+            "channels_per_proc": args.channels,
             "client": "grpc.aio coroutines, closed loop, pre-serialised requests, retries off",
-            "torch_threads": args.torch_threads, "server.max_workers": args.max_workers,
-            "batching.max_queue (main runs)": args.max_queue, "overload": {
-                "enabled": not args.no_overload, "batching.max_queue": args.overload_max_queue,
-                "duration_s": overload_s, "backoff_after_resource_exhausted_ms": args.overload_backoff_ms},
-            "min_ratio": args.min_ratio, "rss_limit_mb": args.rss_limit_mb,
-            "rss_growth_limit_mb": args.rss_growth_limit_mb, "seed": args.seed, "quick": args.quick,
+            "torch_threads": args.torch_threads,
+            "server.max_workers": args.max_workers,
+            "batching.max_queue (main runs)": args.max_queue,
+            "overload": {
+                "enabled": not args.no_overload,
+                "batching.max_queue": args.overload_max_queue,
+                "duration_s": overload_s,
+                "backoff_after_resource_exhausted_ms": args.overload_backoff_ms,
+            },
+            "min_ratio": args.min_ratio,
+            "rss_limit_mb": args.rss_limit_mb,
+            "rss_growth_limit_mb": args.rss_growth_limit_mb,
+            "seed": args.seed,
+            "quick": args.quick,
             "time_limit_s": args.time_limit_s,
-            "model": {"builder": "alignd.models.tiny.build_tiny_model(kind='reward', seed=1) defaults",
-                      "arch": mcfg.get("model_type"), "hidden": mcfg.get("n_embd"), "layers": mcfg.get("n_layer"),
-                      "heads": mcfg.get("n_head"), "context": mcfg.get("n_positions"), "vocab_size": vocab,
-                      "parameters": n_params, "dtype": "float32"},
+            "model": {
+                "builder": "alignd.models.tiny.build_tiny_model(kind='reward', seed=1) defaults",
+                "arch": mcfg.get("model_type"),
+                "hidden": mcfg.get("n_embd"),
+                "layers": mcfg.get("n_layer"),
+                "heads": mcfg.get("n_head"),
+                "context": mcfg.get("n_positions"),
+                "vocab_size": vocab,
+                "parameters": n_params,
+                "dtype": "float32",
+            },
         }
-        print(f"reward load: {info['cpu_count']} CPUs ({info['cpu_model']}), {args.concurrency} clients, "
-              f"{duration:g}s window after {warmup:g}s warm-up, torch_threads {args.torch_threads}, "
-              f"max_workers {args.max_workers}; model {n_params} params, vocab {vocab}; workdir {workdir}", flush=True)
+        print(
+            f"reward load: {info['cpu_count']} CPUs ({info['cpu_model']}), {args.concurrency} clients, "
+            f"{duration:g}s window after {warmup:g}s warm-up, torch_threads {args.torch_threads}, "
+            f"max_workers {args.max_workers}; model {n_params} params, vocab {vocab}; workdir {workdir}",
+            flush=True,
+        )
 
         phases = [
-            Phase("dynamic", {"max_queue": args.max_queue, **({"max_batch_size": args.max_batch_size} if args.max_batch_size else {})},
-                  duration, warmup, 0.0,
-                  "dynamic batching, the role's default max_wait_ms" + ("" if args.max_batch_size else " and max_batch_size")),
-            Phase("batch1", {"max_batch_size": 1, "max_wait_ms": 0.0, "max_queue": args.max_queue}, duration, warmup,
-                  0.0, "batch-size-1 configuration"),
+            Phase(
+                "dynamic",
+                {
+                    "max_queue": args.max_queue,
+                    **({"max_batch_size": args.max_batch_size} if args.max_batch_size else {}),
+                },
+                duration,
+                warmup,
+                0.0,
+                "dynamic batching, the role's default max_wait_ms"
+                + ("" if args.max_batch_size else " and max_batch_size"),
+            ),
+            Phase(
+                "batch1",
+                {"max_batch_size": 1, "max_wait_ms": 0.0, "max_queue": args.max_queue},
+                duration,
+                warmup,
+                0.0,
+                "batch-size-1 configuration",
+            ),
         ]
         if not args.no_overload:
-            phases.append(Phase(
-                "overload", {"max_queue": args.overload_max_queue}, overload_s, min(warmup, 2.0),
-                args.overload_backoff_ms / 1e3,
-                f"DELIBERATE overload: dynamic batching with max_queue {args.overload_max_queue} < {args.concurrency} "
-                "clients; RESOURCE_EXHAUSTED is the expected answer to the excess, any other error is a failure"))
+            phases.append(
+                Phase(
+                    "overload",
+                    {"max_queue": args.overload_max_queue},
+                    overload_s,
+                    min(warmup, 2.0),
+                    args.overload_backoff_ms / 1e3,
+                    f"DELIBERATE overload: dynamic batching with max_queue {args.overload_max_queue} < "
+                    f"{args.concurrency} "
+                    "clients; RESOURCE_EXHAUSTED is the expected answer to the excess, any other error is a failure",
+                )
+            )
         if not args.no_engine_ref:
             failed_phase = "engine_reference"
             quiet.wait([])
             sizes = sorted({1, default_max_batch_size()})
             t0 = time.monotonic()
-            ref = engine_reference(rm_dir, vocab, args.torch_threads, sizes, args.seed,
-                                   (args.prompt_tokens, args.response_tokens), 3.0 if not args.quick else 1.5)
+            ref = engine_reference(
+                rm_dir,
+                vocab,
+                args.torch_threads,
+                sizes,
+                args.seed,
+                (args.prompt_tokens, args.response_tokens),
+                3.0 if not args.quick else 1.5,
+            )
             ref["seconds"] = round(time.monotonic() - t0, 1)
             result["engine_inprocess_reference"] = ref
-            print("\n-- engine in process (no gRPC, one worker thread, torch_threads "
-                  f"{args.torch_threads}): " + "; ".join(
-                      f"batch {b}: {v['median_ms']} ms, {v['sequences_per_s']} seq/s" for b, v in ref["batches"].items())
-                  + f"; batching gain {ref['ratio_largest_over_batch1_sequences_per_s']}x", flush=True)
+            print(
+                "\n-- engine in process (no gRPC, one worker thread, torch_threads "
+                f"{args.torch_threads}): "
+                + "; ".join(
+                    f"batch {b}: {v['median_ms']} ms, {v['sequences_per_s']} seq/s" for b, v in ref["batches"].items()
+                )
+                + f"; batching gain {ref['ratio_largest_over_batch1_sequences_per_s']}x",
+                flush=True,
+            )
         for ph in phases:
             failed_phase = ph.name
             print(f"\n-- {ph.name}: {ph.note}", flush=True)
             r = run_phase(ph, args, rm_dir, vocab, workdir, quiet, live)
             phases_out[ph.name] = r
             L = r["latency_ms"]
-            print(f"   ok {r['ok_in_window']:,} in {r['window_s']:.1f}s = {r['throughput_rps']:,.1f} req/s; "
-                  f"p50/p90/p99/max {L['p50']}/{L['p90']}/{L['p99']}/{L['max']} ms; errors {fmt_codes(r['errors_total_by_code'])}; "
-                  f"mean batch {r['server_metrics_window'].get('mean_batch_size_sequences')}; "
-                  f"role {r['cpu_window']['role_cores']} cores, clients {r['client']['cpu_window_cores_getrusage']}, "
-                  f"others {r['cpu_window']['foreign_cores']}; RSS MB before {r['rss_mb_before_load']}, "
-                  f"window {r['rss_mb_window_start']} -> {r['rss_mb_end_of_load']}, peak {r['rss_mb_peak_sampled']}, "
-                  f"after {r['rss_mb_after_drain']}", flush=True)
+            print(
+                f"   ok {r['ok_in_window']:,} in {r['window_s']:.1f}s = {r['throughput_rps']:,.1f} req/s; "
+                f"p50/p90/p99/max {L['p50']}/{L['p90']}/{L['p99']}/{L['max']} ms; errors "
+                f"{fmt_codes(r['errors_total_by_code'])}; "
+                f"mean batch {r['server_metrics_window'].get('mean_batch_size_sequences')}; "
+                f"role {r['cpu_window']['role_cores']} cores, clients {r['client']['cpu_window_cores_getrusage']}, "
+                f"others {r['cpu_window']['foreign_cores']}; RSS MB before {r['rss_mb_before_load']}, "
+                f"window {r['rss_mb_window_start']} -> {r['rss_mb_end_of_load']}, peak {r['rss_mb_peak_sampled']}, "
+                f"after {r['rss_mb_after_drain']}",
+                flush=True,
+            )
         failed_phase = None
-    except (Exception, KeyboardInterrupt) as exc:
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - any failure is recorded in the results file
         result["error"] = f"{type(exc).__name__} in phase {failed_phase}: {exc}"
         print(f"\nERROR: {result['error']}", file=sys.stderr, flush=True)
     finally:
@@ -923,28 +1083,37 @@ def main(argv: list[str] | None = None) -> int:
             key = None if b is None else str(round(b))
             if key in ref["batches"] and m.get("mean_batch_seconds_ms"):
                 m["inprocess_ms_same_batch"] = ref["batches"][key]["median_ms"]
-                m["server_batch_time_over_inprocess"] = round(m["mean_batch_seconds_ms"] / ref["batches"][key]["median_ms"], 2)
+                m["server_batch_time_over_inprocess"] = round(
+                    m["mean_batch_seconds_ms"] / ref["batches"][key]["median_ms"], 2
+                )
     checks: dict[str, dict] = {}
     for name, r in phases_out.items():
         other = r["errors_other_than_resource_exhausted"]
         checks[f"{name}: no error other than RESOURCE_EXHAUSTED"] = {"ok": not other, "detail": fmt_codes(other)}
         checks[f"{name}: peak RSS <= {args.rss_limit_mb:g} MB"] = {
             "ok": max(r["rss_mb_peak_sampled"] or 0, r["rss_mb_hwm_kernel"]) <= args.rss_limit_mb,
-            "detail": f"peak sampled {r['rss_mb_peak_sampled']} MB, VmHWM {r['rss_mb_hwm_kernel']} MB"}
+            "detail": f"peak sampled {r['rss_mb_peak_sampled']} MB, VmHWM {r['rss_mb_hwm_kernel']} MB",
+        }
         if name != "overload":  # the overload window is short; its growth is reported, not judged
             g = r["rss_mb_growth_over_window"]
             checks[f"{name}: RSS growth over the window <= {args.rss_growth_limit_mb:g} MB"] = {
-                "ok": g is not None and g <= args.rss_growth_limit_mb, "detail": f"{g} MB"}
+                "ok": g is not None and g <= args.rss_growth_limit_mb,
+                "detail": f"{g} MB",
+            }
     if "dynamic" in phases_out and "batch1" in phases_out:
         b1 = phases_out["batch1"]["throughput_rps"]
         ratio = phases_out["dynamic"]["throughput_rps"] / b1 if b1 > 0 else float("inf")
         result["throughput_ratio_dynamic_over_batch1"] = round(ratio, 3)
-        checks[f"throughput dynamic / batch1 >= {args.min_ratio:g}"] = {"ok": ratio >= args.min_ratio,
-                                                                       "detail": f"{ratio:.2f}x"}
+        checks[f"throughput dynamic / batch1 >= {args.min_ratio:g}"] = {
+            "ok": ratio >= args.min_ratio,
+            "detail": f"{ratio:.2f}x",
+        }
     if "overload" in phases_out:
         re_n = phases_out["overload"]["errors_total_by_code"].get("RESOURCE_EXHAUSTED", 0)
-        checks["overload: RESOURCE_EXHAUSTED answered (load did exceed the queue)"] = {"ok": re_n > 0,
-                                                                                       "detail": f"{re_n} calls"}
+        checks["overload: RESOURCE_EXHAUSTED answered (load did exceed the queue)"] = {
+            "ok": re_n > 0,
+            "detail": f"{re_n} calls",
+        }
     if "error" in result:
         checks["run completed"] = {"ok": False, "detail": result["error"]}
     result["checks"] = checks
@@ -956,22 +1125,32 @@ def main(argv: list[str] | None = None) -> int:
     if phases_out:
         print("\n" + markdown_table(phases_out))
     if ref:
-        print(f"\nengine in process, one thread, no gRPC: " + "; ".join(
-            f"batch {b} {v['median_ms']} ms ({v['sequences_per_s']:,.0f} seq/s)" for b, v in ref["batches"].items())
-            + f"; gain {ref['ratio_largest_over_batch1_sequences_per_s']}x")
+        print(
+            "\nengine in process, one thread, no gRPC: "
+            + "; ".join(
+                f"batch {b} {v['median_ms']} ms ({v['sequences_per_s']:,.0f} seq/s)" for b, v in ref["batches"].items()
+            )
+            + f"; gain {ref['ratio_largest_over_batch1_sequences_per_s']}x"
+        )
         for name, r in phases_out.items():
             m = r["server_metrics_window"]
             if "server_batch_time_over_inprocess" in m:
-                print(f"  {name}: the role's batch time {m['mean_batch_seconds_ms']} ms at mean batch "
-                      f"{m['mean_batch_size_sequences']} = {m['server_batch_time_over_inprocess']}x the in-process time; "
-                      f"batcher busy {m.get('batcher_busy_fraction')}")
+                print(
+                    f"  {name}: the role's batch time {m['mean_batch_seconds_ms']} ms at mean batch "
+                    f"{m['mean_batch_size_sequences']} = {m['server_batch_time_over_inprocess']}x the in-process time; "
+                    f"batcher busy {m.get('batcher_busy_fraction')}"
+                )
     if "throughput_ratio_dynamic_over_batch1" in result:
-        print(f"\nthroughput dynamic / batch1: {result['throughput_ratio_dynamic_over_batch1']:.2f}x "
-              f"(required >= {args.min_ratio:g}x)")
+        print(
+            f"\nthroughput dynamic / batch1: {result['throughput_ratio_dynamic_over_batch1']:.2f}x "
+            f"(required >= {args.min_ratio:g}x)"
+        )
     for name, r in phases_out.items():
         if r["contaminated_by_other_load"]:
-            print(f"WARNING: {name}: other processes used {r['cpu_window']['foreign_cores']} cores during the window"
-                  " (CONTAMINATED)")
+            print(
+                f"WARNING: {name}: other processes used {r['cpu_window']['foreign_cores']} cores during the window"
+                " (CONTAMINATED)"
+            )
         if r["role_exit_code"] not in (0, None):
             print(f"WARNING: {name}: the role exited with {r['role_exit_code']} after SIGTERM")
     print("\nchecks:")

@@ -59,9 +59,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _proc import HZ, process_ticks, system_ticks
-
 import grpc
+
+from _proc import HZ, process_ticks, system_ticks
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICE = "bench.Work"
@@ -215,8 +215,19 @@ class Server:
     def __init__(self, mode: str, torch_threads: int, cols: int) -> None:
         self.mode = mode
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", mode, "--torch-threads", str(torch_threads), "--work-cols", str(cols)],
-            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--serve",
+                mode,
+                "--torch-threads",
+                str(torch_threads),
+                "--work-cols",
+                str(cols),
+            ],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
         )
         self.work_ms = None
         self.port = None
@@ -287,7 +298,7 @@ def client_main(args) -> int:
     rounds = 2 if args.quick else 4
     budget_s = 0.6 if args.quick else 1.2  # target wall time per measurement
     info = {
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "grpcio": grpc.__version__,
@@ -309,8 +320,13 @@ def client_main(args) -> int:
             servers[mode] = Server(mode, args.torch_threads, cols)
         info["work_ms_measured_in_server"] = {m: s.work_ms for m, s in servers.items()}
         info["work_matmul"] = f"(128x512) @ (512x{cols}) float32"
-        cases = [(m, meth, c) for meth in ("Echo", "Inline", "ToThread", "Worker") for c in (1, 16)
-                 for m in ("sync", "aio") if meth in METHODS[m]]
+        cases = [
+            (m, meth, c)
+            for meth in ("Echo", "Inline", "ToThread", "Worker")
+            for c in (1, 16)
+            for m in ("sync", "aio")
+            if meth in METHODS[m]
+        ]
         # Warm-up and sizing: calls per client so that one measurement takes about budget_s.
         sizing: dict[tuple, int] = {}
         for m, meth, c in cases:
@@ -343,7 +359,7 @@ def client_main(args) -> int:
                     extra -= 1
                 wait_quiet()
                 a = cpu_snapshot(pids)
-                for m in (["sync", "aio"] if rnd % 2 == 0 else ["aio", "sync"]):
+                for m in ["sync", "aio"] if rnd % 2 == 0 else ["aio", "sync"]:
                     if meth in METHODS[m]:
                         raw[(m, meth, c)].append(run_load(servers[m].callable(meth), c, sizing[(m, meth, c)]))
                 pair_foreign[(meth, c)].append(round(foreign_cpu_fraction(a, cpu_snapshot(pids)), 4))
@@ -371,8 +387,10 @@ def client_main(args) -> int:
     info["loadavg_at_end"] = os.getloadavg()
     out = {"machine": info, "results": results, "server_exit_codes": codes}
 
-    print(f"server mode benchmark: {info['cpu_count']} CPUs, 4 KB request/reply, server torch threads "
-          f"{args.torch_threads}, work {info['work_matmul']} ~{info['work_ms_measured_in_server']['sync']:.2f} ms")
+    print(
+        f"server mode benchmark: {info['cpu_count']} CPUs, 4 KB request/reply, server torch threads "
+        f"{args.torch_threads}, work {info['work_matmul']} ~{info['work_ms_measured_in_server']['sync']:.2f} ms"
+    )
     print(f"   other processes' CPU during the measurement: {info['foreign_cpu_fraction'] * 100:.1f}% of all cores")
     print("   method    clients  server  calls/s   p50 ms   p95 ms   aio/sync throughput   other load per round")
     for meth in ("Echo", "Inline", "ToThread", "Worker"):
@@ -389,8 +407,10 @@ def client_main(args) -> int:
                         rel = f"{r['throughput_calls_per_s'] / base['throughput_calls_per_s']:.2f}x"
                 load = " ".join(f"{f * 100:.0f}%" for f in r["round_foreign_cpu_fraction"])
                 flag = " CONTAMINATED" if r["contaminated_by_other_load"] else ""
-                print(f"   {meth:<9} {c:>7}  {m:<6} {r['throughput_calls_per_s']:8.1f} {r['latency_p50_ms']:8.2f}"
-                      f" {r['latency_p95_ms']:8.2f}   {rel:<19} {load if m == 'aio' else ''}{flag}")
+                print(
+                    f"   {meth:<9} {c:>7}  {m:<6} {r['throughput_calls_per_s']:8.1f} {r['latency_p50_ms']:8.2f}"
+                    f" {r['latency_p95_ms']:8.2f}   {rel:<19} {load if m == 'aio' else ''}{flag}"
+                )
     summary = {}
     for k, r in results.items():
         meth, c, m = k.split(".")
@@ -413,14 +433,19 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "server_mode.json"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads in the servers (default 1)")
-    ap.add_argument("--quiet-wait-s", type=float, default=120.0,
-                    help="total seconds the run may wait for other processes to go idle (default 120)")
+    ap.add_argument(
+        "--quiet-wait-s",
+        type=float,
+        default=120.0,
+        help="total seconds the run may wait for other processes to go idle (default 120)",
+    )
     ap.add_argument("--work-ms", type=float, default=3.0, help="target single-thread matmul time per call (default 3)")
     ap.add_argument("--serve", choices=["sync", "aio"], help=argparse.SUPPRESS)  # internal: run as a server
     ap.add_argument("--work-cols", type=int, default=1024, help=argparse.SUPPRESS)  # internal: the server's matmul
     args = ap.parse_args()
     if args.serve:
         return server_main(args.serve, args.torch_threads, args.work_cols)
+
     def on_sigterm(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")  # unwinds through client_main's finally
 

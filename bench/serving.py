@@ -221,9 +221,23 @@ def spawn_role(name: str, role: str, cfg: dict, workdir: Path) -> Role:
     env = dict(os.environ)  # HF_HUB_OFFLINE / TOKENIZERS_PARALLELISM set above
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "alignd.cli", "serve", role, "--config", str(cfg_path),
-             "--run-dir", str(d), "--endpoint-file", str(endpoint)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            [
+                sys.executable,
+                "-m",
+                "alignd.cli",
+                "serve",
+                role,
+                "--config",
+                str(cfg_path),
+                "--run-dir",
+                str(d),
+                "--endpoint-file",
+                str(endpoint),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
         )
     return Role(name, role, proc, endpoint, log_path)
 
@@ -296,7 +310,7 @@ def machine_info(threads: int) -> dict:
     import transformers
 
     return {
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)),
         "cpu_model": cpu_model(),
@@ -455,6 +469,7 @@ def bench_forward(fr: ForwardRole, seqs: list[list[int]], rounds: int, reps: dic
         "batches": {},
     }
     for B in BATCH_SIZES:
+
         def pooled(mode: str, key: str = "ts"):
             if key == "ts":
                 return [t for i in used for t in recs[i][B][mode]["ts"]]
@@ -472,7 +487,8 @@ def bench_forward(fr: ForwardRole, seqs: list[list[int]], rounds: int, reps: dic
         for m in fr.servers:
             g = median(pooled(m))
             per_round = {
-                base: [median(recs[i][B][m]["ts"]) / median(recs[i][B][base]["ts"]) for i in used] for base in INPROC_MODES
+                base: [median(recs[i][B][m]["ts"]) / median(recs[i][B][base]["ts"]) for i in used]
+                for base in INPROC_MODES
             }
             batch_s, queue_s, handling_s = pooled(m, "batch_s"), pooled(m, "queue_s"), pooled(m, "handling_s")
             entry["servers"][m] = {
@@ -500,44 +516,62 @@ def bench_forward(fr: ForwardRole, seqs: list[list[int]], rounds: int, reps: dic
             engine_ms = sv["server_mean_ms"]["engine_batch"]
             sv["overhead_excl_engine_mean_ms"] = sv["client_mean_ms"] - engine_ms
             sv["outside_handler_mean_ms"] = sv["client_mean_ms"] - sv["server_mean_ms"]["handler_total"]
-            sv["overhead_over_engine"] = sv["overhead_excl_engine_mean_ms"] / engine_ms if engine_ms > 0 else float("nan")
+            sv["overhead_over_engine"] = (
+                sv["overhead_excl_engine_mean_ms"] / engine_ms if engine_ms > 0 else float("nan")
+            )
         out["batches"][str(B)] = entry
     return out
 
 
 def print_load(res: dict) -> None:
-    print(f"   other processes' CPU during this phase: {res['cpu']['foreign_cpu_fraction'] * 100:.1f}% of all cores"
-          f" (steal {res['cpu']['steal_fraction'] * 100:.1f}%); per round: "
-          + " ".join(f"{f * 100:.0f}%" for f in res["round_foreign_cpu_fraction"])
-          + f"; medians over {len(res['rounds_used'])} of {res['rounds_run']} rounds"
-          + (" -- CONTAMINATED: fewer than 2 rounds without other load" if res["contaminated_by_other_load"] else
-             f" (those with <= {CLEAN_FRACTION * 100:.0f}% other load)"))
+    print(
+        f"   other processes' CPU during this phase: {res['cpu']['foreign_cpu_fraction'] * 100:.1f}% of all cores"
+        f" (steal {res['cpu']['steal_fraction'] * 100:.1f}%); per round: "
+        + " ".join(f"{f * 100:.0f}%" for f in res["round_foreign_cpu_fraction"])
+        + f"; medians over {len(res['rounds_used'])} of {res['rounds_run']} rounds"
+        + (
+            " -- CONTAMINATED: fewer than 2 rounds without other load"
+            if res["contaminated_by_other_load"]
+            else f" (those with <= {CLEAN_FRACTION * 100:.0f}% other load)"
+        )
+    )
 
 
 def print_forward(role: str, res: dict) -> None:
-    print(f"\n== {role}: over gRPC / in process, sequences of {PROMPT_TOKENS}+{RESPONSE_TOKENS} tokens (medians, ms) ==")
+    print(
+        f"\n== {role}: over gRPC / in process, sequences of {PROMPT_TOKENS}+{RESPONSE_TOKENS} tokens (medians, ms) =="
+    )
     print_load(res)
     print("   in-proc = engine on the main thread; in-thr = engine on a worker thread (as the role's batcher)")
-    print("   batch server       in-proc    in-thr      gRPC  gRPC/in-proc  gRPC/in-thr  (per-round medians)"
-          "  | server means: engine queue other outside | gRPC-engine  /engine"
-          " | page faults/call: in-proc in-thr server")
+    print(
+        "   batch server       in-proc    in-thr      gRPC  gRPC/in-proc  gRPC/in-thr  (per-round medians)"
+        "  | server means: engine queue other outside | gRPC-engine  /engine"
+        " | page faults/call: in-proc in-thr server"
+    )
     for B, e in res["batches"].items():
         for m, s in e["servers"].items():
             sm = s["server_mean_ms"]
-            print(f"   {B:>5} {m:<10} {ms(e['inproc']['median_s'])} {ms(e['inproc_thread']['median_s'])}"
-                  f" {ms(s['grpc_median_s'])}  {s['ratio_vs_inproc']:11.3f} {s['ratio_vs_inproc_thread']:12.3f}"
-                  f"  ({s['ratio_vs_inproc_median_of_rounds']:.3f} {s['ratio_vs_inproc_thread_median_of_rounds']:.3f})"
-                  f"       | {sm['engine_batch']:13.2f} {sm['queue_wait']:5.2f} {sm['handler_other']:5.2f}"
-                  f" {s['outside_handler_mean_ms']:7.2f} | {s['overhead_excl_engine_mean_ms']:11.2f}"
-                  f" {s['overhead_over_engine'] * 100:7.1f}%"
-                  f" | {e['inproc']['minor_page_faults_per_call']:8.0f} {e['inproc_thread']['minor_page_faults_per_call']:6.0f}"
-                  f" {s['minor_page_faults_per_call_server']:6.0f}")
-    print("   server means (ms, from the role's /metrics): engine = batch time, queue = batcher wait, other = rest of"
-          " the handler (parse, validate, response), outside = client call time - handler time (serialisation,"
-          " transport, thread hand-offs); gRPC-engine = client call time - engine time (means), /engine = that"
-          " over the engine time")
-    print("   max |in-proc - gRPC| result difference:",
-          ", ".join(f"{k}: {v:.2e}" for k, v in res["max_abs_diff_inproc_vs_grpc"].items()))
+            print(
+                f"   {B:>5} {m:<10} {ms(e['inproc']['median_s'])} {ms(e['inproc_thread']['median_s'])}"
+                f" {ms(s['grpc_median_s'])}  {s['ratio_vs_inproc']:11.3f} {s['ratio_vs_inproc_thread']:12.3f}"
+                f"  ({s['ratio_vs_inproc_median_of_rounds']:.3f} {s['ratio_vs_inproc_thread_median_of_rounds']:.3f})"
+                f"       | {sm['engine_batch']:13.2f} {sm['queue_wait']:5.2f} {sm['handler_other']:5.2f}"
+                f" {s['outside_handler_mean_ms']:7.2f} | {s['overhead_excl_engine_mean_ms']:11.2f}"
+                f" {s['overhead_over_engine'] * 100:7.1f}%"
+                f" | {e['inproc']['minor_page_faults_per_call']:8.0f} "
+                f"{e['inproc_thread']['minor_page_faults_per_call']:6.0f}"
+                f" {s['minor_page_faults_per_call_server']:6.0f}"
+            )
+    print(
+        "   server means (ms, from the role's /metrics): engine = batch time, queue = batcher wait, other = rest of"
+        " the handler (parse, validate, response), outside = client call time - handler time (serialisation,"
+        " transport, thread hand-offs); gRPC-engine = client call time - engine time (means), /engine = that"
+        " over the engine time"
+    )
+    print(
+        "   max |in-proc - gRPC| result difference:",
+        ", ".join(f"{k}: {v:.2e}" for k, v in res["max_abs_diff_inproc_vs_grpc"].items()),
+    )
 
 
 # --------------------------------------------------------------------------- (b) dynamic batching
@@ -556,8 +590,16 @@ def hf_generate_sequential(model, prompts: list[list[int]], pad: int) -> float:
             torch.manual_seed(1000 + i)
             ids = torch.tensor([p], dtype=torch.long)
             out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=GEN_NEW_TOKENS, min_new_tokens=GEN_NEW_TOKENS,
-                do_sample=True, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, pad_token_id=pad,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=GEN_NEW_TOKENS,
+                min_new_tokens=GEN_NEW_TOKENS,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                use_cache=True,
+                pad_token_id=pad,
             )
             if out.shape[1] - len(p) != GEN_NEW_TOKENS:
                 raise AssertionError(f"HF generate produced {out.shape[1] - len(p)} tokens, not {GEN_NEW_TOKENS}")
@@ -578,7 +620,12 @@ def generate_request(prompt: list[int], seed: int) -> policy_pb2.GenerateRequest
     return policy_pb2.GenerateRequest(
         prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=prompt))],
         sampling=policy_pb2.SamplingParams(
-            temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=GEN_NEW_TOKENS, ignore_eos=True, seed=seed,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=GEN_NEW_TOKENS,
+            ignore_eos=True,
+            seed=seed,
             logprob_mode=policy_pb2.LOGPROB_MODE_RAW,
         ),
     )
@@ -623,7 +670,9 @@ def grpc_concurrent(stub, prompts: list[list[int]]) -> tuple[float, list[int], l
     return max(ends) - t0_box[0], sizes, [e - t0_box[0] for e in ends], queued
 
 
-def bench_generate(model, engine: PolicyEngine, pad: int, servers: dict[str, Role], prompts, rounds: int, meter: CpuMeter) -> dict:
+def bench_generate(
+    model, engine: PolicyEngine, pad: int, servers: dict[str, Role], prompts, rounds: int, meter: CpuMeter
+) -> dict:
     stubs = {label: policy_pb2_grpc.PolicyServiceStub(srv.channel) for label, srv in servers.items()}
     # Warm-up, untimed.
     hf_generate_sequential(model, prompts[:4], pad)
@@ -641,7 +690,7 @@ def bench_generate(model, engine: PolicyEngine, pad: int, servers: dict[str, Rol
         gate = meter.wait_quiet()
         r0 = meter.snapshot()
         rec: dict = {"gate": gate}
-        for mode in (modes if rnd % 2 == 0 else list(reversed(modes))):
+        for mode in modes if rnd % 2 == 0 else list(reversed(modes)):
             if mode == "hf_sequential":
                 rec[mode] = {"wall": hf_generate_sequential(model, prompts, pad)}
             elif mode == "engine_batch32":
@@ -657,10 +706,15 @@ def bench_generate(model, engine: PolicyEngine, pad: int, servers: dict[str, Rol
     used, contaminated = select_rounds(foreign)
     n_tokens = GEN_CALLS * GEN_NEW_TOKENS
     out = {
-        "calls": GEN_CALLS, "new_tokens_per_call": GEN_NEW_TOKENS, "cpu": cpu,
-        "rounds_run": len(recs), "round_foreign_cpu_fraction": foreign,
+        "calls": GEN_CALLS,
+        "new_tokens_per_call": GEN_NEW_TOKENS,
+        "cpu": cpu,
+        "rounds_run": len(recs),
+        "round_foreign_cpu_fraction": foreign,
         "round_gate_foreign_cpu_fraction": [r["gate"] for r in recs],
-        "rounds_used": used, "contaminated_by_other_load": contaminated, "modes": {},
+        "rounds_used": used,
+        "contaminated_by_other_load": contaminated,
+        "modes": {},
     }
     walls = {m: [recs[i][m]["wall"] for i in used] for m in modes}
     base = median(walls["hf_sequential"])
@@ -687,13 +741,19 @@ def bench_generate(model, engine: PolicyEngine, pad: int, servers: dict[str, Rol
 def print_generate(res: dict) -> None:
     print(f"\n== dynamic batching: {res['calls']} single-prompt calls x {res['new_tokens_per_call']} new tokens ==")
     print_load(res)
-    print("   mode                        wall s   seq/s  gen tok/s  speed-up vs HF sequential  server batches per round")
+    print(
+        "   mode                        wall s   seq/s  gen tok/s  speed-up vs HF sequential  server batches per round"
+    )
     for m, e in res["modes"].items():
         sizes = e.get("server_batch_sizes_per_round", "")
-        print(f"   {m:<26} {e['wall_median_s']:7.3f} {e['sequences_per_s']:7.1f} {e['generated_tokens_per_s']:10.1f}"
-              f"  {e['speedup_vs_hf_sequential']:8.2f}x                 {sizes}")
-    print("   (hf_sequential: 32 in-process model.generate calls one after another; engine_batch32: the policy"
-          " engine in process on all 32 rows at once; grpc_*: 32 concurrent Generate calls to the policy role)")
+        print(
+            f"   {m:<26} {e['wall_median_s']:7.3f} {e['sequences_per_s']:7.1f} {e['generated_tokens_per_s']:10.1f}"
+            f"  {e['speedup_vs_hf_sequential']:8.2f}x                 {sizes}"
+        )
+    print(
+        "   (hf_sequential: 32 in-process model.generate calls one after another; engine_batch32: the policy"
+        " engine in process on all 32 rows at once; grpc_*: 32 concurrent Generate calls to the policy role)"
+    )
 
 
 # --------------------------------------------------------------------------- main
@@ -711,19 +771,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads, in process and in every role (default 2)")
     ap.add_argument("--keep-workdir", action="store_true")
     ap.add_argument(
-        "--quiet-wait-s", type=float, default=180.0,
+        "--quiet-wait-s",
+        type=float,
+        default=180.0,
         help="total seconds the run may wait, before rounds, for other processes to go idle (default 180)",
     )
     ap.add_argument(
-        "--malloc-tuned", action="store_true",
+        "--malloc-tuned",
+        action="store_true",
         help=f"run this process and every role with {' '.join(f'{k}={v}' for k, v in MALLOC_TUNED.items())}"
-             " (glibc malloc keeps freed memory instead of returning it to the kernel after every forward)",
+        " (glibc malloc keeps freed memory instead of returning it to the kernel after every forward)",
     )
     args = ap.parse_args(argv)
     if args.malloc_tuned and any(os.environ.get(k) != v for k, v in MALLOC_TUNED.items()):
         # glibc reads these at process start: re-run this script with them set.
         env = {**os.environ, **MALLOC_TUNED}
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)], env)
+        os.execve(
+            sys.executable, [sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)], env
+        )
 
     def on_sigterm(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -749,8 +814,11 @@ def main(argv: list[str] | None = None) -> int:
 
         # Start every role at once (their start-up overlaps), then load the in-process models.
         def cfg(path: Path, wait_ms: float, extra: dict | None = None) -> dict:
-            c = {"model": {"path": str(path)}, "torch_threads": args.threads,
-                 "batching": {"max_batch_size": 32, "max_wait_ms": wait_ms}}
+            c = {
+                "model": {"path": str(path)},
+                "torch_threads": args.threads,
+                "batching": {"max_batch_size": 32, "max_wait_ms": wait_ms},
+            }
             for k, v in (extra or {}).items():
                 c[k] = v
             return c
@@ -765,7 +833,9 @@ def main(argv: list[str] | None = None) -> int:
         roles = [r for group in servers.values() for r in group.values()]
 
         rm_cfg, lm_cfg = ModelConfig(path=str(rm_dir)), ModelConfig(path=str(lm_dir))
-        rm_handle = ModelHandle("reward", rm_cfg, load_scalar_head_model(rm_cfg, allow_new_head=False), load_tokenizer(rm_cfg))
+        rm_handle = ModelHandle(
+            "reward", rm_cfg, load_scalar_head_model(rm_cfg, allow_new_head=False), load_tokenizer(rm_cfg)
+        )
         lm_handle = ModelHandle("reference", lm_cfg, load_causal_lm(lm_cfg), load_tokenizer(lm_cfg))
         reward_engine = RewardEngine(rm_handle, 32)
         reference_engine = ReferenceEngine(lm_handle, 32)
@@ -774,22 +844,34 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         for r in roles:
             wait_ready(r, deadline)
-        print(f"roles SERVING after {time.monotonic() - t_start:.1f}s: "
-              + ", ".join(f"{r.name} {r.address}" for r in roles))
+        print(
+            f"roles SERVING after {time.monotonic() - t_start:.1f}s: "
+            + ", ".join(f"{r.name} {r.address}" for r in roles)
+        )
         meter = CpuMeter([r.proc.pid for r in roles], args.quiet_wait_s)
 
         vocab = lm_handle.vocab_size
         result["workload"] = {
-            "model": {**MODEL, "vocab_size_requested": MODEL["vocab_size"], "vocab_size": vocab,
-                      "reward_params": rm_handle.num_parameters, "lm_params": lm_handle.num_parameters,
-                      "arch": "gpt2", "dtype": "float32"},
+            "model": {
+                **MODEL,
+                "vocab_size_requested": MODEL["vocab_size"],
+                "vocab_size": vocab,
+                "reward_params": rm_handle.num_parameters,
+                "lm_params": lm_handle.num_parameters,
+                "arch": "gpt2",
+                "dtype": "float32",
+            },
             "sequence_tokens": {"prompt": PROMPT_TOKENS, "response": RESPONSE_TOKENS},
             "batch_sizes": list(BATCH_SIZES),
             "rounds_forward": rounds_fwd,
             "calls_per_round_forward": reps,
             "rounds_generate": rounds_gen,
-            "generate": {"calls": GEN_CALLS, "max_new_tokens": GEN_NEW_TOKENS, "prompt_tokens": list(GEN_PROMPT_RANGE),
-                         "sampling": "temperature 1, top-k/top-p off, fixed seed per call, EOS ignored"},
+            "generate": {
+                "calls": GEN_CALLS,
+                "max_new_tokens": GEN_NEW_TOKENS,
+                "prompt_tokens": list(GEN_PROMPT_RANGE),
+                "sampling": "temperature 1, top-k/top-p off, fixed seed per call, EOS ignored",
+            },
             "role_config": {
                 "torch_threads": args.threads,
                 "batching.max_batch_size": 32,
@@ -804,15 +886,19 @@ def main(argv: list[str] | None = None) -> int:
         seqs = make_sequences(vocab, max(BATCH_SIZES), seed=0)
         fwd_roles = [
             ForwardRole(
-                "reward", "Score",
+                "reward",
+                "Score",
                 inproc=lambda b: reward_engine.score([(s[:PROMPT_TOKENS], s[PROMPT_TOKENS:]) for s in b])[0],
                 grpc_call=lambda stub, b: list(stub.Score(reward_request(b), timeout=CALL_TIMEOUT_S).scores),
                 stub_cls=reward_pb2_grpc.RewardServiceStub,
                 servers=servers["reward"],
             ),
             ForwardRole(
-                "reference", "LogProbs",
-                inproc=lambda b: reference_engine.logprobs([Item(s[:PROMPT_TOKENS], s[PROMPT_TOKENS:], 1.0) for s in b])[0],
+                "reference",
+                "LogProbs",
+                inproc=lambda b: reference_engine.logprobs(
+                    [Item(s[:PROMPT_TOKENS], s[PROMPT_TOKENS:], 1.0) for s in b]
+                )[0],
                 grpc_call=lambda stub, b: [
                     list(r.logprobs) for r in stub.LogProbs(reference_request(b), timeout=CALL_TIMEOUT_S).results
                 ],
@@ -829,7 +915,9 @@ def main(argv: list[str] | None = None) -> int:
 
         prompts = make_prompts(vocab, GEN_CALLS, seed=1)
         t0 = time.monotonic()
-        gen = bench_generate(lm_handle.model, policy_engine, lm_handle.pad_token_id, servers["policy"], prompts, rounds_gen, meter)
+        gen = bench_generate(
+            lm_handle.model, policy_engine, lm_handle.pad_token_id, servers["policy"], prompts, rounds_gen, meter
+        )
         gen["seconds"] = round(time.monotonic() - t0, 1)
         result["dynamic_batching"] = gen
         print_generate(gen)
@@ -855,8 +943,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def summarize(result: dict) -> dict:
     s: dict = {
-        "targets": {"forward_ratio_at_batch32_max": 1.10, "forward_ratio_at_batch32_goal": 1.05,
-                    "dynamic_batching_speedup_min": 3.0},
+        "targets": {
+            "forward_ratio_at_batch32_max": 1.10,
+            "forward_ratio_at_batch32_goal": 1.05,
+            "dynamic_batching_speedup_min": 3.0,
+        },
         "contaminated_by_other_load": {
             k: result[k]["contaminated_by_other_load"] for k in ("reward", "reference", "dynamic_batching")
         },
@@ -875,8 +966,10 @@ def summarize(result: dict) -> dict:
 
 
 def print_summary(s: dict) -> None:
-    print("\n== summary (targets: Score/LogProbs over gRPC <= 1.10x in-process at batch 32, goal 1.05x;"
-          " dynamic batching >= 3x) ==")
+    print(
+        "\n== summary (targets: Score/LogProbs over gRPC <= 1.10x in-process at batch 32, goal 1.05x;"
+        " dynamic batching >= 3x) =="
+    )
     r = s["ratios"]
     print("   gRPC time / in-process time         wait5ms (default)                wait0ms")
     print("                                  /in-proc /in-thread 1+ovh/eng  /in-proc /in-thread 1+ovh/eng")
@@ -887,16 +980,20 @@ def print_summary(s: dict) -> None:
                 row += "".join(f"{r[f'{role}.batch{B}.{w}.grpc_over_{b}']:9.3f}" for b in INPROC_MODES)
                 row += f"{1 + r[f'{role}.batch{B}.{w}.overhead_over_engine']:10.3f} "
             print(f"   {role:<9} batch {B:>2}             {row}")
-    print("   (1+ovh/eng: 1 + (gRPC call time - the server's own engine time) / engine time, i.e. the ratio"
-          " with the engine's speed difference between two processes taken out)")
+    print(
+        "   (1+ovh/eng: 1 + (gRPC call time - the server's own engine time) / engine time, i.e. the ratio"
+        " with the engine's speed difference between two processes taken out)"
+    )
     for k, v in s["speedups"].items():
         print(f"   generate {k:<55} {v:6.2f}x")
     dirty = [k for k, v in s["contaminated_by_other_load"].items() if v]
     if dirty:
         print(f"   WARNING: other processes loaded the CPU during every round of: {', '.join(dirty)}")
-    print("   note: at batch 1 and 8 a single caller never fills a batch (max_batch_size 32), so with"
-          " max_wait_ms 5 the batcher holds every such call ~5 ms for company; the wait0ms servers show"
-          " the cost without that wait. At batch 32 the batch is full on arrival and nobody waits.")
+    print(
+        "   note: at batch 1 and 8 a single caller never fills a batch (max_batch_size 32), so with"
+        " max_wait_ms 5 the batcher holds every such call ~5 ms for company; the wait0ms servers show"
+        " the cost without that wait. At batch 32 the batch is full on arrival and nobody waits."
+    )
 
 
 if __name__ == "__main__":

@@ -80,13 +80,19 @@ def timed(meter: Meter, fn, repeats: int, warmup: int = 1) -> dict:
         b = meter.snap()
         times.append(b[0] - a[0])
         foreign.append(Meter.foreign(a, b))
-    return {"s": statistics.median(times), "all_s": [round(t, 3) for t in times], "foreign": round(max(foreign), 3),
-            "load1": os.getloadavg()[0]}
+    return {
+        "s": statistics.median(times),
+        "all_s": [round(t, 3) for t in times],
+        "foreign": round(max(foreign), 3),
+        "load1": os.getloadavg()[0],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model-dir", default=None, help="converted model directory (default: alignd.assets.ensure_smollm2())")
+    ap.add_argument(
+        "--model-dir", default=None, help="converted model directory (default: alignd.assets.ensure_smollm2())"
+    )
     ap.add_argument("--prompts", default=None, help="prompts JSONL (default: alignd.assets.ensure_prompt_corpus())")
     ap.add_argument("--threads", default="2,1")
     ap.add_argument("--repeats", type=int, default=3)
@@ -96,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="1 repeat, skip the PPOTrainer rows")
     ap.add_argument("--quiet-wait-s", type=float, default=60.0)
-    ap.add_argument("--only", default=None, help="comma-separated row keys to measure (e.g. ppo_step_full,ppo_step_lora); default all")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated row keys to measure (e.g. ppo_step_full,ppo_step_lora); default all",
+    )
     ap.add_argument("--out", default=None, help="write the raw numbers as JSON here")
     args = ap.parse_args(argv)
     if args.quick:
@@ -124,9 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     B, P, R = args.batch, args.prompt_len, args.new_tokens
     meter = Meter(args.quiet_wait_s)
     results: dict = {
-        "machine": {"cpus": NCPU, "python": platform.python_version(), "torch": torch.__version__,
-                    "transformers": transformers.__version__, "load_at_start": os.getloadavg()},
-        "shape": {"batch": B, "prompt_tokens": P, "response_tokens": R}, "import_s": round(import_s, 2), "threads": {},
+        "machine": {
+            "cpus": NCPU,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "load_at_start": os.getloadavg(),
+        },
+        "shape": {"batch": B, "prompt_tokens": P, "response_tokens": R},
+        "import_s": round(import_s, 2),
+        "threads": {},
     }
     try:
         import peft
@@ -137,8 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     samples_shown = False
 
     def lora(model):
-        cfg = peft.LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        cfg = peft.LoraConfig(
+            r=args.lora_r,
+            lora_alpha=2 * args.lora_r,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        )
         return peft.get_peft_model(model, cfg)
 
     for T in [int(x) for x in args.threads.split(",")]:
@@ -167,15 +188,24 @@ def main(argv: list[str] | None = None) -> int:
 
         def hf_generate():
             with torch.inference_mode():
-                return model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=R,
-                                      min_new_tokens=R, pad_token_id=pad, use_cache=True)
+                return model.generate(
+                    **enc,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=R,
+                    min_new_tokens=R,
+                    pad_token_id=pad,
+                    use_cache=True,
+                )
 
         torch.manual_seed(0)
         if want("generate_hf"):
             row["generate_hf"] = timed(meter, hf_generate, args.repeats)
         if not samples_shown and want("samples"):
             out = hf_generate()
-            conts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            conts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             results["samples"] = [{"prompt": p, "continuation": c} for p, c in zip(texts, conts)]
             samples_shown = True
 
@@ -208,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
 
             def step():
                 out = m(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep or 0)
-                logits = out.logits[:, -(R + 1) : -1] if not keep else out.logits[:, :-1]  # predict the R response tokens
+                logits = (
+                    out.logits[:, -(R + 1) : -1] if not keep else out.logits[:, :-1]
+                )  # predict the R response tokens
                 logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, P:, None]).squeeze(-1)
                 loss = -logp.mean()
                 loss.backward()
@@ -260,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 _, fresh = load()
                 row["ppo_step_lora"] = timed(meter, ppo_fn(lora(fresh)), args.repeats)
                 del fresh
-        del model, handle, engine, ref
+        model = handle = engine = ref = None  # freed (closures above refer to them)
 
     # -- judges on 16 prompt + continuation texts
     sample_texts = [s["prompt"] + s["continuation"] for s in results.get("samples", [])] or texts
@@ -278,9 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     tok_gen = B * R
     tok_all = B * (P + R)
     print()
-    print(f"SmolLM2-135M-Instruct fp32, {results['machine']['parameters'] / 1e6:.1f}M parameters; "
-          f"batch {B} x ({P} prompt + {R} response) tokens; median of {args.repeats}; load avg at start "
-          f"{results['machine']['load_at_start'][0]:.2f}; import torch+transformers+alignd {import_s:.1f} s")
+    print(
+        f"SmolLM2-135M-Instruct fp32, {results['machine']['parameters'] / 1e6:.1f}M parameters; "
+        f"batch {B} x ({P} prompt + {R} response) tokens; median of {args.repeats}; load avg at start "
+        f"{results['machine']['load_at_start'][0]:.2f}; import torch+transformers+alignd {import_s:.1f} s"
+    )
     print(f"{'what':<44}" + "".join(f"{str(T) + ' thr s':>12}{'tok/s':>9}" for T in results["threads"]))
     labels = [
         ("load", "load (from_pretrained + tokenizer)", None),
@@ -296,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, label, ntok in labels:
         cells = ""
         present = False
-        for T, row in results["threads"].items():
+        for row in results["threads"].values():
             r = row.get(key)
             if r is None:
                 cells += f"{'-':>12}{'':>9}"
@@ -307,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         if present:
             print(f"{label:<44}{cells}")
     for name, r in judges.items():
-        print(f"{'judge ' + name + ', 16 texts (ms)':<44}{r['s'] * 1000:>11.2f}{'*' if r['foreign'] > 0.05 else ' '}"
-              f"   (first call incl. lexicon load {r['init_s'] * 1000:.0f} ms)")
+        print(
+            f"{'judge ' + name + ', 16 texts (ms)':<44}{r['s'] * 1000:>11.2f}{'*' if r['foreign'] > 0.05 else ' '}"
+            f"   (first call incl. lexicon load {r['init_s'] * 1000:.0f} ms)"
+        )
     if "lora_trainable_parameters" in results["machine"]:
         print(f"LoRA trainable parameters: {results['machine']['lora_trainable_parameters'] / 1e6:.2f}M")
     print("* other processes used > 5% of the cores during that measurement")

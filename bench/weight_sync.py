@@ -19,16 +19,13 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -40,8 +37,16 @@ def build_gpt2_small(path: Path) -> Path:
     from alignd.models.tiny import build_tokenizer
 
     tok = build_tokenizer(512)
-    cfg = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
-                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = GPT2Config(
+        vocab_size=50257,
+        n_positions=1024,
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(cfg)
     model.save_pretrained(path)
@@ -59,6 +64,7 @@ def measure(model_dir: Path, work: Path, rounds: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from alignd.models.weights import push_weights, unique_tensors
+
     from conftest import stop_role
 
     src = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -86,11 +92,16 @@ def measure(model_dir: Path, work: Path, rounds: int) -> dict:
         stop_role(server)
     g, c = statistics.median(grpc_s), statistics.median(copy_s)
     return {
-        "parameters": params, "bytes": nbytes, "rounds": rounds,
-        "grpc_seconds": g, "grpc_mb_per_s": nbytes / g / 1e6,
-        "inprocess_copy_seconds": c, "inprocess_mb_per_s": nbytes / c / 1e6,
+        "parameters": params,
+        "bytes": nbytes,
+        "rounds": rounds,
+        "grpc_seconds": g,
+        "grpc_mb_per_s": nbytes / g / 1e6,
+        "inprocess_copy_seconds": c,
+        "inprocess_mb_per_s": nbytes / c / 1e6,
         "grpc_over_inprocess_time": g / c,
-        "grpc_seconds_all": grpc_s, "inprocess_seconds_all": copy_s,
+        "grpc_seconds_all": grpc_s,
+        "inprocess_seconds_all": copy_s,
     }
 
 
@@ -108,18 +119,29 @@ def main() -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        models = {"tiny-gpt2": Path(check_model_dir("builtin:tiny-gpt2")), "gpt2-124M": build_gpt2_small(tmp / "gpt2small")}
+        models = {
+            "tiny-gpt2": Path(check_model_dir("builtin:tiny-gpt2")),
+            "gpt2-124M": build_gpt2_small(tmp / "gpt2small"),
+        }
         for name, path in models.items():
             results[name] = measure(path, tmp / f"work-{name}", args.rounds)
             r = results[name]
-            print(f"{name:10s} {r['parameters'] / 1e6:7.1f}M params {r['bytes'] / 1e6:8.1f} MB | "
-                  f"gRPC {r['grpc_seconds']:.3f}s {r['grpc_mb_per_s']:7.0f} MB/s | in-process copy "
-                  f"{r['inprocess_copy_seconds']:.3f}s {r['inprocess_mb_per_s']:7.0f} MB/s | ratio {r['grpc_over_inprocess_time']:.1f}x",
-                  flush=True)
+            print(
+                f"{name:10s} {r['parameters'] / 1e6:7.1f}M params {r['bytes'] / 1e6:8.1f} MB | "
+                f"gRPC {r['grpc_seconds']:.3f}s {r['grpc_mb_per_s']:7.0f} MB/s | in-process copy "
+                f"{r['inprocess_copy_seconds']:.3f}s {r['inprocess_mb_per_s']:7.0f} MB/s | ratio "
+                f"{r['grpc_over_inprocess_time']:.1f}x",
+                flush=True,
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "target_mb_per_s": 500}
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "target_mb_per_s": 500,
+    }
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"wrote {out}")
     return 0

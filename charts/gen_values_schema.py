@@ -60,7 +60,12 @@ def probe(description: str) -> dict:
 def role_block(role: str, config_def: str) -> dict:
     replicas = {"type": "integer", "minimum": 0, "description": "Pods of the role (0 stops it)."}
     if role == "coordinator":
-        replicas = {"type": "integer", "minimum": 0, "maximum": 1, "description": "0 or 1: one coordinator per release."}
+        replicas = {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": 1,
+            "description": "0 or 1: one coordinator per release.",
+        }
     return obj(
         {
             "enabled": {**BOOL, "description": f"Deploy the {role} role."},
@@ -77,10 +82,16 @@ def role_block(role: str, config_def: str) -> dict:
                 }
             ),
             "ports": (
-                obj({"grpc": PORT, "metrics": PORT, "http": PORT},
-                    description="gRPC, /metrics and HTTP (/get_reward) ports (also set server.* and http.port of config).")
-                if role == "reward" else
-                obj({"grpc": PORT, "metrics": PORT}, description="gRPC and /metrics ports (also set server.* of config).")
+                obj(
+                    {"grpc": PORT, "metrics": PORT, "http": PORT},
+                    description="gRPC, /metrics and HTTP (/get_reward) ports (also set server.* and http.port of "
+                    "config).",
+                )
+                if role == "reward"
+                else obj(
+                    {"grpc": PORT, "metrics": PORT},
+                    description="gRPC and /metrics ports (also set server.* of config).",
+                )
             ),
             "resources": obj(
                 {
@@ -202,14 +213,20 @@ def build_schema() -> dict:
                 "certManager": obj(
                     {
                         "enabled": BOOL,
-                        "issuerRef": {"type": "object", "additionalProperties": False,
-                                      "properties": {"name": STRING, "kind": STRING, "group": STRING}},
+                        "issuerRef": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {"name": STRING, "kind": STRING, "group": STRING},
+                        },
                         "duration": DURATION,
                         "renewBefore": DURATION,
                     }
                 ),
-                "secretNames": {"type": "object", "propertyNames": {"enum": list(ROLES)},
-                                "additionalProperties": {"type": "string"}},
+                "secretNames": {
+                    "type": "object",
+                    "propertyNames": {"enum": list(ROLES)},
+                    "additionalProperties": {"type": "string"},
+                },
                 "healthPort": PORT,
                 "mountPath": {"type": "string", "pattern": "^/"},
             }
@@ -240,7 +257,10 @@ def build_schema() -> dict:
                     {
                         "allowOtherNamespaces": BOOL,
                         "namespaceSelector": K8S_OBJECT,
-                        "ipBlocks": {"type": "array", "items": {"type": "string", "pattern": r"^[0-9a-fA-F:.]+/[0-9]+$"}},
+                        "ipBlocks": {
+                            "type": "array",
+                            "items": {"type": "string", "pattern": r"^[0-9a-fA-F:.]+/[0-9]+$"},
+                        },
                     }
                 ),
                 "coordinatorFrom": peers,

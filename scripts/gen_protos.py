@@ -26,8 +26,8 @@ def proto_files() -> list[Path]:
 
 def generate(out: Path) -> list[Path]:
     """Runs protoc into `out`; returns the generated files."""
-    from grpc_tools import protoc  # dev dependency (grpcio-tools)
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency (grpcio-tools)
 
     out.mkdir(parents=True, exist_ok=True)
     well_known = Path(grpc_tools.__file__).parent / "_proto"

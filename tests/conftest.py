@@ -137,7 +137,7 @@ def start_roles(specs: list[tuple[str, dict, Path]]) -> list[RoleServer]:
         for sp in spawned:
             servers.append(_await_role(sp))
     except BaseException:
-        for sp in spawned[len(servers) + 1:]:
+        for sp in spawned[len(servers) + 1 :]:
             sp[1].kill()
             sp[1].wait()
         for srv in servers:
@@ -155,9 +155,23 @@ def _spawn_role(role: str, cfg: dict, workdir: Path):
     log_path = workdir / f"{role}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "alignd.cli", "serve", role, "--config", str(cfg_path),
-             "--run-dir", str(workdir), "--endpoint-file", str(endpoint)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env(),
+            [
+                sys.executable,
+                "-m",
+                "alignd.cli",
+                "serve",
+                role,
+                "--config",
+                str(cfg_path),
+                "--run-dir",
+                str(workdir),
+                "--endpoint-file",
+                str(endpoint),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child_env(),
         )
     return role, proc, endpoint, log_path, injected
 
@@ -185,7 +199,8 @@ def _await_role(spawned, credentials: grpc.ChannelCredentials | None = None, opt
         else:
             if injected:  # TLS, and the operator's token on every call
                 credentials = grpc.composite_channel_credentials(
-                    credentials, grpc.access_token_call_credentials(token_of()))
+                    credentials, grpc.access_token_call_credentials(token_of())
+                )
             channel = grpc.secure_channel(info["address"], credentials, options=options)
         wait_for_serving(channel, timeout=STARTUP_TIMEOUT_S)
     except BaseException:
@@ -242,8 +257,12 @@ def role_fixture(role: str, model_key: str, **extra):
     @pytest.fixture(scope="module")
     def fixture(tiny_models, tmp_path_factory):
         # The tiny models' directory is a root: tests load their other weights from there (LoadWeights).
-        cfg = {"model": {"path": str(tiny_models[model_key])}, "torch_threads": 1,
-               "paths": {"roots": [str(Path(tiny_models[model_key]).parent)]}, **extra}
+        cfg = {
+            "model": {"path": str(tiny_models[model_key])},
+            "torch_threads": 1,
+            "paths": {"roots": [str(Path(tiny_models[model_key]).parent)]},
+            **extra,
+        }
         server = start_role(role, cfg, tmp_path_factory.mktemp(role))
         yield server
         rc = stop_role(server)

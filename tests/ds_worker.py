@@ -30,9 +30,9 @@ STEPS = 3
 
 def build_models(root: Path) -> Path:
     """Tiny GPT-2 policy and value model (a one-label sequence classifier), saved under `root`."""
-    from alignd.models.tiny import build_tiny_model
-
     from transformers import AutoModelForSequenceClassification
+
+    from alignd.models.tiny import build_tiny_model
 
     small = dict(hidden=32, layers=2, heads=2, context=64, vocab_size=300)
     build_tiny_model(root / "policy", seed=0, **small)
@@ -49,16 +49,24 @@ def build_models(root: Path) -> Path:
 def learner_config(models: Path, engine: str, zero_stage: int):
     from alignd.config import LearnerConfig
 
-    return LearnerConfig.model_validate({
-        "model": {"path": str(models / "policy")},
-        "value_model": {"path": str(models / "value")},
-        # 7 rows in 2 minibatches of 4 and 3 rows: with 2 ranks, shares of 2+2 and 2+1 rows
-        # of different response lengths (the global token count matters).
-        "ppo": {"minibatches": 2, "epochs": 1, "max_grad_norm": 0.5, "score_position": "eos_plus_one", "kl_coef": 0.05},
-        "optimizer": {"lr": 3e-3, "value_lr": 1e-2, "warmup_steps": 2, "weight_decay": 0.01},
-        "engine": {"kind": engine, "zero_stage": zero_stage},
-        "seed": 7,
-    })
+    return LearnerConfig.model_validate(
+        {
+            "model": {"path": str(models / "policy")},
+            "value_model": {"path": str(models / "value")},
+            # 7 rows in 2 minibatches of 4 and 3 rows: with 2 ranks, shares of 2+2 and 2+1 rows
+            # of different response lengths (the global token count matters).
+            "ppo": {
+                "minibatches": 2,
+                "epochs": 1,
+                "max_grad_norm": 0.5,
+                "score_position": "eos_plus_one",
+                "kl_coef": 0.05,
+            },
+            "optimizer": {"lr": 3e-3, "value_lr": 1e-2, "warmup_steps": 2, "weight_decay": 0.01},
+            "engine": {"kind": engine, "zero_stage": zero_stage},
+            "seed": 7,
+        }
+    )
 
 
 def make_batch(step: int, vocab: int, pad_id: int):
@@ -115,7 +123,9 @@ def run(
         stats.append(dataclasses.asdict(s))
         if step == resume_after:
             buf = io.BytesIO()
-            torch.save({"module": module.state_dict(), "engine": engine.state_dict(), "trainer": trainer.state_dict()}, buf)
+            torch.save(
+                {"module": module.state_dict(), "engine": engine.state_dict(), "trainer": trainer.state_dict()}, buf
+            )
             buf.seek(0)
             state = torch.load(buf, weights_only=False)
             module, engine, trainer = build(models, engine_kind, zero_stage)

@@ -10,8 +10,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_until(what: str, fn: Callable[[], T], timeout: float, poll: float = 0.2, *,
-               alive: Callable[[], None] | None = None) -> T:
+def wait_until(
+    what: str, fn: Callable[[], T], timeout: float, poll: float = 0.2, *, alive: Callable[[], None] | None = None
+) -> T:
     """fn()'s first truthy value, polled every `poll` seconds (a condition, not a sleep as synchronisation);
     TimeoutError naming `what` after `timeout` seconds. `alive`, called before each poll, raises when what is
     awaited can no longer happen (the process that would do it exited)."""

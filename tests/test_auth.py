@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import urllib.request
 
 import grpc
 import pytest
-import urllib.request
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from alignd.atomic import write_bytes_atomic
+from alignd.launcher import child_env
 from alignd.runtime.auth import TokenError, parse_tokens, peer_ip
 from alignd.v1 import model_pb2, model_pb2_grpc, reward_pb2, reward_pb2_grpc
-from alignd.launcher import child_env
+
 from conftest import start_role, stop_role
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ALICE, BOB, CAROL = "alice-token-0123456789", "bob-token-0123456789ab", "carol-token-0123456789"
 
@@ -47,7 +48,11 @@ def secured(tiny_models, tmp_path_factory):
     work = tmp_path_factory.mktemp("auth")
     tokens = work / "tokens.yaml"
     _write(tokens, {"alice": ALICE, "bob": BOB})
-    cfg = {"model": {"path": str(tiny_models["reward"])}, "torch_threads": 1, "server": {"auth": {"tokens_file": str(tokens)}}}
+    cfg = {
+        "model": {"path": str(tiny_models["reward"])},
+        "torch_threads": 1,
+        "server": {"auth": {"tokens_file": str(tokens)}},
+    }
     server = start_role("reward", cfg, work)  # readiness through the health check: public without a token
     yield server, tokens
     stop_role(server)
@@ -93,8 +98,11 @@ def test_rotation_and_revocation_without_restart(secured):
 def test_trusted_networks_skip_the_token_by_configuration_only(tiny_models, tmp_path):
     tokens = tmp_path / "tokens.yaml"
     _write(tokens, {"alice": ALICE})
-    cfg = {"model": {"path": str(tiny_models["reward"])}, "torch_threads": 1,
-           "server": {"auth": {"tokens_file": str(tokens), "trusted_networks": ["127.0.0.0/8"]}}}
+    cfg = {
+        "model": {"path": str(tiny_models["reward"])},
+        "torch_threads": 1,
+        "server": {"auth": {"tokens_file": str(tokens), "trusted_networks": ["127.0.0.0/8"]}},
+    }
     server = start_role("reward", cfg, tmp_path / "role")
     try:
         assert len(_score(server.channel, None).scores) == 1  # loopback is trusted here
@@ -105,29 +113,50 @@ def test_trusted_networks_skip_the_token_by_configuration_only(tiny_models, tmp_
 
 def test_an_unusable_tokens_file_refuses_to_start(tiny_models, tmp_path):
     cfg_path = tmp_path / "reward.yaml"
-    cfg_path.write_text(yaml.safe_dump({"model": {"path": str(tiny_models["reward"])},
-                                        "server": {"auth": {"tokens_file": str(tmp_path / "missing.yaml")}}}))
-    out = subprocess.run([sys.executable, "-m", "alignd.cli", "serve", "reward", "--config", str(cfg_path),
-                          "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=120, env=child_env())
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(tiny_models["reward"])},
+                "server": {"auth": {"tokens_file": str(tmp_path / "missing.yaml")}},
+            }
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "alignd.cli", "serve", "reward", "--config", str(cfg_path), "--run-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
+    )
     assert out.returncode == 2 and "server.auth.tokens_file" in out.stderr and "missing.yaml" in out.stderr
 
 
 def test_tokens_file_format_and_peer_parsing():
     import hashlib
 
-    parsed = parse_tokens(f"alice: {ALICE}\nbob: {{token: {BOB}, scopes: [weights, train]}}\n"
-                          f"carol: {{sha256: {hashlib.sha256(CAROL.encode()).hexdigest()}, scopes: [admin]}}\n", "f")
-    assert {n: sorted(e.scopes) for n, e in parsed.items()} == {"alice": ["score"], "bob": ["train", "weights"],
-                                                                 "carol": ["admin"]}
+    parsed = parse_tokens(
+        f"alice: {ALICE}\nbob: {{token: {BOB}, scopes: [weights, train]}}\n"
+        f"carol: {{sha256: {hashlib.sha256(CAROL.encode()).hexdigest()}, scopes: [admin]}}\n",
+        "f",
+    )
+    assert {n: sorted(e.scopes) for n, e in parsed.items()} == {
+        "alice": ["score"],
+        "bob": ["train", "weights"],
+        "carol": ["admin"],
+    }
     assert parsed["carol"].digest == hashlib.sha256(CAROL.encode()).digest()
     assert parse_tokens("", "f") == {}
-    for text, problem in ((f"- {ALICE}", "mapping"), ("alice: short", "16 characters"),
-                          (f"alice: {ALICE}\nbob: {ALICE}", "same token"), ("a: [", "not YAML"),
-                          (f"alice: {{token: {ALICE}, scopes: [root]}}", "unknown scope 'root'"),
-                          (f"alice: {{token: {ALICE}}}", "scopes must be"),
-                          (f"alice: {{token: {ALICE}, sha256: ab, scopes: [score]}}", "exactly one of"),
-                          ("alice: {sha256: abcd, scopes: [score]}", "64 hex digits"),
-                          (f"alice: {{token: {ALICE}, scopes: [score], role: x}}", "unknown key")):
+    for text, problem in (
+        (f"- {ALICE}", "mapping"),
+        ("alice: short", "16 characters"),
+        (f"alice: {ALICE}\nbob: {ALICE}", "same token"),
+        ("a: [", "not YAML"),
+        (f"alice: {{token: {ALICE}, scopes: [root]}}", "unknown scope 'root'"),
+        (f"alice: {{token: {ALICE}}}", "scopes must be"),
+        (f"alice: {{token: {ALICE}, sha256: ab, scopes: [score]}}", "exactly one of"),
+        ("alice: {sha256: abcd, scopes: [score]}", "64 hex digits"),
+        (f"alice: {{token: {ALICE}, scopes: [score], role: x}}", "unknown key"),
+    ):
         with pytest.raises(TokenError, match=problem):
             parse_tokens(text, "f")
     assert str(peer_ip("ipv4:10.1.2.3:5555")) == "10.1.2.3"

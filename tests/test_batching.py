@@ -374,7 +374,9 @@ def test_plan_chunks_against_a_naive_reference():
         naive, cur = [], []
         for i in order:
             trial = cur + [i]
-            if cur and (len(trial) > rows or (budget is not None and len(trial) * max(lengths[j] for j in trial) > budget)):
+            if cur and (
+                len(trial) > rows or (budget is not None and len(trial) * max(lengths[j] for j in trial) > budget)
+            ):
                 naive.append(cur)
                 trial = [i]
             cur = trial

@@ -32,9 +32,15 @@ WAIT_S = 600.0
 ROLES = ("policy", "reward", "reference", "learner", "coordinator")
 # The tiny preset, shortened: 10 PPO steps, the RM retrained once at step 5, fewer labeling and evaluation prompts.
 OVERRIDES = [
-    f"pipeline.ppo.steps={STEPS}", "pipeline.rm_retrain.every_steps=5", "pipeline.labeling.prompts_per_round=64",
-    "pipeline.rm_retrain.prompts_per_round=32", "pipeline.evaluation.max_prompts=64", "pipeline.sft.epochs=2",
-    "pipeline.rm.epochs=2", "stack.restart.backoff_initial_seconds=0.2", "stack.restart.max_restarts=4",
+    f"pipeline.ppo.steps={STEPS}",
+    "pipeline.rm_retrain.every_steps=5",
+    "pipeline.labeling.prompts_per_round=64",
+    "pipeline.rm_retrain.prompts_per_round=32",
+    "pipeline.evaluation.max_prompts=64",
+    "pipeline.sft.epochs=2",
+    "pipeline.rm.epochs=2",
+    "stack.restart.backoff_initial_seconds=0.2",
+    "stack.restart.max_restarts=4",
 ]
 
 
@@ -50,8 +56,9 @@ def _start(run_dir: Path, tmp_path: Path) -> subprocess.Popen:
     args = [sys.executable, "-m", "alignd.cli", "run", "--preset", "tiny", "--run-dir", str(run_dir)]
     for o in OVERRIDES:
         args += ["--set", o]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            text=True, env=env, cwd=ROOT)
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=env, cwd=ROOT
+    )
 
 
 def _schedule(rng: random.Random) -> list[tuple[str, tuple]]:
@@ -105,10 +112,12 @@ def test_pipeline_survives_random_kill9_of_every_role(tmp_path):
     proc = _start(run_dir, tmp_path)
     killed: list[tuple[str, tuple, str]] = []
     try:
-        counts = {r: 0 for r in ROLES}
+        counts = dict.fromkeys(ROLES, 0)
         for role, point in plan:
             entered: dict = {}
-            wait_until(f"{point}", lambda: _reached(run_dir, point, entered) or proc.poll() is not None, WAIT_S, poll=0.05)
+            wait_until(
+                f"{point}", lambda: _reached(run_dir, point, entered) or proc.poll() is not None, WAIT_S, poll=0.05
+            )
             assert proc.poll() is None, f"the run ended before the kill of {role} at {point}"
             stack = _json(run_dir / "stack.json")
             svc = stack["services"][role]
@@ -116,8 +125,16 @@ def test_pipeline_survives_random_kill9_of_every_role(tmp_path):
             state = _json(run_dir / "state.json")
             killed.append((role, point, f"{state['stage']} step {state['step']}"))
             counts[role] += 1
-            wait_until(f"{role} restarted", lambda: proc.poll() is not None or (_json(run_dir / "stack.json") or {})
-                       .get("services", {}).get(role, {}).get("restarts", 0) >= counts[role], WAIT_S, poll=0.05)
+            wait_until(
+                f"{role} restarted",
+                lambda: (
+                    proc.poll() is not None
+                    or (_json(run_dir / "stack.json") or {}).get("services", {}).get(role, {}).get("restarts", 0)
+                    >= counts[role]
+                ),
+                WAIT_S,
+                poll=0.05,
+            )
         out, _ = proc.communicate(timeout=WAIT_S)
         print("kills (role, planned point, where the run was):", killed)
         assert proc.returncode == 0, out[-4000:]
@@ -161,6 +178,8 @@ def test_pipeline_survives_random_kill9_of_every_role(tmp_path):
     # that replay steps from checkpoints and regenerate rollouts with the same seeds usually give the same number.
     calm_gold, chaos_gold = _gold(calm_dir), _gold(run_dir)
     tolerance = (calm_gold["upper"] - calm_gold["lower"]) / 2
-    print(f"gold win rate: undisturbed {calm_gold['rate']:.4f} [{calm_gold['lower']:.3f}, {calm_gold['upper']:.3f}], "
-          f"chaos {chaos_gold['rate']:.4f}; tolerance {tolerance:.3f}")
+    print(
+        f"gold win rate: undisturbed {calm_gold['rate']:.4f} [{calm_gold['lower']:.3f}, {calm_gold['upper']:.3f}], "
+        f"chaos {chaos_gold['rate']:.4f}; tolerance {tolerance:.3f}"
+    )
     assert abs(chaos_gold["rate"] - calm_gold["rate"]) <= tolerance

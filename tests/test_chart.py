@@ -54,9 +54,13 @@ CASES = {
     "ci": load_ci_values(),
     "learner-2x8": {
         "learner": {"replicas": 2, "resources": {"limits": {"nvidia.com/gpu": 8}}},
-        "auth": {"extraTokens": {"team-a": {"token": "token-a-0123456789", "scopes": ["score"]},
-                                 "eval-bot": {"sha256": "ab" * 32, "scopes": ["score", "runs"]}},
-                 "trustedNetworks": ["10.244.0.0/16"]},
+        "auth": {
+            "extraTokens": {
+                "team-a": {"token": "token-a-0123456789", "scopes": ["score"]},
+                "eval-bot": {"sha256": "ab" * 32, "scopes": ["score", "runs"]},
+            },
+            "trustedNetworks": ["10.244.0.0/16"],
+        },
     },
     "metrics": {
         "metrics": {
@@ -150,7 +154,9 @@ def test_values_schema_is_generated_from_role_configs():
 @pytest.mark.parametrize("case", list(CASES))
 def test_strict_lint_passes(case):
     for version in KUBE_VERSIONS:
-        report = helm.lint(str(CHART), copy.deepcopy(CASES[case]), strict=True, namespace=NAMESPACE, kube_version=f"v{version}")
+        report = helm.lint(
+            str(CHART), copy.deepcopy(CASES[case]), strict=True, namespace=NAMESPACE, kube_version=f"v{version}"
+        )
         problems = [m for m in report["messages"] if m["severity"] >= 2]
         assert not problems and not report["errors"], (version, problems, report["errors"])
 
@@ -185,7 +191,10 @@ def test_strict_validation_catches_an_unknown_field(rendered):
         ({"reward": {"image": {"tag": "latest"}}}, "/reward/image/tag"),
         ({"reward": {"podDisruptionBudget": {"maxUnavailable": "half"}}}, "/reward/podDisruptionBudget"),
         ({"policy": {"gpus": 2}}, "/policy"),  # unknown key of a role block
-        ({"policy": {"config": {"model": {"pathh": "/x"}}}}, "/policy/config/model"),  # unknown key of the role's config
+        (
+            {"policy": {"config": {"model": {"pathh": "/x"}}}},
+            "/policy/config/model",
+        ),  # unknown key of the role's config
         ({"learner": {"config": {"ppo": {"clip": -1.0}}}}, "/learner/config/ppo/clip"),  # the pydantic constraint
         ({"coordinator": {"config": {"rpc_timeout_seconds": "soon"}}}, "/coordinator/config/rpc_timeout_seconds"),
         ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "/metrics/serviceMonitor/enabled"),
@@ -273,7 +282,10 @@ def test_addresses_between_roles_are_service_dns_names(rendered, case):
             # Headless: one DNS record per replica, so the coordinator can spread calls over all of them.
             assert service["spec"]["clusterIP"] == "None"
     # The learner's Service reaches rank 0 only.
-    assert one(docs, "Service", f"{FULLNAME}-learner")["spec"]["selector"]["statefulset.kubernetes.io/pod-name"] == f"{FULLNAME}-learner-0"
+    assert (
+        one(docs, "Service", f"{FULLNAME}-learner")["spec"]["selector"]["statefulset.kubernetes.io/pod-name"]
+        == f"{FULLNAME}-learner-0"
+    )
     assert learner.policy_addresses == coord.policy_addresses
     assert coord.runs_dir == "/var/lib/alignd/runs"
     assert learner.checkpoint_dir == "/var/lib/alignd/learner/checkpoints"
@@ -347,7 +359,9 @@ def test_learner_two_pods_of_eight_gpus(rendered):
     assert env["MASTER_ADDR"]["value"] == f"{FULLNAME}-learner-0.{headless}.{NAMESPACE}.svc.cluster.local"
     assert env["MASTER_PORT"]["value"] == "29500"
     service = one(docs, "Service", headless)
-    assert {"name": "rendezvous", "port": 29500, "targetPort": "rendezvous", "protocol": "TCP"} in service["spec"]["ports"]
+    assert {"name": "rendezvous", "port": 29500, "targetPort": "rendezvous", "protocol": "TCP"} in service["spec"][
+        "ports"
+    ]
     # Env vars referenced as $(VAR) are defined before use (Kubernetes expands only earlier ones).
     names = [e["name"] for e in c["env"]]
     for arg in cmd:
@@ -360,7 +374,9 @@ def test_learner_two_pods_of_eight_gpus(rendered):
     np = one(docs, "NetworkPolicy", f"{FULLNAME}-learner")
     peer_rules = [r for r in np["spec"]["ingress"] if "ports" not in r]
     assert len(peer_rules) == 1
-    assert matches(peer_rules[0]["from"][0]["podSelector"]["matchLabels"], sts["spec"]["template"]["metadata"]["labels"])
+    assert matches(
+        peer_rules[0]["from"][0]["podSelector"]["matchLabels"], sts["spec"]["template"]["metadata"]["labels"]
+    )
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -393,16 +409,33 @@ KITCHEN_SINK = {
     "serviceAccount": {"create": False, "name": "rlhf-jobs"},
     "persistence": {"storageClass": "-", "annotations": {"backup": "daily"}},
     "auth": {"existingSecret": "alignd-tokens"},
-    "rewardService": {"type": "LoadBalancer", "annotations": {"lb/internal": "true"}, "loadBalancerSourceRanges": ["203.0.113.0/24"]},
-    "networkPolicy": {"reward": {"allowOtherNamespaces": True, "ipBlocks": ["203.0.113.0/24"]}, "coordinatorFrom": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]},
-    "metrics": {"grafanaDashboard": {"enabled": True, "namespace": "monitoring", "annotations": {"grafana_folder": "RLHF"}}},
+    "rewardService": {
+        "type": "LoadBalancer",
+        "annotations": {"lb/internal": "true"},
+        "loadBalancerSourceRanges": ["203.0.113.0/24"],
+    },
+    "networkPolicy": {
+        "reward": {"allowOtherNamespaces": True, "ipBlocks": ["203.0.113.0/24"]},
+        "coordinatorFrom": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}],
+    },
+    "metrics": {
+        "grafanaDashboard": {"enabled": True, "namespace": "monitoring", "annotations": {"grafana_folder": "RLHF"}}
+    },
     "learner": {
         "replicas": 4,
         "resources": {"limits": {"nvidia.com/gpu": 8}},
         "env": [{"name": "NCCL_SOCKET_IFNAME", "value": "eth0"}],
         "nodeSelector": {"gpu": "h100"},
-        "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
-            {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "learner"}}}]}},
+        "affinity": {
+            "podAntiAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "topologyKey": "kubernetes.io/hostname",
+                        "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "learner"}},
+                    }
+                ]
+            }
+        },
         "podDisruptionBudget": {"maxUnavailable": 0},
         "podAnnotations": {"team": "rlhf"},
     },
@@ -436,8 +469,11 @@ def test_non_default_options_render_valid_manifests(chart):
     policy = one(docs, "Deployment", "rlhf-policy")["spec"]["template"]["spec"]
     assert {"name": "models", "mountPath": "/models", "readOnly": True} in policy["containers"][0]["volumeMounts"]
     assert policy["imagePullSecrets"] == [{"name": "regcred"}]
-    configs = {cm["metadata"]["labels"]["app.kubernetes.io/component"]: yaml.safe_load(cm["data"]["config.yaml"])
-               for cm in find(docs, "ConfigMap") if cm["metadata"]["name"].endswith("-config")}
+    configs = {
+        cm["metadata"]["labels"]["app.kubernetes.io/component"]: yaml.safe_load(cm["data"]["config.yaml"])
+        for cm in find(docs, "ConfigMap")
+        if cm["metadata"]["name"].endswith("-config")
+    }
     assert build_config(ROLE_CONFIGS["policy"], configs["policy"]).model.path == "/models/sft"
     assert build_config(ROLE_CONFIGS["coordinator"], configs["coordinator"]).policy_addresses == [
         f"rlhf-policy-headless.{NAMESPACE}.svc.cluster.local:50051"
@@ -472,7 +508,9 @@ def test_pod_disruption_budgets(rendered):
     for role in ROLES:
         pdb = one(docs, "PodDisruptionBudget", f"{FULLNAME}-{role}")
         assert pdb["spec"]["maxUnavailable"] == 1
-        assert matches(pdb["spec"]["selector"]["matchLabels"], workload(docs, role)["spec"]["template"]["metadata"]["labels"])
+        assert matches(
+            pdb["spec"]["selector"]["matchLabels"], workload(docs, role)["spec"]["template"]["metadata"]["labels"]
+        )
         # A role's selector must not pick another role's pods.
         for other in ROLES:
             if other != role:
@@ -486,7 +524,11 @@ def test_ci_values_are_cpu_only_with_tiny_models(rendered):
     configs = role_configs(docs)
     for role in ("policy", "reward", "reference", "learner"):
         cfg = build_config(ROLE_CONFIGS[role], configs[role])
-        assert cfg.model.path.startswith("builtin:tiny-gpt2") and cfg.model.device == "cpu" and cfg.model.dtype == "float32"
+        assert (
+            cfg.model.path.startswith("builtin:tiny-gpt2")
+            and cfg.model.device == "cpu"
+            and cfg.model.dtype == "float32"
+        )
         assert "tolerations" not in workload(docs, role)["spec"]["template"]["spec"]
     assert build_config(ROLE_CONFIGS["learner"], configs["learner"]).engine.kind == "torch"
     assert container(docs, "learner")["command"] == ["alignd", "serve"]
@@ -500,8 +542,17 @@ def test_chart_packages(tmp_path):
     assert archive.name == "alignd-0.1.0.tgz"
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())
-    for needed in ("Chart.yaml", "values.yaml", "values.schema.json", "README.md", "dashboards/alignd.json",
-                   "rules/alignd.rules.yaml", "ci/ci-values.yaml", "templates/_helpers.tpl", "templates/learner-statefulset.yaml"):
+    for needed in (
+        "Chart.yaml",
+        "values.yaml",
+        "values.schema.json",
+        "README.md",
+        "dashboards/alignd.json",
+        "rules/alignd.rules.yaml",
+        "ci/ci-values.yaml",
+        "templates/_helpers.tpl",
+        "templates/learner-statefulset.yaml",
+    ):
         assert f"alignd/{needed}" in names, needed
 
 
@@ -551,7 +602,9 @@ def test_auth_secret_and_every_role_requires_tokens(rendered, chart):
     assert extra["team-a"] == {"token": "token-a-0123456789", "scopes": ["score"]}
     assert extra["eval-bot"] == {"sha256": "ab" * 32, "scopes": ["score", "runs"]}
     assert role_configs(docs)["reward"]["server"]["auth"]["trusted_networks"] == ["10.244.0.0/16"]
-    assert all("trusted_networks" not in cfg["server"]["auth"] for r, cfg in role_configs(docs).items() if r != "reward")
+    assert all(
+        "trusted_networks" not in cfg["server"]["auth"] for r, cfg in role_configs(docs).items() if r != "reward"
+    )
     # An existing Secret is mounted, not created.
     docs = render(chart, {"auth": {"existingSecret": "alignd-tokens"}})
     assert not find(docs, "Secret")
@@ -597,7 +650,11 @@ def test_coordinator_rbac_is_limited_to_jobs_in_its_namespace(rendered):
     assert role["metadata"]["namespace"] == NAMESPACE
     assert role["rules"] == COORDINATOR_RBAC_RULES
     binding = one(docs, "RoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     sa = one(docs, "ServiceAccount")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}]
     assert workload(docs, "coordinator")["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
@@ -622,7 +679,12 @@ def test_network_policies(rendered, chart):
             out |= {r for r in ROLES if matches(p["podSelector"]["matchLabels"], labels[r])}
         return out
 
-    expected = {"policy": {"coordinator", "learner"}, "reward": {"coordinator"}, "reference": {"coordinator"}, "learner": {"coordinator"}}
+    expected = {
+        "policy": {"coordinator", "learner"},
+        "reward": {"coordinator"},
+        "reference": {"coordinator"},
+        "learner": {"coordinator"},
+    }
     for role, allowed in expected.items():
         np = one(docs, "NetworkPolicy", f"{FULLNAME}-{role}")
         assert matches(np["spec"]["podSelector"]["matchLabels"], labels[role])
@@ -633,7 +695,15 @@ def test_network_policies(rendered, chart):
     # The reward API opened to other namespaces and to load-balancer clients.
     docs = render(
         chart,
-        {"networkPolicy": {"reward": {"allowOtherNamespaces": True, "namespaceSelector": {"matchLabels": {"team": "eval"}}, "ipBlocks": ["10.0.0.0/8"]}}},
+        {
+            "networkPolicy": {
+                "reward": {
+                    "allowOtherNamespaces": True,
+                    "namespaceSelector": {"matchLabels": {"team": "eval"}},
+                    "ipBlocks": ["10.0.0.0/8"],
+                }
+            }
+        },
     )
     peers = grpc_peers(one(docs, "NetworkPolicy", f"{FULLNAME}-reward"))
     assert {"namespaceSelector": {"matchLabels": {"team": "eval"}}} in peers
@@ -676,7 +746,9 @@ def test_metrics_resources(rendered):
     assert sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     (endpoint,) = sm["spec"]["endpoints"]
     assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
-    scraped = [s for s in find(docs, "Service") if matches(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
+    scraped = [
+        s for s in find(docs, "Service") if matches(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+    ]
     # Exactly one scraped Service per role (no double scraping), each with the metrics port, selecting that role's pods.
     assert sorted(s["metadata"]["labels"]["app.kubernetes.io/component"] for s in scraped) == sorted(ROLES)
     for s in scraped:
@@ -712,9 +784,17 @@ def test_metrics_resources(rendered):
     assert len(exprs) >= 15
     used = set().union(*(metrics_in(e) for e in exprs))
     assert used <= known, used - known
-    for needed in ("alignd_coordinator_rollout_tokens_total", "alignd_coordinator_mean_score", "alignd_coordinator_reference_kl",
-                   "alignd_coordinator_phase_seconds", "alignd_coordinator_policy_lag_versions", "alignd_learner_weight_push_seconds",
-                   "alignd_learner_weight_push_bytes_total", "alignd_policy_queue_depth_requests", "grpc_server_handled_total"):
+    for needed in (
+        "alignd_coordinator_rollout_tokens_total",
+        "alignd_coordinator_mean_score",
+        "alignd_coordinator_reference_kl",
+        "alignd_coordinator_phase_seconds",
+        "alignd_coordinator_policy_lag_versions",
+        "alignd_learner_weight_push_seconds",
+        "alignd_learner_weight_push_bytes_total",
+        "alignd_policy_queue_depth_requests",
+        "grpc_server_handled_total",
+    ):
         assert needed in used, needed
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
@@ -728,8 +808,19 @@ def value_paths(node, prefix="") -> list[str]:
     out = []
     for key, val in node.items():
         path = f"{prefix}{key}"
-        free_form = key in {"config", "resources", "podSecurityContext", "containerSecurityContext", "tokens",
-                            "annotations", "labels", "namespaceSelector", "nodeSelector", "affinity", "podAnnotations"}
+        free_form = key in {
+            "config",
+            "resources",
+            "podSecurityContext",
+            "containerSecurityContext",
+            "tokens",
+            "annotations",
+            "labels",
+            "namespaceSelector",
+            "nodeSelector",
+            "affinity",
+            "podAnnotations",
+        }
         if isinstance(val, dict) and val and not free_form:
             out += value_paths(val, path + ".")
         else:
@@ -840,7 +931,12 @@ def test_reward_http_port_everywhere(rendered):
 
 
 TLS_VALUES = {
-    "rewardTLS": {"enabled": True, "secretName": "reward-tls", "mutual": True, "coordinatorClientSecret": "coordinator-client"},
+    "rewardTLS": {
+        "enabled": True,
+        "secretName": "reward-tls",
+        "mutual": True,
+        "coordinatorClientSecret": "coordinator-client",
+    },
 }
 
 
@@ -857,7 +953,10 @@ def test_reward_tls_and_coordinator_credentials(chart):
     coord = build_config(ROLE_CONFIGS["coordinator"], configs["coordinator"]).reward_client
     assert (coord.tokens_file, coord.token_name) == ("/etc/alignd/auth/token", None)  # its own token
     assert coord.ca_file == "/etc/alignd/reward-tls/ca.crt"
-    assert (coord.cert_file, coord.key_file) == ("/etc/alignd/reward-tls-client/tls.crt", "/etc/alignd/reward-tls-client/tls.key")
+    assert (coord.cert_file, coord.key_file) == (
+        "/etc/alignd/reward-tls-client/tls.crt",
+        "/etc/alignd/reward-tls-client/tls.key",
+    )
     assert coord.server_name == f"{FULLNAME}-reward-headless.{NAMESPACE}.svc.cluster.local"
 
     def mounts_and_volumes(role):
@@ -866,7 +965,10 @@ def test_reward_tls_and_coordinator_credentials(chart):
         return mounts, {v["name"]: v for v in pod["volumes"]}
 
     mounts, volumes = mounts_and_volumes("reward")
-    assert mounts["reward-tls"] == "/etc/alignd/reward-tls" and volumes["reward-tls"]["secret"]["secretName"] == "reward-tls"
+    assert (
+        mounts["reward-tls"] == "/etc/alignd/reward-tls"
+        and volumes["reward-tls"]["secret"]["secretName"] == "reward-tls"
+    )
     assert "items" not in volumes["reward-tls"]["secret"]  # tls.crt, tls.key, ca.crt
     assert volumes["reward-tls-client-ca"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
     mounts, volumes = mounts_and_volumes("coordinator")
@@ -893,7 +995,9 @@ def test_mutual_tls_between_all_roles(chart):
     """tls + cert-manager: a Certificate per role (its Services and the peer name, server and client auth); every
     role serves with its certificate and requires the CA's clients; the coordinator and the learner present their
     own; probes go to the plaintext health port."""
-    values = {"tls": {"enabled": True, "certManager": {"enabled": True, "issuerRef": {"name": "alignd-ca", "kind": "Issuer"}}}}
+    values = {
+        "tls": {"enabled": True, "certManager": {"enabled": True, "issuerRef": {"name": "alignd-ca", "kind": "Issuer"}}}
+    }
     docs = render(chart, values)
     for doc in docs:
         if doc["kind"] not in CRD_KINDS | {"Certificate"}:
@@ -911,11 +1015,18 @@ def test_mutual_tls_between_all_roles(chart):
         assert peer in names and f"{FULLNAME}-{role}.{NAMESPACE}.svc.cluster.local" in names
         cfg = build_config(ROLE_CONFIGS[role], configs[role])
         assert (cfg.server.tls.cert_file, cfg.server.tls.key_file, cfg.server.tls.client_ca_file) == (
-            "/etc/alignd/tls/tls.crt", "/etc/alignd/tls/tls.key", "/etc/alignd/tls/ca.crt")
+            "/etc/alignd/tls/tls.crt",
+            "/etc/alignd/tls/tls.key",
+            "/etc/alignd/tls/ca.crt",
+        )
         assert cfg.server.health_port == 9095
         if role in ("coordinator", "learner"):
             assert (cfg.client.ca_file, cfg.client.cert_file, cfg.client.key_file, cfg.client.server_name) == (
-                "/etc/alignd/tls/ca.crt", "/etc/alignd/tls/tls.crt", "/etc/alignd/tls/tls.key", peer)
+                "/etc/alignd/tls/ca.crt",
+                "/etc/alignd/tls/tls.crt",
+                "/etc/alignd/tls/tls.key",
+                peer,
+            )
             assert cfg.client.tokens_file == "/etc/alignd/auth/token"  # TLS does not replace the token
         c = container(docs, role)
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):

@@ -24,18 +24,29 @@ def _request(step: int) -> learner_pb2.TrainStepRequest:
     exps = []
     for _ in range(4):
         p, r = rng.randint(2, 6), rng.randint(1, 6)
-        exps.append(learner_pb2.Experience(
-            prompt_token_ids=[rng.randint(3, 90) for _ in range(p)], response_token_ids=[rng.randint(3, 90) for _ in range(r)],
-            rollout_logprobs=[-2.0] * r, reference_logprobs=[-2.0] * r, score=rng.uniform(-1, 1),
-        ))
+        exps.append(
+            learner_pb2.Experience(
+                prompt_token_ids=[rng.randint(3, 90) for _ in range(p)],
+                response_token_ids=[rng.randint(3, 90) for _ in range(r)],
+                rollout_logprobs=[-2.0] * r,
+                reference_logprobs=[-2.0] * r,
+                score=rng.uniform(-1, 1),
+            )
+        )
     return learner_pb2.TrainStepRequest(step=step, experiences=exps)
 
 
 def _learner(tiny_models, root: Path, keep: int) -> Learner:
-    cfg = LearnerConfig.model_validate({
-        "model": {"path": str(tiny_models["lm"])}, "value_head_on_policy": True, "torch_threads": 1,
-        "ppo": {"minibatches": 1}, "checkpoint_dir": str(root), "checkpoint_keep": keep,
-    })
+    cfg = LearnerConfig.model_validate(
+        {
+            "model": {"path": str(tiny_models["lm"])},
+            "value_head_on_policy": True,
+            "torch_threads": 1,
+            "ppo": {"minibatches": 1},
+            "checkpoint_dir": str(root),
+            "checkpoint_keep": keep,
+        }
+    )
     return Learner(cfg, root.parent)
 
 
@@ -48,7 +59,9 @@ def _dirs(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir())
 
 
-def test_failed_checkpoint_write_keeps_the_previous_one_and_the_retried_step_completes(tiny_models, tmp_path, monkeypatch):
+def test_failed_checkpoint_write_keeps_the_previous_one_and_the_retried_step_completes(
+    tiny_models, tmp_path, monkeypatch
+):
     root = tmp_path / "ckpt"
     learner = _learner(tiny_models, root, keep=2)
     first = _step(learner, 1)
@@ -121,8 +134,24 @@ def test_rewriting_a_checkpoint_of_the_same_name_never_leaves_latest_dangling(tm
             Path(d).mkdir(parents=True, exist_ok=True)
             (Path(d) / "config.json").write_text("{}")
 
-    checkpoint.save(tmp_path, 0, module_state={"a": torch.zeros(1)}, trainer_state={"v": 1}, rank_state={"r": 0}, policy=Policy(), tag="reset")
-    checkpoint.save(tmp_path, 0, module_state={"a": torch.ones(1)}, trainer_state={"v": 2}, rank_state={"r": 0}, policy=Policy(), tag="reset")
+    checkpoint.save(
+        tmp_path,
+        0,
+        module_state={"a": torch.zeros(1)},
+        trainer_state={"v": 1},
+        rank_state={"r": 0},
+        policy=Policy(),
+        tag="reset",
+    )
+    checkpoint.save(
+        tmp_path,
+        0,
+        module_state={"a": torch.ones(1)},
+        trainer_state={"v": 2},
+        rank_state={"r": 0},
+        policy=Policy(),
+        tag="reset",
+    )
     assert all(exists for _, exists in seen), seen
     assert [name for name, _ in seen] == ["step-00000000-reset", "step-00000000-reset.new", "step-00000000-reset"]
     _, trainer_state, _ = checkpoint.load(checkpoint.latest(tmp_path))

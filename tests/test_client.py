@@ -12,10 +12,11 @@ import grpc
 import pytest
 
 from alignd.config import ServerConfig
-from alignd.runtime.client import make_channel, wait_for_serving
+from alignd.runtime.client import wait_for_serving
 from alignd.runtime.errors import Unavailable
 from alignd.runtime.server import ServiceHost
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc, reward_pb2, reward_pb2_grpc
+
 from conftest import secure_channel, tokens_file
 
 
@@ -44,8 +45,11 @@ class FlakyCoordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
 @pytest.fixture
 def host():
-    h = ServiceHost("test", ServerConfig(metrics_port=-1, auth={"tokens_file": str(tokens_file())}),
-                    ["alignd.v1.RewardService", "alignd.v1.CoordinatorService"])
+    h = ServiceHost(
+        "test",
+        ServerConfig(metrics_port=-1, auth={"tokens_file": str(tokens_file())}),
+        ["alignd.v1.RewardService", "alignd.v1.CoordinatorService"],
+    )
     yield h
     h.stop(grace=0)
 
@@ -128,15 +132,27 @@ def test_expand_addresses_spells_out_every_replica_behind_a_name():
         return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, type, 6, "", (ip, port)) for ip in table[host]]
 
     got = expand_addresses(
-        ["policy-headless:50051", "reward:50052", "127.0.0.1:1", "localhost:2", "not-yet:3", "v6-headless:4", "[::1]:5"],
+        [
+            "policy-headless:50051",
+            "reward:50052",
+            "127.0.0.1:1",
+            "localhost:2",
+            "not-yet:3",
+            "v6-headless:4",
+            "[::1]:5",
+        ],
         resolve=resolve,
     )
     assert got == [
-        "10.0.0.5:50051", "10.0.0.6:50051", "10.0.0.7:50051",  # one per distinct replica, sorted
+        "10.0.0.5:50051",
+        "10.0.0.6:50051",
+        "10.0.0.7:50051",  # one per distinct replica, sorted
         "reward:50052",  # a single address: the name is kept (gRPC re-resolves it on reconnect)
-        "127.0.0.1:1", "localhost:2",  # literals and localhost are not looked up
+        "127.0.0.1:1",
+        "localhost:2",  # literals and localhost are not looked up
         "not-yet:3",  # not resolvable yet: kept, the channel retries
-        "[fd00::1]:4", "[fd00::2]:4",
+        "[fd00::1]:4",
+        "[fd00::2]:4",
         "[::1]:5",
     ]
     assert {c[0] for c in calls} == {"policy-headless", "reward", "not-yet", "v6-headless"}

@@ -19,6 +19,7 @@ from alignd.config import (
     load_yaml,
 )
 
+
 def base() -> dict:
     """A minimal valid role config, fresh each call (see test_build_config_does_not_mutate_its_input)."""
     return {"model": {"path": "/models/tiny"}}
@@ -136,7 +137,9 @@ def test_set_value_with_equals_sign_and_empty_value():
 
 
 def test_set_type_errors_name_the_key():
-    config_error(lambda: build_config(PolicyConfig, base(), ["batching.max_batch_size=lots"]), "batching.max_batch_size")
+    config_error(
+        lambda: build_config(PolicyConfig, base(), ["batching.max_batch_size=lots"]), "batching.max_batch_size"
+    )
     config_error(lambda: build_config(PolicyConfig, base(), ["batching.max_batch_size=0"]), "batching.max_batch_size")
     config_error(lambda: build_config(PolicyConfig, base(), ["model.dtype=float8"]), "model.dtype")
 
@@ -269,7 +272,11 @@ def test_the_pipeline_seed_seeds_every_stage_not_set_itself():
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "alignd.cli", *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+        [sys.executable, "-m", "alignd.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
     )
 
 

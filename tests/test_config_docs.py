@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 import yaml
 
 from alignd.config import PipelineJobConfig, PPOJobConfig, StackConfig, load_config, reference_markdown

@@ -68,10 +68,13 @@ def test_rankings_round_trip_and_pairs(tmp_path):
 
 
 def test_pairwise_becomes_k2(tmp_path):
-    path = write_lines(tmp_path / "pairs.jsonl", [
-        {"prompt": "Q?", "chosen": " good", "rejected": " bad", "id": 7},  # extra fields are ignored
-        {"prompt": "R?", "chosen": "yes", "rejected": "no"},
-    ])
+    path = write_lines(
+        tmp_path / "pairs.jsonl",
+        [
+            {"prompt": "Q?", "chosen": " good", "rejected": " bad", "id": 7},  # extra fields are ignored
+            {"prompt": "R?", "chosen": "yes", "rejected": "no"},
+        ],
+    )
     got, report = load_comparisons(path)
     assert report.format == "pairwise"
     assert got == [Comparison("Q?", [" good", " bad"], [0, 1]), Comparison("R?", ["yes", "no"], [0, 1])]
@@ -79,9 +82,12 @@ def test_pairwise_becomes_k2(tmp_path):
 
 def test_hh_transcripts_split_at_last_assistant_turn(tmp_path):
     prefix = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: How do I bake bread?\n\nAssistant:"
-    path = write_lines(tmp_path / "hh.jsonl", [
-        {"chosen": prefix + " Knead, rise, bake.", "rejected": prefix + " I can't help."},
-    ])
+    path = write_lines(
+        tmp_path / "hh.jsonl",
+        [
+            {"chosen": prefix + " Knead, rise, bake.", "rejected": prefix + " I can't help."},
+        ],
+    )
     (got,), report = load_comparisons(path)
     assert report.format == "hh"
     assert got == Comparison(prefix, [" Knead, rise, bake.", " I can't help."], [0, 1])
@@ -197,18 +203,34 @@ BAD_COMPARISONS = [
     ("prompt not a string", {**GOOD_RANK, "prompt": 3}, "field 'prompt' must be a string, got a number"),
     ("empty prompt", {**GOOD_RANK, "prompt": "  "}, "field 'prompt' is empty"),
     ("completions not a list", {**GOOD_RANK, "completions": "abc"}, "must be an array of strings"),
-    ("completion not a string", {**GOOD_RANK, "completions": ["a", None, "c"]}, "completions[1] must be a string, got null"),
+    (
+        "completion not a string",
+        {**GOOD_RANK, "completions": ["a", None, "c"]},
+        "completions[1] must be a string, got null",
+    ),
     ("empty completion", {**GOOD_RANK, "completions": ["a", "", "c"]}, "completions[1] is empty"),
     ("K = 1", {"prompt": "p", "completions": ["a"], "ranking": [0]}, "K = 1 completions; a ranking needs at least 2"),
-    ("K = 10", {"prompt": "p", "completions": [str(i) for i in range(10)], "ranking": list(range(10))}, "K = 10 completions; at most 9"),
+    (
+        "K = 10",
+        {"prompt": "p", "completions": [str(i) for i in range(10)], "ranking": list(range(10))},
+        "K = 10 completions; at most 9",
+    ),
     ("ranking repeats", {**GOOD_RANK, "ranking": [0, 0, 1]}, "ranking [0, 0, 1] is not a permutation of 0..2"),
     ("ranking too short", {**GOOD_RANK, "ranking": [0, 1]}, "is not a permutation"),
     ("ranking out of range", {**GOOD_RANK, "ranking": [1, 2, 3]}, "is not a permutation"),
     ("ranking 1-based", {**GOOD_RANK, "ranking": [3, 1, 2]}, "is not a permutation"),
     ("ranking of floats", {**GOOD_RANK, "ranking": [0.0, 1.0, 2.0]}, "must be an array of completion indices"),
-    ("ranking of bools", {"prompt": "p", "completions": ["a", "b"], "ranking": [True, False]}, "must be an array of completion indices"),
+    (
+        "ranking of bools",
+        {"prompt": "p", "completions": ["a", "b"], "ranking": [True, False]},
+        "must be an array of completion indices",
+    ),
     ("duplicate completions", {**GOOD_RANK, "completions": ["a", "b", "a"]}, "completions 0 and 2 are identical"),
-    ("other format", {"prompt": "p", "chosen": "a", "rejected": "b"}, "line is in the pairwise format but the file is rankings (from line 1)"),
+    (
+        "other format",
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        "line is in the pairwise format but the file is rankings (from line 1)",
+    ),
 ]
 
 
@@ -239,7 +261,11 @@ BAD_PAIRS = [
     ("missing rejected", {"prompt": "p", "chosen": "a"}, "missing field 'rejected'"),
     ("missing prompt", {"chosen": "a", "rejected": "b"}, "missing field 'prompt'"),
     ("empty chosen", {"prompt": "p", "chosen": "", "rejected": "b"}, "field 'chosen' is empty"),
-    ("chosen not a string", {"prompt": "p", "chosen": ["a"], "rejected": "b"}, "field 'chosen' must be a string, got an array"),
+    (
+        "chosen not a string",
+        {"prompt": "p", "chosen": ["a"], "rejected": "b"},
+        "field 'chosen' must be a string, got an array",
+    ),
     ("identical", {"prompt": "p", "chosen": "same", "rejected": "same"}, "'chosen' and 'rejected' are identical"),
 ]
 
@@ -253,13 +279,33 @@ def test_bad_pairwise_line(tmp_path, name, line, problem):
 
 
 BAD_HH = [
-    ("no assistant turn", {"chosen": "\n\nHuman: q", "rejected": HH_PREFIX + " b"}, "'chosen' transcript has no '\\n\\nAssistant:' turn"),
-    ("ends with human", {"chosen": HH_PREFIX + " a", "rejected": HH_PREFIX + " b\n\nHuman: more?"}, "'rejected' transcript ends with a Human turn"),
-    ("prefixes differ", {"chosen": HH_PREFIX + " a", "rejected": "\n\nHuman: Q\n\nAssistant: b"}, "transcripts differ before their last Assistant reply (at character 9)"),
-    ("identical", {"chosen": HH_PREFIX + " a", "rejected": HH_PREFIX + " a"}, "'chosen' and 'rejected' transcripts are identical"),
+    (
+        "no assistant turn",
+        {"chosen": "\n\nHuman: q", "rejected": HH_PREFIX + " b"},
+        "'chosen' transcript has no '\\n\\nAssistant:' turn",
+    ),
+    (
+        "ends with human",
+        {"chosen": HH_PREFIX + " a", "rejected": HH_PREFIX + " b\n\nHuman: more?"},
+        "'rejected' transcript ends with a Human turn",
+    ),
+    (
+        "prefixes differ",
+        {"chosen": HH_PREFIX + " a", "rejected": "\n\nHuman: Q\n\nAssistant: b"},
+        "transcripts differ before their last Assistant reply (at character 9)",
+    ),
+    (
+        "identical",
+        {"chosen": HH_PREFIX + " a", "rejected": HH_PREFIX + " a"},
+        "'chosen' and 'rejected' transcripts are identical",
+    ),
     ("empty reply", {"chosen": HH_PREFIX, "rejected": HH_PREFIX + " b"}, "the 'chosen' reply is empty"),
     ("no prompt before", {"chosen": "\n\nAssistant: a", "rejected": "\n\nAssistant: b"}, "empty prompt"),
-    ("pairwise line", {"prompt": "p", "chosen": "a", "rejected": "b"}, "line is in the pairwise format but the file is HH-RLHF transcript"),
+    (
+        "pairwise line",
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        "line is in the pairwise format but the file is HH-RLHF transcript",
+    ),
 ]
 
 
@@ -325,7 +371,9 @@ def test_unreadable_files(tmp_path):
     with pytest.raises(DataError, match=rf"^{tmp_path}: cannot read file"):
         load_prompts(tmp_path)
     # a gzip file cut short: the line being read is named, even with skip_bad
-    good = write_lines(tmp_path / "d.jsonl.gz", [{"prompt": f"p{i}", "completion": "c" * 200} for i in range(200)], gz=True)
+    good = write_lines(
+        tmp_path / "d.jsonl.gz", [{"prompt": f"p{i}", "completion": "c" * 200} for i in range(200)], gz=True
+    )
     cut = tmp_path / "cut.jsonl.gz"
     cut.write_bytes(good.read_bytes()[:-40])
     with pytest.raises(DataError, match=rf"^{cut}:\d+: cannot read file"):
@@ -340,19 +388,21 @@ def test_empty_or_all_bad_file_refuses(tmp_path):
     bad = write_lines(tmp_path / "bad.jsonl", [{"x": 1}, {"y": 2}])
     with pytest.raises(DataError, match=r"^.*bad.jsonl:1: cannot tell the comparison format"):
         load_comparisons(bad)
-    with pytest.raises(DataError, match=rf"^{bad}: no comparisons \(2 bad line\(s\) skipped, first: {bad}:1: cannot tell"):
+    with pytest.raises(
+        DataError, match=rf"^{bad}: no comparisons \(2 bad line\(s\) skipped, first: {bad}:1: cannot tell"
+    ):
         load_comparisons(bad, skip_bad=True)
 
 
 def test_skip_bad_counts_reports_and_keeps_good_lines(tmp_path):
     lines = [
-        GOOD_RANK,                                            # 1 ok: fixes the format
-        "not json",                                           # 2
+        GOOD_RANK,  # 1 ok: fixes the format
+        "not json",  # 2
         {"prompt": "p", "completions": ["a"], "ranking": [0]},  # 3 K < 2
-        {**GOOD_RANK, "prompt": "q"},                         # 4 ok
-        {**GOOD_RANK, "ranking": [2, 1, 1]},                  # 5 not a permutation
-        {**GOOD_RANK, "completions": ["a", " ", "c"]},        # 6 ok, with a warning
-        {**GOOD_RANK, "completions": [" ", "", "c"]},         # 7 empty (its whitespace warning is dropped with it)
+        {**GOOD_RANK, "prompt": "q"},  # 4 ok
+        {**GOOD_RANK, "ranking": [2, 1, 1]},  # 5 not a permutation
+        {**GOOD_RANK, "completions": ["a", " ", "c"]},  # 6 ok, with a warning
+        {**GOOD_RANK, "completions": [" ", "", "c"]},  # 7 empty (its whitespace warning is dropped with it)
     ]
     path = write_lines(tmp_path / "r.jsonl", lines)
     with pytest.raises(DataError, match=rf"^{path}:2: invalid JSON"):

@@ -23,10 +23,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ds_worker
 import pytest
 import torch
 
-import ds_worker
 from alignd import rlmath
 from alignd.services.learner.reduction import DataParallel, token_share
 
@@ -60,12 +60,27 @@ def zero2_run(models, tmp_path_factory):
         "TOKENIZERS_PARALLELISM": "false",
     }
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(WORKER), "--models", str(models), "--out", str(out), "--engine", "deepspeed", "--zero-stage", "2",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        "--models",
+        str(models),
+        "--out",
+        str(out),
+        "--engine",
+        "deepspeed",
+        "--zero-stage",
+        "2",
         "--check-resume",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"torchrun exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"torchrun exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     result = json.loads(out.read_text())
     assert result["world_size"] == 2
     return (

@@ -17,7 +17,10 @@ def test_demo_calls_every_role_and_writes_summary(tmp_path):
     env = dict(os.environ, ALIGND_CACHE=str(tmp_path / "cache"))
     out = subprocess.run(
         [sys.executable, "-m", "alignd.cli", "demo", "--run-dir", str(run_dir)],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     summary = json.loads((run_dir / "demo.json").read_text())

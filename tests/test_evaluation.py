@@ -12,13 +12,13 @@ from statistics import NormalDist
 
 import pytest
 
-from alignd.evaluation import _t_quantile_expansion
 from alignd.evaluation import (
     REPORT_KEYS,
     SCHEMA_VERSION,
     KLSummary,
     MeanCI,
     WinRate,
+    _t_quantile_expansion,
     alignment_tax,
     build_report_json,
     kl_summary,
@@ -63,7 +63,9 @@ def test_wilson_60_of_100_matches_the_formula():
 
 @pytest.mark.parametrize("successes,n,confidence", [(7, 20, 0.95), (33.5, 41, 0.9), (1, 3, 0.99), (480, 500, 0.95)])
 def test_wilson_interval_matches_the_formula(successes, n, confidence):
-    assert wilson_interval(successes, n, confidence) == pytest.approx(wilson_by_hand(successes, n, confidence), abs=1e-12)
+    assert wilson_interval(successes, n, confidence) == pytest.approx(
+        wilson_by_hand(successes, n, confidence), abs=1e-12
+    )
 
 
 def test_ties_count_half_and_n_is_unchanged():
@@ -283,9 +285,16 @@ def test_report_json_schema_and_round_trip():
     assert (r0["round"], r0["accuracy"], r0["n"]) == (0, 0.70, 500) and r0["lower"] < 0.70 < r0["upper"]
     assert r1 == {"round": 1, "accuracy": 0.715, "n": None, "lower": None, "upper": None, "breakdown": None}
     assert report["labeler_agreement"] == {"agreement": 0.731, "stderr": 0.004, "temperature": 0.8, "pairs": 1200}
-    assert report["kl_to_reference"] == {"per_token": pytest.approx(0.02), "per_sequence": pytest.approx(0.04), "sequences": 2, "tokens": 4}
+    assert report["kl_to_reference"] == {
+        "per_token": pytest.approx(0.02),
+        "per_sequence": pytest.approx(0.04),
+        "sequences": 2,
+        "tokens": 4,
+    }
     assert set(report["reward"]) == {"sft", "final"} and report["reward"]["final"]["mean"] == pytest.approx(1.05)
-    assert report["reward"]["sft"]["n"] == 4 and report["reward"]["sft"]["lower"] < 0.05 < report["reward"]["sft"]["upper"]
+    assert (
+        report["reward"]["sft"]["n"] == 4 and report["reward"]["sft"]["lower"] < 0.05 < report["reward"]["sft"]["upper"]
+    )
     assert report["alignment_tax"]["without_ptx"]["relative"] == pytest.approx(0.1)
     assert report["alignment_tax"]["with_ptx"]["absolute"] == pytest.approx(0.03)
     assert report["wall_seconds_per_stage"] == {"sft": 12.5, "rm": 30.25, "ppo": 600.0, "evaluate": 7.0}

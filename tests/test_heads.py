@@ -66,8 +66,16 @@ def test_policy_value_gradients_equal_with_and_without_the_split(tiny_models):
 def test_models_with_post_processed_logits_get_the_full_forward():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    cfg = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=1, head_dim=8, final_logit_softcapping=2.0)
+    cfg = Gemma2Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        final_logit_softcapping=2.0,
+    )
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(cfg).eval()
     with torch.no_grad():  # logits large enough for the soft cap to bend them

@@ -14,7 +14,17 @@ import pytest
 import yaml
 
 from alignd.services.coordinator.replicas import Rotation
-from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc, learner_pb2, learner_pb2_grpc, model_pb2, model_pb2_grpc, reward_pb2, reward_pb2_grpc
+from alignd.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    learner_pb2,
+    learner_pb2_grpc,
+    model_pb2,
+    model_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+)
+
 from conftest import start_role, start_roles, stop_roles
 from helpers import wait_until
 
@@ -36,10 +46,15 @@ def _events(log: str, name: str) -> list[dict]:
 
 def _start_run(coord, run_id: str, steps: int, prompts: int, tokens: int):
     stub = coordinator_pb2_grpc.CoordinatorServiceStub(coord.channel)
-    cfg = yaml.safe_dump({
-        "steps": steps, "prompts_per_step": prompts, "prompts": {"path": str(ROOT / "configs" / "tiny_prompts.txt")},
-        "sampling": {"max_new_tokens": tokens, "ignore_eos": True}, "seed": 3,
-    })
+    cfg = yaml.safe_dump(
+        {
+            "steps": steps,
+            "prompts_per_step": prompts,
+            "prompts": {"path": str(ROOT / "configs" / "tiny_prompts.txt")},
+            "sampling": {"max_new_tokens": tokens, "ignore_eos": True},
+            "seed": 3,
+        }
+    )
     stub.StartRun(coordinator_pb2.StartRunRequest(run_id=run_id, config_yaml=cfg), timeout=60)
     return stub
 
@@ -47,9 +62,15 @@ def _start_run(coord, run_id: str, steps: int, prompts: int, tokens: int):
 def _finish_run(stub, run_id: str) -> list[dict]:
     """Waits for the run to end; it must have succeeded. Its metrics.jsonl rows."""
     ended = (coordinator_pb2.RUN_STATE_RUNNING, coordinator_pb2.RUN_STATE_PENDING)
-    run = wait_until(f"run {run_id} ended", lambda: (
-        r if (r := stub.GetRun(coordinator_pb2.GetRunRequest(run_id=run_id), timeout=30).run).state not in ended else None
-    ), timeout=300)
+    run = wait_until(
+        f"run {run_id} ended",
+        lambda: (
+            r
+            if (r := stub.GetRun(coordinator_pb2.GetRunRequest(run_id=run_id), timeout=30).run).state not in ended
+            else None
+        ),
+        timeout=300,
+    )
     assert run.state == coordinator_pb2.RUN_STATE_SUCCEEDED, run.error
     path = Path(run.run_dir) / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
@@ -69,8 +90,12 @@ def test_retry_budget_per_phase_bounds_the_wait_for_an_unavailable_role():
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
     cfg = CoordinatorConfig(
-        policy_addresses=[dead], reward_addresses=[dead], reference_addresses=[dead], learner_address=dead,
-        recovery_timeout_seconds=600, retry_budget_seconds={"score": 0.5},
+        policy_addresses=[dead],
+        reward_addresses=[dead],
+        reference_addresses=[dead],
+        learner_address=dead,
+        recovery_timeout_seconds=600,
+        retry_budget_seconds={"score": 0.5},
     )
     roles = Roles(cfg)
     assert roles.budget("Score") == 0.5 and roles.budget("TrainStep") == 600
@@ -112,30 +137,50 @@ class Stack:
         slow = {**base, "server": {"fault_injection": {"delay_seconds": SLOW_DELAY_S, "methods": ["Generate"]}}}
         reward = {**base, "function": {"name": "token_fraction", "args": {"token_ids": list(range(35, 67))}}}
         names = ("fast_a", "fast_b", "slow", "reference", "reward")
-        servers = start_roles([
-            ("policy", base, work / "fast_a"), ("policy", base, work / "fast_b"), ("policy", slow, work / "slow"),
-            ("reference", base, work / "reference"), ("reward", reward, work / "reward"),
-        ])
+        servers = start_roles(
+            [
+                ("policy", base, work / "fast_a"),
+                ("policy", base, work / "fast_b"),
+                ("policy", slow, work / "slow"),
+                ("reference", base, work / "reference"),
+                ("reward", reward, work / "reward"),
+            ]
+        )
         self.servers.update(zip(names, servers))
-        self.servers["learner"] = start_role("learner", {
-            **base, "value_head_on_policy": True, "ppo": {"minibatches": 2, "epochs": 4}, "optimizer": {"lr": 1e-3, "warmup_steps": 0},
-            "checkpoint_dir": str(work / "ckpt"), "checkpoint_every_steps": 0,
-            "policy_addresses": [self.servers[k].address for k in ("fast_a", "fast_b", "slow")],
-        }, work / "learner")
+        self.servers["learner"] = start_role(
+            "learner",
+            {
+                **base,
+                "value_head_on_policy": True,
+                "ppo": {"minibatches": 2, "epochs": 4},
+                "optimizer": {"lr": 1e-3, "warmup_steps": 0},
+                "checkpoint_dir": str(work / "ckpt"),
+                "checkpoint_every_steps": 0,
+                "policy_addresses": [self.servers[k].address for k in ("fast_a", "fast_b", "slow")],
+            },
+            work / "learner",
+        )
 
     def coordinator(self, name: str, replicas: list[str]):
         """A coordinator over these policy replicas; the learner starts afresh from the tiny model first."""
         self.version += 1000
         learner_pb2_grpc.LearnerServiceStub(self.servers["learner"].channel).ResetPolicy(
-            learner_pb2.ResetPolicyRequest(policy_dir=self.lm, version=self.version), timeout=120)
-        c = start_role("coordinator", {
-            "policy_addresses": [self.servers[k].address for k in replicas],
-            "reward_addresses": [self.servers["reward"].address],
-            "reference_addresses": [self.servers["reference"].address],
-            "learner_address": self.servers["learner"].address, "runs_dir": str(self.work / name / "runs"),
-            "rpc_timeout_seconds": 120, "hedging": {"min_delay_seconds": 0.1, "out_of_rotation_steps": 2},
-            "paths": self.roots,
-        }, self.work / name)
+            learner_pb2.ResetPolicyRequest(policy_dir=self.lm, version=self.version), timeout=120
+        )
+        c = start_role(
+            "coordinator",
+            {
+                "policy_addresses": [self.servers[k].address for k in replicas],
+                "reward_addresses": [self.servers["reward"].address],
+                "reference_addresses": [self.servers["reference"].address],
+                "learner_address": self.servers["learner"].address,
+                "runs_dir": str(self.work / name / "runs"),
+                "rpc_timeout_seconds": 120,
+                "hedging": {"min_delay_seconds": 0.1, "out_of_rotation_steps": 2},
+                "paths": self.roots,
+            },
+            self.work / name,
+        )
         self.coords.append(c)
         return c
 
@@ -229,5 +274,7 @@ def test_killed_replica_fails_over_then_comes_back_resynced(stack):
     back = _events(log, "replica_back_in_rotation")
     assert back and back[-1]["replica"] == addr
     # Restarted at its configured weights (version 0), it got the current weights before serving again.
-    info = model_pb2_grpc.ModelServiceStub(stack.servers["fast_b"].channel).GetInfo(model_pb2.GetInfoRequest(), timeout=10)
+    info = model_pb2_grpc.ModelServiceStub(stack.servers["fast_b"].channel).GetInfo(
+        model_pb2.GetInfoRequest(), timeout=10
+    )
     assert info.info.weight_version == rows[-1]["policy_version"]

@@ -38,7 +38,7 @@ class Import:
 
 
 def module_files(libs: Path, services: Path) -> dict[str, Path]:
-    """Module name -> file, with the package layout of pyproject.toml (libs/alignd = alignd, services = alignd.services)."""
+    """Module name -> file, with pyproject.toml's package layout (libs/alignd = alignd, services = alignd.services)."""
     out: dict[str, Path] = {}
     for base, prefix in ((libs / "alignd", "alignd"), (services, "alignd.services")):
         for path in sorted(base.rglob("*.py")):
@@ -138,9 +138,12 @@ def test_known_exceptions_still_exist():
 def _tree(tmp_path: Path, files: dict[str, str]) -> tuple[Path, Path]:
     libs, services = tmp_path / "libs", tmp_path / "services"
     base = {
-        "libs/alignd/__init__.py": "", "libs/alignd/rlmath.py": "import math\n",
-        "libs/alignd/runtime/__init__.py": "", "libs/alignd/runtime/server.py": "import grpc\n",
-        "libs/alignd/heavy.py": "import torch\n", "libs/alignd/light.py": "import json\n",
+        "libs/alignd/__init__.py": "",
+        "libs/alignd/rlmath.py": "import math\n",
+        "libs/alignd/runtime/__init__.py": "",
+        "libs/alignd/runtime/server.py": "import grpc\n",
+        "libs/alignd/heavy.py": "import torch\n",
+        "libs/alignd/light.py": "import json\n",
         "services/__init__.py": "",
         **{f"services/{r}/__init__.py": "" for r in ROLES},
         **{f"services/{r}/app.py": "from alignd import light\n" for r in ROLES},
@@ -164,9 +167,14 @@ def test_each_rule_fails_when_broken_on_purpose(tmp_path):
         found = violations(*_tree(tmp_path / rule.replace(" ", "_"), files))
         assert len(found) == 1 and found[0].startswith(rule), (rule, found)
     # A lazy import of torch in a shared module the coordinator uses is allowed (it never runs there) ...
-    lazy = {"libs/alignd/light.py": "def f():\n    import torch\n", "services/coordinator/app.py": "from alignd import light\n"}
+    lazy = {
+        "libs/alignd/light.py": "def f():\n    import torch\n",
+        "services/coordinator/app.py": "from alignd import light\n",
+    }
     assert violations(*_tree(tmp_path / "lazy", lazy)) == []
     # ... but not one at module level two modules away.
     chain = {"libs/alignd/light.py": "from alignd import heavy\n"}
     found = violations(*_tree(tmp_path / "chain", chain))
-    assert found and all("coordinator imports torch: alignd.heavy:1 (reached from alignd.services.coordinator" in v for v in found)
+    assert found and all(
+        "coordinator imports torch: alignd.heavy:1 (reached from alignd.services.coordinator" in v for v in found
+    )

@@ -20,6 +20,7 @@ from alignd.runtime.client import make_channel
 from alignd.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from alignd.runtime.interceptor import REQUEST_ID_KEY
 from alignd.runtime.server import ServiceHost
+
 from conftest import secure_channel, tokens_file
 
 SERVICE = "alignd.test.Probe"
@@ -102,9 +103,7 @@ class Probe:
 
     def unary(self, method: str, request: bytes = b"x", metadata=None):
         """(response, call) on success; raises grpc.RpcError (also a Call) on error."""
-        return self.channel.unary_unary(f"/{SERVICE}/{method}").with_call(
-            request, timeout=TIMEOUT, metadata=metadata
-        )
+        return self.channel.unary_unary(f"/{SERVICE}/{method}").with_call(request, timeout=TIMEOUT, metadata=metadata)
 
     def error(self, method: str, **kw) -> grpc.RpcError:
         with pytest.raises(grpc.RpcError) as info:
@@ -119,14 +118,22 @@ class Probe:
         return value or 0.0
 
     def health(self, service: str = "") -> int:
-        return health_pb2_grpc.HealthStub(self.channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT
-        ).status
+        return (
+            health_pb2_grpc.HealthStub(self.channel)
+            .Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+            .status
+        )
 
 
 def make_host() -> ServiceHost:
-    cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, max_workers=4, grace_seconds=0,
-                       auth={"tokens_file": str(tokens_file())})
+    cfg = ServerConfig(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=-1,
+        max_workers=4,
+        grace_seconds=0,
+        auth={"tokens_file": str(tokens_file())},
+    )
     host = ServiceHost("probe", cfg, [SERVICE])
     host.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, HANDLERS),))
     host.start()

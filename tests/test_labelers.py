@@ -89,8 +89,13 @@ def test_deterministic_and_independent_of_call_order():
         "lab = SimulatedLabeler(lambda p, c: float(len(c)), 2.0, seed=11)\n"
         "print(lab.rank('hello', ['a', 'bb', 'ccc', 'dddd', 'eeeee', 'ffffff']))\n"
     )
-    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
-    here = SimulatedLabeler(lambda p, c: float(len(c)), 2.0, seed=11).rank("hello", ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"])
+    runs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    }
+    here = SimulatedLabeler(lambda p, c: float(len(c)), 2.0, seed=11).rank(
+        "hello", ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"]
+    )
     assert runs == {f"{here}\n"}
     # another seed labels differently somewhere
     other = SimulatedLabeler(linear_gold, 0.7, seed=12)
@@ -100,8 +105,12 @@ def test_deterministic_and_independent_of_call_order():
 def test_noise_is_shared_across_temperatures():
     """Same seed, different temperature: the same Gumbel draws (common random numbers)."""
     p, c = ITEMS[0]
-    assert SimulatedLabeler(linear_gold, 0.1, seed=4).noise(p, c) == SimulatedLabeler(linear_gold, 9.0, seed=4).noise(p, c)
-    assert SimulatedLabeler(linear_gold, 0.1, seed=4).noise(p, c) != SimulatedLabeler(linear_gold, 0.1, seed=5).noise(p, c)
+    assert SimulatedLabeler(linear_gold, 0.1, seed=4).noise(p, c) == SimulatedLabeler(linear_gold, 9.0, seed=4).noise(
+        p, c
+    )
+    assert SimulatedLabeler(linear_gold, 0.1, seed=4).noise(p, c) != SimulatedLabeler(linear_gold, 0.1, seed=5).noise(
+        p, c
+    )
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1e-9])

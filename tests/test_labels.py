@@ -162,7 +162,9 @@ def test_reopened_store_sees_every_accepted_label(tmp_path):
         assert len(again.pending(labeler="b", lease_s=0)) == 20 - 7 and again.pending(labeler="a", lease_s=0) == []
 
 
-@pytest.mark.parametrize("tail", [b'{"task_id": "task-0003", "labeler": "a", "prom', b"\x00\x00\x00\x00\n", b"\x00" * 7])
+@pytest.mark.parametrize(
+    "tail", [b'{"task_id": "task-0003", "labeler": "a", "prom', b"\x00\x00\x00\x00\n", b"\x00" * 7]
+)
 def test_torn_last_line_is_dropped_and_logged(tmp_path, caplog, tail):
     tasks = make_tasks(5)
     with ComparisonStore(tmp_path) as store:
@@ -197,7 +199,9 @@ def test_corruption_before_the_last_line_refuses_to_open(tmp_path):
     with pytest.raises(DataError, match=r"labels\.jsonl:2: corrupt label record"):
         ComparisonStore(tmp_path)
     # a well-formed line for a task that is not in the round is corruption, not a torn append
-    lines[1] = json.dumps({"task_id": "nope", "labeler": "a", "prompt": "p", "completions": ["a", "b"], "ranking": [0, 1], "time": 1.0}).encode()
+    lines[1] = json.dumps(
+        {"task_id": "nope", "labeler": "a", "prompt": "p", "completions": ["a", "b"], "ranking": [0, 1], "time": 1.0}
+    ).encode()
     path.write_bytes(b"\n".join(lines))
     with pytest.raises(DataError, match="not in tasks.jsonl"):
         ComparisonStore(tmp_path)
@@ -226,7 +230,17 @@ def test_bad_submissions_raise_label_error_naming_the_field(tmp_path):
         assert isinstance(e.value, LabelError) and isinstance(e.value, KeyError)
         assert e.value.field == "task_id" and e.value.code == "not_found"
         assert str(e.value) == "task_id: unknown task 'task-9999': not in this labeling round"
-        for ranking in ([0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 1, 2], [1, 2, 3, 4], ["0", "1", "2", "3"], [True, False, 2, 3], "0123", None, [0.0, 1, 2, 3]):
+        for ranking in (
+            [0, 1, 2],
+            [0, 1, 2, 3, 4],
+            [0, 0, 1, 2],
+            [1, 2, 3, 4],
+            ["0", "1", "2", "3"],
+            [True, False, 2, 3],
+            "0123",
+            None,
+            [0.0, 1, 2, 3],
+        ):
             with pytest.raises(LabelError) as e:
                 store.submit(tid, ranking, "a")
             assert e.value.field == "ranking" and e.value.code == "invalid_argument", ranking
@@ -371,7 +385,7 @@ def test_label_with_resumes_where_it_stopped(tmp_path):
         assert [(lab.task_id, lab.ranking) for lab in store.labels()] == straight
         store.export_comparisons(tmp_path / "resumed.jsonl")
     assert (tmp_path / "resumed.jsonl").read_bytes() == (tmp_path / "straight.jsonl").read_bytes()
-    for t, (tid, ranking) in zip(tasks, straight):
+    for t, (_tid, ranking) in zip(tasks, straight):
         assert list(ranking) == sim.rank(t.prompt, list(t.completions))
 
 

@@ -17,20 +17,29 @@ import json
 import re
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import kubernetes_validate
 import pytest
+from test_chart import COORDINATOR_RBAC_RULES  # the chart's Role, checked against rbac.yaml there
 
 from alignd.config import CoordinatorConfig, KubernetesLauncherConfig, LauncherConfig, build_config
 from alignd.services.coordinator import launchers
 from alignd.services.coordinator.launchers import (
-    JobFailed, JobResources, JobSpec, KubernetesLauncher, LauncherError, LocalLauncher, build_job_manifest, job_name,
-    make_launcher, rm_response, run_rm_job,
+    JobFailed,
+    JobResources,
+    JobSpec,
+    KubernetesLauncher,
+    LauncherError,
+    LocalLauncher,
+    build_job_manifest,
+    job_name,
+    make_launcher,
+    rm_response,
+    run_rm_job,
 )
-from test_chart import COORDINATOR_RBAC_RULES  # the chart's Role, checked against rbac.yaml there
 
 KUBE_VERSIONS = ("1.30.0", "1.33.0")
 NS = "ml"
@@ -41,20 +50,30 @@ def k8s_cfg(**kw) -> KubernetesLauncherConfig:
     return build_config(KubernetesLauncherConfig, {**base, **kw})
 
 
-CPU_SPEC = JobSpec(name="pipeline-rm-0", args=["job", "train-rm", "--request", "/var/lib/alignd/runs/p/jobs/r.json"],
-                   resources=JobResources(cpu="2", memory="8Gi"))
-GPU_SPEC = JobSpec(name="Run_42/RM round 3 with a rather long name that will not fit in sixty-three characters",
-                   args=["job", "train-rm", "--request", "/var/lib/alignd/runs/p/jobs/r.json"],
-                   env={"EXTRA": "1"}, resources=JobResources(cpu="8", memory="64Gi", gpu=1), labels={"team": "rl"})
+CPU_SPEC = JobSpec(
+    name="pipeline-rm-0",
+    args=["job", "train-rm", "--request", "/var/lib/alignd/runs/p/jobs/r.json"],
+    resources=JobResources(cpu="2", memory="8Gi"),
+)
+GPU_SPEC = JobSpec(
+    name="Run_42/RM round 3 with a rather long name that will not fit in sixty-three characters",
+    args=["job", "train-rm", "--request", "/var/lib/alignd/runs/p/jobs/r.json"],
+    env={"EXTRA": "1"},
+    resources=JobResources(cpu="8", memory="64Gi", gpu=1),
+    labels={"team": "rl"},
+)
 
 
 # -- the manifest -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec", [CPU_SPEC, GPU_SPEC], ids=["cpu", "gpu"])
 def test_job_manifest_is_a_valid_kubernetes_job(spec):
     cfg = k8s_cfg(
-        service_account="alignd-jobs", image_pull_secrets=["regcred"], node_selector={"pool": "gpu"},
+        service_account="alignd-jobs",
+        image_pull_secrets=["regcred"],
+        node_selector={"pool": "gpu"},
         tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        labels={"app.kubernetes.io/instance": "rel"}, env={"NCCL_DEBUG": "WARN"},
+        labels={"app.kubernetes.io/instance": "rel"},
+        env={"NCCL_DEBUG": "WARN"},
     )
     m = build_job_manifest(spec, cfg, timeout=3600.5, namespace=NS)
     for version in KUBE_VERSIONS:
@@ -100,10 +119,17 @@ def test_launcher_config_chooses_the_launcher_and_checks_kubernetes_fields(monke
     assert isinstance(make_launcher(CoordinatorConfig().launcher), LocalLauncher)
     with pytest.raises(Exception, match="kubernetes.image and kubernetes.pvc_claim required"):
         build_config(CoordinatorConfig, {"launcher": {"kind": "kubernetes"}})
-    cfg = build_config(CoordinatorConfig, {}, [
-        "launcher.kind=kubernetes", "launcher.kubernetes.image=img:1", "launcher.kubernetes.pvc_claim=data",
-        "launcher.kubernetes.rm_resources.cpu=4", "launcher.kubernetes.rm_resources.gpu=1",
-    ])
+    cfg = build_config(
+        CoordinatorConfig,
+        {},
+        [
+            "launcher.kind=kubernetes",
+            "launcher.kubernetes.image=img:1",
+            "launcher.kubernetes.pvc_claim=data",
+            "launcher.kubernetes.rm_resources.cpu=4",
+            "launcher.kubernetes.rm_resources.gpu=1",
+        ],
+    )
     assert cfg.launcher.kubernetes.rm_resources.cpu == "4"
     sa_namespace = tmp_path / "namespace"
     monkeypatch.setattr(launchers, "SERVICE_ACCOUNT_NAMESPACE", str(sa_namespace))
@@ -125,7 +151,9 @@ def test_job_file_name_matches_the_learner():
 class _Resp:
     def __init__(self, status: int, body, content_type: str = "application/json") -> None:
         self.status = status
-        self.reason = {200: "OK", 201: "Created", 404: "Not Found", 409: "Conflict", 500: "Internal Server Error"}.get(status, "")
+        self.reason = {200: "OK", 201: "Created", 404: "Not Found", 409: "Conflict", 500: "Internal Server Error"}.get(
+            status, ""
+        )
         self.data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.headers = {"content-type": content_type}
 
@@ -140,8 +168,9 @@ class FakeCluster:
     `outcome`: "succeed" (after `polls` reads of the Job), "fail" (the pod exits with `exit_code`), or "hang" (never
     finishes). Every request is recorded as (verb, apiGroup, resource, namespace)."""
 
-    def __init__(self, outcome: str = "succeed", polls: int = 2, exit_code: int = 1, log: str = "",
-                 transient_errors: int = 0) -> None:
+    def __init__(
+        self, outcome: str = "succeed", polls: int = 2, exit_code: int = 1, log: str = "", transient_errors: int = 0
+    ) -> None:
         self.outcome, self.polls, self.exit_code, self.log = outcome, polls, exit_code, log
         self.transient_errors = transient_errors
         self.calls: list[tuple[str, str, str, str]] = []
@@ -158,17 +187,22 @@ class FakeCluster:
         conf = client.Configuration()
         conf.host = "https://fake-apiserver"
         api = client.ApiClient(conf)
-        api.rest_client = self  # the client's HTTP layer: request(method, url, headers, body, post_params, _request_timeout)
+        api.rest_client = (
+            self  # the client's HTTP layer: request(method, url, headers, body, post_params, _request_timeout)
+        )
         return api
 
     def add_job(self, manifest: dict, *, failed: bool = False) -> dict:
         self._uid += 1
         job = copy.deepcopy(manifest)
         job["metadata"]["uid"] = f"uid-{self._uid}"
-        job["metadata"]["creationTimestamp"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        job["metadata"]["creationTimestamp"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         job["status"] = {"active": 1}
         if failed:
-            job["status"] = {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
+            job["status"] = {
+                "failed": 1,
+                "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}],
+            }
         self.jobs[job["metadata"]["name"]] = job
         return job
 
@@ -182,13 +216,21 @@ class FakeCluster:
         else:
             state = {"running": {}}
         return {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": f"{job['metadata']['name']}-abcde", "namespace": NS,
-                         "labels": {"batch.kubernetes.io/controller-uid": uid},
-                         "creationTimestamp": job["metadata"]["creationTimestamp"]},
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": f"{job['metadata']['name']}-abcde",
+                "namespace": NS,
+                "labels": {"batch.kubernetes.io/controller-uid": uid},
+                "creationTimestamp": job["metadata"]["creationTimestamp"],
+            },
             "spec": job["spec"]["template"]["spec"],
-            "status": {"phase": "Running", "containerStatuses": [
-                {"name": "job", "image": "i", "imageID": "", "ready": False, "restartCount": 0, "state": state}]},
+            "status": {
+                "phase": "Running",
+                "containerStatuses": [
+                    {"name": "job", "image": "i", "imageID": "", "ready": False, "restartCount": 0, "state": state}
+                ],
+            },
         }
 
     @staticmethod
@@ -207,7 +249,9 @@ class FakeCluster:
             resource = f"{resource}/{tail[1]}"
         q = parse_qs(u.query)
         verb = {
-            "POST": "create", "PUT": "update", "PATCH": "patch",
+            "POST": "create",
+            "PUT": "update",
+            "PATCH": "patch",
             "DELETE": "delete" if named else "deletecollection",
             "GET": "get" if named else ("watch" if q.get("watch", [""])[0] in ("true", "1") else "list"),
         }[method]
@@ -240,9 +284,17 @@ class FakeCluster:
                 if self.outcome == "succeed":
                     job["status"] = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
                 elif self.outcome == "fail":
-                    job["status"] = {"failed": 1, "conditions": [
-                        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-                         "message": "Job has reached the specified backoff limit"}]}
+                    job["status"] = {
+                        "failed": 1,
+                        "conditions": [
+                            {
+                                "type": "Failed",
+                                "status": "True",
+                                "reason": "BackoffLimitExceeded",
+                                "message": "Job has reached the specified backoff limit",
+                            }
+                        ],
+                    }
             return _Resp(200, job)
         if resource == "jobs" and verb == "delete":
             job = self.jobs.pop(name, None)
@@ -252,7 +304,11 @@ class FakeCluster:
             return _Resp(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
         if resource == "pods" and verb == "list":
             sel = parse_qs(urlparse(url).query)["labelSelector"][0]
-            pods = [self._pod(j) for j in self.jobs.values() if f"batch.kubernetes.io/controller-uid={j['metadata']['uid']}" == sel]
+            pods = [
+                self._pod(j)
+                for j in self.jobs.values()
+                if f"batch.kubernetes.io/controller-uid={j['metadata']['uid']}" == sel
+            ]
             return _Resp(200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods})
         if resource == "pods/log" and verb == "get":
             return _Resp(200, self.log.encode(), "text/plain")
@@ -260,19 +316,24 @@ class FakeCluster:
 
 
 def allowed(verb: str, group: str, resource: str) -> bool:
-    return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in COORDINATOR_RBAC_RULES)
+    return any(
+        group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in COORDINATOR_RBAC_RULES
+    )
 
 
 def assert_rbac_ok(cluster: FakeCluster) -> None:
     assert cluster.calls
     for verb, group, resource, ns in cluster.calls:
         assert ns == NS, (verb, resource, ns)
-        assert allowed(verb, group, resource), f"{verb} {group or 'core'}/{resource} is not granted by the coordinator's Role"
+        assert allowed(verb, group, resource), (
+            f"{verb} {group or 'core'}/{resource} is not granted by the coordinator's Role"
+        )
 
 
 def fast_launcher(cluster: FakeCluster, **kw) -> KubernetesLauncher:
-    return KubernetesLauncher(k8s_cfg(), api_client=cluster.api_client(), poll_initial_seconds=0.01,
-                              poll_max_seconds=0.05, **kw)
+    return KubernetesLauncher(
+        k8s_cfg(), api_client=cluster.api_client(), poll_initial_seconds=0.01, poll_max_seconds=0.05, **kw
+    )
 
 
 def test_kubernetes_launcher_success_uses_only_granted_verbs_and_deletes_the_job():
@@ -340,10 +401,14 @@ def test_kubernetes_launcher_refuses_paths_off_the_shared_volume(tmp_path):
     with pytest.raises(LauncherError, match="shared run volume"):
         launcher.check_shared_path(tmp_path / "rm-0")
     with pytest.raises(LauncherError, match="shared run volume"):
-        run_rm_job(launcher, {"job_id": "j", "init_model_dir": "m", "comparisons_path": "c", "output_dir": str(tmp_path / "o")}, 60)
+        run_rm_job(
+            launcher,
+            {"job_id": "j", "init_model_dir": "m", "comparisons_path": "c", "output_dir": str(tmp_path / "o")},
+            60,
+        )
 
 
-# -- the local launcher, for real ----------------------------------------------------------------------------------------
+# -- the local launcher, for real --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory) -> Path:
     from alignd.models.tiny import build_tiny_model
@@ -356,9 +421,13 @@ def _comparisons(path: Path) -> str:
     rows = []
     for i in range(8):
         cs = [f"{words[(i + j) % 6]} {words[(i + 2 * j) % 6]} {j}" for j in range(3)]
-        score = [sum(c.count(w) for w in ("good", "nice")) - sum(c.count(w) for w in ("bad", "awful")) + 0.01 * j
-                 for j, c in enumerate(cs)]
-        rows.append({"prompt": f"Say something {i}:", "completions": cs, "ranking": sorted(range(3), key=lambda j: -score[j])})
+        score = [
+            sum(c.count(w) for w in ("good", "nice")) - sum(c.count(w) for w in ("bad", "awful")) + 0.01 * j
+            for j, c in enumerate(cs)
+        ]
+        rows.append(
+            {"prompt": f"Say something {i}:", "completions": cs, "ranking": sorted(range(3), key=lambda j: -score[j])}
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -378,8 +447,11 @@ def test_local_launcher_trains_a_reward_model_and_replays_it(tiny_lm, tmp_path):
 
     run_dir = tmp_path / "run"
     request = {
-        "job_id": "run-rm-0", "init_model_dir": str(tiny_lm), "comparisons_path": _comparisons(tmp_path / "c.jsonl"),
-        "config_yaml": "max_tokens: 32\nbatch_size: 4\nvalidation_fraction: 0.25\n", "output_dir": str(run_dir / "rm-0"),
+        "job_id": "run-rm-0",
+        "init_model_dir": str(tiny_lm),
+        "comparisons_path": _comparisons(tmp_path / "c.jsonl"),
+        "config_yaml": "max_tokens: 32\nbatch_size: 4\nvalidation_fraction: 0.25\n",
+        "output_dir": str(run_dir / "rm-0"),
     }
     launcher = Counting(make_launcher(LauncherConfig()))
     resp = run_rm_job(launcher, request, timeout=240)
@@ -402,8 +474,9 @@ def test_local_launcher_trains_a_reward_model_and_replays_it(tiny_lm, tmp_path):
     # The job itself replays too (a second launch of the same request): no training, the stored response printed.
     log = tmp_path / "again.log"
     weights = (run_dir / "rm-0" / "model.safetensors").stat().st_mtime_ns
-    result = LocalLauncher().run(JobSpec(name="again", args=["job", "train-rm", "--request", str(req_file)],
-                                         log_path=str(log)), timeout=240)
+    result = LocalLauncher().run(
+        JobSpec(name="again", args=["job", "train-rm", "--request", str(req_file)], log_path=str(log)), timeout=240
+    )
     assert result.succeeded, result.describe()
     text = log.read_text()
     assert "rm_started" not in text
@@ -413,20 +486,28 @@ def test_local_launcher_trains_a_reward_model_and_replays_it(tiny_lm, tmp_path):
 
 
 def test_local_launcher_invalid_request_exits_2_naming_the_field(tiny_lm, tmp_path):
-    request = {"job_id": "bad", "init_model_dir": str(tiny_lm), "output_dir": str(tmp_path / "rm")}  # no comparisons_path
+    request = {
+        "job_id": "bad",
+        "init_model_dir": str(tiny_lm),
+        "output_dir": str(tmp_path / "rm"),
+    }  # no comparisons_path
     with pytest.raises(JobFailed) as info:
         run_rm_job(LocalLauncher(), request, timeout=240)
     assert info.value.invalid_request and info.value.result.exit_code == 2
     assert "comparisons_path: must not be empty" in str(info.value)
     assert not (tmp_path / "rm").exists()
     # Not JSON at all / an unknown field: exit 2 as well, before any model is loaded.
-    for content, needle in (("{not json", "Expecting property name"), ('{"job_id": "x", "comparisons": "c"}', "comparisons: unknown field")):
+    for content, needle in (
+        ("{not json", "Expecting property name"),
+        ('{"job_id": "x", "comparisons": "c"}', "comparisons: unknown field"),
+    ):
         bad = tmp_path / "bad.json"
         bad.write_text(content)
         log = tmp_path / "bad.log"
         log.unlink(missing_ok=True)
-        result = LocalLauncher().run(JobSpec(name="bad", args=["job", "train-rm", "--request", str(bad)], log_path=str(log)),
-                                     timeout=120)
+        result = LocalLauncher().run(
+            JobSpec(name="bad", args=["job", "train-rm", "--request", str(bad)], log_path=str(log)), timeout=120
+        )
         assert result.exit_code == 2 and needle in result.log_tail, result.log_tail
 
 
@@ -434,9 +515,20 @@ def test_local_launcher_timeout_kills_the_child(tiny_lm, tmp_path, monkeypatch):
     import os
 
     request = tmp_path / "r.json"
-    request.write_text(json.dumps({"job_id": "slow", "init_model_dir": str(tiny_lm), "comparisons_path": _comparisons(tmp_path / "c.jsonl"),
-                                   "config_yaml": "epochs: 1000\nmax_tokens: 32\n", "output_dir": str(tmp_path / "rm")}))
-    spec = JobSpec(name="slow", args=["job", "train-rm", "--request", str(request)], log_path=str(tmp_path / "slow.log"))
+    request.write_text(
+        json.dumps(
+            {
+                "job_id": "slow",
+                "init_model_dir": str(tiny_lm),
+                "comparisons_path": _comparisons(tmp_path / "c.jsonl"),
+                "config_yaml": "epochs: 1000\nmax_tokens: 32\n",
+                "output_dir": str(tmp_path / "rm"),
+            }
+        )
+    )
+    spec = JobSpec(
+        name="slow", args=["job", "train-rm", "--request", str(request)], log_path=str(tmp_path / "slow.log")
+    )
     pids: list[int] = []
     real_popen = launchers.subprocess.Popen
 

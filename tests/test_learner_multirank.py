@@ -42,17 +42,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ds_worker
 import grpc
 import psutil
 import pytest
 import torch
 import yaml
 
-import ds_worker
 from alignd.config import ConfigError, LearnerConfig
-from alignd.runtime.client import make_channel, wait_for_serving
+from alignd.runtime.client import wait_for_serving
 from alignd.services.learner import checkpoint, ranks
 from alignd.v1 import learner_pb2, learner_pb2_grpc, model_pb2, model_pb2_grpc
+
 from conftest import assert_invalid, secure_channel, with_test_auth
 from helpers import free_port
 
@@ -89,13 +90,15 @@ def experiences(step: int, vocab: int = 300) -> list[learner_pb2.Experience]:
     for _ in range(7):
         p = int(torch.randint(2, 7, (), generator=g))
         r = int(torch.randint(1, 10, (), generator=g))
-        out.append(learner_pb2.Experience(
-            prompt_token_ids=torch.randint(3, vocab, (p,), generator=g).tolist(),
-            response_token_ids=torch.randint(3, vocab, (r,), generator=g).tolist(),
-            reference_logprobs=(-torch.rand(r, generator=g) * 6 - 1).tolist(),
-            rollout_logprobs=(-torch.rand(r, generator=g) * 6 - 1).tolist(),
-            score=float(torch.randn((), generator=g)),
-        ))
+        out.append(
+            learner_pb2.Experience(
+                prompt_token_ids=torch.randint(3, vocab, (p,), generator=g).tolist(),
+                response_token_ids=torch.randint(3, vocab, (r,), generator=g).tolist(),
+                reference_logprobs=(-torch.rand(r, generator=g) * 6 - 1).tolist(),
+                rollout_logprobs=(-torch.rand(r, generator=g) * 6 - 1).tolist(),
+                score=float(torch.randn((), generator=g)),
+            )
+        )
     return out
 
 
@@ -155,13 +158,36 @@ def launch(cfg: dict, work: Path, name: str, port: int, nproc: int = 2, nnodes: 
     env = {k: v for k, v in os.environ.items() if k != "ALIGND_PARENT_PID"}  # its parent is torchrun, not us
     from alignd.models.tiny import default_cache_dir
 
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               TORCH_EXTENSIONS_DIR=str(default_cache_dir() / "torch_extensions"))
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        TORCH_EXTENSIONS_DIR=str(default_cache_dir() / "torch_extensions"),
+    )
     cmd = [
-        sys.executable, "-c", SHIM, "--nnodes", str(nnodes), "--node-rank", str(node_rank),
-        "--nproc_per_node", str(nproc), "--master-addr", "127.0.0.1", "--master_port", str(port),
-        "-m", "alignd.cli", "serve", "learner", "--config", str(cfg_path), "--run-dir", str(work / name),
-        "--endpoint-file", str(endpoint),
+        sys.executable,
+        "-c",
+        SHIM,
+        "--nnodes",
+        str(nnodes),
+        "--node-rank",
+        str(node_rank),
+        "--nproc_per_node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "alignd.cli",
+        "serve",
+        "learner",
+        "--config",
+        str(cfg_path),
+        "--run-dir",
+        str(work / name),
+        "--endpoint-file",
+        str(endpoint),
     ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
@@ -203,10 +229,19 @@ def assert_same_step(got: learner_pb2.TrainStepResponse, ref: learner_pb2.TrainS
     """Same statistics within the tolerances; returns the largest loss difference."""
     assert got.step == ref.step and got.policy_version == ref.policy_version and not got.replayed
     for k in COMPARED:
-        assert abs(getattr(got.stats, k) - getattr(ref.stats, k)) <= LOSS_TOL, (got.step, k, getattr(got.stats, k), getattr(ref.stats, k))
+        assert abs(getattr(got.stats, k) - getattr(ref.stats, k)) <= LOSS_TOL, (
+            got.step,
+            k,
+            getattr(got.stats, k),
+            getattr(ref.stats, k),
+        )
     assert got.stats.grad_norm == pytest.approx(ref.stats.grad_norm, rel=1e-4), got.step
     assert got.stats.learning_rate == pytest.approx(ref.stats.learning_rate, rel=1e-6), got.step
-    assert (got.stats.updates_applied, got.stats.updates_skipped) == (ref.stats.updates_applied, ref.stats.updates_skipped) == (2, 0)
+    assert (
+        (got.stats.updates_applied, got.stats.updates_skipped)
+        == (ref.stats.updates_applied, ref.stats.updates_skipped)
+        == (2, 0)
+    )
     return max(abs(got.stats.policy_loss - ref.stats.policy_loss), abs(got.stats.value_loss - ref.stats.value_loss))
 
 
@@ -230,8 +265,10 @@ def reference_steps(models: Path, work: Path, steps: int):
 
     learner = Learner(LearnerConfig.model_validate(learner_cfg(models, work / "ref-ckpt", "torch")), work)
     h = learner.handle
-    out = [learner.train_step(s, parse_batch(request(s), h.vocab_size, h.max_context, h.pad_token_id))
-           for s in range(1, steps + 1)]
+    out = [
+        learner.train_step(s, parse_batch(request(s), h.vocab_size, h.max_context, h.pad_token_id))
+        for s in range(1, steps + 1)
+    ]
     return out, {k: v.detach().clone() for k, v in learner.module.state_dict().items()}
 
 
@@ -261,8 +298,15 @@ def test_two_ranks_train_like_one_resume_after_kill9_and_stop_on_sigterm(models,
         # (b) one shard per rank
         saved = stub.SaveCheckpoint(learner_pb2.SaveCheckpointRequest(tag="before-kill"), timeout=120)
         path = Path(saved.path)
-        assert saved.step == 3 and sorted(p.name for p in path.glob("engine-rank*.pt")) == ["engine-rank00000.pt", "engine-rank00001.pt"]
-        assert json.loads((tmp_path / "ckpt" / "latest").read_text()) == {"checkpoint": path.name, "step": 3, "world_size": 2}
+        assert saved.step == 3 and sorted(p.name for p in path.glob("engine-rank*.pt")) == [
+            "engine-rank00000.pt",
+            "engine-rank00001.pt",
+        ]
+        assert json.loads((tmp_path / "ckpt" / "latest").read_text()) == {
+            "checkpoint": path.name,
+            "step": 3,
+            "world_size": 2,
+        }
         shards = [torch.load(path / checkpoint.shard_name(r), weights_only=False) for r in (0, 1)]
         assert [s["rank"] for s in shards] == [0, 1] and all(s["engine"]["world_size"] == 2 for s in shards)
         parts = [s["engine"]["optimizer"]["single_partition_of_fp32_groups"] for s in shards]  # ZeRO: each its own half
@@ -291,14 +335,26 @@ def test_two_ranks_train_like_one_resume_after_kill9_and_stop_on_sigterm(models,
         worst = max(worst, assert_same_step(step4, ref[3]))
         final = stub.SaveCheckpoint(learner_pb2.SaveCheckpointRequest(tag="final"), timeout=120)
         weight_diff = assert_same_weights(torch.load(Path(final.path) / "module.pt", weights_only=False), ref_weights)
-        print(f"2 ranks (ZeRO-2) vs 1 process (torch): max loss difference {worst:.1e}, max weight difference {weight_diff:.1e}")
+        print(
+            f"2 ranks (ZeRO-2) vs 1 process (torch): max loss difference {worst:.1e}, max weight difference "
+            f"{weight_diff:.1e}"
+        )
 
         # ResetPolicy to the initial weights: every rank rebuilds its engine; step 1 again equals the reference's.
-        reset = stub.ResetPolicy(learner_pb2.ResetPolicyRequest(
-            policy_dir=str(models / "policy"), value_model_dir=str(models / "value"), version=10), timeout=120)
+        reset = stub.ResetPolicy(
+            learner_pb2.ResetPolicyRequest(
+                policy_dir=str(models / "policy"), value_model_dir=str(models / "value"), version=10
+            ),
+            timeout=120,
+        )
         assert reset.version == 10 and not reset.replayed
-        assert_invalid(lambda: stub.ResetPolicy(learner_pb2.ResetPolicyRequest(
-            policy_dir=str(models / "missing"), version=20), timeout=30), "missing", "not a directory")
+        assert_invalid(
+            lambda: stub.ResetPolicy(
+                learner_pb2.ResetPolicyRequest(policy_dir=str(models / "missing"), version=20), timeout=30
+            ),
+            "missing",
+            "not a directory",
+        )
         again1 = stub.TrainStep(request(1), timeout=120)
         assert again1.policy_version == 11
         again1.policy_version = ref[0].policy_version
@@ -414,10 +470,19 @@ def test_checkpoint_restores_only_into_its_world_size(tmp_path):
     """Shards per rank; another world size, or a missing shard, is a clear error."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    policy = GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=1, vocab_size=16, n_positions=8, bos_token_id=0, eos_token_id=0))
+    policy = GPT2LMHeadModel(
+        GPT2Config(n_embd=8, n_layer=1, n_head=1, vocab_size=16, n_positions=8, bos_token_id=0, eos_token_id=0)
+    )
     root = tmp_path / "ckpt"
-    path = checkpoint.save(root, 5, module_state={"w": torch.ones(1)}, trainer_state={"step": 5},
-                           rank_state={"rank": 0, "engine": {"x": 0}, "rng": {}}, policy=policy, ranks=_RankZeroOfTwo(root))
+    path = checkpoint.save(
+        root,
+        5,
+        module_state={"w": torch.ones(1)},
+        trainer_state={"step": 5},
+        rank_state={"rank": 0, "engine": {"x": 0}, "rng": {}},
+        policy=policy,
+        ranks=_RankZeroOfTwo(root),
+    )
     assert json.loads((root / "latest").read_text()) == {"checkpoint": path.name, "step": 5, "world_size": 2}
     _module, shared, mine = checkpoint.load(path, 1, 2)
     assert mine["engine"] == {"x": 1} and shared["world_size"] == 2 and shared["step"] == 5
@@ -430,8 +495,15 @@ def test_checkpoint_restores_only_into_its_world_size(tmp_path):
 
     # Rank 0 refuses to publish a checkpoint whose shards it cannot see (checkpoint_dir not shared).
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"ranks \[1\] are not visible from rank 0"):
-        checkpoint.save(root, 6, module_state={"w": torch.ones(1)}, trainer_state={"step": 6},
-                        rank_state={"rank": 0, "engine": {}, "rng": {}}, policy=policy, ranks=_RankZeroOfTwo(root, peer_writes=False))
+        checkpoint.save(
+            root,
+            6,
+            module_state={"w": torch.ones(1)},
+            trainer_state={"step": 6},
+            rank_state={"rank": 0, "engine": {}, "rng": {}},
+            policy=policy,
+            ranks=_RankZeroOfTwo(root, peer_writes=False),
+        )
     assert json.loads((root / "latest").read_text())["checkpoint"] == path.name  # still the complete one
 
 

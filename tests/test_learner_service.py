@@ -23,6 +23,7 @@ from alignd.v1 import (
     reference_pb2,
     reference_pb2_grpc,
 )
+
 from conftest import assert_invalid, start_role, stop_role
 
 HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "configs" / "tiny_heldout_text.txt"
@@ -35,8 +36,9 @@ def older_replica():
 
     from alignd.runtime.client import MAX_MESSAGE_BYTES
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
-                         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4), options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    )
     older = OlderReplica()
     model_pb2_grpc.add_ModelServiceServicer_to_server(older, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -76,14 +78,19 @@ def rollouts(policy_server, reference_server):
     """Real samples of the policy, with reference log-probs from the reference service."""
     gen = policy_pb2_grpc.PolicyServiceStub(policy_server.channel).Generate(
         policy_pb2.GenerateRequest(
-            prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=p)) for p in ([5, 6, 7], [9, 10], [11, 12, 13, 14])],
+            prompts=[
+                policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=p)) for p in ([5, 6, 7], [9, 10], [11, 12, 13, 14])
+            ],
             sampling=policy_pb2.SamplingParams(temperature=1.0, max_new_tokens=10, num_samples=2, seed=3),
         ),
         timeout=60,
     )
     ref = reference_pb2_grpc.ReferenceServiceStub(reference_server.channel).LogProbs(
         reference_pb2.LogProbsRequest(
-            items=[reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids) for s in gen.samples]
+            items=[
+                reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids)
+                for s in gen.samples
+            ]
         ),
         timeout=60,
     )
@@ -95,15 +102,24 @@ def experiences(rollouts, scores=None):
     scores = scores or [float(i % 3) - 1.0 for i in range(len(samples))]
     return [
         learner_pb2.Experience(
-            prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids, rollout_logprobs=s.logprobs,
-            reference_logprobs=r, score=sc, policy_version=s.weight_version, finish_reason=s.finish_reason,
+            prompt_token_ids=s.prompt_token_ids,
+            response_token_ids=s.token_ids,
+            rollout_logprobs=s.logprobs,
+            reference_logprobs=r,
+            score=sc,
+            policy_version=s.weight_version,
+            finish_reason=s.finish_reason,
         )
         for s, r, sc in zip(samples, refs, scores)
     ]
 
 
 def learner_version(server) -> int:
-    return model_pb2_grpc.ModelServiceStub(server.channel).GetInfo(model_pb2.GetInfoRequest(), timeout=10).info.weight_version
+    return (
+        model_pb2_grpc.ModelServiceStub(server.channel)
+        .GetInfo(model_pb2.GetInfoRequest(), timeout=10)
+        .info.weight_version
+    )
 
 
 def test_first_step_policy_equals_reference(stub, rollouts, learner_server):
@@ -125,21 +141,33 @@ def test_bad_train_steps_leave_state_unchanged(stub, rollouts, learner_server):
     bad = learner_pb2.Experience()
     bad.CopyFrom(exps[1])
     del bad.reference_logprobs[-1]
-    assert_invalid(lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=2, experiences=[exps[0], bad]), timeout=30),
-                   "experiences[1].reference_logprobs", "parallel")
+    assert_invalid(
+        lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=2, experiences=[exps[0], bad]), timeout=30),
+        "experiences[1].reference_logprobs",
+        "parallel",
+    )
     bad.CopyFrom(exps[0])
     bad.score = float("nan")
-    assert_invalid(lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=2, experiences=[bad]), timeout=30),
-                   "experiences[0].score", "not finite")
+    assert_invalid(
+        lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=2, experiences=[bad]), timeout=30),
+        "experiences[0].score",
+        "not finite",
+    )
     bad.CopyFrom(exps[0])
     bad.rollout_logprobs[0] = float("-inf")
-    assert_invalid(lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=2, experiences=[bad]), timeout=30),
-                   "experiences[0].rollout_logprobs[0]")
-    assert_invalid(lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=2), timeout=30), "experiences", "empty batch")
+    assert_invalid(
+        lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=2, experiences=[bad]), timeout=30),
+        "experiences[0].rollout_logprobs[0]",
+    )
+    assert_invalid(
+        lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=2), timeout=30), "experiences", "empty batch"
+    )
     bad.CopyFrom(exps[0])
     bad.response_token_ids[0] = 10**6
-    assert_invalid(lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=2, experiences=[bad]), timeout=30),
-                   "experiences[0].response_token_ids[0]")
+    assert_invalid(
+        lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=2, experiences=[bad]), timeout=30),
+        "experiences[0].response_token_ids[0]",
+    )
     assert learner_version(learner_server) == v0
     ok = stub.TrainStep(learner_pb2.TrainStepRequest(step=v0 + 1, experiences=exps), timeout=120)
     assert ok.step == v0 + 1 and not ok.replayed
@@ -162,7 +190,9 @@ def test_repeated_step_is_replayed_not_retrained(stub, rollouts, learner_server)
 def test_non_finite_loss_skips_the_update(stub, rollouts, learner_server):
     v = learner_version(learner_server)
     huge = [3e38] * len(rollouts[0])  # finite float32 scores whose squared value error overflows
-    resp = stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 1, experiences=experiences(rollouts, huge)), timeout=120)
+    resp = stub.TrainStep(
+        learner_pb2.TrainStepRequest(step=v + 1, experiences=experiences(rollouts, huge)), timeout=120
+    )
     assert resp.skipped and resp.stats.updates_skipped == 1 and resp.stats.updates_applied == 0
     metrics = urllib.request.urlopen(learner_server.metrics_url, timeout=10).read().decode()
     assert "alignd_learner_skipped_updates_total 1.0" in metrics
@@ -182,67 +212,109 @@ def test_push_weights_syncs_policy(stub, learner_server, policy_server):
     ckpt = stub.SaveCheckpoint(learner_pb2.SaveCheckpointRequest(tag="test"), timeout=120)
     trained = AutoModelForCausalLM.from_pretrained(f"{ckpt.path}/policy").eval()
     prompt = [5, 6, 7, 8]
-    expected = trained.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=2)[0, 4:].tolist()
-    got = policy_pb2_grpc.PolicyServiceStub(policy_server.channel).Generate(
-        policy_pb2.GenerateRequest(prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=prompt))],
-                                   sampling=policy_pb2.SamplingParams(temperature=0, max_new_tokens=8)),
-        timeout=60,
-    ).samples[0]
+    expected = trained.generate(
+        torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=2
+    )[0, 4:].tolist()
+    got = (
+        policy_pb2_grpc.PolicyServiceStub(policy_server.channel)
+        .Generate(
+            policy_pb2.GenerateRequest(
+                prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=prompt))],
+                sampling=policy_pb2.SamplingParams(temperature=0, max_new_tokens=8),
+            ),
+            timeout=60,
+        )
+        .samples[0]
+    )
     assert list(got.token_ids) == expected and got.weight_version == v
     # A second push is a no-op: the replica is already at this version.
     again = stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address]), timeout=60)
     assert again.bytes_per_replica == 0
 
 
-def test_rollout_logprobs_serve_as_old_logprobs_when_exact_and_current(stub, learner_server, policy_server, reference_server):
+def test_rollout_logprobs_serve_as_old_logprobs_when_exact_and_current(
+    stub, learner_server, policy_server, reference_server
+):
     """The policy service's SAMPLED log-probs of the learner's current weights are the learner's own: taken as the old
     log-probs, the first minibatch's ratio is 1. Another temperature or a sample of older weights: recomputed."""
     v = learner_version(learner_server)
     stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address]), timeout=120)
     gen = policy_pb2_grpc.PolicyServiceStub(policy_server.channel).Generate(
         policy_pb2.GenerateRequest(
-            prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=p)) for p in ([5, 6, 7], [9, 10], [11, 12, 13, 14])],
-            sampling=policy_pb2.SamplingParams(temperature=1.0, max_new_tokens=10, num_samples=2, seed=5,
-                                               logprob_mode=policy_pb2.LOGPROB_MODE_SAMPLED),
+            prompts=[
+                policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=p)) for p in ([5, 6, 7], [9, 10], [11, 12, 13, 14])
+            ],
+            sampling=policy_pb2.SamplingParams(
+                temperature=1.0, max_new_tokens=10, num_samples=2, seed=5, logprob_mode=policy_pb2.LOGPROB_MODE_SAMPLED
+            ),
         ),
         timeout=60,
     )
     assert {s.weight_version for s in gen.samples} == {v}
     ref = reference_pb2_grpc.ReferenceServiceStub(reference_server.channel).LogProbs(
         reference_pb2.LogProbsRequest(
-            items=[reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids) for s in gen.samples]
+            items=[
+                reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids)
+                for s in gen.samples
+            ]
         ),
         timeout=60,
     )
     exps = experiences((gen.samples, [list(r.logprobs) for r in ref.results]))
-    resp = stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 1, experiences=exps, rollout_logprobs_exact=True,
-                                                       rollout_temperature=1.0), timeout=120)
+    resp = stub.TrainStep(
+        learner_pb2.TrainStepRequest(
+            step=v + 1, experiences=exps, rollout_logprobs_exact=True, rollout_temperature=1.0
+        ),
+        timeout=120,
+    )
     assert resp.stats.old_logprobs_from_rollout and resp.stats.stale_fraction == 0.0
     assert abs(resp.stats.ratio_mean - 1.0) < 1e-5, resp.stats.ratio_mean  # one minibatch, one epoch
     # Other weights now (v + 1): the same samples are stale; their ratio is taken against the behaviour log-probs
     # (ppo.off_policy: behaviour), so the first minibatch's ratio is pi_{v+1} / pi_v, no longer 1.
-    resp = stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 2, experiences=exps, rollout_logprobs_exact=True,
-                                                       rollout_temperature=1.0), timeout=120)
+    resp = stub.TrainStep(
+        learner_pb2.TrainStepRequest(
+            step=v + 2, experiences=exps, rollout_logprobs_exact=True, rollout_temperature=1.0
+        ),
+        timeout=120,
+    )
     assert resp.stats.old_logprobs_from_rollout and resp.stats.stale_fraction == 1.0
     assert abs(resp.stats.ratio_mean - 1.0) > 1e-5
     for e in exps:
         e.policy_version = v + 2
-    resp = stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 3, experiences=exps, rollout_logprobs_exact=True,
-                                                       rollout_temperature=0.7), timeout=120)
+    resp = stub.TrainStep(
+        learner_pb2.TrainStepRequest(
+            step=v + 3, experiences=exps, rollout_logprobs_exact=True, rollout_temperature=0.7
+        ),
+        timeout=120,
+    )
     assert not resp.stats.old_logprobs_from_rollout and resp.stats.stale_fraction == 0.0
-    assert_invalid(lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 4, experiences=exps, rollout_temperature=-1),
-                                          timeout=30), "rollout_temperature", ">= 0")
+    assert_invalid(
+        lambda: stub.TrainStep(
+            learner_pb2.TrainStepRequest(step=v + 4, experiences=exps, rollout_temperature=-1), timeout=30
+        ),
+        "rollout_temperature",
+        ">= 0",
+    )
     exps[1].policy_version = 1 << 62
-    assert_invalid(lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 4, experiences=exps), timeout=30),
-                   "experiences[1].policy_version", "out of range")
+    assert_invalid(
+        lambda: stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 4, experiences=exps), timeout=30),
+        "experiences[1].policy_version",
+        "out of range",
+    )
 
 
 def _greedy(policy_server, prompt=(5, 6, 7, 8)) -> tuple[list[int], int]:
-    got = policy_pb2_grpc.PolicyServiceStub(policy_server.channel).Generate(
-        policy_pb2.GenerateRequest(prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(prompt)))],
-                                   sampling=policy_pb2.SamplingParams(temperature=0, max_new_tokens=8)),
-        timeout=60,
-    ).samples[0]
+    got = (
+        policy_pb2_grpc.PolicyServiceStub(policy_server.channel)
+        .Generate(
+            policy_pb2.GenerateRequest(
+                prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(prompt)))],
+                sampling=policy_pb2.SamplingParams(temperature=0, max_new_tokens=8),
+            ),
+            timeout=60,
+        )
+        .samples[0]
+    )
     return list(got.token_ids), got.weight_version
 
 
@@ -258,12 +330,16 @@ def test_staged_push_serves_the_old_weights_until_committed(stub, learner_server
     assert before[1] == v
     stub.TrainStep(learner_pb2.TrainStepRequest(step=v + 1, experiences=experiences(rollouts)), timeout=120)
 
-    staged = stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address], stage_only=True), timeout=120)
+    staged = stub.PushWeights(
+        learner_pb2.PushWeightsRequest(addresses=[policy_server.address], stage_only=True), timeout=120
+    )
     assert staged.staged and staged.version == v + 1 and staged.bytes_per_replica > 0 and staged.committed_replicas == 0
     info = replica.GetInfo(model_pb2.GetInfoRequest(), timeout=10).info
     assert (info.weight_version, info.staged_weight_version) == (v, v + 1)
     assert _greedy(policy_server) == before  # still the old weights
-    again = stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address], stage_only=True), timeout=60)
+    again = stub.PushWeights(
+        learner_pb2.PushWeightsRequest(addresses=[policy_server.address], stage_only=True), timeout=60
+    )
     assert again.bytes_per_replica == 0  # already staged
 
     # The replica's own checks: a commit of weights it does not hold, a stage of a version not above the served one.
@@ -279,12 +355,19 @@ def test_staged_push_serves_the_old_weights_until_committed(stub, learner_server
     assert info.staged_weight_version == v + 1  # a rejected update leaves the staged weights alone
 
     commit = stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address]), timeout=120)
-    assert commit.version == v + 1 and commit.committed_replicas == 1 and commit.bytes_per_replica == 0 and not commit.staged
+    assert (
+        commit.version == v + 1
+        and commit.committed_replicas == 1
+        and commit.bytes_per_replica == 0
+        and not commit.staged
+    )
     info = replica.GetInfo(model_pb2.GetInfoRequest(), timeout=10).info
     assert (info.weight_version, info.staged_weight_version) == (v + 1, 0)
     ckpt = stub.SaveCheckpoint(learner_pb2.SaveCheckpointRequest(tag="staged"), timeout=120)
     trained = AutoModelForCausalLM.from_pretrained(f"{ckpt.path}/policy").eval()
-    expected = trained.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=2)[0, 4:].tolist()
+    expected = trained.generate(
+        torch.tensor([[5, 6, 7, 8]]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=2
+    )[0, 4:].tolist()
     assert _greedy(policy_server) == (expected, v + 1)
     assert 'alignd_policy_weight_updates_total{result="staged"} 1.0' in policy_server.metrics()
 
@@ -326,7 +409,9 @@ def test_push_weights_reaches_configured_replicas_only(stub, policy_server):
     """PushWeights sends nowhere but the learner's policy_addresses: another address is refused, naming it."""
     v = model_pb2_grpc.ModelServiceStub(policy_server.channel).GetInfo(model_pb2.GetInfoRequest(), timeout=10).info
     with pytest.raises(grpc.RpcError) as err:
-        stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address, "10.9.8.7:50051"]), timeout=30)
+        stub.PushWeights(
+            learner_pb2.PushWeightsRequest(addresses=[policy_server.address, "10.9.8.7:50051"]), timeout=30
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("addresses[1]: not one of the policy replicas")
     after = model_pb2_grpc.ModelServiceStub(policy_server.channel).GetInfo(model_pb2.GetInfoRequest(), timeout=10).info
@@ -342,11 +427,14 @@ def test_a_replica_ahead_of_the_learner_is_resynced_not_skipped(stub, learner_se
     model.LoadWeights(model_pb2.LoadWeightsRequest(path=str(tiny_models["lm_other"]), version=v + 50), timeout=60)
     # A version far above the served one is refused outright: versions advance one publication at a time.
     with pytest.raises(grpc.RpcError) as err:
-        model.LoadWeights(model_pb2.LoadWeightsRequest(path=str(tiny_models["lm_other"]), version=(1 << 64) - 1), timeout=60)
+        model.LoadWeights(
+            model_pb2.LoadWeightsRequest(path=str(tiny_models["lm_other"]), version=(1 << 64) - 1), timeout=60
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "largest weight version" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
-        model.LoadWeights(model_pb2.LoadWeightsRequest(path=str(tiny_models["lm_other"]), version=v + 50 + (1 << 21)),
-                          timeout=60)
+        model.LoadWeights(
+            model_pb2.LoadWeightsRequest(path=str(tiny_models["lm_other"]), version=v + 50 + (1 << 21)), timeout=60
+        )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "more than 1048576 above" in err.value.details()
     assert model.GetInfo(model_pb2.GetInfoRequest(), timeout=10).info.weight_version == v + 50
     resp = stub.PushWeights(learner_pb2.PushWeightsRequest(addresses=[policy_server.address]), timeout=120)
@@ -402,17 +490,34 @@ def test_evaluate_text_loss_matches_naive_reference_and_tracks_training(stub, le
 
 def test_evaluate_text_loss_rejects_bad_requests(stub, tmp_path):
     missing = tmp_path / "missing.txt"
-    assert_invalid(lambda: stub.EvaluateTextLoss(learner_pb2.EvaluateTextLossRequest(text_path=str(missing)), timeout=30),
-                   "text_path", "missing.txt", "cannot read")
+    assert_invalid(
+        lambda: stub.EvaluateTextLoss(learner_pb2.EvaluateTextLossRequest(text_path=str(missing)), timeout=30),
+        "text_path",
+        "missing.txt",
+        "cannot read",
+    )
     short = tmp_path / "short.txt"
     short.write_text("Too short.\n")
-    assert_invalid(lambda: stub.EvaluateTextLoss(learner_pb2.EvaluateTextLossRequest(text_path=str(short)), timeout=30),
-                   "text_path", "fewer than one block")
-    assert_invalid(lambda: stub.EvaluateTextLoss(learner_pb2.EvaluateTextLossRequest(), timeout=30), "text_path", "empty")
-    assert_invalid(lambda: stub.EvaluateTextLoss(
-        learner_pb2.EvaluateTextLossRequest(text_path=str(HELDOUT_TEXT), max_tokens=1), timeout=30), "max_tokens")
-    assert_invalid(lambda: stub.EvaluateTextLoss(
-        learner_pb2.EvaluateTextLossRequest(text_path=str(HELDOUT_TEXT), max_tokens=10**6), timeout=30), "max_tokens")
+    assert_invalid(
+        lambda: stub.EvaluateTextLoss(learner_pb2.EvaluateTextLossRequest(text_path=str(short)), timeout=30),
+        "text_path",
+        "fewer than one block",
+    )
+    assert_invalid(
+        lambda: stub.EvaluateTextLoss(learner_pb2.EvaluateTextLossRequest(), timeout=30), "text_path", "empty"
+    )
+    assert_invalid(
+        lambda: stub.EvaluateTextLoss(
+            learner_pb2.EvaluateTextLossRequest(text_path=str(HELDOUT_TEXT), max_tokens=1), timeout=30
+        ),
+        "max_tokens",
+    )
+    assert_invalid(
+        lambda: stub.EvaluateTextLoss(
+            learner_pb2.EvaluateTextLossRequest(text_path=str(HELDOUT_TEXT), max_tokens=10**6), timeout=30
+        ),
+        "max_tokens",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -441,8 +546,11 @@ def ptx_learner(tiny_models, tmp_path_factory, fresh_policy):
 @pytest.fixture(scope="module")
 def fresh_policy(tiny_models, tmp_path_factory):
     # It loads what the learners of this module publish in their own directories: the test's temp root is a root.
-    cfg = {"model": {"path": str(tiny_models["lm"])}, "torch_threads": 1,
-           "paths": {"roots": [str(tmp_path_factory.getbasetemp())]}}
+    cfg = {
+        "model": {"path": str(tiny_models["lm"])},
+        "torch_threads": 1,
+        "paths": {"roots": [str(tmp_path_factory.getbasetemp())]},
+    }
     server = start_role("policy", cfg, tmp_path_factory.mktemp("policy2"))
     yield server
     assert stop_role(server) == 0
@@ -469,9 +577,15 @@ def test_ppo_ptx_and_filesystem_weight_sync(ptx_learner, rollouts, fresh_policy)
 def test_auto_weight_sync_goes_through_shared_memory_on_loopback(tiny_models, tmp_path, fresh_policy):
     """weight_sync auto (the default) with a replica on loopback: the policy is published once in a directory of the
     learner's own under /dev/shm and loaded from there (nothing streamed); the directory goes with the learner."""
-    cfg = {"model": {"path": str(tiny_models["lm"])}, "value_head_on_policy": True, "torch_threads": 1,
-           "checkpoint_every_steps": 0, "checkpoint_dir": str(tmp_path / "checkpoints"),
-           "policy_addresses": [fresh_policy.address], "paths": {"roots": [str(Path(tiny_models["lm"]).parent)]}}
+    cfg = {
+        "model": {"path": str(tiny_models["lm"])},
+        "value_head_on_policy": True,
+        "torch_threads": 1,
+        "checkpoint_every_steps": 0,
+        "checkpoint_dir": str(tmp_path / "checkpoints"),
+        "policy_addresses": [fresh_policy.address],
+        "paths": {"roots": [str(Path(tiny_models["lm"]).parent)]},
+    }
     server = start_role("learner", cfg, tmp_path)
     try:
         stub = learner_pb2_grpc.LearnerServiceStub(server.channel)
@@ -480,7 +594,9 @@ def test_auto_weight_sync_goes_through_shared_memory_on_loopback(tiny_models, tm
         assert push.version == 7 and push.bytes_per_replica == 0
         published = list(Path("/dev/shm").glob(f"alignd-weights-{server.proc.pid}-*/policy-v00000007"))
         assert len(published) == 1 and (published[0] / "config.json").exists()
-        info = model_pb2_grpc.ModelServiceStub(fresh_policy.channel).GetInfo(model_pb2.GetInfoRequest(), timeout=10).info
+        info = (
+            model_pb2_grpc.ModelServiceStub(fresh_policy.channel).GetInfo(model_pb2.GetInfoRequest(), timeout=10).info
+        )
         assert info.weight_version == 7
     finally:
         assert stop_role(server) == 0, server.log()[-3000:]
@@ -495,13 +611,18 @@ def _write_jsonl(path, rows):
 
 
 def test_train_sft_job_learns_demonstrations_and_replays(stub, tiny_models, tmp_path):
-    demos = [{"prompt": "Q: capital of France? A:", "completion": " Paris"},
-             {"prompt": "Q: two plus two? A:", "completion": " four"},
-             {"prompt": "Q: colour of the sky? A:", "completion": " blue"}]
+    demos = [
+        {"prompt": "Q: capital of France? A:", "completion": " Paris"},
+        {"prompt": "Q: two plus two? A:", "completion": " four"},
+        {"prompt": "Q: colour of the sky? A:", "completion": " blue"},
+    ]
     req = learner_pb2.TrainSFTRequest(
-        job_id="sft-1", init_model_dir=str(tiny_models["lm"]), demonstrations_path=_write_jsonl(tmp_path / "d.jsonl", demos * 4),
+        job_id="sft-1",
+        init_model_dir=str(tiny_models["lm"]),
+        demonstrations_path=_write_jsonl(tmp_path / "d.jsonl", demos * 4),
         validation_path=_write_jsonl(tmp_path / "v.jsonl", demos),
-        config_yaml="epochs: 10\nlr: 3.0e-3\nbatch_size: 4\nmax_tokens: 64\n", output_dir=str(tmp_path / "sft"),
+        config_yaml="epochs: 10\nlr: 3.0e-3\nbatch_size: 4\nmax_tokens: 64\n",
+        output_dir=str(tmp_path / "sft"),
     )
     resp = stub.TrainSFT(req, timeout=600)
     assert not resp.replayed and len(resp.history) == 10 and resp.train_examples == 12 and resp.validation_examples == 3
@@ -514,7 +635,7 @@ def test_train_sft_job_learns_demonstrations_and_replays(stub, tiny_models, tmp_
     for d in demos:
         ids = tok(d["prompt"], add_special_tokens=False)["input_ids"]
         out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-        assert tok.decode(out[0, len(ids):]).startswith(d["completion"])
+        assert tok.decode(out[0, len(ids) :]).startswith(d["completion"])
     again = stub.TrainSFT(req, timeout=60)
     assert again.replayed and list(again.history) == list(resp.history)
 
@@ -522,16 +643,40 @@ def test_train_sft_job_learns_demonstrations_and_replays(stub, tiny_models, tmp_
 def test_train_jobs_reject_malformed_data_with_file_and_line(stub, tiny_models, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
-    assert_invalid(lambda: stub.TrainSFT(learner_pb2.TrainSFTRequest(
-        job_id="bad", demonstrations_path=str(bad), output_dir=str(tmp_path / "o")), timeout=60), "demonstrations_path", f"{bad}:2")
+    assert_invalid(
+        lambda: stub.TrainSFT(
+            learner_pb2.TrainSFTRequest(job_id="bad", demonstrations_path=str(bad), output_dir=str(tmp_path / "o")),
+            timeout=60,
+        ),
+        "demonstrations_path",
+        f"{bad}:2",
+    )
     rk = tmp_path / "rank.jsonl"
     rk.write_text('{"prompt": "p", "completions": ["x", "y", "z"], "ranking": [0, 0, 1]}\n')
-    assert_invalid(lambda: stub.TrainRewardModel(learner_pb2.TrainRewardModelRequest(
-        job_id="bad", init_model_dir=str(tiny_models["lm"]), comparisons_path=str(rk), output_dir=str(tmp_path / "o")), timeout=60),
-        "comparisons_path", f"{rk}:1", "permutation")
-    assert_invalid(lambda: stub.TrainSFT(learner_pb2.TrainSFTRequest(
-        job_id="x", demonstrations_path=str(tmp_path / "missing.jsonl"), output_dir=str(tmp_path / "o")), timeout=60),
-        "demonstrations_path", "missing.jsonl")
+    assert_invalid(
+        lambda: stub.TrainRewardModel(
+            learner_pb2.TrainRewardModelRequest(
+                job_id="bad",
+                init_model_dir=str(tiny_models["lm"]),
+                comparisons_path=str(rk),
+                output_dir=str(tmp_path / "o"),
+            ),
+            timeout=60,
+        ),
+        "comparisons_path",
+        f"{rk}:1",
+        "permutation",
+    )
+    assert_invalid(
+        lambda: stub.TrainSFT(
+            learner_pb2.TrainSFTRequest(
+                job_id="x", demonstrations_path=str(tmp_path / "missing.jsonl"), output_dir=str(tmp_path / "o")
+            ),
+            timeout=60,
+        ),
+        "demonstrations_path",
+        "missing.jsonl",
+    )
 
 
 def test_train_reward_model_job_learns_rankings(stub, tiny_models, tmp_path):
@@ -546,16 +691,23 @@ def test_train_reward_model_job_learns_rankings(stub, tiny_models, tmp_path):
         for i in range(n):
             k = rng.randint(2, 5)
             cs = [" ".join(rng.choice(words) for _ in range(4)) + f" {j}" for j in range(k)]
-            g = [c.count("good") + c.count("nice") - c.count("bad") - c.count("awful") + 0.01 * j for j, c in enumerate(cs)]
-            out.append({"prompt": f"Say something {i}:", "completions": cs, "ranking": sorted(range(k), key=lambda j: -g[j])})
+            g = [
+                c.count("good") + c.count("nice") - c.count("bad") - c.count("awful") + 0.01 * j
+                for j, c in enumerate(cs)
+            ]
+            out.append(
+                {"prompt": f"Say something {i}:", "completions": cs, "ranking": sorted(range(k), key=lambda j: -g[j])}
+            )
         return out
 
     req = learner_pb2.TrainRewardModelRequest(
-        job_id="rm-1", init_model_dir=str(tiny_models["lm"]),  # a causal LM: its backbone gets a new scalar head
+        job_id="rm-1",
+        init_model_dir=str(tiny_models["lm"]),  # a causal LM: its backbone gets a new scalar head
         comparisons_path=_write_jsonl(tmp_path / "c.jsonl", comps(80, 0)),
         validation_path=_write_jsonl(tmp_path / "cv.jsonl", comps(30, 1)),
         demonstrations_path=_write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Say:", "completion": " good nice"}]),
-        config_yaml="epochs: 3\nlr: 2.0e-3\nmax_tokens: 32\n", output_dir=str(tmp_path / "rm"),
+        config_yaml="epochs: 3\nlr: 2.0e-3\nmax_tokens: 32\n",
+        output_dir=str(tmp_path / "rm"),
     )
     resp = stub.TrainRewardModel(req, timeout=600)
     assert resp.val_accuracy > 0.8 and resp.val_accuracy > resp.val_accuracy_before + 0.2
@@ -563,7 +715,9 @@ def test_train_reward_model_job_learns_rankings(stub, tiny_models, tmp_path):
     from alignd.config import ModelConfig
     from alignd.models.handle import load_scalar_head_model
 
-    rm = load_scalar_head_model(ModelConfig(path=resp.model_dir), allow_new_head=False)  # the head was trained and saved
+    rm = load_scalar_head_model(
+        ModelConfig(path=resp.model_dir), allow_new_head=False
+    )  # the head was trained and saved
     assert rm.config.alignd_score_bias == pytest.approx(resp.score_bias)
     assert stub.TrainRewardModel(req, timeout=60).replayed
 

@@ -18,8 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(*args, env=None, timeout=900):
-    return subprocess.run([sys.executable, "-m", "alignd.cli", "run", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "alignd.cli", "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def test_alignd_run_tiny_preset_meets_the_bar(tmp_path):
@@ -81,16 +87,21 @@ def test_alignd_run_tiny_preset_meets_the_bar(tmp_path):
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 40
 
 
-@pytest.mark.parametrize("line, problem", [
-    ('{"prompt": "p"}', "completion"),
-    ('{"prompt": "p", "completion": ""}', "empty"),
-    ("not json", "JSON"),
-])
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ('{"prompt": "p"}', "completion"),
+        ('{"prompt": "p", "completion": ""}', "empty"),
+        ("not json", "JSON"),
+    ],
+)
 def test_bad_demonstrations_refuse_the_run_with_file_and_line(tmp_path, line, problem):
     good = (ROOT / "configs" / "tiny_demos.jsonl").read_text().splitlines()
     demos = tmp_path / "demos.jsonl"
     demos.write_text("\n".join(good[:3] + [line] + good[3:]) + "\n")
-    out = _run("--preset", "tiny", "--run-dir", str(tmp_path / "run"), "--set", f"pipeline.demonstrations={demos}", timeout=120)
+    out = _run(
+        "--preset", "tiny", "--run-dir", str(tmp_path / "run"), "--set", f"pipeline.demonstrations={demos}", timeout=120
+    )
     assert out.returncode == 2
     assert f"{demos}:4:" in out.stderr and problem in out.stderr, out.stderr
     assert not (tmp_path / "run" / "stack.json").exists()  # refused before any role started

@@ -36,7 +36,13 @@ def metrics_row(step: int) -> dict:
         "kl_coef": 0.02,
         "policy_loss": 0.1 / step,
         "response_tokens": 512,
-        "phase_seconds": {"generate": 1.5 + 0.1 * step, "score": 0.3, "reference": 0.25 + 0.01 * step, "train": 2.0, "sync_weights": 0.4},
+        "phase_seconds": {
+            "generate": 1.5 + 0.1 * step,
+            "score": 0.3,
+            "reference": 0.25 + 0.01 * step,
+            "train": 2.0,
+            "sync_weights": 0.4,
+        },
         "sampler": {"epoch": 0, "position": 8 * step},
         "time": 1.7e9 + 5.0 * step,
     }
@@ -185,6 +191,9 @@ def test_markdown_links_and_render_markdown_agree(tmp_path):
 
 
 def test_import_does_not_load_matplotlib():
-    code = "import sys, alignd.plots; print(sorted(m for m in ('matplotlib', 'numpy', 'torch', 'grpc') if m in sys.modules))"
+    code = (
+        "import sys, alignd.plots; "
+        "print(sorted(m for m in ('matplotlib', 'numpy', 'torch', 'grpc') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from alignd.models.weights import encode_stream, push_weights
 from alignd.v1 import common_pb2, model_pb2, model_pb2_grpc, policy_pb2, policy_pb2_grpc
+
 from conftest import assert_invalid
 
 TEXTS = ["The quick brown fox", "Paris is", "Write a short story about a robot who learns to paint"]
@@ -50,10 +51,13 @@ def generate(stub, prompts, **sampling):
 
 def hf_greedy(model, tok, prompt, max_new):
     out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        torch.tensor([prompt]),
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def current_version(model_stub) -> int:
@@ -105,8 +109,9 @@ def test_same_seed_same_samples_regardless_of_batch(stub, tok):
 
 def test_top_k_one_is_greedy_and_sampled_logprob_zero(stub, tok, lm):
     p = ids_of(tok, TEXTS[1])
-    resp = generate(stub, [p], temperature=0.7, top_k=1, max_new_tokens=8, seed=1,
-                    logprob_mode=policy_pb2.LOGPROB_MODE_SAMPLED)
+    resp = generate(
+        stub, [p], temperature=0.7, top_k=1, max_new_tokens=8, seed=1, logprob_mode=policy_pb2.LOGPROB_MODE_SAMPLED
+    )
     s = resp.samples[0]
     assert list(s.token_ids) == hf_greedy(lm, tok, p, 8)
     assert all(abs(x) < 1e-6 for x in s.logprobs)
@@ -150,9 +155,14 @@ def test_bad_requests_answer_invalid_argument_and_service_keeps_serving(stub, to
     assert_invalid(lambda: generate(stub, [p], max_new_tokens=4, top_p=1.5), "sampling.top_p")
     assert_invalid(lambda: generate(stub, [p], max_new_tokens=4, stop_token_ids=[100000]), "sampling.stop_token_ids[0]")
     assert_invalid(
-        lambda: stub.Generate(policy_pb2.GenerateRequest(prompts=[policy_pb2.Prompt()],
-                                                         sampling=policy_pb2.SamplingParams(max_new_tokens=2)), timeout=10),
-        "prompts[0]", "no input",
+        lambda: stub.Generate(
+            policy_pb2.GenerateRequest(
+                prompts=[policy_pb2.Prompt()], sampling=policy_pb2.SamplingParams(max_new_tokens=2)
+            ),
+            timeout=10,
+        ),
+        "prompts[0]",
+        "no input",
     )
     ok = generate(stub, [p], temperature=0.0, max_new_tokens=3)
     assert len(ok.samples) == 1
@@ -260,7 +270,10 @@ def test_metrics_and_request_id(stub, tok, policy_server):
     assert ("x-request-id", "req-abc-123") in call[1].trailing_metadata()
     assert_invalid(lambda: generate(stub, [], max_new_tokens=1), "prompts")
     text = urllib.request.urlopen(policy_server.metrics_url, timeout=10).read().decode()
-    assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="Generate",grpc_service="alignd.v1.PolicyService",grpc_type="unary"}' in text
+    assert (
+        'grpc_server_handled_total{grpc_code="OK",grpc_method="Generate",grpc_service="alignd.v1.PolicyService",grpc_type="unary"}'
+        in text
+    )
     assert 'grpc_code="INVALID_ARGUMENT",grpc_method="Generate"' in text
     assert "alignd_policy_tokens_total" in text and "alignd_policy_batch_size_sequences_bucket" in text
 
@@ -272,7 +285,9 @@ def test_sample_token_draws_the_truncated_distribution():
     from alignd.services.policy.engine import Sampling, sample_token
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5, 0.2], dtype=torch.float32)
-    s = Sampling(temperature=0.7, top_p=1.0, top_k=5, max_new_tokens=1, stop_token_ids=frozenset(), logprobs_sampled=True)
+    s = Sampling(
+        temperature=0.7, top_p=1.0, top_k=5, max_new_tokens=1, stop_token_ids=frozenset(), logprobs_sampled=True
+    )
     keep = torch.topk(logits, 5).indices
     probs = torch.zeros(8, dtype=torch.float64)
     probs[keep] = torch.softmax(logits[keep].double() / 0.7, -1)

@@ -15,15 +15,17 @@ from alignd.services.learner.ppo import collate
 
 
 def make_learner(tiny_models, tmp_path, **ppo) -> Learner:
-    cfg = LearnerConfig.model_validate({
-        "model": {"path": str(tiny_models["lm"])},
-        "value_model": {"path": str(tiny_models["reward"])},
-        "ppo": {"minibatches": 2, "epochs": 2, **ppo},
-        "optimizer": {"lr": 1e-3, "warmup_steps": 0},
-        "checkpoint_every_steps": 0,
-        "ema_decay": None,
-        "seed": 0,
-    })
+    cfg = LearnerConfig.model_validate(
+        {
+            "model": {"path": str(tiny_models["lm"])},
+            "value_model": {"path": str(tiny_models["reward"])},
+            "ppo": {"minibatches": 2, "epochs": 2, **ppo},
+            "optimizer": {"lr": 1e-3, "warmup_steps": 0},
+            "checkpoint_every_steps": 0,
+            "ema_decay": None,
+            "seed": 0,
+        }
+    )
     return Learner(cfg, tmp_path)
 
 
@@ -85,7 +87,8 @@ def test_stale_rows_take_the_behaviour_logprobs_as_old(tiny_models, tmp_path):
     sc = c.trainer.step(batch_of(c, [3, 3, 3, 4, 4, 4], exact=False, shift=shift), version=4)
     assert not sc.old_logprobs_from_rollout and sc.stale_fraction == 0.5
     assert sc.behaviour_weight_mean == pytest.approx(
-        sum(math.exp(x) * n for x, n in zip(shift[:3], (7, 4, 8))) / 19, rel=1e-5)
+        sum(math.exp(x) * n for x, n in zip(shift[:3], (7, 4, 8))) / 19, rel=1e-5
+    )
 
 
 def test_stale_rows_are_weighted_by_current_over_behaviour(tiny_models, tmp_path):
@@ -109,4 +112,6 @@ def test_stale_rows_are_weighted_by_current_over_behaviour(tiny_models, tmp_path
     plain = make_learner(tiny_models, tmp_path / "p", off_policy="decoupled")
     s1 = plain.trainer.step(batch_of(plain, [4] * 6, exact=False, shift=shift), version=4)
     assert s1.stale_fraction == 0.0 and s1.behaviour_weight_mean == 1.0
-    assert any(not torch.equal(p, q) for p, q in zip(plain.module.policy.parameters(), learner.module.policy.parameters()))
+    assert any(
+        not torch.equal(p, q) for p, q in zip(plain.module.policy.parameters(), learner.module.policy.parameters())
+    )

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,9 +26,22 @@ def test_alignd_ppo_tiny_preset_raises_reward(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, ALIGND_CACHE=str(tmp_path / "cache"))
     out = subprocess.run(
-        [sys.executable, "-m", "alignd.cli", "ppo", "--config", str(ROOT / "configs" / "tiny.yaml"),
-         "--run-dir", str(run_dir), "--set", "run.steps=20"],
-        capture_output=True, text=True, timeout=900, env=env,
+        [
+            sys.executable,
+            "-m",
+            "alignd.cli",
+            "ppo",
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            "run.steps=20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -40,16 +52,32 @@ def test_alignd_ppo_tiny_preset_raises_reward(tmp_path):
         assert math.isfinite(r["reference_kl"]) and math.isfinite(r["approx_kl"])
         assert r["policy_version"] == r["step"]
     assert abs(rows[0]["reference_kl"]) < 1e-5  # step 1: policy == reference
-    first, last = statistics.fmean(r["mean_score"] for r in rows[:5]), statistics.fmean(r["mean_score"] for r in rows[-5:])
+    first, last = (
+        statistics.fmean(r["mean_score"] for r in rows[:5]),
+        statistics.fmean(r["mean_score"] for r in rows[-5:]),
+    )
     assert last > first + 0.02, (first, last)
     assert "succeeded: 20 steps" in out.stdout
 
     # Determinism (issue 7): the same preset and seed, run again for 3 steps, gives exactly the same metrics
     # (every field but the timings): same prompts, same samples, same scores, same updates.
     again = subprocess.run(
-        [sys.executable, "-m", "alignd.cli", "ppo", "--config", str(ROOT / "configs" / "tiny.yaml"),
-         "--run-dir", str(tmp_path / "again"), "--set", "run.steps=3"],
-        capture_output=True, text=True, timeout=900, env=env,
+        [
+            sys.executable,
+            "-m",
+            "alignd.cli",
+            "ppo",
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--run-dir",
+            str(tmp_path / "again"),
+            "--set",
+            "run.steps=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
     )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     timing = {"time", "phase_seconds", "tokens_per_second", "iteration_seconds"}
@@ -62,17 +90,35 @@ def test_alignd_ppo_tiny_preset_raises_reward(tmp_path):
 def test_async_rollouts_tiny_preset(tmp_path):
     """run.async_rollouts: the next step's rollouts are made while the learner trains, one version old (exactly:
     recorded per step: the staleness is planned, not raced, so runs are reproducible), their PPO ratio taken against
-    the sampling policy's log-probs. (That async learns as well as on-policy: bench/async_tiny.py, which runs the whole tiny pipeline both ways.)"""
+    the sampling policy's log-probs. (That async learns as well as on-policy: bench/async_tiny.py, which runs the
+    whole tiny pipeline both ways.)"""
     env = dict(os.environ, ALIGND_CACHE=str(tmp_path / "cache"))
 
     def run(name: str, steps: int) -> list[dict]:
         out = subprocess.run(
-            [sys.executable, "-m", "alignd.cli", "ppo", "--config", str(ROOT / "configs" / "tiny.yaml"),
-             "--run-dir", str(tmp_path / name), "--set", f"run.steps={steps}", "--set", "run.async_rollouts=true",
-             # Generation slower than a training step (as on GPUs): each push is staged while the policy generates.
-             "--set", "stack.policy.server.fault_injection.delay_seconds=1.5",
-             "--set", "stack.policy.server.fault_injection.methods=[Generate]"],
-            capture_output=True, text=True, timeout=900, env=env,
+            [
+                sys.executable,
+                "-m",
+                "alignd.cli",
+                "ppo",
+                "--config",
+                str(ROOT / "configs" / "tiny.yaml"),
+                "--run-dir",
+                str(tmp_path / name),
+                "--set",
+                f"run.steps={steps}",
+                "--set",
+                "run.async_rollouts=true",
+                # Generation slower than a training step (as on GPUs): each push is staged while the policy generates.
+                "--set",
+                "stack.policy.server.fault_injection.delay_seconds=1.5",
+                "--set",
+                "stack.policy.server.fault_injection.methods=[Generate]",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
         )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         return read_metrics(tmp_path / name / "metrics.jsonl")
@@ -84,7 +130,16 @@ def test_async_rollouts_tiny_preset(tmp_path):
     assert [r["rollout_policy_version"] for r in rows] == [0, 0] + list(range(1, 7))
     for r in rows:
         assert r["policy_version"] == r["step"]
-        phases = {"generate", "score", "reference", "rollout", "wait_rollout", "train", "wait_generation", "sync_weights"}
+        phases = {
+            "generate",
+            "score",
+            "reference",
+            "rollout",
+            "wait_rollout",
+            "train",
+            "wait_generation",
+            "sync_weights",
+        }
         assert phases <= set(r["phase_seconds"]) <= phases | {"stage_weights"}
         # A staged push only commits on the replica (nothing sent twice); an unstaged one commits nothing.
         assert r["weights_committed_replicas"] == (1 if "stage_weights" in r["phase_seconds"] else 0)

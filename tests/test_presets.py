@@ -16,8 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "alignd.cli", "run", *args], capture_output=True, text=True, timeout=120,
-                          env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "alignd.cli", "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def test_unknown_preset_names_the_known_ones(tmp_path):
@@ -26,7 +32,9 @@ def test_unknown_preset_names_the_known_ones(tmp_path):
 
 
 def test_preset_and_config_are_exclusive(tmp_path):
-    out = _run("--preset", "tiny", "--config", str(ROOT / "configs" / "tiny_pipeline.yaml"), "--run-dir", str(tmp_path / "r"))
+    out = _run(
+        "--preset", "tiny", "--config", str(ROOT / "configs" / "tiny_pipeline.yaml"), "--run-dir", str(tmp_path / "r")
+    )
     assert out.returncode == 2 and "not both" in out.stderr
 
 
@@ -50,9 +58,13 @@ def test_sentiment_judges_score_the_completion(name):
 
 
 def test_passage_pairs_split_sentences_into_opening_and_melvilles_continuation():
-    text = ("Call me Ishmael, for that is what my friends, my family and my shipmates have always called me when at sea, in port or ashore. "
-            "Some years ago, never mind how long precisely, having little or no money in my purse, I thought I would sail about.\n"
-            "“A quoted sentence is skipped because it starts inside a quotation, however long it is.”")
+    text = (
+        "Call me Ishmael, for that is what my friends, my family and my shipmates have always called me when at sea, "
+        "in port or ashore. "
+        "Some years ago, never mind how long precisely, having little or no money in my purse, I thought I would sail "
+        "about.\n"
+        "“A quoted sentence is skipped because it starts inside a quotation, however long it is.”"
+    )
     pairs = assets.passage_pairs(text, random.Random(0))
     assert len(pairs) == 2
     for opening, rest in pairs:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from helpers import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,9 @@ def prometheus_tool(name: str) -> Path:
 
 
 def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(prometheus_tool("promtool")), *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+    return subprocess.run(
+        [str(prometheus_tool("promtool")), *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
 
 
 def load_rules() -> list[dict]:
@@ -108,9 +111,12 @@ def _split_top(expr: str, ops: tuple[str, ...], words: bool) -> list[str]:
             for op in ops:
                 if not expr.startswith(op, i):
                     continue
-                if words and (re.match(r"\w", expr[i - 1:i] or " ") or re.match(r"\w", expr[i + len(op):i + len(op) + 1] or " ")):
+                if words and (
+                    re.match(r"\w", expr[i - 1 : i] or " ")
+                    or re.match(r"\w", expr[i + len(op) : i + len(op) + 1] or " ")
+                ):
                     continue
-                if not words and expr[i + len(op):i + len(op) + 1] in ("=", "~"):  # `=~` never occurs at depth 0
+                if not words and expr[i + len(op) : i + len(op) + 1] in ("=", "~"):  # `=~` never occurs at depth 0
                     continue
                 parts.append(expr[start:i])
                 start = i = i + len(op)
@@ -179,7 +185,11 @@ def test_rules_document_themselves():
         assert r["annotations"]["summary"] and r["annotations"]["description"], r["alert"]
         assert re.fullmatch(r"[0-9]+[smh]", r["for"]), r["alert"]
         # Series are selected by role (`job`) only: the chart confines `job=` to the release.
-        assert "job=" in r["expr"] and "namespace=" not in r["expr"] and "service=" not in r["expr"].replace("grpc_service", ""), r["alert"]
+        assert (
+            "job=" in r["expr"]
+            and "namespace=" not in r["expr"]
+            and "service=" not in r["expr"].replace("grpc_service", "")
+        ), r["alert"]
 
 
 # -- the chart's PrometheusRule is this file ----------------------------------------------
@@ -198,7 +208,8 @@ def _render_rules(values: dict) -> list[dict]:
 
 
 def test_chart_prometheusrule_is_the_rules_file(tmp_path):
-    scope = 'namespace="ml", service=~"rel-alignd-(policy-headless|reward-headless|reference-headless|learner-headless|coordinator)", job='
+    services = "policy-headless|reward-headless|reference-headless|learner-headless|coordinator"
+    scope = f'namespace="ml", service=~"rel-alignd-({services})", job='
     file_groups = yaml.safe_load(RULES.read_text())["groups"]
     enabled = {"metrics": {"prometheusRule": {"enabled": True}}}
 
@@ -240,7 +251,13 @@ def test_chart_threshold_defaults_are_the_files():
 NAMESPACE = "alignd-test"
 RUN_STEPS = 3
 # Grafana's variables, as a dashboard at a 1 s scrape interval would fill them in.
-GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "5s", "$__range": "5m", "${namespace}": NAMESPACE, "$namespace": NAMESPACE}
+GRAFANA_VARS = {
+    "$__rate_interval": "1m",
+    "$__interval": "5s",
+    "$__range": "5m",
+    "${namespace}": NAMESPACE,
+    "$namespace": NAMESPACE,
+}
 DEADLINE_S = 240.0
 
 
@@ -285,9 +302,11 @@ class PromAPI:
 
 def _running(proc: subprocess.Popen, log: Path):
     """wait_until's `alive` check: fails the test when Prometheus has exited."""
+
     def check() -> None:
         if proc.poll() is not None:
             pytest.fail(f"prometheus exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+
     return check
 
 
@@ -301,16 +320,23 @@ def write_prometheus_config(path: Path, stack: dict) -> None:
     jobs = []
     for role in ROLES:
         url = urllib.parse.urlparse(stack["services"][role]["metrics_url"])
-        jobs.append({
-            "job_name": role, "metrics_path": url.path,
-            "static_configs": [{"targets": [url.netloc], "labels": {"namespace": NAMESPACE}}],
-        })
-    path.write_text(yaml.safe_dump({
-        # Rules are evaluated too (every 5 s; `[1d:]` subqueries resolve at this interval).
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "5s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": jobs,
-    }))
+        jobs.append(
+            {
+                "job_name": role,
+                "metrics_path": url.path,
+                "static_configs": [{"targets": [url.netloc], "labels": {"namespace": NAMESPACE}}],
+            }
+        )
+    path.write_text(
+        yaml.safe_dump(
+            {
+                # Rules are evaluated too (every 5 s; `[1d:]` subqueries resolve at this interval).
+                "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "5s"},
+                "rule_files": [str(RULES)],
+                "scrape_configs": jobs,
+            }
+        )
+    )
 
 
 def _provoke_errors(stack: dict) -> None:
@@ -318,10 +344,9 @@ def _provoke_errors(stack: dict) -> None:
     ratios, and the dashboard's errors panel, have a numerator to select."""
     import grpc
 
-    from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc, reward_pb2, reward_pb2_grpc
-
     from alignd.runtime.client import make_channel
     from alignd.runtime.tokens import operator_credentials
+    from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc, reward_pb2, reward_pb2_grpc
 
     creds = operator_credentials(stack["auth"]["tokens_file"])
     with make_channel(stack["services"]["reward"]["address"], credentials=creds) as ch:
@@ -338,7 +363,6 @@ def _provoke_errors(stack: dict) -> None:
 
 @pytest.mark.slow
 def test_dashboard_and_rules_return_data_from_a_ppo_run(tmp_path, monkeypatch):
-    import grpc
 
     from alignd.launcher import LocalStack, default_stack_config
     from alignd.runtime.client import make_channel
@@ -361,9 +385,16 @@ def test_dashboard_and_rules_return_data_from_a_ppo_run(tmp_path, monkeypatch):
         port = free_port()
         with open(prom_log, "wb") as log:
             prom = subprocess.Popen(
-                [str(prometheus), f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [
+                    str(prometheus),
+                    f"--config.file={tmp_path / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         api = PromAPI(f"http://127.0.0.1:{port}")
 
@@ -376,16 +407,25 @@ def test_dashboard_and_rules_return_data_from_a_ppo_run(tmp_path, monkeypatch):
 
         wait_until("prometheus ready", ready, _left(deadline), 0.25, alive=_running(prom, prom_log))
         # Every role scraped before the run starts: counters are seen rising, not born at their final value.
-        wait_until("up == 1 for every role",
-                   lambda: sorted(r["metric"]["job"] for r in api.query("up == 1")) == sorted(ROLES),
-                   _left(deadline), 0.25, alive=_running(prom, prom_log))
+        wait_until(
+            "up == 1 for every role",
+            lambda: sorted(r["metric"]["job"] for r in api.query("up == 1")) == sorted(ROLES),
+            _left(deadline),
+            0.25,
+            alive=_running(prom, prom_log),
+        )
         timings["scraping"] = time.monotonic() - t0
 
         # A short PPO run through the coordinator, and two rejected calls.
-        run_cfg = yaml.safe_dump({
-            "steps": RUN_STEPS, "prompts_per_step": 8, "prompts": {"path": str(ROOT / "configs" / "tiny_prompts.txt")},
-            "sampling": {"max_new_tokens": 8, "ignore_eos": True}, "seed": 1,
-        })
+        run_cfg = yaml.safe_dump(
+            {
+                "steps": RUN_STEPS,
+                "prompts_per_step": 8,
+                "prompts": {"path": str(ROOT / "configs" / "tiny_prompts.txt")},
+                "sampling": {"max_new_tokens": 8, "ignore_eos": True},
+                "seed": 1,
+            }
+        )
         with make_channel(info["services"]["coordinator"]["address"], credentials=stack.operator_credentials()) as ch:
             coord = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
             coord.StartRun(coordinator_pb2.StartRunRequest(run_id="prom", config_yaml=run_cfg), timeout=60)
@@ -400,10 +440,16 @@ def test_dashboard_and_rules_return_data_from_a_ppo_run(tmp_path, monkeypatch):
         timings["run_done"] = time.monotonic() - t0
 
         # Prometheus has scraped the steps and the run's end.
-        wait_until(f"{RUN_STEPS} steps and the run's end scraped",
-                   lambda: api.value("sum(alignd_coordinator_steps_total)") == RUN_STEPS
-                   and api.value('sum(alignd_coordinator_runs_total{state="succeeded"})') == 1,
-                   _left(deadline), 0.25, alive=_running(prom, prom_log))
+        wait_until(
+            f"{RUN_STEPS} steps and the run's end scraped",
+            lambda: (
+                api.value("sum(alignd_coordinator_steps_total)") == RUN_STEPS
+                and api.value('sum(alignd_coordinator_runs_total{state="succeeded"})') == 1
+            ),
+            _left(deadline),
+            0.25,
+            alive=_running(prom, prom_log),
+        )
         timings["scraped"] = time.monotonic() - t0
         assert api.value("sum(rate(alignd_coordinator_steps_total[1m]))") > 0  # the counter was seen rising
 
@@ -426,8 +472,12 @@ def test_dashboard_and_rules_return_data_from_a_ppo_run(tmp_path, monkeypatch):
         if empty:  # what was scraped of the metrics they use
             names = sorted(set(re.findall(r"\b((?:alignd|grpc_server)_[a-z0-9_]+)", " ".join(e for _, e in empty))))
             seen = {n: api.query(f"count_over_time({n}[5m])") for n in names}
-            pytest.fail("dashboard expressions without data:\n" + "\n".join(f"  {t}: {e}" for t, e in empty)
-                        + "\nscraped samples:\n" + json.dumps(seen, indent=1))
+            pytest.fail(
+                "dashboard expressions without data:\n"
+                + "\n".join(f"  {t}: {e}" for t, e in empty)
+                + "\nscraped samples:\n"
+                + json.dumps(seen, indent=1)
+            )
         namespaces = api.get("/api/v1/label/namespace/values", **{"match[]": "grpc_server_started_total"})
         assert namespaces == [NAMESPACE]  # the dashboard's $namespace variable
 
@@ -435,7 +485,13 @@ def test_dashboard_and_rules_return_data_from_a_ppo_run(tmp_path, monkeypatch):
         # rule's last-step subquery resolves at the evaluation interval (5 s): poll.
         for rule in load_rules():
             for vec in underlying_vectors(rule["expr"]):
-                wait_until(f"{rule['alert']}: data for {vec}", lambda v=vec: api.query(v), _left(deadline), 0.25, alive=_running(prom, prom_log))
+                wait_until(
+                    f"{rule['alert']}: data for {vec}",
+                    lambda v=vec: api.query(v),
+                    _left(deadline),
+                    0.25,
+                    alive=_running(prom, prom_log),
+                )
         # A healthy run: these alerts' conditions hold for nothing.
         for rule in load_rules():
             if rule["alert"] in ("AligndRunStalled", "AligndNaNLoss", "AligndSkippedUpdates", "AligndServiceDown"):
@@ -449,7 +505,9 @@ def test_dashboard_and_rules_return_data_from_a_ppo_run(tmp_path, monkeypatch):
                 return None
             return rules
 
-        for r in wait_until("every rule evaluated", rules_evaluated, _left(deadline), 0.25, alive=_running(prom, prom_log)):
+        for r in wait_until(
+            "every rule evaluated", rules_evaluated, _left(deadline), 0.25, alive=_running(prom, prom_log)
+        ):
             assert r["health"] == "ok", (r["name"], r.get("lastError"))
         timings["checked"] = time.monotonic() - t0
     finally:

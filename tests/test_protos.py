@@ -120,11 +120,7 @@ def upper_snake(name: str) -> str:
             out += c
             continue
         nxt = s[i + 1] if i + 1 < len(s) else ""
-        if (
-            c.isupper()
-            and out[-1] != "_"
-            and ((nxt and not nxt.isupper() and nxt not in "_.- ") or s[i - 1].islower())
-        ):
+        if c.isupper() and out[-1] != "_" and ((nxt and not nxt.isupper() and nxt not in "_.- ") or s[i - 1].islower()):
             out += "_" + c
         else:
             out += c
@@ -250,7 +246,7 @@ def comment_violations(fds) -> list[str]:
 
 
 def test_walker_sees_every_kind(fds):
-    seen = {k: 0 for k in ("service", "rpc", "message", "field", "enum", "enum_value")}
+    seen = dict.fromkeys(("service", "rpc", "message", "field", "enum", "enum_value"), 0)
     for kind, *_ in walk(fds):
         seen[kind] += 1
     assert all(seen.values()), f"walker found no element of some kind: {seen}"
@@ -339,7 +335,9 @@ def test_rules_detect_violations(tmp_path):
     d.mkdir(parents=True)
     (d / "probe.proto").write_text(PROBE)
     s = compile_descriptors(tmp_path, [d / "probe.proto"], tmp_path / "probe.binpb")
-    assert package_violations(s) == ["alignd/v1/probe.proto: package 'other.v2' (directory 'alignd.v1', expected 'alignd.v1')"]
+    assert package_violations(s) == [
+        "alignd/v1/probe.proto: package 'other.v2' (directory 'alignd.v1', expected 'alignd.v1')"
+    ]
     assert enum_zero_violations(s) == ["other.v2.Color: zero value ['UNKNOWN'], expected COLOR_UNSPECIFIED"]
     assert enum_prefix_violations(s) == [
         "other.v2.HTTPMethod.HTTPMETHOD_GET (expected prefix HTTP_METHOD_)",
@@ -349,7 +347,8 @@ def test_rules_detect_violations(tmp_path):
     assert rpc_type_violations(s) == [
         "other.v2.ProbeService.Pong: request type other.v2.PingRequest, expected other.v2.PongRequest",
         "other.v2.ProbeService.Pong: response type other.v2.PongReply, expected other.v2.PongResponse",
-        "other.v2.PingRequest is used by several RPCs: other.v2.ProbeService.Ping (request), other.v2.ProbeService.Pong (request)",
+        "other.v2.PingRequest is used by several RPCs: other.v2.ProbeService.Ping (request), "
+        "other.v2.ProbeService.Pong (request)",
     ]
     assert comment_violations(s) == [
         "field other.v2.PingRequest.b: no leading comment",

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from alignd.v1 import reference_pb2, reference_pb2_grpc
+
 from conftest import assert_invalid
 
 ITEMS = [([5, 9, 33, 2], [17, 4, 250]), ([7], [8, 9, 10, 11, 12, 13]), (list(range(3, 40)), [41])]

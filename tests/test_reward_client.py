@@ -19,10 +19,17 @@ import structlog
 import yaml
 
 from alignd.launcher import child_env
-from alignd.reward_client import AsyncRewardClient, RewardClient, RewardClientError, ScoreManyResult, ScoreResult
-from alignd.reward_client import _RetryPolicy
+from alignd.reward_client import (
+    AsyncRewardClient,
+    RewardClient,
+    RewardClientError,
+    ScoreManyResult,
+    ScoreResult,
+    _RetryPolicy,
+)
 from alignd.v1 import model_pb2, model_pb2_grpc, reward_pb2, reward_pb2_grpc
-from conftest import STARTUP_TIMEOUT_S, RoleServer, secure_channel, start_role, stop_role, token_of
+
+from conftest import secure_channel, start_role, stop_role, token_of
 
 ALICE = "alice-token-0123456789"
 SCORER = token_of("scorer")  # the score scope only, as an external scoring client has
@@ -43,7 +50,9 @@ TOKEN_PAIRS = [([5, 6, 7], [8, 9]), ([], [10]), ([11], [12, 13, 14])]
 
 
 def raw_score(channel, items, metadata=()):
-    return reward_pb2_grpc.RewardServiceStub(channel).Score(reward_pb2.ScoreRequest(items=items), metadata=metadata, timeout=60)
+    return reward_pb2_grpc.RewardServiceStub(channel).Score(
+        reward_pb2.ScoreRequest(items=items), metadata=metadata, timeout=60
+    )
 
 
 def text_items(pairs):
@@ -51,7 +60,9 @@ def text_items(pairs):
 
 
 def token_items(pairs):
-    return [reward_pb2.ScoreItem(tokens=reward_pb2.TokenPair(prompt_token_ids=p, response_token_ids=r)) for p, r in pairs]
+    return [
+        reward_pb2.ScoreItem(tokens=reward_pb2.TokenPair(prompt_token_ids=p, response_token_ids=r)) for p, r in pairs
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +71,11 @@ def secured(tiny_models, tmp_path_factory):
     work = tmp_path_factory.mktemp("reward-secured")
     tokens = work / "tokens.yaml"
     tokens.write_text(yaml.safe_dump({"alice": ALICE}))
-    cfg = {"model": {"path": str(tiny_models["reward"])}, "torch_threads": 1, "server": {"auth": {"tokens_file": str(tokens)}}}
+    cfg = {
+        "model": {"path": str(tiny_models["reward"])},
+        "torch_threads": 1,
+        "server": {"auth": {"tokens_file": str(tokens)}},
+    }
     server = start_role("reward", cfg, work)
     yield server
     assert stop_role(server) == 0, server.log()[-3000:]
@@ -176,7 +191,9 @@ def test_score_many_keeps_order_and_equals_one_call(reward_server):
         # Other requests batch the items differently (padding), so the float32 forward may differ in the last bits.
         assert result.scores == pytest.approx(whole.scores, abs=1e-5)
     # Each item is its own score, not a neighbour's: the order is kept.
-    assert [min(range(len(PAIRS)), key=lambda j: abs(whole.scores[j] - s)) for s in many.scores] == list(range(len(PAIRS)))
+    assert [min(range(len(PAIRS)), key=lambda j: abs(whole.scores[j] - s)) for s in many.scores] == list(
+        range(len(PAIRS))
+    )
 
 
 def test_score_many_runs_max_in_flight_requests_at_once_in_order(fake):
@@ -223,7 +240,10 @@ def test_the_token_is_sent_and_required(secured, tmp_path):
         assert client.info().info.role == "reward"
     with RewardClient(secured.address, token_file=token_file) as client:
         assert client.score(PAIRS[:3]).scores == list(expected.scores)
-    for kwargs, needle in (({}, "missing credentials"), ({"token": "not-a-token-of-this-server"}, "unknown or revoked")):
+    for kwargs, needle in (
+        ({}, "missing credentials"),
+        ({"token": "not-a-token-of-this-server"}, "unknown or revoked"),
+    ):
         with RewardClient(secured.address, **kwargs) as client, pytest.raises(RewardClientError) as err:
             client.score(PAIRS[:3])
         assert err.value.code == grpc.StatusCode.UNAUTHENTICATED and needle in err.value.details
@@ -339,7 +359,10 @@ def test_other_codes_are_not_retried(fake, reward_server):
         client.score(numbered(1))
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.attempts == 1 and len(servicer.calls) == 1
     # The real service: an empty response is INVALID_ARGUMENT, raised after one attempt.
-    with RewardClient(reward_server.address, token=SCORER, retries=5) as client, pytest.raises(RewardClientError) as err:
+    with (
+        RewardClient(reward_server.address, token=SCORER, retries=5) as client,
+        pytest.raises(RewardClientError) as err,
+    ):
         client.score([("a prompt", "")])
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.attempts == 1
     assert "items[0].text.response" in err.value.details and "empty response" in err.value.details
@@ -432,8 +455,13 @@ def test_arguments_are_checked(tmp_path):
             cls("h:1", timeout=0)
         # Valid TLS and mutual-TLS settings make a client (connecting is lazy).
         cls("h:1", tls=True)
-        cls("h:1", root_certificates_file=ca_file, cert_file=cert_file, key_file=key_file,
-            server_name_override="reward.example")
+        cls(
+            "h:1",
+            root_certificates_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            server_name_override="reward.example",
+        )
 
     with RewardClient("127.0.0.1:1") as client:
         with pytest.raises(TypeError, match=r"pairs\[1\]"):
@@ -458,8 +486,14 @@ def alignd_reward(*args, token: str | None = None, stdin: str | None = None):
     env.pop("ALIGND_REWARD_TOKEN", None)
     if token is not None:
         env["ALIGND_REWARD_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "alignd.cli", "reward", "score", *args], capture_output=True,
-                          text=True, timeout=120, env=env, input=stdin)
+    return subprocess.run(
+        [sys.executable, "-m", "alignd.cli", "reward", "score", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        input=stdin,
+    )
 
 
 def test_cli_scores_a_pair_and_a_file(secured, tmp_path):
@@ -470,20 +504,29 @@ def test_cli_scores_a_pair_and_a_file(secured, tmp_path):
 
     out = alignd_reward("--address", secured.address, "--prompt", PAIRS[0][0], "--response", PAIRS[0][1], token=ALICE)
     assert out.returncode == 0, out.stderr
-    assert [json.loads(line) for line in out.stdout.splitlines()] == [{"score": single.scores[0], "weight_version": version}]
+    assert [json.loads(line) for line in out.stdout.splitlines()] == [
+        {"score": single.scores[0], "weight_version": version}
+    ]
 
     src = tmp_path / "in.jsonl"
-    lines = [json.dumps({"prompt": p, "response": r, **({"id": f"q{i}"} if i % 2 == 0 else {})}) for i, (p, r) in enumerate(PAIRS)]
+    lines = [
+        json.dumps({"prompt": p, "response": r, **({"id": f"q{i}"} if i % 2 == 0 else {})})
+        for i, (p, r) in enumerate(PAIRS)
+    ]
     src.write_text("\n".join(lines[:5]) + "\n\n" + "\n".join(lines[5:]) + "\n")  # a blank line is skipped
     token_file = tmp_path / "token"
     token_file.write_text(ALICE + "\n")
     dst = tmp_path / "out.jsonl"
     # One request of all the pairs: the same batch as `expected`, so the same floats.
-    out = alignd_reward("--address", secured.address, "--file", str(src), "--out", str(dst), "--token-file", str(token_file))
+    out = alignd_reward(
+        "--address", secured.address, "--file", str(src), "--out", str(dst), "--token-file", str(token_file)
+    )
     assert out.returncode == 0 and out.stdout == "", out.stderr
     got = [json.loads(line) for line in dst.read_text().splitlines()]
-    assert got == [{**({"id": f"q{i}"} if i % 2 == 0 else {}), "score": s, "weight_version": version}
-                   for i, s in enumerate(expected.scores)]
+    assert got == [
+        {**({"id": f"q{i}"} if i % 2 == 0 else {}), "score": s, "weight_version": version}
+        for i, s in enumerate(expected.scores)
+    ]
 
     # --stack (the stack.json of `alignd up`), stdin, small batches: the same scores within float32 noise.
     stack = tmp_path / "stack.json"
@@ -500,11 +543,13 @@ def test_cli_errors(secured, tmp_path):
     src.write_text('{"prompt": "a", "response": " b"}\n{"prompt": "", "response": " c"}\n{"prompt": "a"}\n')
     dst = tmp_path / "out.jsonl"
     out = alignd_reward("--address", secured.address, "--file", str(src), "--out", str(dst), token=ALICE)
-    assert out.returncode == 2 and f"{src}:3: missing \"response\"" in out.stderr, out.stderr
+    assert out.returncode == 2 and f'{src}:3: missing "response"' in out.stderr, out.stderr
     assert not dst.exists()
-    for bad, needle in (("{oops", "not JSON"),
-                        ('{"prompt": 1, "response": "x"}', '"prompt" must be a string'),
-                        ('{"prompt": "p", "response": ""}', '"response" must not be empty')):
+    for bad, needle in (
+        ("{oops", "not JSON"),
+        ('{"prompt": 1, "response": "x"}', '"prompt" must be a string'),
+        ('{"prompt": "p", "response": ""}', '"response" must not be empty'),
+    ):
         src.write_text('{"prompt": "a", "response": " b"}\n' + bad + "\n")
         out = alignd_reward("--address", secured.address, "--file", str(src), token=ALICE)
         assert out.returncode == 2 and f"{src}:2: {needle}" in out.stderr, (bad, out.stderr)
@@ -539,7 +584,11 @@ def pki(tmp_path_factory):
         files[name] = root / f"{name}.pem"
         blob.write_to_path(str(files[name]))
 
-    server, client, stranger = ca.issue_cert("reward.test"), ca.issue_cert("client.alignd.test"), other.issue_cert("client.alignd.test")
+    server, client, stranger = (
+        ca.issue_cert("reward.test"),
+        ca.issue_cert("client.alignd.test"),
+        other.issue_cert("client.alignd.test"),
+    )
     save("ca", ca.cert_pem)
     save("other_ca", other.cert_pem)
     save("server_key", server.private_key_pem)
@@ -557,16 +606,31 @@ def mtls(tiny_models, tmp_path_factory, pki):
     work = tmp_path_factory.mktemp("reward-mtls")
     tokens = work / "tokens.yaml"
     tokens.write_text(yaml.safe_dump({"alice": ALICE}))
-    cfg = {"model": {"path": str(tiny_models["reward"])}, "torch_threads": 1,
-           "server": {"auth": {"tokens_file": str(tokens)},
-                      "tls": {"cert_file": str(pki["server_cert"]), "key_file": str(pki["server_key"]),
-                              "client_ca_file": str(pki["ca"])}}}
+    cfg = {
+        "model": {"path": str(tiny_models["reward"])},
+        "torch_threads": 1,
+        "server": {
+            "auth": {"tokens_file": str(tokens)},
+            "tls": {
+                "cert_file": str(pki["server_cert"]),
+                "key_file": str(pki["server_key"]),
+                "client_ca_file": str(pki["ca"]),
+            },
+        },
+    }
     creds = grpc.ssl_channel_credentials(
         pki["ca"].read_bytes(), pki["client_key"].read_bytes(), pki["client_cert"].read_bytes()
     )
-    server = start_role("reward", cfg, work, credentials=creds, options=[("grpc.ssl_target_name_override", "reward.test")])
-    kwargs = dict(root_certificates_file=pki["ca"], cert_file=pki["client_cert"], key_file=pki["client_key"],
-                  server_name_override="reward.test", token=ALICE)
+    server = start_role(
+        "reward", cfg, work, credentials=creds, options=[("grpc.ssl_target_name_override", "reward.test")]
+    )
+    kwargs = dict(
+        root_certificates_file=pki["ca"],
+        cert_file=pki["client_cert"],
+        key_file=pki["client_key"],
+        server_name_override="reward.test",
+        token=ALICE,
+    )
     yield server, kwargs
     assert stop_role(server) == 0, server.log()[-3000:]
 
@@ -587,25 +651,46 @@ def test_mutual_tls(mtls, pki, reward_server):
 
     refused = {
         "no client certificate": dict(kwargs, cert_file=None, key_file=None),
-        "a client certificate of another CA": dict(kwargs, cert_file=pki["stranger_cert"], key_file=pki["stranger_key"]),
+        "a client certificate of another CA": dict(
+            kwargs, cert_file=pki["stranger_cert"], key_file=pki["stranger_key"]
+        ),
         "a server certificate of an unknown CA": dict(kwargs, root_certificates_file=pki["other_ca"]),
         "a certificate for another name": dict(kwargs, server_name_override="not-reward.test"),
     }
     for case, args in refused.items():
-        with RewardClient(server.address, **dict(args, retries=1, timeout=10)) as client, \
-                pytest.raises(RewardClientError) as err:
+        with (
+            RewardClient(server.address, **dict(args, retries=1, timeout=10)) as client,
+            pytest.raises(RewardClientError) as err,
+        ):
             client.score(PAIRS[:1])
         assert err.value.code == grpc.StatusCode.UNAVAILABLE, (case, err.value)
-    with RewardClient(server.address, **dict(kwargs, token=None, retries=1)) as client, pytest.raises(RewardClientError) as err:
+    with (
+        RewardClient(server.address, **dict(kwargs, token=None, retries=1)) as client,
+        pytest.raises(RewardClientError) as err,
+    ):
         client.score(PAIRS[:1])  # TLS does not replace the token
     assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
     with RewardClient(server.address, retries=1, timeout=10) as client, pytest.raises(RewardClientError) as err:
         client.score(PAIRS[:1])  # plaintext to a TLS port
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
 
-    out = alignd_reward("--address", server.address, "--ca-file", str(pki["ca"]), "--cert-file", str(pki["client_cert"]),
-                        "--key-file", str(pki["client_key"]), "--server-name", "reward.test",
-                        "--prompt", PAIRS[2][0], "--response", PAIRS[2][1], token=ALICE)
+    out = alignd_reward(
+        "--address",
+        server.address,
+        "--ca-file",
+        str(pki["ca"]),
+        "--cert-file",
+        str(pki["client_cert"]),
+        "--key-file",
+        str(pki["client_key"]),
+        "--server-name",
+        "reward.test",
+        "--prompt",
+        PAIRS[2][0],
+        "--response",
+        PAIRS[2][1],
+        token=ALICE,
+    )
     assert out.returncode == 0, out.stderr
     with RewardClient(server.address, **kwargs) as client:
         single = client.score([PAIRS[2]])

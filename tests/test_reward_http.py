@@ -13,6 +13,7 @@ import yaml
 
 from alignd.atomic import write_bytes_atomic
 from alignd.v1 import reward_pb2, reward_pb2_grpc
+
 from conftest import start_role, stop_role
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"
@@ -50,7 +51,8 @@ def rm(tiny_models, tmp_path_factory):
     tokens = work / "tokens.yaml"
     write_bytes_atomic(tokens, yaml.safe_dump({"alice": ALICE, "bob": BOB}).encode())
     cfg = {
-        "model": {"path": str(tiny_models["reward"])}, "torch_threads": 1,
+        "model": {"path": str(tiny_models["reward"])},
+        "torch_threads": 1,
         "server": {"auth": {"tokens_file": str(tokens)}},
         "limits": {"max_items": 8, "max_text_bytes": 2000},
     }
@@ -69,8 +71,11 @@ PAIRS = [("The cat sat", " on the mat."), ("", "hello world"), ("Q: 2+2?\nA:", "
 def test_get_reward_matches_grpc_score(rm, tok):
     server, url = rm
     expected = grpc_scores(server.channel, PAIRS, ALICE)
-    status, out, _ = post(url, {"query": [p + r for p, r in PAIRS], "prompts": [p for p, _ in PAIRS],
-                                "labels": [None] * len(PAIRS)}, token=ALICE)
+    status, out, _ = post(
+        url,
+        {"query": [p + r for p, r in PAIRS], "prompts": [p for p, _ in PAIRS], "labels": [None] * len(PAIRS)},
+        token=ALICE,
+    )
     assert status == 200, out
     assert out["rewards"] == pytest.approx(list(expected.scores), abs=1e-5)
     assert out["scores"] == out["rewards"]
@@ -147,8 +152,12 @@ def test_keep_alive_connection_serves_several_requests(rm):
     u = urllib.parse.urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
     for i in range(3):
-        conn.request("POST", "/get_reward", body=json.dumps({"query": [f"hi {i}"]}),
-                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {ALICE}"})
+        conn.request(
+            "POST",
+            "/get_reward",
+            body=json.dumps({"query": [f"hi {i}"]}),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {ALICE}"},
+        )
         resp = conn.getresponse()
         assert resp.status == 200 and len(json.loads(resp.read())["rewards"]) == 1
     # A refused request on the same connection (400) leaves it usable too.
@@ -173,12 +182,15 @@ def test_grpc_limits(rm):
     big = reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt="p" * 2001, response="r"))
     with pytest.raises(grpc.RpcError) as err:
         stub.Score(reward_pb2.ScoreRequest(items=[big]), timeout=30, metadata=md)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("items[0].text.prompt:")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(
+        "items[0].text.prompt:"
+    )
 
 
 def _samples(metrics_url: str) -> dict:
-    from prometheus_client.parser import text_string_to_metric_families
     import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     out = {}
@@ -214,8 +226,12 @@ def test_metrics_per_api_and_client(rm):
 
 @pytest.fixture(scope="module")
 def truncating(tiny_models, tmp_path_factory):
-    cfg = {"model": {"path": str(tiny_models["reward"]), "max_context_tokens": 16}, "torch_threads": 1,
-           "limits": {"too_long": "truncate_left"}, "http": {"port": -1}}
+    cfg = {
+        "model": {"path": str(tiny_models["reward"]), "max_context_tokens": 16},
+        "torch_threads": 1,
+        "limits": {"too_long": "truncate_left"},
+        "http": {"port": -1},
+    }
     work = tmp_path_factory.mktemp("reward_trunc")
     server = start_role("reward", cfg, work)
     yield server, work
@@ -252,7 +268,7 @@ def _raw(url: str, data: bytes) -> tuple[bytes, bool]:
                     closed = True
                     break
                 out += chunk
-        except socket.timeout:
+        except TimeoutError:
             pass
     return out, closed
 
@@ -267,7 +283,12 @@ def test_framing_cannot_desync_a_keep_alive_connection(rm):
     _server, url = rm
     auth = f"Authorization: Bearer {ALICE}\r\n".encode()
     body = b'{"query": ["hi"]}'
-    post = b"POST /get_reward HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    post = (
+        b"POST /get_reward HTTP/1.1\r\nHost: x\r\n"
+        + auth
+        + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
     # A body on GET /health is read and dropped: the next request on the connection is parsed as a request.
     smuggled = b"POST /get_reward HTTP/1.1\r\nContent-Length: 5\r\n\r\nxxxxx"
     get = b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled
@@ -275,13 +296,20 @@ def test_framing_cannot_desync_a_keep_alive_connection(rm):
     assert _statuses(out) == [200, 200], out[:500]
     # A chunked body is framed by its chunks: "hello" is answered (not JSON: 400) and the next request on the
     # connection is parsed as a request.
-    req = b"POST /get_reward HTTP/1.1\r\nHost: x\r\n" + auth + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    req = (
+        b"POST /get_reward HTTP/1.1\r\nHost: x\r\n"
+        + auth
+        + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    )
     out, closed = _raw(url, req + post)
     assert _statuses(out) == [400, 200] and not closed, out[:500]
     # Repeated or non-numeric Content-Length: refused, and the connection closes (nothing left on the stream is
     # read as the next request).
-    for head in (b"Content-Length: 5\r\nContent-Length: 7\r\n", "Content-Length: \u00b2\r\n".encode("latin-1"),
-                 b"Content-Length: -1\r\n"):
+    for head in (
+        b"Content-Length: 5\r\nContent-Length: 7\r\n",
+        "Content-Length: \u00b2\r\n".encode("latin-1"),
+        b"Content-Length: -1\r\n",
+    ):
         req = b"POST /get_reward HTTP/1.1\r\nHost: x\r\n" + auth + head + b"\r\n5\r\nhello\r\n0\r\n\r\n"
         out, closed = _raw(url, req + post)
         assert _statuses(out) == [400] and closed, (head, out[:300])

@@ -9,6 +9,7 @@ from transformers import AutoModelForSequenceClassification
 
 from alignd.models.weights import push_weights
 from alignd.v1 import model_pb2, model_pb2_grpc, reward_pb2, reward_pb2_grpc
+
 from conftest import assert_invalid
 
 PAIRS = [
@@ -41,20 +42,24 @@ def ids(tok, text):
 
 
 def score_tokens(stub, seqs):
-    items = [reward_pb2.ScoreItem(tokens=reward_pb2.TokenPair(prompt_token_ids=p, response_token_ids=r)) for p, r in seqs]
+    items = [
+        reward_pb2.ScoreItem(tokens=reward_pb2.TokenPair(prompt_token_ids=p, response_token_ids=r)) for p, r in seqs
+    ]
     return stub.Score(reward_pb2.ScoreRequest(items=items), timeout=60)
 
 
 def test_text_scores_equal_in_process_forward(stub, tok, tiny_models):
     rm = load_rm(tiny_models["reward"])
     resp = stub.Score(
-        reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt=p, response=r)) for p, r in PAIRS]),
+        reward_pb2.ScoreRequest(
+            items=[reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt=p, response=r)) for p, r in PAIRS]
+        ),
         timeout=60,
     )
     expected = in_process_scores(rm, [ids(tok, p) + ids(tok, r) for p, r in PAIRS])
     assert len(resp.scores) == len(PAIRS)
     assert max(abs(a - b) for a, b in zip(resp.scores, expected)) < 1e-5
-    assert len(set(round(x, 4) for x in resp.scores)) == len(PAIRS)  # scores discriminate
+    assert len({round(x, 4) for x in resp.scores}) == len(PAIRS)  # scores discriminate
 
 
 def test_token_scores_equal_in_process_forward(stub, tok, tiny_models):
@@ -68,11 +73,17 @@ def test_token_scores_equal_in_process_forward(stub, tok, tiny_models):
 def test_bad_requests(stub, reward_server):
     assert_invalid(lambda: stub.Score(reward_pb2.ScoreRequest(), timeout=10), "items", "empty batch")
     assert_invalid(lambda: score_tokens(stub, [([1, 2], [])]), "items[0].tokens.response_token_ids", "empty response")
-    assert_invalid(lambda: score_tokens(stub, [([1], [2]), ([1, 70000], [3])]), "items[1].tokens.prompt_token_ids[1]", "70000")
-    assert_invalid(lambda: score_tokens(stub, [([5] * 300, [3])]), "items[0]", "exceeds the context")
-    assert_invalid(lambda: stub.Score(reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem()]), timeout=10), "items[0]", "no input")
     assert_invalid(
-        lambda: stub.Score(reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt="x"))]), timeout=10),
+        lambda: score_tokens(stub, [([1], [2]), ([1, 70000], [3])]), "items[1].tokens.prompt_token_ids[1]", "70000"
+    )
+    assert_invalid(lambda: score_tokens(stub, [([5] * 300, [3])]), "items[0]", "exceeds the context")
+    assert_invalid(
+        lambda: stub.Score(reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem()]), timeout=10), "items[0]", "no input"
+    )
+    assert_invalid(
+        lambda: stub.Score(
+            reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt="x"))]), timeout=10
+        ),
         "items[0].text.response",
     )
     assert len(score_tokens(stub, [([1], [2])]).scores) == 1

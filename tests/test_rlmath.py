@@ -218,14 +218,18 @@ def random_rollout(seed: int, dtype: torch.dtype, B: int = 7, T: int = 10, full:
         t.masked_fill_(~mask, -math.inf)
     values.masked_fill_(~value_mask, 1e6)
     vpred.masked_fill_(~value_mask, -1e6)
-    return dict(
-        logprobs=logprobs,
-        ref_logprobs=ref_logprobs,
-        values=values,
-        scores=scores,
-        new_logprobs=new_logprobs,
-        vpred=vpred,
-    ), seq, mask
+    return (
+        dict(
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
+            values=values,
+            scores=scores,
+            new_logprobs=new_logprobs,
+            vpred=vpred,
+        ),
+        seq,
+        mask,
+    )
 
 
 def _compare_with_trl(trl, seed, dtype, atol, estimator, whiten_rewards, full=False, gamma=1.0, lam=0.95):
@@ -261,9 +265,7 @@ def _compare_with_trl(trl, seed, dtype, atol, estimator, whiten_rewards, full=Fa
     # over real tokens; the two are related by the token count.
     n, numel = int(mask.sum()), mask.numel()
     torch.testing.assert_close(got["approx_kl_k2"] * n / numel, ref["approxkl"], atol=atol, rtol=0)
-    torch.testing.assert_close(
-        (got["ratio_mean"] * n + (numel - n)) / numel, ref["ratio_mean"], atol=atol, rtol=0
-    )
+    torch.testing.assert_close((got["ratio_mean"] * n + (numel - n)) / numel, ref["ratio_mean"], atol=atol, rtol=0)
     return got, ref
 
 
@@ -296,9 +298,7 @@ def test_masked_stats_match_trl(trl, dtype):
     mask = torch.rand(5, 8, generator=g) < 0.6
     atol = 1e-6 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(rl.masked_mean(x, mask), trl.masked_mean(x, mask), atol=atol, rtol=0)
-    torch.testing.assert_close(
-        rl.masked_mean(x, mask, dim=1), trl.masked_mean(x, mask, axis=1), atol=atol, rtol=0
-    )
+    torch.testing.assert_close(rl.masked_mean(x, mask, dim=1), trl.masked_mean(x, mask, axis=1), atol=atol, rtol=0)
     torch.testing.assert_close(rl.masked_var(x, mask), trl.masked_var(x, mask), atol=atol, rtol=0)
     torch.testing.assert_close(
         rl.masked_var(x, mask, unbiased=False), trl.masked_var(x, mask, unbiased=False), atol=atol, rtol=0
@@ -684,7 +684,15 @@ def test_paper_defaults():
     d = rl.PAPER_DEFAULTS
     # The paper's numbers (InstructGPT appendix C), once here ...
     assert (d.kl_coef, d.clip, d.gamma, d.lam, d.ema_decay, d.ptx_coef, d.adam_betas, d.rm_epochs) == (
-        0.02, 0.2, 1.0, 0.95, 0.992, 27.8, (0.9, 0.95), 1)
+        0.02,
+        0.2,
+        1.0,
+        0.95,
+        0.992,
+        27.8,
+        (0.9, 0.95),
+        1,
+    )
     assert d.kl_estimator in rl.KL_ESTIMATORS and d.score_position in rl.SCORE_POSITIONS
     with pytest.raises(AttributeError):
         d.kl_coef = 0.1  # frozen
@@ -693,10 +701,26 @@ def test_paper_defaults():
 
     ppo, opt, rm = PPOConfig(), OptimizerConfig(), RMTrainConfig()
     assert (ppo.kl_coef, ppo.kl_estimator, ppo.score_position, ppo.clip, ppo.value_clip, ppo.gamma, ppo.lam) == (
-        d.kl_coef, d.kl_estimator, d.score_position, d.clip, d.value_clip, d.gamma, d.lam)
+        d.kl_coef,
+        d.kl_estimator,
+        d.score_position,
+        d.clip,
+        d.value_clip,
+        d.gamma,
+        d.lam,
+    )
     assert (ppo.whiten_unbiased, ppo.epochs, ppo.minibatches, ppo.temperature, ppo.adaptive_kl_horizon) == (
-        d.whiten_unbiased, d.ppo_epochs, d.batch_size // d.minibatch_size, d.temperature, d.adaptive_kl_horizon)
-    assert (opt.betas, opt.warmup_steps, opt.warmup_start_factor) == (d.adam_betas, d.lr_warmup_steps, d.lr_warmup_start_ratio)
+        d.whiten_unbiased,
+        d.ppo_epochs,
+        d.batch_size // d.minibatch_size,
+        d.temperature,
+        d.adaptive_kl_horizon,
+    )
+    assert (opt.betas, opt.warmup_steps, opt.warmup_start_factor) == (
+        d.adam_betas,
+        d.lr_warmup_steps,
+        d.lr_warmup_start_ratio,
+    )
     assert (rm.epochs, rm.max_k) == (d.rm_epochs, d.rm_max_k)
     assert LearnerConfig.model_fields["ema_decay"].default == d.ema_decay
     assert rl.PaperDefaults is __import__("alignd.paper").paper.PaperDefaults  # one class, re-exported by rlmath

@@ -57,7 +57,9 @@ def test_the_pipeline_reads_back_rankings_whose_texts_hold_unicode_line_breaks(t
     from alignd.data import write_jsonl_atomic
     from alignd.services.coordinator.pipeline import read_jsonl
 
-    recs = [{"prompt": "Call me\u2028Ishmael", "completions": ["a\u2029b", "c\x85d\x1ce"], "ranking": [1, 0]},
-            {"prompt": "second", "completions": ["x", "y"], "ranking": [0, 1]}]
+    recs = [
+        {"prompt": "Call me\u2028Ishmael", "completions": ["a\u2029b", "c\x85d\x1ce"], "ranking": [1, 0]},
+        {"prompt": "second", "completions": ["x", "y"], "ranking": [0, 1]},
+    ]
     write_jsonl_atomic(tmp_path / "r.jsonl", recs)
     assert read_jsonl(tmp_path / "r.jsonl") == recs

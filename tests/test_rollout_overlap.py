@@ -18,6 +18,7 @@ from alignd.services.coordinator.app import CoordinatorMetrics
 from alignd.services.coordinator.loop import Roles, RunLoop
 from alignd.services.coordinator.runs import RunRecord
 from alignd.v1 import reference_pb2, reference_pb2_grpc, reward_pb2, reward_pb2_grpc
+
 from conftest import credentials
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,8 +43,11 @@ class Watch(grpc.UnaryUnaryClientInterceptor):
                 k = self.started["Generate"]
                 self.seeds.append(request.sampling.seed)
                 if k > 0:  # micro-batch k: micro-batch k-1 must be in scoring already
-                    self.overlapped.append(self.cond.wait_for(
-                        lambda: self.started["Score"] >= k and self.started["LogProbs"] >= k, timeout=WAIT_S))
+                    self.overlapped.append(
+                        self.cond.wait_for(
+                            lambda: self.started["Score"] >= k and self.started["LogProbs"] >= k, timeout=WAIT_S
+                        )
+                    )
             if method in self.started:
                 self.started[method] += 1
                 self.cond.notify_all()
@@ -52,13 +56,19 @@ class Watch(grpc.UnaryUnaryClientInterceptor):
 
 def make_loop(tmp_path: Path, policy, reward, reference, micro_batches: int) -> tuple[RunLoop, Watch]:
     cfg = CoordinatorConfig(
-        policy_addresses=[policy.address], reward_addresses=[reward.address],
-        reference_addresses=[reference.address], learner_address="127.0.0.1:1",  # a rollout never calls the learner
-        rpc_timeout_seconds=120, client=credentials("coordinator"),
+        policy_addresses=[policy.address],
+        reward_addresses=[reward.address],
+        reference_addresses=[reference.address],
+        learner_address="127.0.0.1:1",  # a rollout never calls the learner
+        rpc_timeout_seconds=120,
+        client=credentials("coordinator"),
     )
     run_cfg = PPORunConfig(
-        prompts_per_step=7, prompts={"path": str(ROOT / "configs" / "tiny_prompts.txt")}, seed=5,
-        sampling={"max_new_tokens": 6, "ignore_eos": True}, rollout_micro_batches=micro_batches,
+        prompts_per_step=7,
+        prompts={"path": str(ROOT / "configs" / "tiny_prompts.txt")},
+        seed=5,
+        sampling={"max_new_tokens": 6, "ignore_eos": True},
+        rollout_micro_batches=micro_batches,
     )
     run_dir = tmp_path / f"run-{micro_batches}"
     run_dir.mkdir()
@@ -71,7 +81,9 @@ def make_loop(tmp_path: Path, policy, reward, reference, micro_batches: int) -> 
     return RunLoop(rec, run_cfg, roles, CoordinatorMetrics(CollectorRegistry())), watch
 
 
-def test_micro_batches_are_scored_while_the_next_one_generates(tmp_path, policy_server, reward_server, reference_server):
+def test_micro_batches_are_scored_while_the_next_one_generates(
+    tmp_path, policy_server, reward_server, reference_server
+):
     loop, watch = make_loop(tmp_path, policy_server, reward_server, reference_server, micro_batches=3)
     ro = loop._rollout(loop._take_prompts(1), same_tokenizer=True, min_version=0)
     assert watch.started == {"Generate": 3, "Score": 3, "LogProbs": 3}
@@ -84,15 +96,28 @@ def test_micro_batches_are_scored_while_the_next_one_generates(tmp_path, policy_
     # hence the tolerance).
     assert [p for p, _ in ro.samples] == [loop.prompts[i] for i in ro.prompt_idx]
     assert len(ro.scores) == len(ro.ref) == len(ro.samples) == 7
-    whole = reward_pb2_grpc.RewardServiceStub(reward_server.channel).Score(reward_pb2.ScoreRequest(items=[
-        reward_pb2.ScoreItem(tokens=reward_pb2.TokenPair(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids))
-        for _, s in ro.samples
-    ]), timeout=60)
+    whole = reward_pb2_grpc.RewardServiceStub(reward_server.channel).Score(
+        reward_pb2.ScoreRequest(
+            items=[
+                reward_pb2.ScoreItem(
+                    tokens=reward_pb2.TokenPair(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids)
+                )
+                for _, s in ro.samples
+            ]
+        ),
+        timeout=60,
+    )
     assert ro.scores == pytest.approx(list(whole.scores), abs=1e-5)
-    ref = reference_pb2_grpc.ReferenceServiceStub(reference_server.channel).LogProbs(reference_pb2.LogProbsRequest(
-        items=[reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids)
-               for _, s in ro.samples], temperature=1.0,
-    ), timeout=60)
+    ref = reference_pb2_grpc.ReferenceServiceStub(reference_server.channel).LogProbs(
+        reference_pb2.LogProbsRequest(
+            items=[
+                reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids)
+                for _, s in ro.samples
+            ],
+            temperature=1.0,
+        ),
+        timeout=60,
+    )
     for got, want, (_, s) in zip(ro.ref, ref.results, ro.samples):
         assert len(got) == len(s.token_ids) == 6
         assert got == pytest.approx(list(want.logprobs), abs=1e-5)

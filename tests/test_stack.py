@@ -6,13 +6,13 @@ Slow (starts five processes); marked and still run in CI.
 from __future__ import annotations
 
 import json
-import urllib.request
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -57,7 +57,11 @@ def start_up(run_dir: Path, cache: Path, *args: str) -> tuple[subprocess.Popen, 
     env = dict(os.environ, ALIGND_CACHE=str(cache))
     proc = subprocess.Popen(
         [sys.executable, "-m", "alignd.cli", "up", "--run-dir", str(run_dir), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
     )
     lines = []
     for line in proc.stdout:  # blocks until the launcher prints; bounded by pytest's timeout
@@ -107,18 +111,27 @@ def test_up_serves_every_role_with_reflection_and_health(tmp_path, cache):
             listed = run_grpcurl(svc["address"], "list", token=op).split()
             for name in SERVICES[role] + ["grpc.health.v1.Health"]:
                 assert name in listed, (role, listed)
-            stranger = subprocess.run([grpcurl(), "-plaintext", svc["address"], "list"], capture_output=True, text=True,
-                                      timeout=60)
+            stranger = subprocess.run(
+                [grpcurl(), "-plaintext", svc["address"], "list"], capture_output=True, text=True, timeout=60
+            )
             assert stranger.returncode != 0 and "Unauthenticated" in stranger.stderr, (role, stranger.stderr)
             for name in SERVICES[role]:
                 described = run_grpcurl(svc["address"], "describe", name, token=op)
                 assert f"service {name.rsplit('.', 1)[1]}" in described and "rpc " in described
             # grpcurl finds the health service by reflection, which takes a token like every RPC but health itself
-            health = json.loads(run_grpcurl("-d", '{"service": ""}', svc["address"], "grpc.health.v1.Health/Check",
-                                            token=op))
+            health = json.loads(
+                run_grpcurl("-d", '{"service": ""}', svc["address"], "grpc.health.v1.Health/Check", token=op)
+            )
             assert health == {"status": "SERVING"}
-            role_health = json.loads(run_grpcurl("-d", json.dumps({"service": SERVICES[role][0]}), svc["address"],
-                                                 "grpc.health.v1.Health/Check", token=op))
+            role_health = json.loads(
+                run_grpcurl(
+                    "-d",
+                    json.dumps({"service": SERVICES[role][0]}),
+                    svc["address"],
+                    "grpc.health.v1.Health/Check",
+                    token=op,
+                )
+            )
             assert role_health == {"status": "SERVING"}
             with grpc.insecure_channel(svc["address"]) as ch:  # what a Kubernetes probe sends: no token
                 probe = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
@@ -127,33 +140,58 @@ def test_up_serves_every_role_with_reflection_and_health(tmp_path, cache):
         # A JSON call through reflection, as a user would try it.
         gen = json.loads(
             run_grpcurl(
-                "-d", '{"prompts": [{"text": "Hello"}], "sampling": {"max_new_tokens": 4, "seed": 1, "temperature": 1}}',
-                stack["services"]["policy"]["address"], "alignd.v1.PolicyService/Generate", token=op,
+                "-d",
+                '{"prompts": [{"text": "Hello"}], "sampling": {"max_new_tokens": 4, "seed": 1, "temperature": 1}}',
+                stack["services"]["policy"]["address"],
+                "alignd.v1.PolicyService/Generate",
+                token=op,
             )
         )
         sample = gen["samples"][0]
         assert len(gen["samples"]) == 1, gen
         assert 1 <= len(sample.get("tokenIds", sample.get("token_ids", []))) <= 4, gen
-        info = json.loads(run_grpcurl(stack["services"]["coordinator"]["address"],
-                                      "alignd.v1.CoordinatorService/GetCoordinatorInfo", token=op))
+        info = json.loads(
+            run_grpcurl(
+                stack["services"]["coordinator"]["address"], "alignd.v1.CoordinatorService/GetCoordinatorInfo", token=op
+            )
+        )
         assert info.get("policyAddresses", info.get("policy_addresses")) == [stack["services"]["policy"]["address"]]
         assert info.get("learnerAddress", info.get("learner_address")) == stack["services"]["learner"]["address"]
-        runs = json.loads(run_grpcurl("-d", "{}", stack["services"]["coordinator"]["address"],
-                                      "alignd.v1.CoordinatorService/ListRuns", token=op))
+        runs = json.loads(
+            run_grpcurl(
+                "-d",
+                "{}",
+                stack["services"]["coordinator"]["address"],
+                "alignd.v1.CoordinatorService/ListRuns",
+                token=op,
+            )
+        )
         assert runs == {}  # no run yet
         # The reward role's HTTP API (OpenRLHF's /get_reward) is listed and answers.
         http_url = stack["services"]["reward"]["http_url"]
         assert http_url.startswith("http://127.0.0.1:") and any(http_url in line for line in lines)
         assert all("http_url" not in stack["services"][r] for r in ROLES if r != "reward")
-        req = urllib.request.Request(http_url + "/get_reward", data=json.dumps({"query": ["Hello there"]}).encode(),
-                                     headers={"Content-Type": "application/json",
-                                              "Authorization": f"Bearer {stack_token(stack, 'scorer')}"})
+        req = urllib.request.Request(
+            http_url + "/get_reward",
+            data=json.dumps({"query": ["Hello there"]}).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {stack_token(stack, 'scorer')}"},
+        )
         with urllib.request.urlopen(req, timeout=60) as resp:
             assert len(json.loads(resp.read())["rewards"]) == 1
         bad = subprocess.run(
-            [grpcurl(), "-plaintext", "-H", f"authorization: Bearer {op}", "-d", '{"run_id": "Bad Id!", "config_yaml": "steps: 1"}',
-             stack["services"]["coordinator"]["address"], "alignd.v1.CoordinatorService/StartRun"],
-            capture_output=True, text=True, timeout=60,
+            [
+                grpcurl(),
+                "-plaintext",
+                "-H",
+                f"authorization: Bearer {op}",
+                "-d",
+                '{"run_id": "Bad Id!", "config_yaml": "steps: 1"}',
+                stack["services"]["coordinator"]["address"],
+                "alignd.v1.CoordinatorService/StartRun",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert bad.returncode != 0 and "InvalidArgument" in bad.stderr and "config_yaml" in bad.stderr
 
@@ -228,15 +266,29 @@ def test_up_restarts_a_killed_role_on_its_address(tmp_path, cache):
         assert "with code -9; restarted on " + svc["address"] + " (restart 1)" in line
         after = json.loads((run_dir / "stack.json").read_text())["services"]["reward"]
         assert after["pid"] != svc["pid"] and alive(after["pid"])
-        assert (after["address"], after["metrics_url"], after["http_url"]) == (svc["address"], svc["metrics_url"], svc["http_url"])
+        assert (after["address"], after["metrics_url"], after["http_url"]) == (
+            svc["address"],
+            svc["metrics_url"],
+            svc["http_url"],
+        )
         assert after["restarts"] == 1 and after["last_exit_code"] == -9
         with make_channel(svc["address"], credentials=operator_credentials(before["auth"]["tokens_file"])) as ch:
             # the old address serves again, with the same credentials
             item = reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt="Hi", response=" there"))
-            assert len(reward_pb2_grpc.RewardServiceStub(ch).Score(reward_pb2.ScoreRequest(items=[item]), timeout=60).scores) == 1
+            assert (
+                len(
+                    reward_pb2_grpc.RewardServiceStub(ch)
+                    .Score(reward_pb2.ScoreRequest(items=[item]), timeout=60)
+                    .scores
+                )
+                == 1
+            )
         text = urllib.request.urlopen(before["launcher"]["metrics_url"], timeout=10).read().decode()
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for fam in text_string_to_metric_families(text) for s in fam.samples}
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+        }
         assert samples[("alignd_launcher_restarts_total", (("role", "reward"),))] == 1
         assert samples[("alignd_launcher_restarts_total", (("role", "policy"),))] == 0
         assert samples[("alignd_launcher_role_up", (("role", "reward"),))] == 1

@@ -33,7 +33,7 @@ def test_encode_demo_masks_the_prompt_and_ends_with_eos(tok):
     c = tok(" Paris.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert ids == p + c and labels == [sv.IGNORE] * len(p) + c
     ids, labels = sv.encode_demo(tok, "word " * 100, " Paris.", 16)
-    assert len(ids) == 16 and labels[-len(c):] == c  # the prompt is cut from the left
+    assert len(ids) == 16 and labels[-len(c) :] == c  # the prompt is cut from the left
 
 
 def test_sft_loss_counts_completion_tokens_only(lm, tok):
@@ -52,7 +52,11 @@ def test_sft_loss_counts_completion_tokens_only(lm, tok):
 
 
 def test_sft_learns_demonstrations_and_selects_by_validation_loss(lm, tok):
-    demos = [("Q: capital of France? A:", " Paris"), ("Q: two plus two? A:", " four"), ("Q: colour of the sky? A:", " blue")]
+    demos = [
+        ("Q: capital of France? A:", " Paris"),
+        ("Q: two plus two? A:", " four"),
+        ("Q: colour of the sky? A:", " blue"),
+    ]
     before = sv.sft_eval_loss(lm, [sv.encode_demo(tok, p, c, 64) for p, c in demos], 4, tok.pad_token_id)
     res = sv.train_sft(lm, tok, demos * 4, demos, epochs=12, lr=3e-3, batch_size=4, max_tokens=64, seed=0)
     assert len(res.history) == 12
@@ -64,7 +68,7 @@ def test_sft_learns_demonstrations_and_selects_by_validation_loss(lm, tok):
     for p, c in demos:  # greedy decoding reproduces the demonstrations
         ids = tok(p, add_special_tokens=False)["input_ids"]
         out = lm.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-        assert tok.decode(out[0, len(ids):]).startswith(c)
+        assert tok.decode(out[0, len(ids) :]).startswith(c)
     assert all(m.p == 0.0 for m in lm.modules() if isinstance(m, torch.nn.Dropout))  # dropout off after SFT
 
 
@@ -78,7 +82,10 @@ def _comparisons(n: int, seed: int):
     for i in range(n):
         k = rng.randint(2, 5)
         comps = [" ".join(rng.choice(words) for _ in range(4)) + f" {j}" for j in range(k)]
-        goodness = [c.count("good") + c.count("nice") - c.count("bad") - c.count("awful") + 0.01 * j for j, c in enumerate(comps)]
+        goodness = [
+            c.count("good") + c.count("nice") - c.count("bad") - c.count("awful") + 0.01 * j
+            for j, c in enumerate(comps)
+        ]
         ranking = sorted(range(k), key=lambda j: -goodness[j])
         out.append((f"Say something {i}:", comps, ranking))
     return out
@@ -98,7 +105,9 @@ def test_rm_training_learns_rankings_and_sets_demo_bias(tiny_models, tok, tmp_pa
     served = load_scalar_head_model(cfg.model, allow_new_head=False)
     assert getattr(served.config, SCORE_BIAS_KEY) == pytest.approx(res.extra["score_bias"])
     engine = RewardEngine(ModelHandle("reward", cfg.model, served, tok), 16)
-    pairs = [(tok(p, add_special_tokens=False)["input_ids"], tok(c, add_special_tokens=False)["input_ids"]) for p, c in demos]
+    pairs = [
+        (tok(p, add_special_tokens=False)["input_ids"], tok(c, add_special_tokens=False)["input_ids"]) for p, c in demos
+    ]
     scores, _ = engine.score(pairs)
     assert abs(sum(scores) / len(scores)) < 1e-4
     assert math.isfinite(res.extra["train_accuracy"])

@@ -18,6 +18,7 @@ import pytest
 from alignd.runtime.client import make_channel
 from alignd.runtime.tokens import operator_credentials
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
+
 from conftest import dump_stack, stop_launcher
 from helpers import wait_until
 
@@ -40,8 +41,9 @@ def _step(run_dir: Path) -> int:
     if stack is None:
         return -1
     try:
-        with make_channel(stack["services"]["coordinator"]["address"],
-                          credentials=operator_credentials(stack["auth"]["tokens_file"])) as ch:
+        with make_channel(
+            stack["services"]["coordinator"]["address"], credentials=operator_credentials(stack["auth"]["tokens_file"])
+        ) as ch:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
             return stub.GetRun(coordinator_pb2.GetRunRequest(run_id="ppo"), timeout=10).run.step
     except Exception:  # noqa: BLE001 - the run may not exist yet, or the coordinator is restarting
@@ -52,9 +54,25 @@ def test_ppo_run_survives_kill9_of_reward_coordinator_policy_and_learner(tmp_pat
     run_dir = tmp_path / "run"
     env = dict(os.environ, ALIGND_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "alignd.cli", "ppo", "--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run_dir),
-         "--set", f"run.steps={STEPS}", "--set", "stack.restart.backoff_initial_seconds=0.2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "alignd.cli",
+            "ppo",
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            f"run.steps={STEPS}",
+            "--set",
+            "stack.restart.backoff_initial_seconds=0.2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
     )
     try:
         killed = {}
@@ -64,8 +82,14 @@ def test_ppo_run_survives_kill9_of_reward_coordinator_policy_and_learner(tmp_pat
             pid = _stack(run_dir)["services"][role]["pid"]
             os.kill(pid, signal.SIGKILL)
             killed[role] = pid
-            wait_until(f"{role} restarted", lambda: proc.poll() is not None
-                       or (_stack(run_dir) or {}).get("services", {}).get(role, {}).get("restarts", 0) >= 1, WAIT_S)
+            wait_until(
+                f"{role} restarted",
+                lambda: (
+                    proc.poll() is not None
+                    or (_stack(run_dir) or {}).get("services", {}).get(role, {}).get("restarts", 0) >= 1
+                ),
+                WAIT_S,
+            )
         out, _ = proc.communicate(timeout=WAIT_S)
         assert proc.returncode == 0, out[-3000:]
         stack = _stack(run_dir)
@@ -85,7 +109,11 @@ def test_ppo_run_survives_kill9_of_reward_coordinator_policy_and_learner(tmp_pat
         restored = [e["step"] for e in events if e["event"] == "checkpoint_restored"]
         # Killed once the run reported step 11, whose answer came after its checkpoint: restored from 11 or later.
         assert len(restored) == 1 and 11 <= restored[0] <= STEPS, restored
-        after = [e["step"] for e in events[[e["event"] for e in events].index("checkpoint_restored"):] if e["event"] == "step_applied"]
+        after = [
+            e["step"]
+            for e in events[[e["event"] for e in events].index("checkpoint_restored") :]
+            if e["event"] == "step_applied"
+        ]
         assert after == list(range(restored[0] + 1, STEPS + 1)), after
         assert set(applied) | set(restored) == set(range(1, STEPS + 1))
         coordinator_log = (run_dir / "logs" / "coordinator.log").read_text()

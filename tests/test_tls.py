@@ -16,6 +16,7 @@ import trustme
 from alignd.atomic import write_bytes_atomic
 from alignd.launcher import child_env
 from alignd.v1 import reward_pb2, reward_pb2_grpc
+
 from conftest import start_role, stop_role, token_of
 
 ITEM = reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt="Hello", response=" world"))
@@ -45,8 +46,12 @@ def _refused(channel) -> grpc.RpcError:
 def _https_post(url: str, ctx: ssl.SSLContext) -> tuple[int, dict]:
     u = urllib.parse.urlparse(url)
     conn = http.client.HTTPSConnection(u.hostname, u.port, context=ctx, timeout=30)
-    conn.request("POST", "/get_reward", body=json.dumps({"query": ["Hello world"], "prompts": ["Hello"]}),
-                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token_of('scorer')}"})
+    conn.request(
+        "POST",
+        "/get_reward",
+        body=json.dumps({"query": ["Hello world"], "prompts": ["Hello"]}),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token_of('scorer')}"},
+    )
     resp = conn.getresponse()
     out = resp.status, json.loads(resp.read())
     conn.close()
@@ -59,8 +64,11 @@ def tls_role(tiny_models, tmp_path_factory):
     ca = trustme.CA()
     cert, key = work / "tls.crt", work / "tls.key"
     _write_server_cert(ca, cert, key)
-    cfg = {"model": {"path": str(tiny_models["reward"])}, "torch_threads": 1,
-           "server": {"tls": {"cert_file": str(cert), "key_file": str(key)}}}
+    cfg = {
+        "model": {"path": str(tiny_models["reward"])},
+        "torch_threads": 1,
+        "server": {"tls": {"cert_file": str(cert), "key_file": str(key)}},
+    }
     creds = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes())
     server = start_role("reward", cfg, work, credentials=creds)
     info = json.loads((work / "reward.endpoint.json").read_text())
@@ -117,8 +125,13 @@ def mtls_role(tiny_models, tmp_path_factory):
     write_bytes_atomic(work / "clients-ca.crt", client_ca.cert_pem.bytes())
     client = client_ca.issue_cert("trainer@example.com")
     client_pems = (client.private_key_pem.bytes(), b"".join(b.bytes() for b in client.cert_chain_pems))
-    cfg = {"model": {"path": str(tiny_models["reward"])}, "torch_threads": 1,
-           "server": {"tls": {"cert_file": str(cert), "key_file": str(key), "client_ca_file": str(work / "clients-ca.crt")}}}
+    cfg = {
+        "model": {"path": str(tiny_models["reward"])},
+        "torch_threads": 1,
+        "server": {
+            "tls": {"cert_file": str(cert), "key_file": str(key), "client_ca_file": str(work / "clients-ca.crt")}
+        },
+    }
     creds = grpc.ssl_channel_credentials(server_ca.cert_pem.bytes(), *client_pems)
     server = start_role("reward", cfg, work, credentials=creds)
     info = json.loads((work / "reward.endpoint.json").read_text())
@@ -174,14 +187,31 @@ def test_bad_tls_configuration_exits_2_naming_the_key(tiny_models, tmp_path, tls
     _write_server_cert(ca, tmp_path / "c.pem", tmp_path / "k.pem")
     _write_server_cert(ca, tmp_path / "c2.pem", tmp_path / "k2.pem")
     (tmp_path / "junk.txt").write_text("not a certificate\n")
-    paths = {"CERT": tmp_path / "c.pem", "KEY": tmp_path / "k.pem", "OTHER_KEY": tmp_path / "k2.pem",
-             "MISSING": tmp_path / "missing.pem", "NOT_PEM": tmp_path / "junk.txt"}
+    paths = {
+        "CERT": tmp_path / "c.pem",
+        "KEY": tmp_path / "k.pem",
+        "OTHER_KEY": tmp_path / "k2.pem",
+        "MISSING": tmp_path / "missing.pem",
+        "NOT_PEM": tmp_path / "junk.txt",
+    }
     cfg = {"model": {"path": str(tiny_models["reward"])}, "server": {"tls": {k: str(paths[v]) for k, v in tls.items()}}}
     (tmp_path / "reward.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.run(
-        [sys.executable, "-m", "alignd.cli", "serve", "reward", "--config", str(tmp_path / "reward.yaml"),
-         "--run-dir", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=120, env=child_env(),
+        [
+            sys.executable,
+            "-m",
+            "alignd.cli",
+            "serve",
+            "reward",
+            "--config",
+            str(tmp_path / "reward.yaml"),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert needle in proc.stderr
@@ -204,17 +234,30 @@ def test_coordinator_channel_sends_token_over_mtls(tiny_models, tmp_path):
     write_bytes_atomic(tmp_path / "client.key", client.private_key_pem.bytes())
     tokens = tmp_path / "tokens.yaml"
     write_bytes_atomic(tokens, yaml.safe_dump({"coordinator": "coordinator-token-0123456789"}).encode())
-    cfg = {"model": {"path": str(tiny_models["reward"])}, "torch_threads": 1, "http": {"port": -1},
-           "server": {"tls": {"cert_file": str(tmp_path / "tls.crt"), "key_file": str(tmp_path / "tls.key"),
-                              "client_ca_file": str(tmp_path / "clients-ca.crt")},
-                      "auth": {"tokens_file": str(tokens)}}}
-    creds = grpc.ssl_channel_credentials(server_ca.cert_pem.bytes(), client.private_key_pem.bytes(),
-                                         client.cert_chain_pems[0].bytes())
+    cfg = {
+        "model": {"path": str(tiny_models["reward"])},
+        "torch_threads": 1,
+        "http": {"port": -1},
+        "server": {
+            "tls": {
+                "cert_file": str(tmp_path / "tls.crt"),
+                "key_file": str(tmp_path / "tls.key"),
+                "client_ca_file": str(tmp_path / "clients-ca.crt"),
+            },
+            "auth": {"tokens_file": str(tokens)},
+        },
+    }
+    creds = grpc.ssl_channel_credentials(
+        server_ca.cert_pem.bytes(), client.private_key_pem.bytes(), client.cert_chain_pems[0].bytes()
+    )
     server = start_role("reward", cfg, tmp_path / "run", credentials=creds)
     try:
         client_cfg = RoleClientConfig(
-            tokens_file=str(tokens), token_name="coordinator", ca_file=str(tmp_path / "server-ca.crt"),
-            cert_file=str(tmp_path / "client.crt"), key_file=str(tmp_path / "client.key"),
+            tokens_file=str(tokens),
+            token_name="coordinator",
+            ca_file=str(tmp_path / "server-ca.crt"),
+            cert_file=str(tmp_path / "client.crt"),
+            key_file=str(tmp_path / "client.key"),
         )
         with make_channel(server.address, credentials=client_cfg) as ch:
             assert isinstance(_score(ch), float)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import zlib
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -296,11 +296,18 @@ def test_checksum_mismatch(small):
     data[0] ^= 0x01
     flipped.chunk.data = bytes(data)
     invalid(msgs[:2] + [flipped] + msgs[3:], state, "trailer.crc32", "checksum mismatch")
-    bad_crc = model_pb2.UpdateWeightsRequest(trailer=model_pb2.WeightsTrailer(crc32=(msgs[-1].trailer.crc32 + 1) % 2**32))
+    bad_crc = model_pb2.UpdateWeightsRequest(
+        trailer=model_pb2.WeightsTrailer(crc32=(msgs[-1].trailer.crc32 + 1) % 2**32)
+    )
     invalid(msgs[:-1] + [bad_crc], state, "trailer.crc32")
     bad_trailer = model_pb2.UpdateWeightsRequest(trailer=model_pb2.WeightsTrailer(sha256=b"\0" * 32))
     invalid(msgs[:-1] + [bad_trailer], state, "trailer.sha256")
-    invalid(msgs[:-1] + [model_pb2.UpdateWeightsRequest(trailer=model_pb2.WeightsTrailer())], state, "trailer", "no checksum")
+    invalid(
+        msgs[:-1] + [model_pb2.UpdateWeightsRequest(trailer=model_pb2.WeightsTrailer())],
+        state,
+        "trailer",
+        "no checksum",
+    )
 
 
 # -- ModelHandle.apply_weights ---------------------------------------------------
@@ -347,7 +354,10 @@ def test_rejections_change_nothing(handle):
     good = torch.zeros_like(state["transformer.wpe.weight"])
     cases = [
         ({"transformer.wpe.weight": good, "nope.weight": torch.zeros(2)}, "unknown tensor 'nope.weight'"),
-        ({"transformer.wpe.weight": good, "transformer.ln_f.bias": torch.zeros(3)}, "transformer.ln_f.bias has shape [3]"),
+        (
+            {"transformer.wpe.weight": good, "transformer.ln_f.bias": torch.zeros(3)},
+            "transformer.ln_f.bias has shape [3]",
+        ),
         (
             {"transformer.wpe.weight": good, "transformer.ln_f.bias": torch.zeros(32, dtype=torch.int64)},
             "dtype torch.int64",
@@ -393,7 +403,9 @@ def test_tied_weight_updated_under_either_alias_updates_both(handle, alias):
     state = handle.model.state_dict()
     for name in TIED:
         assert raw(state[name]) == raw(new), name
-    assert handle.model.get_input_embeddings().weight.data_ptr() == handle.model.get_output_embeddings().weight.data_ptr()
+    assert (
+        handle.model.get_input_embeddings().weight.data_ptr() == handle.model.get_output_embeddings().weight.data_ptr()
+    )
     after = snapshot(handle.model)
     assert {k for k in after if after[k] != before[k]} == set(TIED)
 
@@ -417,8 +429,12 @@ def test_wire_encoding_equals_protobuf_encoding(checksum, chunk):
     from alignd.models.weights import encode_stream_wire
 
     torch.manual_seed(0)
-    state = {"a": torch.randn(300, 257), "b": torch.arange(10, dtype=torch.int64), "c": torch.randn(3).to(torch.bfloat16),
-             "big": torch.randn(1 << 17)}
+    state = {
+        "a": torch.randn(300, 257),
+        "b": torch.arange(10, dtype=torch.int64),
+        "c": torch.randn(3).to(torch.bfloat16),
+        "big": torch.randn(1 << 17),
+    }
     wire = list(encode_stream_wire(state, 9, chunk_bytes=chunk, checksum=checksum))
     msgs = list(encode_stream(state, 9, chunk_bytes=chunk, checksum=checksum))
     assert len(wire) == len(msgs)
@@ -439,8 +455,10 @@ def test_shared_memory_dir_of_a_killed_process_is_reclaimed(tmp_path):
 
     from alignd.models.weights import shared_memory_dir
 
-    code = ("import sys, time; from pathlib import Path; from alignd.models.weights import shared_memory_dir; "
-            "print(shared_memory_dir(1, Path(sys.argv[1])), flush=True); time.sleep(120)")
+    code = (
+        "import sys, time; from pathlib import Path; from alignd.models.weights import shared_memory_dir; "
+        "print(shared_memory_dir(1, Path(sys.argv[1])), flush=True); time.sleep(120)"
+    )
     child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         theirs = Path(child.stdout.readline().strip())

@@ -37,8 +37,19 @@ class RewardHTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address, api: RewardAPI, *, authenticator, tls, serving, max_body_bytes: int,
-                 max_connections: int, timeout_seconds: float, idle_timeout_seconds: float) -> None:
+    def __init__(
+        self,
+        address,
+        api: RewardAPI,
+        *,
+        authenticator,
+        tls,
+        serving,
+        max_body_bytes: int,
+        max_connections: int,
+        timeout_seconds: float,
+        idle_timeout_seconds: float,
+    ) -> None:
         self.api = api
         self.authenticator = authenticator  # alignd.runtime.auth.Authenticator or None
         self.tls = tls  # alignd.runtime.tls.HttpTLS or None
@@ -60,7 +71,9 @@ class RewardHTTPServer(ThreadingHTTPServer):
             _log.warning("http_connection_refused", reason="max_connections")
             if self.tls is None:  # under TLS a plaintext answer would be noise: just close
                 try:
-                    request.sendall(_plain_response(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later"))
+                    request.sendall(
+                        _plain_response(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later")
+                    )
                 except OSError:
                     pass
             self.shutdown_request(request)
@@ -95,7 +108,10 @@ class RewardHTTPServer(ThreadingHTTPServer):
 
 def _plain_response(status: HTTPStatus, message: str) -> bytes:
     body = json.dumps({"error": message, "code": "UNAVAILABLE"}).encode()
-    head = f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    head = (
+        f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -173,9 +189,11 @@ class RewardHTTPHandler(BaseHTTPRequestHandler):
         self._drain()
         if self.path.split("?", 1)[0] == "/health":
             serving = self.server.serving()
-            self._send_json(HTTPStatus.OK if serving else HTTPStatus.SERVICE_UNAVAILABLE,
-                            {"status": "SERVING" if serving else "NOT_SERVING"},
-                            None if self._body_read else {"Connection": "close"})
+            self._send_json(
+                HTTPStatus.OK if serving else HTTPStatus.SERVICE_UNAVAILABLE,
+                {"status": "SERVING" if serving else "NOT_SERVING"},
+                None if self._body_read else {"Connection": "close"},
+            )
             self.close_connection = self.close_connection or not self._body_read
             return
         self._route_error("GET")
@@ -183,9 +201,15 @@ class RewardHTTPHandler(BaseHTTPRequestHandler):
     def _route_error(self, method: str) -> None:
         self._drain()
         if self.path.split("?", 1)[0] in ("/get_reward", "/health"):
-            self._send_error(HttpError(HTTPStatus.METHOD_NOT_ALLOWED, "UNIMPLEMENTED", f"{method} {self.path[:200]}: method not allowed"))
+            self._send_error(
+                HttpError(
+                    HTTPStatus.METHOD_NOT_ALLOWED, "UNIMPLEMENTED", f"{method} {self.path[:200]}: method not allowed"
+                )
+            )
         else:
-            self._send_error(HttpError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"no such path: {self.path[:200]}; POST /get_reward"))
+            self._send_error(
+                HttpError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"no such path: {self.path[:200]}; POST /get_reward")
+            )
 
     def do_PUT(self):
         if self._framing():
@@ -227,12 +251,14 @@ class RewardHTTPHandler(BaseHTTPRequestHandler):
             if not isinstance(exc, Unauthenticated):
                 _log.info("http_request_rejected", code=code, error=exc.message)
             self._send_error(HttpError(GRPC_TO_HTTP.get(code, HTTPStatus.INTERNAL_SERVER_ERROR), code, exc.message))
-        except (ConnectionError, socket.timeout):
+        except (TimeoutError, ConnectionError):
             self.close_connection = True
         except Exception as exc:  # noqa: BLE001 - the boundary of the request
             api.observe("http", client, started, "INTERNAL")
             _log.error("http_request_failed", exc_info=exc)
-            self._send_error(HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "INTERNAL", f"internal error: {type(exc).__name__}"))
+            self._send_error(
+                HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "INTERNAL", f"internal error: {type(exc).__name__}")
+            )
         else:
             api.observe("http", client, started, "OK", len(payload["rewards"]))
             self._send_json(HTTPStatus.OK, payload)
@@ -246,7 +272,8 @@ class RewardHTTPHandler(BaseHTTPRequestHandler):
         n = self._length
         if n > self.server.max_body_bytes:
             raise HttpError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "INVALID_ARGUMENT",
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                "INVALID_ARGUMENT",
                 f"body of {n} bytes; at most {self.server.max_body_bytes} (server.max_message_bytes)",
             )
         ctype = self.headers.get("Content-Type", "application/json").split(";", 1)[0].strip().lower()
@@ -255,7 +282,9 @@ class RewardHTTPHandler(BaseHTTPRequestHandler):
             raise ConnectionError("the body ended early")
         self._body_read = True
         if ctype not in ("application/json", ""):
-            raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "INVALID_ARGUMENT", f"Content-Type {ctype!r}: send application/json")
+            raise HttpError(
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "INVALID_ARGUMENT", f"Content-Type {ctype!r}: send application/json"
+            )
         return body
 
     def _authenticate(self):

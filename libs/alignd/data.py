@@ -65,10 +65,11 @@ import hashlib
 import json
 import os
 import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 from alignd.atomic import fsync_dir
 
@@ -269,7 +270,11 @@ class _Loader:
     def finish(self, records: list, what: str) -> None:
         self.report.loaded = len(records)
         if not records:
-            detail = f" ({self.report.skipped} bad line(s) skipped, first: {self.report.problems[0]})" if self.report.skipped else ""
+            detail = (
+                f" ({self.report.skipped} bad line(s) skipped, first: {self.report.problems[0]})"
+                if self.report.skipped
+                else ""
+            )
             raise DataError(self.report.path, None, f"no {what}{detail}")
 
 
@@ -360,7 +365,9 @@ def _ranking_record(ld: _Loader, n: int, obj: dict, max_k: int) -> Comparison:
     if not isinstance(ranking, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranking):
         raise _Bad(f"field 'ranking' must be an array of completion indices (integers), got {json.dumps(ranking)[:80]}")
     if sorted(ranking) != list(range(k)):
-        raise _Bad(f"ranking {ranking} is not a permutation of 0..{k - 1} (indices into the {k} completions, best first)")
+        raise _Bad(
+            f"ranking {ranking} is not a permutation of 0..{k - 1} (indices into the {k} completions, best first)"
+        )
     for i, c in enumerate(comps):
         _completion(ld, n, c, f"completions[{i}]")
     _check_distinct(comps)
@@ -377,7 +384,8 @@ def _pairwise_record(ld: _Loader, n: int, obj: dict) -> Comparison:
 
 
 def split_hh_transcript(text: str, name: str = "transcript") -> tuple[str, str]:
-    """(prompt ending in "\\n\\nAssistant:", final reply) of an HH-RLHF transcript; ValueError if it has no final reply."""
+    """(prompt ending in "\\n\\nAssistant:", final reply) of an HH-RLHF transcript; ValueError without a final
+    reply."""
     i = text.rfind(ASSISTANT)
     if i < 0:
         raise ValueError(f"{name} has no {ASSISTANT!r} turn")
@@ -490,13 +498,16 @@ def _load_strings(path: str | os.PathLike, field_name: str, skip_bad: bool, what
     return out, ld.report
 
 
-def load_prompts(path: str | os.PathLike, field: str = "prompt", skip_bad: bool = False) -> tuple[list[str], LoadReport]:
+def load_prompts(
+    path: str | os.PathLike, field: str = "prompt", skip_bad: bool = False
+) -> tuple[list[str], LoadReport]:
     """Prompts: `.jsonl` (`{field: str}` per line) or plain text, one prompt per non-blank line."""
     return _load_strings(path, field, skip_bad, "prompts")
 
 
 def load_texts(path: str | os.PathLike, field: str = "text", skip_bad: bool = False) -> tuple[list[str], LoadReport]:
-    """Pretraining documents (PPO-ptx): `.jsonl` (`{field: str}` per line) or plain text, one document per non-blank line."""
+    """Pretraining documents (PPO-ptx): `.jsonl` (`{field: str}` per line) or plain text, one document per
+    non-blank line."""
     return _load_strings(path, field, skip_bad, "documents")
 
 

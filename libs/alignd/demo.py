@@ -17,6 +17,8 @@ from alignd.launcher import ChildDied, LocalStack, default_stack_config, report_
 from alignd.runtime.client import make_channel
 from alignd.runtime.role import write_json_atomic
 from alignd.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
     model_pb2,
     model_pb2_grpc,
     policy_pb2,
@@ -25,8 +27,6 @@ from alignd.v1 import (
     reference_pb2_grpc,
     reward_pb2,
     reward_pb2_grpc,
-    coordinator_pb2,
-    coordinator_pb2_grpc,
 )
 
 PROMPTS = ["Write a short story about a robot", "Explain the moon to a child", "What is the capital of France?"]
@@ -58,7 +58,10 @@ def mean_logratios(reference, samples) -> list[float]:
     """Per sample, the mean over its tokens of log pi(token) - log pi_ref(token): a k1 KL estimate."""
     ref = reference.LogProbs(
         reference_pb2.LogProbsRequest(
-            items=[reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids) for s in samples]
+            items=[
+                reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids)
+                for s in samples
+            ]
         ),
         timeout=TIMEOUT_S,
     )
@@ -81,7 +84,9 @@ def _exercise(svc: dict, credentials) -> dict:
         ),
         timeout=TIMEOUT_S,
     )
-    print(f"policy     Generate: {len(gen.samples)} samples, batch {gen.batch_size}, {gen.generate_seconds * 1000:.0f} ms")
+    print(
+        f"policy     Generate: {len(gen.samples)} samples, batch {gen.batch_size}, {gen.generate_seconds * 1000:.0f} ms"
+    )
     reward = reward_pb2_grpc.RewardServiceStub(ch["reward"])
     scored = reward.Score(
         reward_pb2.ScoreRequest(
@@ -102,8 +107,15 @@ def _exercise(svc: dict, credentials) -> dict:
     infos = {}
     for role in ("policy", "reward", "reference", "learner"):
         info = model_pb2_grpc.ModelServiceStub(ch[role]).GetInfo(model_pb2.GetInfoRequest(), timeout=TIMEOUT_S).info
-        infos[role] = {"architecture": info.architecture, "weight_version": info.weight_version, "parameters": info.num_parameters}
-        print(f"{role:10s} GetInfo:  {info.architecture}, {info.num_parameters:,} parameters, version {info.weight_version}")
+        infos[role] = {
+            "architecture": info.architecture,
+            "weight_version": info.weight_version,
+            "parameters": info.num_parameters,
+        }
+        print(
+            f"{role:10s} GetInfo:  {info.architecture}, {info.num_parameters:,} parameters, version "
+            f"{info.weight_version}"
+        )
     # Weight sync: stream perturbed policy weights (as the learner will after a
     # PPO step) and sample again; the policy now differs from the reference.
     import torch
@@ -136,7 +148,9 @@ def _exercise(svc: dict, credentials) -> dict:
     coord = coordinator_pb2_grpc.CoordinatorServiceStub(ch["coordinator"]).GetCoordinatorInfo(
         coordinator_pb2.GetCoordinatorInfoRequest(), timeout=TIMEOUT_S
     )
-    print(f"coordinator GetCoordinatorInfo: drives policy {list(coord.policy_addresses)}, learner {coord.learner_address}")
+    print(
+        f"coordinator GetCoordinatorInfo: drives policy {list(coord.policy_addresses)}, learner {coord.learner_address}"
+    )
     for c in ch.values():
         c.close()
     return {
@@ -146,8 +160,10 @@ def _exercise(svc: dict, credentials) -> dict:
         ],
         "mean_logratio_policy_reference": sum(kl) / len(kl),
         "mean_logratio_after_update": sum(kl2) / len(kl2),
-        "weight_update": {"version": pushed.version, "bytes": pushed.received_bytes, "seconds": pushed.duration_seconds},
+        "weight_update": {
+            "version": pushed.version,
+            "bytes": pushed.received_bytes,
+            "seconds": pushed.duration_seconds,
+        },
         "models": infos,
     }
-
-

@@ -102,8 +102,9 @@ import math
 import os
 import random
 import statistics
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -319,7 +320,9 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[i] + (pos - i) * (sorted_values[j] - sorted_values[i])
 
 
-def _bootstrap_interval(outcomes: Sequence[float], confidence: float, n_bootstrap: int, seed: int) -> tuple[float, float]:
+def _bootstrap_interval(
+    outcomes: Sequence[float], confidence: float, n_bootstrap: int, seed: int
+) -> tuple[float, float]:
     if isinstance(n_bootstrap, bool) or int(n_bootstrap) != n_bootstrap or n_bootstrap < 1:
         raise ValueError(f"n_bootstrap must be a whole number >= 1, not {n_bootstrap!r}")
     rng = random.Random(seed)
@@ -440,7 +443,9 @@ def win_rate(
         raise ValueError(f"tie_tolerance must be >= 0, not {tie_tolerance!r}")
     scores_a, scores_b = list(scores_a), list(scores_b)
     if len(scores_a) != len(scores_b):
-        raise ValueError(f"scores_a has {len(scores_a)} prompts but scores_b has {len(scores_b)}: one entry per prompt each")
+        raise ValueError(
+            f"scores_a has {len(scores_a)} prompts but scores_b has {len(scores_b)}: one entry per prompt each"
+        )
     triples: list[tuple[float, float, float]] = []
     comparisons = 0
     for i, (xa, xb) in enumerate(zip(scores_a, scores_b)):
@@ -567,7 +572,9 @@ def alignment_tax(loss_before: float, loss_after: float) -> AlignmentTax:
     before = _finite(loss_before, "loss_before")
     after = _finite(loss_after, "loss_after")
     absolute = after - before
-    return AlignmentTax(before=before, after=after, absolute=absolute, relative=absolute / before if before != 0 else None)
+    return AlignmentTax(
+        before=before, after=after, absolute=absolute, relative=absolute / before if before != 0 else None
+    )
 
 
 # --- report.json ------------------------------------------------------------------------
@@ -632,8 +639,14 @@ def _rm_round(i: int, entry: float | Mapping[str, Any]) -> dict[str, Any]:
     if n is not None:
         n = int(n)
         lower, upper = wilson_interval(acc * n, n)
-    return {"round": rnd, "accuracy": acc, "n": n, "lower": lower, "upper": upper,
-            "breakdown": dict(breakdown) if breakdown is not None else None}
+    return {
+        "round": rnd,
+        "accuracy": acc,
+        "n": n,
+        "lower": lower,
+        "upper": upper,
+        "breakdown": dict(breakdown) if breakdown is not None else None,
+    }
 
 
 def _labeler_agreement(x: Any) -> dict[str, Any] | None:
@@ -666,7 +679,14 @@ def _reward_entry(name: str, x: Any) -> dict[str, Any] | None:
         return {k: d.get(k) for k in MeanCI.__dataclass_fields__}
     if isinstance(x, (list, tuple)):
         return mean_with_ci(x).to_dict()
-    return {"mean": _finite(x, f"reward[{name!r}]"), "lower": None, "upper": None, "n": None, "std": None, "confidence": None}
+    return {
+        "mean": _finite(x, f"reward[{name!r}]"),
+        "lower": None,
+        "upper": None,
+        "n": None,
+        "std": None,
+        "confidence": None,
+    }
 
 
 def _tax_entry(name: str, x: Any) -> dict[str, Any] | None:
@@ -787,12 +807,19 @@ def build_report_json(
         "meta": dict(meta or {}),
         "win_rates": wr,
         "acceptance": acceptance(
-            wr, primary_judge=primary_judge, min_rate=min_rate, min_lower=min_lower, secondary_min_rate=secondary_min_rate
+            wr,
+            primary_judge=primary_judge,
+            min_rate=min_rate,
+            min_lower=min_lower,
+            secondary_min_rate=secondary_min_rate,
         ),
         "rm_accuracy_per_round": rounds,
         "labeler_agreement": _labeler_agreement(labeler_agreement),
         "kl_to_reference": kl,
-        "reward": {"sft": _reward_entry("sft", reward.get("sft")), "final": _reward_entry("final", reward.get("final"))},
+        "reward": {
+            "sft": _reward_entry("sft", reward.get("sft")),
+            "final": _reward_entry("final", reward.get("final")),
+        },
         "alignment_tax": {
             "without_ptx": _tax_entry("without_ptx", taxes.get("without_ptx")),
             "with_ptx": _tax_entry("with_ptx", taxes.get("with_ptx")),
@@ -832,7 +859,8 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
 
 def _fmt_win_rate(w: Mapping[str, Any]) -> str:
     conf = w.get("confidence") or 0.95
-    return f"{_pct(w['rate'])} ({round(100 * conf)}% CI {_pct(w['lower'])} to {_pct(w['upper'])}, n={w['n']}, {w['method']})"
+    ci = f"{round(100 * conf)}% CI {_pct(w['lower'])} to {_pct(w['upper'])}"
+    return f"{_pct(w['rate'])} ({ci}, n={w['n']}, {w['method']})"
 
 
 def _fmt_mean(m: Mapping[str, Any] | None) -> str:
@@ -932,11 +960,23 @@ def render_markdown(
         rows.append([f"Win rate vs SFT ({judge})", _fmt_win_rate(win_rates[judge])])
     if rounds:
         last = rounds[-1]
-        rows.append([f"RM accuracy (round {last['round']}, held-out)", f"{_pct(last['accuracy'])} (paper {_pct(PAPER_RM_ACCURACY)})"])
+        rows.append(
+            [
+                f"RM accuracy (round {last['round']}, held-out)",
+                f"{_pct(last['accuracy'])} (paper {_pct(PAPER_RM_ACCURACY)})",
+            ]
+        )
     if agreement:
-        rows.append(["Simulated-labeler agreement", f"{_pct(agreement['agreement'])} (paper ~{_pct(PAPER_LABELER_AGREEMENT, 0)})"])
+        rows.append(
+            [
+                "Simulated-labeler agreement",
+                f"{_pct(agreement['agreement'])} (paper ~{_pct(PAPER_LABELER_AGREEMENT, 0)})",
+            ]
+        )
     if kl:
-        rows.append(["KL to reference", f"{_num(kl['per_sequence'])} nats/sequence, {_num(kl['per_token'])} nats/token"])
+        rows.append(
+            ["KL to reference", f"{_num(kl['per_sequence'])} nats/sequence, {_num(kl['per_token'])} nats/token"]
+        )
     if reward.get("sft") or reward.get("final"):
         rows.append(["Reward (SFT -> final)", f"{_fmt_mean(reward.get('sft'))} -> {_fmt_mean(reward.get('final'))}"])
     for key, label in (("without_ptx", "PPO"), ("with_ptx", "PPO-ptx")):
@@ -974,7 +1014,10 @@ def render_markdown(
                 f"Bar: {primary} win rate >= {_pct(acc.get('min_rate'), 0)} with the lower bound above "
                 f"{_pct(acc.get('min_lower'), 0)} ({'met' if acc.get('primary_ok') else 'not met'}); every other judge "
                 f">= {_pct(acc.get('secondary_min_rate'), 0)} ("
-                + (", ".join(f"{j}: {'met' if ok else 'not met'}" for j, ok in (acc.get("secondary_ok") or {}).items()) or "no other judge")
+                + (
+                    ", ".join(f"{j}: {'met' if ok else 'not met'}" for j, ok in (acc.get("secondary_ok") or {}).items())
+                    or "no other judge"
+                )
                 + ").",
             ]
     else:
@@ -987,25 +1030,35 @@ def render_markdown(
         out += _table(
             ["round", "accuracy", "95% CI", "n"],
             [
-                [r["round"], _pct(r["accuracy"]), "n/a" if r.get("lower") is None else f"{_pct(r['lower'])} to {_pct(r['upper'])}", r.get("n") or "n/a"]
+                [
+                    r["round"],
+                    _pct(r["accuracy"]),
+                    "n/a" if r.get("lower") is None else f"{_pct(r['lower'])} to {_pct(r['upper'])}",
+                    r.get("n") or "n/a",
+                ]
                 for r in rounds
             ],
         )
         broken = [r for r in rounds if r.get("breakdown")]
         if broken:
-            labels = (("rm_vs_labeler", "RM vs the labels it trained on, all pairs"),
-                      ("rm_vs_labeler_gold_untied", "... pairs the gold judge orders"),
-                      ("rm_vs_labeler_gold_tied", "... pairs the gold judge ties (coin flips for the labelers)"),
-                      ("rm_vs_labeler_when_labelers_agree", "... pairs the labelers agree on"),
-                      ("gold_vs_labeler", "the gold judge vs the same labels (an RM's ceiling)"),
-                      ("rm_vs_gold", "RM vs the gold judge, pairs it orders"),
-                      ("labeler_vs_gold", "labeler vs the gold judge, pairs it orders"),
-                      ("labelers_agreement", "labelers with each other"))
+            labels = (
+                ("rm_vs_labeler", "RM vs the labels it trained on, all pairs"),
+                ("rm_vs_labeler_gold_untied", "... pairs the gold judge orders"),
+                ("rm_vs_labeler_gold_tied", "... pairs the gold judge ties (coin flips for the labelers)"),
+                ("rm_vs_labeler_when_labelers_agree", "... pairs the labelers agree on"),
+                ("gold_vs_labeler", "the gold judge vs the same labels (an RM's ceiling)"),
+                ("rm_vs_gold", "RM vs the gold judge, pairs it orders"),
+                ("labeler_vs_gold", "labeler vs the gold judge, pairs it orders"),
+                ("labelers_agreement", "labelers with each other"),
+            )
             out += ["", "Where the RM errs (held-out pairs; alignd.rm_breakdown):", ""]
             out += _table(
                 ["pairs"] + [f"round {r['round']}" for r in broken],
-                [[text] + [f"{_pct(r['breakdown'][key]['accuracy'])} (n = {r['breakdown'][key]['n']})" for r in broken]
-                 for key, text in labels]
+                [
+                    [text]
+                    + [f"{_pct(r['breakdown'][key]['accuracy'])} (n = {r['breakdown'][key]['n']})" for r in broken]
+                    for key, text in labels
+                ]
                 + [["gold ties, share of pairs"] + [_pct(r["breakdown"]["gold_tie_fraction"]) for r in broken]],
             )
     else:
@@ -1037,7 +1090,10 @@ def render_markdown(
 
     if stages:
         out += ["## Wall time per stage", ""]
-        out += _table(["stage", "seconds"], [[s, f"{v:.1f}"] for s, v in stages.items()] + [["total", f"{sum(stages.values()):.1f}"]])
+        out += _table(
+            ["stage", "seconds"],
+            [[s, f"{v:.1f}"] for s, v in stages.items()] + [["total", f"{sum(stages.values()):.1f}"]],
+        )
         out += [""]
 
     if figures:
@@ -1056,7 +1112,11 @@ def render_markdown(
             scores: Mapping[str, Mapping[str, Any]] = s.get("scores") or {}
             for key, label in (("sft", "SFT policy"), ("final", "final policy")):
                 judged = ", ".join(f"{j}: {_num(sc.get(key))}" for j, sc in scores.items() if sc.get(key) is not None)
-                out += [f"**{label}**" + (f" ({judged})" if judged else ""), ""] + _fence(_clip(s.get(key), max_chars)) + [""]
+                out += (
+                    [f"**{label}**" + (f" ({judged})" if judged else ""), ""]
+                    + _fence(_clip(s.get(key), max_chars))
+                    + [""]
+                )
             if s.get("image"):
                 out += [f"![sample {i}]({_check_relative_path(f'sample {i}', s['image'])})", ""]
     return "\n".join(out).rstrip() + "\n"

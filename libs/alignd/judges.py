@@ -10,7 +10,7 @@ model can learn.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 Judge = Callable[..., float]
 
@@ -52,12 +52,17 @@ def afinn(prompt: str, completion: str) -> float:
 
 
 BUILTIN: dict[str, Judge] = {
-    "char_fraction": char_fraction, "distinct_char_fraction": distinct_char_fraction,
-    "vader": vader, "textblob": textblob, "afinn": afinn,
+    "char_fraction": char_fraction,
+    "distinct_char_fraction": distinct_char_fraction,
+    "vader": vader,
+    "textblob": textblob,
+    "afinn": afinn,
 }
 
 
-def resolve(name: str, args: dict | None = None, registry: dict | None = None, field: str = "judge") -> Callable[[str, str], float]:
+def resolve(
+    name: str, args: dict | None = None, registry: dict | None = None, field: str = "judge"
+) -> Callable[[str, str], float]:
     """The judge `name` with its keyword arguments bound: a built-in one, or one of `registry` (the coordinator's
     `judges`: {name: JudgePluginConfig}), the only place a "module:function" is imported from. ValueError naming
     `field` otherwise: a run request names judges, never code."""
@@ -74,6 +79,8 @@ def resolve(name: str, args: dict | None = None, registry: dict | None = None, f
         kwargs = {**plugin.args, **kwargs}
     else:
         known = sorted(BUILTIN) + sorted(registry)
-        raise ValueError(f"{field}: unknown judge {name[:80]!r}: use one of {known}; judges of your own are "
-                         "registered in the coordinator's configuration (coordinator.judges)")
+        raise ValueError(
+            f"{field}: unknown judge {name[:80]!r}: use one of {known}; judges of your own are "
+            "registered in the coordinator's configuration (coordinator.judges)"
+        )
     return lambda prompt, completion: float(fn(prompt, completion, **kwargs))

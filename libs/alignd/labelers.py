@@ -59,9 +59,10 @@ import hashlib
 import math
 import random
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any, Callable, Iterable, Iterator, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 __all__ = [
     "Calibration",
@@ -377,13 +378,17 @@ def _bisect_log(f: Callable[[float], float], target: float, t0: float, rel: floa
         lo /= 4.0
         steps += 1
         if steps > max_steps or lo == 0.0:
-            raise ValueError(f"cannot bracket the target agreement {target}: still not above it at temperature {lo:.3g}")
+            raise ValueError(
+                f"cannot bracket the target agreement {target}: still not above it at temperature {lo:.3g}"
+            )
     steps = 0
     while f(hi) >= target:
         hi *= 4.0
         steps += 1
         if steps > max_steps or math.isinf(hi):
-            raise ValueError(f"cannot bracket the target agreement {target}: still not below it at temperature {hi:.3g}")
+            raise ValueError(
+                f"cannot bracket the target agreement {target}: still not below it at temperature {hi:.3g}"
+            )
     while hi / lo > 1.0 + rel:
         mid = math.sqrt(lo * hi)
         if f(mid) > target:
@@ -432,7 +437,9 @@ def calibrate_temperature(
     tied = sum(1 for d in gaps if d == 0.0)
     at_zero = (n_pairs - tied + 0.5 * tied) / n_pairs  # the agreement at T -> 0, the most that is reachable
     if not 0.5 < target < 1.0:
-        raise ValueError(f"target agreement must be in (0.5, 1): two labelers agree on 1/2 of the pairs by chance; got {target}")
+        raise ValueError(
+            f"target agreement must be in (0.5, 1): two labelers agree on 1/2 of the pairs by chance; got {target}"
+        )
     if target >= at_zero:
         raise ValueError(
             f"target agreement {target:.3f} is unreachable on these items: even at temperature 0 (ranking by gold "

@@ -120,6 +120,7 @@ def pin_ports(role_cfg, ports: dict[str, int]):
         cfg.http.port = ports["http_port"]
     return cfg
 
+
 def default_stack_config(overrides: list[str] | None = None) -> StackConfig:
     """The embedded default (configs/local.yaml): built-in tiny models, one torch thread per role."""
     lm, rm = "builtin:tiny-gpt2", "builtin:tiny-gpt2-reward"
@@ -153,11 +154,15 @@ class LocalStack:
 
         self.registry = CollectorRegistry()
         self._m_restarts = Counter(
-            "alignd_launcher_restarts_total", "Role processes the local stack restarted after they exited.", ["role"],
+            "alignd_launcher_restarts_total",
+            "Role processes the local stack restarted after they exited.",
+            ["role"],
             registry=self.registry,
         )
         self._m_up = Gauge(
-            "alignd_launcher_role_up", "1 while a role's process serves, 0 while it is down or restarting.", ["role"],
+            "alignd_launcher_role_up",
+            "1 while a role's process serves, 0 while it is down or restarting.",
+            ["role"],
             registry=self.registry,
         )
         self._metrics_http = None
@@ -200,15 +205,22 @@ class LocalStack:
         log_path = logs / f"{role}.log"
         log = open(log_path, "ab")
         cmd = [
-            self.python, "-m", "alignd.cli", "serve", role,
-            "--config", str(cfg_path), "--run-dir", str(self.run_dir), "--endpoint-file", str(endpoint),
+            self.python,
+            "-m",
+            "alignd.cli",
+            "serve",
+            role,
+            "--config",
+            str(cfg_path),
+            "--run-dir",
+            str(self.run_dir),
+            "--endpoint-file",
+            str(endpoint),
         ]
         env = child_env()
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-        )
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         log.close()
         child = Child(role, proc, log_path, endpoint)
         threading.Thread(target=self._reap, args=(child,), name=f"reap-{role}", daemon=True).start()
@@ -320,8 +332,14 @@ class LocalStack:
     def describe(self) -> dict:
         services = {}
         for r, c in self.children.items():
-            svc = {"address": c.address, "metrics_url": c.metrics_url, **c.extra, "pid": c.proc.pid, "log": str(c.log_path),
-                   "restarts": self.restart_totals.get(r, 0)}
+            svc = {
+                "address": c.address,
+                "metrics_url": c.metrics_url,
+                **c.extra,
+                "pid": c.proc.pid,
+                "log": str(c.log_path),
+                "restarts": self.restart_totals.get(r, 0),
+            }
             if r in self.last_exit:
                 svc["last_exit_code"] = self.last_exit[r]
             services[r] = svc
@@ -350,10 +368,19 @@ class LocalStack:
                 _log.error("child_died", child=role, exit_code=code, restart_policy=policy.policy)
                 return self._died(dead)
             if len(recent) >= policy.max_restarts:
-                _log.error("child_restart_limit", child=role, exit_code=code, restarts=len(recent),
-                           max_restarts=policy.max_restarts)
-                return ChildDied(role, code, dead.log_tail(),
-                                 f"{len(recent)} restarts within {policy.reset_after_seconds:g}s: restart.max_restarts reached")
+                _log.error(
+                    "child_restart_limit",
+                    child=role,
+                    exit_code=code,
+                    restarts=len(recent),
+                    max_restarts=policy.max_restarts,
+                )
+                return ChildDied(
+                    role,
+                    code,
+                    dead.log_tail(),
+                    f"{len(recent)} restarts within {policy.reset_after_seconds:g}s: restart.max_restarts reached",
+                )
             backoff = policy.backoff(len(recent))
             _log.warning("child_died", child=role, exit_code=code, restarts=len(recent), backoff_seconds=backoff)
             if self._stop_requested.wait(backoff):
@@ -413,7 +440,7 @@ class LocalStack:
                 c.proc.wait()
         _log.info("stack_stopped")
 
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         try:
             self.start()
         except BaseException:
@@ -425,10 +452,13 @@ class LocalStack:
         self.stop()
 
 
-def report_restart(stack: "LocalStack", role: str, code: int | None, prefix: str = "") -> None:
+def report_restart(stack: LocalStack, role: str, code: int | None, prefix: str = "") -> None:
     """The line printed when the supervisor restarted a role (LocalStack.supervise's on_restart)."""
-    print(f"{prefix}alignd: {role} exited with code {code}; restarted on {stack.children[role].address} "
-          f"(restart {stack.restart_totals[role]})", flush=True)
+    print(
+        f"{prefix}alignd: {role} exited with code {code}; restarted on {stack.children[role].address} "
+        f"(restart {stack.restart_totals[role]})",
+        flush=True,
+    )
 
 
 def report_death(err: ChildDied) -> None:
@@ -468,7 +498,9 @@ def run_stack(cfg: StackConfig, run_dir: Path) -> int:
         http = f"  http {svc['http_url']}" if svc.get("http_url") else ""
         print(f"{role:12s} {svc['address']:22s} metrics {svc['metrics_url']}{http}", flush=True)
     if stack.tokens_file is not None:
-        print(f"credentials  {stack.tokens_file} (operator: admin; scorer: score; ... see docs/security.md)", flush=True)
+        print(
+            f"credentials  {stack.tokens_file} (operator: admin; scorer: score; ... see docs/security.md)", flush=True
+        )
     print(f"alignd: stack ready: {run_dir / 'stack.json'}", flush=True)
     while not stop.is_set():
         stack.any_exited.wait()

@@ -37,11 +37,12 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from alignd.evaluation import PAPER_RM_ACCURACY, plots_markdown
 from alignd.atomic import write_bytes_atomic
+from alignd.evaluation import PAPER_RM_ACCURACY, plots_markdown
 from alignd.runtime.logging import get_logger
 
 if TYPE_CHECKING:
@@ -156,7 +157,13 @@ def _win_rates(fig_cls: type[Figure], rows: Sequence[Mapping[str, Any]], report:
         ax.annotate(f"{100 * r:.1f}%", (xi, top), xytext=(0, 4), textcoords="offset points", ha="center", va="bottom")
     ax.axhline(0.5, color="black", linestyle="--", linewidth=1, label="50% (no preference)")
     if _is_number(acc.get("min_rate")) and primary in win_rates:
-        ax.axhline(acc["min_rate"], color="tab:green", linestyle=":", linewidth=1.2, label=f"bar for {primary}: {100 * acc['min_rate']:.0f}%")
+        ax.axhline(
+            acc["min_rate"],
+            color="tab:green",
+            linestyle=":",
+            linewidth=1.2,
+            label=f"bar for {primary}: {100 * acc['min_rate']:.0f}%",
+        )
     ax.set_xticks(x, labels)
     ax.set_xlim(-0.6, len(judges) - 0.4)
     ax.set_ylim(0.0, 1.1)
@@ -193,8 +200,16 @@ def _rm_accuracy(fig_cls: type[Figure], rows: Sequence[Mapping[str, Any]], repor
         )
     agreement = (report.get("labeler_agreement") or {}).get("agreement")
     if _is_number(agreement):
-        ax.axhline(agreement, color="tab:green", linestyle="-.", linewidth=1.2, label=f"labeler agreement {100 * agreement:.1f}%")
-    ax.axhline(PAPER_RM_ACCURACY, color="tab:purple", linestyle=":", linewidth=1, label=f"paper {100 * PAPER_RM_ACCURACY:.1f}%")
+        ax.axhline(
+            agreement,
+            color="tab:green",
+            linestyle="-.",
+            linewidth=1.2,
+            label=f"labeler agreement {100 * agreement:.1f}%",
+        )
+    ax.axhline(
+        PAPER_RM_ACCURACY, color="tab:purple", linestyle=":", linewidth=1, label=f"paper {100 * PAPER_RM_ACCURACY:.1f}%"
+    )
     ax.axhline(0.5, color="black", linestyle="--", linewidth=1, label="50% (chance)")
     ax.set_xticks(x, [str(r.get("round", i)) for i, r in enumerate(rounds)])
     ax.set_xlim(-0.5, len(rounds) - 0.5)
@@ -217,7 +232,9 @@ def _phase_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return [p for p in PHASES if p in seen] + [p for p in seen if p not in PHASES]
 
 
-def _phase_seconds(fig_cls: type[Figure], rows: Sequence[Mapping[str, Any]], report: Mapping[str, Any]) -> Figure | None:
+def _phase_seconds(
+    fig_cls: type[Figure], rows: Sequence[Mapping[str, Any]], report: Mapping[str, Any]
+) -> Figure | None:
     phases = _phase_names(rows)
     stages = {str(s): float(v) for s, v in (report.get("wall_seconds_per_stage") or {}).items() if _is_number(v)}
     if not phases and not stages:
@@ -243,7 +260,14 @@ def _phase_seconds(fig_cls: type[Figure], rows: Sequence[Mapping[str, Any]], rep
         y = list(range(len(names)))
         ax.barh(y, [stages[s] for s in names], color="tab:orange")
         for yi, s in zip(y, names):
-            ax.annotate(f"{stages[s]:.1f} s", (stages[s], yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize="small")
+            ax.annotate(
+                f"{stages[s]:.1f} s",
+                (stages[s], yi),
+                xytext=(3, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize="small",
+            )
         ax.set_yticks(y, names)
         ax.invert_yaxis()  # pipeline order, top to bottom
         ax.set_xlim(0.0, 1.15 * max(max(stages.values()), 1e-9))
@@ -310,7 +334,7 @@ def render_plots(run_dir: Path | str, report: Mapping[str, Any]) -> list[Path]:
                 _log.info("plot_skipped", plot=name, reason="no data")
                 continue
             data = _png_bytes(fig)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a plot that fails is logged and skipped; the report goes on
             _log.exception("plot_failed", plot=name)
             continue
         path = out_dir / name

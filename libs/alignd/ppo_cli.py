@@ -51,9 +51,11 @@ def load_pipeline_job(config: str, overrides: list[str] | None):
         if p.startswith(CACHE_PREFIX):  # prepared by `python -m alignd.assets` into $ALIGND_CACHE
             from alignd.models.tiny import default_cache_dir
 
-            path = default_cache_dir() / p[len(CACHE_PREFIX):]
+            path = default_cache_dir() / p[len(CACHE_PREFIX) :]
             if not path.exists():
-                raise ConfigError(f"{p}: {path} does not exist; prepare the real-model assets first: python -m alignd.assets")
+                raise ConfigError(
+                    f"{p}: {path} does not exist; prepare the real-model assets first: python -m alignd.assets"
+                )
             return str(path)
         return p if Path(p).is_absolute() else str((base / p).resolve())
 
@@ -84,8 +86,10 @@ def progress_line(run: coordinator_pb2.Run, started: float) -> str:
     done = int(width * min(1.0, fraction))
     bar = "#" * done + "." * (width - done)
     if ppo:
-        what = (f"step {run.step}/{run.total_steps}  reward {m.get('mean_score', float('nan')):+.4f}  "
-                f"kl {m.get('reference_kl', float('nan')):.4f}  tok/s {m.get('tokens_per_second', 0.0):.0f}")
+        what = (
+            f"step {run.step}/{run.total_steps}  reward {m.get('mean_score', float('nan')):+.4f}  "
+            f"kl {m.get('reference_kl', float('nan')):.4f}  tok/s {m.get('tokens_per_second', 0.0):.0f}"
+        )
     else:
         what = run.stage_detail
     return f"\r{run.stage:8s} [{bar}] {what[:70]:70s} {time.monotonic() - started:.0f}s"
@@ -101,13 +105,17 @@ def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline
         try:
             reports, _ = check_data(job.pipeline)
         except DataError as err:
-            print(f"alignd: bad data, the run does not start: {err}\n"
-                  "  (fix the line, or set pipeline.skip_bad_lines=true to skip bad lines, counted in the report)",
-                  file=sys.stderr)
+            print(
+                f"alignd: bad data, the run does not start: {err}\n"
+                "  (fix the line, or set pipeline.skip_bad_lines=true to skip bad lines, counted in the report)",
+                file=sys.stderr,
+            )
             return 2
         for name, r in reports.items():
             if r["skipped"]:
-                print(f"{name}: skipped {r['skipped']} bad line(s) of {r['path']}, first: {r['problems'][0]}", flush=True)
+                print(
+                    f"{name}: skipped {r['skipped']} bad line(s) of {r['path']}, first: {r['problems'][0]}", flush=True
+                )
     started = time.monotonic()
     try:
         stack = LocalStack(job.stack, run_dir, data_dirs=data_dirs(job, pipeline)).__enter__()
@@ -120,7 +128,9 @@ def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline
         with make_channel(addr, credentials=stack.operator_credentials()) as ch:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
             run = stub.StartRun(
-                coordinator_pb2.StartRunRequest(run_id="pipeline" if pipeline else "ppo", config_yaml=run_yaml, run_dir=str(run_dir)),
+                coordinator_pb2.StartRunRequest(
+                    run_id="pipeline" if pipeline else "ppo", config_yaml=run_yaml, run_dir=str(run_dir)
+                ),
                 timeout=120,
             ).run
             t0 = time.monotonic()
@@ -154,7 +164,8 @@ def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline
         first, last = rows[0], rows[-1]
         print(
             f"{state}: {len(rows)} steps in {time.monotonic() - t0:.0f}s; mean reward {first['mean_score']:+.4f} -> "
-            f"{last['mean_score']:+.4f}; KL to reference {last['reference_kl']:.4f}; metrics: {run_dir / 'metrics.jsonl'}"
+            f"{last['mean_score']:+.4f}; KL to reference {last['reference_kl']:.4f}; metrics: "
+            f"{run_dir / 'metrics.jsonl'}"
         )
     report = run_dir / "report.json"
     if pipeline and report.exists():
@@ -163,12 +174,17 @@ def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline
             print(f"win rate vs SFT ({judge}): {w['rate']:.3f} [{w['lower']:.3f}, {w['upper']:.3f}]")
         accs = ", ".join(f"round {x['round']} {x['accuracy']:.3f}" for x in r.get("rm_accuracy_per_round", []))
         agree = (r.get("labeler_agreement") or {}).get("agreement")
-        print(f"RM held-out accuracy: {accs or 'n/a'}; labeler agreement {agree:.3f}" if agree is not None
-              else f"RM held-out accuracy: {accs or 'n/a'}")
+        print(
+            f"RM held-out accuracy: {accs or 'n/a'}; labeler agreement {agree:.3f}"
+            if agree is not None
+            else f"RM held-out accuracy: {accs or 'n/a'}"
+        )
         for key, tax in (r.get("alignment_tax") or {}).items():
             if tax:
-                print(f"alignment tax ({key.replace('_', ' ')}): {tax['absolute']:+.3f} nats/token "
-                      f"({tax['before']:.3f} -> {tax['after']:.3f})")
+                print(
+                    f"alignment tax ({key.replace('_', ' ')}): {tax['absolute']:+.3f} nats/token "
+                    f"({tax['before']:.3f} -> {tax['after']:.3f})"
+                )
         walls = r.get("wall_seconds_per_stage") or {}
         print("wall seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()))
         print(f"report: {run_dir / 'report.md'}")

@@ -134,7 +134,7 @@ def _is_loopback(address: str) -> bool:
     target = address.split("///", 1)[1] if "///" in address else address
     for scheme in ("ipv4:", "ipv6:", "dns:"):
         if target.startswith(scheme):
-            target = target[len(scheme):]
+            target = target[len(scheme) :]
     host = target.rsplit(":", 1)[0] if target.count(":") == 1 or target.startswith("[") else target
     host = host.strip("[]")
     if host.lower() == "localhost" or host.lower().endswith(".localhost"):
@@ -213,7 +213,9 @@ class _Settings:
         credentials = None
         if secure:
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read_file("root_certificates_file", root_certificates_file) if root_certificates_file is not None else None,
+                root_certificates=_read_file("root_certificates_file", root_certificates_file)
+                if root_certificates_file is not None
+                else None,
                 private_key=_read_file("key_file", key_file) if key_file is not None else None,
                 certificate_chain=_read_file("cert_file", cert_file) if cert_file is not None else None,
             )
@@ -227,7 +229,10 @@ class _Settings:
         if token is not None and not secure and not _is_loopback(address):
             _log.warning("reward_client_token_without_tls", address=address)
         return cls(
-            address, credentials, tuple(options), metadata,
+            address,
+            credentials,
+            tuple(options),
+            metadata,
             None if timeout is None else float(timeout),
             _RetryPolicy(retries, float(initial_backoff), float(max_backoff)),
         )
@@ -266,7 +271,8 @@ class _Attempts:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise RewardClientError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline of {self.timeout:g}s passed before attempt {self.made + 1}",
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"deadline of {self.timeout:g}s passed before attempt {self.made + 1}",
                 self.made,
             )
         self.made += 1
@@ -281,7 +287,9 @@ class _Attempts:
         if self.deadline is not None and time.monotonic() + delay >= self.deadline:
             raise RewardClientError(code, details, self.made) from err  # a retry could not finish in time
         if structlog.is_configured():
-            _log.debug("reward_client_retry", method=self.method, attempt=self.made, code=code.name, backoff_s=round(delay, 4))
+            _log.debug(
+                "reward_client_retry", method=self.method, attempt=self.made, code=code.name, backoff_s=round(delay, 4)
+            )
         return delay
 
 
@@ -335,7 +343,9 @@ def _token_items(pairs: Iterable[Any]) -> list[reward_pb2.ScoreItem]:
     items = []
     for i, pair in enumerate(pairs):
         prompt, response = _token_pair(pair, f"pairs[{i}]")
-        items.append(reward_pb2.ScoreItem(tokens=reward_pb2.TokenPair(prompt_token_ids=prompt, response_token_ids=response)))
+        items.append(
+            reward_pb2.ScoreItem(tokens=reward_pb2.TokenPair(prompt_token_ids=prompt, response_token_ids=response))
+        )
     return items
 
 
@@ -343,7 +353,7 @@ def _chunks(items: list, batch_size: int, max_in_flight: int) -> list[list]:
     for name, value in (("batch_size", batch_size), ("max_in_flight", max_in_flight)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
 
 def _result(resp: reward_pb2.ScoreResponse) -> ScoreResult:
@@ -396,9 +406,19 @@ class _ClientBase:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self._settings = _Settings.build(
-            address, token=token, token_file=token_file, tls=tls, root_certificates_file=root_certificates_file,
-            cert_file=cert_file, key_file=key_file, server_name_override=server_name_override, timeout=timeout,
-            retries=retries, initial_backoff=initial_backoff, max_backoff=max_backoff, max_message_bytes=max_message_bytes,
+            address,
+            token=token,
+            token_file=token_file,
+            tls=tls,
+            root_certificates_file=root_certificates_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            server_name_override=server_name_override,
+            timeout=timeout,
+            retries=retries,
+            initial_backoff=initial_backoff,
+            max_backoff=max_backoff,
+            max_message_bytes=max_message_bytes,
         )
         self._rng = random.Random()
         self._closed = False
@@ -416,8 +436,10 @@ class RewardClient(_ClientBase):
 
     def _open(self) -> None:
         self._channel = self._settings.sync_channel()
-        self._stub = {"reward": reward_pb2_grpc.RewardServiceStub(self._channel),
-                      "model": model_pb2_grpc.ModelServiceStub(self._channel)}
+        self._stub = {
+            "reward": reward_pb2_grpc.RewardServiceStub(self._channel),
+            "model": model_pb2_grpc.ModelServiceStub(self._channel),
+        }
         self._rng_lock = threading.Lock()
 
     @property
@@ -455,7 +477,12 @@ class RewardClient(_ClientBase):
         return self._score_request(_token_items(pairs), timeout)
 
     def score_many(
-        self, pairs: Iterable[Any], *, batch_size: int = 64, max_in_flight: int = 4, timeout: float | None = None,
+        self,
+        pairs: Iterable[Any],
+        *,
+        batch_size: int = 64,
+        max_in_flight: int = 4,
+        timeout: float | None = None,
     ) -> ScoreManyResult:
         """Scores any number of text pairs: requests of `batch_size` items, up to `max_in_flight` at once (threads
         over the one channel), scores in input order. `timeout` is the deadline of each request (with its retries).
@@ -505,8 +532,10 @@ class RewardClient(_ClientBase):
 
 
 class AsyncRewardClient(_ClientBase):
-    __doc__ = ("The asyncio client of alignd.v1.RewardService (grpc.aio); same arguments and behaviour as RewardClient.\n"
-               "The channel is opened on the first call, in the running event loop.\n" + _CONSTRUCTOR_DOC)
+    __doc__ = (
+        "The asyncio client of alignd.v1.RewardService (grpc.aio); same arguments and behaviour as RewardClient.\n"
+        "The channel is opened on the first call, in the running event loop.\n" + _CONSTRUCTOR_DOC
+    )
 
     def _open(self) -> None:
         self._channel: grpc.aio.Channel | None = None  # opened on the first call, in the running loop
@@ -520,8 +549,10 @@ class AsyncRewardClient(_ClientBase):
             raise RuntimeError("the AsyncRewardClient is closed")
         if self._channel is None:
             self._channel = self._settings.aio_channel()
-            self._stub = {"reward": reward_pb2_grpc.RewardServiceStub(self._channel),
-                          "model": model_pb2_grpc.ModelServiceStub(self._channel)}
+            self._stub = {
+                "reward": reward_pb2_grpc.RewardServiceStub(self._channel),
+                "model": model_pb2_grpc.ModelServiceStub(self._channel),
+            }
         return self._stub
 
     async def _call(self, stub: str, method: str, request, timeout: float | None):
@@ -547,7 +578,12 @@ class AsyncRewardClient(_ClientBase):
         return await self._score_request(_token_items(pairs), timeout)
 
     async def score_many(
-        self, pairs: Iterable[Any], *, batch_size: int = 64, max_in_flight: int = 4, timeout: float | None = None,
+        self,
+        pairs: Iterable[Any],
+        *,
+        batch_size: int = 64,
+        max_in_flight: int = 4,
+        timeout: float | None = None,
     ) -> ScoreManyResult:
         """See RewardClient.score_many: the requests run as tasks, at most `max_in_flight` at once; the first
         failure cancels the others and raises."""

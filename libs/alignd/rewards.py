@@ -10,7 +10,7 @@ batching are the same as for a reward model.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 RewardFn = Callable[..., float]
 

@@ -114,9 +114,7 @@ def response_lengths(mask: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(m.shape[-1], device=m.device)  # (T,)
     prefix = positions.unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
     if not torch.equal(prefix, m):
-        raise ValueError(
-            "mask must be right padded: each row ones (real response tokens) then zeros"
-        )
+        raise ValueError("mask must be right padded: each row ones (real response tokens) then zeros")
     return lengths
 
 
@@ -139,9 +137,7 @@ def value_mask_for(mask: torch.Tensor, score_position: ScorePosition) -> torch.T
     return positions.unsqueeze(0) <= lengths.unsqueeze(1)  # (B, T), one more per row
 
 
-def masked_mean(
-    x: torch.Tensor, mask: torch.Tensor, dim: int | None = None
-) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of `x` over the positions where `mask` is true.
 
     The token-level mean (every real token weighs the same), as TRL's and
@@ -156,9 +152,7 @@ def masked_mean(
     return total / m.sum(dim=dim)  # () or reduced shape
 
 
-def masked_var(
-    x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True
-) -> torch.Tensor:
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of `x` over the masked positions (a scalar).
 
     unbiased=True applies Bessel's correction n/(n-1), as TRL's
@@ -171,9 +165,7 @@ def masked_var(
     """
     n = int(mask.bool().sum())
     if n < (2 if unbiased else 1):
-        raise ValueError(
-            f"masked_var needs at least {2 if unbiased else 1} masked positions, got {n}"
-        )
+        raise ValueError(f"masked_var needs at least {2 if unbiased else 1} masked positions, got {n}")
     mean = masked_mean(x, mask)  # ()
     variance = masked_mean((x - mean) ** 2, mask)  # ()
     if unbiased:
@@ -212,9 +204,7 @@ def masked_whiten(
 # ---------------------------------------------------------------------------
 
 
-def kl_estimate(
-    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator
-) -> torch.Tensor:
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi.
 
     With log r = logp_ref - logp of the sampled token ([KL-approx]):
@@ -296,9 +286,7 @@ def per_token_rewards(
     non_score = torch.where(mask.bool(), -kl_coef * kl, zero)  # (B, T)
     if score_position == "last":
         if (lengths == 0).any():
-            raise ValueError(
-                "score_position='last' needs at least one response token in every row"
-            )
+            raise ValueError("score_position='last' needs at least one response token in every row")
         end = lengths - 1  # (B,) last real token
     else:
         end = torch.where(lengths < T, lengths, lengths - 1)  # (B,) TRL's actual_end
@@ -500,9 +488,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> t
     return -masked_mean(logp, mask)  # ()
 
 
-def ppo_ptx_objective(
-    ppo_loss: torch.Tensor, ptx_lm_loss: torch.Tensor, gamma_ptx: float
-) -> torch.Tensor:
+def ppo_ptx_objective(ppo_loss: torch.Tensor, ptx_lm_loss: torch.Tensor, gamma_ptx: float) -> torch.Tensor:
     """PPO-ptx as a loss to minimise: ppo_loss + gamma_ptx * ptx_lm_loss.
 
     [InstructGPT] eq. 2 maximises E_RL[r - beta log(pi/pi_SFT)] +
@@ -625,15 +611,11 @@ def ranking_pairs(ranking: Sequence[int]) -> list[tuple[int, int]]:
     if k < 2:
         raise ValueError(f"a ranking needs at least 2 completions, got K={k}")
     if sorted(order) != list(range(k)):
-        raise ValueError(
-            f"ranking must be a permutation of 0..{k - 1} (best first), got {order}"
-        )
+        raise ValueError(f"ranking must be a permutation of 0..{k - 1} (best first), got {order}")
     return [(order[i], order[j]) for i in range(k) for j in range(i + 1, k)]
 
 
-def _pairs_of(
-    ranking_or_pairs: Sequence[int] | Sequence[tuple[int, int]], k: int
-) -> list[tuple[int, int]]:
+def _pairs_of(ranking_or_pairs: Sequence[int] | Sequence[tuple[int, int]], k: int) -> list[tuple[int, int]]:
     """Pairs from a ranking (a permutation of 0..k-1) or from explicit pairs."""
     items = list(ranking_or_pairs)
     if items and all(isinstance(p, (tuple, list)) for p in items):
@@ -718,4 +700,3 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_keys(state: dict[str, Any], expected: set[str]) -> None:
     if set(state) != expected:
         raise ValueError(f"state dict keys {sorted(state)} != expected {sorted(expected)}")
-

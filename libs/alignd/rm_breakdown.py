@@ -27,9 +27,9 @@ Accuracies are null where no pair qualifies.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Mapping, Sequence
 
 __all__ = ["Task", "breakdown", "KEYS"]
 

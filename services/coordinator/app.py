@@ -19,17 +19,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from alignd import __version__
 from alignd.config import ConfigError, CoordinatorConfig, PipelineConfig
+from alignd.data import DataError
 from alignd.runtime.auth import CLIENT, PRINCIPAL
 from alignd.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from alignd.runtime.paths import is_owned, mark_owned
-from alignd.runtime.scopes import ADMIN
 from alignd.runtime.logging import get_logger
+from alignd.runtime.paths import is_owned, mark_owned
 from alignd.runtime.role import RoleApp
+from alignd.runtime.scopes import ADMIN
 from alignd.runtime.server import ServiceHost
+from alignd.services.coordinator.labels import ComparisonStore, LabelError
 from alignd.services.coordinator.loop import PHASES, Roles, RunLoop
 from alignd.services.coordinator.pipeline import PipelineLoop, parse_run_config
-from alignd.data import DataError
-from alignd.services.coordinator.labels import ComparisonStore, LabelError
 from alignd.services.coordinator.runs import ACTIVE, RunRecord
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -41,8 +41,11 @@ RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 class CoordinatorMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.phase_seconds = Histogram(
-            "alignd_coordinator_phase_seconds", "Duration of each phase of a PPO iteration, in seconds.", ["phase"],
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=registry,
+            "alignd_coordinator_phase_seconds",
+            "Duration of each phase of a PPO iteration, in seconds.",
+            ["phase"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=registry,
         )
         for phase in PHASES:
             self.phase_seconds.labels(phase)
@@ -50,40 +53,59 @@ class CoordinatorMetrics:
         self.rollout_tokens = Counter(
             "alignd_coordinator_rollout_tokens_total", "Response tokens generated for rollouts.", registry=registry
         )
-        self.runs = Counter("alignd_coordinator_runs_total", "Runs ended, by final state.", ["state"], registry=registry)
-        for state in ("succeeded", "failed", "stopped"):  # exported at 0 from the start, so increase() sees the first end
+        self.runs = Counter(
+            "alignd_coordinator_runs_total", "Runs ended, by final state.", ["state"], registry=registry
+        )
+        for state in (
+            "succeeded",
+            "failed",
+            "stopped",
+        ):  # exported at 0 from the start, so increase() sees the first end
             self.runs.labels(state)
         self.step = Gauge("alignd_coordinator_run_step", "Step of the active run.", registry=registry)
-        self.mean_score = Gauge("alignd_coordinator_mean_score", "Mean reward-model score of the last batch.", registry=registry)
-        self.kl = Gauge("alignd_coordinator_reference_kl", "Mean per-token KL(policy || reference) of the last batch.", registry=registry)
+        self.mean_score = Gauge(
+            "alignd_coordinator_mean_score", "Mean reward-model score of the last batch.", registry=registry
+        )
+        self.kl = Gauge(
+            "alignd_coordinator_reference_kl",
+            "Mean per-token KL(policy || reference) of the last batch.",
+            registry=registry,
+        )
         self.resyncs = Counter(
             "alignd_coordinator_resyncs_total",
-            "Re-syncs of a role found serving older weights than the run expects (a replica that restarted).", ["role"],
+            "Re-syncs of a role found serving older weights than the run expects (a replica that restarted).",
+            ["role"],
             registry=registry,
         )
         for role in ("policy", "reward", "reference"):
             self.resyncs.labels(role)
         self.hedged_shards = Counter(
-            "alignd_coordinator_hedged_shards_total", "Rollout shards sent again because their policy replica was slow.",
+            "alignd_coordinator_hedged_shards_total",
+            "Rollout shards sent again because their policy replica was slow.",
             registry=registry,
         )
         self.failed_over_shards = Counter(
             "alignd_coordinator_failed_over_shards_total",
-            "Rollout shards sent to another policy replica because theirs was unavailable.", registry=registry,
+            "Rollout shards sent to another policy replica because theirs was unavailable.",
+            registry=registry,
         )
         self.replicas_out = Counter(
-            "alignd_coordinator_replicas_out_of_rotation_total", "Policy replicas taken out of the rotation, by reason.",
-            ["reason"], registry=registry,
+            "alignd_coordinator_replicas_out_of_rotation_total",
+            "Policy replicas taken out of the rotation, by reason.",
+            ["reason"],
+            registry=registry,
         )
         for reason in ("slow", "unavailable"):
             self.replicas_out.labels(reason)
         self.replicas_in_rotation = Gauge(
-            "alignd_coordinator_policy_replicas_in_rotation", "Policy replicas serving rollout shards of their own.",
+            "alignd_coordinator_policy_replicas_in_rotation",
+            "Policy replicas serving rollout shards of their own.",
             registry=registry,
         )
         self.policy_lag = Gauge(
             "alignd_coordinator_policy_lag_versions",
-            "Staleness of the last step: versions between the weights that sampled its rollouts and the weights trained "
+            "Staleness of the last step: versions between the weights that sampled its rollouts and the weights "
+            "trained "
             "on them (0 on-policy; up to run.max_staleness with async rollouts).",
             registry=registry,
         )
@@ -142,9 +164,12 @@ class Coordinator:
         if self.roots is None:
             return
         if isinstance(run_cfg, PipelineConfig):
-            named = [("demonstrations", run_cfg.demonstrations), ("ppo.prompts.path", run_cfg.ppo.prompts.path),
-                     ("evaluation.prompts.path", run_cfg.evaluation.prompts.path),
-                     ("evaluation.heldout_text", run_cfg.evaluation.heldout_text)]
+            named = [
+                ("demonstrations", run_cfg.demonstrations),
+                ("ppo.prompts.path", run_cfg.ppo.prompts.path),
+                ("evaluation.prompts.path", run_cfg.evaluation.prompts.path),
+                ("evaluation.heldout_text", run_cfg.evaluation.heldout_text),
+            ]
         else:
             named = [("prompts.path", run_cfg.prompts.path)]
         for key, value in named:
@@ -160,8 +185,11 @@ class Coordinator:
         if path.exists() and not path.is_dir():
             raise InvalidArgument("run_dir", "exists and is not a directory")
         if path.is_dir() and not ((path / "state.json").exists() or is_owned(path) or not any(path.iterdir())):
-            raise InvalidArgument("run_dir", "exists, holds other files and was not made by alignd: choose a new or "
-                                  "empty directory (a run writes state.json, metrics.jsonl and reports into it)")
+            raise InvalidArgument(
+                "run_dir",
+                "exists, holds other files and was not made by alignd: choose a new or "
+                "empty directory (a run writes state.json, metrics.jsonl and reports into it)",
+            )
         return path
 
     def start_run(self, run_id: str, config_yaml: str, run_dir: str) -> RunRecord:
@@ -194,8 +222,14 @@ class Coordinator:
                 mark_owned(path)
             self._link(run_id, path)
             (path / "config.yaml").write_text(config_yaml)
-            rec = RunRecord(run_id=run_id, run_dir=str(path), config_yaml=config_yaml, total_steps=total_steps,
-                            stage="sft" if isinstance(run_cfg, PipelineConfig) else "ppo", owner=CLIENT.get() or "")
+            rec = RunRecord(
+                run_id=run_id,
+                run_dir=str(path),
+                config_yaml=config_yaml,
+                total_steps=total_steps,
+                stage="sft" if isinstance(run_cfg, PipelineConfig) else "ppo",
+                owner=CLIENT.get() or "",
+            )
             try:
                 loop = make_loop(rec, run_cfg, Roles(self.cfg), self.metrics)
             except (DataError, ValueError) as err:
@@ -208,7 +242,8 @@ class Coordinator:
             return rec
 
     def _link(self, run_id: str, path: Path) -> None:
-        """A run outside RUNS_DIR gets a symlink RUNS_DIR/<run_id> to it, so a restarted coordinator finds and resumes it."""
+        """A run outside RUNS_DIR gets a symlink RUNS_DIR/<run_id> to it, so a restarted coordinator finds and
+        resumes it."""
         link = self.runs_dir / run_id
         if link.resolve() == path.resolve():
             return
@@ -224,7 +259,8 @@ class Coordinator:
         # Compared as data, not text: a newer alignd may dump the same configuration with its keys in another order.
         if rec.run_id != run_id or yaml.safe_load(rec.config_yaml) != yaml.safe_load(config_yaml):
             raise AlreadyExists(
-                f"{path} already holds run {rec.run_id!r} with {'another configuration' if rec.run_id == run_id else 'another id'}; "
+                f"{path} already holds run {rec.run_id!r} with "
+                f"{'another configuration' if rec.run_id == run_id else 'another id'}; "
                 "use a new run_dir, or the same run_id and configuration to resume it"
             )
         loop = self.loops.get(run_id)
@@ -258,7 +294,6 @@ class Coordinator:
         if loop is not None:
             loop.stop_requested.set()
         return rec
-
 
     # -- external labelers ---------------------------------------------------
     def labeling_round(self, run_id: str) -> tuple[int, ComparisonStore]:
@@ -329,7 +364,6 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         recs = sorted(self.loaded.get().records.values(), key=lambda r: r.created_unix_seconds, reverse=True)
         return coordinator_pb2.ListRunsResponse(runs=[r.to_pb() for r in recs])
 
-
     def LeaseComparisonTasks(self, request, context):
         c = self.loaded.get()
         _labeler_is_caller(request.labeler)
@@ -343,7 +377,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         lease = request.lease_seconds or DEFAULT_LEASE_SECONDS
         tasks = c.label_call(lambda: store.pending(request.max_tasks or 16, labeler=request.labeler, lease_s=lease))
         return coordinator_pb2.LeaseComparisonTasksResponse(
-            tasks=[coordinator_pb2.ComparisonTask(task_id=t.task_id, prompt=t.prompt, completions=t.completions) for t in tasks],
+            tasks=[
+                coordinator_pb2.ComparisonTask(task_id=t.task_id, prompt=t.prompt, completions=t.completions)
+                for t in tasks
+            ],
             progress=_progress(r, store),
         )
 
@@ -381,7 +418,9 @@ class CoordinatorApp(RoleApp):
 
     def register(self, host: ServiceHost) -> None:
         self.metrics = CoordinatorMetrics(host.registry)
-        coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(self.cfg, self.loaded), host.server)
+        coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
+            CoordinatorServicer(self.cfg, self.loaded), host.server
+        )
 
     def load(self) -> None:
         from alignd.runtime.paths import role_roots

@@ -74,10 +74,11 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Sequence
+from typing import Any
 
 from alignd.atomic import fsync_dir
 from alignd.data import DEFAULT_MAX_K, DataError, write_jsonl_atomic
@@ -209,7 +210,9 @@ def _as_task(item: Any, index: int) -> Task:
         try:
             prompt, comps = item
         except (TypeError, ValueError):
-            raise LabelError(where, f"expected a Task, a dict or a (prompt, completions) pair, got {type(item).__name__}") from None
+            raise LabelError(
+                where, f"expected a Task, a dict or a (prompt, completions) pair, got {type(item).__name__}"
+            ) from None
     if not isinstance(prompt, str) or not prompt.strip():
         raise LabelError(f"{where}.prompt", "must be a non-empty string")
     if isinstance(comps, str) or not isinstance(comps, (list, tuple)):
@@ -230,7 +233,9 @@ def _check_task(task: Task, max_k: int | None, where: str) -> None:
     seen: dict[str, int] = {}
     for i, c in enumerate(task.completions):
         if c in seen:
-            raise LabelError(f"{where}.completions", f"completions {seen[c]} and {i} are identical; deduplicate the samples")
+            raise LabelError(
+                f"{where}.completions", f"completions {seen[c]} and {i} are identical; deduplicate the samples"
+            )
         seen[c] = i
 
 
@@ -240,7 +245,10 @@ def _check_ranking(ranking: Any, k: int) -> tuple[int, ...]:
     if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranking):
         raise LabelError("ranking", f"must be a list of integer completion indices, got {list(ranking)!r:.120}")
     if sorted(ranking) != list(range(k)):
-        raise LabelError("ranking", f"{list(ranking)} is not a permutation of 0..{k - 1} (indices into the {k} completions, best first)")
+        raise LabelError(
+            "ranking",
+            f"{list(ranking)} is not a permutation of 0..{k - 1} (indices into the {k} completions, best first)",
+        )
     return tuple(int(r) for r in ranking)
 
 
@@ -301,7 +309,9 @@ class ComparisonStore:
         except BlockingIOError:
             os.close(self._lock_fd)
             self._lock_fd = None
-            raise StoreBusyError(f"{self.dir}: the labeling round is open in another ComparisonStore (one writer per round)") from None
+            raise StoreBusyError(
+                f"{self.dir}: the labeling round is open in another ComparisonStore (one writer per round)"
+            ) from None
         try:
             self._load()
         except BaseException:
@@ -327,7 +337,9 @@ class ComparisonStore:
                 self._incomplete[task.task_id] = None
         if self.labels_path.exists():
             if not self._tasks:
-                raise DataError(self.labels_path, None, f"labels without a round: {self.tasks_path} is missing or empty")
+                raise DataError(
+                    self.labels_path, None, f"labels without a round: {self.tasks_path} is missing or empty"
+                )
             self._load_labels()
             self._fd = os.open(self.labels_path, os.O_WRONLY | os.O_APPEND)
 
@@ -353,7 +365,8 @@ class ComparisonStore:
                 f.flush()
                 os.fsync(f.fileno())
             _log.warning(
-                "labels_torn_line_dropped: %s: removed an incomplete last line of %d bytes (an append cut short by a crash; "
+                "labels_torn_line_dropped: %s: removed an incomplete last line of %d bytes (an append cut short by a "
+                "crash; "
                 "its submit never returned)",
                 self.labels_path,
                 self.dropped_tail_bytes,
@@ -370,7 +383,9 @@ class ComparisonStore:
             if old is not None:
                 if old.ranking != label.ranking:
                     raise DataError(
-                        self.labels_path, n, f"labeler {label.labeler!r} ranked task {label.task_id!r} twice, differently"
+                        self.labels_path,
+                        n,
+                        f"labeler {label.labeler!r} ranked task {label.task_id!r} twice, differently",
                     )
                 continue
             self._add(label)
@@ -389,7 +404,14 @@ class ComparisonStore:
         if isinstance(t, bool) or not isinstance(t, (int, float)):
             raise ValueError("field 'time' must be a number")
         # share the task's strings instead of keeping a copy per label
-        return Label(task_id, _check_labeler(obj.get("labeler")), task.prompt, task.completions, _check_ranking(obj.get("ranking"), task.k), float(t))
+        return Label(
+            task_id,
+            _check_labeler(obj.get("labeler")),
+            task.prompt,
+            task.completions,
+            _check_ranking(obj.get("ranking"), task.k),
+            float(t),
+        )
 
     def _add(self, label: Label) -> None:
         self._labels.append(label)
@@ -419,10 +441,14 @@ class ComparisonStore:
     def wait_until_done(self, timeout: float | None = None) -> bool:
         """Blocks until every task has labels_per_task labels (True), the timeout passes or the store closes (False)."""
         with self._changed:
-            return self._changed.wait_for(lambda: (self.has_round and not self._incomplete) or self._lock_fd is None, timeout) \
+            return (
+                self._changed.wait_for(
+                    lambda: (self.has_round and not self._incomplete) or self._lock_fd is None, timeout
+                )
                 and self._lock_fd is not None
+            )
 
-    def __enter__(self) -> "ComparisonStore":
+    def __enter__(self) -> ComparisonStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -456,7 +482,9 @@ class ComparisonStore:
         for i, t in enumerate(items):
             _check_task(t, self.max_k, f"tasks[{i}]")
             if t.task_id in seen:
-                raise LabelError(f"tasks[{i}].task_id", f"duplicate task id {t.task_id!r} (also tasks[{seen[t.task_id]}])")
+                raise LabelError(
+                    f"tasks[{i}].task_id", f"duplicate task id {t.task_id!r} (also tasks[{seen[t.task_id]}])"
+                )
             seen[t.task_id] = i
         with self._lock:
             self._check_open()
@@ -472,7 +500,9 @@ class ComparisonStore:
                 for t in items:
                     if self._tasks[t.task_id] != t:
                         raise LabelError(
-                            "tasks", f"task {t.task_id!r} exists in {self.dir} with another prompt or completions", "failed_precondition"
+                            "tasks",
+                            f"task {t.task_id!r} exists in {self.dir} with another prompt or completions",
+                            "failed_precondition",
                         )
                 return False
             write_jsonl_atomic(self.tasks_path, [t.to_json() for t in items])
@@ -496,7 +526,9 @@ class ComparisonStore:
         task = self._tasks.get(task_id)
         if task is None:
             if not self._tasks:
-                raise UnknownTaskError("task_id", f"unknown task {task_id!r}: no labeling round has been created in {self.dir}")
+                raise UnknownTaskError(
+                    "task_id", f"unknown task {task_id!r}: no labeling round has been created in {self.dir}"
+                )
             raise UnknownTaskError("task_id", f"unknown task {task_id!r}: not in this labeling round")
         return task
 
@@ -624,7 +656,9 @@ class ComparisonStore:
             raise
         self._size += len(line)
 
-    def label_with(self, labeler: Labeler, batch: int = 64, *, limit: int | None = None, lease_s: float | None = None) -> int:
+    def label_with(
+        self, labeler: Labeler, batch: int = 64, *, limit: int | None = None, lease_s: float | None = None
+    ) -> int:
         """Labels the tasks that `labeler` has not labelled yet with `labeler.rank`, through `submit`.
 
         Fetches `batch` pending tasks at a time (leased to `labeler.name`, so
@@ -675,7 +709,9 @@ class ComparisonStore:
             now = self._clock()
             leased = sum(1 for task_id in list(self._leases) if self._active_leases(task_id, now))
             total = len(self._tasks)
-            return Progress(total=total, labelled=total - len(self._incomplete), labels=len(self._labels), leased=leased)
+            return Progress(
+                total=total, labelled=total - len(self._incomplete), labels=len(self._labels), leased=leased
+            )
 
     def agreement(self, labeler_a: str, labeler_b: str) -> tuple[float, int]:
         """(fraction of pairs both labelers order the same way, pairs compared) over the tasks both ranked.
@@ -696,7 +732,9 @@ class ComparisonStore:
                     agreed += (pa[i] < pa[j]) == (pb[i] < pb[j])
                     total += 1
         if total == 0:
-            raise LabelError("labeler", f"labelers {labeler_a!r} and {labeler_b!r} have no task in common", "failed_precondition")
+            raise LabelError(
+                "labeler", f"labelers {labeler_a!r} and {labeler_b!r} have no task in common", "failed_precondition"
+            )
         return agreed / total, total
 
     def export_comparisons(self, path: str | os.PathLike, labeler: str | Collection[str] | None = None) -> int:

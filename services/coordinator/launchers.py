@@ -69,7 +69,7 @@ class JobResources:
     gpu: int = 0
 
     @classmethod
-    def from_config(cls, cfg: JobResourcesConfig) -> "JobResources":
+    def from_config(cls, cfg: JobResourcesConfig) -> JobResources:
         return cls(cpu=cfg.cpu, memory=cfg.memory, gpu=cfg.gpu)
 
 
@@ -99,8 +99,15 @@ class JobResult:
     def describe(self) -> str:
         if self.succeeded:
             return f"job {self.name} succeeded"
-        what = ("timed out" if self.timed_out else "was cancelled" if self.cancelled
-                else f"failed (exit code {self.exit_code})" if self.exit_code is not None else "failed")
+        what = (
+            "timed out"
+            if self.timed_out
+            else "was cancelled"
+            if self.cancelled
+            else f"failed (exit code {self.exit_code})"
+            if self.exit_code is not None
+            else "failed"
+        )
         text = f"job {self.name} {what}" + (f": {self.reason}" if self.reason else "")
         return text + (f"; last log lines:\n{self.log_tail}" if self.log_tail else "")
 
@@ -142,8 +149,14 @@ def _interval(cancel: threading.Event | None, seconds: float) -> bool:
 class LocalLauncher:
     """Runs `python -m alignd.cli ARGS` as a child process in its own session (its whole group is killed on timeout)."""
 
-    def __init__(self, *, python: str = sys.executable, log_dir: str | os.PathLike | None = None,
-                 kill_grace_seconds: float = 5.0, poll_seconds: float = 0.2) -> None:
+    def __init__(
+        self,
+        *,
+        python: str = sys.executable,
+        log_dir: str | os.PathLike | None = None,
+        kill_grace_seconds: float = 5.0,
+        poll_seconds: float = 0.2,
+    ) -> None:
         self.python = python
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.gettempdir()) / "alignd-jobs"
         self.kill_grace_seconds = kill_grace_seconds
@@ -175,8 +188,9 @@ class LocalLauncher:
         cmd = [self.python, "-m", "alignd.cli", *job.args]
         t0 = time.monotonic()
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            )
         _log.info("job_started", job=job.name, launcher="local", pid=proc.pid, log=str(log_path))
         timed_out = cancelled = False
         try:
@@ -201,13 +215,34 @@ class LocalLauncher:
         except OSError:
             tail = ""
         ok = proc.returncode == 0 and not (timed_out or cancelled)
-        reason = ("" if ok else f"no result after {timeout:g} s; killed" if timed_out else "cancelled; killed" if cancelled
-                  else f"exit code {proc.returncode}")
-        result = JobResult(job.name, ok, exit_code=None if (timed_out or cancelled) else proc.returncode, timed_out=timed_out,
-                           cancelled=cancelled, reason=reason, log_tail="" if ok else tail,
-                           duration_seconds=time.monotonic() - t0)
-        _log.info("job_finished", job=job.name, launcher="local", succeeded=ok, exit_code=proc.returncode,
-                  timed_out=timed_out, seconds=round(result.duration_seconds, 2))
+        reason = (
+            ""
+            if ok
+            else f"no result after {timeout:g} s; killed"
+            if timed_out
+            else "cancelled; killed"
+            if cancelled
+            else f"exit code {proc.returncode}"
+        )
+        result = JobResult(
+            job.name,
+            ok,
+            exit_code=None if (timed_out or cancelled) else proc.returncode,
+            timed_out=timed_out,
+            cancelled=cancelled,
+            reason=reason,
+            log_tail="" if ok else tail,
+            duration_seconds=time.monotonic() - t0,
+        )
+        _log.info(
+            "job_finished",
+            job=job.name,
+            launcher="local",
+            succeeded=ok,
+            exit_code=proc.returncode,
+            timed_out=timed_out,
+            seconds=round(result.duration_seconds, 2),
+        )
         return result
 
 
@@ -231,8 +266,9 @@ def _label_value(value: str) -> str:
     return job_name(value)  # label values: at most 63 characters of the same alphabet (plus '.', '_', not needed here)
 
 
-def build_job_manifest(spec: JobSpec, cfg: KubernetesLauncherConfig, *, timeout: float | None = None,
-                       namespace: str | None = None) -> dict:
+def build_job_manifest(
+    spec: JobSpec, cfg: KubernetesLauncherConfig, *, timeout: float | None = None, namespace: str | None = None
+) -> dict:
     """The batch/v1 Job that runs `alignd ARGS` for `spec` (pure: no API calls, no files read)."""
     name = job_name(spec.name)
     labels = {
@@ -341,12 +377,22 @@ class KubernetesLauncher:
     """Runs a job as a batch/v1 Job. `api_client`: a kubernetes.client.ApiClient (tests inject one whose HTTP layer is
     fake); default: from cfg.kubeconfig, else the in-cluster service account."""
 
-    def __init__(self, cfg: KubernetesLauncherConfig, *, api_client=None, poll_initial_seconds: float = 1.0,
-                 poll_max_seconds: float = 10.0, grace_seconds: float = 30.0) -> None:
-        from kubernetes import client, config as kconfig
+    def __init__(
+        self,
+        cfg: KubernetesLauncherConfig,
+        *,
+        api_client=None,
+        poll_initial_seconds: float = 1.0,
+        poll_max_seconds: float = 10.0,
+        grace_seconds: float = 30.0,
+    ) -> None:
+        from kubernetes import client
+        from kubernetes import config as kconfig
 
         if not cfg.image or not cfg.pvc_claim:
-            raise LauncherError("the kubernetes launcher needs launcher.kubernetes.image and launcher.kubernetes.pvc_claim")
+            raise LauncherError(
+                "the kubernetes launcher needs launcher.kubernetes.image and launcher.kubernetes.pvc_claim"
+            )
         self.cfg = cfg
         if api_client is None:
             try:
@@ -370,8 +416,10 @@ class KubernetesLauncher:
         root = Path(self.cfg.run_mount_path).resolve()
         p = Path(path).resolve()
         if p != root and root not in p.parents:
-            raise LauncherError(f"{path} is not on the shared run volume ({self.cfg.run_mount_path}); "
-                                "set the coordinator's runs_dir under launcher.kubernetes.run_mount_path")
+            raise LauncherError(
+                f"{path} is not on the shared run volume ({self.cfg.run_mount_path}); "
+                "set the coordinator's runs_dir under launcher.kubernetes.run_mount_path"
+            )
 
     # -- API calls (the only ones: see the module docstring) --
     def _api(self, what: str, call):
@@ -381,8 +429,9 @@ class KubernetesLauncher:
             return call()
         except ApiException as err:
             if err.status in (401, 403):
-                raise LauncherError(f"Kubernetes API refused to {what} in namespace {self.namespace}: "
-                                    f"{err.status} {err.reason}") from None
+                raise LauncherError(
+                    f"Kubernetes API refused to {what} in namespace {self.namespace}: {err.status} {err.reason}"
+                ) from None
             if err.status in (400, 422):
                 raise LauncherError(f"Kubernetes API rejected {what}: {err.status} {err.reason}: {err.body}") from None
             raise
@@ -401,7 +450,9 @@ class KubernetesLauncher:
         while True:
             try:
                 try:
-                    job = self._api(f"create job {name}", lambda: self.batch.create_namespaced_job(self.namespace, manifest))
+                    job = self._api(
+                        f"create job {name}", lambda: self.batch.create_namespaced_job(self.namespace, manifest)
+                    )
                     return job.metadata.uid
                 except ApiException as err:
                     if err.status != 409:
@@ -432,8 +483,10 @@ class KubernetesLauncher:
 
         for attempt in range(3):
             try:
-                self._api(f"delete job {name}", lambda: self.batch.delete_namespaced_job(
-                    name, self.namespace, propagation_policy="Background"))
+                self._api(
+                    f"delete job {name}",
+                    lambda: self.batch.delete_namespaced_job(name, self.namespace, propagation_policy="Background"),
+                )
                 _log.info("job_deleted", job=name)
                 return
             except ApiException as err:
@@ -465,9 +518,18 @@ class KubernetesLauncher:
         return None, ""
 
     def _pods(self, uid: str) -> list:
-        pods = self._api("list pods", lambda: self.core.list_namespaced_pod(
-            self.namespace, label_selector=f"batch.kubernetes.io/controller-uid={uid}")).items or []
-        return sorted(pods, key=lambda p: (p.metadata.creation_timestamp is not None, p.metadata.creation_timestamp or 0))
+        pods = (
+            self._api(
+                "list pods",
+                lambda: self.core.list_namespaced_pod(
+                    self.namespace, label_selector=f"batch.kubernetes.io/controller-uid={uid}"
+                ),
+            ).items
+            or []
+        )
+        return sorted(
+            pods, key=lambda p: (p.metadata.creation_timestamp is not None, p.metadata.creation_timestamp or 0)
+        )
 
     @staticmethod
     def _container_state(pod) -> tuple[int | None, str]:
@@ -483,8 +545,12 @@ class KubernetesLauncher:
 
     def _log_tail(self, pod_name: str) -> str:
         try:
-            text = self._api("read pod log", lambda: self.core.read_namespaced_pod_log(
-                pod_name, self.namespace, container=CONTAINER, tail_lines=LOG_TAIL_LINES))
+            text = self._api(
+                "read pod log",
+                lambda: self.core.read_namespaced_pod_log(
+                    pod_name, self.namespace, container=CONTAINER, tail_lines=LOG_TAIL_LINES
+                ),
+            )
         except LauncherError:
             raise
         except Exception as err:  # noqa: BLE001 (no log yet, pod gone: report without it)
@@ -502,7 +568,9 @@ class KubernetesLauncher:
         timed_out = cancelled = False
         try:
             uid = self._create(manifest, deadline, cancel)
-            _log.info("job_started", job=job.name, launcher="kubernetes", k8s_job=name, namespace=self.namespace, uid=uid)
+            _log.info(
+                "job_started", job=job.name, launcher="kubernetes", k8s_job=name, namespace=self.namespace, uid=uid
+            )
             interval = self.poll_initial
             while True:
                 try:
@@ -553,10 +621,27 @@ class KubernetesLauncher:
             else:
                 exit_code = 0
             ok = outcome == "succeeded"
-            result = JobResult(job.name, ok, exit_code=exit_code, timed_out=timed_out, cancelled=cancelled,
-                               reason="" if ok else reason, log_tail=tail, duration_seconds=time.monotonic() - t0)
-            _log.info("job_finished", job=job.name, launcher="kubernetes", k8s_job=name, succeeded=ok,
-                      exit_code=exit_code, timed_out=timed_out, reason=reason, seconds=round(result.duration_seconds, 2))
+            result = JobResult(
+                job.name,
+                ok,
+                exit_code=exit_code,
+                timed_out=timed_out,
+                cancelled=cancelled,
+                reason="" if ok else reason,
+                log_tail=tail,
+                duration_seconds=time.monotonic() - t0,
+            )
+            _log.info(
+                "job_finished",
+                job=job.name,
+                launcher="kubernetes",
+                k8s_job=name,
+                succeeded=ok,
+                exit_code=exit_code,
+                timed_out=timed_out,
+                reason=reason,
+                seconds=round(result.duration_seconds, 2),
+            )
             return result
         finally:
             self._delete(name)
@@ -611,8 +696,14 @@ def stored_rm_response(output_dir: str | os.PathLike, job_id: str) -> dict | Non
     return response_to_dict(learner_pb2.TrainRewardModelResponse.FromString(base64.b64decode(stored["response"])))
 
 
-def run_rm_job(launcher: JobLauncher, request: dict, timeout: float, *, cancel: threading.Event | None = None,
-               work_dir: str | os.PathLike | None = None) -> dict:
+def run_rm_job(
+    launcher: JobLauncher,
+    request: dict,
+    timeout: float,
+    *,
+    cancel: threading.Event | None = None,
+    work_dir: str | os.PathLike | None = None,
+) -> dict:
     """Trains a reward model with `alignd job train-rm` through `launcher`; returns the TrainRewardModelResponse as a
     dict (proto field names; `rm_response` makes it the message). `request` has the fields of
     TrainRewardModelRequest. The request file (and, locally, the job's log) go to work_dir, default
@@ -639,8 +730,10 @@ def run_rm_job(launcher: JobLauncher, request: dict, timeout: float, *, cancel: 
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(request_file, json_format.MessageToDict(req, preserving_proto_field_name=True))
     spec = JobSpec(
-        name=f"rm-{req.job_id}", args=["job", "train-rm", "--request", str(request_file)],
-        resources=getattr(launcher, "rm_resources", None), labels={"alignd.io/job-kind": "train-rm"},
+        name=f"rm-{req.job_id}",
+        args=["job", "train-rm", "--request", str(request_file)],
+        resources=getattr(launcher, "rm_resources", None),
+        labels={"alignd.io/job-kind": "train-rm"},
         log_path=str(work / f"{slug}.log"),
     )
     result = launcher.run(spec, timeout, cancel=cancel)
@@ -648,7 +741,13 @@ def run_rm_job(launcher: JobLauncher, request: dict, timeout: float, *, cancel: 
         raise JobFailed(result)
     resp = stored_rm_response(output_dir, req.job_id)
     if resp is None:
-        raise JobFailed(JobResult(spec.name, False, exit_code=result.exit_code,
-                                  reason=f"it succeeded but published no result in {output_dir}",
-                                  duration_seconds=result.duration_seconds))
+        raise JobFailed(
+            JobResult(
+                spec.name,
+                False,
+                exit_code=result.exit_code,
+                reason=f"it succeeded but published no result in {output_dir}",
+                duration_seconds=result.duration_seconds,
+            )
+        )
     return resp

@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from alignd.config import CoordinatorConfig, PPORunConfig
+from alignd.data import load_prompts
 from alignd.runtime.client import expand_addresses, make_channel, wait_for_serving
 from alignd.runtime.errors import FailedPrecondition
 from alignd.runtime.logging import get_logger
-from alignd.data import load_prompts
 from alignd.services.coordinator.prompts import PromptSampler, SamplerState
 from alignd.services.coordinator.replicas import Rotation, fan_out
 from alignd.services.coordinator.runs import MetricsLog, RunRecord
@@ -68,7 +68,15 @@ _log = get_logger("alignd.coordinator.loop")
 # generation before the push). stage_weights: async runs, when the new weights are sent to the replicas' staging
 # buffers while they still generate (run.stage_weights); sync_weights then only commits them.
 PHASES = (
-    "generate", "score", "reference", "rollout", "train", "stage_weights", "sync_weights", "evaluate", "wait_rollout",
+    "generate",
+    "score",
+    "reference",
+    "rollout",
+    "train",
+    "stage_weights",
+    "sync_weights",
+    "evaluate",
+    "wait_rollout",
     "wait_generation",
 )
 RETURN_CHECK_BUDGET_S = 10.0  # checking and re-syncing a replica that returns to the rotation (not the phase budget)
@@ -99,8 +107,14 @@ class Rollout:
 
 # The phase whose retry budget (coordinator.retry_budget_seconds) a call spends.
 PHASE_OF = {
-    "Generate": "generate", "Score": "score", "LogProbs": "reference", "TrainStep": "train",
-    "PushWeights": "sync_weights", "LoadWeights": "sync_weights", "TrainSFT": "sft", "TrainRewardModel": "rm",
+    "Generate": "generate",
+    "Score": "score",
+    "LogProbs": "reference",
+    "TrainStep": "train",
+    "PushWeights": "sync_weights",
+    "LoadWeights": "sync_weights",
+    "TrainSFT": "sft",
+    "TrainRewardModel": "rm",
     "EvaluateTextLoss": "evaluate",
 }
 
@@ -110,10 +124,14 @@ class Roles:
 
     def __init__(self, cfg: CoordinatorConfig) -> None:
         missing = [
-            name for name, v in (
-                ("policy_addresses", cfg.policy_addresses), ("reward_addresses", cfg.reward_addresses),
-                ("reference_addresses", cfg.reference_addresses), ("learner_address", cfg.learner_address),
-            ) if not v
+            name
+            for name, v in (
+                ("policy_addresses", cfg.policy_addresses),
+                ("reward_addresses", cfg.reward_addresses),
+                ("reference_addresses", cfg.reference_addresses),
+                ("learner_address", cfg.learner_address),
+            )
+            if not v
         ]
         if missing:
             raise FailedPrecondition(f"coordinator is not configured with {', '.join(missing)}")
@@ -162,7 +180,7 @@ class Roles:
                 # The role may serve while what it depends on does not (the learner while a policy replica
                 # restarts, for PushWeights): back off before calling again.
                 attempt += 1
-                pause = min(2.0, 0.1 * 2 ** attempt) * self._jitter.uniform(0.5, 1.0)
+                pause = min(2.0, 0.1 * 2**attempt) * self._jitter.uniform(0.5, 1.0)
                 time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
 
     def call_any(self, what: str, channels: list[grpc.Channel], fn):
@@ -202,7 +220,9 @@ class Roles:
 
 
 class RunLoop(threading.Thread):
-    def __init__(self, record: RunRecord, run_cfg: PPORunConfig, roles: Roles, metrics, *, skip_bad: bool = False) -> None:
+    def __init__(
+        self, record: RunRecord, run_cfg: PPORunConfig, roles: Roles, metrics, *, skip_bad: bool = False
+    ) -> None:
         super().__init__(name=f"run-{record.run_id}", daemon=True)
         self.record = record
         self.cfg = run_cfg
@@ -210,7 +230,9 @@ class RunLoop(threading.Thread):
         self.metrics = metrics
         self.stop_requested = threading.Event()
         self.log = MetricsLog(record.path / "metrics.jsonl")
-        self.prompts, self.prompts_report = load_prompts(run_cfg.prompts.path, field=run_cfg.prompts.field, skip_bad=skip_bad)
+        self.prompts, self.prompts_report = load_prompts(
+            run_cfg.prompts.path, field=run_cfg.prompts.field, skip_bad=skip_bad
+        )
         self.sampler = PromptSampler(
             len(self.prompts), run_cfg.seed, SamplerState(record.sampler_epoch, record.sampler_position)
         )
@@ -267,7 +289,11 @@ class RunLoop(threading.Thread):
             _log.info("run_stopped", run_id=rec.run_id, stage=rec.stage, step=rec.step, where=str(stop))
         except Exception as exc:  # noqa: BLE001 - the run fails with a message; the coordinator keeps serving
             rec.state = "failed"
-            detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else f"{type(exc).__name__}: {exc}"
+            detail = (
+                f"{exc.code().name}: {exc.details()}"
+                if isinstance(exc, grpc.RpcError)
+                else f"{type(exc).__name__}: {exc}"
+            )
             rec.error = f"{rec.stage}: {detail}"
             _log.error("run_failed", run_id=rec.run_id, stage=rec.stage, error=rec.error, exc_info=exc)
         rec.save()
@@ -296,8 +322,13 @@ class RunLoop(threading.Thread):
         return policy_pb2.GenerateRequest(
             prompts=[policy_pb2.Prompt(text=self.prompts[i]) for i in prompt_idx],
             sampling=policy_pb2.SamplingParams(
-                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
-                stop_token_ids=s.stop_token_ids, ignore_eos=s.ignore_eos, seed=seed,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                max_new_tokens=s.max_new_tokens,
+                stop_token_ids=s.stop_token_ids,
+                ignore_eos=s.ignore_eos,
+                seed=seed,
                 num_samples=self.cfg.samples_per_prompt,
                 # The probability of each token under the distribution sampled: the behaviour policy's, which the
                 # learner's importance weights and (untruncated) old log-probs need.
@@ -313,7 +344,9 @@ class RunLoop(threading.Thread):
         over (replicas.fan_out)."""
         n_rep = len(self.roles.policy)
         shards = [prompt_idx[i::n_rep] for i in range(n_rep)]
-        reqs = {r: self._generate_request(step, r, shards[r], return_text, micro_batch) for r in range(n_rep) if shards[r]}
+        reqs = {
+            r: self._generate_request(step, r, shards[r], return_text, micro_batch) for r in range(n_rep) if shards[r]
+        }
 
         def wait_for(shard: int):
             ch = self.roles.policy[shard]
@@ -323,11 +356,14 @@ class RunLoop(threading.Thread):
         if n_rep == 1:
             resps = {r: wait_for(r) for r in reqs}
         else:
+
             def launch(shard: int, replica: int):
                 stub = policy_pb2_grpc.PolicyServiceStub(self.roles.policy[replica])
                 return stub.Generate.future(reqs[shard], timeout=self.roles.cfg.rpc_timeout_seconds)
 
-            res = fan_out(sorted(reqs), self.rotation, step, launch, self.roles.cfg.hedging, self._replica_out, wait_for)
+            res = fan_out(
+                sorted(reqs), self.rotation, step, launch, self.roles.cfg.hedging, self._replica_out, wait_for
+            )
             resps = res.responses
             if res.hedged:
                 self.metrics.hedged_shards.inc(len(res.hedged))
@@ -340,8 +376,13 @@ class RunLoop(threading.Thread):
 
     # -- replicas in the rotation, and what every role must serve ----------
     def _replica_out(self, replica: int, reason: str) -> None:
-        _log.warning("replica_out_of_rotation", run_id=self.record.run_id, replica=self.roles.policy_addresses[replica],
-                     reason=reason, steps=self.rotation.out_steps)
+        _log.warning(
+            "replica_out_of_rotation",
+            run_id=self.record.run_id,
+            replica=self.roles.policy_addresses[replica],
+            reason=reason,
+            steps=self.rotation.out_steps,
+        )
         self.metrics.replicas_out.labels(reason).inc()
         self.metrics.replicas_in_rotation.set(len(self.rotation.inside()))
 
@@ -359,8 +400,12 @@ class RunLoop(threading.Thread):
                 if info.weight_version != self.expected_version("policy"):  # behind, or ahead: never published
                     self.resync("policy", [r])
             except (grpc.RpcError, RunFailed) as err:
-                _log.warning("replica_still_out", run_id=self.record.run_id, replica=self.roles.policy_addresses[r],
-                             error=str(err.details() if isinstance(err, grpc.RpcError) else err))
+                _log.warning(
+                    "replica_still_out",
+                    run_id=self.record.run_id,
+                    replica=self.roles.policy_addresses[r],
+                    error=str(err.details() if isinstance(err, grpc.RpcError) else err),
+                )
                 self.rotation.take_out(r, step, "unavailable")
                 continue
             self.rotation.put_back(r)
@@ -396,8 +441,11 @@ class RunLoop(threading.Thread):
             elif len(self.rotation.inside()) == self.rotation.n:
                 addresses = []
             else:  # slow replicas still get the weights: a fail-over may need them
-                addresses = [self.roles.policy_addresses[r] for r in range(self.rotation.n)
-                             if self.rotation.reason[r] != "unavailable"]
+                addresses = [
+                    self.roles.policy_addresses[r]
+                    for r in range(self.rotation.n)
+                    if self.rotation.reason[r] != "unavailable"
+                ]
             try:
                 with self._push_lock:
                     return learner.PushWeights(
@@ -405,7 +453,12 @@ class RunLoop(threading.Thread):
                     )
             except grpc.RpcError as err:
                 # (staging runs while the rollout thread generates: it leaves the rotation to the push after it)
-                if err.code() == grpc.StatusCode.UNAVAILABLE and replicas is None and self.rotation.n > 1 and not stage_only:
+                if (
+                    err.code() == grpc.StatusCode.UNAVAILABLE
+                    and replicas is None
+                    and self.rotation.n > 1
+                    and not stage_only
+                ):
                     self._take_out_unreachable()
                 raise
 
@@ -437,8 +490,14 @@ class RunLoop(threading.Thread):
             # run never published, and is re-synced too.
             if want is None or got == want or (role == "policy" and got > want):
                 return resp
-            _log.warning("role_resync", run_id=self.record.run_id, role=role, expected_version=want,
-                         found_version=got, attempt=attempt + 1)
+            _log.warning(
+                "role_resync",
+                run_id=self.record.run_id,
+                role=role,
+                expected_version=want,
+                found_version=got,
+                attempt=attempt + 1,
+            )
             self.metrics.resyncs.labels(role).inc()
             with self._resync_locks[role]:  # a second caller finds the replicas at the version, and skips them
                 self.resync(role)
@@ -447,7 +506,9 @@ class RunLoop(threading.Thread):
     def _score(self, samples, same_tokenizer: bool) -> list[float]:
         if same_tokenizer:
             items = [
-                reward_pb2.ScoreItem(tokens=reward_pb2.TokenPair(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids))
+                reward_pb2.ScoreItem(
+                    tokens=reward_pb2.TokenPair(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids)
+                )
                 for _, s in samples
             ]
         else:
@@ -463,13 +524,17 @@ class RunLoop(threading.Thread):
 
     def _reference(self, samples) -> list[list[float]]:
         req = reference_pb2.LogProbsRequest(
-            items=[reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids) for _, s in samples],
+            items=[
+                reference_pb2.LogProbsItem(prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids)
+                for _, s in samples
+            ],
             temperature=self.cfg.sampling.temperature or 1.0,
         )
 
         def call():
             return self.roles.call_any(
-                "LogProbs", self.roles.reference,
+                "LogProbs",
+                self.roles.reference,
                 lambda ch, t: reference_pb2_grpc.ReferenceServiceStub(ch).LogProbs(req, timeout=t),
             )
 
@@ -512,14 +577,21 @@ class RunLoop(threading.Thread):
                     got = self._fresh(
                         "policy",
                         lambda idx=idx, k=k: self._generate(
-                            ro.step, idx, return_text=self.rollout_texts or not same_tokenizer,
+                            ro.step,
+                            idx,
+                            return_text=self.rollout_texts or not same_tokenizer,
                             micro_batch=None if n == 1 else k,
                         ),
-                        lambda got: min((s.weight_version for _, s in got), default=1 << 62), want=min_version,
+                        lambda got: min((s.weight_version for _, s in got), default=1 << 62),
+                        want=min_version,
                     )
                     ro.samples.extend(got)
-                    jobs.append((self._pool.submit(timed, "score", self._score, got, same_tokenizer),
-                                 self._pool.submit(timed, "reference", self._reference, got)))
+                    jobs.append(
+                        (
+                            self._pool.submit(timed, "score", self._score, got, same_tokenizer),
+                            self._pool.submit(timed, "reference", self._reference, got),
+                        )
+                    )
         finally:
             ro.generated.set()
         for score, ref in jobs:
@@ -566,7 +638,10 @@ class RunLoop(threading.Thread):
                 for j in range(rec.step + 1, min(end, rec.step + 1 + ahead) + 1):
                     if j not in pending:
                         ro = self._take_prompts(j)
-                        pending[j] = ro, worker.submit(self._rollout, ro, same_tokenizer, self.expected_version("policy"))
+                        pending[j] = (
+                            ro,
+                            worker.submit(self._rollout, ro, same_tokenizer, self.expected_version("policy")),
+                        )
                 ro, fut = pending.pop(rec.step + 1)
                 with self._phase("wait_rollout", ro.timings):
                     fut.result()
@@ -575,7 +650,11 @@ class RunLoop(threading.Thread):
                     # The next rollouts were submitted with the weights before this step: they keep them (the
                     # staleness stays exactly what was planned, and runs are reproducible). The new weights are
                     # staged meanwhile, so that the push after the generation only applies them.
-                    if self.cfg.stage_weights and self._stage_ok and not all(nxt.generated.is_set() for nxt, _ in pending.values()):
+                    if (
+                        self.cfg.stage_weights
+                        and self._stage_ok
+                        and not all(nxt.generated.is_set() for nxt, _ in pending.values())
+                    ):
                         self._stage(ro)
                     with self._phase("wait_generation", ro.timings):
                         for nxt, nxt_fut in pending.values():
@@ -598,12 +677,20 @@ class RunLoop(threading.Thread):
         except (grpc.RpcError, RunFailed) as err:  # (the phase is not recorded then)
             # FAILED_PRECONDITION: a replica predates staging (it applied the weights at once)
             staged = not (isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.FAILED_PRECONDITION)
-            _log.warning("weight_staging_failed", run_id=self.record.run_id, step=ro.step,
-                         error=str(err.details() if isinstance(err, grpc.RpcError) else err))
+            _log.warning(
+                "weight_staging_failed",
+                run_id=self.record.run_id,
+                step=ro.step,
+                error=str(err.details() if isinstance(err, grpc.RpcError) else err),
+            )
         if not staged:  # a learner that predates staging answers with a full push
             self._stage_ok = False
-            _log.warning("weight_staging_off", run_id=self.record.run_id, step=ro.step,
-                         reason="the learner or a policy replica does not stage weights")
+            _log.warning(
+                "weight_staging_off",
+                run_id=self.record.run_id,
+                step=ro.step,
+                reason="the learner or a policy replica does not stage weights",
+            )
 
     def _train(self, ro: Rollout, before_push=None) -> None:
         """TrainStep on ro, PushWeights, then the step's metrics line and run state."""
@@ -612,15 +699,22 @@ class RunLoop(threading.Thread):
         trained_on = rec.policy_version  # the weights the learner holds before this step
         experiences = [
             learner_pb2.Experience(
-                prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids, rollout_logprobs=s.logprobs,
-                reference_logprobs=r, score=sc, policy_version=s.weight_version, finish_reason=s.finish_reason,
+                prompt_token_ids=s.prompt_token_ids,
+                response_token_ids=s.token_ids,
+                rollout_logprobs=s.logprobs,
+                reference_logprobs=r,
+                score=sc,
+                policy_version=s.weight_version,
+                finish_reason=s.finish_reason,
             )
             for (_, s), r, sc in zip(samples, ro.ref, scores)
         ]
         learner = learner_pb2_grpc.LearnerServiceStub(self.roles.learner)
         with self._phase("train", timings):
             req = learner_pb2.TrainStepRequest(
-                step=step, experiences=experiences, rollout_logprobs_exact=self._exact,
+                step=step,
+                experiences=experiences,
+                rollout_logprobs_exact=self._exact,
                 rollout_temperature=self.cfg.sampling.temperature,
             )
             resp = self.roles.call("TrainStep", self.roles.learner, lambda t: learner.TrainStep(req, timeout=t))
@@ -686,6 +780,13 @@ class RunLoop(threading.Thread):
         m.mean_score.set(row["mean_score"])
         m.kl.set(row["reference_kl"])
         m.policy_lag.set(push.version - rollout_version - 1 if versions else 0)
-        _log.info("step_completed", run_id=rec.run_id, step=step, mean_score=round(row["mean_score"], 4),
-                  reference_kl=row["reference_kl"], seconds=round(iteration_seconds, 3), staleness=row["staleness"],
-                  replayed=resp.replayed)
+        _log.info(
+            "step_completed",
+            run_id=rec.run_id,
+            step=step,
+            mean_score=round(row["mean_score"], 4),
+            reference_kl=row["reference_kl"],
+            seconds=round(iteration_seconds, 3),
+            staleness=row["staleness"],
+            replayed=resp.replayed,
+        )

@@ -22,17 +22,25 @@ import time
 from itertools import combinations
 from pathlib import Path
 
-
 from alignd import evaluation, judges, labelers, rm_breakdown
-from alignd.plots import render_plots
 from alignd.config import PipelineConfig, dump_yaml
 from alignd.data import load_comparisons, load_demonstrations, load_prompts, split_train_eval
+from alignd.plots import render_plots
 from alignd.runtime.logging import get_logger
 from alignd.runtime.role import write_bytes_atomic, write_json_atomic
 from alignd.services.coordinator import launchers
 from alignd.services.coordinator.labels import ComparisonStore, LabelError
 from alignd.services.coordinator.loop import RunFailed, RunLoop, RunStopped
-from alignd.v1 import learner_pb2, learner_pb2_grpc, model_pb2, model_pb2_grpc, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
+from alignd.v1 import (
+    learner_pb2,
+    learner_pb2_grpc,
+    model_pb2,
+    model_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+)
 
 _log = get_logger("alignd.coordinator.pipeline")
 
@@ -44,15 +52,21 @@ class PipelineLoop(RunLoop):
     def __init__(self, record, cfg: PipelineConfig, roles, metrics) -> None:
         super().__init__(record, cfg.ppo, roles, metrics, skip_bad=cfg.skip_bad_lines)
         if cfg.skip_bad_lines:  # the learner's jobs skip the same lines
-            cfg = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"skip_bad_lines": True}),
-                                         "rm": cfg.rm.model_copy(update={"skip_bad_lines": True})})
+            cfg = cfg.model_copy(
+                update={
+                    "sft": cfg.sft.model_copy(update={"skip_bad_lines": True}),
+                    "rm": cfg.rm.model_copy(update={"skip_bad_lines": True}),
+                }
+            )
         self.pcfg = cfg
         self.data_reports, self.eval_prompts_all = check_data(cfg, self.prompts_report)  # prompts: read by RunLoop
         if "data" not in record.artifacts:
             record.artifacts["data"] = self.data_reports
         for name, r in self.data_reports.items():
             if r["skipped"]:
-                _log.warning("data_lines_skipped", run_id=record.run_id, file=name, path=r["path"], skipped=r["skipped"])
+                _log.warning(
+                    "data_lines_skipped", run_id=record.run_id, file=name, path=r["path"], skipped=r["skipped"]
+                )
         registry = roles.cfg.judges
         self.gold = judges.resolve(cfg.gold.name, cfg.gold.args, registry, "gold.name")
         self.second = judges.resolve(cfg.second_judge.name, cfg.second_judge.args, registry, "second_judge.name")
@@ -112,9 +126,14 @@ class PipelineLoop(RunLoop):
         req = policy_pb2.GenerateRequest(
             prompts=[policy_pb2.Prompt(text=p) for p in prompts],
             sampling=policy_pb2.SamplingParams(
-                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                max_new_tokens=sampling.max_new_tokens, stop_token_ids=sampling.stop_token_ids,
-                ignore_eos=sampling.ignore_eos, seed=seed, num_samples=n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                max_new_tokens=sampling.max_new_tokens,
+                stop_token_ids=sampling.stop_token_ids,
+                ignore_eos=sampling.ignore_eos,
+                seed=seed,
+                num_samples=n,
             ),
             return_text=True,
         )
@@ -166,11 +185,19 @@ class PipelineLoop(RunLoop):
     def _stage_sft(self) -> None:
         self._progress(0.0, "training on the demonstrations")
         out = str(self.record.path / "sft")
-        resp = self.roles.call("TrainSFT", self.roles.learner, lambda t: self._learner().TrainSFT(
-            learner_pb2.TrainSFTRequest(
-                job_id=f"{self.record.run_id}-sft", demonstrations_path=self.pcfg.demonstrations,
-                config_yaml=dump_yaml(self.pcfg.sft), output_dir=out,
-            ), timeout=JOB_TIMEOUT_S))
+        resp = self.roles.call(
+            "TrainSFT",
+            self.roles.learner,
+            lambda t: self._learner().TrainSFT(
+                learner_pb2.TrainSFTRequest(
+                    job_id=f"{self.record.run_id}-sft",
+                    demonstrations_path=self.pcfg.demonstrations,
+                    config_yaml=dump_yaml(self.pcfg.sft),
+                    output_dir=out,
+                ),
+                timeout=JOB_TIMEOUT_S,
+            ),
+        )
         version = self.art.get("sft_version") or max(self._versions(self.roles.policy + self.roles.reference)) + 1
         self.art.update(sft_dir=resp.model_dir, sft_version=version, sft_best_val_loss=resp.best_val_loss)
         self.record.save()
@@ -186,8 +213,15 @@ class PipelineLoop(RunLoop):
         ev = self.pcfg.evaluation
         prompts = self._eval_prompts()
         groups = self._sample(prompts, ev.samples_per_prompt, ev.sampling, seed=self.pcfg.seed + 1)
-        rows = [{"prompt": p, "responses": [s.text for s in g], "token_ids": [list(s.token_ids) for s in g],
-                 "prompt_token_ids": list(g[0].prompt_token_ids)} for p, g in zip(prompts, groups)]
+        rows = [
+            {
+                "prompt": p,
+                "responses": [s.text for s in g],
+                "token_ids": [list(s.token_ids) for s in g],
+                "prompt_token_ids": list(g[0].prompt_token_ids),
+            }
+            for p, g in zip(prompts, groups)
+        ]
         write_json_atomic(self.record.path / name, {"samples": rows})
 
     def _stage_rm(self) -> None:
@@ -195,9 +229,18 @@ class PipelineLoop(RunLoop):
         if not self._round_done(0):
             self._rm_round(0)
         learner = self._learner()
-        self.roles.call("ResetPolicy", self.roles.learner, lambda t: learner.ResetPolicy(learner_pb2.ResetPolicyRequest(
-            policy_dir=self.art["sft_dir"], value_model_dir=self.art["rm_dir"] if self.pcfg.value_from_rm else "",
-            version=self.art["sft_version"]), timeout=t))
+        self.roles.call(
+            "ResetPolicy",
+            self.roles.learner,
+            lambda t: learner.ResetPolicy(
+                learner_pb2.ResetPolicyRequest(
+                    policy_dir=self.art["sft_dir"],
+                    value_model_dir=self.art["rm_dir"] if self.pcfg.value_from_rm else "",
+                    version=self.art["sft_version"],
+                ),
+                timeout=t,
+            ),
+        )
         self._text_loss("sft")  # the learner holds the SFT policy now
 
     def _text_loss(self, key: str) -> None:
@@ -206,9 +249,19 @@ class PipelineLoop(RunLoop):
         if not ev.heldout_text:
             return
         learner = self._learner()
-        resp = self.roles.call("EvaluateTextLoss", self.roles.learner, lambda t: learner.EvaluateTextLoss(
-            learner_pb2.EvaluateTextLossRequest(text_path=ev.heldout_text, max_tokens=ev.heldout_max_tokens), timeout=t))
-        self.art.setdefault("text_loss", {})[key] = {"loss": resp.loss, "tokens": resp.tokens, "policy_version": resp.policy_version}
+        resp = self.roles.call(
+            "EvaluateTextLoss",
+            self.roles.learner,
+            lambda t: learner.EvaluateTextLoss(
+                learner_pb2.EvaluateTextLossRequest(text_path=ev.heldout_text, max_tokens=ev.heldout_max_tokens),
+                timeout=t,
+            ),
+        )
+        self.art.setdefault("text_loss", {})[key] = {
+            "loss": resp.loss,
+            "tokens": resp.tokens,
+            "policy_version": resp.policy_version,
+        }
         self.record.save()
 
     def _round_done(self, r: int) -> bool:
@@ -243,7 +296,9 @@ class PipelineLoop(RunLoop):
                 p = store.progress()
                 if (p.labelled, p.labels) != seen:
                     seen = (p.labelled, p.labels)
-                    self._progress(0.2 + 0.4 * p.fraction, f"round {r}: {p.labelled}/{p.total} tasks ranked by external labelers")
+                    self._progress(
+                        0.2 + 0.4 * p.fraction, f"round {r}: {p.labelled}/{p.total} tasks ranked by external labelers"
+                    )
             return external_agreement(store)
         items = [(t.prompt, list(t.completions)) for t in store.tasks()]
         key = f"labeler_temperature_{r}" if r else "labeler_temperature"
@@ -285,21 +340,33 @@ class PipelineLoop(RunLoop):
         data = round_dir / "comparisons_all.jsonl"
         parts = [(self.record.path / f"rm-round-{i}" / "comparisons.jsonl").read_bytes() for i in range(r + 1)]
         write_bytes_atomic(data, b"".join(parts))
-        req = dict(job_id=f"{self.record.run_id}-rm-{r}", init_model_dir=self.art["sft_dir"], comparisons_path=str(data),
-                   demonstrations_path=self.pcfg.demonstrations, config_yaml=dump_yaml(self.pcfg.rm),
-                   output_dir=str(self.record.path / f"rm-{r}"))
+        req = dict(
+            job_id=f"{self.record.run_id}-rm-{r}",
+            init_model_dir=self.art["sft_dir"],
+            comparisons_path=str(data),
+            demonstrations_path=self.pcfg.demonstrations,
+            config_yaml=dump_yaml(self.pcfg.rm),
+            output_dir=str(self.record.path / f"rm-{r}"),
+        )
         if self.pcfg.rm_job == "launcher":
             if self.launcher is None:
                 self.launcher = launchers.make_launcher(self.roles.cfg.launcher)
             try:
-                resp = launchers.rm_response(launchers.run_rm_job(self.launcher, req, JOB_TIMEOUT_S, cancel=self.stop_requested))
+                resp = launchers.rm_response(
+                    launchers.run_rm_job(self.launcher, req, JOB_TIMEOUT_S, cancel=self.stop_requested)
+                )
             except launchers.JobFailed as err:
                 if self.stop_requested.is_set():  # the job was cancelled by StopRun
                     raise RunStopped(f"while the rm job of round {r} ran") from err
                 raise RunFailed(f"rm round {r}: {err}") from err
         else:
-            resp = self.roles.call("TrainRewardModel", self.roles.learner, lambda t: self._learner().TrainRewardModel(
-                learner_pb2.TrainRewardModelRequest(**req), timeout=JOB_TIMEOUT_S))
+            resp = self.roles.call(
+                "TrainRewardModel",
+                self.roles.learner,
+                lambda t: self._learner().TrainRewardModel(
+                    learner_pb2.TrainRewardModelRequest(**req), timeout=JOB_TIMEOUT_S
+                ),
+            )
         versions = self.art.setdefault("rm_versions", {})
         if str(r) not in versions:  # above every version served or recorded (a restarted replica serves 0)
             versions[str(r)] = max([*self._versions(self.roles.reward), *map(int, versions.values())]) + 1
@@ -309,15 +376,27 @@ class PipelineLoop(RunLoop):
             self.art["labeler_agreement"] = agreement
         self.art["rm_dir"], self.art["rm_version"] = resp.model_dir, versions[str(r)]
         breakdown = self._rm_breakdown(r, data)  # scored by the reward role, which serves this RM now
-        self.art.setdefault("rm_rounds", []).append({
-            "round": r, "step": self.record.step, "accuracy": resp.val_accuracy, "n": resp.validation_comparisons,
-            "train_accuracy": resp.train_accuracy, "comparisons": sum(1 for _ in data.open("rb")),
-            "reward_version": versions[str(r)], "labeler_agreement": agreement.get("agreement") if agreement else None,
-            "breakdown": breakdown,
-        })
+        self.art.setdefault("rm_rounds", []).append(
+            {
+                "round": r,
+                "step": self.record.step,
+                "accuracy": resp.val_accuracy,
+                "n": resp.validation_comparisons,
+                "train_accuracy": resp.train_accuracy,
+                "comparisons": sum(1 for _ in data.open("rb")),
+                "reward_version": versions[str(r)],
+                "labeler_agreement": agreement.get("agreement") if agreement else None,
+                "breakdown": breakdown,
+            }
+        )
         self.record.save()
-        _log.info("rm_round_finished", run_id=self.record.run_id, round=r, accuracy=round(resp.val_accuracy, 4),
-                  reward_version=versions[str(r)])
+        _log.info(
+            "rm_round_finished",
+            run_id=self.record.run_id,
+            round=r,
+            accuracy=round(resp.val_accuracy, 4),
+            reward_version=versions[str(r)],
+        )
 
     # Every PPO step also records the gold judge's mean score of its rollouts (metrics.jsonl: gold_mean): with
     # reward_kl it traces how far the gold judge follows the RM as the policy moves away from the reference
@@ -343,13 +422,20 @@ class PipelineLoop(RunLoop):
         for f in files:
             for rec in read_jsonl(f):
                 if rec["prompt"] in held_prompts:
-                    t = tasks.setdefault(rec["task_id"], {"prompt": rec["prompt"], "completions": rec["completions"], "rankings": {}})
+                    t = tasks.setdefault(
+                        rec["task_id"], {"prompt": rec["prompt"], "completions": rec["completions"], "rankings": {}}
+                    )
                     t["rankings"][rec["labeler"]] = rec["ranking"]
         rows = list(tasks.values())
         if not rows:
             return None
-        req = reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt=t["prompt"], response=c))
-                                             for t in rows for c in t["completions"]])
+        req = reward_pb2.ScoreRequest(
+            items=[
+                reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt=t["prompt"], response=c))
+                for t in rows
+                for c in t["completions"]
+            ]
+        )
 
         def call():
             return self.roles.call_any(
@@ -360,11 +446,24 @@ class PipelineLoop(RunLoop):
         out, i = [], 0
         for t in rows:
             k = len(t["completions"])
-            out.append(rm_breakdown.Task(scores[i : i + k], [self.gold(t["prompt"], c) for c in t["completions"]], t["rankings"]))
+            out.append(
+                rm_breakdown.Task(
+                    scores[i : i + k], [self.gold(t["prompt"], c) for c in t["completions"]], t["rankings"]
+                )
+            )
             i += k
         result = rm_breakdown.breakdown(out, labeler="sim-a")
-        _log.info("rm_breakdown", run_id=self.record.run_id, round=r, pairs=result["pairs"],
-                  **{k: round(v["accuracy"], 4) for k, v in result.items() if isinstance(v, dict) and v["accuracy"] is not None})
+        _log.info(
+            "rm_breakdown",
+            run_id=self.record.run_id,
+            round=r,
+            pairs=result["pairs"],
+            **{
+                k: round(v["accuracy"], 4)
+                for k, v in result.items()
+                if isinstance(v, dict) and v["accuracy"] is not None
+            },
+        )
         return result
 
     def _stage_ppo(self) -> None:
@@ -396,15 +495,26 @@ class PipelineLoop(RunLoop):
             a = [[judge(r["prompt"], x) for x in r["responses"]] for r in final]
             b = [[judge(r["prompt"], x) for x in r["responses"]] for r in sft]
             result["win_rates"][name] = evaluation.win_rate(a, b).to_dict()
-            result[f"{name}_mean"] = {"sft": sum(map(sum, b)) / sum(map(len, b)), "final": sum(map(sum, a)) / sum(map(len, a))}
+            result[f"{name}_mean"] = {
+                "sft": sum(map(sum, b)) / sum(map(len, b)),
+                "final": sum(map(sum, a)) / sum(map(len, a)),
+            }
         for key, rows in (("sft", sft), ("final", final)):
-            items = [reward_pb2.ScoreItem(tokens=reward_pb2.TokenPair(prompt_token_ids=r["prompt_token_ids"], response_token_ids=t))
-                     for r in rows for t in r["token_ids"] if t]
+            items = [
+                reward_pb2.ScoreItem(
+                    tokens=reward_pb2.TokenPair(prompt_token_ids=r["prompt_token_ids"], response_token_ids=t)
+                )
+                for r in rows
+                for t in r["token_ids"]
+                if t
+            ]
             req = reward_pb2.ScoreRequest(items=items)
 
             def call():
                 return self.roles.call_any(
-                    "Score", self.roles.reward, lambda ch, t: reward_pb2_grpc.RewardServiceStub(ch).Score(req, timeout=t)
+                    "Score",
+                    self.roles.reward,
+                    lambda ch, t: reward_pb2_grpc.RewardServiceStub(ch).Score(req, timeout=t),
                 )
 
             result["reward"][key] = list(self._fresh("reward", call, lambda r: r.weight_version).scores)
@@ -427,27 +537,44 @@ class PipelineLoop(RunLoop):
             kl_to_reference={"per_token": ev["kl_to_reference"]} if ev.get("kl_to_reference") is not None else None,
             reward={"sft": ev["reward"]["sft"], "final": ev["reward"]["final"]},
             wall_seconds_per_stage=self.art.get("wall_seconds", {}),
-            meta={"run_id": self.record.run_id, "ppo_steps": self.record.step,
-                  "rm_rounds": len(self.art.get("rm_rounds", [])), "labelers": self.pcfg.labeling.labelers,
-                  "evaluation_temperature": self.pcfg.evaluation.sampling.temperature,
-                  "evaluation_max_new_tokens": self.pcfg.evaluation.sampling.max_new_tokens,
-                  "skipped_data_lines": {k: v["skipped"] for k, v in self.art.get("data", {}).items()}},
+            meta={
+                "run_id": self.record.run_id,
+                "ppo_steps": self.record.step,
+                "rm_rounds": len(self.art.get("rm_rounds", [])),
+                "labelers": self.pcfg.labeling.labelers,
+                "evaluation_temperature": self.pcfg.evaluation.sampling.temperature,
+                "evaluation_max_new_tokens": self.pcfg.evaluation.sampling.max_new_tokens,
+                "skipped_data_lines": {k: v["skipped"] for k, v in self.art.get("data", {}).items()},
+            },
         )
         write_json_atomic(self.record.path / "report.json", report)
         sft = json.loads((self.record.path / "eval_sft.jsonl").read_text())["samples"]
         final = json.loads((self.record.path / "eval_final.jsonl").read_text())["samples"]
         samples = [
-            {"prompt": a["prompt"], "sft": a["responses"][0], "final": b["responses"][0],
-             "scores": {"gold": {"sft": self.gold(a["prompt"], a["responses"][0]), "final": self.gold(b["prompt"], b["responses"][0])}}}
+            {
+                "prompt": a["prompt"],
+                "sft": a["responses"][0],
+                "final": b["responses"][0],
+                "scores": {
+                    "gold": {
+                        "sft": self.gold(a["prompt"], a["responses"][0]),
+                        "final": self.gold(b["prompt"], b["responses"][0]),
+                    }
+                },
+            }
             for a, b in list(zip(sft, final))[:5]
         ]
         plots = render_plots(self.record.path, report)
-        md = evaluation.render_markdown(report, samples, plots=[p.relative_to(self.record.path).as_posix() for p in plots])
+        md = evaluation.render_markdown(
+            report, samples, plots=[p.relative_to(self.record.path).as_posix() for p in plots]
+        )
         write_bytes_atomic(self.record.path / "report.md", md.encode())
-        self.record.latest_metrics.update({
-            "gold_win_rate": report["win_rates"]["gold"]["rate"],
-            "gold_win_rate_lower": report["win_rates"]["gold"]["lower"],
-        })
+        self.record.latest_metrics.update(
+            {
+                "gold_win_rate": report["win_rates"]["gold"]["rate"],
+                "gold_win_rate_lower": report["win_rates"]["gold"]["lower"],
+            }
+        )
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -491,5 +618,3 @@ def parse_run_config(data: dict):
     if isinstance(data, dict) and data.get("kind") == "pipeline":
         return build_config(PipelineConfig, data)
     return build_config(PPORunConfig, data)
-
-

@@ -6,7 +6,6 @@ import random
 from dataclasses import dataclass
 
 
-
 @dataclass
 class SamplerState:
     epoch: int = 0

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import grpc
 
@@ -86,8 +86,13 @@ class FanoutResult:
 
 
 def fan_out(
-    shards: list[int], rotation: Rotation, step: int, launch: Callable[[int, int], grpc.Future], cfg: HedgingConfig,
-    on_out: Callable[[int, str], None], wait_any: Callable[[int], object],
+    shards: list[int],
+    rotation: Rotation,
+    step: int,
+    launch: Callable[[int, int], grpc.Future],
+    cfg: HedgingConfig,
+    on_out: Callable[[int, str], None],
+    wait_any: Callable[[int], object],
 ) -> FanoutResult:
     """Runs every shard (launch(shard, replica) -> a gRPC future) with hedging and fail-over.
 
@@ -99,7 +104,7 @@ def fan_out(
     attempts: dict[int, list[_Attempt]] = {s: [] for s in shards}
     result = FanoutResult(responses={})
     active = rotation.active()
-    load = {r: 0 for r in range(rotation.n)}  # attempts running per replica
+    load = dict.fromkeys(range(rotation.n), 0)  # attempts running per replica
     fastest: float | None = None
 
     def start(shard: int, replica: int) -> None:
@@ -140,8 +145,14 @@ def fan_out(
                 if age >= threshold:
                     other = pick({tries[0].replica})
                     if other is not None:
-                        _log.warning("shard_hedged", step=step, shard=shard, slow_replica=tries[0].replica,
-                                     hedge_replica=other, waited_seconds=round(age, 3))
+                        _log.warning(
+                            "shard_hedged",
+                            step=step,
+                            shard=shard,
+                            slow_replica=tries[0].replica,
+                            hedge_replica=other,
+                            waited_seconds=round(age, 3),
+                        )
                         result.hedged.append(shard)
                         start(shard, other)
                 else:
@@ -177,8 +188,9 @@ def fan_out(
             continue  # another attempt of this shard is running
         other = pick({t.replica for t in attempts[a.shard]}, slow_ok=True)
         if other is not None:
-            _log.warning("shard_failed_over", step=step, shard=a.shard, failed_replica=a.replica, replica=other,
-                         code=code.name)
+            _log.warning(
+                "shard_failed_over", step=step, shard=a.shard, failed_replica=a.replica, replica=other, code=code.name
+            )
             result.failed_over.append(a.shard)
             start(a.shard, other)
         else:

@@ -49,7 +49,7 @@ class RunRecord:
         write_json_atomic(self.path / "state.json", asdict(self))
 
     @classmethod
-    def load(cls, run_dir: Path) -> "RunRecord":
+    def load(cls, run_dir: Path) -> RunRecord:
         return cls(**json.loads((run_dir / "state.json").read_text()))
 
     def to_pb(self) -> coordinator_pb2.Run:

@@ -58,8 +58,13 @@ class LearnerApp(ModelRoleApp):
         from alignd.services.learner.jobs import Jobs
 
         learner_pb2_grpc.add_LearnerServiceServicer_to_server(
-            LearnerServicer(self.loaded, self.metrics, lambda v: self.model_servicer.metrics.version.set(v),
-                            Jobs(self.cfg), self.roots),
+            LearnerServicer(
+                self.loaded,
+                self.metrics,
+                lambda v: self.model_servicer.metrics.version.set(v),
+                Jobs(self.cfg),
+                self.roots,
+            ),
             host.server,
         )
 
@@ -95,8 +100,16 @@ class LearnerApp(ModelRoleApp):
             host = ServiceHost(self.slug, self.cfg.server, [])
             host.start()
             if endpoint_file is not None:
-                write_json_atomic(endpoint_file, {"role": self.slug, "address": host.address, "rank": self.launch.rank,
-                                                  "metrics_url": host.metrics_url, "pid": os.getpid()})
+                write_json_atomic(
+                    endpoint_file,
+                    {
+                        "role": self.slug,
+                        "address": host.address,
+                        "rank": self.launch.rank,
+                        "metrics_url": host.metrics_url,
+                        "pid": os.getpid(),
+                    },
+                )
         t0 = time.perf_counter()
         try:
             try:
@@ -104,7 +117,9 @@ class LearnerApp(ModelRoleApp):
             except Exception as exc:  # noqa: BLE001 - reported, then the process exits 1 (torchrun fails the job)
                 _log.error("load_failed", rank=self.launch.rank, exc_info=exc)
                 return 1
-            _log.info("role_ready", slug=self.slug, rank=self.launch.rank, load_seconds=round(time.perf_counter() - t0, 3))
+            _log.info(
+                "role_ready", slug=self.slug, rank=self.launch.rank, load_seconds=round(time.perf_counter() - t0, 3)
+            )
             if host is not None:
                 host.set_serving(True)
             return ranks.follow(learner)

@@ -55,6 +55,9 @@ class _OneRank:
         pass
 
 
+ONE_RANK = _OneRank()  # a single process
+
+
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (disk full, I/O error); the previous checkpoint and `latest` are untouched."""
 
@@ -79,8 +82,17 @@ def step_dir_name(step: int, tag: str = "") -> str:
 
 
 def save(
-    root: Path, step: int, *, module_state: dict | None, trainer_state: dict | None, rank_state: dict,
-    policy=None, tokenizer=None, tag: str = "", keep: int = 2, ranks: Ranks = _OneRank(),
+    root: Path,
+    step: int,
+    *,
+    module_state: dict | None,
+    trainer_state: dict | None,
+    rank_state: dict,
+    policy=None,
+    tokenizer=None,
+    tag: str = "",
+    keep: int = 2,
+    ranks: Ranks = ONE_RANK,
 ) -> Path:
     """Every rank calls this at the same point; rank 0 also passes the module, trainer state and policy.
 
@@ -89,8 +101,18 @@ def save(
     final = root / step_dir_name(step, tag)
     tmp = root / f".tmp-{final.name}"
     try:
-        return _save(final=final, tmp=tmp, step=step, module_state=module_state, trainer_state=trainer_state,
-                     rank_state=rank_state, policy=policy, tokenizer=tokenizer, keep=keep, ranks=ranks)
+        return _save(
+            final=final,
+            tmp=tmp,
+            step=step,
+            module_state=module_state,
+            trainer_state=trainer_state,
+            rank_state=rank_state,
+            policy=policy,
+            tokenizer=tokenizer,
+            keep=keep,
+            ranks=ranks,
+        )
     except CheckpointMismatch:
         raise
     except Exception as err:  # torch.save reports a full disk as RuntimeError, save_pretrained as OSError
@@ -99,8 +121,19 @@ def save(
         raise CheckpointWriteError(f"writing checkpoint {final.name} failed: {err}") from err
 
 
-def _save(*, final: Path, tmp: Path, step: int, module_state, trainer_state, rank_state, policy, tokenizer, keep: int,
-          ranks: Ranks) -> Path:
+def _save(
+    *,
+    final: Path,
+    tmp: Path,
+    step: int,
+    module_state,
+    trainer_state,
+    rank_state,
+    policy,
+    tokenizer,
+    keep: int,
+    ranks: Ranks,
+) -> Path:
     root = final.parent
     if ranks.rank == 0:
         root.mkdir(parents=True, exist_ok=True)

@@ -120,7 +120,9 @@ class DeepSpeedEngine:
         self.dp_rank = dist.get_rank()
         self.dp_world_size = dist.get_world_size()
         o = cfg.optimizer
-        self.optimizer = torch.optim.AdamW(param_groups(module, o), betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(module, o), betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+        )
         self.ds, _, _, self.scheduler = deepspeed.initialize(
             model=module,
             optimizer=self.optimizer,

@@ -60,7 +60,11 @@ def warmup_factor(step: int, warmup_steps: int, start_factor: float) -> float:
 def param_groups(module, cfg: OptimizerConfig) -> list[dict]:
     return [
         {"params": [p for p in module.policy_parameters() if p.requires_grad], "lr": cfg.lr, "name": "policy"},
-        {"params": [p for p in module.value_parameters() if p.requires_grad], "lr": cfg.value_lr or cfg.lr, "name": "value"},
+        {
+            "params": [p for p in module.value_parameters() if p.requires_grad],
+            "lr": cfg.value_lr or cfg.lr,
+            "name": "value",
+        },
     ]
 
 

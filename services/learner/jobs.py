@@ -19,13 +19,22 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from alignd import data
-from alignd.config import ConfigError, LearnerConfig, ModelConfig, OptimizerConfig, RMTrainConfig, SFTConfig, build_config
+from alignd.config import (
+    ConfigError,
+    LearnerConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RMTrainConfig,
+    SFTConfig,
+    build_config,
+)
 from alignd.models.handle import load_causal_lm, load_scalar_head_model, load_tokenizer
 from alignd.models.scoring import SCORE_POOLING_KEY
 from alignd.runtime.errors import FailedPrecondition, InvalidArgument
@@ -88,13 +97,17 @@ def _check_output(output_dir: str) -> Path:
         raise InvalidArgument("output_dir", "must not be empty")
     final = Path(output_dir)
     if final.is_symlink() or (final.exists() and not (final.is_dir() and _owned(final))):
-        raise InvalidArgument("output_dir", "exists and was not made by an alignd job; a job replaces only its own "
-                              "outputs: choose a new directory")
+        raise InvalidArgument(
+            "output_dir",
+            "exists and was not made by an alignd job; a job replaces only its own outputs: choose a new directory",
+        )
     return final
 
 
 def _publish(tmp: Path, output_dir: str, job_id: str, resp) -> None:
-    (tmp / JOB_FILE).write_text(json.dumps({"job_id": job_id, "response": base64.b64encode(resp.SerializeToString()).decode()}))
+    (tmp / JOB_FILE).write_text(
+        json.dumps({"job_id": job_id, "response": base64.b64encode(resp.SerializeToString()).decode()})
+    )
     fsync_tree(tmp)
     final = _check_output(output_dir)  # again: the directory may have appeared while the job trained
     if final.exists():
@@ -124,12 +137,21 @@ def _split(records, validation, fraction: float, seed: int, what: str):
         return records, []
     train, val = data.split_train_eval(records, fraction, seed)
     if not train:
-        raise InvalidArgument(what, "too few examples to hold some out; lower validation_fraction or pass a validation file")
+        raise InvalidArgument(
+            what, "too few examples to hold some out; lower validation_fraction or pass a validation file"
+        )
     return train, val
 
 
-def run_job(*, job_id: str, output_dir: str, response_type, prepare: Callable[[], Any],
-            train: Callable[[Any, Path], Any], claim: Callable[[], contextlib.AbstractContextManager]):
+def run_job(
+    *,
+    job_id: str,
+    output_dir: str,
+    response_type,
+    prepare: Callable[[], Any],
+    train: Callable[[Any, Path], Any],
+    claim: Callable[[], contextlib.AbstractContextManager],
+):
     """The skeleton of every training job (SFT, RM, and later ones):
 
     1. the stored result of the same job id in output_dir, replayed without training;
@@ -185,8 +207,11 @@ class Jobs:
             cfg: SFTConfig = _config(SFTConfig, req.config_yaml)
             skip = cfg.skip_bad_lines
             demos, _ = _load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path", skip_bad=skip)
-            val = (_load(data.load_demonstrations, req.validation_path, "validation_path", skip_bad=skip)[0]
-                   if req.validation_path else [])
+            val = (
+                _load(data.load_demonstrations, req.validation_path, "validation_path", skip_bad=skip)[0]
+                if req.validation_path
+                else []
+            )
             return cfg, *_split(demos, val, cfg.validation_fraction, cfg.seed, "demonstrations_path")
 
         def train(prepared, tmp: Path) -> learner_pb2.TrainSFTResponse:
@@ -195,25 +220,47 @@ class Jobs:
             model, tok = load_causal_lm(mcfg), load_tokenizer(mcfg)
             _log.info("sft_started", job_id=req.job_id, train=len(train), validation=len(val), epochs=cfg.epochs)
             res = supervised.train_sft(
-                model, tok, [(d.prompt, d.completion) for d in train], [(d.prompt, d.completion) for d in val],
-                epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens,
-                residual_dropout=cfg.residual_dropout, select=cfg.select if val else "last",
-                warmup_steps=cfg.warmup_steps, betas=tuple(self.cfg.optimizer.betas), seed=cfg.seed,
+                model,
+                tok,
+                [(d.prompt, d.completion) for d in train],
+                [(d.prompt, d.completion) for d in val],
+                epochs=cfg.epochs,
+                lr=cfg.lr,
+                batch_size=cfg.batch_size,
+                max_tokens=cfg.max_tokens,
+                residual_dropout=cfg.residual_dropout,
+                select=cfg.select if val else "last",
+                warmup_steps=cfg.warmup_steps,
+                betas=tuple(self.cfg.optimizer.betas),
+                seed=cfg.seed,
             )
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             return learner_pb2.TrainSFTResponse(
                 best_epoch=res.best_epoch,
                 best_val_loss=min((r["val_loss"] for r in res.history), default=float("nan")) if val else float("nan"),
-                history=[learner_pb2.EpochStats(epoch=r["epoch"], step=r["step"], train_loss=r["train_loss"], val_loss=r["val_loss"])
-                         for r in res.history],
-                train_examples=len(train), validation_examples=len(val),
+                history=[
+                    learner_pb2.EpochStats(
+                        epoch=r["epoch"], step=r["step"], train_loss=r["train_loss"], val_loss=r["val_loss"]
+                    )
+                    for r in res.history
+                ],
+                train_examples=len(train),
+                validation_examples=len(val),
             )
 
-        resp = run_job(job_id=req.job_id, output_dir=req.output_dir, response_type=learner_pb2.TrainSFTResponse,
-                       prepare=prepare, train=train, claim=self._claim)
+        resp = run_job(
+            job_id=req.job_id,
+            output_dir=req.output_dir,
+            response_type=learner_pb2.TrainSFTResponse,
+            prepare=prepare,
+            train=train,
+            claim=self._claim,
+        )
         if not resp.replayed:
-            _log.info("sft_finished", job_id=req.job_id, best_epoch=resp.best_epoch, seconds=round(resp.duration_seconds, 2))
+            _log.info(
+                "sft_finished", job_id=req.job_id, best_epoch=resp.best_epoch, seconds=round(resp.duration_seconds, 2)
+            )
         return resp
 
     def reward_model(self, req: learner_pb2.TrainRewardModelRequest) -> learner_pb2.TrainRewardModelResponse:
@@ -239,11 +286,19 @@ def train_reward_model(
     def prepare():
         cfg: RMTrainConfig = _config(RMTrainConfig, req.config_yaml)
         skip = cfg.skip_bad_lines
-        comps, _ = _load(data.load_comparisons, req.comparisons_path, "comparisons_path", max_k=cfg.max_k, skip_bad=skip)
-        val = (_load(data.load_comparisons, req.validation_path, "validation_path", max_k=cfg.max_k, skip_bad=skip)[0]
-               if req.validation_path else [])
-        demos = (_load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path", skip_bad=skip)[0]
-                 if req.demonstrations_path else [])
+        comps, _ = _load(
+            data.load_comparisons, req.comparisons_path, "comparisons_path", max_k=cfg.max_k, skip_bad=skip
+        )
+        val = (
+            _load(data.load_comparisons, req.validation_path, "validation_path", max_k=cfg.max_k, skip_bad=skip)[0]
+            if req.validation_path
+            else []
+        )
+        demos = (
+            _load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path", skip_bad=skip)[0]
+            if req.demonstrations_path
+            else []
+        )
         return cfg, demos, *_split(comps, val, cfg.validation_fraction, cfg.seed, "comparisons_path")
 
     def train(prepared, tmp: Path) -> learner_pb2.TrainRewardModelResponse:
@@ -255,33 +310,72 @@ def train_reward_model(
         triple = lambda c: (c.prompt, list(c.completions), list(c.ranking))  # noqa: E731
         blocks = supervised.truncate_layers(model, cfg.layers) if cfg.layers else None
         setattr(model.config, SCORE_POOLING_KEY, cfg.pooling)
-        _log.info("rm_started", job_id=req.job_id, train=len(train), validation=len(val), mode=cfg.train,
-                  pooling=cfg.pooling, layers=model.config.num_hidden_layers, init_layers=blocks)
+        _log.info(
+            "rm_started",
+            job_id=req.job_id,
+            train=len(train),
+            validation=len(val),
+            mode=cfg.train,
+            pooling=cfg.pooling,
+            layers=model.config.num_hidden_layers,
+            init_layers=blocks,
+        )
         demo_pairs = [(d.prompt, d.completion) for d in demos]
         if cfg.train == "head":
             res = supervised.fit_rm_head(
-                model, tok, [triple(c) for c in train], [triple(c) for c in val], l2=cfg.head_l2,
-                max_tokens=cfg.max_tokens, demonstrations=demo_pairs, unit_std=cfg.score_scale == "unit_std",
+                model,
+                tok,
+                [triple(c) for c in train],
+                [triple(c) for c in val],
+                l2=cfg.head_l2,
+                max_tokens=cfg.max_tokens,
+                demonstrations=demo_pairs,
+                unit_std=cfg.score_scale == "unit_std",
             )
         else:
             res = supervised.train_rm(
-                model, tok, [triple(c) for c in train], [triple(c) for c in val], lr=cfg.lr,
-                batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, epochs=cfg.epochs,
-                warmup_steps=cfg.warmup_steps, betas=tuple(betas), seed=cfg.seed, demonstrations=demo_pairs,
+                model,
+                tok,
+                [triple(c) for c in train],
+                [triple(c) for c in val],
+                lr=cfg.lr,
+                batch_size=cfg.batch_size,
+                max_tokens=cfg.max_tokens,
+                epochs=cfg.epochs,
+                warmup_steps=cfg.warmup_steps,
+                betas=tuple(betas),
+                seed=cfg.seed,
+                demonstrations=demo_pairs,
                 unit_std=cfg.score_scale == "unit_std",
             )
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         return learner_pb2.TrainRewardModelResponse(
             val_accuracy_before=res.extra["val_accuracy_before"],
-            val_accuracy=res.extra["val_accuracy"], train_accuracy=res.extra["train_accuracy"],
+            val_accuracy=res.extra["val_accuracy"],
+            train_accuracy=res.extra["train_accuracy"],
             score_bias=res.extra["score_bias"],
-            history=[learner_pb2.EpochStats(epoch=r["epoch"], step=r["step"], val_accuracy=r["val_accuracy"]) for r in res.history],
-            train_comparisons=len(train), validation_comparisons=len(val),
+            history=[
+                learner_pb2.EpochStats(epoch=r["epoch"], step=r["step"], val_accuracy=r["val_accuracy"])
+                for r in res.history
+            ],
+            train_comparisons=len(train),
+            validation_comparisons=len(val),
         )
 
-    resp = run_job(job_id=req.job_id, output_dir=req.output_dir, response_type=learner_pb2.TrainRewardModelResponse,
-                   prepare=prepare, train=train, claim=claim)
+    resp = run_job(
+        job_id=req.job_id,
+        output_dir=req.output_dir,
+        response_type=learner_pb2.TrainRewardModelResponse,
+        prepare=prepare,
+        train=train,
+        claim=claim,
+    )
     if not resp.replayed:
-        _log.info("rm_finished", job_id=req.job_id, val_accuracy=round(resp.val_accuracy, 4), seconds=round(resp.duration_seconds, 2))
+        _log.info(
+            "rm_finished",
+            job_id=req.job_id,
+            val_accuracy=round(resp.val_accuracy, 4),
+            seconds=round(resp.duration_seconds, 2),
+        )
     return resp

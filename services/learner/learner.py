@@ -65,7 +65,9 @@ class Learner:
         value_model = None
         if not cfg.value_head_on_policy:
             if cfg.value_model is None:
-                raise ValueError("learner: set value_model (e.g. the reward model's directory) or value_head_on_policy: true")
+                raise ValueError(
+                    "learner: set value_model (e.g. the reward model's directory) or value_head_on_policy: true"
+                )
             value_model = load_scalar_head_model(cfg.value_model, allow_new_head=True)
         self.tokenizer = load_tokenizer(cfg.model)
         self.module = PolicyValue(policy, value_model)
@@ -79,7 +81,9 @@ class Learner:
                 raise ValueError("learner: ppo.ptx_coef > 0 needs ppo.ptx_data (a text file, one document per line)")
             from alignd.services.learner.ptx import pack_blocks, ptx_batches
 
-            ptx = ptx_batches(pack_blocks(self.tokenizer, cfg.ppo.ptx_data, cfg.ppo.ptx_max_tokens), cfg.ppo.ptx_batch_size, cfg.seed)
+            ptx = ptx_batches(
+                pack_blocks(self.tokenizer, cfg.ppo.ptx_data, cfg.ppo.ptx_max_tokens), cfg.ppo.ptx_batch_size, cfg.seed
+            )
         self.trainer = PPOTrainer(self.module, self.engine, cfg.ppo, cfg.seed, ptx_batches=ptx)
         self.handle = ModelHandle("learner", cfg.model, policy, self.tokenizer)
         self.ema = [p.detach().clone() for p in policy.parameters()] if cfg.ema_decay else None
@@ -106,7 +110,9 @@ class Learner:
     def summary(self) -> dict:
         """What every rank must agree on after each command (ranks.RankGroup.agree)."""
         return {
-            "step": self.step, "version": self.version, "base_version": self.base_version,
+            "step": self.step,
+            "version": self.version,
+            "base_version": self.base_version,
             "checkpoint_root": str(self.checkpoint_root.resolve()),
         }
 
@@ -150,14 +156,24 @@ class Learner:
         t0 = time.perf_counter()
         lead = self.ranks.rank == 0
         path = checkpoint.save(
-            self.checkpoint_root, self.step,
+            self.checkpoint_root,
+            self.step,
             module_state=self.module.state_dict() if lead else None,
-            trainer_state=self._trainer_state() if lead else None, rank_state=self._rank_state(),
-            policy=self.module.policy, tokenizer=self.tokenizer, tag=tag, keep=self.cfg.checkpoint_keep, ranks=self.ranks,
+            trainer_state=self._trainer_state() if lead else None,
+            rank_state=self._rank_state(),
+            policy=self.module.policy,
+            tokenizer=self.tokenizer,
+            tag=tag,
+            keep=self.cfg.checkpoint_keep,
+            ranks=self.ranks,
         )
         _log.info(
-            "checkpoint_saved", path=str(path), step=self.step, rank=self.ranks.rank,
-            world_size=self.ranks.world_size, seconds=round(time.perf_counter() - t0, 3),
+            "checkpoint_saved",
+            path=str(path),
+            step=self.step,
+            rank=self.ranks.rank,
+            world_size=self.ranks.world_size,
+            seconds=round(time.perf_counter() - t0, 3),
         )
         return path
 
@@ -193,9 +209,13 @@ class Learner:
                 resp.replayed = True
                 return resp
             if step <= self.step:
-                raise FailedPrecondition(f"step {step} was applied but its result is no longer kept (last step {self.step})")
+                raise FailedPrecondition(
+                    f"step {step} was applied but its result is no longer kept (last step {self.step})"
+                )
             if step != self.step + 1:
-                raise FailedPrecondition(f"step {step} out of order: the learner is at step {self.step}, expects {self.step + 1}")
+                raise FailedPrecondition(
+                    f"step {step} out of order: the learner is at step {self.step}, expects {self.step + 1}"
+                )
             with self.ranks.command(ranks.TrainStep(step, batch), self.summary):
                 return self._train(step, batch)
 
@@ -226,8 +246,10 @@ class Learner:
         except checkpoint.CheckpointWriteError as err:
             self.checkpoint_pending = tag
             _log.error("checkpoint_failed", step=step, error=str(err), rank=self.ranks.rank)
-            raise Unavailable(f"step {step} is applied but its checkpoint could not be written ({err}); "
-                              "the previous checkpoint is intact; retry") from None
+            raise Unavailable(
+                f"step {step} is applied but its checkpoint could not be written ({err}); "
+                "the previous checkpoint is intact; retry"
+            ) from None
         self.checkpoint_pending = None
         if tag == "reset" and self.ranks.rank == 0:
             checkpoint.remove_others(self.checkpoint_root, path.name)  # they belong to the previous PPO run
@@ -271,7 +293,9 @@ class Learner:
                 raise InvalidArgument("value_model_dir", f"tensors unknown to the value model: {unknown[:3]}")
             wrong = [k for k, t in value_weights.items() if tuple(t.shape) != tuple(vstate[k].shape)]
             if wrong:
-                raise InvalidArgument("value_model_dir", f"tensors of another shape than the value model's: {wrong[:3]}")
+                raise InvalidArgument(
+                    "value_model_dir", f"tensors of another shape than the value model's: {wrong[:3]}"
+                )
         return policy_weights, value_weights
 
     def _reset(self, version: int, value_weights: dict | None) -> None:
@@ -285,7 +309,9 @@ class Learner:
             torch.nn.init.zeros_(self.module.value_head.weight)
             torch.nn.init.zeros_(self.module.value_head.bias)
         self.engine = build_engine(self.cfg, self.module)
-        self.trainer = PPOTrainer(self.module, self.engine, self.cfg.ppo, self.cfg.seed, ptx_batches=self.trainer.ptx_batches)
+        self.trainer = PPOTrainer(
+            self.module, self.engine, self.cfg.ppo, self.cfg.seed, ptx_batches=self.trainer.ptx_batches
+        )
         self.ema = [p.detach().clone() for p in self.module.policy.parameters()] if self.cfg.ema_decay else None
         self.step = 0
         self.base_version = version
@@ -299,7 +325,9 @@ class Learner:
 
         max_tokens = max_tokens or TEXT_BLOCK_TOKENS
         if not 2 <= max_tokens <= self.handle.max_context:
-            raise InvalidArgument("max_tokens", f"must be in [2, {self.handle.max_context}] (the policy's context), got {max_tokens}")
+            raise InvalidArgument(
+                "max_tokens", f"must be in [2, {self.handle.max_context}] (the policy's context), got {max_tokens}"
+            )
         if not text_path:
             raise InvalidArgument("text_path", "must not be empty")
         try:
@@ -321,8 +349,13 @@ class Learner:
             version = self.version
         loss = nll / tokens
         _log.info(
-            "text_loss_evaluated", text_path=text_path, blocks=blocks.shape[0], tokens=tokens, loss=round(loss, 6),
-            policy_version=version, seconds=round(time.perf_counter() - t0, 3),
+            "text_loss_evaluated",
+            text_path=text_path,
+            blocks=blocks.shape[0],
+            tokens=tokens,
+            loss=round(loss, 6),
+            policy_version=version,
+            seconds=round(time.perf_counter() - t0, 3),
         )
         return learner_pb2.EvaluateTextLossResponse(loss=loss, tokens=tokens, policy_version=version)
 
@@ -334,7 +367,11 @@ class Learner:
         if self.cfg.weight_sync == "stream":
             return "stream", None
         if self.cfg.weight_sync == "filesystem":
-            root = Path(self.cfg.weight_sync_dir) if self.cfg.weight_sync_dir else self.checkpoint_root.parent / "published"
+            root = (
+                Path(self.cfg.weight_sync_dir)
+                if self.cfg.weight_sync_dir
+                else self.checkpoint_root.parent / "published"
+            )
             return "filesystem", root
         if not all(is_loopback(a) for a in addresses):
             return "stream", None
@@ -408,20 +445,29 @@ class Learner:
             try:
                 return push_one(address)
             except grpc.RpcError as err:
-                if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED):
+                if err.code() in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.ABORTED,
+                ):
                     # A replica that is down or restarting, or busy with another update: the caller retries the
                     # push (the coordinator, within its recovery timeout) instead of failing the run on an
                     # INTERNAL error.
-                    raise Unavailable(f"policy replica {address} is unavailable ({err.code().name}); retry the push") from None
+                    raise Unavailable(
+                        f"policy replica {address} is unavailable ({err.code().name}); retry the push"
+                    ) from None
                 # The replica refused the weights (its version, its architecture, its credentials): the push cannot
                 # succeed as things are, and says why.
-                raise FailedPrecondition(f"policy replica {address} refused the weights: {err.code().name}: "
-                                         f"{(err.details() or '')[:300]}") from None
+                raise FailedPrecondition(
+                    f"policy replica {address} refused the weights: {err.code().name}: {(err.details() or '')[:300]}"
+                ) from None
 
         def resync_newer(stub, ch) -> int:
             """The full policy to a replica that serves a version above ours (applied at once, never staged)."""
             if mode == "filesystem":
-                stub.LoadWeights(model_pb2.LoadWeightsRequest(path=path, version=version, replace_newer=True), timeout=600)
+                stub.LoadWeights(
+                    model_pb2.LoadWeightsRequest(path=path, version=version, replace_newer=True), timeout=600
+                )
                 return 0
             resp = push_weights(ch, stream_state(), version, chunk_bytes=self.cfg.push_chunk_bytes, replace_newer=True)
             return int(resp.received_bytes)
@@ -436,8 +482,9 @@ class Learner:
                 # caller, or kept from before this learner restored a checkpoint): re-synced, never skipped.
                 newer = info.weight_version > version
                 if newer:
-                    _log.warning("replica_version_unknown", replica=address, replica_version=info.weight_version,
-                                 version=version)
+                    _log.warning(
+                        "replica_version_unknown", replica=address, replica_version=info.weight_version, version=version
+                    )
                     return resync_newer(stub, ch)
                 if info.staged_weight_version == version:
                     try:
@@ -464,33 +511,54 @@ class Learner:
                         # On loopback but not sharing this /dev/shm (a container of its own): the stream from now
                         # on; the caller retries the push.
                         self._shared_memory_failed(f"{address}: {err.details()}")
-                        raise Unavailable(f"policy replica {address} cannot read {path}; retry the push (as a stream)") from None
+                        raise Unavailable(
+                            f"policy replica {address} cannot read {path}; retry the push (as a stream)"
+                        ) from None
                     sent = 0
                 else:
-                    resp = push_weights(ch, stream_state(), version, chunk_bytes=self.cfg.push_chunk_bytes, stage_only=stage_only)
+                    resp = push_weights(
+                        ch, stream_state(), version, chunk_bytes=self.cfg.push_chunk_bytes, stage_only=stage_only
+                    )
                     sent = int(resp.received_bytes)
                 if stage_only and not resp.staged:
-                    raise FailedPrecondition(f"policy replica {address} applied version {version} instead of staging it "
-                                             "(it predates stage_only); push without stage_only")
+                    raise FailedPrecondition(
+                        f"policy replica {address} applied version {version} instead of staging it "
+                        "(it predates stage_only); push without stage_only"
+                    )
                 return sent
 
         with ThreadPoolExecutor(max_workers=max(1, len(addresses))) as pool:
             sent = list(pool.map(one, addresses))
         return learner_pb2.PushWeightsResponse(
-            version=version, bytes_per_replica=max(sent, default=0), duration_seconds=time.perf_counter() - t0,
-            staged=stage_only, committed_replicas=len(committed),
+            version=version,
+            bytes_per_replica=max(sent, default=0),
+            duration_seconds=time.perf_counter() - t0,
+            staged=stage_only,
+            committed_replicas=len(committed),
         )
 
 
 def to_pb(s: StepStats) -> learner_pb2.TrainStats:
     return learner_pb2.TrainStats(
-        policy_loss=s.policy_loss, value_loss=s.value_loss, approx_kl=s.approx_kl, clip_fraction=s.clip_fraction,
-        entropy=s.entropy, mean_score=s.mean_score, kl_coef=s.kl_coef, grad_norm=s.grad_norm,
-        tokens_per_second=s.tokens_per_second, reference_kl=s.reference_kl, ptx_loss=s.ptx_loss,
-        ratio_mean=s.ratio_mean, value_clip_fraction=s.value_clip_fraction, learning_rate=s.lr,
-        updates_applied=s.updates_applied, updates_skipped=s.updates_skipped, stale_fraction=s.stale_fraction,
-        behaviour_weight_mean=s.behaviour_weight_mean, behaviour_weight_max=s.behaviour_weight_max,
-        behaviour_truncated_fraction=s.behaviour_truncated_fraction, old_logprobs_from_rollout=s.old_logprobs_from_rollout,
+        policy_loss=s.policy_loss,
+        value_loss=s.value_loss,
+        approx_kl=s.approx_kl,
+        clip_fraction=s.clip_fraction,
+        entropy=s.entropy,
+        mean_score=s.mean_score,
+        kl_coef=s.kl_coef,
+        grad_norm=s.grad_norm,
+        tokens_per_second=s.tokens_per_second,
+        reference_kl=s.reference_kl,
+        ptx_loss=s.ptx_loss,
+        ratio_mean=s.ratio_mean,
+        value_clip_fraction=s.value_clip_fraction,
+        learning_rate=s.lr,
+        updates_applied=s.updates_applied,
+        updates_skipped=s.updates_skipped,
+        stale_fraction=s.stale_fraction,
+        behaviour_weight_mean=s.behaviour_weight_mean,
+        behaviour_weight_max=s.behaviour_weight_max,
+        behaviour_truncated_fraction=s.behaviour_truncated_fraction,
+        old_logprobs_from_rollout=s.old_logprobs_from_rollout,
     )
-
-

@@ -65,8 +65,13 @@ class Batch:
     def size(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, idx: torch.Tensor) -> "Batch":
-        return Batch(*(v[idx] if isinstance(v, torch.Tensor) else v for v in (getattr(self, f) for f in self.__dataclass_fields__)))
+    def select(self, idx: torch.Tensor) -> Batch:
+        return Batch(
+            *(
+                v[idx] if isinstance(v, torch.Tensor) else v
+                for v in (getattr(self, f) for f in self.__dataclass_fields__)
+            )
+        )
 
 
 def collate(
@@ -100,8 +105,16 @@ def collate(
         ref[i, :R] = torch.tensor(ref_logprobs[i])
         rollout[i, :R] = torch.tensor(rollout_logprobs[i])
     return Batch(
-        input_ids, attention, positions, response, mask, ref, rollout, torch.tensor(scores, dtype=torch.float32),
-        torch.tensor(versions if versions is not None else [0] * B, dtype=torch.long), rollout_exact,
+        input_ids,
+        attention,
+        positions,
+        response,
+        mask,
+        ref,
+        rollout,
+        torch.tensor(scores, dtype=torch.float32),
+        torch.tensor(versions if versions is not None else [0] * B, dtype=torch.long),
+        rollout_exact,
         behaviour=versions is not None,
     )
 
@@ -172,7 +185,8 @@ class PPOTrainer:
         and a ratio against them would start far from 1)."""
         cfg = self.cfg
         from_rollout = torch.where(
-            current, torch.tensor(cfg.old_logprobs == "auto" and batch.rollout_exact),
+            current,
+            torch.tensor(cfg.old_logprobs == "auto" and batch.rollout_exact),
             torch.tensor(self._behaviour_ratio(batch)),
         )  # (B,)
         every = bool(from_rollout.all())
@@ -254,7 +268,11 @@ class PPOTrainer:
                 share = token_share(mb.mask, dp, empty)  # () N_r / N of the policy tokens
                 vshare = token_share(vmask[idx], dp, empty)  # () of the value tokens
                 pl, pstats = rlmath.policy_loss(
-                    logprobs, old_logprobs[idx], advantages[idx], mb.mask, cfg.clip,
+                    logprobs,
+                    old_logprobs[idx],
+                    advantages[idx],
+                    mb.mask,
+                    cfg.clip,
                     weights=weights[idx] if weights is not None else None,
                 )
                 vl, vclip = rlmath.value_loss(values, old_values[idx], returns[idx], vmask[idx], cfg.value_clip)
@@ -270,11 +288,28 @@ class PPOTrainer:
                     ptx = ptx * token_share(attn[:, 1:], dp, ptx_empty)
                     loss = rlmath.ppo_ptx_objective(loss, ptx, cfg.ptx_coef)
                 n_mb += 1
-                names = ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "entropy", "ratio_mean",
-                         "value_clip_fraction", "ptx_loss", "loss")
-                local = (pl, vl, pstats["approx_kl"] * share, pstats["clip_fraction"] * share,
-                         rlmath.masked_mean(entropy, mb.mask) * share, pstats["ratio_mean"] * share,
-                         vclip * vshare, ptx, loss)
+                names = (
+                    "policy_loss",
+                    "value_loss",
+                    "approx_kl",
+                    "clip_fraction",
+                    "entropy",
+                    "ratio_mean",
+                    "value_clip_fraction",
+                    "ptx_loss",
+                    "loss",
+                )
+                local = (
+                    pl,
+                    vl,
+                    pstats["approx_kl"] * share,
+                    pstats["clip_fraction"] * share,
+                    rlmath.masked_mean(entropy, mb.mask) * share,
+                    pstats["ratio_mean"] * share,
+                    vclip * vshare,
+                    ptx,
+                    loss,
+                )
                 reduced = dp.all_reduce_sum(torch.stack([v.detach().float() for v in local]))  # (9,) minibatch values
                 for k, v in zip(names[:-1], reduced[:-1].tolist()):
                     sums[k] = sums.get(k, 0.0) + v

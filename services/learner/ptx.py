@@ -8,8 +8,8 @@ order, reshuffled each pass, `batch_size` at a time, without padding.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 

@@ -22,7 +22,8 @@ own, so they travel on CPU whatever the training backend):
 | RPC (rank 0)        | what every rank does                                   |
 |---------------------|--------------------------------------------------------|
 | TrainStep           | `TrainStep(step, batch)`: the parsed, VALIDATED batch; each rank trains its share (ppo.py) |
-| ResetPolicy         | `ResetPolicy(dirs, version)`: rank 0 first reads and checks the weights; every rank then loads them (the directories must be readable from every rank: the shared volume) |
+| ResetPolicy         | `ResetPolicy(dirs, version)`: rank 0 first reads and checks the weights; every rank then |
+|                     | loads them (the directories must be readable from every rank: the shared volume)         |
 | SaveCheckpoint      | `SaveCheckpoint(tag)`: each rank writes its ZeRO shard, rank 0 the rest (checkpoint.py) |
 | (SIGTERM)           | `Shutdown`, after rank 0's server drained                |
 
@@ -65,10 +66,11 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from alignd.config import ConfigError, LearnerConfig
 from alignd.runtime.logging import get_logger
@@ -93,13 +95,15 @@ class Launch:
     local_rank: int = 0
 
     @classmethod
-    def from_env(cls) -> "Launch":
+    def from_env(cls) -> Launch:
         try:
             rank = int(os.environ.get("RANK", "0"))
             world = int(os.environ.get("WORLD_SIZE", "1"))
             local = int(os.environ.get("LOCAL_RANK", "0"))
         except ValueError as err:
-            raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers (as torchrun sets them): {err}") from None
+            raise ConfigError(
+                f"RANK / WORLD_SIZE / LOCAL_RANK must be integers (as torchrun sets them): {err}"
+            ) from None
         if world < 1 or not 0 <= rank < world:
             raise ConfigError(f"RANK {rank} is not in [0, WORLD_SIZE {world})")
         return cls(rank, world, local)
@@ -126,7 +130,7 @@ def check_config(cfg: LearnerConfig, launch: Launch) -> None:
     for name, model in (("model", cfg.model), ("value_model", cfg.value_model)):
         if model is not None and model.device.startswith("cuda:"):
             raise ConfigError(
-                f"{name}.device: {model.device!r} puts every rank on one GPU; use \"cuda\" "
+                f'{name}.device: {model.device!r} puts every rank on one GPU; use "cuda" '
                 "(each rank takes the GPU of its LOCAL_RANK)"
             )
 
@@ -165,7 +169,7 @@ def ignore_stop_signals(rank: int) -> None:
 @dataclass(frozen=True)
 class TrainStep:
     step: int
-    batch: "Batch"  # validated on rank 0 (servicer.parse_batch)
+    batch: Batch  # validated on rank 0 (servicer.parse_batch)
 
 
 @dataclass(frozen=True)
@@ -364,12 +368,18 @@ def command_name(cmd: Command) -> str:
 def follow(learner) -> int:
     """Ranks > 0: executes rank 0's commands until Shutdown; returns the exit code (0)."""
     group: RankGroup = learner.ranks
-    _log.info("follower_ready", rank=group.rank, world_size=group.world_size, step=learner.step, version=learner.version)
+    _log.info(
+        "follower_ready", rank=group.rank, world_size=group.world_size, step=learner.step, version=learner.version
+    )
     while True:
         cmd = group.receive()
         while PENDING_SIGNALS:
-            _log.info("signal_received", signal=signal.Signals(PENDING_SIGNALS.pop(0)).name, rank=group.rank,
-                      action="wait_for_rank0_shutdown")
+            _log.info(
+                "signal_received",
+                signal=signal.Signals(PENDING_SIGNALS.pop(0)).name,
+                rank=group.rank,
+                action="wait_for_rank0_shutdown",
+            )
         if isinstance(cmd, Heartbeat):
             continue
         if isinstance(cmd, Shutdown):
@@ -383,7 +393,11 @@ def follow(learner) -> int:
             abort("command_failed", exc, command=command_name(cmd), rank=group.rank)
         # Logged before the agreement that lets rank 0 answer: a caller that sees the answer finds this line.
         _log.info(
-            "command_applied", command=command_name(cmd), rank=group.rank, step=learner.step, version=learner.version,
+            "command_applied",
+            command=command_name(cmd),
+            rank=group.rank,
+            step=learner.step,
+            version=learner.version,
             seconds=round(time.perf_counter() - t0, 3),
         )
         group.agree(learner.summary())

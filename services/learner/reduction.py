@@ -49,7 +49,7 @@ class DataParallel:
     world_size: int = 1
 
     @classmethod
-    def of(cls, engine) -> "DataParallel":
+    def of(cls, engine) -> DataParallel:
         """From an engine's `dp_rank` / `dp_world_size` (an engine without them is one process)."""
         return cls(int(getattr(engine, "dp_rank", 0)), int(getattr(engine, "dp_world_size", 1)))
 

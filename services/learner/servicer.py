@@ -14,7 +14,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from alignd.models.inputs import check_batch, check_ids, check_length
+from alignd.models.inputs import check_batch, check_ids
 from alignd.runtime.client import expand_addresses
 from alignd.runtime.errors import FailedPrecondition, InvalidArgument
 from alignd.runtime.logging import get_logger
@@ -29,28 +29,47 @@ CHECKPOINT_TAG = re.compile(r"[A-Za-z0-9._-]{0,64}")
 
 class LearnerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.steps = Counter("alignd_learner_steps_total", "PPO steps applied (replays not counted).", registry=registry)
-        self.replays = Counter("alignd_learner_step_replays_total", "TrainStep calls answered from the stored result.", registry=registry)
+        self.steps = Counter(
+            "alignd_learner_steps_total", "PPO steps applied (replays not counted).", registry=registry
+        )
+        self.replays = Counter(
+            "alignd_learner_step_replays_total", "TrainStep calls answered from the stored result.", registry=registry
+        )
         self.skipped_updates = Counter(
             "alignd_learner_skipped_updates_total",
             "Optimizer updates skipped because a loss or gradient was not finite.",
             registry=registry,
         )
         self.step_seconds = Histogram(
-            "alignd_learner_step_seconds", "Time of one PPO step, in seconds.", buckets=LATENCY_BUCKETS_SECONDS, registry=registry
+            "alignd_learner_step_seconds",
+            "Time of one PPO step, in seconds.",
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=registry,
         )
-        self.tokens = Counter("alignd_learner_trained_tokens_total", "Tokens trained on (prompt + response).", registry=registry)
-        self.policy_version = Gauge("alignd_learner_policy_version", "Policy version after the last step.", registry=registry)
+        self.tokens = Counter(
+            "alignd_learner_trained_tokens_total", "Tokens trained on (prompt + response).", registry=registry
+        )
+        self.policy_version = Gauge(
+            "alignd_learner_policy_version", "Policy version after the last step.", registry=registry
+        )
         self.stat = Gauge("alignd_learner_step_stat", "Statistics of the last PPO step.", ["stat"], registry=registry)
         self.push_seconds = Histogram(
-            "alignd_learner_weight_push_seconds", "Time to push weights to every policy replica, in seconds.",
-            buckets=LATENCY_BUCKETS_SECONDS, registry=registry,
+            "alignd_learner_weight_push_seconds",
+            "Time to push weights to every policy replica, in seconds.",
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=registry,
         )
-        self.push_bytes = Counter("alignd_learner_weight_push_bytes_total", "Bytes of weights pushed.", registry=registry)
+        self.push_bytes = Counter(
+            "alignd_learner_weight_push_bytes_total", "Bytes of weights pushed.", registry=registry
+        )
 
 
 def parse_batch(
-    request: learner_pb2.TrainStepRequest, vocab_size: int, max_context: int, pad_id: int, temperature: float = 1.0,
+    request: learner_pb2.TrainStepRequest,
+    vocab_size: int,
+    max_context: int,
+    pad_id: int,
+    temperature: float = 1.0,
     fp32: bool = True,
 ) -> Batch:
     """Validates every experience (nothing is touched before this passes)."""
@@ -69,7 +88,9 @@ def parse_batch(
         if not response:
             raise InvalidArgument(f"{f}.response_token_ids", "empty response")
         if len(prompt) + len(response) > max_context:
-            raise InvalidArgument(f, f"prompt + response of {len(prompt) + len(response)} tokens exceeds the context of {max_context}")
+            raise InvalidArgument(
+                f, f"prompt + response of {len(prompt) + len(response)} tokens exceeds the context of {max_context}"
+            )
         for name in ("rollout_logprobs", "reference_logprobs"):
             values = list(getattr(e, name))
             if len(values) != len(response):
@@ -93,17 +114,31 @@ def parse_batch(
     # the learner's own only at the learner's temperature, and when it computes in fp32 (not bf16 mixed precision,
     # which the coordinator cannot see in the configured dtype).
     behaviour = request.rollout_temperature > 0
-    exact = (behaviour and request.rollout_logprobs_exact and fp32
-             and math.isclose(request.rollout_temperature, temperature, rel_tol=1e-6))
+    exact = (
+        behaviour
+        and request.rollout_logprobs_exact
+        and fp32
+        and math.isclose(request.rollout_temperature, temperature, rel_tol=1e-6)
+    )
     return collate(prompts, responses, refs, rollouts, scores, pad_id, versions if behaviour else None, exact)
 
 
 # The path fields of each request: they must lie under the learner's roots (alignd.runtime.paths); optional ones may
 # be empty.
 PATH_FIELDS = {
-    "TrainSFT": (("demonstrations_path", True), ("validation_path", False), ("init_model_dir", False), ("output_dir", True)),
-    "TrainRewardModel": (("init_model_dir", True), ("comparisons_path", True), ("validation_path", False),
-                         ("demonstrations_path", False), ("output_dir", True)),
+    "TrainSFT": (
+        ("demonstrations_path", True),
+        ("validation_path", False),
+        ("init_model_dir", False),
+        ("output_dir", True),
+    ),
+    "TrainRewardModel": (
+        ("init_model_dir", True),
+        ("comparisons_path", True),
+        ("validation_path", False),
+        ("demonstrations_path", False),
+        ("output_dir", True),
+    ),
     "ResetPolicy": (("policy_dir", True), ("value_model_dir", False)),
     "EvaluateTextLoss": (("text_path", True),),
 }
@@ -153,8 +188,14 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         learner = self.loaded.get()
         h = learner.handle
         cfg = learner.cfg
-        batch = parse_batch(request, h.vocab_size, h.max_context, h.pad_token_id, cfg.ppo.temperature,
-                            fp32=cfg.model.dtype == "float32" and not cfg.engine.bf16)
+        batch = parse_batch(
+            request,
+            h.vocab_size,
+            h.max_context,
+            h.pad_token_id,
+            cfg.ppo.temperature,
+            fp32=cfg.model.dtype == "float32" and not cfg.engine.bf16,
+        )
         t0 = time.perf_counter()
         resp = learner.train_step(request.step, batch)
         if resp.replayed:
@@ -168,15 +209,31 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         m.tokens.inc(float(batch.attention_mask.sum()))
         m.skipped_updates.inc(resp.stats.updates_skipped)
         m.policy_version.set(resp.policy_version)
-        for field in ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "entropy", "mean_score", "kl_coef",
-                      "grad_norm", "reference_kl", "ptx_loss", "stale_fraction", "behaviour_weight_mean"):
+        for field in (
+            "policy_loss",
+            "value_loss",
+            "approx_kl",
+            "clip_fraction",
+            "entropy",
+            "mean_score",
+            "kl_coef",
+            "grad_norm",
+            "reference_kl",
+            "ptx_loss",
+            "stale_fraction",
+            "behaviour_weight_mean",
+        ):
             m.stat.labels(field).set(getattr(resp.stats, field))
         if resp.stats.updates_skipped:
             _log.warning("nonfinite_updates_skipped", step=request.step, skipped=resp.stats.updates_skipped)
         self.on_version(resp.policy_version)
         _log.info(
-            "step_applied", step=resp.step, seconds=round(elapsed, 3), mean_score=round(resp.stats.mean_score, 4),
-            approx_kl=resp.stats.approx_kl, reference_kl=resp.stats.reference_kl,
+            "step_applied",
+            step=resp.step,
+            seconds=round(elapsed, 3),
+            mean_score=round(resp.stats.mean_score, 4),
+            approx_kl=resp.stats.approx_kl,
+            reference_kl=resp.stats.reference_kl,
         )
         return resp
 
@@ -188,7 +245,9 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     def SaveCheckpoint(self, request, context):
         learner = self.loaded.get()
         if not CHECKPOINT_TAG.fullmatch(request.tag):
-            raise InvalidArgument("tag", "at most 64 letters, digits, '.', '_' or '-' (it becomes part of a directory name)")
+            raise InvalidArgument(
+                "tag", "at most 64 letters, digits, '.', '_' or '-' (it becomes part of a directory name)"
+            )
         path, step = learner.save_checkpoint(tag=request.tag)  # every rank writes its shard
         return learner_pb2.SaveCheckpointResponse(path=str(path), step=step)
 
@@ -201,12 +260,21 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             raise FailedPrecondition("no policy replica is configured (policy_addresses)")
         for i, a in enumerate(request.addresses):
             if a not in configured:
-                raise InvalidArgument(f"addresses[{i}]", "not one of the policy replicas this learner is configured "
-                                      "with (policy_addresses); the learner pushes to those only")
+                raise InvalidArgument(
+                    f"addresses[{i}]",
+                    "not one of the policy replicas this learner is configured "
+                    "with (policy_addresses); the learner pushes to those only",
+                )
         addresses = list(dict.fromkeys(request.addresses)) or configured
         resp = learner.push(addresses, stage_only=request.stage_only)
         self.metrics.push_seconds.observe(resp.duration_seconds)
         self.metrics.push_bytes.inc(resp.bytes_per_replica * len(addresses))
-        _log.info("weights_pushed", version=resp.version, replicas=len(addresses), seconds=round(resp.duration_seconds, 3),
-                  staged=resp.staged, committed_replicas=resp.committed_replicas)
+        _log.info(
+            "weights_pushed",
+            version=resp.version,
+            replicas=len(addresses),
+            seconds=round(resp.duration_seconds, 3),
+            staged=resp.staged,
+            committed_replicas=resp.committed_replicas,
+        )
         return resp

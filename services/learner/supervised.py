@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -178,7 +178,15 @@ def train_sft(
             run_loss += float(loss.detach()) * k
             run_n += k
             if on_step:
-                on_step({"stage": "sft", "step": step, "total_steps": total, "loss": float(loss), "lr": sched.get_last_lr()[0]})
+                on_step(
+                    {
+                        "stage": "sft",
+                        "step": step,
+                        "total_steps": total,
+                        "loss": float(loss),
+                        "lr": sched.get_last_lr()[0],
+                    }
+                )
         set_dropout(model, 0.0)
         val_loss = sft_eval_loss(model, enc_val, batch_size, pad) if enc_val else float("nan")
         row = {"epoch": epoch, "step": step, "train_loss": run_loss / max(1, run_n), "val_loss": val_loss}
@@ -230,8 +238,8 @@ def _pair_counts(rewards_list, rankings) -> tuple[int, int]:
     """(pairs ordered like the ranking, all pairs) over prompts."""
     right = total = 0
     for rewards, ranking in zip(rewards_list, rankings):
-        for w, l in rlmath.ranking_pairs(ranking):
-            right += int(rewards[w] > rewards[l])
+        for better, worse in rlmath.ranking_pairs(ranking):
+            right += int(rewards[better] > rewards[worse])
             total += 1
     return right, total
 
@@ -288,7 +296,15 @@ def train_rm(
             _update(model, opt, sched, loss, max_grad_norm)
             step += 1
             if on_step:
-                on_step({"stage": "rm", "step": step, "total_steps": total, "loss": float(loss), "lr": sched.get_last_lr()[0]})
+                on_step(
+                    {
+                        "stage": "rm",
+                        "step": step,
+                        "total_steps": total,
+                        "loss": float(loss),
+                        "lr": sched.get_last_lr()[0],
+                    }
+                )
         acc = pairwise_accuracy(model, tokenizer, val, max_tokens) if val else float("nan")
         result.history.append({"epoch": epoch, "step": step, "val_accuracy": acc})
     model.eval()
@@ -330,7 +346,9 @@ def _training_scores(model, tokenizer, train, max_tokens: int, limit: int = 2048
 
 
 @torch.no_grad()
-def demonstration_bias(model, tokenizer, demos: Sequence[tuple[str, str]], max_tokens: int, batch_size: int = 16) -> float:
+def demonstration_bias(
+    model, tokenizer, demos: Sequence[tuple[str, str]], max_tokens: int, batch_size: int = 16
+) -> float:
     """-mean raw score of the demonstrations: added to every score, demonstrations average 0."""
     model.eval()
     scores = []
@@ -371,8 +389,10 @@ def _features(model, tokenizer, comps, max_tokens: int, batch_size: int) -> tupl
     index: dict[tuple, int] = {}
     rows = [index.setdefault((tuple(s), b), len(index)) for s, b in pairs]
     unique = list(index)
-    feats = [pooled_features(model, [list(s) for s, _ in chunk], [b for _, b in chunk], pad).double()
-             for chunk in (unique[i : i + batch_size] for i in range(0, len(unique), batch_size))]
+    feats = [
+        pooled_features(model, [list(s) for s, _ in chunk], [b for _, b in chunk], pad).double()
+        for chunk in (unique[i : i + batch_size] for i in range(0, len(unique), batch_size))
+    ]
     if not feats:
         return torch.zeros(0, model.config.hidden_size, dtype=torch.float64), sizes
     return torch.cat(feats)[torch.tensor(rows, dtype=torch.long)], sizes
@@ -406,7 +426,9 @@ def fit_rm_head(
     x_val, k_val = _features(model, tokenizer, val, max_tokens, batch_size)
     head = model.score.weight  # (1, H)
     if val:
-        result.extra["val_accuracy_before"] = _pair_accuracy(x_val @ head.detach().double()[0], k_val, [r for *_, r in val])
+        result.extra["val_accuracy_before"] = _pair_accuracy(
+            x_val @ head.detach().double()[0], k_val, [r for *_, r in val]
+        )
     else:
         result.extra["val_accuracy_before"] = float("nan")
     mu, sd = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # (H,)
@@ -425,7 +447,9 @@ def fit_rm_head(
     with torch.no_grad():
         raw = (w / sd).to(head.dtype)  # the head on unstandardised features; the constant -w.mu/sd is in the bias
         head.copy_(raw[None, :])
-    result.extra["train_accuracy"] = _pair_accuracy(x_train @ raw.double(), k_train, rankings) if train else float("nan")
+    result.extra["train_accuracy"] = (
+        _pair_accuracy(x_train @ raw.double(), k_train, rankings) if train else float("nan")
+    )
     acc = _pair_accuracy(x_val @ raw.double(), k_val, [r for *_, r in val]) if val else float("nan")
     result.history.append({"epoch": 1, "step": 1, "val_accuracy": acc, "train_loss": loss})
     result.best_epoch, result.best_metric = 1, acc

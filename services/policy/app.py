@@ -30,7 +30,9 @@ class PolicyApp(ModelRoleApp):
         self.cfg: PolicyConfig = cfg
 
     def register_role(self, host: ServiceHost) -> None:
-        policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(self.loaded, self.batch_metrics), host.server)
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(
+            PolicyServicer(self.loaded, self.batch_metrics), host.server
+        )
 
     def load_handle(self) -> ModelHandle:
         return ModelHandle(self.slug, self.cfg.model, load_causal_lm(self.cfg.model), load_tokenizer(self.cfg.model))

@@ -119,7 +119,11 @@ class PolicyEngine:
         cur_pos = positions
         for _step in range(max_new):
             out = model(
-                input_ids=cur_ids, attention_mask=attention, position_ids=cur_pos, cache=past, use_cache=True,
+                input_ids=cur_ids,
+                attention_mask=attention,
+                position_ids=cur_pos,
+                cache=past,
+                use_cache=True,
                 logits_to_keep=1,
             )
             past = out.cache  # transformers 5: the KV cache (formerly past_key_values)

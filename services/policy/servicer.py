@@ -31,7 +31,8 @@ def parse_sampling(sp: policy_pb2.SamplingParams, handle: ModelHandle) -> tuple[
         raise InvalidArgument("sampling.max_new_tokens", f"must be >= 1, got {sp.max_new_tokens}")
     if sp.max_new_tokens >= handle.max_context:
         raise InvalidArgument(
-            "sampling.max_new_tokens", f"{sp.max_new_tokens} leaves no room for a prompt in the context of {handle.max_context} tokens"
+            "sampling.max_new_tokens",
+            f"{sp.max_new_tokens} leaves no room for a prompt in the context of {handle.max_context} tokens",
         )
     if sp.num_samples < 0:
         raise InvalidArgument("sampling.num_samples", f"must be >= 1 (0 = 1), got {sp.num_samples}")
@@ -39,7 +40,9 @@ def parse_sampling(sp: policy_pb2.SamplingParams, handle: ModelHandle) -> tuple[
     if not sp.ignore_eos and handle.eos_token_id is not None:
         stops.add(int(handle.eos_token_id))
     if sp.logprob_mode not in (
-        policy_pb2.LOGPROB_MODE_UNSPECIFIED, policy_pb2.LOGPROB_MODE_RAW, policy_pb2.LOGPROB_MODE_SAMPLED
+        policy_pb2.LOGPROB_MODE_UNSPECIFIED,
+        policy_pb2.LOGPROB_MODE_RAW,
+        policy_pb2.LOGPROB_MODE_SAMPLED,
     ):
         raise InvalidArgument("sampling.logprob_mode", f"unknown mode {sp.logprob_mode}")
     sampling = Sampling(
@@ -77,7 +80,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             if not ids:
                 raise InvalidArgument(f"prompts[{i}]", "empty prompt")
             check_length(
-                len(ids) + sampling.max_new_tokens, handle, f"prompts[{i}]",
+                len(ids) + sampling.max_new_tokens,
+                handle,
+                f"prompts[{i}]",
                 f"prompt of {len(ids)} tokens + max_new_tokens {sampling.max_new_tokens} =",
             )
             prompts.append(ids)
@@ -92,7 +97,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         )
         self.metrics.queue_seconds.observe(pending.queue_seconds)
         samples = []
-        for k, (row, res) in enumerate(zip(rows, results)):
+        for k, res in enumerate(results):
             i, j = divmod(k, n)
             samples.append(
                 policy_pb2.Sample(
@@ -103,7 +108,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     logprobs=res.logprobs,
                     finish_reason=common_pb2.FINISH_REASON_STOP if res.stopped else common_pb2.FINISH_REASON_LENGTH,
                     weight_version=version,
-                    text=state.handle.tokenizer.decode(res.token_ids, skip_special_tokens=True) if request.return_text else "",
+                    text=state.handle.tokenizer.decode(res.token_ids, skip_special_tokens=True)
+                    if request.return_text
+                    else "",
                 )
             )
         self.metrics.tokens.labels("prompt").inc(sum(len(r.prompt_ids) for r in rows))
@@ -111,6 +118,3 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         return policy_pb2.GenerateResponse(
             samples=samples, queue_seconds=pending.queue_seconds, generate_seconds=info.seconds, batch_size=info.size
         )
-
-
-

@@ -21,7 +21,6 @@ class ReferenceState:
     batcher: DynamicBatcher
 
 
-
 class ReferenceApp(ModelRoleApp):
     slug = "reference"
     role_service = "alignd.v1.ReferenceService"

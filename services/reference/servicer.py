@@ -20,7 +20,9 @@ def parse_items(request: reference_pb2.LogProbsRequest, handle: ModelHandle) -> 
         prompt = check_ids(it.prompt_token_ids, handle.vocab_size, f"items[{i}].prompt_token_ids")
         response = check_ids(it.response_token_ids, handle.vocab_size, f"items[{i}].response_token_ids")
         if not prompt:
-            raise InvalidArgument(f"items[{i}].prompt_token_ids", "empty prompt: the first response token needs a context")
+            raise InvalidArgument(
+                f"items[{i}].prompt_token_ids", "empty prompt: the first response token needs a context"
+            )
         if not response:
             raise InvalidArgument(f"items[{i}].response_token_ids", "empty response")
         check_length(len(prompt) + len(response), handle, f"items[{i}]", "prompt + response")

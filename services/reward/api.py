@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -24,7 +24,12 @@ from alignd.runtime.metrics import LATENCY_BUCKETS_SECONDS
 APIS = ("grpc", "http")
 # Reasons a request is refused, for alignd_reward_rejected_total (bounded).
 REASONS = (
-    "unauthenticated", "invalid_argument", "resource_exhausted", "deadline_exceeded", "unavailable", "internal",
+    "unauthenticated",
+    "invalid_argument",
+    "resource_exhausted",
+    "deadline_exceeded",
+    "unavailable",
+    "internal",
 )
 ANONYMOUS = "anonymous"  # the client label without server.auth
 
@@ -91,7 +96,9 @@ class RewardAPI:
         if n == 0:
             raise InvalidArgument(field, "empty batch: at least one item is required")
         if n > self.limits.max_items:
-            raise InvalidArgument(field, f"{n} items in one request; at most {self.limits.max_items} (limits.max_items)")
+            raise InvalidArgument(
+                field, f"{n} items in one request; at most {self.limits.max_items} (limits.max_items)"
+            )
 
     def text_ids_size(self, text: str, field: str) -> None:
         """InvalidArgument unless `text` is valid Unicode of at most limits.max_text_bytes UTF-8 bytes."""
@@ -102,27 +109,32 @@ class RewardAPI:
         except UnicodeEncodeError:
             raise InvalidArgument(field, "not valid Unicode text (a lone surrogate)") from None
         if size > self.limits.max_text_bytes:
-            raise InvalidArgument(field, f"{size} bytes of text; at most {self.limits.max_text_bytes} (limits.max_text_bytes)")
+            raise InvalidArgument(
+                field, f"{size} bytes of text; at most {self.limits.max_text_bytes} (limits.max_text_bytes)"
+            )
 
     def text_ids(self, handle: ModelHandle, text: str, field: str) -> list[int]:
         self.text_ids_size(text, field)
         return tokenize(handle, text) if text else []
 
-    def fit(self, handle: ModelHandle, prompt: list[int], response: list[int], field: str) -> tuple[list[int], list[int]]:
+    def fit(
+        self, handle: ModelHandle, prompt: list[int], response: list[int], field: str
+    ) -> tuple[list[int], list[int]]:
         """The pair within the model's context, by the configured policy (limits.too_long)."""
         total, limit = len(prompt) + len(response), handle.max_context
         if total <= limit:
             return prompt, response
         if self.limits.too_long == "reject":
             raise InvalidArgument(
-                field, f"prompt + response of {total} tokens exceeds the context of {limit} tokens "
+                field,
+                f"prompt + response of {total} tokens exceeds the context of {limit} tokens "
                 "(limits.too_long: reject; truncate_left keeps the last tokens)",
             )
         cut = total - limit  # drop the oldest tokens: the prompt's first, then the response's
         self.metrics.truncated.inc()
         if cut <= len(prompt):
             return prompt[cut:], response
-        return [], response[cut - len(prompt):]
+        return [], response[cut - len(prompt) :]
 
     def text_pair(
         self, handle: ModelHandle, prompt: str, response: str, field: str, prompt_field: str, response_field: str

@@ -22,7 +22,6 @@ class RewardState:
     batcher: DynamicBatcher
 
 
-
 class RewardApp(ModelRoleApp):
     slug = "reward"
     role_service = "alignd.v1.RewardService"
@@ -59,7 +58,9 @@ class RewardApp(ModelRoleApp):
 
             from alignd.models.handle import DTYPES, check_model_dir
 
-            model = AutoModel.from_pretrained(str(check_model_dir(self.cfg.model.path)), dtype=DTYPES[self.cfg.model.dtype]).eval()
+            model = AutoModel.from_pretrained(
+                str(check_model_dir(self.cfg.model.path)), dtype=DTYPES[self.cfg.model.dtype]
+            ).eval()
             return ModelHandle(self.slug, self.cfg.model, model, load_tokenizer(self.cfg.model))
         model = load_scalar_head_model(self.cfg.model, allow_new_head=self.cfg.allow_new_head)
         handle = ModelHandle(self.slug, self.cfg.model, model, load_tokenizer(self.cfg.model))

@@ -69,8 +69,8 @@ from starlette.routing import Route
 
 from alignd.runtime.auth import PRINCIPAL
 from alignd.runtime.errors import AligndError, DeadlineExceeded, InvalidArgument, Unauthenticated
-from alignd.runtime.scopes import SCORE
 from alignd.runtime.logging import get_logger
+from alignd.runtime.scopes import SCORE
 from alignd.services.reward.api import RewardAPI, status_name
 
 _log = get_logger("alignd.reward.http")
@@ -114,7 +114,7 @@ def split_query(query: str, prompt: str | None, pad: str | None, index: int) -> 
         prompt = _strip_pads(prompt, pad, end=False)
     if not query.startswith(prompt):
         raise InvalidArgument(f"prompts[{index}]", f"query[{index}] does not start with its prompt")
-    return prompt, query[len(prompt):]
+    return prompt, query[len(prompt) :]
 
 
 def parse_body(body: bytes) -> tuple[list[str], list[str | None]]:
@@ -184,10 +184,19 @@ class RewardHTTPApp:
     cfg: config.RewardHTTPConfig; mutual_tls: a client certificate is required for /get_reward."""
 
     def __init__(self, api, cfg, *, authenticator, serving, mutual_tls: bool = False) -> None:
-        self.api, self.cfg, self.authenticator, self.serving, self.mutual_tls = api, cfg, authenticator, serving, mutual_tls
+        self.api, self.cfg, self.authenticator, self.serving, self.mutual_tls = (
+            api,
+            cfg,
+            authenticator,
+            serving,
+            mutual_tls,
+        )
         self._limiter: anyio.CapacityLimiter | None = None  # made on the serving loop
         self.app = Starlette(
-            routes=[Route("/get_reward", self.get_reward, methods=["POST"]), Route("/health", self.health, methods=["GET"])],
+            routes=[
+                Route("/get_reward", self.get_reward, methods=["POST"]),
+                Route("/health", self.health, methods=["GET"]),
+            ],
             exception_handlers={HTTPException: self._http_exception},
         )
 
@@ -196,8 +205,9 @@ class RewardHTTPApp:
 
     @staticmethod
     def _json(status: int, payload: dict, headers: dict | None = None) -> Response:
-        return Response(json.dumps(payload, allow_nan=False), status_code=status, headers=headers,
-                        media_type="application/json")
+        return Response(
+            json.dumps(payload, allow_nan=False), status_code=status, headers=headers, media_type="application/json"
+        )
 
     def _error(self, err: HttpError, body_pending: bool) -> Response:
         headers = {}
@@ -222,18 +232,26 @@ class RewardHTTPApp:
 
     async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 405:
-            err = HttpError(HTTPStatus.METHOD_NOT_ALLOWED, "UNIMPLEMENTED",
-                            f"{request.method} {request.url.path[:200]}: method not allowed")
+            err = HttpError(
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                "UNIMPLEMENTED",
+                f"{request.method} {request.url.path[:200]}: method not allowed",
+            )
         else:
-            err = HttpError(HTTPStatus.NOT_FOUND, "NOT_FOUND", f"no such path: {request.url.path[:200]}; POST /get_reward")
+            err = HttpError(
+                HTTPStatus.NOT_FOUND, "NOT_FOUND", f"no such path: {request.url.path[:200]}; POST /get_reward"
+            )
         return self._error(err, not await self._drain(request))
 
     async def health(self, request: Request) -> Response:
         """On the event loop: no worker thread, no token; answers while every scoring thread is busy."""
         drained = await self._drain(request)
         serving = self.serving()
-        return self._json(200 if serving else 503, {"status": "SERVING" if serving else "NOT_SERVING"},
-                          None if drained else {"Connection": "close"})
+        return self._json(
+            200 if serving else 503,
+            {"status": "SERVING" if serving else "NOT_SERVING"},
+            None if drained else {"Connection": "close"},
+        )
 
     async def get_reward(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -247,8 +265,11 @@ class RewardHTTPApp:
             client = principal.name if principal is not None else None
             ctype = request.headers.get("content-type", "application/json").split(";", 1)[0].strip().lower()
             if ctype not in ("application/json", ""):
-                raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "INVALID_ARGUMENT",
-                                f"Content-Type {ctype!r}: send application/json")
+                raise HttpError(
+                    HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                    "INVALID_ARGUMENT",
+                    f"Content-Type {ctype!r}: send application/json",
+                )
             body = await self._read_body(request)
             pending = False
             timeout = self._timeout(request)
@@ -263,15 +284,19 @@ class RewardHTTPApp:
             api.observe("http", client, started, code)
             if not isinstance(exc, Unauthenticated):
                 _log.info("http_request_rejected", code=code, error=exc.message)
-            return self._error(HttpError(GRPC_TO_HTTP.get(code, HTTPStatus.INTERNAL_SERVER_ERROR), code, exc.message), pending)
+            return self._error(
+                HttpError(GRPC_TO_HTTP.get(code, HTTPStatus.INTERNAL_SERVER_ERROR), code, exc.message), pending
+            )
         except ClientDisconnect:  # the client hung up mid-body: nothing to answer
             api.observe("http", client, started, "CANCELLED")
             return Response(status_code=499)
         except Exception as exc:  # noqa: BLE001 - the boundary of the request
             api.observe("http", client, started, "INTERNAL")
             _log.error("http_request_failed", exc_info=exc)
-            return self._error(HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "INTERNAL",
-                                         f"internal error: {type(exc).__name__}"), pending)
+            return self._error(
+                HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "INTERNAL", f"internal error: {type(exc).__name__}"),
+                pending,
+            )
         api.observe("http", client, started, "OK", len(payload["rewards"]))
         return self._json(200, payload)
 
@@ -280,8 +305,9 @@ class RewardHTTPApp:
         auth = self.authenticator
         if auth is None:
             return None
-        principal = auth.authenticate(request.headers.get("authorization"), _ip(request.client.host if request.client else None),
-                                      api="http")
+        principal = auth.authenticate(
+            request.headers.get("authorization"), _ip(request.client.host if request.client else None), api="http"
+        )
         auth.authorize(principal, SCORE, "/get_reward", api="http")
         return principal
 
@@ -291,20 +317,29 @@ class RewardHTTPApp:
         if length is None and "transfer-encoding" not in request.headers:
             raise HttpError(HTTPStatus.LENGTH_REQUIRED, "INVALID_ARGUMENT", "Content-Length is required")
         if length is not None and int(length) > limit:  # h11 checked that it is one decimal number
-            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "INVALID_ARGUMENT",
-                            f"body of {length} bytes; at most {limit} (http.max_body_bytes)")
+            raise HttpError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                "INVALID_ARGUMENT",
+                f"body of {length} bytes; at most {limit} (http.max_body_bytes)",
+            )
         chunks, n = [], 0
         try:
             with anyio.fail_after(self.cfg.body_timeout_seconds):
                 async for chunk in request.stream():
                     n += len(chunk)
                     if n > limit:  # a chunked body: counted while it is read
-                        raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "INVALID_ARGUMENT",
-                                        f"body over {limit} bytes (http.max_body_bytes)")
+                        raise HttpError(
+                            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                            "INVALID_ARGUMENT",
+                            f"body over {limit} bytes (http.max_body_bytes)",
+                        )
                     chunks.append(chunk)
         except TimeoutError:
-            raise HttpError(HTTPStatus.REQUEST_TIMEOUT, "DEADLINE_EXCEEDED",
-                            f"body not received within {self.cfg.body_timeout_seconds:g} s") from None
+            raise HttpError(
+                HTTPStatus.REQUEST_TIMEOUT,
+                "DEADLINE_EXCEEDED",
+                f"body not received within {self.cfg.body_timeout_seconds:g} s",
+            ) from None
         return b"".join(chunks)
 
     def _timeout(self, request: Request) -> float:
@@ -360,28 +395,40 @@ def start_http(cfg, server_cfg, api: RewardAPI, host_obj, registry=None):
 
         ssl_context = reloading_ssl_context(HttpTLS(host_obj.cert_files))
         mutual = host_obj.cert_files.mutual
-    app = RewardHTTPApp(api, cfg, authenticator=host_obj.authenticator, serving=lambda: host_obj.serving,
-                        mutual_tls=mutual)
+    app = RewardHTTPApp(
+        api, cfg, authenticator=host_obj.authenticator, serving=lambda: host_obj.serving, mutual_tls=mutual
+    )
     policy = ConnectionPolicy(
-        header_timeout=cfg.header_timeout_seconds, max_connections=cfg.max_connections,
+        header_timeout=cfg.header_timeout_seconds,
+        max_connections=cfg.max_connections,
         max_per_ip=cfg.max_connections_per_client,
         exempt=tuple(ipaddress.ip_network(n, strict=False) for n in cfg.connection_cap_exempt_networks),
     )
     if registry is not None:
         from prometheus_client import Counter
 
-        refused = Counter("alignd_reward_http_connections_refused_total",
-                          "HTTP connections refused or closed by the connection rules, by reason (refused_per_ip, "
-                          "refused_full, evicted: a connection waiting for headers made room; header_timeouts).",
-                          ["reason"], registry=registry)
+        refused = Counter(
+            "alignd_reward_http_connections_refused_total",
+            "HTTP connections refused or closed by the connection rules, by reason (refused_per_ip, "
+            "refused_full, evicted: a connection waiting for headers made room; header_timeouts).",
+            ["reason"],
+            registry=registry,
+        )
         for reason in ("refused_per_ip", "refused_full", "evicted", "header_timeouts"):
             refused.labels(reason)
         policy.on_event = lambda reason: refused.labels(reason).inc()
     host = cfg.host or server_cfg.host
     try:
-        server = HTTPServer(app, host, cfg.port, policy, ssl_context=ssl_context,
-                            keep_alive_seconds=cfg.idle_timeout_seconds, graceful_seconds=server_cfg.grace_seconds,
-                            name="reward-http")
+        server = HTTPServer(
+            app,
+            host,
+            cfg.port,
+            policy,
+            ssl_context=ssl_context,
+            keep_alive_seconds=cfg.idle_timeout_seconds,
+            graceful_seconds=server_cfg.grace_seconds,
+            name="reward-http",
+        )
     except OSError as exc:
         raise ConfigError(f"http.port: cannot bind {host}:{cfg.port} ({exc.strerror or exc})") from None
     server.start()

@@ -18,11 +18,20 @@ def parse_items(api: RewardAPI, request: reward_pb2.ScoreRequest, handle) -> lis
         kind = item.WhichOneof("input")
         field = f"items[{i}]"
         if kind == "text":
-            seqs.append(api.text_pair(
-                handle, item.text.prompt, item.text.response, field, f"{field}.text.prompt", f"{field}.text.response"
-            ))
+            seqs.append(
+                api.text_pair(
+                    handle,
+                    item.text.prompt,
+                    item.text.response,
+                    field,
+                    f"{field}.text.prompt",
+                    f"{field}.text.response",
+                )
+            )
         elif kind == "tokens":
-            seqs.append(api.token_pair(handle, item.tokens.prompt_token_ids, item.tokens.response_token_ids, f"{field}.tokens"))
+            seqs.append(
+                api.token_pair(handle, item.tokens.prompt_token_ids, item.tokens.response_token_ids, f"{field}.tokens")
+            )
         else:
             raise InvalidArgument(field, "no input: set text or tokens")
     return seqs

@@ -31,8 +31,6 @@ def all_methods() -> list[str]:
     return out
 
 
-
-
 def base_requests(root: Path, tiny_models, *, stream_state: bool = False) -> dict[str, object]:
     """A valid request per method, one that changes state (or reads data) when it is served: with stream_state,
     UpdateWeights is a whole stream of other weights (a callable giving the messages); else its header alone."""
@@ -45,15 +43,23 @@ def base_requests(root: Path, tiny_models, *, stream_state: bool = False) -> dic
         state = {k: v.detach().clone() for k, v in other.state_dict().items()}
         update = lambda: encode_stream(state, 99)  # noqa: E731
     else:
-        update = model_pb2.UpdateWeightsRequest(header=model_pb2.WeightsHeader(version=99, num_tensors=1, total_bytes=4))
-    ppo_run = yaml.safe_dump({"steps": 1, "prompts_per_step": 2, "prompts": {"path": str(ROOT / "configs" / "tiny_prompts.txt")}})
+        update = model_pb2.UpdateWeightsRequest(
+            header=model_pb2.WeightsHeader(version=99, num_tensors=1, total_bytes=4)
+        )
+    ppo_run = yaml.safe_dump(
+        {"steps": 1, "prompts_per_step": 2, "prompts": {"path": str(ROOT / "configs" / "tiny_prompts.txt")}}
+    )
     return {
-        "Generate": policy_pb2.GenerateRequest(prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=PROMPT))],
-                                               sampling=policy_pb2.SamplingParams(max_new_tokens=2)),
-        "Score": reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(
-            tokens=reward_pb2.TokenPair(prompt_token_ids=PROMPT, response_token_ids=[9]))]),
-        "LogProbs": reference_pb2.LogProbsRequest(items=[reference_pb2.LogProbsItem(prompt_token_ids=PROMPT,
-                                                                                      response_token_ids=[9])]),
+        "Generate": policy_pb2.GenerateRequest(
+            prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=PROMPT))],
+            sampling=policy_pb2.SamplingParams(max_new_tokens=2),
+        ),
+        "Score": reward_pb2.ScoreRequest(
+            items=[reward_pb2.ScoreItem(tokens=reward_pb2.TokenPair(prompt_token_ids=PROMPT, response_token_ids=[9]))]
+        ),
+        "LogProbs": reference_pb2.LogProbsRequest(
+            items=[reference_pb2.LogProbsItem(prompt_token_ids=PROMPT, response_token_ids=[9])]
+        ),
         "GetInfo": model_pb2.GetInfoRequest(),
         "UpdateWeights": update,
         "LoadWeights": model_pb2.LoadWeightsRequest(path=str(tiny_models["lm_other"]), version=99),
@@ -62,16 +68,27 @@ def base_requests(root: Path, tiny_models, *, stream_state: bool = False) -> dic
         "SaveCheckpoint": learner_pb2.SaveCheckpointRequest(tag="intruder"),
         "PushWeights": learner_pb2.PushWeightsRequest(),
         "ResetPolicy": learner_pb2.ResetPolicyRequest(policy_dir=str(tiny_models["lm_other"]), version=99),
-        "TrainSFT": learner_pb2.TrainSFTRequest(job_id="intruder", demonstrations_path=str(ROOT / "configs" / "tiny_demos.jsonl"),
-                                                output_dir=str(root / "learner" / "intruder-sft")),
-        "TrainRewardModel": learner_pb2.TrainRewardModelRequest(job_id="intruder", output_dir=str(root / "learner" / "rm")),
-        "EvaluateTextLoss": learner_pb2.EvaluateTextLossRequest(text_path=str(ROOT / "configs" / "tiny_heldout_text.txt")),
+        "TrainSFT": learner_pb2.TrainSFTRequest(
+            job_id="intruder",
+            demonstrations_path=str(ROOT / "configs" / "tiny_demos.jsonl"),
+            output_dir=str(root / "learner" / "intruder-sft"),
+        ),
+        "TrainRewardModel": learner_pb2.TrainRewardModelRequest(
+            job_id="intruder", output_dir=str(root / "learner" / "rm")
+        ),
+        "EvaluateTextLoss": learner_pb2.EvaluateTextLossRequest(
+            text_path=str(ROOT / "configs" / "tiny_heldout_text.txt")
+        ),
         "GetCoordinatorInfo": coordinator_pb2.GetCoordinatorInfoRequest(),
         "StartRun": coordinator_pb2.StartRunRequest(run_id="intruder", config_yaml=ppo_run),
         "GetRun": coordinator_pb2.GetRunRequest(run_id="intruder"),
         "StopRun": coordinator_pb2.StopRunRequest(run_id="intruder"),
         "ListRuns": coordinator_pb2.ListRunsRequest(),
         "LeaseComparisonTasks": coordinator_pb2.LeaseComparisonTasksRequest(run_id="intruder", labeler="x"),
-        "SubmitRanking": coordinator_pb2.SubmitRankingRequest(run_id="intruder", task_id="t", labeler="x", ranking=[0, 1]),
-        "ReleaseComparisonTask": coordinator_pb2.ReleaseComparisonTaskRequest(run_id="intruder", task_id="t", labeler="x"),
+        "SubmitRanking": coordinator_pb2.SubmitRankingRequest(
+            run_id="intruder", task_id="t", labeler="x", ranking=[0, 1]
+        ),
+        "ReleaseComparisonTask": coordinator_pb2.ReleaseComparisonTaskRequest(
+            run_id="intruder", task_id="t", labeler="x"
+        ),
     }

@@ -17,22 +17,34 @@ from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.descriptor import FieldDescriptor as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rpc_catalog import SERVICES, all_methods, base_requests
 
 from conftest import bearer, start_roles, stop_roles
-from rpc_catalog import SERVICES, all_methods, base_requests
 
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 DELIBERATE = {
-    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED, grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.PERMISSION_DENIED,
 }
 INTS = {
-    F.TYPE_INT32: (-(2**31), 2**31 - 1), F.TYPE_SINT32: (-(2**31), 2**31 - 1), F.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
-    F.TYPE_INT64: (-(2**63), 2**63 - 1), F.TYPE_SINT64: (-(2**63), 2**63 - 1), F.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
-    F.TYPE_UINT32: (0, 2**32 - 1), F.TYPE_FIXED32: (0, 2**32 - 1),
-    F.TYPE_UINT64: (0, 2**64 - 1), F.TYPE_FIXED64: (0, 2**64 - 1),
+    F.TYPE_INT32: (-(2**31), 2**31 - 1),
+    F.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    F.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    F.TYPE_INT64: (-(2**63), 2**63 - 1),
+    F.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    F.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    F.TYPE_UINT32: (0, 2**32 - 1),
+    F.TYPE_FIXED32: (0, 2**32 - 1),
+    F.TYPE_UINT64: (0, 2**64 - 1),
+    F.TYPE_FIXED64: (0, 2**64 - 1),
 }
 
 
@@ -40,11 +52,14 @@ def scalar(field) -> st.SearchStrategy:
     t = field.type
     if t in INTS:
         lo, hi = INTS[t]
-        return st.one_of(st.integers(-3, 600).filter(lambda v: lo <= v <= hi), st.sampled_from([lo, hi, 0, 1]),
-                         st.integers(lo, hi))
+        return st.one_of(
+            st.integers(-3, 600).filter(lambda v: lo <= v <= hi), st.sampled_from([lo, hi, 0, 1]), st.integers(lo, hi)
+        )
     if t in (F.TYPE_FLOAT, F.TYPE_DOUBLE):
-        return st.one_of(st.sampled_from([0.0, 1.0, -1.0, 1e-45, 1e38, float("nan"), float("inf"), -float("inf")]),
-                         st.floats(width=32 if t == F.TYPE_FLOAT else 64))
+        return st.one_of(
+            st.sampled_from([0.0, 1.0, -1.0, 1e-45, 1e38, float("nan"), float("inf"), -float("inf")]),
+            st.floats(width=32 if t == F.TYPE_FLOAT else 64),
+        )
     if t == F.TYPE_BOOL:
         return st.booleans()
     if t == F.TYPE_STRING:
@@ -120,21 +135,43 @@ def roles(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     model = lambda key: {"path": str(tiny_models[key])}  # noqa: E731
     paths = {"roots": [str(tmp_path_factory.getbasetemp()), str(ROOT / "configs")]}  # the valid requests' files
-    first = start_roles([
-        ("policy", {"model": model("lm"), "torch_threads": 1, "paths": paths}, root / "policy"),
-        ("reward", {"model": model("reward"), "torch_threads": 1, "paths": paths}, root / "reward"),
-        ("reference", {"model": model("lm"), "torch_threads": 1, "paths": paths}, root / "reference"),
-    ])
+    first = start_roles(
+        [
+            ("policy", {"model": model("lm"), "torch_threads": 1, "paths": paths}, root / "policy"),
+            ("reward", {"model": model("reward"), "torch_threads": 1, "paths": paths}, root / "reward"),
+            ("reference", {"model": model("lm"), "torch_threads": 1, "paths": paths}, root / "reference"),
+        ]
+    )
     by_role = {s.role: s for s in first}
-    later = start_roles([
-        ("learner", {"model": model("lm"), "value_model": model("reward"), "torch_threads": 1,
-                     "policy_addresses": [by_role["policy"].address], "weight_sync": "stream",
-                     "checkpoint_every_steps": 0, "paths": paths}, root / "learner"),
-        ("coordinator", {"paths": paths, "policy_addresses": [by_role["policy"].address],
-                         "reward_addresses": [by_role["reward"].address],
-                         "reference_addresses": [by_role["reference"].address],
-                         "learner_address": "127.0.0.1:1", "recovery_timeout_seconds": 1}, root / "coordinator"),
-    ])
+    later = start_roles(
+        [
+            (
+                "learner",
+                {
+                    "model": model("lm"),
+                    "value_model": model("reward"),
+                    "torch_threads": 1,
+                    "policy_addresses": [by_role["policy"].address],
+                    "weight_sync": "stream",
+                    "checkpoint_every_steps": 0,
+                    "paths": paths,
+                },
+                root / "learner",
+            ),
+            (
+                "coordinator",
+                {
+                    "paths": paths,
+                    "policy_addresses": [by_role["policy"].address],
+                    "reward_addresses": [by_role["reward"].address],
+                    "reference_addresses": [by_role["reference"].address],
+                    "learner_address": "127.0.0.1:1",
+                    "recovery_timeout_seconds": 1,
+                },
+                root / "coordinator",
+            ),
+        ]
+    )
     by_role.update({s.role: s for s in later})
     yield by_role
     stop_roles(list(by_role.values()))
@@ -153,10 +190,12 @@ def call(channel, method: str, payload):
     try:
         if m.client_streaming:
             resp = channel.stream_unary(method, request_serializer=ser, response_deserializer=resp_cls.FromString)(
-                iter([payload]), metadata=bearer(), timeout=30)
+                iter([payload]), metadata=bearer(), timeout=30
+            )
         else:
             resp = channel.unary_unary(method, request_serializer=ser, response_deserializer=resp_cls.FromString)(
-                payload, metadata=bearer(), timeout=30)
+                payload, metadata=bearer(), timeout=30
+            )
     except grpc.RpcError as err:
         return err.code(), err.details()
     return grpc.StatusCode.OK, resp

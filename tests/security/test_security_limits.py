@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from alignd.launcher import child_env
 from alignd.v1 import model_pb2, model_pb2_grpc, reward_pb2, reward_pb2_grpc
+
 from conftest import start_role, stop_role, wait_until
 
 TOKENS = {
@@ -37,11 +38,23 @@ def md(name: str) -> tuple:
 def role(tiny_models, tmp_path_factory):
     work = tmp_path_factory.mktemp("limits")
     (work / "tokens.yaml").write_text(yaml.safe_dump(TOKENS))
-    cfg = {"model": {"path": str(tiny_models["reward"])}, "torch_threads": 1,
-           "server": {"auth": {"tokens_file": str(work / "tokens.yaml"), "trusted_networks": ["127.0.0.0/8"],
-                               "metrics_requires_token": True},
-                      "limits": {"max_concurrent_calls_per_client": 3, "stream_idle_timeout_seconds": 1.5,
-                                 "max_health_watchers": 6, "max_health_watchers_per_peer": 4}}}
+    cfg = {
+        "model": {"path": str(tiny_models["reward"])},
+        "torch_threads": 1,
+        "server": {
+            "auth": {
+                "tokens_file": str(work / "tokens.yaml"),
+                "trusted_networks": ["127.0.0.0/8"],
+                "metrics_requires_token": True,
+            },
+            "limits": {
+                "max_concurrent_calls_per_client": 3,
+                "stream_idle_timeout_seconds": 1.5,
+                "max_health_watchers": 6,
+                "max_health_watchers_per_peer": 4,
+            },
+        },
+    }
     server = start_role("reward", cfg, work)
     yield server
     assert stop_role(server) == 0, server.log()[-3000:]
@@ -52,7 +65,7 @@ def blocked_stream(stop: threading.Event):
     while not stop.wait(0.05):
         pass
     return
-    yield  # noqa: unreachable - a generator
+    yield  # unreachable: a generator
 
 
 def scores_started(role) -> float:
@@ -61,8 +74,12 @@ def scores_started(role) -> float:
 
     req = urllib.request.Request(role.metrics_url, headers={"Authorization": f"Bearer {TOKENS['scraper']['token']}"})
     text = urllib.request.urlopen(req, timeout=10).read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == "grpc_server_started_total" and s.labels.get("grpc_method") == "Score")
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "grpc_server_started_total" and s.labels.get("grpc_method") == "Score"
+    )
 
 
 def test_calls_in_flight_are_bounded_per_client(role):
@@ -70,8 +87,11 @@ def test_calls_in_flight_are_bounded_per_client(role):
     held = []
     try:
         with grpc.insecure_channel(role.address) as ch:
-            score = ch.stream_unary("/alignd.v1.RewardService/Score", request_serializer=lambda x: x,
-                                    response_deserializer=reward_pb2.ScoreResponse.FromString)
+            score = ch.stream_unary(
+                "/alignd.v1.RewardService/Score",
+                request_serializer=lambda x: x,
+                response_deserializer=reward_pb2.ScoreResponse.FromString,
+            )
             before = scores_started(role)
             for _ in range(3):  # alice's three calls in flight: never send their message
                 held.append(score.future(blocked_stream(stop), metadata=md("alice")))
@@ -133,10 +153,13 @@ def test_health_watch_streams_are_capped_and_check_always_answers(role):
                 next(refused)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             # Check, what probes use, answers regardless.
-            assert stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+            assert (
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+            )
         finally:
             for call in calls:
                 call.cancel()
+
         # Closed watchers free their places.
         def watch_ok():
             call = stub.Watch(health_pb2.HealthCheckRequest(service=""))
@@ -152,9 +175,14 @@ def test_health_watch_streams_are_capped_and_check_always_answers(role):
 
 def test_trusted_networks_grant_score_and_nothing_else(role):
     with grpc.insecure_channel(role.address) as ch:  # loopback is trusted here; no token sent
-        assert len(reward_pb2_grpc.RewardServiceStub(ch).Score(reward_pb2.ScoreRequest(items=[ITEM]), timeout=30).scores) == 1
+        assert (
+            len(reward_pb2_grpc.RewardServiceStub(ch).Score(reward_pb2.ScoreRequest(items=[ITEM]), timeout=30).scores)
+            == 1
+        )
         with pytest.raises(grpc.RpcError) as err:
-            model_pb2_grpc.ModelServiceStub(ch).LoadWeights(model_pb2.LoadWeightsRequest(path="/x", version=5), timeout=10)
+            model_pb2_grpc.ModelServiceStub(ch).LoadWeights(
+                model_pb2.LoadWeightsRequest(path="/x", version=5), timeout=10
+            )
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "'weights' scope" in err.value.details() and "trusted-network" in err.value.details()
 
@@ -178,12 +206,34 @@ def test_a_role_open_on_a_non_loopback_address_says_so(tiny_models, tmp_path):
     """server.auth.enabled: false must be explicit, and on a non-loopback bind it is logged and exported."""
     cfg_path = tmp_path / "reward.yaml"
     cfg_path.write_text(yaml.safe_dump({"model": {"path": str(tiny_models["reward"])}}))  # auth on, no tokens file
-    out = subprocess.run([sys.executable, "-m", "alignd.cli", "serve", "reward", "--config", str(cfg_path),
-                          "--run-dir", str(tmp_path / "a")], capture_output=True, text=True, timeout=120, env=child_env())
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignd.cli",
+            "serve",
+            "reward",
+            "--config",
+            str(cfg_path),
+            "--run-dir",
+            str(tmp_path / "a"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
+    )
     assert out.returncode == 2 and "server.auth.tokens_file: required" in out.stderr
-    server = start_role("reward", {"model": {"path": str(tiny_models["reward"])}, "torch_threads": 1, "http": {"port": -1},
-                                   "server": {"host": "0.0.0.0", "metrics_host": "127.0.0.1", "auth": {"enabled": False}}},
-                        tmp_path / "open")
+    server = start_role(
+        "reward",
+        {
+            "model": {"path": str(tiny_models["reward"])},
+            "torch_threads": 1,
+            "http": {"port": -1},
+            "server": {"host": "0.0.0.0", "metrics_host": "127.0.0.1", "auth": {"enabled": False}},
+        },
+        tmp_path / "open",
+    )
     try:
         assert '"event": "auth_disabled_exposed"' in server.log()
         assert "alignd_reward_auth_disabled_exposed 1.0" in server.metrics()

@@ -28,6 +28,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from alignd.v1 import common_pb2, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
+
 from conftest import start_role, stop_role
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]  # latency ratios: run alone, after the parallel pass
@@ -52,10 +53,19 @@ def roles(tiny_models, tmp_path_factory):
     tokens.write_text(yaml.safe_dump(TOKENS))
     auth = {"auth": {"tokens_file": str(tokens)}}
     # 256 connections at most: the 512 slowloris connections are more than it holds (they make room for others).
-    reward = start_role("reward", {"model": {"path": str(tiny_models["reward"])}, "torch_threads": 1, "server": auth,
-                                   "http": {"max_connections": 256}}, work / "reward")
-    policy = start_role("policy", {"model": {"path": str(tiny_models["lm"])}, "torch_threads": 1, "server": auth},
-                        work / "policy")
+    reward = start_role(
+        "reward",
+        {
+            "model": {"path": str(tiny_models["reward"])},
+            "torch_threads": 1,
+            "server": auth,
+            "http": {"max_connections": 256},
+        },
+        work / "reward",
+    )
+    policy = start_role(
+        "policy", {"model": {"path": str(tiny_models["lm"])}, "torch_threads": 1, "server": auth}, work / "policy"
+    )
     info = json.loads((work / "reward" / "reward.endpoint.json").read_text())
     yield reward, policy, info["http_url"]
     assert stop_role(reward) == 0, reward.log()[-3000:]
@@ -126,8 +136,11 @@ class Attack:
         for _ in range(64):
             self.calls.append(health.Watch(health_pb2.HealthCheckRequest(service="")))
         never = lambda: iter(self.stop_event.wait, True)  # noqa: E731 - blocks until the attack ends, sends nothing
-        score = ch.stream_unary("/alignd.v1.RewardService/Score", request_serializer=lambda x: x,
-                                response_deserializer=reward_pb2.ScoreResponse.FromString)
+        score = ch.stream_unary(
+            "/alignd.v1.RewardService/Score",
+            request_serializer=lambda x: x,
+            response_deserializer=reward_pb2.ScoreResponse.FromString,
+        )
         for who in ("stranger",) * 16 + ("mallory",) * 48:  # mallory past its 32 calls in flight
             md = bearer("mallory") if who == "mallory" else ()
             fut = score.future(never(), metadata=md)
@@ -139,8 +152,9 @@ class Attack:
         socks = []
         for i in range(n):
             try:
-                s = socket.create_connection((self.http.hostname, self.http.port), timeout=5,
-                                             source_address=(f"127.0.0.{2 + i % 8}", 0))
+                s = socket.create_connection(
+                    (self.http.hostname, self.http.port), timeout=5, source_address=(f"127.0.0.{2 + i % 8}", 0)
+                )
                 s.sendall(b"POST /get_reward HTTP/1.1\r\nHost: x\r\n")
                 socks.append(s)
             except OSError as exc:
@@ -157,7 +171,7 @@ class Attack:
             s.close()
 
     def big_body(self) -> None:
-        body = b'{"query": [' + b"[]," * (64 * 1024 * 1024 // 3) + b'[]]}'
+        body = b'{"query": [' + b"[]," * (64 * 1024 * 1024 // 3) + b"[]]}"
         self._post("big", body, token="mallory")
 
     def deep_json(self) -> None:
@@ -166,8 +180,10 @@ class Attack:
     def _post(self, key: str, body: bytes, token: str) -> None:
         try:
             s = socket.create_connection((self.http.hostname, self.http.port), timeout=60)
-            s.sendall(f"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      f"Authorization: Bearer {TOKENS[token]['token']}\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+            s.sendall(
+                f"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {TOKENS[token]['token']}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            )
             try:
                 s.sendall(body)
             except OSError:
@@ -183,10 +199,14 @@ class Attack:
             stub = policy_pb2_grpc.PolicyServiceStub(ch)
             while not self.stop_event.is_set():
                 try:
-                    stub.Generate(policy_pb2.GenerateRequest(
-                        prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=[5, 6, 7]))],
-                        sampling=policy_pb2.SamplingParams(temperature=1e-45, max_new_tokens=4)),
-                        metadata=bearer("mallory"), timeout=10)
+                    stub.Generate(
+                        policy_pb2.GenerateRequest(
+                            prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=[5, 6, 7]))],
+                            sampling=policy_pb2.SamplingParams(temperature=1e-45, max_new_tokens=4),
+                        ),
+                        metadata=bearer("mallory"),
+                        timeout=10,
+                    )
                     self._record("temperature", "OK")
                 except grpc.RpcError as err:
                     self._record("temperature", err.code().name)
@@ -235,7 +255,8 @@ def test_a_legitimate_client_keeps_its_latency_under_attack(roles):
         # oversized and deep bodies answered, the temperature flood and the held streams going on.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not all(
-                k in attack.outcomes for k in ("slowloris:open", "big", "deep", "temperature")):
+            k in attack.outcomes for k in ("slowloris:open", "big", "deep", "temperature")
+        ):
             time.sleep(0.1)
         stormy = legit_latencies(reward.address)
         stormy_http = legit_http_latencies(http_url)
@@ -247,7 +268,8 @@ def test_a_legitimate_client_keeps_its_latency_under_attack(roles):
     finally:
         attack.stop()
     figures = {
-        "legit_p99_calm_ms": round(p99(calm) * 1000, 2), "legit_p99_attack_ms": round(p99(stormy) * 1000, 2),
+        "legit_p99_calm_ms": round(p99(calm) * 1000, 2),
+        "legit_p99_attack_ms": round(p99(stormy) * 1000, 2),
         "legit_p50_calm_ms": round(statistics.median(calm) * 1000, 2),
         "legit_p50_attack_ms": round(statistics.median(stormy) * 1000, 2),
         "legit_http_p99_calm_ms": round(p99(calm_http) * 1000, 2),

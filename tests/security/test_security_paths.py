@@ -24,6 +24,7 @@ from alignd.v1 import (
     model_pb2,
     model_pb2_grpc,
 )
+
 from conftest import assert_invalid, start_role, stop_role
 from helpers import wait_until
 
@@ -71,8 +72,13 @@ def escapes(root: Path, outside: Path, name: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def learner(area, tiny_models):
     base, root, _ = area
-    cfg = {"model": {"path": str(tiny_models["lm"])}, "value_head_on_policy": True, "torch_threads": 1,
-           "checkpoint_every_steps": 0, "paths": {"roots": [str(root)]}}
+    cfg = {
+        "model": {"path": str(tiny_models["lm"])},
+        "value_head_on_policy": True,
+        "torch_threads": 1,
+        "checkpoint_every_steps": 0,
+        "paths": {"roots": [str(root)]},
+    }
     server = start_role("learner", cfg, base / "learner-run")
     yield server
     assert stop_role(server) == 0, server.log()[-2000:]
@@ -84,26 +90,57 @@ def test_learner_paths_stay_under_the_roots(learner, area):
     stub = learner_pb2_grpc.LearnerServiceStub(learner.channel)
     demos = str(root / "data" / "demos.jsonl")
     for how, target in escapes(root, outside, "victim").items():
-        assert_invalid(lambda: stub.TrainSFT(learner_pb2.TrainSFTRequest(
-            job_id=f"sft-{how}", demonstrations_path=demos, output_dir=target), timeout=60), "output_dir", "outside")
+        assert_invalid(
+            lambda: stub.TrainSFT(
+                learner_pb2.TrainSFTRequest(job_id=f"sft-{how}", demonstrations_path=demos, output_dir=target),
+                timeout=60,
+            ),
+            "output_dir",
+            "outside",
+        )
     for how, target in escapes(root, outside, "demos.jsonl").items():
-        assert_invalid(lambda: stub.TrainSFT(learner_pb2.TrainSFTRequest(
-            job_id=f"sft-in-{how}", demonstrations_path=target, output_dir=str(root / "out")), timeout=60),
-            "demonstrations_path", "outside")
-    for how, target in escapes(root, outside, "secret.txt").items():
-        err = assert_invalid(lambda: stub.EvaluateTextLoss(learner_pb2.EvaluateTextLossRequest(text_path=target),
-                                                           timeout=60), "text_path", "outside")
+        assert_invalid(
+            lambda: stub.TrainSFT(
+                learner_pb2.TrainSFTRequest(
+                    job_id=f"sft-in-{how}", demonstrations_path=target, output_dir=str(root / "out")
+                ),
+                timeout=60,
+            ),
+            "demonstrations_path",
+            "outside",
+        )
+    for _how, target in escapes(root, outside, "secret.txt").items():
+        err = assert_invalid(
+            lambda: stub.EvaluateTextLoss(learner_pb2.EvaluateTextLossRequest(text_path=target), timeout=60),
+            "text_path",
+            "outside",
+        )
         # The same answer for a file that does not exist: a caller cannot probe the filesystem outside the roots.
         missing = target.replace("secret.txt", "no-such-file.txt")
-        err2 = assert_invalid(lambda: stub.EvaluateTextLoss(learner_pb2.EvaluateTextLossRequest(text_path=missing),
-                                                            timeout=60), "text_path")
+        err2 = assert_invalid(
+            lambda: stub.EvaluateTextLoss(learner_pb2.EvaluateTextLossRequest(text_path=missing), timeout=60),
+            "text_path",
+        )
         assert err.details() == err2.details()
     for how, target in escapes(root, outside, "victim").items():
-        assert_invalid(lambda: stub.ResetPolicy(learner_pb2.ResetPolicyRequest(policy_dir=target, version=5), timeout=60),
-                       "policy_dir", "outside")
-        assert_invalid(lambda: stub.TrainRewardModel(learner_pb2.TrainRewardModelRequest(
-            job_id=f"rm-{how}", init_model_dir=str(root), comparisons_path=str(root / "data" / "demos.jsonl"),
-            output_dir=target), timeout=60), "output_dir", "outside")
+        assert_invalid(
+            lambda: stub.ResetPolicy(learner_pb2.ResetPolicyRequest(policy_dir=target, version=5), timeout=60),
+            "policy_dir",
+            "outside",
+        )
+        assert_invalid(
+            lambda: stub.TrainRewardModel(
+                learner_pb2.TrainRewardModelRequest(
+                    job_id=f"rm-{how}",
+                    init_model_dir=str(root),
+                    comparisons_path=str(root / "data" / "demos.jsonl"),
+                    output_dir=target,
+                ),
+                timeout=60,
+            ),
+            "output_dir",
+            "outside",
+        )
     assert tree(outside) == before
     assert not (root / "out").exists()
 
@@ -112,17 +149,43 @@ def test_a_job_never_replaces_a_directory_alignd_did_not_make(learner, area):
     _, root, _ = area
     stub = learner_pb2_grpc.LearnerServiceStub(learner.channel)
     before = tree(root / "foreign")
-    assert_invalid(lambda: stub.TrainSFT(learner_pb2.TrainSFTRequest(
-        job_id="sft-foreign", demonstrations_path=str(root / "data" / "demos.jsonl"), output_dir=str(root / "foreign"),
-        config_yaml="epochs: 1"), timeout=120), "output_dir", "not made by an alignd job")
+    assert_invalid(
+        lambda: stub.TrainSFT(
+            learner_pb2.TrainSFTRequest(
+                job_id="sft-foreign",
+                demonstrations_path=str(root / "data" / "demos.jsonl"),
+                output_dir=str(root / "foreign"),
+                config_yaml="epochs: 1",
+            ),
+            timeout=120,
+        ),
+        "output_dir",
+        "not made by an alignd job",
+    )
     assert tree(root / "foreign") == before
     # A directory alignd made is the job's to replace: a first job publishes, a second job (another id) replaces it.
     out = root / "sft-out"
-    first = stub.TrainSFT(learner_pb2.TrainSFTRequest(job_id="sft-1", demonstrations_path=str(root / "data" / "demos.jsonl"),
-                                                      output_dir=str(out), config_yaml="epochs: 1"), timeout=300)
-    assert Path(first.model_dir) == out.resolve() and (out / "config.json").exists() and (out / ".alignd-owned").exists()
-    second = stub.TrainSFT(learner_pb2.TrainSFTRequest(job_id="sft-2", demonstrations_path=str(root / "data" / "demos.jsonl"),
-                                                       output_dir=str(out), config_yaml="epochs: 1"), timeout=300)
+    first = stub.TrainSFT(
+        learner_pb2.TrainSFTRequest(
+            job_id="sft-1",
+            demonstrations_path=str(root / "data" / "demos.jsonl"),
+            output_dir=str(out),
+            config_yaml="epochs: 1",
+        ),
+        timeout=300,
+    )
+    assert (
+        Path(first.model_dir) == out.resolve() and (out / "config.json").exists() and (out / ".alignd-owned").exists()
+    )
+    second = stub.TrainSFT(
+        learner_pb2.TrainSFTRequest(
+            job_id="sft-2",
+            demonstrations_path=str(root / "data" / "demos.jsonl"),
+            output_dir=str(out),
+            config_yaml="epochs: 1",
+        ),
+        timeout=300,
+    )
     assert not second.replayed and (out / "config.json").exists()
     assert not list(root.glob(".tmp-*"))  # no working directory left behind
 
@@ -143,9 +206,12 @@ def test_load_weights_reads_under_the_roots_only(policy, area, tiny_models):
     shutil.copytree(tiny_models["lm_other"], outside / "weights")
     stub = model_pb2_grpc.ModelServiceStub(policy.channel)
     v = stub.GetInfo(model_pb2.GetInfoRequest(), timeout=10).info.weight_version
-    for how, target in escapes(root, outside, "weights").items():
-        assert_invalid(lambda: stub.LoadWeights(model_pb2.LoadWeightsRequest(path=target, version=v + 1), timeout=60),
-                       "path", "outside")
+    for _how, target in escapes(root, outside, "weights").items():
+        assert_invalid(
+            lambda: stub.LoadWeights(model_pb2.LoadWeightsRequest(path=target, version=v + 1), timeout=60),
+            "path",
+            "outside",
+        )
     assert stub.GetInfo(model_pb2.GetInfoRequest(), timeout=10).info.weight_version == v
     shutil.copytree(tiny_models["lm_other"], root / "weights")  # the same weights under the root: loaded
     stub.LoadWeights(model_pb2.LoadWeightsRequest(path=str(root / "weights"), version=v + 1), timeout=60)
@@ -157,10 +223,16 @@ def coordinator(area, tmp_path_factory):
     base, root, _ = area
     tokens = base / "coordinator-tokens.yaml"
     tokens.write_text(yaml.safe_dump(TOKENS))
-    cfg = {"paths": {"roots": [str(root)]}, "server": {"auth": {"tokens_file": str(tokens)}},
-           "policy_addresses": ["127.0.0.1:1"], "reward_addresses": ["127.0.0.1:1"],
-           "reference_addresses": ["127.0.0.1:1"], "learner_address": "127.0.0.1:1", "recovery_timeout_seconds": 1,
-           "judges": {"vowels_too": {"function": "alignd.judges:char_fraction", "args": {"chars": "aeiou"}}}}
+    cfg = {
+        "paths": {"roots": [str(root)]},
+        "server": {"auth": {"tokens_file": str(tokens)}},
+        "policy_addresses": ["127.0.0.1:1"],
+        "reward_addresses": ["127.0.0.1:1"],
+        "reference_addresses": ["127.0.0.1:1"],
+        "learner_address": "127.0.0.1:1",
+        "recovery_timeout_seconds": 1,
+        "judges": {"vowels_too": {"function": "alignd.judges:char_fraction", "args": {"chars": "aeiou"}}},
+    }
     server = start_role("coordinator", cfg, base / "coordinator-run")
     yield server
     assert stop_role(server) == 0
@@ -191,18 +263,27 @@ def test_runs_name_judges_not_code_and_stay_under_the_roots(coordinator, area):
     stub = coordinator_pb2_grpc.CoordinatorServiceStub(coordinator.channel)
 
     def start(config_yaml: str, run_dir: str = "", run_id: str = "r"):
-        return stub.StartRun(coordinator_pb2.StartRunRequest(run_id=run_id, config_yaml=config_yaml, run_dir=run_dir),
-                             metadata=as_("alice"), timeout=60)
+        return stub.StartRun(
+            coordinator_pb2.StartRunRequest(run_id=run_id, config_yaml=config_yaml, run_dir=run_dir),
+            metadata=as_("alice"),
+            timeout=60,
+        )
 
     for name in ("os:system", "alignd.judges:char_fraction", "subprocess:run", "no_such_judge"):
-        err = assert_invalid(lambda: start(pipeline_yaml(root, **{"gold.name": name})), "config_yaml", "gold.name",
-                             "unknown judge", "coordinator.judges")
+        err = assert_invalid(
+            lambda: start(pipeline_yaml(root, **{"gold.name": name})),
+            "config_yaml",
+            "gold.name",
+            "unknown judge",
+            "coordinator.judges",
+        )
         assert "vowels_too" in err.details()  # the registered names are listed
-    for how, target in escapes(root, outside, "victim").items():
+    for _how, target in escapes(root, outside, "victim").items():
         assert_invalid(lambda: start(pipeline_yaml(root), run_dir=target), "run_dir", "outside")
-    for how, target in escapes(root, outside, "demos.jsonl").items():
-        assert_invalid(lambda: start(pipeline_yaml(root, demonstrations=target)), "config_yaml", "demonstrations",
-                       "outside")
+    for _how, target in escapes(root, outside, "demos.jsonl").items():
+        assert_invalid(
+            lambda: start(pipeline_yaml(root, demonstrations=target)), "config_yaml", "demonstrations", "outside"
+        )
     assert_invalid(lambda: start(pipeline_yaml(root), run_dir=str(root / "foreign")), "run_dir", "not made by alignd")
     assert tree(outside) == before
     runs = stub.ListRuns(coordinator_pb2.ListRunsRequest(), metadata=as_("alice"), timeout=30)
@@ -214,8 +295,9 @@ def test_only_the_owner_or_an_admin_stops_a_run_and_labelers_label_as_themselves
     stub = coordinator_pb2_grpc.CoordinatorServiceStub(coordinator.channel)
     ppo = yaml.safe_dump({"steps": 1, "prompts_per_step": 2, "prompts": {"path": str(root / "data" / "prompts.txt")}})
     # A registered judge works by its name; the run itself (roles unreachable here) is not what this checks.
-    run = stub.StartRun(coordinator_pb2.StartRunRequest(run_id="owned", config_yaml=ppo), metadata=as_("alice"),
-                        timeout=60).run
+    run = stub.StartRun(
+        coordinator_pb2.StartRunRequest(run_id="owned", config_yaml=ppo), metadata=as_("alice"), timeout=60
+    ).run
     assert run.run_id == "owned"
     with pytest.raises(grpc.RpcError) as err:
         stub.StopRun(coordinator_pb2.StopRunRequest(run_id="owned"), metadata=as_("bob"), timeout=30)
@@ -223,12 +305,18 @@ def test_only_the_owner_or_an_admin_stops_a_run_and_labelers_label_as_themselves
     stub.StopRun(coordinator_pb2.StopRunRequest(run_id="owned"), metadata=as_("alice"), timeout=30)
     stub.StopRun(coordinator_pb2.StopRunRequest(run_id="owned"), metadata=as_("admin"), timeout=30)
     with pytest.raises(grpc.RpcError) as err:
-        stub.SubmitRanking(coordinator_pb2.SubmitRankingRequest(run_id="owned", task_id="t", labeler="alice",
-                                                                ranking=[0, 1]), metadata=as_("carol"), timeout=30)
+        stub.SubmitRanking(
+            coordinator_pb2.SubmitRankingRequest(run_id="owned", task_id="t", labeler="alice", ranking=[0, 1]),
+            metadata=as_("carol"),
+            timeout=30,
+        )
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and err.value.details().startswith("labeler:")
     with pytest.raises(grpc.RpcError) as err:  # as herself: on to the run's state (no round open)
-        stub.SubmitRanking(coordinator_pb2.SubmitRankingRequest(run_id="owned", task_id="t", labeler="carol",
-                                                                ranking=[0, 1]), metadata=as_("carol"), timeout=30)
+        stub.SubmitRanking(
+            coordinator_pb2.SubmitRankingRequest(run_id="owned", task_id="t", labeler="carol", ranking=[0, 1]),
+            metadata=as_("carol"),
+            timeout=30,
+        )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -236,10 +324,22 @@ def test_a_registered_judge_is_accepted_by_name(coordinator, area):
     _, root, _ = area
     stub = coordinator_pb2_grpc.CoordinatorServiceStub(coordinator.channel)
     ended = (coordinator_pb2.RUN_STATE_FAILED, coordinator_pb2.RUN_STATE_STOPPED, coordinator_pb2.RUN_STATE_SUCCEEDED)
-    wait_until("earlier runs to end", lambda: all(r.state in ended for r in stub.ListRuns(
-        coordinator_pb2.ListRunsRequest(), metadata=as_("admin"), timeout=30).runs), timeout=60)
-    run = stub.StartRun(coordinator_pb2.StartRunRequest(
-        run_id="judged", config_yaml=pipeline_yaml(root, **{"gold.name": "vowels_too", "gold.args": {}}),
-        run_dir=str(root / "runs" / "judged")), metadata=as_("admin"), timeout=60).run
+    wait_until(
+        "earlier runs to end",
+        lambda: all(
+            r.state in ended
+            for r in stub.ListRuns(coordinator_pb2.ListRunsRequest(), metadata=as_("admin"), timeout=30).runs
+        ),
+        timeout=60,
+    )
+    run = stub.StartRun(
+        coordinator_pb2.StartRunRequest(
+            run_id="judged",
+            config_yaml=pipeline_yaml(root, **{"gold.name": "vowels_too", "gold.args": {}}),
+            run_dir=str(root / "runs" / "judged"),
+        ),
+        metadata=as_("admin"),
+        timeout=60,
+    ).run
     assert run.run_id == "judged" and (root / "runs" / "judged" / ".alignd-owned").exists()
     stub.StopRun(coordinator_pb2.StopRunRequest(run_id="judged"), metadata=as_("admin"), timeout=30)

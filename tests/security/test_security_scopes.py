@@ -16,16 +16,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from rpc_catalog import SERVICES, all_methods, base_requests
 
 from alignd.runtime import scopes as S
 from alignd.runtime.auth import parse_tokens
 from alignd.v1 import (
     common_pb2,
     coordinator_pb2,
-    learner_pb2,
     model_pb2,
     model_pb2_grpc,
     policy_pb2,
@@ -35,8 +34,8 @@ from alignd.v1 import (
     reward_pb2,
     reward_pb2_grpc,
 )
+
 from conftest import secure_channel, start_roles, stop_roles, token_of, tokens_file
-from rpc_catalog import SERVICES, all_methods, base_requests
 
 ROOT = Path(__file__).resolve().parents[2]
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
@@ -56,20 +55,39 @@ def test_every_method_has_a_scope_and_unlisted_methods_need_admin():
 def stack(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("scopes")
     model = lambda key: {"path": str(tiny_models[key])}  # noqa: E731
-    first = start_roles([
-        ("policy", {"model": model("lm"), "torch_threads": 1}, root / "policy"),
-        ("reward", {"model": model("reward"), "torch_threads": 1}, root / "reward"),
-        ("reference", {"model": model("lm"), "torch_threads": 1}, root / "reference"),
-    ])
+    first = start_roles(
+        [
+            ("policy", {"model": model("lm"), "torch_threads": 1}, root / "policy"),
+            ("reward", {"model": model("reward"), "torch_threads": 1}, root / "reward"),
+            ("reference", {"model": model("lm"), "torch_threads": 1}, root / "reference"),
+        ]
+    )
     by_role = {s.role: s for s in first}
-    later = start_roles([
-        ("learner", {"model": model("lm"), "value_model": model("reward"), "torch_threads": 1,
-                     "policy_addresses": [by_role["policy"].address], "weight_sync": "stream"}, root / "learner"),
-        ("coordinator", {"policy_addresses": [by_role["policy"].address],
-                         "reward_addresses": [by_role["reward"].address],
-                         "reference_addresses": [by_role["reference"].address],
-                         "learner_address": "127.0.0.1:1"}, root / "coordinator"),
-    ])
+    later = start_roles(
+        [
+            (
+                "learner",
+                {
+                    "model": model("lm"),
+                    "value_model": model("reward"),
+                    "torch_threads": 1,
+                    "policy_addresses": [by_role["policy"].address],
+                    "weight_sync": "stream",
+                },
+                root / "learner",
+            ),
+            (
+                "coordinator",
+                {
+                    "policy_addresses": [by_role["policy"].address],
+                    "reward_addresses": [by_role["reward"].address],
+                    "reference_addresses": [by_role["reference"].address],
+                    "learner_address": "127.0.0.1:1",
+                },
+                root / "coordinator",
+            ),
+        ]
+    )
     by_role.update({s.role: s for s in later})
     yield root, by_role
     stop_roles(list(by_role.values()))
@@ -81,20 +99,35 @@ def snapshot(root: Path, roles: dict) -> dict:
     for role in ("policy", "reward", "reference", "learner"):
         info = model_pb2_grpc.ModelServiceStub(roles[role].channel).GetInfo(model_pb2.GetInfoRequest(), timeout=30).info
         out[f"{role}.version"] = (info.weight_version, info.staged_weight_version)
-    gen = policy_pb2_grpc.PolicyServiceStub(roles["policy"].channel).Generate(policy_pb2.GenerateRequest(
-        prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=PROMPT))],
-        sampling=policy_pb2.SamplingParams(temperature=0.0, max_new_tokens=8)), timeout=60)
+    gen = policy_pb2_grpc.PolicyServiceStub(roles["policy"].channel).Generate(
+        policy_pb2.GenerateRequest(
+            prompts=[policy_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=PROMPT))],
+            sampling=policy_pb2.SamplingParams(temperature=0.0, max_new_tokens=8),
+        ),
+        timeout=60,
+    )
     out["policy.greedy"] = list(gen.samples[0].token_ids)
-    score = reward_pb2_grpc.RewardServiceStub(roles["reward"].channel).Score(reward_pb2.ScoreRequest(items=[
-        reward_pb2.ScoreItem(tokens=reward_pb2.TokenPair(prompt_token_ids=PROMPT, response_token_ids=[9, 10]))]), timeout=60)
+    score = reward_pb2_grpc.RewardServiceStub(roles["reward"].channel).Score(
+        reward_pb2.ScoreRequest(
+            items=[
+                reward_pb2.ScoreItem(tokens=reward_pb2.TokenPair(prompt_token_ids=PROMPT, response_token_ids=[9, 10]))
+            ]
+        ),
+        timeout=60,
+    )
     out["reward.score"] = list(score.scores)
-    lp = reference_pb2_grpc.ReferenceServiceStub(roles["reference"].channel).LogProbs(reference_pb2.LogProbsRequest(
-        items=[reference_pb2.LogProbsItem(prompt_token_ids=PROMPT, response_token_ids=[9, 10])]), timeout=60)
+    lp = reference_pb2_grpc.ReferenceServiceStub(roles["reference"].channel).LogProbs(
+        reference_pb2.LogProbsRequest(
+            items=[reference_pb2.LogProbsItem(prompt_token_ids=PROMPT, response_token_ids=[9, 10])]
+        ),
+        timeout=60,
+    )
     out["reference.logprobs"] = list(lp.results[0].logprobs)
     from alignd.v1 import coordinator_pb2_grpc
 
     runs = coordinator_pb2_grpc.CoordinatorServiceStub(roles["coordinator"].channel).ListRuns(
-        coordinator_pb2.ListRunsRequest(), timeout=30)
+        coordinator_pb2.ListRunsRequest(), timeout=30
+    )
     out["coordinator.runs"] = [r.run_id for r in runs.runs]
     files = {}
     for dirpath, _dirs, names in os.walk(root):
@@ -123,11 +156,13 @@ def call(channel, method: str, request, metadata):
     resp_cls = message_factory.GetMessageClass(m.output_type)
     try:
         if m.client_streaming:
-            channel.stream_unary(method, request_serializer=lambda x: x.SerializeToString(),
-                                 response_deserializer=resp_cls.FromString)(request(), metadata=metadata, timeout=30)
+            channel.stream_unary(
+                method, request_serializer=lambda x: x.SerializeToString(), response_deserializer=resp_cls.FromString
+            )(request(), metadata=metadata, timeout=30)
         else:
-            channel.unary_unary(method, request_serializer=lambda x: x.SerializeToString(),
-                                response_deserializer=resp_cls.FromString)(request, metadata=metadata, timeout=30)
+            channel.unary_unary(
+                method, request_serializer=lambda x: x.SerializeToString(), response_deserializer=resp_cls.FromString
+            )(request, metadata=metadata, timeout=30)
     except grpc.RpcError as err:
         return err.code(), err.details()
     return grpc.StatusCode.OK, f"{short} served"
@@ -171,7 +206,11 @@ def test_every_rpc_refuses_missing_malformed_unknown_and_unscoped_credentials(st
             # Reflection needs a credential too (any scope): it is how grpcurl finds every other method.
             stub = reflection_pb2_grpc.ServerReflectionStub(ch)
             with pytest.raises(grpc.RpcError) as err:
-                list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+                list(
+                    stub.ServerReflectionInfo(
+                        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+                    )
+                )
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert checked == sum(len([m for m in all_methods() if m.split("/")[1] in s]) for s in SERVICES.values())
     after = snapshot(root, roles)
@@ -181,7 +220,11 @@ def test_every_rpc_refuses_missing_malformed_unknown_and_unscoped_credentials(st
         text = roles[role].metrics()
         assert f'alignd_{role}_auth_rejected_total{{reason="missing"}}' in text
         for reason in ("missing", "malformed", "unknown"):
-            value = [line for line in text.splitlines() if line.startswith(f'alignd_{role}_auth_rejected_total{{reason="{reason}"}}')]
+            value = [
+                line
+                for line in text.splitlines()
+                if line.startswith(f'alignd_{role}_auth_rejected_total{{reason="{reason}"}}')
+            ]
             assert value and float(value[0].split()[-1]) >= 1, (role, reason)
         log = roles[role].log()
         assert token_of() not in log and token_of("coordinator") not in log  # no credential in the logs
@@ -190,7 +233,9 @@ def test_every_rpc_refuses_missing_malformed_unknown_and_unscoped_credentials(st
 def test_refusal_comes_before_the_body_is_read(stack):
     """A stranger's oversized message is refused UNAUTHENTICATED, not for its size: the body was never parsed."""
     _, roles = stack
-    big = reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt="x" * (20 << 20), response="y"))])
+    big = reward_pb2.ScoreRequest(
+        items=[reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt="x" * (20 << 20), response="y"))]
+    )
     with grpc.insecure_channel(roles["reward"].address, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
         with pytest.raises(grpc.RpcError) as err:
             reward_pb2_grpc.RewardServiceStub(ch).Score(big, timeout=30)
@@ -207,7 +252,9 @@ def test_get_info_shows_paths_to_admins_only(stack):
     for role in ("policy", "reward", "reference", "learner"):
         with secure_channel(roles[role].address, "scorer") as ch:
             scorer = model_pb2_grpc.ModelServiceStub(ch).GetInfo(model_pb2.GetInfoRequest(), timeout=30).info
-        admin = model_pb2_grpc.ModelServiceStub(roles[role].channel).GetInfo(model_pb2.GetInfoRequest(), timeout=30).info
+        admin = (
+            model_pb2_grpc.ModelServiceStub(roles[role].channel).GetInfo(model_pb2.GetInfoRequest(), timeout=30).info
+        )
         assert admin.model_path and Path(admin.model_path).is_dir()
         assert scorer.model_path == "" and scorer.model_name == admin.model_name
 

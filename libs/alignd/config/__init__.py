@@ -21,82 +21,82 @@ One module per concern; import from here:
 from __future__ import annotations
 
 from alignd.config.base import (  # noqa: F401
+    CIDRList,
     ConfigError,
     Strict,
-    CIDRList,
     expand_path,
 )
-from alignd.config.server import (  # noqa: F401
-    AuthConfig,
-    ServerLimitsConfig,
-    TLSConfig,
-    FaultInjectionConfig,
-    ServerConfig,
-    RoleClientConfig,
-    PathsConfig,
-    RoleConfig,
-)
-from alignd.config.training import (  # noqa: F401
-    PPOConfig,
-    OptimizerConfig,
-    SupervisedJobConfig,
-    SFTConfig,
-    RMTrainConfig,
-    EngineConfig,
-)
-from alignd.config.roles import (  # noqa: F401
-    ModelConfig,
-    BatchingConfig,
-    PolicyBatchingConfig,
-    ReferenceBatchingConfig,
-    RewardBatchingConfig,
-    RewardHTTPConfig,
-    RewardLimitsConfig,
-    PolicyConfig,
-    RewardFunctionConfig,
-    RewardConfig,
-    ReferenceConfig,
-    LearnerConfig,
+from alignd.config.coordinator import (  # noqa: F401
+    RETRY_PHASES,
+    CoordinatorConfig,
+    HedgingConfig,
+    JudgePluginConfig,
 )
 from alignd.config.launch import (  # noqa: F401
     JobResourcesConfig,
     KubernetesLauncherConfig,
     LauncherConfig,
 )
-from alignd.config.coordinator import (  # noqa: F401
-    RETRY_PHASES,
-    HedgingConfig,
-    JudgePluginConfig,
-    CoordinatorConfig,
+from alignd.config.loader import (  # noqa: F401
+    build_config,
+    dump_yaml,
+    format_validation_error,
+    load_config,
+    load_yaml,
+    parse_overrides,
+)
+from alignd.config.reference import (  # noqa: F401
+    reference_markdown,
+)
+from alignd.config.roles import (  # noqa: F401
+    BatchingConfig,
+    LearnerConfig,
+    ModelConfig,
+    PolicyBatchingConfig,
+    PolicyConfig,
+    ReferenceBatchingConfig,
+    ReferenceConfig,
+    RewardBatchingConfig,
+    RewardConfig,
+    RewardFunctionConfig,
+    RewardHTTPConfig,
+    RewardLimitsConfig,
 )
 from alignd.config.runs import (  # noqa: F401
-    SamplingConfig,
-    PromptsConfig,
-    PPORunConfig,
+    EvaluationConfig,
     JudgeConfig,
     LabelingConfig,
-    RMRetrainConfig,
-    EvaluationConfig,
     PipelineConfig,
+    PPORunConfig,
+    PromptsConfig,
+    RMRetrainConfig,
+    SamplingConfig,
+)
+from alignd.config.server import (  # noqa: F401
+    AuthConfig,
+    FaultInjectionConfig,
+    PathsConfig,
+    RoleClientConfig,
+    RoleConfig,
+    ServerConfig,
+    ServerLimitsConfig,
+    TLSConfig,
 )
 from alignd.config.stack import (  # noqa: F401
     ROLE_CONFIGS,
     ROLES,
-    RestartConfig,
-    StackConfig,
     PipelineJobConfig,
     PPOJobConfig,
+    RestartConfig,
+    StackConfig,
 )
-from alignd.config.loader import (  # noqa: F401
-    parse_overrides,
-    format_validation_error,
-    build_config,
-    load_yaml,
-    load_config,
-    dump_yaml,
-)
-from alignd.config.reference import (  # noqa: F401
-    reference_markdown,
+from alignd.config.training import (  # noqa: F401
+    EngineConfig,
+    OptimizerConfig,
+    PPOConfig,
+    RMTrainConfig,
+    SFTConfig,
+    SupervisedJobConfig,
 )
 
 __all__ = [

@@ -30,5 +30,5 @@ CIDRList = Annotated[list[str], AfterValidator(_cidrs)]  # network blocks, e.g. 
 
 
 def expand_path(v: str | None) -> str | None:
-    """"~" and $VARS expanded in a configured path (None stays None)."""
+    """ "~" and $VARS expanded in a configured path (None stays None)."""
     return None if v is None else os.path.expanduser(os.path.expandvars(v))

@@ -10,7 +10,6 @@ from alignd.config.base import Strict
 from alignd.config.launch import LauncherConfig
 from alignd.config.server import RoleClientConfig, RoleConfig
 
-
 RETRY_PHASES = ("generate", "score", "reference", "train", "sync_weights", "evaluate", "sft", "rm")
 
 
@@ -19,13 +18,15 @@ class HedgingConfig(Strict):
 
     enabled: bool = Field(True, description="Hedge slow shards (a failed replica's shard is always sent elsewhere).")
     delay_factor: float = Field(
-        2.0, ge=1.0,
+        2.0,
+        ge=1.0,
         description="A rollout shard still running this many times longer than the step's fastest finished shard is "
         "sent again to a replica that is done; the first answer is used, the other call cancelled.",
     )
     min_delay_seconds: float = Field(1.0, ge=0, description="Never hedge a shard younger than this, in seconds.")
     out_of_rotation_steps: int = Field(
-        5, ge=1,
+        5,
+        ge=1,
         description="A replica that was slow (its shard hedged and the hedge won) or unavailable gets no shard of "
         "its own for this many steps; then it is checked, re-synced to the current weights, and used again.",
     )
@@ -45,7 +46,9 @@ class JudgePluginConfig(Strict):
 class CoordinatorConfig(RoleConfig):
     """coordinator: runs the RLHF loop (alignd.v1.CoordinatorService). Imports no torch."""
 
-    policy_addresses: list[str] = Field([], description="host:port of every policy replica (requests are spread over all).")
+    policy_addresses: list[str] = Field(
+        [], description="host:port of every policy replica (requests are spread over all)."
+    )
     reward_addresses: list[str] = Field([], description="host:port of every reward replica.")
     client: RoleClientConfig = Field(
         default_factory=RoleClientConfig,
@@ -79,7 +82,7 @@ class CoordinatorConfig(RoleConfig):
     judges: dict[str, JudgePluginConfig] = Field(
         {},
         description="Judges a run may name besides the built-in ones of alignd.judges (char_fraction, "
-        "distinct_char_fraction, vader, textblob, afinn): {name: {function: \"package.module:function\", args}}. A run "
+        'distinct_char_fraction, vader, textblob, afinn): {name: {function: "package.module:function", args}}. A run '
         "request names a judge; it never names code.",
     )
 
@@ -94,7 +97,7 @@ class CoordinatorConfig(RoleConfig):
         return v
 
     def credentials_for(self, role: str) -> RoleClientConfig:
-        """What the coordinator presents to `role`: reward_client for the reward replicas when it is set, else client."""
+        """What the coordinator presents to `role`: reward_client for the reward replicas when set, else client."""
         if role == "reward" and self.reward_client != RoleClientConfig():
             return self.reward_client
         return self.client

@@ -15,7 +15,9 @@ from alignd.paper import PAPER_DEFAULTS as PAPER
 class ModelConfig(Strict):
     """A Hugging Face model directory loaded with `from_pretrained`."""
 
-    path: str = Field(description='save_pretrained directory (config.json, weights, tokenizer); "~" and $VARS are expanded.')
+    path: str = Field(
+        description='save_pretrained directory (config.json, weights, tokenizer); "~" and $VARS are expanded.'
+    )
     name: str | None = Field(None, description="Name reported by GetInfo; default: the directory name.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weight and compute dtype. Use float32 on CPU (bf16 matmuls are ~100x slower there)."
@@ -24,7 +26,9 @@ class ModelConfig(Strict):
     max_context_tokens: int | None = Field(
         None, ge=2, description="Longest prompt + response in tokens; default: the model's max_position_embeddings."
     )
-    trust_remote_code: bool = Field(False, description="Allow model code from the directory (transformers trust_remote_code).")
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the directory (transformers trust_remote_code)."
+    )
 
     @field_validator("path")
     @classmethod
@@ -35,11 +39,17 @@ class ModelConfig(Strict):
 class BatchingConfig(Strict):
     """Dynamic batching of concurrent requests."""
 
-    max_batch_size: int = Field(32, ge=1, description="Sequences per forward batch; larger requests run in chunks of this size.")
-    max_wait_ms: float = Field(
-        5.0, ge=0, description="How long the first request of a batch that is not full waits for others, in milliseconds."
+    max_batch_size: int = Field(
+        32, ge=1, description="Sequences per forward batch; larger requests run in chunks of this size."
     )
-    max_queue: int = Field(256, ge=1, description="Requests allowed to wait; beyond this, calls answer RESOURCE_EXHAUSTED.")
+    max_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        description="How long the first request of a batch that is not full waits for others, in milliseconds.",
+    )
+    max_queue: int = Field(
+        256, ge=1, description="Requests allowed to wait; beyond this, calls answer RESOURCE_EXHAUSTED."
+    )
 
 
 # Each role's batching section is its own model with the role's defaults, so that a partial section
@@ -48,9 +58,11 @@ class PolicyBatchingConfig(BatchingConfig):
     """Dynamic batching of Generate calls."""
 
     max_wait_ms: float = Field(
-        20.0, ge=0,
+        20.0,
+        ge=0,
         description="How long the first request of a batch that is not full waits for others, in milliseconds. "
-        "20 lets a burst of concurrent calls form one batch (bench/README.md: 11x over sequential generate vs 7.6x at 5 ms).",
+        "20 lets a burst of concurrent calls form one batch (bench/README.md: 11x over sequential generate vs 7.6x at "
+        "5 ms).",
     )
 
 
@@ -58,8 +70,10 @@ class ReferenceBatchingConfig(BatchingConfig):
     """Dynamic batching of LogProbs calls."""
 
     max_wait_ms: float = Field(
-        0.0, ge=0, description="How long a lone request waits for company, in milliseconds; 0: calls that arrive "
-        "while a batch runs join the next one."
+        0.0,
+        ge=0,
+        description="How long a lone request waits for company, in milliseconds; 0: calls that arrive "
+        "while a batch runs join the next one.",
     )
 
 
@@ -67,12 +81,15 @@ class RewardBatchingConfig(BatchingConfig):
     """Dynamic batching of Score calls, bounded in sequences and in tokens."""
 
     max_wait_ms: float = Field(
-        0.0, ge=0, description="How long a lone request waits for company, in milliseconds; 0: calls that arrive "
-        "while a batch runs join the next one, and a lone call is not delayed (bench/README.md)."
+        0.0,
+        ge=0,
+        description="How long a lone request waits for company, in milliseconds; 0: calls that arrive "
+        "while a batch runs join the next one, and a lone call is not delayed (bench/README.md).",
     )
 
     max_batch_tokens: int | None = Field(
-        16384, ge=1,
+        16384,
+        ge=1,
         description="Token budget of one batch: the batcher stops collecting requests once their prompt + response "
         "tokens would exceed it, and the engine runs a batch as forward passes of at most max_batch_size rows and "
         "this many padded tokens (rows x longest row; rows are sorted by length first). null: rows only.",
@@ -82,10 +99,13 @@ class RewardBatchingConfig(BatchingConfig):
 class RewardHTTPConfig(Strict):
     """The reward role's HTTP API: OpenRLHF's remote reward model protocol (POST /get_reward), on uvicorn."""
 
-    port: int = Field(0, ge=-1, le=65535, description="HTTP port; 0 = an ephemeral port (stack.json: http_url), -1 = disabled.")
+    port: int = Field(
+        0, ge=-1, le=65535, description="HTTP port; 0 = an ephemeral port (stack.json: http_url), -1 = disabled."
+    )
     host: str | None = Field(None, description="Interface the HTTP server binds; default: server.host.")
     max_connections: int = Field(
-        1024, ge=1,
+        1024,
+        ge=1,
         description="Connections held at once. At the cap a new connection evicts the one that has waited longest "
         "for its request headers (idle keep-alive or trickling); it is refused 503 only when every connection is "
         "inside a request. Connections cost a few KB each (one event loop), not a thread.",
@@ -94,26 +114,34 @@ class RewardHTTPConfig(Strict):
         64, ge=1, description="Connections from one IP address at once; beyond, 503 and closed at once."
     )
     connection_cap_exempt_networks: CIDRList = Field(
-        [], description="CIDRs not held to max_connections_per_client (an ingress or load balancer that carries "
-        "many clients' connections from one address)."
+        [],
+        description="CIDRs not held to max_connections_per_client (an ingress or load balancer that carries "
+        "many clients' connections from one address).",
     )
     header_timeout_seconds: float = Field(
-        10.0, gt=0,
+        10.0,
+        gt=0,
         description="From a connection's accept (or the end of the previous answer) to the end of the request's "
         "headers, in seconds, however the bytes trickle in; then 408 and closed.",
     )
-    body_timeout_seconds: float = Field(30.0, gt=0, description="Time to receive a request's body, in seconds; then 408.")
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="Time to receive a request's body, in seconds; then 408."
+    )
     max_body_bytes: int = Field(
-        4 * 1024 * 1024, ge=1024,
+        4 * 1024 * 1024,
+        ge=1024,
         description="Largest request body, in bytes: refused 413 from its Content-Length before it is read (counted "
         "while read for a chunked body).",
     )
-    max_json_depth: int = Field(64, ge=2, description="Deepest nesting of arrays and objects in a body, checked before parsing.")
+    max_json_depth: int = Field(
+        64, ge=2, description="Deepest nesting of arrays and objects in a body, checked before parsing."
+    )
     max_concurrent_requests: int = Field(
         64, ge=1, description="Requests parsed and scored at once (worker threads); /health never waits for them."
     )
     timeout_seconds: float = Field(
-        120.0, gt=0,
+        120.0,
+        gt=0,
         description="Deadline of one /get_reward request (queue + scoring), in seconds; a caller may ask for less "
         "with the X-Request-Timeout header. Work whose deadline passed is dropped, answered 504.",
     )
@@ -125,9 +153,13 @@ class RewardHTTPConfig(Strict):
 class RewardLimitsConfig(Strict):
     """Request limits of the reward APIs (gRPC Score and HTTP /get_reward alike)."""
 
-    max_items: int = Field(1024, ge=1, description="Items (gRPC) or queries (HTTP) in one request; more: INVALID_ARGUMENT / 400.")
+    max_items: int = Field(
+        1024, ge=1, description="Items (gRPC) or queries (HTTP) in one request; more: INVALID_ARGUMENT / 400."
+    )
     max_text_bytes: int = Field(
-        262144, ge=1, description="UTF-8 bytes of one prompt or response text (a query over HTTP); more: INVALID_ARGUMENT / 400."
+        262144,
+        ge=1,
+        description="UTF-8 bytes of one prompt or response text (a query over HTTP); more: INVALID_ARGUMENT / 400.",
     )
     too_long: Literal["reject", "truncate_left"] = Field(
         "reject",
@@ -170,14 +202,18 @@ class RewardConfig(RoleConfig):
         description="Dynamic batching of Score calls. No wait by default: calls that arrive while a batch runs "
         "join the next one, and a lone call is not delayed (bench/README.md).",
     )
-    limits: RewardLimitsConfig = Field(default_factory=RewardLimitsConfig, description="Request limits and the context policy.")
+    limits: RewardLimitsConfig = Field(
+        default_factory=RewardLimitsConfig, description="Request limits and the context policy."
+    )
     http: RewardHTTPConfig = Field(
         default_factory=RewardHTTPConfig,
-        description="HTTP API (OpenRLHF's POST /get_reward), with the same authentication, TLS, limits and batcher as gRPC.",
+        description="HTTP API (OpenRLHF's POST /get_reward), with the same authentication, TLS, limits and batcher as "
+        "gRPC.",
     )
     allow_new_head: bool = Field(
         False,
-        description="Serve a directory without a trained scalar head (randomly initialised). Off: a random reward is a silent bug.",
+        description="Serve a directory without a trained scalar head (randomly initialised). Off: a random reward is "
+        "a silent bug.",
     )
 
 
@@ -197,20 +233,28 @@ class LearnerConfig(RoleConfig):
     model: ModelConfig = Field(description="The policy to train (its initial weights).")
     value_model: ModelConfig | None = Field(
         None,
-        description="Initial weights of the value model (a one-label *ForSequenceClassification, e.g. the reward model's "
+        description="Initial weights of the value model (a one-label *ForSequenceClassification, e.g. the reward "
+        "model's "
         "directory, as in the paper). Required unless value_head_on_policy.",
     )
-    value_head_on_policy: bool = Field(False, description="Use a value head on the policy's backbone instead of a separate value model.")
+    value_head_on_policy: bool = Field(
+        False, description="Use a value head on the policy's backbone instead of a separate value model."
+    )
     ppo: PPOConfig = Field(PPOConfig(), description="PPO hyper-parameters.")
     optimizer: OptimizerConfig = Field(OptimizerConfig(), description="Optimizer and LR schedule.")
     engine: EngineConfig = Field(EngineConfig(), description="Training engine.")
-    ema_decay: float | None = Field(PAPER.ema_decay, gt=0, lt=1, description="EMA of the policy weights (the paper: 0.992); null disables.")
+    ema_decay: float | None = Field(
+        PAPER.ema_decay, gt=0, lt=1, description="EMA of the policy weights (the paper: 0.992); null disables."
+    )
     seed: int = Field(0, description="Seed of minibatch shuffling and initialisation.")
     checkpoint_dir: str | None = Field(
-        None, description="Where checkpoints go; default: RUN_DIR/learner/checkpoints. The learner resumes from the latest one."
+        None,
+        description="Where checkpoints go; default: RUN_DIR/learner/checkpoints. The learner resumes from the latest "
+        "one.",
     )
     checkpoint_every_steps: int = Field(
-        1, ge=0,
+        1,
+        ge=0,
         description="Checkpoint after every N steps; 0 = only on SaveCheckpoint. Keep 1 for runs that must survive a "
         "learner restart: with N > 1 a restarted learner is behind the coordinator's step and the run fails.",
     )
@@ -226,7 +270,9 @@ class LearnerConfig(RoleConfig):
         "The local stack fills it in.",
     )
     push_chunk_bytes: int = Field(
-        1 << 20, ge=1024, le=16 << 20,
+        1 << 20,
+        ge=1024,
+        le=16 << 20,
         description="Chunk size of the weight stream, in bytes (at most the replicas' request limit of an "
         "UpdateWeights message, server.limits.max_request_bytes: 16 MiB by default).",
     )

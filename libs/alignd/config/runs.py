@@ -25,7 +25,9 @@ class SamplingConfig(Strict):
 class PromptsConfig(Strict):
     """Where prompts come from: a JSONL file with a text field, or a plain text file (one prompt per line)."""
 
-    path: str = Field(description='JSONL ({"prompt": ...} per line) or .txt (one prompt per line); "~" and $VARS expanded.')
+    path: str = Field(
+        description='JSONL ({"prompt": ...} per line) or .txt (one prompt per line); "~" and $VARS expanded.'
+    )
     field: str = Field("prompt", description="JSONL field holding the prompt text.")
 
     @field_validator("path")
@@ -38,7 +40,9 @@ class PPORunConfig(Strict):
     """A PPO run, as sent to CoordinatorService.StartRun (config_yaml)."""
 
     steps: int = Field(20, ge=1, description="PPO iterations.")
-    prompts_per_step: int = Field(16, ge=1, description="Prompts sampled per iteration (the paper: 512 episodes per batch).")
+    prompts_per_step: int = Field(
+        16, ge=1, description="Prompts sampled per iteration (the paper: 512 episodes per batch)."
+    )
     samples_per_prompt: int = Field(1, ge=1, description="Responses sampled per prompt.")
     prompts: PromptsConfig = Field(description="The prompt set (sampled without replacement, reshuffled each epoch).")
     sampling: SamplingConfig = Field(SamplingConfig(), description="Rollout sampling.")
@@ -54,7 +58,10 @@ class PPORunConfig(Strict):
         ),
     )
     max_staleness: int = Field(
-        1, ge=1, le=8, description="Async rollouts: how many policy versions a step's samples may lag the weights trained on them."
+        1,
+        ge=1,
+        le=8,
+        description="Async rollouts: how many policy versions a step's samples may lag the weights trained on them.",
     )
     stage_weights: bool = Field(
         True,
@@ -68,7 +75,9 @@ class PPORunConfig(Strict):
         ),
     )
     rollout_micro_batches: int = Field(
-        1, ge=1, le=64,
+        1,
+        ge=1,
+        le=64,
         description=(
             "Split each step's prompts into this many micro-batches, generated one after another; each one is "
             "scored and given reference log-probs as soon as it is generated, while the next one generates. "
@@ -78,10 +87,11 @@ class PPORunConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _micro_batches_fit(self) -> "PPORunConfig":
+    def _micro_batches_fit(self) -> PPORunConfig:
         if self.rollout_micro_batches > self.prompts_per_step:
             raise ValueError(
-                f"rollout_micro_batches ({self.rollout_micro_batches}) exceeds prompts_per_step ({self.prompts_per_step})"
+                f"rollout_micro_batches ({self.rollout_micro_batches}) exceeds prompts_per_step "
+                f"({self.prompts_per_step})"
             )
         return self
 
@@ -107,8 +117,10 @@ class LabelingConfig(Strict):
     labelers: Literal["simulated", "external"] = Field(
         "simulated",
         description=(
-            "Who ranks: two simulated labelers (the gold scorer plus Bradley-Terry noise, calibrated to target_agreement; "
-            "the first one's rankings train the RM), or external labelers through the coordinator's LeaseComparisonTasks "
+            "Who ranks: two simulated labelers (the gold scorer plus Bradley-Terry noise, calibrated to "
+            "target_agreement; "
+            "the first one's rankings train the RM), or external labelers through the coordinator's "
+            "LeaseComparisonTasks "
             "and SubmitRanking RPCs (the round waits until every task has labels_per_task rankings)."
         ),
     )
@@ -137,7 +149,8 @@ class EvaluationConfig(Strict):
     sampling: SamplingConfig = Field(SamplingConfig(), description="Sampling of the evaluation responses.")
     heldout_text: str | None = Field(
         None,
-        description="Plain text (one document per line, read by the learner) for the alignment tax: the policy's LM loss "
+        description="Plain text (one document per line, read by the learner) for the alignment tax: the policy's LM "
+        "loss "
         "on it after PPO minus before (with or without PPO-ptx, as the learner is configured). None: not measured.",
     )
     heldout_max_tokens: int = Field(128, ge=2, description="Tokens per block of the held-out text.")
@@ -155,7 +168,8 @@ class PipelineConfig(Strict):
     rm: RMTrainConfig = Field(RMTrainConfig(), description="Reward-model training.")
     rm_retrain: RMRetrainConfig = Field(
         RMRetrainConfig(),
-        description="Retraining rounds: the RM is trained again from the SFT model on the comparisons of all rounds, then "
+        description="Retraining rounds: the RM is trained again from the SFT model on the comparisons of all rounds, "
+        "then "
         "loaded into the reward service with a new version.",
     )
     rm_job: Literal["learner", "launcher"] = Field(
@@ -165,24 +179,28 @@ class PipelineConfig(Strict):
         "launcher.kind: kubernetes).",
     )
     value_from_rm: bool = Field(
-        True, description="Initialise the learner's value model from the reward model (the paper); false with a value head on the policy."
+        True,
+        description="Initialise the learner's value model from the reward model (the paper); false with a value head "
+        "on the policy.",
     )
     ppo: PPORunConfig = Field(description="The PPO stage (prompts, steps, sampling).")
     evaluation: EvaluationConfig = Field(description="Held-out evaluation.")
     seed: int = Field(
         0,
-        description="The run's seed: prompt selection, labelers and evaluation sampling, and the seed of sft, rm and ppo "
+        description="The run's seed: prompt selection, labelers and evaluation sampling, and the seed of sft, rm and "
+        "ppo "
         "(and, in `alignd run`, of the learner) where those are not set themselves. One number changes every stage's "
         "randomness (bench/presets.py runs a preset over seeds this way).",
     )
     skip_bad_lines: bool = Field(
         False,
-        description="Drop malformed lines of the data files (demonstrations, prompts) instead of refusing to start; each is "
+        description="Drop malformed lines of the data files (demonstrations, prompts) instead of refusing to start; "
+        "each is "
         "counted and reported (file:line) in state.json and report.json. Also sets sft/rm.skip_bad_lines.",
     )
 
     @model_validator(mode="after")
-    def _stage_seeds(self) -> "PipelineConfig":
+    def _stage_seeds(self) -> PipelineConfig:
         for stage in (self.sft, self.rm, self.ppo):
             if "seed" not in stage.model_fields_set:
                 stage.seed = self.seed

@@ -58,7 +58,8 @@ class ServerLimitsConfig(Strict):
     """What one caller may hold of a role's gRPC server (alignd.runtime.access)."""
 
     max_concurrent_calls_per_client: int = Field(
-        32, ge=1,
+        32,
+        ge=1,
         description="Calls in flight (running or queued) per client: per token, or per peer IP for callers without "
         "one; beyond it a call answers RESOURCE_EXHAUSTED at once. Keep it below server.max_workers so that one "
         "client cannot hold every worker thread.",
@@ -70,13 +71,16 @@ class ServerLimitsConfig(Strict):
         "64 MiB, each UpdateWeights message 16 MiB, every other method 1 MiB; server.max_message_bytes caps all.",
     )
     stream_idle_timeout_seconds: float = Field(
-        30.0, gt=0,
+        30.0,
+        gt=0,
         description="A client stream (UpdateWeights) that sends no message for this long is ended DEADLINE_EXCEEDED, "
         "releasing what it holds (the replica's weight-update slot).",
     )
     max_health_watchers: int = Field(
-        256, ge=1, description="Open grpc.health.v1 Watch streams in all; beyond it Watch answers RESOURCE_EXHAUSTED "
-        "(Check still answers: probes use Check)."
+        256,
+        ge=1,
+        description="Open grpc.health.v1 Watch streams in all; beyond it Watch answers RESOURCE_EXHAUSTED "
+        "(Check still answers: probes use Check).",
     )
     max_health_watchers_per_peer: int = Field(
         64, ge=1, description="Open Watch streams per peer IP (they need no token, so the peer is the client)."
@@ -104,7 +108,7 @@ class TLSConfig(Strict):
         return expand_path(v)
 
     @model_validator(mode="after")
-    def _pairs(self) -> "TLSConfig":
+    def _pairs(self) -> TLSConfig:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together: set both (TLS) or neither (plaintext)")
         if self.client_ca_file is not None and self.cert_file is None:
@@ -121,9 +125,13 @@ class FaultInjectionConfig(Strict):
     the coordinator hedges it). Off by default; never set it on a production replica by accident: every injected
     fault is logged (`fault_injected`) and counted in alignd_rpc_faults_injected_total."""
 
-    delay_seconds: float = Field(0.0, ge=0, description="Added before each matching RPC is served, in seconds; 0 = off.")
+    delay_seconds: float = Field(
+        0.0, ge=0, description="Added before each matching RPC is served, in seconds; 0 = off."
+    )
     methods: list[str] = Field(
-        [], description='RPC method names to delay, e.g. ["Generate"]; empty = every RPC of the role (health checks never).'
+        [],
+        description='RPC method names to delay, e.g. ["Generate"]; empty = every RPC of the role (health checks '
+        "never).",
     )
 
 
@@ -131,11 +139,15 @@ class ServerConfig(Strict):
     """gRPC and metrics endpoints of one role."""
 
     host: str = Field("127.0.0.1", description='Interface the gRPC server binds; "0.0.0.0" in containers.')
-    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 = an ephemeral port (see the endpoint file / stack.json).")
+    port: int = Field(
+        0, ge=0, le=65535, description="gRPC port; 0 = an ephemeral port (see the endpoint file / stack.json)."
+    )
     metrics_host: str = Field("127.0.0.1", description="Interface of the Prometheus /metrics HTTP endpoint.")
     metrics_port: int = Field(0, ge=-1, le=65535, description="/metrics port; 0 = ephemeral, -1 = disabled.")
     health_port: int = Field(
-        -1, ge=-1, le=65535,
+        -1,
+        ge=-1,
+        le=65535,
         description="A second port, plaintext, serving grpc.health.v1 only: for Kubernetes' gRPC probes, which speak "
         "no TLS, when server.tls is on (the chart's tls). -1 = none; 0 = ephemeral.",
     )
@@ -145,30 +157,36 @@ class ServerConfig(Strict):
         "tls.client_ca_file is set). Off: plain HTTP.",
     )
     max_workers: int = Field(
-        128, ge=1,
+        128,
+        ge=1,
         description="Threads serving RPCs; each waiting call holds one, so keep it above batching.max_batch_size "
         "(the model itself runs on one batcher thread) and above limits.max_concurrent_calls_per_client. Health "
         "checks and refused calls have threads of their own.",
     )
     max_message_bytes: int = Field(
-        64 * 1024 * 1024, ge=1024,
+        64 * 1024 * 1024,
+        ge=1024,
         description="Largest gRPC message the transport accepts or sends, in bytes; limits.max_request_bytes sets "
         "smaller limits per method.",
     )
-    grace_seconds: float = Field(10.0, ge=0, description="On SIGTERM, in-flight RPCs get this long to finish, in seconds.")
+    grace_seconds: float = Field(
+        10.0, ge=0, description="On SIGTERM, in-flight RPCs get this long to finish, in seconds."
+    )
     auth: AuthConfig = Field(
         default_factory=AuthConfig, description="Tokens and scopes (on by default: docs/security.md)."
     )
     limits: ServerLimitsConfig = Field(
         default_factory=ServerLimitsConfig, description="Per-client concurrency, request sizes, idle streams."
     )
-    tls: TLSConfig = Field(default_factory=TLSConfig, description="TLS / mutual TLS from certificate files (off by default).")
+    tls: TLSConfig = Field(
+        default_factory=TLSConfig, description="TLS / mutual TLS from certificate files (off by default)."
+    )
     fault_injection: FaultInjectionConfig = Field(
         default_factory=FaultInjectionConfig, description="Injected delays for chaos drills (off by default)."
     )
 
     @model_validator(mode="after")
-    def _metrics_tls_needs_tls(self) -> "ServerConfig":
+    def _metrics_tls_needs_tls(self) -> ServerConfig:
         if self.metrics_tls and not self.tls.enabled:
             raise ValueError("metrics_tls needs tls.cert_file and tls.key_file")
         return self
@@ -199,7 +217,7 @@ class RoleClientConfig(Strict):
         return expand_path(v)
 
     @model_validator(mode="after")
-    def _pairs(self) -> "RoleClientConfig":
+    def _pairs(self) -> RoleClientConfig:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together (mutual TLS)")
         if self.cert_file is not None and self.ca_file is None:

@@ -13,7 +13,6 @@ from alignd.config.roles import LearnerConfig, PolicyConfig, ReferenceConfig, Re
 from alignd.config.runs import PipelineConfig, PPORunConfig
 from alignd.config.server import RoleConfig
 
-
 ROLE_CONFIGS: dict[str, type[RoleConfig]] = {
     "policy": PolicyConfig,
     "reward": RewardConfig,
@@ -35,15 +34,20 @@ class RestartConfig(Strict):
         "never: a role that exits stops the whole stack (the launcher exits 1 naming it).",
     )
     max_restarts: int = Field(
-        5, ge=0,
+        5,
+        ge=0,
         description="Restarts of one role allowed within reset_after_seconds; one more stops the stack (exit 1).",
     )
-    backoff_initial_seconds: float = Field(1.0, ge=0, description="Wait before the first restart of a role, in seconds.")
+    backoff_initial_seconds: float = Field(
+        1.0, ge=0, description="Wait before the first restart of a role, in seconds."
+    )
     backoff_max_seconds: float = Field(
         30.0, ge=0, description="The wait doubles with each restart within reset_after_seconds, up to this, in seconds."
     )
     reset_after_seconds: float = Field(
-        600.0, gt=0, description="Restarts older than this no longer count toward max_restarts or the backoff, in seconds."
+        600.0,
+        gt=0,
+        description="Restarts older than this no longer count toward max_restarts or the backoff, in seconds.",
     )
 
     def backoff(self, recent: int) -> float:
@@ -59,7 +63,9 @@ class StackConfig(Strict):
     """
 
     startup_timeout_seconds: float = Field(600.0, gt=0, description="Per role: model load + warm-up, in seconds.")
-    stop_grace_seconds: float = Field(15.0, ge=0, description="On stop, children get SIGTERM, then SIGKILL after this many seconds.")
+    stop_grace_seconds: float = Field(
+        15.0, ge=0, description="On stop, children get SIGTERM, then SIGKILL after this many seconds."
+    )
     restart: RestartConfig = Field(
         default_factory=RestartConfig,
         description="Restarting a role that dies: on the same ports, with backoff and a limit (stack.json: restarts).",
@@ -80,7 +86,7 @@ class PipelineJobConfig(Strict):
     pipeline: PipelineConfig = Field(description="The pipeline.")
 
     @model_validator(mode="after")
-    def _learner_seed(self) -> "PipelineJobConfig":
+    def _learner_seed(self) -> PipelineJobConfig:
         if "seed" not in self.stack.learner.model_fields_set:
             self.stack.learner.seed = self.pipeline.seed
         return self
@@ -93,7 +99,7 @@ class PPOJobConfig(Strict):
     run: PPORunConfig = Field(description="The PPO run.")
 
     @model_validator(mode="after")
-    def _learner_seed(self) -> "PPOJobConfig":
+    def _learner_seed(self) -> PPOJobConfig:
         if "seed" not in self.stack.learner.model_fields_set:
             self.stack.learner.seed = self.run.seed
         return self

@@ -14,27 +14,52 @@ from alignd.paper import PAPER_DEFAULTS as PAPER
 class PPOConfig(Strict):
     """PPO hyper-parameters. Defaults are InstructGPT's (Ouyang et al. 2022, appendix C.4)."""
 
-    kl_coef: float = Field(PAPER.kl_coef, ge=0, description="beta: per-token KL penalty coefficient (fixed unless adaptive_kl_target is set).")
-    adaptive_kl_target: float | None = Field(
-        None, gt=0, description="Target KL per sequence for the adaptive controller of Ziegler et al. 2019; null = fixed kl_coef."
+    kl_coef: float = Field(
+        PAPER.kl_coef,
+        ge=0,
+        description="beta: per-token KL penalty coefficient (fixed unless adaptive_kl_target is set).",
     )
-    adaptive_kl_horizon: int = Field(PAPER.adaptive_kl_horizon, ge=1, description="Horizon (in samples) of the adaptive KL controller.")
-    kl_estimator: Literal["k1", "k2", "k3", "abs"] = Field(PAPER.kl_estimator, description="Per-token KL estimator in the reward penalty.")
+    adaptive_kl_target: float | None = Field(
+        None,
+        gt=0,
+        description="Target KL per sequence for the adaptive controller of Ziegler et al. 2019; null = fixed kl_coef.",
+    )
+    adaptive_kl_horizon: int = Field(
+        PAPER.adaptive_kl_horizon, ge=1, description="Horizon (in samples) of the adaptive KL controller."
+    )
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = Field(
+        PAPER.kl_estimator, description="Per-token KL estimator in the reward penalty."
+    )
     score_position: Literal["last", "eos_plus_one"] = Field(
-        PAPER.score_position, description='Where the RM score is added: the last response token, or one past it when it fits (TRL).'
+        PAPER.score_position,
+        description="Where the RM score is added: the last response token, or one past it when it fits (TRL).",
     )
     clip: float = Field(PAPER.clip, gt=0, description="PPO ratio clip epsilon.")
-    value_clip: float = Field(PAPER.value_clip, gt=0, description="Clip range of the value prediction around the old value.")
+    value_clip: float = Field(
+        PAPER.value_clip, gt=0, description="Clip range of the value prediction around the old value."
+    )
     value_coef: float = Field(0.1, ge=0, description="Weight of the value loss in the total loss.")
     gamma: float = Field(PAPER.gamma, ge=0, le=1, description="GAE discount.")
     lam: float = Field(PAPER.lam, ge=0, le=1, description="GAE lambda.")
-    whiten_unbiased: bool = Field(PAPER.whiten_unbiased, description="Whitening of advantages uses the unbiased variance (TRL) or the biased one.")
+    whiten_unbiased: bool = Field(
+        PAPER.whiten_unbiased, description="Whitening of advantages uses the unbiased variance (TRL) or the biased one."
+    )
     epochs: int = Field(PAPER.ppo_epochs, ge=1, description="PPO epochs over each rollout batch.")
-    minibatches: int = Field(PAPER.batch_size // PAPER.minibatch_size, ge=1, description="Minibatches per epoch (the paper: batch 512 in 8 minibatches of 64).")
+    minibatches: int = Field(
+        PAPER.batch_size // PAPER.minibatch_size,
+        ge=1,
+        description="Minibatches per epoch (the paper: batch 512 in 8 minibatches of 64).",
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
-    temperature: float = Field(PAPER.temperature, gt=0, description="Sampling temperature of the rollouts; logits are divided by it.")
-    ptx_coef: float = Field(0.0, ge=0, description="gamma_ptx of PPO-ptx (the paper: 27.8); 0 disables the pretraining loss.")
-    ptx_data: str | None = Field(None, description="Text file (one document per line) for the PPO-ptx pretraining loss.")
+    temperature: float = Field(
+        PAPER.temperature, gt=0, description="Sampling temperature of the rollouts; logits are divided by it."
+    )
+    ptx_coef: float = Field(
+        0.0, ge=0, description="gamma_ptx of PPO-ptx (the paper: 27.8); 0 disables the pretraining loss."
+    )
+    ptx_data: str | None = Field(
+        None, description="Text file (one document per line) for the PPO-ptx pretraining loss."
+    )
     ptx_batch_size: int = Field(4, ge=1, description="Pretraining sequences per minibatch when PPO-ptx is on.")
     ptx_max_tokens: int = Field(128, ge=2, description="Tokens per pretraining sequence.")
     old_logprobs: Literal["auto", "recompute"] = Field(
@@ -72,8 +97,14 @@ class OptimizerConfig(Strict):
     betas: tuple[float, float] = Field(PAPER.adam_betas, description="Adam betas.")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW).")
-    warmup_steps: int = Field(PAPER.lr_warmup_steps, ge=0, description="Linear warm-up from warmup_start_factor x lr to lr, in optimizer steps.")
-    warmup_start_factor: float = Field(PAPER.lr_warmup_start_ratio, gt=0, le=1, description="LR at step 0 as a fraction of peak (the paper: a tenth).")
+    warmup_steps: int = Field(
+        PAPER.lr_warmup_steps,
+        ge=0,
+        description="Linear warm-up from warmup_start_factor x lr to lr, in optimizer steps.",
+    )
+    warmup_start_factor: float = Field(
+        PAPER.lr_warmup_start_ratio, gt=0, le=1, description="LR at step 0 as a fraction of peak (the paper: a tenth)."
+    )
     fused: bool | None = Field(
         None,
         description=(
@@ -86,12 +117,17 @@ class OptimizerConfig(Strict):
 class SupervisedJobConfig(Strict):
     """What the SFT and reward-model jobs share: sequence length, warm-up, the validation split, the seed, bad lines."""
 
-    max_tokens: int = Field(512, ge=4, description="Prompt + completion tokens per sequence (prompt cut from the left).")
+    max_tokens: int = Field(
+        512, ge=4, description="Prompt + completion tokens per sequence (prompt cut from the left)."
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps before the cosine decay.")
-    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out share (split by prompt) when no validation file is given.")
+    validation_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Held-out share (split by prompt) when no validation file is given."
+    )
     seed: int = Field(0, description="Shuffling and split seed.")
     skip_bad_lines: bool = Field(
-        False, description="Drop malformed data lines (counted and reported with file:line) instead of refusing the job."
+        False,
+        description="Drop malformed data lines (counted and reported with file:line) instead of refusing the job.",
     )
 
 
@@ -101,7 +137,9 @@ class SFTConfig(SupervisedJobConfig):
     epochs: int = Field(2, ge=1, description="Passes over the demonstrations (the paper: 16).")
     lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
     batch_size: int = Field(8, ge=1, description="Demonstrations per optimizer step.")
-    residual_dropout: float = Field(0.2, ge=0, lt=1, description="Dropout during SFT (models without dropout modules ignore it).")
+    residual_dropout: float = Field(
+        0.2, ge=0, lt=1, description="Dropout during SFT (models without dropout modules ignore it)."
+    )
     select: Literal["val_loss", "last"] = Field("val_loss", description="Which epoch's weights are kept.")
 
 
@@ -119,7 +157,8 @@ class RMTrainConfig(SupervisedJobConfig):
         "such as sentiment). Recorded in the RM's config.json; the reward role scores the same way.",
     )
     layers: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Keep only the first N transformer blocks of the initial model: an RM smaller (and faster to "
         "train and serve) than the policy. null keeps them all.",
     )
@@ -148,8 +187,10 @@ class EngineConfig(Strict):
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (deepspeed engine only).")
     bf16: bool = Field(False, description="bf16 mixed precision (deepspeed engine on GPUs).")
     collective_timeout_seconds: float = Field(
-        1800.0, ge=5,
-        description="torch.distributed timeout of every collective, in seconds (deepspeed engine). Under torchrun a rank "
+        1800.0,
+        ge=5,
+        description="torch.distributed timeout of every collective, in seconds (deepspeed engine). Under torchrun a "
+        "rank "
         "that dies or hangs makes the others' next collective fail after at most this long, which ends the whole job "
         "(Kubernetes restarts it from the latest checkpoint); ranks > 0 wait at most this long for rank 0's next "
         "command (rank 0 sends a heartbeat every min(10 s, a quarter of it) when idle). Keep it above the longest "

@@ -87,8 +87,11 @@ class ModelRoleApp(RoleApp):
         t0 = time.perf_counter()
         handle = self.load_handle()
         _log.info(
-            "model_loaded", path=handle.cfg.path, architecture=type(handle.model).__name__,
-            num_parameters=handle.num_parameters, seconds=round(time.perf_counter() - t0, 3),
+            "model_loaded",
+            path=handle.cfg.path,
+            architecture=type(handle.model).__name__,
+            num_parameters=handle.num_parameters,
+            seconds=round(time.perf_counter() - t0, 3),
         )
         state = self.build(handle)
         t1 = time.perf_counter()

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -91,7 +92,10 @@ def load_scalar_head_model(cfg: ModelConfig, *, allow_new_head: bool):
         output_loading_info=True,
     )
     if not hasattr(model, "score") or not isinstance(model.score, torch.nn.Linear):
-        raise ValueError(f"{type(model).__name__} has no linear `score` head; alignd needs a sequence-classification head named `score`")
+        raise ValueError(
+            f"{type(model).__name__} has no linear `score` head; alignd needs a sequence-classification head named "
+            f"`score`"
+        )
     if model.score.out_features != 1:
         raise ValueError(f"score head has {model.score.out_features} outputs; a reward model needs 1")
     missing_head = [k for k in info.get("missing_keys", []) if k.startswith("score.")]
@@ -174,7 +178,11 @@ class ModelHandle:
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.max_context = context_limit(model, cfg)
         self.tokenizer_hash = tokenizer_hash(tokenizer)
-        self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(model.config, "eos_token_id", None)
+        self.eos_token_id = (
+            tokenizer.eos_token_id
+            if tokenizer.eos_token_id is not None
+            else getattr(model.config, "eos_token_id", None)
+        )
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = getattr(model.config, "pad_token_id", None)
@@ -225,8 +233,10 @@ class ModelHandle:
         if version <= self.version:
             raise FailedPrecondition(f"version {version} is not above the served version {self.version}")
         if version - self.version > MAX_VERSION_JUMP:
-            raise FailedPrecondition(f"version {version} is more than {MAX_VERSION_JUMP} above the served version "
-                                     f"{self.version}; versions advance one publication at a time")
+            raise FailedPrecondition(
+                f"version {version} is more than {MAX_VERSION_JUMP} above the served version "
+                f"{self.version}; versions advance one publication at a time"
+            )
 
     def fits(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
         """Whether tensors of these names and shapes are exactly the served model's."""
@@ -239,7 +249,9 @@ class ModelHandle:
         InvalidArgument (nothing changed) when its vocabulary differs from the tokenizer's."""
         vocab = int(model.get_input_embeddings().num_embeddings)
         if vocab != self.vocab_size:
-            raise InvalidArgument("path", f"the model's vocabulary has {vocab} tokens, the served tokenizer's model {self.vocab_size}")
+            raise InvalidArgument(
+                "path", f"the model's vocabulary has {vocab} tokens, the served tokenizer's model {self.vocab_size}"
+            )
         with self.lock:
             self.check_version(version, replace_newer=replace_newer)
             self.model = model
@@ -259,7 +271,9 @@ class ModelHandle:
             if name not in state:
                 raise InvalidArgument("weights", f"unknown tensor {name!r}")
             if tuple(t.shape) != tuple(state[name].shape):
-                raise InvalidArgument("weights", f"tensor {name} has shape {list(t.shape)}, expected {list(state[name].shape)}")
+                raise InvalidArgument(
+                    "weights", f"tensor {name} has shape {list(t.shape)}, expected {list(state[name].shape)}"
+                )
             if t.is_floating_point() != state[name].is_floating_point():
                 raise InvalidArgument("weights", f"tensor {name} has dtype {t.dtype}, expected {state[name].dtype}")
         if not partial:
@@ -287,7 +301,10 @@ class ModelHandle:
                     state[name].copy_(t.to(device=state[name].device, dtype=state[name].dtype))
             self.version = version
         _log.info(
-            "weights_applied", version=version, num_tensors=len(tensors), partial=partial,
+            "weights_applied",
+            version=version,
+            num_tensors=len(tensors),
+            partial=partial,
             apply_seconds=round(time.perf_counter() - t0, 4),
         )
         return len(tensors)

@@ -36,7 +36,11 @@ def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 # Configuration keys of transformers models that transform the logits after the LM head, and their no-op values.
-POST_HEAD_KEYS = {"final_logit_softcapping": (None, 0, 0.0), "logit_scale": (None, 1, 1.0), "logits_scaling": (None, 1, 1.0)}
+POST_HEAD_KEYS = {
+    "final_logit_softcapping": (None, 0, 0.0),
+    "logit_scale": (None, 1, 1.0),
+    "logits_scaling": (None, 1, 1.0),
+}
 
 
 def _post_head(model: nn.Module) -> str | None:
@@ -69,8 +73,12 @@ class PositionLogits:
         self.split = _decoder_and_head(model)
         reason = _post_head(model)
         if self.split is not None and (reason or not self._split_matches()):
-            _log.info("position_logits_full_forward", model=name, architecture=type(model).__name__,
-                      reason=f"config.{reason}" if reason else "logits are not lm_head(last_hidden_state)")
+            _log.info(
+                "position_logits_full_forward",
+                model=name,
+                architecture=type(model).__name__,
+                reason=f"config.{reason}" if reason else "logits are not lm_head(last_hidden_state)",
+            )
             self.split = None
 
     @torch.no_grad()
@@ -103,6 +111,8 @@ class PositionLogits:
             h = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             h = gather_positions(h, positions)  # (B, T, H)
             return head(h), (h if hidden else None)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=hidden)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=hidden
+        )
         logits = gather_positions(out.logits, positions)
         return logits, (gather_positions(out.hidden_states[-1], positions) if hidden else None)

@@ -16,7 +16,7 @@ the checkpoint's config.json (`alignd_score_pooling`) by RM training:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -46,7 +46,8 @@ class WeightMetrics:
         self.version = Gauge(f"alignd_{slug}_weight_version", "Weight version being served.", registry=registry)
         self.updates = Counter(
             f"alignd_{slug}_weight_updates_total",
-            "Weight updates by result (applied, rejected, staged: received and checked, applied later by CommitWeights).",
+            "Weight updates by result (applied, rejected, staged: received and checked, applied later by "
+            "CommitWeights).",
             ["result"],
             registry=registry,
         )
@@ -173,13 +174,16 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                 self.metrics.updates.labels("rejected").inc()
                 raise
             if received.stage_only:
-                self.staged = Staged(received.version, lambda: handle.apply_weights(
-                    received.tensors, received.version, partial=received.partial))
+                self.staged = Staged(
+                    received.version,
+                    lambda: handle.apply_weights(received.tensors, received.version, partial=received.partial),
+                )
                 return received, len(received.tensors)
             self.host.set_serving(False)
             try:
-                n = handle.apply_weights(received.tensors, received.version, partial=received.partial,
-                                         replace_newer=received.replace_newer)
+                n = handle.apply_weights(
+                    received.tensors, received.version, partial=received.partial, replace_newer=received.replace_newer
+                )
             finally:
                 self.host.set_serving(True)
             self._drop_outdated_staged(handle)
@@ -195,10 +199,17 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         self.metrics.bytes.inc(received.received_bytes)
         self.metrics.seconds.observe(elapsed)
         self.metrics.version.set(handle.version)
-        _log.info("weights_staged" if received.stage_only else "weights_updated", version=received.version,
-                  received_bytes=received.received_bytes, seconds=round(elapsed, 4))
+        _log.info(
+            "weights_staged" if received.stage_only else "weights_updated",
+            version=received.version,
+            received_bytes=received.received_bytes,
+            seconds=round(elapsed, 4),
+        )
         return model_pb2.UpdateWeightsResponse(
-            version=handle.version, received_bytes=received.received_bytes, num_tensors=n, duration_seconds=elapsed,
+            version=handle.version,
+            received_bytes=received.received_bytes,
+            num_tensors=n,
+            duration_seconds=elapsed,
             staged=received.stage_only,
         )
 
@@ -226,8 +237,10 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             bias, pooling = _score_config_of(request.path)
             reload = handle.reloader is not None and not handle.fits(read_weights_shapes(request.path))
             if reload and request.stage_only:
-                raise InvalidArgument("stage_only", f"{request.path} holds another architecture: it is loaded as a "
-                                      "model, which cannot be staged")
+                raise InvalidArgument(
+                    "stage_only",
+                    f"{request.path} holds another architecture: it is loaded as a model, which cannot be staged",
+                )
             tensors = None if reload else read_weights_dir(request.path)  # a reload reads the directory itself
             if request.stage_only:
                 handle.check_tensors(tensors, partial=False)
@@ -253,7 +266,9 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         if request.stage_only:
             self.metrics.updates.labels("staged").inc()
             _log.info("weights_staged", version=request.version, seconds=round(elapsed, 4))
-            return model_pb2.LoadWeightsResponse(version=handle.version, num_tensors=n, duration_seconds=elapsed, staged=True)
+            return model_pb2.LoadWeightsResponse(
+                version=handle.version, num_tensors=n, duration_seconds=elapsed, staged=True
+            )
         self.metrics.updates.labels("applied").inc()
         self.metrics.version.set(handle.version)
         self._report_memory(handle)

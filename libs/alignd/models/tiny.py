@@ -68,9 +68,16 @@ def _config(arch: str, tokenizer, *, hidden: int, layers: int, heads: int, conte
         from transformers import LlamaConfig
 
         return LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=context,
-            tie_word_embeddings=True, **ids, **extra,
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=context,
+            tie_word_embeddings=True,
+            **ids,
+            **extra,
         )
     raise ValueError(f"unknown tiny architecture {arch!r} (gpt2, llama)")
 
@@ -99,7 +106,9 @@ def build_tiny_model(
     tokenizer = build_tokenizer(vocab_size)
     torch.manual_seed(seed)
     if kind == "causal_lm":
-        model = AutoModelForCausalLM.from_config(_config(arch, tokenizer, hidden=hidden, layers=layers, heads=heads, context=context))
+        model = AutoModelForCausalLM.from_config(
+            _config(arch, tokenizer, hidden=hidden, layers=layers, heads=heads, context=context)
+        )
     elif kind == "reward":
         model = AutoModelForSequenceClassification.from_config(
             _config(arch, tokenizer, hidden=hidden, layers=layers, heads=heads, context=context, num_labels=1)

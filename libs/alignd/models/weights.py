@@ -21,9 +21,9 @@ import secrets
 import shutil
 import time
 import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
 
 import torch
 
@@ -88,7 +88,11 @@ class _Checksum:
             self.crc = zlib.crc32(data, self.crc)
 
     def trailer(self) -> model_pb2.UpdateWeightsRequest:
-        t = model_pb2.WeightsTrailer(sha256=self.sha.digest()) if self.sha is not None else model_pb2.WeightsTrailer(crc32=self.crc)
+        t = (
+            model_pb2.WeightsTrailer(sha256=self.sha.digest())
+            if self.sha is not None
+            else model_pb2.WeightsTrailer(crc32=self.crc)
+        )
         return model_pb2.UpdateWeightsRequest(trailer=t)
 
 
@@ -107,7 +111,11 @@ def encode_stream(
     n, total, pieces = _plan(state, chunk_bytes)
     yield model_pb2.UpdateWeightsRequest(
         header=model_pb2.WeightsHeader(
-            version=version, num_tensors=n, total_bytes=total, partial=partial, stage_only=stage_only,
+            version=version,
+            num_tensors=n,
+            total_bytes=total,
+            partial=partial,
+            stage_only=stage_only,
             replace_newer=replace_newer,
         )
     )
@@ -159,7 +167,11 @@ def encode_stream_wire(
     n, total, pieces = _plan(state, chunk_bytes)
     yield model_pb2.UpdateWeightsRequest(
         header=model_pb2.WeightsHeader(
-            version=version, num_tensors=n, total_bytes=total, partial=partial, stage_only=stage_only,
+            version=version,
+            num_tensors=n,
+            total_bytes=total,
+            partial=partial,
+            stage_only=stage_only,
             replace_newer=replace_newer,
         )
     ).SerializeToString()
@@ -269,11 +281,17 @@ def receive_stream(
     if trailer is None:
         raise InvalidArgument("trailer", "stream ended without a trailer (truncated)")
     if current is not None and current.filled != current.nbytes:
-        raise InvalidArgument("chunk.data", f"tensor {current.name} truncated: {current.filled} of {current.nbytes} bytes")
+        raise InvalidArgument(
+            "chunk.data", f"tensor {current.name} truncated: {current.filled} of {current.nbytes} bytes"
+        )
     if len(buffers) != header.num_tensors:
-        raise InvalidArgument("header.num_tensors", f"header announced {header.num_tensors} tensors, stream carried {len(buffers)}")
+        raise InvalidArgument(
+            "header.num_tensors", f"header announced {header.num_tensors} tensors, stream carried {len(buffers)}"
+        )
     if received != header.total_bytes:
-        raise InvalidArgument("header.total_bytes", f"header announced {header.total_bytes} bytes, stream carried {received}")
+        raise InvalidArgument(
+            "header.total_bytes", f"header announced {header.total_bytes} bytes, stream carried {received}"
+        )
     if not trailer.sha256 and not trailer.HasField("crc32"):
         raise InvalidArgument("trailer", "no checksum (set crc32 or sha256)")
     if trailer.HasField("crc32") and trailer.crc32 != crc:
@@ -289,8 +307,12 @@ def receive_stream(
         for name, b in buffers.items()
     }
     return ReceivedWeights(
-        version=header.version, partial=header.partial, tensors=tensors, received_bytes=received,
-        stage_only=header.stage_only, replace_newer=header.replace_newer,
+        version=header.version,
+        partial=header.partial,
+        tensors=tensors,
+        received_bytes=received,
+        stage_only=header.stage_only,
+        replace_newer=header.replace_newer,
     )
 
 

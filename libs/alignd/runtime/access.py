@@ -104,7 +104,8 @@ def request_limit(method: str, overrides: dict[str, int], transport_max: int) ->
 def _parse(raw: bytes, deserialize, method: str, limit: int):
     if len(raw) > limit:
         raise ResourceExhausted(
-            f"request: {len(raw)} bytes exceed the {limit}-byte limit of {_short(method)} (server.limits.max_request_bytes)"
+            f"request: {len(raw)} bytes exceed the {limit}-byte limit of {_short(method)} "
+            f"(server.limits.max_request_bytes)"
         )
     if deserialize is None:
         return raw
@@ -201,9 +202,10 @@ class AccessInterceptor(grpc.ServerInterceptor):
         """A handler of the call's shape that answers `exc` without reading the request, on the refusal pool."""
 
         if handler.response_streaming:
+
             def refuse_stream(request_iterator, context):
                 raise exc
-                yield  # noqa: unreachable - makes this a generator
+                yield  # unreachable: it makes this function a generator
 
             refuse_stream.experimental_thread_pool = self._reject_pool
             return grpc.stream_stream_rpc_method_handler(refuse_stream, None, handler.response_serializer)
@@ -253,8 +255,11 @@ class AccessInterceptor(grpc.ServerInterceptor):
         idle = self.limits.stream_idle_timeout_seconds
         auth, slots = self.auth, self.slots
         inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
-        rpc_type = ("bidi_stream" if handler.request_streaming else "server_stream") if handler.response_streaming \
+        rpc_type = (
+            ("bidi_stream" if handler.request_streaming else "server_stream")
+            if handler.response_streaming
             else ("client_stream" if handler.request_streaming else "unary")
+        )
 
         @contextlib.contextmanager
         def admitted(context):
@@ -288,6 +293,7 @@ class AccessInterceptor(grpc.ServerInterceptor):
             return _read_one(request_iterator, deserialize, method, limit)
 
         if handler.response_streaming:
+
             def serve_stream(request_iterator, context):
                 with admitted(context):
                     request = request_of(request_iterator)

@@ -93,8 +93,10 @@ def _entry(name, value, source: str) -> TokenEntry:
         raise TokenError(f"{where}: give exactly one of token and sha256")
     if token is not None:
         if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS or token != token.strip():
-            raise TokenError(f"{where}: the token must be a string of at least {MIN_TOKEN_CHARS} characters "
-                             "without surrounding spaces")
+            raise TokenError(
+                f"{where}: the token must be a string of at least {MIN_TOKEN_CHARS} characters "
+                "without surrounding spaces"
+            )
         digest = token_digest(token)
     else:
         try:
@@ -127,7 +129,9 @@ def parse_tokens(text: str, source: str) -> dict[str, TokenEntry]:
     seen: dict[bytes, str] = {}
     for name, value in data.items():
         if not isinstance(name, str) or not name or name == TRUSTED_NETWORK:
-            raise TokenError(f"{source}: token names must be non-empty strings other than {TRUSTED_NETWORK!r}, got {name!r}")
+            raise TokenError(
+                f"{source}: token names must be non-empty strings other than {TRUSTED_NETWORK!r}, got {name!r}"
+            )
         entry = _entry(name, value, source)
         if entry.digest in seen:
             raise TokenError(f"{source}: {name!r} and {seen[entry.digest]!r} have the same token")
@@ -284,5 +288,6 @@ class Authenticator:
         """PermissionDenied naming the scope when `principal` lacks it."""
         if not principal.allows(scope):
             self._reject(api, "scope")
-            raise PermissionDenied(f"{what} needs the '{scope}' scope, which the credential of "
-                                   f"{principal.name!r} does not carry")
+            raise PermissionDenied(
+                f"{what} needs the '{scope}' scope, which the credential of {principal.name!r} does not carry"
+            )

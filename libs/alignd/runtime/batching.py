@@ -17,12 +17,12 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Sequence, TypeVar
-
+from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError as FutureCancelled
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 from alignd.runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from alignd.runtime.logging import get_logger
@@ -108,7 +108,12 @@ class DynamicBatcher(Generic[Req, Res]):
         return pending
 
     def run(
-        self, request: Req, cost: int, timeout: float | None = None, tokens: int = 0, on_done=None,
+        self,
+        request: Req,
+        cost: int,
+        timeout: float | None = None,
+        tokens: int = 0,
+        on_done=None,
     ) -> tuple[Res, Pending[Req], BatchInfo]:
         """Submits and waits; `timeout` is the caller's remaining deadline in seconds.
 
@@ -245,9 +250,9 @@ class DynamicBatcher(Generic[Req, Res]):
                 _log.exception("batch_callback_failed")
 
 
-
-
-def per_request(fn: Callable[[list[Any]], tuple[list[Any], Any]]) -> Callable[[Sequence[Sequence[Any]]], list[tuple[list[Any], Any]]]:
+def per_request(
+    fn: Callable[[list[Any]], tuple[list[Any], Any]],
+) -> Callable[[Sequence[Sequence[Any]]], list[tuple[list[Any], Any]]]:
     """Adapts `fn(flat_items) -> (results, version)` to the batcher's interface.
 
     Each request is a list of items; the batch's items are concatenated into

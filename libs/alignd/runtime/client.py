@@ -30,7 +30,13 @@ IDEMPOTENT_METHODS: dict[str, list[str]] = {
     "alignd.v1.ModelService": ["GetInfo"],
     "alignd.v1.LearnerService": ["TrainStep"],
     # SubmitRanking: resubmitting the same ranking returns the stored record.
-    "alignd.v1.CoordinatorService": ["GetCoordinatorInfo", "GetRun", "ListRuns", "SubmitRanking", "ReleaseComparisonTask"],
+    "alignd.v1.CoordinatorService": [
+        "GetCoordinatorInfo",
+        "GetRun",
+        "ListRuns",
+        "SubmitRanking",
+        "ReleaseComparisonTask",
+    ],
     "grpc.health.v1.Health": ["Check"],
 }
 
@@ -72,6 +78,7 @@ def make_channel(
     if credentials.server_name:
         options.append(("grpc.ssl_target_name_override", credentials.server_name))
     if credentials.ca_file:
+
         def read(path):
             with open(path, "rb") as f:
                 return f.read()
@@ -85,7 +92,9 @@ def make_channel(
     else:
         channel = grpc.insecure_channel(address, options=options)
     if credentials.tokens_file:
-        channel = grpc.intercept_channel(channel, BearerToken(TokenSource(credentials.tokens_file, credentials.token_name)))
+        channel = grpc.intercept_channel(
+            channel, BearerToken(TokenSource(credentials.tokens_file, credentials.token_name))
+        )
     return channel
 
 
@@ -144,8 +153,10 @@ class TokenSource:
 
 
 class BearerToken(
-    grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor,
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
 ):
     """Adds `authorization: Bearer <token>` to every call of a channel (plaintext or TLS)."""
 
@@ -172,7 +183,10 @@ class BearerToken(
 class _Details(grpc.ClientCallDetails):
     def __init__(self, base, metadata) -> None:
         self.method, self.timeout, self.credentials = base.method, base.timeout, base.credentials
-        self.wait_for_ready, self.compression = getattr(base, "wait_for_ready", None), getattr(base, "compression", None)
+        self.wait_for_ready, self.compression = (
+            getattr(base, "wait_for_ready", None),
+            getattr(base, "compression", None),
+        )
         self.metadata = metadata
 
 

@@ -25,7 +25,9 @@ class FaultInterceptor(grpc.ServerInterceptor):
         self.delay = cfg.delay_seconds
         self.methods = set(cfg.methods)
         self.injected = Counter(
-            "alignd_rpc_faults_injected_total", "RPCs delayed by server.fault_injection (chaos drills).", ["method"],
+            "alignd_rpc_faults_injected_total",
+            "RPCs delayed by server.fault_injection (chaos drills).",
+            ["method"],
             registry=registry,
         )
 

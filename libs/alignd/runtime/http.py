@@ -57,8 +57,15 @@ class ConnectionPolicy:
     per_ip: dict[str, int] = field(default_factory=dict)
     # Connections waiting for request headers, oldest first (dicts keep insertion order).
     waiting: dict[Any, float] = field(default_factory=dict)
-    stats: dict[str, int] = field(default_factory=lambda: {
-        "accepted": 0, "refused_per_ip": 0, "refused_full": 0, "evicted": 0, "header_timeouts": 0})
+    stats: dict[str, int] = field(
+        default_factory=lambda: {
+            "accepted": 0,
+            "refused_per_ip": 0,
+            "refused_full": 0,
+            "evicted": 0,
+            "header_timeouts": 0,
+        }
+    )
     on_event: Any = None  # on_event(name): a refusal, eviction or timeout (metrics)
 
     def _event(self, name: str) -> None:
@@ -79,7 +86,7 @@ class ConnectionPolicy:
         addr = getattr(addr, "ipv4_mapped", None) or addr
         return any(addr in net for net in self.exempt)
 
-    def admit(self, conn: "GuardedH11Protocol", ip: str | None) -> str | None:
+    def admit(self, conn: GuardedH11Protocol, ip: str | None) -> str | None:
         """None when `conn` may stay (it is counted), else why it is refused."""
         if ip is not None and not self._exempt(ip) and self.per_ip.get(ip, 0) >= self.max_per_ip:
             self._event("refused_per_ip")
@@ -98,7 +105,7 @@ class ConnectionPolicy:
         self.stats["accepted"] += 1
         return None
 
-    def release(self, conn: "GuardedH11Protocol") -> None:
+    def release(self, conn: GuardedH11Protocol) -> None:
         """Idempotent: an eviction releases at once, connection_lost (later) again."""
         self.waiting.pop(conn, None)
         if conn.counted:
@@ -116,8 +123,10 @@ class ConnectionPolicy:
 def raw_response(status: HTTPStatus, code: str, message: str) -> bytes:
     """A JSON error written straight to the transport (no request was parsed, so h11 cannot frame it)."""
     body = json.dumps({"error": message, "code": code}).encode()
-    return (f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    return (
+        f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -190,8 +199,13 @@ class GuardedH11Protocol(H11Protocol):
             return
         self.policy._event("header_timeouts")
         if self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE:
-            self.transport.write(raw_response(HTTPStatus.REQUEST_TIMEOUT, "DEADLINE_EXCEEDED",
-                                              f"request headers not received within {self.policy.header_timeout:g} s"))
+            self.transport.write(
+                raw_response(
+                    HTTPStatus.REQUEST_TIMEOUT,
+                    "DEADLINE_EXCEEDED",
+                    f"request headers not received within {self.policy.header_timeout:g} s",
+                )
+            )
         self.transport.close()
 
     def close_quietly(self) -> None:
@@ -203,8 +217,14 @@ class GuardedH11Protocol(H11Protocol):
 
     def _add_tls_extension(self, ssl_object) -> None:
         der = ssl_object.getpeercert(binary_form=True)  # only a certificate that verified (CERT_OPTIONAL)
-        tls = {"client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [], "client_cert_name": None,
-               "client_cert_error": None, "server_cert": None, "tls_version": None, "cipher_suite": None}
+        tls = {
+            "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
+            "client_cert_name": None,
+            "client_cert_error": None,
+            "server_cert": None,
+            "tls_version": None,
+            "cipher_suite": None,
+        }
         inner = self.app  # config.loaded_app, read by H11Protocol.handle_events for each request
 
         async def app(scope, receive, send):
@@ -228,7 +248,8 @@ class StructlogBridge(logging.Handler):
                 kw["exc_info"] = record.exc_info
             level = record.levelname.lower()
             getattr(log, level if level in ("debug", "info", "warning", "error", "critical") else "info")(
-                "http_server_log", **kw)
+                "http_server_log", **kw
+            )
         except Exception:  # noqa: BLE001 - logging must not raise
             pass
 
@@ -274,25 +295,45 @@ def reloading_ssl_context(http_tls) -> ssl.SSLContext:
 class HTTPServer:
     """uvicorn serving `app` on a socket bound here, on a thread with its own event loop."""
 
-    def __init__(self, app, host: str, port: int, policy: ConnectionPolicy, *, ssl_context: ssl.SSLContext | None = None,
-                 keep_alive_seconds: float = 30.0, graceful_seconds: float = 5.0, name: str = "http") -> None:
+    def __init__(
+        self,
+        app,
+        host: str,
+        port: int,
+        policy: ConnectionPolicy,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        keep_alive_seconds: float = 30.0,
+        graceful_seconds: float = 5.0,
+        name: str = "http",
+    ) -> None:
         install_log_bridge()
         self.sock = bind(host, port)
         self.tls = ssl_context is not None
         config = uvicorn.Config(
-            app, http=GuardedH11Protocol, loop="asyncio", ws="none", lifespan="off", interface="asgi3",
+            app,
+            http=GuardedH11Protocol,
+            loop="asyncio",
+            ws="none",
+            lifespan="off",
+            interface="asgi3",
             log_config=None,  # uvicorn's default dictConfig would take over logging
-            access_log=False, proxy_headers=False,  # proxy_headers would trust X-Forwarded-For from loopback
-            server_header=False, date_header=False, timeout_keep_alive=max(1, int(keep_alive_seconds)),
-            timeout_graceful_shutdown=max(1, int(graceful_seconds)), h11_max_incomplete_event_size=16 * 1024,
-            backlog=1024, ssl_context_factory=(lambda _cfg, _default: ssl_context) if ssl_context is not None else None,
+            access_log=False,
+            proxy_headers=False,  # proxy_headers would trust X-Forwarded-For from loopback
+            server_header=False,
+            date_header=False,
+            timeout_keep_alive=max(1, int(keep_alive_seconds)),
+            timeout_graceful_shutdown=max(1, int(graceful_seconds)),
+            h11_max_incomplete_event_size=16 * 1024,
+            backlog=1024,
+            ssl_context_factory=(lambda _cfg, _default: ssl_context) if ssl_context is not None else None,
         )
         config.connection_policy = policy  # read by GuardedH11Protocol
         self.policy = policy
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name=name, daemon=True)
 
-    def start(self, timeout: float = 30.0) -> "HTTPServer":
+    def start(self, timeout: float = 30.0) -> HTTPServer:
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:

@@ -12,7 +12,23 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 
 # Buckets for RPC latencies, in seconds: 1 ms .. 5 min.
 LATENCY_BUCKETS_SECONDS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
 )
 
 
@@ -49,8 +65,12 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int, *, authoriz
     certificates required when it names a client CA (server.metrics_tls)."""
     kwargs = {}
     if tls is not None and tls.enabled:
-        kwargs = dict(certfile=tls.cert_file, keyfile=tls.key_file, client_cafile=tls.client_ca_file,
-                      client_auth_required=tls.client_ca_file is not None)
+        kwargs = dict(
+            certfile=tls.cert_file,
+            keyfile=tls.key_file,
+            client_cafile=tls.client_ca_file,
+            client_auth_required=tls.client_ca_file is not None,
+        )
     server, _thread = start_http_server(port, addr=host, registry=registry, **kwargs)
     if authorize is not None:
         app = server.get_app()
@@ -104,9 +124,7 @@ class BatchMetrics:
         )
         for reason in ("deadline", "cancelled"):
             self.dropped.labels(reason)
-        self.sequences = Counter(
-            f"alignd_{slug}_sequences_total", "Sequences processed.", registry=registry
-        )
+        self.sequences = Counter(f"alignd_{slug}_sequences_total", "Sequences processed.", registry=registry)
         self.tokens = Counter(
             f"alignd_{slug}_tokens_total",
             "Tokens processed, by kind (prompt, generated, scored).",

@@ -17,8 +17,8 @@ create.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from alignd.runtime.errors import InvalidArgument
 
@@ -50,8 +50,9 @@ class Roots:
         real = os.path.realpath(os.path.expanduser(value))
         if not self.contains(real):
             raise InvalidArgument(
-                field, "outside the directories this role may use (its paths.roots and run directory); "
-                "configure paths.roots to allow it"
+                field,
+                "outside the directories this role may use (its paths.roots and run directory); "
+                "configure paths.roots to allow it",
             )
         return Path(real)
 
@@ -59,8 +60,13 @@ class Roots:
         return [*self.roots, *(p + "*" for p in self.prefixes)]
 
 
-def role_roots(cfg, run_dir: str | os.PathLike | None, *, extra: Iterable[str | os.PathLike] = (),
-               prefixes: Iterable[str | os.PathLike] = ()) -> Roots:
+def role_roots(
+    cfg,
+    run_dir: str | os.PathLike | None,
+    *,
+    extra: Iterable[str | os.PathLike] = (),
+    prefixes: Iterable[str | os.PathLike] = (),
+) -> Roots:
     """A role's Roots: its paths.roots, its run directory and `extra` (e.g. directories it was configured with)."""
     return Roots([*cfg.paths.roots, *([run_dir] if run_dir else []), *extra], prefixes=prefixes)
 

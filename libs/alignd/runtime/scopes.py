@@ -25,7 +25,15 @@ The scopes, by what they let a caller do:
 from __future__ import annotations
 
 SCORE, GENERATE, LOGPROBS, LABEL, RUNS, TRAIN, WEIGHTS, METRICS, ADMIN = (
-    "score", "generate", "logprobs", "label", "runs", "train", "weights", "metrics", "admin",
+    "score",
+    "generate",
+    "logprobs",
+    "label",
+    "runs",
+    "train",
+    "weights",
+    "metrics",
+    "admin",
 )
 SCOPES = (SCORE, GENERATE, LOGPROBS, LABEL, RUNS, TRAIN, WEIGHTS, METRICS, ADMIN)
 ANY = "any"  # any authenticated caller
@@ -38,8 +46,8 @@ REFLECTION_METHODS = (
 )
 
 METHOD_SCOPES: dict[str, str] = {
-    **{m: PUBLIC for m in HEALTH_METHODS},
-    **{m: ANY for m in REFLECTION_METHODS},
+    **dict.fromkeys(HEALTH_METHODS, PUBLIC),
+    **dict.fromkeys(REFLECTION_METHODS, ANY),
     "/alignd.v1.RewardService/Score": SCORE,
     "/alignd.v1.PolicyService/Generate": GENERATE,
     "/alignd.v1.ReferenceService/LogProbs": LOGPROBS,

@@ -11,8 +11,8 @@ or the server shuts down.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -48,7 +48,8 @@ def make_authenticator(role: str, cfg, registry: CollectorRegistry):
     rejected = Counter(
         f"alignd_{role}_auth_rejected_total",
         "Calls refused, by reason: missing, malformed or unknown token (UNAUTHENTICATED), scope (PERMISSION_DENIED).",
-        ["reason"], registry=registry,
+        ["reason"],
+        registry=registry,
     )
     for reason in REJECT_REASONS:
         rejected.labels(reason)
@@ -94,9 +95,11 @@ class HealthInterceptor(grpc.ServerInterceptor):
             self._on_refused()
 
         def refuse(request_iterator, context):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          "too many open health Watch streams (server.limits.max_health_watchers); use Check")
-            yield  # noqa: unreachable - a generator, like Watch
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "too many open health Watch streams (server.limits.max_health_watchers); use Check",
+            )
+            yield  # unreachable: a generator, like Watch
 
         refuse.experimental_thread_pool = self._check_pool
         return grpc.stream_stream_rpc_method_handler(refuse, None, handler.response_serializer)
@@ -113,7 +116,9 @@ class HealthInterceptor(grpc.ServerInterceptor):
                 return check(request, context)
 
             checked.experimental_thread_pool = self._check_pool
-            return grpc.unary_unary_rpc_method_handler(checked, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(
+                checked, handler.request_deserializer, handler.response_serializer
+            )
         with self._lock:  # admitted before it queues for a thread: the pool never holds more than it can run
             if self._total >= self._max:
                 refused = True
@@ -136,8 +141,10 @@ class HealthInterceptor(grpc.ServerInterceptor):
                 if mine >= self._max_per_peer:
                     if self._on_refused is not None:
                         self._on_refused()
-                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  "too many open health Watch streams from this address; use Check")
+                    context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "too many open health Watch streams from this address; use Check",
+                    )
                 try:
                     raw = next(request_iterator, None)  # read here: this runs even for a call cancelled in the queue
                     if raw is not None:
@@ -189,7 +196,8 @@ class ServiceHost:
             f"alignd_{role}_calls_limited_total",
             "Calls refused RESOURCE_EXHAUSTED before they were served, by reason (client_concurrency: the caller had "
             "server.limits.max_concurrent_calls_per_client in flight; health_watchers: too many Watch streams).",
-            ["reason"], registry=self.registry,
+            ["reason"],
+            registry=self.registry,
         )
         for reason in ("client_concurrency", "health_watchers"):
             self._m_limited.labels(reason)
@@ -199,16 +207,23 @@ class ServiceHost:
             "1 when the role serves every caller unchecked (server.auth.enabled false) on a non-loopback address.",
             registry=self.registry,
         ).set(1 if self.exposed_open else 0)
-        interceptors.append(AccessInterceptor(
-            self.authenticator, cfg.limits, cfg.max_message_bytes,
-            on_limited=self._m_limited.labels("client_concurrency").inc,
-        ))
+        interceptors.append(
+            AccessInterceptor(
+                self.authenticator,
+                cfg.limits,
+                cfg.max_message_bytes,
+                on_limited=self._m_limited.labels("client_concurrency").inc,
+            )
+        )
         if cfg.fault_injection.delay_seconds > 0:
             from alignd.runtime.faults import FaultInterceptor
 
             interceptors.append(FaultInterceptor(cfg.fault_injection, self.registry))
-        health_gate = HealthInterceptor(cfg.limits.max_health_watchers, cfg.limits.max_health_watchers_per_peer,
-                                        on_refused=self._m_limited.labels("health_watchers").inc)
+        health_gate = HealthInterceptor(
+            cfg.limits.max_health_watchers,
+            cfg.limits.max_health_watchers_per_peer,
+            on_refused=self._m_limited.labels("health_watchers").inc,
+        )
         self.server = grpc.server(
             self._executor,
             interceptors=[health_gate, *interceptors],
@@ -225,8 +240,9 @@ class ServiceHost:
         self._health_server = None
         self.health_port: int | None = None
         if cfg.health_port >= 0:
-            self._health_server = grpc.server(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-probe"),
-                                              interceptors=[health_gate])
+            self._health_server = grpc.server(
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-probe"), interceptors=[health_gate]
+            )
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
         self._serving = False
         self._set_health(False)
@@ -271,17 +287,26 @@ class ServiceHost:
             self._health_server.start()
         if self.cfg.metrics_port >= 0:
             self._metrics_http, self.metrics_port = serve_metrics(
-                self.registry, self.cfg.metrics_host, self.cfg.metrics_port,
-                authorize=self._metrics_authorizer(), tls=self.cfg.tls if self.cfg.metrics_tls else None,
+                self.registry,
+                self.cfg.metrics_host,
+                self.cfg.metrics_port,
+                authorize=self._metrics_authorizer(),
+                tls=self.cfg.tls if self.cfg.metrics_tls else None,
             )
         _log.info(
-            "server_started", address=self.address, metrics_url=self.metrics_url,
+            "server_started",
+            address=self.address,
+            metrics_url=self.metrics_url,
             tls="mutual" if self.cert_files is not None and self.cert_files.mutual else bool(self.cert_files),
-            auth=self.cfg.auth.enabled, health_port=self.health_port,
+            auth=self.cfg.auth.enabled,
+            health_port=self.health_port,
         )
         if self.exposed_open:
-            _log.warning("auth_disabled_exposed", address=self.address,
-                         hint="server.auth.enabled is false on a non-loopback address: every caller may call every RPC")
+            _log.warning(
+                "auth_disabled_exposed",
+                address=self.address,
+                hint="server.auth.enabled is false on a non-loopback address: every caller may call every RPC",
+            )
 
     def _metrics_authorizer(self):
         """authorize(header) for /metrics under server.auth.metrics_requires_token, else None."""

@@ -56,7 +56,9 @@ def ensure_stack_tokens(run_dir: str | os.PathLike) -> Path:
     if path.exists():
         try:
             entries = parse_tokens(path.read_text(), str(path))
-            if all(name in entries and entries[name].scopes == frozenset(scopes) for name, scopes in STACK_TOKENS.items()):
+            if all(
+                name in entries and entries[name].scopes == frozenset(scopes) for name, scopes in STACK_TOKENS.items()
+            ):
                 os.chmod(path, 0o600)
                 return path
         except (OSError, TokenError):

@@ -44,6 +44,7 @@ from alignd.data import load_prompts
 from alignd.runtime.client import expand_addresses, make_channel, wait_for_serving
 from alignd.runtime.errors import FailedPrecondition
 from alignd.runtime.logging import get_logger
+from alignd.services.coordinator import step_metrics
 from alignd.services.coordinator.prompts import PromptSampler, SamplerState
 from alignd.services.coordinator.replicas import Rotation, fan_out
 from alignd.services.coordinator.runs import MetricsLog, RunRecord
@@ -731,27 +732,12 @@ class RunLoop(threading.Thread):
         row = {
             "step": step,
             "mean_score": statistics.fmean(scores),
-            "approx_kl": resp.stats.approx_kl,
-            "reference_kl": resp.stats.reference_kl,
-            "kl_coef": resp.stats.kl_coef,
-            "policy_loss": resp.stats.policy_loss,
-            "value_loss": resp.stats.value_loss,
-            "clip_fraction": resp.stats.clip_fraction,
-            "entropy": resp.stats.entropy,
-            "grad_norm": resp.stats.grad_norm,
-            "ratio_mean": resp.stats.ratio_mean,
-            "updates_skipped": resp.stats.updates_skipped,
-            "ptx_loss": resp.stats.ptx_loss,
+            **step_metrics.train_stats(resp.stats),
             "replayed": resp.replayed,
             "policy_version": push.version,
             "rollout_policy_version": rollout_version,
             # Versions between the weights that sampled and those trained on (0: on-policy).
             "staleness": max(0, trained_on - rollout_version) if versions else 0,
-            "stale_fraction": resp.stats.stale_fraction,
-            "behaviour_weight_mean": resp.stats.behaviour_weight_mean,
-            "behaviour_weight_max": resp.stats.behaviour_weight_max,
-            "behaviour_truncated_fraction": resp.stats.behaviour_truncated_fraction,
-            "old_logprobs_from_rollout": resp.stats.old_logprobs_from_rollout,
             "response_tokens": n_tokens,
             "mean_response_tokens": n_tokens / max(1, len(samples)),
             "iteration_seconds": iteration_seconds,

@@ -16,6 +16,7 @@ other ranks execute through `apply`; the read-only ones (`text_loss`,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -539,26 +540,4 @@ class Learner:
 
 
 def to_pb(s: StepStats) -> learner_pb2.TrainStats:
-    return learner_pb2.TrainStats(
-        policy_loss=s.policy_loss,
-        value_loss=s.value_loss,
-        approx_kl=s.approx_kl,
-        clip_fraction=s.clip_fraction,
-        entropy=s.entropy,
-        mean_score=s.mean_score,
-        kl_coef=s.kl_coef,
-        grad_norm=s.grad_norm,
-        tokens_per_second=s.tokens_per_second,
-        reference_kl=s.reference_kl,
-        ptx_loss=s.ptx_loss,
-        ratio_mean=s.ratio_mean,
-        value_clip_fraction=s.value_clip_fraction,
-        learning_rate=s.lr,
-        updates_applied=s.updates_applied,
-        updates_skipped=s.updates_skipped,
-        stale_fraction=s.stale_fraction,
-        behaviour_weight_mean=s.behaviour_weight_mean,
-        behaviour_weight_max=s.behaviour_weight_max,
-        behaviour_truncated_fraction=s.behaviour_truncated_fraction,
-        old_logprobs_from_rollout=s.old_logprobs_from_rollout,
-    )
+    return learner_pb2.TrainStats(**dataclasses.asdict(s))

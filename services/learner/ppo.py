@@ -121,6 +121,8 @@ def collate(
 
 @dataclass
 class StepStats:
+    """One PPO step's statistics: the fields of alignd.v1.TrainStats, one for one (learner.to_pb; a test compares)."""
+
     policy_loss: float = 0.0
     value_loss: float = 0.0
     approx_kl: float = 0.0
@@ -134,9 +136,9 @@ class StepStats:
     ptx_loss: float = 0.0
     ratio_mean: float = 0.0
     value_clip_fraction: float = 0.0
+    learning_rate: float = 0.0
     updates_applied: int = 0
     updates_skipped: int = 0
-    lr: float = 0.0
     stale_fraction: float = 0.0
     behaviour_weight_mean: float = 1.0
     behaviour_weight_max: float = 1.0
@@ -331,7 +333,7 @@ class PPOTrainer:
             setattr(stats, k, v / max(1, n_mb))
         seq_kl = float((kl * mask).sum(1).mean())
         self.kl.update(seq_kl, B)
-        stats.lr = self.engine.lr()
+        stats.learning_rate = self.engine.lr()
         tokens = float(batch.attention_mask.sum()) * (1 + cfg.epochs)
         stats.tokens_per_second = tokens / max(1e-9, time.perf_counter() - t0)
         return stats

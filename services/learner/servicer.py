@@ -24,6 +24,9 @@ from alignd.v1 import learner_pb2, learner_pb2_grpc
 
 _log = get_logger("alignd.learner.servicer")
 
+# The step statistics exported as alignd_learner_step_stat{stat=...}: every real-valued field of TrainStats (the
+# counts have counters of their own), so a statistic added to the proto is exported without another edit.
+GAUGED_STATS = tuple(f.name for f in learner_pb2.TrainStats.DESCRIPTOR.fields if f.type == f.TYPE_DOUBLE)
 CHECKPOINT_TAG = re.compile(r"[A-Za-z0-9._-]{0,64}")
 
 
@@ -209,20 +212,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         m.tokens.inc(float(batch.attention_mask.sum()))
         m.skipped_updates.inc(resp.stats.updates_skipped)
         m.policy_version.set(resp.policy_version)
-        for field in (
-            "policy_loss",
-            "value_loss",
-            "approx_kl",
-            "clip_fraction",
-            "entropy",
-            "mean_score",
-            "kl_coef",
-            "grad_norm",
-            "reference_kl",
-            "ptx_loss",
-            "stale_fraction",
-            "behaviour_weight_mean",
-        ):
+        for field in GAUGED_STATS:
             m.stat.labels(field).set(getattr(resp.stats, field))
         if resp.stats.updates_skipped:
             _log.warning("nonfinite_updates_skipped", step=request.step, skipped=resp.stats.updates_skipped)

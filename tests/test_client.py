@@ -181,3 +181,33 @@ def test_token_source_reads_by_name_rotates_and_keeps_the_last_good_token(tmp_pa
     write_bytes_atomic(plain, b"")
     with pytest.raises(ValueError, match="empty token"):
         TokenSource(str(plain))  # unusable at start: an error, not a silent empty token
+
+
+@pytest.mark.parametrize(
+    "target, host, loopback",
+    [
+        ("127.0.0.1:50051", "127.0.0.1", True),
+        ("127.3.4.5", "127.3.4.5", True),
+        ("localhost:1", "localhost", True),
+        ("api.localhost:1", "api.localhost", True),
+        ("[::1]:50051", "::1", True),
+        ("[::1]", "::1", True),
+        ("::1", "::1", True),
+        ("dns:///localhost:50051", "localhost", True),
+        ("ipv4:127.0.0.1:1", "127.0.0.1", True),
+        ("unix:/tmp/alignd.sock", None, True),
+        ("0.0.0.0", "0.0.0.0", False),
+        ("::", "::", False),
+        ("10.0.0.7:50051", "10.0.0.7", False),
+        ("reward.example.com:443", "reward.example.com", False),
+        ("dns:///reward-headless.ml.svc:50051", "reward-headless.ml.svc", False),
+    ],
+)
+def test_one_loopback_rule_for_targets_and_bind_addresses(target, host, loopback):
+    """alignd.runtime.addresses: what the learner (shared-memory weights), the reward client (a token without TLS)
+    and the server (auth off on an exposed address) each decided with a copy of their own."""
+    from alignd.runtime.addresses import host_of, is_loopback
+
+    if host is not None:
+        assert host_of(target) == host
+    assert is_loopback(target) is loopback

@@ -31,7 +31,6 @@ when the application has configured structlog.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import random
 import threading
 import time
@@ -44,7 +43,8 @@ from typing import Any
 import grpc
 import structlog
 
-from alignd.runtime.client import MAX_MESSAGE_BYTES, wait_for_serving
+from alignd.runtime.addresses import is_loopback
+from alignd.runtime.client import MAX_MESSAGE_BYTES, tls_credentials, wait_for_serving
 from alignd.v1 import model_pb2, model_pb2_grpc, reward_pb2, reward_pb2_grpc
 
 __all__ = ["AsyncRewardClient", "RewardClient", "RewardClientError", "ScoreManyResult", "ScoreResult"]
@@ -127,24 +127,6 @@ def _check_token(token: str, arg: str) -> str:
     return token
 
 
-def _is_loopback(address: str) -> bool:
-    """Whether `address` (a gRPC target) names this machine: unix sockets, localhost, 127.0.0.0/8, ::1."""
-    if address.startswith(("unix:", "unix-abstract:")):
-        return True
-    target = address.split("///", 1)[1] if "///" in address else address
-    for scheme in ("ipv4:", "ipv6:", "dns:"):
-        if target.startswith(scheme):
-            target = target[len(scheme) :]
-    host = target.rsplit(":", 1)[0] if target.count(":") == 1 or target.startswith("[") else target
-    host = host.strip("[]")
-    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _positive(name: str, value: float | None, *, allow_none: bool = False, allow_zero: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -212,12 +194,8 @@ class _Settings:
             raise ValueError("server_name_override: only meaningful with TLS (tls=True or a certificate file)")
         credentials = None
         if secure:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read_file("root_certificates_file", root_certificates_file)
-                if root_certificates_file is not None
-                else None,
-                private_key=_read_file("key_file", key_file) if key_file is not None else None,
-                certificate_chain=_read_file("cert_file", cert_file) if cert_file is not None else None,
+            credentials = tls_credentials(
+                root_certificates_file=root_certificates_file, cert_file=cert_file, key_file=key_file, read=_read_file
             )
         options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -226,7 +204,7 @@ class _Settings:
         ]
         if server_name_override is not None:
             options.append(("grpc.ssl_target_name_override", server_name_override))
-        if token is not None and not secure and not _is_loopback(address):
+        if token is not None and not secure and not is_loopback(address):
             _log.warning("reward_client_token_without_tls", address=address)
         return cls(
             address,

@@ -32,7 +32,8 @@ import torch
 from alignd import rlmath
 from alignd.config import LearnerConfig
 from alignd.models.handle import ModelHandle, load_causal_lm, load_scalar_head_model, load_tokenizer
-from alignd.models.weights import is_loopback, push_weights, shared_memory_dir
+from alignd.models.weights import push_weights, shared_memory_dir
+from alignd.runtime.addresses import is_loopback
 from alignd.runtime.client import make_channel
 from alignd.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
 from alignd.runtime.logging import get_logger

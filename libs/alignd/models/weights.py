@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import fcntl
 import hashlib
-import ipaddress
 import os
 import secrets
 import shutil
@@ -334,20 +333,6 @@ def push_weights(channel, state: Mapping[str, torch.Tensor], version: int, *, ti
 # -- shared memory for co-located replicas (LearnerConfig.weight_sync: auto) -------------------------------------
 SHM_ROOT = Path("/dev/shm")
 SHM_PREFIX = "alignd-weights-"
-
-
-def is_loopback(address: str) -> bool:
-    """True for a gRPC target on this host's loopback (127.0.0.0/8, ::1, localhost) or a unix socket."""
-    if address.startswith("unix:"):
-        return True
-    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 _held_locks: list = []  # the lock files of this process's directories, open (and flock-ed) until it exits

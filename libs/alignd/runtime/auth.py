@@ -34,7 +34,6 @@ import hashlib
 import hmac
 import ipaddress
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +42,7 @@ import yaml
 from alignd.runtime import scopes as S
 from alignd.runtime.errors import PermissionDenied, Unauthenticated
 from alignd.runtime.logging import get_logger
+from alignd.runtime.watched import WatchedFiles
 
 _log = get_logger("alignd.auth")
 
@@ -156,55 +156,34 @@ def read_token_entry(path: str | os.PathLike, name: str) -> str:
 
 
 class TokenFile:
-    """The named tokens of one file, reloaded when the file changes."""
+    """The named tokens of one file, reloaded when the file changes (alignd.runtime.watched)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(os.path.expandvars(os.path.expanduser(str(path))))
-        self._lock = threading.Lock()
-        self._signature: tuple | None = None
-        self._entries: list[TokenEntry] = []
         try:
-            self._load(self._stat())
+            self._file = WatchedFiles([self.path], self._load, on_error=self._failed)
         except (OSError, TokenError) as exc:
             raise TokenError(f"server.auth.tokens_file: {exc}") from None
 
-    def _stat(self) -> tuple:
-        st = os.stat(self.path)
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    def _load(self, signature: tuple) -> None:
+    def _load(self) -> list[TokenEntry]:
         entries = parse_tokens(self.path.read_text(), str(self.path))
-        self._entries = list(entries.values())
-        self._signature = signature
         _log.info("auth_tokens_loaded", path=str(self.path), names=sorted(entries))
+        return list(entries.values())
+
+    def _failed(self, exc: Exception) -> None:
+        """A rewrite that cannot be read or parsed: logged once; the last good tokens stay."""
+        event = "auth_tokens_unreadable" if isinstance(exc, OSError) else "auth_tokens_invalid"
+        _log.error(event, path=str(self.path), error=str(exc))
 
     def refresh(self) -> None:
         """Re-reads the file if it changed; keeps the last good tokens if the new version is bad."""
-        try:
-            signature = self._stat()
-        except OSError as exc:
-            with self._lock:
-                if self._signature is not None:
-                    _log.error("auth_tokens_unreadable", path=str(self.path), error=str(exc))
-                    self._signature = None  # log once; the last good tokens stay
-            return
-        if signature == self._signature:
-            return
-        with self._lock:
-            if signature == self._signature:
-                return
-            try:
-                self._load(signature)
-            except (OSError, TokenError) as exc:
-                self._signature = signature  # do not re-parse a bad version on every call
-                _log.error("auth_tokens_invalid", path=str(self.path), error=str(exc))
+        self._file.refresh()
 
     def principal_of(self, token: str) -> Principal | None:
         """Who `token` is, or None; every known token is compared (constant time per token)."""
-        self.refresh()
         given = token_digest(token)
         found = None
-        for entry in self._entries:
+        for entry in self._file.get():
             if hmac.compare_digest(given, entry.digest):
                 found = Principal(entry.name, entry.scopes)
         return found

@@ -12,9 +12,13 @@ import ipaddress
 import json
 import socket
 import time
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from alignd.runtime.watched import WatchedFiles
 
 DEFAULT_TIMEOUT_SECONDS = 60.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -61,6 +65,26 @@ def service_config(max_attempts: int = 4) -> str:
     )
 
 
+def _read(field: str, path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def tls_credentials(
+    *, root_certificates_file=None, cert_file=None, key_file=None, read: Callable[[str, Any], bytes] = _read
+) -> grpc.ChannelCredentials:
+    """A client's TLS credentials from PEM files: the CA bundle that signed the server's certificate (None: the
+    system's roots), and with cert_file and key_file a client certificate (mutual TLS). `read(field, path)`
+    reads one file (the reward client's names the argument in its error)."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=None
+        if root_certificates_file is None
+        else read("root_certificates_file", root_certificates_file),
+        private_key=None if key_file is None else read("key_file", key_file),
+        certificate_chain=None if cert_file is None else read("cert_file", cert_file),
+    )
+
+
 def make_channel(
     address: str, *, retries: bool = True, max_message_bytes: int = MAX_MESSAGE_BYTES, credentials=None
 ) -> grpc.Channel:
@@ -78,15 +102,8 @@ def make_channel(
     if credentials.server_name:
         options.append(("grpc.ssl_target_name_override", credentials.server_name))
     if credentials.ca_file:
-
-        def read(path):
-            with open(path, "rb") as f:
-                return f.read()
-
-        ssl = grpc.ssl_channel_credentials(
-            root_certificates=read(credentials.ca_file),
-            private_key=read(credentials.key_file) if credentials.key_file else None,
-            certificate_chain=read(credentials.cert_file) if credentials.cert_file else None,
+        ssl = tls_credentials(
+            root_certificates_file=credentials.ca_file, cert_file=credentials.cert_file, key_file=credentials.key_file
         )
         channel = grpc.secure_channel(address, ssl, options=options)
     else:
@@ -99,18 +116,12 @@ def make_channel(
 
 
 class TokenSource:
-    """The token to send, from a file holding it alone or from a tokens YAML by name; re-read when the file changes."""
+    """The token to send, from a file holding it alone or from a tokens YAML by name; re-read when the file changes
+    (alignd.runtime.watched: a rewrite that cannot be read keeps the last good token and is logged once)."""
 
     def __init__(self, path: str, name: str | None = None) -> None:
-        import os
-        import threading
-
         self.path, self.name = path, name
-        self._os = os
-        self._lock = threading.Lock()
-        self._signature: tuple | None = None
-        self._token = ""
-        self.token()  # fail early (OSError / ValueError) on an unusable file
+        self._file = WatchedFiles([path], self._read, on_error=self._failed)  # OSError / ValueError: unusable
 
     def _read(self) -> str:
         with open(self.path, encoding="utf-8") as f:
@@ -133,23 +144,14 @@ class TokenSource:
             raise ValueError(f"{self.path}: empty token")
         return token
 
-    def token(self) -> str:
-        """The current token; after a rewrite that cannot be read, the last good one (logged once)."""
-        try:
-            st = self._os.stat(self.path)
-            signature = (st.st_mtime_ns, st.st_size, st.st_ino)
-            if signature != self._signature:
-                with self._lock:
-                    if signature != self._signature:
-                        self._signature = signature  # a bad version is not re-read on every call
-                        self._token = self._read()
-        except (OSError, ValueError) as exc:
-            if not self._token:
-                raise
-            from alignd.runtime.logging import get_logger
+    def _failed(self, exc: Exception) -> None:
+        from alignd.runtime.logging import get_logger
 
-            get_logger("alignd.client").error("client_token_unreadable", path=self.path, error=str(exc)[:200])
-        return self._token
+        get_logger("alignd.client").error("client_token_unreadable", path=self.path, error=str(exc)[:200])
+
+    def token(self) -> str:
+        """The current token; after a rewrite that cannot be read, the last good one."""
+        return self._file.get()
 
 
 class BearerToken(

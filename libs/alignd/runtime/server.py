@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from alignd.config import ServerConfig
 from alignd.runtime.access import AccessInterceptor
+from alignd.runtime.addresses import is_loopback
 from alignd.runtime.interceptor import ServerInterceptor
 from alignd.runtime.logging import get_logger
 from alignd.runtime.metrics import GrpcServerMetrics, serve_metrics
@@ -56,18 +57,6 @@ def make_authenticator(role: str, cfg, registry: CollectorRegistry):
     return Authenticator(
         tokens, cfg.public_methods, cfg.trusted_networks, lambda api, reason: rejected.labels(reason).inc()
     )
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether a bind address is loopback only ("127.0.0.1", "::1", "localhost")."""
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class HealthInterceptor(grpc.ServerInterceptor):
@@ -201,7 +190,7 @@ class ServiceHost:
         )
         for reason in ("client_concurrency", "health_watchers"):
             self._m_limited.labels(reason)
-        self.exposed_open = not cfg.auth.enabled and not is_loopback_host(cfg.host)
+        self.exposed_open = not cfg.auth.enabled and not is_loopback(cfg.host)
         Gauge(
             f"alignd_{role}_auth_disabled_exposed",
             "1 when the role serves every caller unchecked (server.auth.enabled false) on a non-loopback address.",

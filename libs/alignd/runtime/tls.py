@@ -19,13 +19,13 @@ from __future__ import annotations
 import os
 import ssl
 import tempfile
-import threading
 from dataclasses import dataclass
 
 import grpc
 
 from alignd.config import ConfigError, TLSConfig
 from alignd.runtime.logging import get_logger
+from alignd.runtime.watched import WatchedFiles
 
 _log = get_logger("alignd.tls")
 
@@ -38,39 +38,30 @@ class Pem:
 
 
 class CertFiles:
-    """The PEM files of a TLSConfig, re-read when one of them changes (mtime, size or inode)."""
+    """The PEM files of a TLSConfig, re-read when one of them changes (alignd.runtime.watched)."""
 
     def __init__(self, cfg: TLSConfig) -> None:
         if not cfg.enabled:
             raise ValueError("TLS is not configured")
         self.cfg = cfg
         self._paths = {"cert_file": cfg.cert_file, "key_file": cfg.key_file, "client_ca_file": cfg.client_ca_file}
-        self._lock = threading.Lock()
         try:
-            self._signature = self._stat()
-            self.pem = self._read()
-            self._check(self.pem)
+            self._files = WatchedFiles(
+                {k: v for k, v in self._paths.items() if v is not None}, self._load, on_error=self._failed
+            )
         except (OSError, ValueError) as exc:
             raise ConfigError(f"server.tls: {exc}") from None
-        self._failed_signature: tuple | None = None
 
     @property
     def mutual(self) -> bool:
         return self.cfg.client_ca_file is not None
 
-    def _stat(self) -> tuple:
-        out = []
-        for field, path in self._paths.items():
-            if path is None:
-                continue
-            try:
-                st = os.stat(path)
-            except OSError as exc:
-                raise OSError(f"{field} {path}: {exc.strerror}") from None
-            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(out)
+    @property
+    def pem(self) -> Pem:
+        """The certificates in force (the last good ones)."""
+        return self._files.value
 
-    def _read(self) -> Pem:
+    def _load(self) -> Pem:
         def read(field: str) -> bytes | None:
             path = self._paths[field]
             if path is None:
@@ -81,35 +72,18 @@ class CertFiles:
                 raise ValueError(f"{field} {path}: not a PEM file")
             return data
 
-        return Pem(read("cert_file"), read("key_file"), read("client_ca_file"))
+        pem = Pem(read("cert_file"), read("key_file"), read("client_ca_file"))
+        ssl_context(pem, mutual=pem.client_ca is not None)  # ValueError: a key that does not match, a bad CA bundle
+        return pem
 
     @staticmethod
-    def _check(pem: Pem) -> None:
-        """Fails (ValueError) on a key that does not match the certificate, or an unparsable CA bundle."""
-        ssl_context(pem, mutual=pem.client_ca is not None)
+    def _failed(exc: Exception) -> None:
+        _log.error("tls_reload_failed", error=str(exc))
 
     def refresh(self) -> bool:
         """Re-reads the files if they changed; True when new certificates were loaded."""
-        try:
-            signature = self._stat()
-        except OSError as exc:
-            if self._failed_signature != ("missing",):  # log once, not on every connection
-                self._failed_signature = ("missing",)
-                _log.error("tls_reload_failed", error=str(exc))
+        if not self._files.refresh():
             return False
-        if signature == self._signature:
-            return False
-        with self._lock:
-            if signature == self._signature:
-                return False
-            self._signature = signature  # a bad version is not re-read on every connection
-            try:
-                pem = self._read()
-                self._check(pem)
-            except (OSError, ValueError) as exc:
-                _log.error("tls_reload_failed", error=str(exc))
-                return False
-            self.pem = pem
         _log.info("tls_certificates_reloaded")
         return True
 

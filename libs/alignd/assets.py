@@ -45,6 +45,8 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
+from alignd.atomic import publish_dir
+
 
 def default_cache_dir() -> Path:
     """$ALIGND_CACHE or ~/.cache/alignd: `alignd.models.tiny.default_cache_dir`, repeated
@@ -87,9 +89,7 @@ def _build_once(root: Path, name: str, marker: str, build: Callable[[Path], None
             tmp.mkdir(parents=True)
             try:
                 build(tmp)
-                if final.exists():  # a stale directory without its marker
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
+                publish_dir(tmp, final, replace=True)  # replaces a stale directory without its marker
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return final

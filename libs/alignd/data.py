@@ -71,7 +71,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Literal
 
-from alignd.atomic import fsync_dir
+from alignd.atomic import atomic_writer
 
 __all__ = [
     "Comparison",
@@ -530,25 +530,14 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[Any], *, str_f
     Readers see the old file or the whole new one, never a part. A name ending
     in `.gz` is gzip-compressed. Returns the number of records written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     n = 0
-    try:
-        with open(tmp, "wb") as raw:
-            out = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if path.name.endswith(".gz") else raw
-            for rec in records:
-                out.write(json.dumps(_as_dict(rec, str_field), ensure_ascii=False).encode("utf-8") + b"\n")
-                n += 1
-            if out is not raw:
-                out.close()
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_writer(path) as raw:
+        out = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if str(path).endswith(".gz") else raw
+        for rec in records:
+            out.write(json.dumps(_as_dict(rec, str_field), ensure_ascii=False).encode("utf-8") + b"\n")
+            n += 1
+        if out is not raw:
+            out.close()
     return n
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from alignd.atomic import write_json_atomic
 from alignd.config import StackConfig, load_config
 from alignd.launcher import ChildDied, LocalStack, default_stack_config, report_death
 from alignd.runtime.client import make_channel
-from alignd.runtime.role import write_json_atomic
 from alignd.v1 import (
     coordinator_pb2,
     coordinator_pb2_grpc,

@@ -25,9 +25,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from alignd.atomic import write_json_atomic
 from alignd.config import StackConfig, build_config, dump_yaml
 from alignd.runtime.logging import get_logger
-from alignd.runtime.role import write_json_atomic
 
 _log = get_logger("alignd.launcher")
 

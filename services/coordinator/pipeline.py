@@ -23,11 +23,11 @@ from itertools import combinations
 from pathlib import Path
 
 from alignd import evaluation, judges, labelers, rm_breakdown
+from alignd.atomic import write_bytes_atomic, write_json_atomic
 from alignd.config import PipelineConfig, dump_yaml
 from alignd.data import load_comparisons, load_demonstrations, load_prompts, split_train_eval
 from alignd.plots import render_plots
 from alignd.runtime.logging import get_logger
-from alignd.runtime.role import write_bytes_atomic, write_json_atomic
 from alignd.services.coordinator import launchers
 from alignd.services.coordinator.labels import ComparisonStore, LabelError
 from alignd.services.coordinator.loop import RunFailed, RunLoop, RunStopped

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from alignd.runtime.role import write_json_atomic
+from alignd.atomic import write_bytes_atomic, write_json_atomic
 from alignd.v1 import coordinator_pb2
 
 STATES = {
@@ -80,12 +80,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().split("\n") if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write("".join(line + "\n" for line in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_bytes_atomic(self.path, "".join(line + "\n" for line in kept).encode())
 
     def append(self, row: dict) -> None:
         with open(self.path, "a") as f:

@@ -32,8 +32,7 @@ from typing import Protocol
 
 import torch
 
-from alignd.atomic import fsync_path
-from alignd.runtime.role import write_json_atomic
+from alignd.atomic import fsync_dir, fsync_path, fsync_tree, write_json_atomic
 
 LATEST = "latest"
 
@@ -68,13 +67,6 @@ class CheckpointMismatch(ValueError):
 
 def shard_name(rank: int) -> str:
     return f"engine-rank{rank:05d}.pt"
-
-
-def fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fsync_path(Path(dirpath) / name)
-        fsync_path(Path(dirpath))
 
 
 def step_dir_name(step: int, tag: str = "") -> str:
@@ -165,10 +157,12 @@ def _save(
             if staged.exists():
                 shutil.rmtree(staged)
             os.replace(tmp, staged)
+            fsync_dir(root)
             write_json_atomic(root / LATEST, {"checkpoint": staged.name, **pointer})
             shutil.rmtree(final)
             tmp = staged
         os.replace(tmp, final)
+        fsync_dir(root)
         write_json_atomic(root / LATEST, {"checkpoint": final.name, **pointer})
         _prune(root, keep, final.name)
     return final

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from alignd import data
+from alignd.atomic import publish_dir
 from alignd.config import (
     ConfigError,
     LearnerConfig,
@@ -41,7 +42,6 @@ from alignd.runtime.errors import FailedPrecondition, InvalidArgument
 from alignd.runtime.logging import get_logger
 from alignd.runtime.paths import is_owned, mark_owned
 from alignd.services.learner import supervised
-from alignd.services.learner.checkpoint import fsync_tree
 from alignd.v1 import learner_pb2
 
 _log = get_logger("alignd.learner.jobs")
@@ -108,11 +108,8 @@ def _publish(tmp: Path, output_dir: str, job_id: str, resp) -> None:
     (tmp / JOB_FILE).write_text(
         json.dumps({"job_id": job_id, "response": base64.b64encode(resp.SerializeToString()).decode()})
     )
-    fsync_tree(tmp)
     final = _check_output(output_dir)  # again: the directory may have appeared while the job trained
-    if final.exists():
-        shutil.rmtree(final)  # an earlier result of alignd's (a job of another id), replaced
-    os.replace(tmp, final)
+    publish_dir(tmp, final, replace=True)  # an earlier result of alignd's (a job of another id) is replaced
 
 
 def _tmp_dir(output_dir: str) -> Path:

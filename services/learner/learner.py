@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from alignd import rlmath
+from alignd.atomic import publish_dir
 from alignd.config import LearnerConfig
 from alignd.models.handle import ModelHandle, load_causal_lm, load_scalar_head_model, load_tokenizer
 from alignd.models.weights import push_weights, shared_memory_dir
@@ -397,8 +398,7 @@ class Learner:
             tmp = root / f".tmp-{final.name}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             self.module.policy.save_pretrained(tmp)
-            checkpoint.fsync_tree(tmp)
-            os.replace(tmp, final)
+            publish_dir(tmp, final)
             for old in sorted(p for p in root.glob("policy-v*") if p != final)[:-1]:
                 shutil.rmtree(old, ignore_errors=True)
         return final

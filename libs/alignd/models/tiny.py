@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from alignd.atomic import publish_dir
+
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. A reward model scores a response
 to a prompt; the policy learns to write responses that score well while
@@ -171,5 +173,5 @@ def resolve_builtin(path: str) -> str:
             tmp = root / f".{name}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             build_tiny_model(tmp, **BUILTIN_MODELS[name])
-            os.replace(tmp, final)
+            publish_dir(tmp, final)
     return str(final)

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from alignd.atomic import write_bytes_atomic, write_json_atomic  # noqa: F401 (re-exported)
+from alignd.atomic import write_json_atomic
 from alignd.runtime.logging import get_logger
 from alignd.runtime.server import ServiceHost
 

@@ -20,13 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ROLES = ("policy", "reward", "reference", "learner", "coordinator")
 HEAVY = ("torch", "transformers", "deepspeed", "safetensors", "numpy", "tokenizers")
 
-# Shared modules that import a role today; issue 19, item 3 moves the job wire format and each role's CLI
-# commands out of libs/. Each entry is (module, imported module); the list may only shrink.
-KNOWN_LIBS_TO_ROLE = {
-    ("alignd.cli", "alignd.services.coordinator.launchers"),
-    ("alignd.cli", "alignd.services.learner.jobs"),
-    ("alignd.ppo_cli", "alignd.services.coordinator.pipeline"),
-}
+# Shared modules that import a role: none (the job wire format is alignd.jobs, the learner's `alignd job` command
+# is registered by the learner through an entry point). An exception would be listed here as (module, imported).
+KNOWN_LIBS_TO_ROLE: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)

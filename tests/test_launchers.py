@@ -26,6 +26,7 @@ import pytest
 from test_chart import COORDINATOR_RBAC_RULES  # the chart's Role, checked against rbac.yaml there
 
 from alignd.config import CoordinatorConfig, KubernetesLauncherConfig, LauncherConfig, build_config
+from alignd.jobs import rm_response
 from alignd.services.coordinator import launchers
 from alignd.services.coordinator.launchers import (
     JobFailed,
@@ -37,7 +38,6 @@ from alignd.services.coordinator.launchers import (
     build_job_manifest,
     job_name,
     make_launcher,
-    rm_response,
     run_rm_job,
 )
 
@@ -139,12 +139,6 @@ def test_launcher_config_chooses_the_launcher_and_checks_kubernetes_fields(monke
     assert launcher.namespace == "default"  # not in a pod: no service-account namespace file
     sa_namespace.write_text("team-a\n")
     assert make_launcher(cfg.launcher, api_client=FakeCluster().api_client()).namespace == "team-a"
-
-
-def test_job_file_name_matches_the_learner():
-    from alignd.services.learner import jobs
-
-    assert launchers.JOB_FILE == jobs.JOB_FILE
 
 
 # -- a fake API server behind the real client --------------------------------------------------------------------------

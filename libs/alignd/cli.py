@@ -22,12 +22,17 @@ import importlib
 import os
 import sys
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from alignd import __version__
 from alignd.config import ROLE_CONFIGS, ROLES, ConfigError, load_config
 
 ROLE_APPS = {role: f"alignd.services.{role}.app:create" for role in ROLES}
+# Commands a role adds to `alignd` (e.g. the learner's `alignd job train-rm`): entry points of this group, each a
+# function that registers its subcommands on the top-level subparsers. The CLI itself knows no role's commands.
+COMMANDS_GROUP = "alignd.commands"
+EXIT_INVALID = 2  # bad arguments or input; the message names them
 
 
 def new_run_dir(kind: str, base: str | os.PathLike = "runs") -> Path:
@@ -146,41 +151,6 @@ def cmd_tiny_model(args) -> int:
 
     out = build_tiny_model(args.dir, arch=args.arch, kind=args.kind, seed=args.seed)
     print(out)
-    return 0
-
-
-EXIT_INVALID = 2
-
-
-def cmd_job_train_rm(args) -> int:
-    """The learner's reward-model job in its own process (what the coordinator's job launchers run): the request is a
-    JSON object with the fields of TrainRewardModelRequest; the result is published in its output_dir (a repeated
-    job id returns the stored result) and printed as one JSON line. Exit 2: invalid request, the message names the
-    field."""
-    import json
-
-    from alignd.runtime.logging import configure_logging
-    from alignd.services.coordinator.launchers import response_to_dict, rm_request
-
-    configure_logging(args.log_level, role="job", stream=sys.stderr)
-    try:
-        raw = json.loads(Path(args.request).read_text())
-        req = rm_request(raw)
-    except OSError as err:
-        print(f"alignd: job train-rm: --request {args.request}: {err.strerror}", file=sys.stderr)
-        return EXIT_INVALID
-    except ValueError as err:  # JSON syntax, not an object, unknown field, wrong type
-        print(f"alignd: job train-rm: {args.request}: {err}", file=sys.stderr)
-        return EXIT_INVALID
-    from alignd.runtime.errors import InvalidArgument
-    from alignd.services.learner.jobs import train_reward_model
-
-    try:
-        resp = train_reward_model(req)
-    except InvalidArgument as err:
-        print(f"alignd: job train-rm: {err}", file=sys.stderr)
-        return EXIT_INVALID
-    print(json.dumps(response_to_dict(resp)), flush=True)
     return 0
 
 
@@ -348,21 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
 
-    p = sub.add_parser("job", help="run one training job standalone (what the coordinator's job launchers start)")
-    jobs = p.add_subparsers(dest="job", required=True)
-    j = jobs.add_parser(
-        "train-rm",
-        help="train a reward model from a JSON request (the fields of TrainRewardModelRequest); "
-        "publishes output_dir, prints the response as JSON; exit 2 on an invalid request",
-    )
-    j.add_argument("--request", required=True, metavar="FILE.json", help="the request: a JSON object")
-    j.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        default="info",
-        help="level of the JSON log on stderr",
-    )
-    j.set_defaults(func=cmd_job_train_rm)
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        entry.load()(sub)  # a role's own commands (pyproject.toml [project.entry-points."alignd.commands"])
 
     p = sub.add_parser("reward", help="call a reward service (alignd.v1.RewardService)")
     reward = p.add_subparsers(dest="reward_command", required=True)

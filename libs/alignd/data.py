@@ -583,3 +583,20 @@ def split_train_eval(
     train = [r for r in records if key(r) not in eval_prompts]
     evals = [r for r in records if key(r) in eval_prompts]
     return train, evals
+
+
+def check_pipeline_data(cfg, prompts_report=None) -> tuple[dict, list[str]]:
+    """Reads a pipeline's data files (cfg: alignd.config.PipelineConfig) as the run will: a malformed line raises
+    DataError (`file:line: problem`) so the run refuses to start, unless cfg.skip_bad_lines, which drops and counts
+    it. Returns ({file: load report}, the evaluation prompts). prompts_report: the PPO prompts' report when the
+    caller loaded them already (`alignd run` checks before any role starts; the coordinator again at the run)."""
+    skip = cfg.skip_bad_lines
+    _, demos = load_demonstrations(cfg.demonstrations, skip_bad=skip)
+    prompts = prompts_report or load_prompts(cfg.ppo.prompts.path, field=cfg.ppo.prompts.field, skip_bad=skip)[1]
+    ev = cfg.evaluation
+    eval_prompts, evals = load_prompts(ev.prompts.path, field=ev.prompts.field, skip_bad=skip)
+    reports = {
+        name: {"path": r.path, "loaded": r.loaded, "skipped": r.skipped, "problems": r.problems[:20]}
+        for name, r in (("demonstrations", demos), ("prompts", prompts), ("evaluation_prompts", evals))
+    }
+    return reports, eval_prompts

@@ -99,11 +99,10 @@ def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline
     job = load_pipeline_job(config, overrides) if pipeline else load_job(config, overrides)
     run_yaml = dump_yaml(job.pipeline) if pipeline else dump_yaml(job.run)
     if pipeline:  # bad data refuses the run before any role starts
-        from alignd.data import DataError
-        from alignd.services.coordinator.pipeline import check_data
+        from alignd.data import DataError, check_pipeline_data
 
         try:
-            reports, _ = check_data(job.pipeline)
+            reports, _ = check_pipeline_data(job.pipeline)
         except DataError as err:
             print(
                 f"alignd: bad data, the run does not start: {err}\n"

@@ -27,9 +27,7 @@ only.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import math
 import os
 import re
@@ -47,17 +45,14 @@ from google.protobuf import json_format
 
 from alignd.atomic import write_json_atomic
 from alignd.config import JobResourcesConfig, KubernetesLauncherConfig, LauncherConfig
+from alignd.jobs import EXIT_INVALID, response_to_dict, rm_request, stored_response
 from alignd.launcher import child_env
 from alignd.runtime.logging import get_logger
 from alignd.v1 import learner_pb2
 
 _log = get_logger("alignd.coordinator.launchers")
 
-# The result file a job publishes inside its output directory (services/learner/jobs.py JOB_FILE; the
-# learner's module imports torch, so the name is repeated here and a test keeps the two equal).
-JOB_FILE = "alignd_job.json"
 LOG_TAIL_LINES = 40
-EXIT_INVALID = 2  # `alignd job ...`: the request is invalid (the message names the field)
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 CONTAINER = "job"
 
@@ -655,47 +650,6 @@ def make_launcher(cfg: LauncherConfig, **kw) -> JobLauncher:
 
 
 # -- the reward-model job ---------------------------------------------------------------------------------------------
-RM_REQUEST_FIELDS = tuple(learner_pb2.TrainRewardModelRequest.DESCRIPTOR.fields_by_name)
-
-
-def response_to_dict(resp) -> dict:
-    """A job's response message as JSON-ready data (proto field names, every field present)."""
-    return json_format.MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-
-
-def rm_response(data: dict) -> learner_pb2.TrainRewardModelResponse:
-    """The dict of `run_rm_job` as the learner RPC's response message."""
-    return json_format.ParseDict(data, learner_pb2.TrainRewardModelResponse())
-
-
-def rm_request(data: dict) -> learner_pb2.TrainRewardModelRequest:
-    """A request dict (or the JSON of `alignd job train-rm --request`) as the message; ValueError names a bad field."""
-    if not isinstance(data, dict):
-        raise ValueError("request: must be a JSON object")
-    unknown = sorted(set(data) - set(RM_REQUEST_FIELDS))
-    if unknown:
-        raise ValueError(f"{unknown[0]}: unknown field (fields: {', '.join(RM_REQUEST_FIELDS)})")
-    for k, v in data.items():
-        if not isinstance(v, str):
-            raise ValueError(f"{k}: must be a string")
-    try:
-        return json_format.ParseDict(data, learner_pb2.TrainRewardModelRequest())
-    except json_format.ParseError as err:
-        raise ValueError(str(err)) from None
-
-
-def stored_rm_response(output_dir: str | os.PathLike, job_id: str) -> dict | None:
-    """The response published in output_dir by the job `job_id`, or None."""
-    f = Path(output_dir) / JOB_FILE
-    try:
-        stored = json.loads(f.read_text())
-    except (OSError, ValueError):
-        return None
-    if stored.get("job_id") != job_id:
-        return None
-    return response_to_dict(learner_pb2.TrainRewardModelResponse.FromString(base64.b64decode(stored["response"])))
-
-
 def run_rm_job(
     launcher: JobLauncher,
     request: dict,
@@ -715,9 +669,9 @@ def run_rm_job(
         if not getattr(req, key):
             raise ValueError(f"{key}: must not be empty")
     output_dir = Path(req.output_dir)
-    done = stored_rm_response(output_dir, req.job_id)
+    done = stored_response(output_dir, req.job_id, learner_pb2.TrainRewardModelResponse)
     if done is not None:
-        done["replayed"] = True
+        done = response_to_dict(done)
         _log.info("job_replayed", job_id=req.job_id, output_dir=str(output_dir))
         return done
     work = Path(work_dir) if work_dir else output_dir.parent / "jobs"
@@ -739,7 +693,7 @@ def run_rm_job(
     result = launcher.run(spec, timeout, cancel=cancel)
     if not result.succeeded:
         raise JobFailed(result)
-    resp = stored_rm_response(output_dir, req.job_id)
+    resp = stored_response(output_dir, req.job_id, learner_pb2.TrainRewardModelResponse)
     if resp is None:
         raise JobFailed(
             JobResult(
@@ -750,4 +704,5 @@ def run_rm_job(
                 duration_seconds=result.duration_seconds,
             )
         )
-    return resp
+    resp.replayed = False  # the job just published it
+    return response_to_dict(resp)

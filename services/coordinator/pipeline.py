@@ -25,7 +25,7 @@ from pathlib import Path
 from alignd import evaluation, judges, labelers, rm_breakdown
 from alignd.atomic import write_bytes_atomic, write_json_atomic
 from alignd.config import PipelineConfig, dump_yaml
-from alignd.data import load_comparisons, load_demonstrations, load_prompts, split_train_eval
+from alignd.data import check_pipeline_data, load_comparisons, split_train_eval
 from alignd.plots import render_plots
 from alignd.runtime.logging import get_logger
 from alignd.services.coordinator import launchers
@@ -59,7 +59,9 @@ class PipelineLoop(RunLoop):
                 }
             )
         self.pcfg = cfg
-        self.data_reports, self.eval_prompts_all = check_data(cfg, self.prompts_report)  # prompts: read by RunLoop
+        self.data_reports, self.eval_prompts_all = check_pipeline_data(
+            cfg, self.prompts_report
+        )  # prompts: read by RunLoop
         if "data" not in record.artifacts:
             record.artifacts["data"] = self.data_reports
         for name, r in self.data_reports.items():
@@ -581,22 +583,6 @@ def read_jsonl(path: Path) -> list[dict]:
     """The objects of a JSONL file the run wrote. Lines end at "\n" only: str.splitlines would also split at
     U+2028 and the other Unicode line breaks, which texts (a completion, a Moby-Dick opening) carry unescaped."""
     return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-
-
-def check_data(cfg: PipelineConfig, prompts_report=None) -> tuple[dict, list[str]]:
-    """Reads the run's data files as the run will: a malformed line raises DataError (`file:line: problem`) so the
-    run refuses to start, unless cfg.skip_bad_lines, which drops and counts it. Returns ({file: load report},
-    the evaluation prompts). prompts_report: the PPO prompts' report when the caller loaded them already."""
-    skip = cfg.skip_bad_lines
-    _, demos = load_demonstrations(cfg.demonstrations, skip_bad=skip)
-    prompts = prompts_report or load_prompts(cfg.ppo.prompts.path, field=cfg.ppo.prompts.field, skip_bad=skip)[1]
-    ev = cfg.evaluation
-    eval_prompts, evals = load_prompts(ev.prompts.path, field=ev.prompts.field, skip_bad=skip)
-    reports = {
-        name: {"path": r.path, "loaded": r.loaded, "skipped": r.skipped, "problems": r.problems[:20]}
-        for name, r in (("demonstrations", demos), ("prompts", prompts), ("evaluation_prompts", evals))
-    }
-    return reports, eval_prompts
 
 
 def external_agreement(store: ComparisonStore) -> dict:

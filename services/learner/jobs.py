@@ -12,9 +12,7 @@ time.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import os
 import shutil
 import threading
@@ -36,6 +34,7 @@ from alignd.config import (
     SFTConfig,
     build_config,
 )
+from alignd.jobs import JOB_FILE, result_record, stored_response
 from alignd.models.handle import load_causal_lm, load_scalar_head_model, load_tokenizer
 from alignd.models.scoring import SCORE_POOLING_KEY
 from alignd.runtime.errors import FailedPrecondition, InvalidArgument
@@ -45,7 +44,6 @@ from alignd.services.learner import supervised
 from alignd.v1 import learner_pb2
 
 _log = get_logger("alignd.learner.jobs")
-JOB_FILE = "alignd_job.json"
 
 
 def _config(model, text: str, field: str = "config_yaml"):
@@ -71,21 +69,6 @@ def _load(fn, path: str, field: str, **kw):
     return records, report
 
 
-def _stored(output_dir: str, job_id: str, response_type):
-    f = Path(output_dir) / JOB_FILE
-    if not f.exists():
-        return None
-    try:
-        stored = json.loads(f.read_text())
-        if not isinstance(stored, dict) or stored.get("job_id") != job_id:
-            return None
-        resp = response_type.FromString(base64.b64decode(stored["response"]))
-    except Exception:  # noqa: BLE001 - not a result this job published: train (publishing checks the directory)
-        return None
-    resp.replayed = True
-    return resp
-
-
 def _owned(directory: Path) -> bool:
     """A directory alignd made: it carries the ownership marker, or a job result (directories of older versions)."""
     return is_owned(directory) or (directory / JOB_FILE).is_file()
@@ -105,9 +88,7 @@ def _check_output(output_dir: str) -> Path:
 
 
 def _publish(tmp: Path, output_dir: str, job_id: str, resp) -> None:
-    (tmp / JOB_FILE).write_text(
-        json.dumps({"job_id": job_id, "response": base64.b64encode(resp.SerializeToString()).decode()})
-    )
+    (tmp / JOB_FILE).write_bytes(result_record(job_id, resp))
     final = _check_output(output_dir)  # again: the directory may have appeared while the job trained
     publish_dir(tmp, final, replace=True)  # an earlier result of alignd's (a job of another id) is replaced
 
@@ -159,7 +140,7 @@ def run_job(
     4. `train(prepared, tmp)`: trains, saves the model into tmp and returns the response;
     5. the response, with model_dir and duration_seconds, published with the model (fsync, rename) and returned.
     The working directory is removed whatever happens."""
-    done = _stored(output_dir, job_id, response_type)
+    done = stored_response(output_dir, job_id, response_type)
     if done is not None:
         return done
     prepared = prepare()

@@ -18,7 +18,6 @@ from alignd.evaluation import (
     KLSummary,
     MeanCI,
     WinRate,
-    _t_quantile_expansion,
     alignment_tax,
     build_report_json,
     kl_summary,
@@ -30,6 +29,7 @@ from alignd.evaluation import (
     win_rate,
     win_rate_from_preferences,
 )
+from alignd.evaluation.stats import _t_quantile_expansion
 
 
 def wilson_by_hand(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -387,3 +387,32 @@ def test_markdown_plots_section():
     assert render_markdown(report, samples) == render_markdown(report, samples, plots=None)
     with pytest.raises(ValueError, match="relative"):
         render_markdown(report, plots=["/abs/reward_kl.png"])
+
+
+def test_report_schema_is_what_build_report_json_writes():
+    """alignd.evaluation.Report (pydantic) has report.json's keys, accepts what build_report_json writes and refuses
+    a field it does not know, so the schema cannot drift from the writer unnoticed."""
+    import pydantic
+
+    from alignd.evaluation import Report
+
+    assert tuple(Report.model_fields) == REPORT_KEYS
+    a, b = outcomes(7, 2, 1)
+    report = build_report_json(
+        win_rates={"gold": win_rate(a, b)},
+        rm_accuracy_per_round=[{"accuracy": 0.7, "n": 40}],
+        labeler_agreement=0.73,
+        reward={"sft": [0.1, 0.3], "final": [0.5, 0.9]},
+        alignment_tax={"without_ptx": (5.0, 5.2)},
+        meta={"anything": {"goes": [1, 2]}},
+    )
+    parsed = Report.model_validate_json(json.dumps(report))
+    assert parsed.win_rates["gold"].wins == 7 and parsed.rm_accuracy_per_round[0].n == 40
+    drifted = json.loads(json.dumps(report))
+    drifted["win_rates"]["gold"]["median"] = 0.5
+    with pytest.raises(pydantic.ValidationError, match="median"):
+        Report.model_validate(drifted)
+    drifted = json.loads(json.dumps(report))
+    del drifted["acceptance"]["passed"]
+    with pytest.raises(pydantic.ValidationError, match="passed"):
+        Report.model_validate(drifted)

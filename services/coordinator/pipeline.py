@@ -415,7 +415,11 @@ class PipelineLoop(RunLoop):
         gold judge's. None with external labelers (the breakdown compares the two simulated labelers)."""
         files = [self.record.path / f"rm-round-{i}" / "comparisons.jsonl" for i in range(r + 1)]
         rm = self.pcfg.rm
-        if self.pcfg.labeling.labelers != "simulated" or rm.validation_fraction <= 0 or not all(f.exists() for f in files):
+        if (
+            self.pcfg.labeling.labelers != "simulated"
+            or rm.validation_fraction <= 0
+            or not all(f.exists() for f in files)
+        ):
             return None
         comps, _ = load_comparisons(comparisons, max_k=rm.max_k, skip_bad=rm.skip_bad_lines)
         _, held = split_train_eval(comps, rm.validation_fraction, rm.seed)

@@ -118,10 +118,9 @@ class LabelingConfig(Strict):
         "simulated",
         description=(
             "Who ranks: two simulated labelers (the gold scorer plus Bradley-Terry noise, calibrated to "
-            "target_agreement; "
-            "the first one's rankings train the RM), or external labelers through the coordinator's "
-            "LeaseComparisonTasks "
-            "and SubmitRanking RPCs (the round waits until every task has labels_per_task rankings)."
+            "target_agreement; both rank every task and both rankings train the RM, as every labeler's do in the "
+            "paper), or external labelers through the coordinator's LeaseComparisonTasks and SubmitRanking RPCs "
+            "(the round waits until every task has labels_per_task rankings)."
         ),
     )
     labels_per_task: int = Field(

@@ -427,8 +427,11 @@ def _comparisons(path: Path) -> str:
 
 
 class Counting:
+    """A JobLauncher that counts the jobs it runs through another one."""
+
     def __init__(self, inner) -> None:
         self.inner, self.runs = inner, 0
+        self.rm_resources = inner.rm_resources
 
     def run(self, job, timeout, *, cancel=None):
         self.runs += 1

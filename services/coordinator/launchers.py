@@ -57,15 +57,7 @@ SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/names
 CONTAINER = "job"
 
 
-@dataclass(frozen=True)
-class JobResources:
-    cpu: str | None = None
-    memory: str | None = None
-    gpu: int = 0
-
-    @classmethod
-    def from_config(cls, cfg: JobResourcesConfig) -> JobResources:
-        return cls(cpu=cfg.cpu, memory=cfg.memory, gpu=cfg.gpu)
+JobResources = JobResourcesConfig  # a pod's CPU, memory and GPUs: the configuration's model, not a copy of it
 
 
 @dataclass(frozen=True)
@@ -108,6 +100,8 @@ class JobResult:
 
 
 class JobLauncher(Protocol):
+    rm_resources: JobResources | None  # the reward-model job's pod resources (None: no requests or limits)
+
     def run(self, job: JobSpec, timeout: float, *, cancel: threading.Event | None = None) -> JobResult:
         """Starts the job, waits until it ends (or `timeout` seconds, or `cancel` is set), cleans up."""
         ...
@@ -401,7 +395,7 @@ class KubernetesLauncher:
         self.batch = client.BatchV1Api(api_client)
         self.core = client.CoreV1Api(api_client)
         self.namespace = cfg.namespace or default_namespace()
-        self.rm_resources = JobResources.from_config(cfg.rm_resources)
+        self.rm_resources = cfg.rm_resources
         self.poll_initial = poll_initial_seconds
         self.poll_max = poll_max_seconds
         self.grace = grace_seconds  # the Job's own activeDeadlineSeconds usually ends it first
@@ -686,7 +680,7 @@ def run_rm_job(
     spec = JobSpec(
         name=f"rm-{req.job_id}",
         args=["job", "train-rm", "--request", str(request_file)],
-        resources=getattr(launcher, "rm_resources", None),
+        resources=launcher.rm_resources,
         labels={"alignd.io/job-kind": "train-rm"},
         log_path=str(work / f"{slug}.log"),
     )

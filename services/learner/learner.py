@@ -17,32 +17,25 @@ other ranks execute through `apply`; the read-only ones (`text_loss`,
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
-import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import numpy as np
 import torch
 
 from alignd import rlmath
-from alignd.atomic import publish_dir
 from alignd.config import LearnerConfig
 from alignd.models.handle import ModelHandle, load_causal_lm, load_scalar_head_model, load_tokenizer
-from alignd.models.weights import push_weights, shared_memory_dir
-from alignd.runtime.addresses import is_loopback
-from alignd.runtime.client import make_channel
 from alignd.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
 from alignd.runtime.logging import get_logger
 from alignd.services.learner import checkpoint, ranks
 from alignd.services.learner.engine import TorchEngine
 from alignd.services.learner.model import PolicyValue, disable_dropout
 from alignd.services.learner.ppo import Batch, PPOTrainer, StepStats
-from alignd.v1 import learner_pb2, model_pb2, model_pb2_grpc
+from alignd.services.learner.publisher import WeightPublisher
+from alignd.v1 import learner_pb2
 
 _log = get_logger("alignd.learner")
 
@@ -99,7 +92,7 @@ class Learner:
         self.restored_from: Path | None = None
         # The tag of a checkpoint that was due but could not be written (disk full); written before the next answer.
         self.checkpoint_pending: str | None = None
-        self._shm_dir: Path | bool | None = None  # weight_sync auto: None = not decided, False = no room
+        self.publisher = WeightPublisher(cfg, self, root.parent / "published")
         last = checkpoint.latest(root)
         if last is not None:
             self._restore(last)
@@ -363,181 +356,13 @@ class Learner:
         return learner_pb2.EvaluateTextLossResponse(loss=loss, tokens=tokens, policy_version=version)
 
     # -- weight sync -------------------------------------------------------
-    def _sync_mode(self, addresses: list[str]) -> tuple[str, Path | None]:
-        """("stream" | "filesystem", the directory to publish in). weight_sync auto: shared memory when every replica
-        is on this host's loopback and /dev/shm has room for three copies of the policy (two published, one in
-        the making), else the stream."""
-        if self.cfg.weight_sync == "stream":
-            return "stream", None
-        if self.cfg.weight_sync == "filesystem":
-            root = (
-                Path(self.cfg.weight_sync_dir)
-                if self.cfg.weight_sync_dir
-                else self.checkpoint_root.parent / "published"
-            )
-            return "filesystem", root
-        if not all(is_loopback(a) for a in addresses):
-            return "stream", None
-        if self._shm_dir is None:
-            need = 3 * sum(p.numel() * p.element_size() for p in self.module.policy.parameters())
-            self._shm_dir = shared_memory_dir(need) or False
-        return ("filesystem", self._shm_dir) if self._shm_dir else ("stream", None)
-
-    def _shared_memory_failed(self, why: str) -> None:
-        """weight_sync auto: shared memory did not work (full, or a replica cannot see it); the stream from now on."""
-        _log.warning("weight_sync_fallback", to="stream", reason=why)
-        if isinstance(self._shm_dir, Path):
-            shutil.rmtree(self._shm_dir, ignore_errors=True)
-        self._shm_dir = False
-
-    def _publish_dir(self, version: int, root: Path) -> Path:
-        """The policy of `version` as a save_pretrained directory in `root` (written once; one older one is kept
-        for replicas still loading it)."""
-        final = root / f"policy-v{version:08d}"
-        if not final.exists():
-            tmp = root / f".tmp-{final.name}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.module.policy.save_pretrained(tmp)
-            publish_dir(tmp, final)
-            for old in sorted(p for p in root.glob("policy-v*") if p != final)[:-1]:
-                shutil.rmtree(old, ignore_errors=True)
-        return final
+    def policy_module(self):
+        """The policy being trained (what the publisher sends)."""
+        return self.module.policy
 
     def push(self, addresses: list[str], *, stage_only: bool = False) -> learner_pb2.PushWeightsResponse:
-        """Sends the current policy to every replica not already at this version.
-
-        weight_sync "stream": the chunked UpdateWeights stream; "filesystem":
-        the policy is written once to a shared directory and every replica
-        loads it with LoadWeights; "auto": filesystem in shared memory for
-        loopback replicas (_sync_mode).
-
-        stage_only: the replicas receive and check the weights but keep
-        serving their own (ModelService stage_only); a replica that already
-        holds this version staged is skipped. Without it, a replica holding
-        this version staged only commits it (CommitWeights, nothing sent); one
-        that lost it (restarted) gets the weights in full.
-        """
-        with self.lock:
-            version = self.version
-            mode, root = self._sync_mode(addresses)
-            shm = mode == "filesystem" and self.cfg.weight_sync == "auto"
-            path = None
-            if mode == "filesystem":
-                try:
-                    path = str(self._publish_dir(version, root).resolve())
-                except OSError as err:  # shared memory full since it was checked: the stream, from now on
-                    if not shm:
-                        raise
-                    self._shared_memory_failed(str(err))
-                    mode = "stream"
-        t0 = time.perf_counter()
-        committed = []
-        snapshot: dict[str, dict] = {}
-
-        def stream_state() -> dict:
-            """The stream's copy of the policy, made once, and only when a replica needs more than a commit."""
-            with self.lock:
-                if "state" not in snapshot:
-                    if self.version != version:
-                        raise Unavailable(f"the policy changed from version {version} during the push; retry it")
-                    snapshot["state"] = {k: v.detach().clone() for k, v in self.module.policy.state_dict().items()}
-                return snapshot["state"]
-
-        def one(address: str) -> int:
-            try:
-                return push_one(address)
-            except grpc.RpcError as err:
-                if err.code() in (
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    grpc.StatusCode.ABORTED,
-                ):
-                    # A replica that is down or restarting, or busy with another update: the caller retries the
-                    # push (the coordinator, within its recovery timeout) instead of failing the run on an
-                    # INTERNAL error.
-                    raise Unavailable(
-                        f"policy replica {address} is unavailable ({err.code().name}); retry the push"
-                    ) from None
-                # The replica refused the weights (its version, its architecture, its credentials): the push cannot
-                # succeed as things are, and says why.
-                raise FailedPrecondition(
-                    f"policy replica {address} refused the weights: {err.code().name}: {(err.details() or '')[:300]}"
-                ) from None
-
-        def resync_newer(stub, ch) -> int:
-            """The full policy to a replica that serves a version above ours (applied at once, never staged)."""
-            if mode == "filesystem":
-                stub.LoadWeights(
-                    model_pb2.LoadWeightsRequest(path=path, version=version, replace_newer=True), timeout=600
-                )
-                return 0
-            resp = push_weights(ch, stream_state(), version, chunk_bytes=self.cfg.push_chunk_bytes, replace_newer=True)
-            return int(resp.received_bytes)
-
-        def push_one(address: str) -> int:
-            with make_channel(address, credentials=self.cfg.client) as ch:
-                stub = model_pb2_grpc.ModelServiceStub(ch)
-                info = stub.GetInfo(model_pb2.GetInfoRequest(), timeout=30).info
-                if info.weight_version == version or (stage_only and info.staged_weight_version == version):
-                    return 0
-                # A replica ahead of this learner serves weights the learner never published (set by another
-                # caller, or kept from before this learner restored a checkpoint): re-synced, never skipped.
-                newer = info.weight_version > version
-                if newer:
-                    _log.warning(
-                        "replica_version_unknown", replica=address, replica_version=info.weight_version, version=version
-                    )
-                    return resync_newer(stub, ch)
-                if info.staged_weight_version == version:
-                    try:
-                        stub.CommitWeights(model_pb2.CommitWeightsRequest(version=version), timeout=600)
-                        committed.append(address)
-                        return 0
-                    except grpc.RpcError as err:
-                        if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                            raise
-                        # No longer staged (replaced or restarted since GetInfo): sent in full below, unless
-                        # another push applied it meanwhile.
-                        _log.info("staged_weights_lost", replica=address, version=version, error=err.details())
-                        if stub.GetInfo(model_pb2.GetInfoRequest(), timeout=30).info.weight_version == version:
-                            return 0
-                if mode == "filesystem":
-                    try:
-                        resp = stub.LoadWeights(
-                            model_pb2.LoadWeightsRequest(path=path, version=version, stage_only=stage_only), timeout=600
-                        )
-                    except grpc.RpcError as err:
-                        retryable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                        if not shm or err.code() in retryable:
-                            raise
-                        # On loopback but not sharing this /dev/shm (a container of its own): the stream from now
-                        # on; the caller retries the push.
-                        self._shared_memory_failed(f"{address}: {err.details()}")
-                        raise Unavailable(
-                            f"policy replica {address} cannot read {path}; retry the push (as a stream)"
-                        ) from None
-                    sent = 0
-                else:
-                    resp = push_weights(
-                        ch, stream_state(), version, chunk_bytes=self.cfg.push_chunk_bytes, stage_only=stage_only
-                    )
-                    sent = int(resp.received_bytes)
-                if stage_only and not resp.staged:
-                    raise FailedPrecondition(
-                        f"policy replica {address} applied version {version} instead of staging it "
-                        "(it predates stage_only); push without stage_only"
-                    )
-                return sent
-
-        with ThreadPoolExecutor(max_workers=max(1, len(addresses))) as pool:
-            sent = list(pool.map(one, addresses))
-        return learner_pb2.PushWeightsResponse(
-            version=version,
-            bytes_per_replica=max(sent, default=0),
-            duration_seconds=time.perf_counter() - t0,
-            staged=stage_only,
-            committed_replicas=len(committed),
-        )
+        """Sends the current policy to every replica not already at this version (services/learner/publisher.py)."""
+        return self.publisher.push(addresses, stage_only=stage_only)
 
 
 def to_pb(s: StepStats) -> learner_pb2.TrainStats:

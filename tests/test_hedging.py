@@ -84,7 +84,8 @@ def test_retry_budget_per_phase_bounds_the_wait_for_an_unavailable_role():
     import socket
 
     from alignd.config import CoordinatorConfig
-    from alignd.services.coordinator.loop import Roles, RunFailed
+    from alignd.services.coordinator.clients import RoleClients
+    from alignd.services.coordinator.errors import RunFailed
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -97,7 +98,7 @@ def test_retry_budget_per_phase_bounds_the_wait_for_an_unavailable_role():
         recovery_timeout_seconds=600,
         retry_budget_seconds={"score": 0.5},
     )
-    roles = Roles(cfg)
+    roles = RoleClients(cfg)
     assert roles.budget("Score") == 0.5 and roles.budget("TrainStep") == 600
     stub = reward_pb2_grpc.RewardServiceStub(roles.reward[0])
     t0 = time.monotonic()

@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from alignd.config import ConfigError, CoordinatorConfig, PPORunConfig
 from alignd.services.coordinator.app import CoordinatorMetrics
-from alignd.services.coordinator.loop import Roles, RunLoop
+from alignd.services.coordinator.clients import RoleClients
+from alignd.services.coordinator.loop import RunLoop
 from alignd.services.coordinator.runs import RunRecord
 from alignd.v1 import reference_pb2, reference_pb2_grpc, reward_pb2, reward_pb2_grpc
 
@@ -73,7 +74,7 @@ def make_loop(tmp_path: Path, policy, reward, reference, micro_batches: int) -> 
     run_dir = tmp_path / f"run-{micro_batches}"
     run_dir.mkdir()
     rec = RunRecord(run_id=f"overlap-{micro_batches}", run_dir=str(run_dir), config_yaml="", total_steps=1)
-    roles = Roles(cfg)
+    roles = RoleClients(cfg)
     watch = Watch()
     roles.policy = [grpc.intercept_channel(ch, watch) for ch in roles.policy]
     roles.reward = [grpc.intercept_channel(ch, watch) for ch in roles.reward]

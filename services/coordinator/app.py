@@ -27,8 +27,9 @@ from alignd.runtime.paths import is_owned, mark_owned
 from alignd.runtime.role import RoleApp
 from alignd.runtime.scopes import ADMIN
 from alignd.runtime.server import ServiceHost
+from alignd.services.coordinator.clients import RoleClients
 from alignd.services.coordinator.labels import ComparisonStore, LabelError
-from alignd.services.coordinator.loop import PHASES, Roles, RunLoop
+from alignd.services.coordinator.loop import PHASES, RunLoop
 from alignd.services.coordinator.pipeline import PipelineLoop, parse_run_config
 from alignd.services.coordinator.runs import ACTIVE, RunRecord
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -111,7 +112,7 @@ class CoordinatorMetrics:
         )
 
 
-def make_loop(rec: RunRecord, run_cfg, roles: Roles, metrics) -> RunLoop:
+def make_loop(rec: RunRecord, run_cfg, roles: RoleClients, metrics) -> RunLoop:
     """A PipelineLoop for `kind: pipeline` runs, a plain PPO RunLoop otherwise."""
     if isinstance(run_cfg, PipelineConfig):
         return PipelineLoop(rec, run_cfg, roles, metrics)
@@ -140,7 +141,9 @@ class Coordinator:
         for rec in self.records.values():
             if rec.state in ACTIVE:
                 _log.info("run_resuming", run_id=rec.run_id, step=rec.step, stage=rec.stage)
-                loop = make_loop(rec, parse_run_config(yaml.safe_load(rec.config_yaml)), Roles(self.cfg), self.metrics)
+                loop = make_loop(
+                    rec, parse_run_config(yaml.safe_load(rec.config_yaml)), RoleClients(self.cfg), self.metrics
+                )
                 self.loops[rec.run_id] = loop
                 loop.start()
 
@@ -231,7 +234,7 @@ class Coordinator:
                 owner=CLIENT.get() or "",
             )
             try:
-                loop = make_loop(rec, run_cfg, Roles(self.cfg), self.metrics)
+                loop = make_loop(rec, run_cfg, RoleClients(self.cfg), self.metrics)
             except (DataError, ValueError) as err:
                 raise InvalidArgument("config_yaml", str(err)) from None
             rec.save()
@@ -270,7 +273,7 @@ class Coordinator:
         if active is not None and active.run_id != run_id:
             raise FailedPrecondition(f"run {active.run_id} is active; stop it or wait")
         rec.state, rec.error = "pending", ""
-        loop = make_loop(rec, run_cfg, Roles(self.cfg), self.metrics)
+        loop = make_loop(rec, run_cfg, RoleClients(self.cfg), self.metrics)
         rec.save()
         self._link(run_id, path)
         self.records[run_id] = rec

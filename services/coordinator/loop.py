@@ -29,7 +29,6 @@ applies them). The learner corrects for samples of older weights
 from __future__ import annotations
 
 import hashlib
-import random
 import statistics
 import threading
 import time
@@ -39,12 +38,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from alignd.config import CoordinatorConfig, PPORunConfig
+from alignd.config import PPORunConfig
 from alignd.data import load_prompts
-from alignd.runtime.client import expand_addresses, make_channel, wait_for_serving
-from alignd.runtime.errors import FailedPrecondition
 from alignd.runtime.logging import get_logger
 from alignd.services.coordinator import step_metrics
+from alignd.services.coordinator.clients import RoleClients
+from alignd.services.coordinator.errors import RunFailed, RunStopped
 from alignd.services.coordinator.prompts import PromptSampler, SamplerState
 from alignd.services.coordinator.replicas import Rotation, fan_out
 from alignd.services.coordinator.runs import MetricsLog, RunRecord
@@ -83,14 +82,6 @@ PHASES = (
 RETURN_CHECK_BUDGET_S = 10.0  # checking and re-syncing a replica that returns to the rotation (not the phase budget)
 
 
-class RunFailed(RuntimeError):
-    pass
-
-
-class RunStopped(Exception):
-    """StopRun was honoured at a point that cannot return normally (a pipeline stage): the run ends *stopped*."""
-
-
 @dataclass
 class Rollout:
     """One step's samples, with their scores and reference log-probs, and the timings of making them."""
@@ -106,123 +97,9 @@ class Rollout:
     generated: threading.Event = field(default_factory=threading.Event)  # set when generation ended (or failed)
 
 
-# The phase whose retry budget (coordinator.retry_budget_seconds) a call spends.
-PHASE_OF = {
-    "Generate": "generate",
-    "Score": "score",
-    "LogProbs": "reference",
-    "TrainStep": "train",
-    "PushWeights": "sync_weights",
-    "LoadWeights": "sync_weights",
-    "TrainSFT": "sft",
-    "TrainRewardModel": "rm",
-    "EvaluateTextLoss": "evaluate",
-}
-
-
-class Roles:
-    """Channels to every role, and calls that survive a role restarting."""
-
-    def __init__(self, cfg: CoordinatorConfig) -> None:
-        missing = [
-            name
-            for name, v in (
-                ("policy_addresses", cfg.policy_addresses),
-                ("reward_addresses", cfg.reward_addresses),
-                ("reference_addresses", cfg.reference_addresses),
-                ("learner_address", cfg.learner_address),
-            )
-            if not v
-        ]
-        if missing:
-            raise FailedPrecondition(f"coordinator is not configured with {', '.join(missing)}")
-        self.cfg = cfg
-        # A headless Service name becomes one channel per replica (resolved when the run starts).
-        self.policy_addresses = expand_addresses(cfg.policy_addresses)
-        self.policy = [self.channel("policy", a) for a in self.policy_addresses]
-        self.reward = [self.channel("reward", a) for a in expand_addresses(cfg.reward_addresses)]
-        self.reference = [self.channel("reference", a) for a in expand_addresses(cfg.reference_addresses)]
-        self.learner = self.channel("learner", cfg.learner_address)
-        self._rr = 0
-        self._jitter = random.Random()
-
-    def channel(self, role: str, address: str) -> grpc.Channel:
-        """A channel to one replica of `role`, carrying the coordinator's credentials for it."""
-        return make_channel(address, credentials=self.cfg.credentials_for(role))
-
-    def next_rr(self) -> int:
-        self._rr += 1
-        return self._rr
-
-    def budget(self, what: str) -> float:
-        """Seconds a call of `what` may keep retrying an unavailable role."""
-        return self.cfg.retry_budget_seconds.get(PHASE_OF.get(what, ""), self.cfg.recovery_timeout_seconds)
-
-    def call(self, what: str, channel: grpc.Channel, fn, budget: float | None = None):
-        """fn(timeout) with recovery: on UNAVAILABLE, wait for the role's health, back off (jittered), call again;
-        for at most the phase's retry budget."""
-        budget = self.budget(what) if budget is None else budget
-        deadline = time.monotonic() + budget
-        attempt = 0
-        while True:
-            try:
-                return fn(self.cfg.rpc_timeout_seconds)
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RunFailed(f"{what}: role unavailable for {budget:.0f}s (its retry budget)") from err
-                _log.warning("role_unavailable", call=what, error=err.details(), attempt=attempt + 1)
-                try:
-                    wait_for_serving(channel, timeout=remaining)
-                except TimeoutError as exc:
-                    raise RunFailed(f"{what}: role did not come back within its retry budget: {exc}") from err
-                # The role may serve while what it depends on does not (the learner while a policy replica
-                # restarts, for PushWeights): back off before calling again.
-                attempt += 1
-                pause = min(2.0, 0.1 * 2**attempt) * self._jitter.uniform(0.5, 1.0)
-                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-
-    def call_any(self, what: str, channels: list[grpc.Channel], fn):
-        """fn(channel, timeout) on one replica, round robin; one that is UNAVAILABLE is skipped for the next,
-        and when every replica is, the first is waited for (Roles.call)."""
-        start = self.next_rr()
-        order = [channels[(start + i) % len(channels)] for i in range(len(channels))]
-        for ch in order[:-1]:
-            try:
-                return fn(ch, self.cfg.rpc_timeout_seconds)
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                _log.warning("replica_skipped", call=what, error=err.details())
-        last = order[-1]
-        return self.call(what, last, lambda t: fn(last, t))
-
-    def refresh_policy(self, r: int) -> bool:
-        """Resolves the policy addresses again; when replica r's address changed (a replaced pod behind a headless
-        Service) and the count is the same, r gets a channel to its new address. True when it changed."""
-        fresh = expand_addresses(self.cfg.policy_addresses)
-        if len(fresh) != len(self.policy_addresses) or fresh[r] == self.policy_addresses[r]:
-            return False
-        _log.info("replica_address_changed", old=self.policy_addresses[r], new=fresh[r])
-        self.policy[r].close()
-        self.policy_addresses[r] = fresh[r]
-        self.policy[r] = self.channel("policy", fresh[r])
-        return True
-
-    def info(self, channel) -> model_pb2.ModelInfo:
-        stub = model_pb2_grpc.ModelServiceStub(channel)
-        return self.call("GetInfo", channel, lambda t: stub.GetInfo(model_pb2.GetInfoRequest(), timeout=t)).info
-
-    def close(self) -> None:
-        for ch in [*self.policy, *self.reward, *self.reference, self.learner]:
-            ch.close()
-
-
 class RunLoop(threading.Thread):
     def __init__(
-        self, record: RunRecord, run_cfg: PPORunConfig, roles: Roles, metrics, *, skip_bad: bool = False
+        self, record: RunRecord, run_cfg: PPORunConfig, roles: RoleClients, metrics, *, skip_bad: bool = False
     ) -> None:
         super().__init__(name=f"run-{record.run_id}", daemon=True)
         self.record = record

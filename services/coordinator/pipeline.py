@@ -29,8 +29,9 @@ from alignd.data import check_pipeline_data, load_comparisons, split_train_eval
 from alignd.plots import render_plots
 from alignd.runtime.logging import get_logger
 from alignd.services.coordinator import launchers
+from alignd.services.coordinator.errors import RunFailed, RunStopped
 from alignd.services.coordinator.labels import ComparisonStore, LabelError
-from alignd.services.coordinator.loop import RunFailed, RunLoop, RunStopped
+from alignd.services.coordinator.loop import RunLoop
 from alignd.v1 import (
     learner_pb2,
     learner_pb2_grpc,

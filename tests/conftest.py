@@ -14,7 +14,7 @@ import grpc
 import pytest
 import yaml
 
-from alignd.launcher import child_env  # children go when pytest goes, even killed
+from alignd.local_stack import child_env  # children go when pytest goes, even killed
 from alignd.runtime.client import make_channel, wait_for_serving
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -12,7 +12,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from alignd.atomic import write_bytes_atomic
-from alignd.launcher import child_env
+from alignd.local_stack import child_env
 from alignd.runtime.auth import TokenError, parse_tokens, peer_ip
 from alignd.v1 import model_pb2, model_pb2_grpc, reward_pb2, reward_pb2_grpc
 

@@ -16,7 +16,7 @@ import pytest
 
 from alignd.data import DataError, load_comparisons
 from alignd.labelers import SimulatedLabeler
-from alignd.services.coordinator.labels import (
+from alignd.services.coordinator.comparisons import (
     ComparisonStore,
     Label,
     LabelError,
@@ -174,7 +174,7 @@ def test_torn_last_line_is_dropped_and_logged(tmp_path, caplog, tail):
     good = path.read_bytes()
     with open(path, "ab") as f:  # a crash in the middle of an append
         f.write(tail)
-    with caplog.at_level(logging.WARNING, logger="alignd.coordinator.labels"):
+    with caplog.at_level(logging.WARNING, logger="alignd.coordinator.comparisons"):
         store = ComparisonStore(tmp_path)
     with store:
         assert store.labels() == accepted
@@ -431,7 +431,7 @@ def test_concurrent_submits_from_threads(tmp_path):
 CHILD = textwrap.dedent(
     """
     import sys
-    from alignd.services.coordinator.labels import ComparisonStore
+    from alignd.services.coordinator.comparisons import ComparisonStore
 
     store = ComparisonStore(sys.argv[1])
     print("ready", flush=True)

@@ -15,7 +15,7 @@ import pytest
 
 from alignd import judges, labelers
 from alignd.config import dump_yaml
-from alignd.launcher import LocalStack
+from alignd.local_stack import LocalStack
 from alignd.ppo_cli import data_dirs, load_pipeline_job
 from alignd.runtime.client import make_channel
 from alignd.v1 import coordinator_pb2 as cpb

@@ -364,7 +364,7 @@ def _provoke_errors(stack: dict) -> None:
 @pytest.mark.slow
 def test_dashboard_and_rules_return_data_from_a_ppo_run(tmp_path, monkeypatch):
 
-    from alignd.launcher import LocalStack, default_stack_config
+    from alignd.local_stack import LocalStack, default_stack_config
     from alignd.runtime.client import make_channel
     from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
 

@@ -18,7 +18,7 @@ import pytest
 import structlog
 import yaml
 
-from alignd.launcher import child_env
+from alignd.local_stack import child_env
 from alignd.reward_client import (
     AsyncRewardClient,
     RewardClient,

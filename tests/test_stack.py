@@ -235,7 +235,7 @@ def test_children_die_with_a_killed_launcher(tmp_path, cache):
 
 def test_coordinator_does_not_import_torch():
     code = (
-        "import sys; import alignd.services.coordinator.app, alignd.launcher, alignd.runtime.server, alignd.cli;"
+        "import sys; import alignd.services.coordinator.app, alignd.local_stack, alignd.runtime.server, alignd.cli;"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

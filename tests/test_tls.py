@@ -14,7 +14,7 @@ import pytest
 import trustme
 
 from alignd.atomic import write_bytes_atomic
-from alignd.launcher import child_env
+from alignd.local_stack import child_env
 from alignd.v1 import reward_pb2, reward_pb2_grpc
 
 from conftest import start_role, stop_role, token_of

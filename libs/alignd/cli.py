@@ -82,7 +82,7 @@ def log_to_run_dir(run_dir: Path) -> None:
 
 def cmd_up(args) -> int:
     from alignd.config import StackConfig
-    from alignd.launcher import default_stack_config, run_stack
+    from alignd.local_stack import default_stack_config, run_stack
 
     run_dir = resolve_run_dir(args.run_dir, "up")
     log_to_run_dir(run_dir)
@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from alignd.launcher import die_with_parent
+    from alignd.local_stack import die_with_parent
     from alignd.runtime.malloc import tune_malloc
 
     die_with_parent()  # a child of `alignd up` or of a test: go when the parent goes

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from alignd.atomic import write_json_atomic
 from alignd.config import StackConfig, load_config
-from alignd.launcher import ChildDied, LocalStack, default_stack_config, report_death
+from alignd.local_stack import ChildDied, LocalStack, default_stack_config, report_death
 from alignd.runtime.client import make_channel
 from alignd.v1 import (
     coordinator_pb2,

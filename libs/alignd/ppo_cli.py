@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 
 from alignd.config import ConfigError, PPOJobConfig, dump_yaml, load_config
-from alignd.launcher import ChildDied, LocalStack, report_death, report_restart
+from alignd.local_stack import ChildDied, LocalStack, report_death, report_restart
 from alignd.runtime.client import make_channel
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
 

@@ -28,7 +28,7 @@ from alignd.runtime.role import RoleApp
 from alignd.runtime.scopes import ADMIN
 from alignd.runtime.server import ServiceHost
 from alignd.services.coordinator.clients import RoleClients
-from alignd.services.coordinator.labels import ComparisonStore, LabelError
+from alignd.services.coordinator.comparisons import ComparisonStore, LabelError
 from alignd.services.coordinator.loop import PHASES, RunLoop
 from alignd.services.coordinator.pipeline import PipelineLoop, parse_run_config
 from alignd.services.coordinator.runs import ACTIVE, RunRecord

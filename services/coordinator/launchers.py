@@ -46,7 +46,7 @@ from google.protobuf import json_format
 from alignd.atomic import write_json_atomic
 from alignd.config import JobResourcesConfig, KubernetesLauncherConfig, LauncherConfig
 from alignd.jobs import EXIT_INVALID, response_to_dict, rm_request, stored_response
-from alignd.launcher import child_env
+from alignd.local_stack import child_env
 from alignd.runtime.logging import get_logger
 from alignd.v1 import learner_pb2
 

@@ -356,7 +356,7 @@ class RunLoop(threading.Thread):
                 self.rotation.take_out(r, self.record.step + 1, "unavailable")
                 self._replica_out(r, "unavailable")
 
-    def _fresh(self, role: str, fn, version_of, want: int | None = None):
+    def _call_at_run_version(self, role: str, fn, version_of, want: int | None = None):
         """fn() -> a response; when version_of(response) is below what `role` must serve (`want`, else
         expected_version: a replica that restarted from the weights in its configuration), the replicas are
         re-synced and fn is called again."""
@@ -398,7 +398,7 @@ class RunLoop(threading.Thread):
                 "Score", self.roles.reward, lambda ch, t: reward_pb2_grpc.RewardServiceStub(ch).Score(req, timeout=t)
             )
 
-        return list(self._fresh("reward", call, lambda r: r.weight_version).scores)
+        return list(self._call_at_run_version("reward", call, lambda r: r.weight_version).scores)
 
     def _reference(self, samples) -> list[list[float]]:
         req = reference_pb2.LogProbsRequest(
@@ -416,7 +416,7 @@ class RunLoop(threading.Thread):
                 lambda ch, t: reference_pb2_grpc.ReferenceServiceStub(ch).LogProbs(req, timeout=t),
             )
 
-        resp = self._fresh("reference", call, lambda r: r.weight_version)
+        resp = self._call_at_run_version("reference", call, lambda r: r.weight_version)
         return [list(r.logprobs) for r in resp.results]
 
     # -- rollouts ----------------------------------------------------------
@@ -452,7 +452,7 @@ class RunLoop(threading.Thread):
             self._return_replicas(ro.step)
             with self._phase("generate", ro.timings):
                 for k, idx in enumerate(batches):
-                    got = self._fresh(
+                    got = self._call_at_run_version(
                         "policy",
                         lambda idx=idx, k=k: self._generate(
                             ro.step,

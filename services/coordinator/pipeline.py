@@ -29,8 +29,8 @@ from alignd.data import check_pipeline_data, load_comparisons, split_train_eval
 from alignd.plots import render_plots
 from alignd.runtime.logging import get_logger
 from alignd.services.coordinator import launchers
+from alignd.services.coordinator.comparisons import ComparisonStore, LabelError
 from alignd.services.coordinator.errors import RunFailed, RunStopped
-from alignd.services.coordinator.labels import ComparisonStore, LabelError
 from alignd.services.coordinator.loop import RunLoop
 from alignd.v1 import (
     learner_pb2,
@@ -147,7 +147,9 @@ class PipelineLoop(RunLoop):
                 "Generate", channels, lambda ch, t: policy_pb2_grpc.PolicyServiceStub(ch).Generate(req, timeout=t)
             )
 
-        resp = self._fresh("policy", call, lambda r: min((s.weight_version for s in r.samples), default=1 << 62))
+        resp = self._call_at_run_version(
+            "policy", call, lambda r: min((s.weight_version for s in r.samples), default=1 << 62)
+        )
         out: list[list] = [[] for _ in prompts]
         for s in resp.samples:
             out[s.prompt_index].append(s)
@@ -449,7 +451,7 @@ class PipelineLoop(RunLoop):
                 "Score", self.roles.reward, lambda ch, t: reward_pb2_grpc.RewardServiceStub(ch).Score(req, timeout=t)
             )
 
-        scores = list(self._fresh("reward", call, lambda resp: resp.weight_version).scores)
+        scores = list(self._call_at_run_version("reward", call, lambda resp: resp.weight_version).scores)
         out, i = [], 0
         for t in rows:
             k = len(t["completions"])
@@ -524,7 +526,7 @@ class PipelineLoop(RunLoop):
                     lambda ch, t: reward_pb2_grpc.RewardServiceStub(ch).Score(req, timeout=t),
                 )
 
-            result["reward"][key] = list(self._fresh("reward", call, lambda r: r.weight_version).scores)
+            result["reward"][key] = list(self._call_at_run_version("reward", call, lambda r: r.weight_version).scores)
         rows = self.log.read()
         result["kl_to_reference"] = rows[-1]["reference_kl"] if rows else None
         write_json_atomic(self.record.path / "evaluation.json", result)

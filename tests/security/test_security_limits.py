@@ -16,7 +16,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from alignd.launcher import child_env
+from alignd.local_stack import child_env
 from alignd.v1 import model_pb2, model_pb2_grpc, reward_pb2, reward_pb2_grpc
 
 from conftest import start_role, stop_role, wait_until

@@ -95,7 +95,7 @@ __all__ = [
     "task_id_for",
 ]
 
-_log = logging.getLogger("alignd.coordinator.labels")
+_log = logging.getLogger("alignd.coordinator.comparisons")
 
 TASKS_FILE = "tasks.jsonl"
 LABELS_FILE = "labels.jsonl"
@@ -187,7 +187,7 @@ class Progress:
 
 def task_id_for(prompt: str, completions: Sequence[str]) -> str:
     """A content-derived task id: the same prompt and completions give the same id in any process."""
-    h = hashlib.sha256(b"alignd.coordinator.labels.task.v1")
+    h = hashlib.sha256(b"alignd.coordinator.comparisons.task.v1")
     for text in (prompt, *completions):
         b = text.encode("utf-8", "surrogatepass")
         h.update(len(b).to_bytes(8, "big"))

@@ -29,7 +29,7 @@ from alignd.atomic import write_json_atomic
 from alignd.config import StackConfig, build_config, dump_yaml
 from alignd.runtime.logging import get_logger
 
-_log = get_logger("alignd.launcher")
+_log = get_logger("alignd.local_stack")
 
 WAVES: list[list[str]] = [["policy", "reward", "reference"], ["learner"], ["coordinator"]]
 LOG_TAIL_LINES = 40

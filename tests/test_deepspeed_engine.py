@@ -100,7 +100,7 @@ def assert_same_run(expected, got) -> float:
         worst = max(worst, abs(e["policy_loss"] - g["policy_loss"]), abs(e["value_loss"] - g["value_loss"]))
         # DeepSpeed averages gradients over ranks: a missing x world size would halve the norm.
         assert g["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-4), step
-        assert g["lr"] == pytest.approx(e["lr"], rel=1e-6), step
+        assert g["learning_rate"] == pytest.approx(e["learning_rate"], rel=1e-6), step
         assert (g["updates_applied"], g["updates_skipped"]) == (e["updates_applied"], e["updates_skipped"]) == (2, 0)
     assert e_weights.keys() == g_weights.keys()
     for name in e_weights:

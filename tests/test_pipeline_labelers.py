@@ -247,7 +247,9 @@ def test_stop_run_stops_a_pipeline_in_its_rm_and_ppo_stages_and_it_resumes(tmp_p
         str(ROOT / "configs" / "tiny_pipeline.yaml"), [*base, "pipeline.labeling.labelers=external"]
     )
     ppo = load_pipeline_job(str(ROOT / "configs" / "tiny_pipeline.yaml"), [*base, "pipeline.ppo.steps=400"])
-    with LocalStack(ppo.stack, tmp_path / "stack", data_dirs=data_dirs(ppo, pipeline=True)) as stack:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with LocalStack(ppo.stack, tmp_path / "stack", data_dirs=[*data_dirs(ppo, pipeline=True), str(runs)]) as stack:
         ch = make_channel(
             stack.describe()["services"]["coordinator"]["address"], credentials=stack.operator_credentials()
         )
@@ -255,20 +257,18 @@ def test_stop_run_stops_a_pipeline_in_its_rm_and_ppo_stages_and_it_resumes(tmp_p
 
         # Waiting for external labelers in the rm stage.
         stub.StartRun(
-            cpb.StartRunRequest(
-                run_id="stop-rm", config_yaml=dump_yaml(ext.pipeline), run_dir=str(tmp_path / "stop-rm")
-            ),
+            cpb.StartRunRequest(run_id="stop-rm", config_yaml=dump_yaml(ext.pipeline), run_dir=str(runs / "stop-rm")),
             timeout=60,
         )
         wait_until("the labeling round to open", lambda: _lease_of(stub, "stop-rm"), WAIT_S, poll=0.1)
         stub.StopRun(cpb.StopRunRequest(run_id="stop-rm"), timeout=30)
         run = _ended(stub, "stop-rm")
         assert (run.state, run.stage, run.error) == (cpb.RUN_STATE_STOPPED, "rm", ""), (run.state, run.stage, run.error)
-        assert json.loads((tmp_path / "stop-rm" / "state.json").read_text())["state"] == "stopped"
+        assert json.loads((runs / "stop-rm" / "state.json").read_text())["state"] == "stopped"
 
         # In the ppo stage, twice: the second StartRun resumes from the step the first stop left.
         req = cpb.StartRunRequest(
-            run_id="stop-ppo", config_yaml=dump_yaml(ppo.pipeline), run_dir=str(tmp_path / "stop-ppo")
+            run_id="stop-ppo", config_yaml=dump_yaml(ppo.pipeline), run_dir=str(runs / "stop-ppo")
         )
         steps = []
         for _ in range(2):
@@ -289,9 +289,9 @@ def test_stop_run_stops_a_pipeline_in_its_rm_and_ppo_stages_and_it_resumes(tmp_p
             )
             assert after < run.step < 400
             steps.append(run.step)
-        state = json.loads((tmp_path / "stop-ppo" / "state.json").read_text())
+        state = json.loads((runs / "stop-ppo" / "state.json").read_text())
         assert state["state"] == "stopped" and state["artifacts"]["done"] == ["sft", "rm"]
-        rows = [json.loads(x) for x in (tmp_path / "stop-ppo" / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (runs / "stop-ppo" / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(1, steps[-1] + 1))  # resumed, not restarted: each step once
         ch.close()
 

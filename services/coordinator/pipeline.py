@@ -26,6 +26,7 @@ from alignd import evaluation, judges, labelers, rm_breakdown
 from alignd.atomic import write_bytes_atomic, write_json_atomic
 from alignd.config import PipelineConfig, dump_yaml
 from alignd.data import check_pipeline_data, load_comparisons, split_train_eval
+from alignd.jobs import rm_response
 from alignd.plots import render_plots
 from alignd.runtime.logging import get_logger
 from alignd.services.coordinator import launchers
@@ -357,9 +358,7 @@ class PipelineLoop(RunLoop):
             if self.launcher is None:
                 self.launcher = launchers.make_launcher(self.roles.cfg.launcher)
             try:
-                resp = launchers.rm_response(
-                    launchers.run_rm_job(self.launcher, req, JOB_TIMEOUT_S, cancel=self.stop_requested)
-                )
+                resp = rm_response(launchers.run_rm_job(self.launcher, req, JOB_TIMEOUT_S, cancel=self.stop_requested))
             except launchers.JobFailed as err:
                 if self.stop_requested.is_set():  # the job was cancelled by StopRun
                     raise RunStopped(f"while the rm job of round {r} ran") from err

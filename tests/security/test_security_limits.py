@@ -19,7 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from alignd.local_stack import child_env
 from alignd.v1 import model_pb2, model_pb2_grpc, reward_pb2, reward_pb2_grpc
 
-from conftest import start_role, stop_role, wait_until
+from conftest import start_role, stop_role
+from helpers import wait_until
 
 TOKENS = {
     "alice": {"token": "alice-token-0123456789abcdef", "scopes": ["score"]},

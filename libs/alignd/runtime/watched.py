@@ -45,7 +45,7 @@ class WatchedFiles(Generic[T]):
             try:
                 st = os.stat(path)
             except OSError as exc:
-                raise OSError(exc.errno, f"{label if label == path else f'{label} {path}'}: {exc.strerror}") from None
+                raise OSError(f"{label if label == path else f'{label} {path}'}: {exc.strerror}") from None
             out.append((st.st_mtime_ns, st.st_size, st.st_ino))
         return tuple(out)
 

@@ -80,7 +80,7 @@ def _reached(run_dir: Path, point: tuple, entered: dict) -> bool:
     stage, at = point
     now = time.monotonic()
     if stage != "ppo":
-        if state["stage"] != stage and stage not in state["artifacts"].get("done", []):
+        if state["stage"] != stage and stage not in state["pipeline"].get("done", []):
             return False
         entered.setdefault(stage, now)
         return now - entered[stage] >= at
@@ -151,7 +151,7 @@ def test_pipeline_survives_random_kill9_of_every_role(tmp_path):
     assert {r: stack["services"][r]["restarts"] for r in ROLES} == counts
     state = _json(run_dir / "state.json")
     assert state["state"] == "succeeded" and state["step"] == STEPS
-    assert state["artifacts"]["done"] == ["sft", "rm", "ppo", "evaluate", "report"]
+    assert state["pipeline"]["done"] == ["sft", "rm", "ppo", "evaluate", "report"]
 
     # The configured steps, each once in the metrics; the learner applied each step once (a step whose
     # checkpoint was written just before a kill is restored, not applied again).

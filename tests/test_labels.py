@@ -487,7 +487,7 @@ def test_sigkill_loses_no_accepted_ranking(tmp_path):
 
 
 def test_external_agreement_pools_every_pair_of_labelers(tmp_path):
-    from alignd.services.coordinator.pipeline import external_agreement
+    from alignd.services.coordinator.rm_rounds import external_agreement
 
     with ComparisonStore(tmp_path / "r", labels_per_task=2) as s:
         s.create_round([("p", ["a", "b", "c"]), ("q", ["x", "y"])])

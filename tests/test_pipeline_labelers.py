@@ -209,15 +209,15 @@ def test_external_labelers_and_coordinator_sigkill_in_rm_stage(tmp_path):
         (k, tuple(v)) for k, v in accepted.items()
     )
     state = json.loads((run_dir / "state.json").read_text())
-    assert state["artifacts"]["done"] == ["sft", "rm", "ppo", "evaluate", "report"]
-    assert state["artifacts"]["rm_rounds"][0]["comparisons"] == len(accepted)
+    assert state["pipeline"]["done"] == ["sft", "rm", "ppo", "evaluate", "report"]
+    assert state["pipeline"]["rm_rounds"][0]["comparisons"] == len(accepted)
     # The RM job ran through the launcher: its request and log are in the run directory, its model was served.
     assert (run_dir / "jobs" / "rm-ext-rm-0.request.json").exists() and (run_dir / "jobs" / "rm-ext-rm-0.log").exists()
-    assert (Path(state["artifacts"]["rm_dir"]) / "alignd_job.json").exists()
+    assert (Path(state["pipeline"]["rm_dir"]) / "alignd_job.json").exists()
     meta = json.loads((run_dir / "report.json").read_text())["meta"]
     assert meta["labelers"] == "external"
     assert meta["skipped_data_lines"] == {"demonstrations": 1, "prompts": 0, "evaluation_prompts": 0}
-    assert state["artifacts"]["data"]["demonstrations"]["problems"][0].startswith(f"{demos}:6:")
+    assert state["pipeline"]["data"]["demonstrations"]["problems"][0].startswith(f"{demos}:6:")
 
 
 def _ended(stub, run_id: str):
@@ -290,7 +290,7 @@ def test_stop_run_stops_a_pipeline_in_its_rm_and_ppo_stages_and_it_resumes(tmp_p
             assert after < run.step < 400
             steps.append(run.step)
         state = json.loads((runs / "stop-ppo" / "state.json").read_text())
-        assert state["state"] == "stopped" and state["artifacts"]["done"] == ["sft", "rm"]
+        assert state["state"] == "stopped" and state["pipeline"]["done"] == ["sft", "rm"]
         rows = [json.loads(x) for x in (runs / "stop-ppo" / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(1, steps[-1] + 1))  # resumed, not restarted: each step once
         ch.close()

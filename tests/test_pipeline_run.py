@@ -37,12 +37,12 @@ def test_alignd_run_tiny_preset_meets_the_bar(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     state = json.loads((run_dir / "state.json").read_text())
     assert state["state"] == "succeeded" and state["step"] == 40
-    art = state["artifacts"]
-    assert art["done"] == ["sft", "rm", "ppo", "evaluate", "report"]
-    assert (Path(art["sft_dir"]) / "config.json").exists() and (Path(art["rm_dir"]) / "config.json").exists()
+    pipeline = state["pipeline"]
+    assert pipeline["done"] == ["sft", "rm", "ppo", "evaluate", "report"]
+    assert (Path(pipeline["sft_dir"]) / "config.json").exists() and (Path(pipeline["rm_dir"]) / "config.json").exists()
 
     # Labeling round 0 (SFT samples) and one retraining round at step 20 (samples of the step-20 policy).
-    rounds = art["rm_rounds"]
+    rounds = pipeline["rm_rounds"]
     assert [r["round"] for r in rounds] == [0, 1] and [r["step"] for r in rounds] == [0, 20]
     assert rounds[1]["reward_version"] == rounds[0]["reward_version"] + 1  # the reward service reloaded, version bumped
     for r in (0, 1):
@@ -54,11 +54,11 @@ def test_alignd_run_tiny_preset_meets_the_bar(tmp_path):
     comps_all, _ = load_comparisons(run_dir / "rm-round-1" / "comparisons_all.jsonl")
     assert len(comps_all) == rounds[1]["comparisons"] > len(comps0) == rounds[0]["comparisons"]
     assert all(2 <= c.k <= 6 for c in comps_all)
-    assert 0.6 <= art["labeler_agreement"]["agreement"] <= 0.86
+    assert 0.6 <= pipeline["labeler_agreement"]["agreement"] <= 0.86
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 41))
-    assert [r["policy_version"] for r in rows] == [art["sft_version"] + i for i in range(1, 41)]
+    assert [r["policy_version"] for r in rows] == [pipeline["sft_version"] + i for i in range(1, 41)]
 
     # The bar: gold win rate's lower bound above 50%, RM accuracy above 60% in every round.
     report = json.loads((run_dir / "report.json").read_text())
@@ -83,7 +83,7 @@ def test_alignd_run_tiny_preset_meets_the_bar(tmp_path):
     # The same command again resumes the run from its directory: it is finished, so nothing runs again.
     again = _run("--preset", "tiny", "--run-dir", str(run_dir), env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((run_dir / "state.json").read_text())["artifacts"]["rm_rounds"] == rounds
+    assert json.loads((run_dir / "state.json").read_text())["pipeline"]["rm_rounds"] == rounds
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 40
 
 

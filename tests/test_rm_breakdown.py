@@ -55,7 +55,7 @@ def test_the_pipeline_reads_back_rankings_whose_texts_hold_unicode_line_breaks(t
     """Completions may carry U+2028 and friends unescaped (write_jsonl_atomic writes UTF-8): str.splitlines would
     cut such a record in two (a SmolLM2 run failed so); the pipeline's reader splits at newlines only."""
     from alignd.data import write_jsonl_atomic
-    from alignd.services.coordinator.pipeline import read_jsonl
+    from alignd.services.coordinator.runs import read_jsonl
 
     recs = [
         {"prompt": "Call me\u2028Ishmael", "completions": ["a\u2029b", "c\x85d\x1ce"], "ranking": [1, 0]},

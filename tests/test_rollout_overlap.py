@@ -86,7 +86,7 @@ def test_micro_batches_are_scored_while_the_next_one_generates(
     tmp_path, policy_server, reward_server, reference_server
 ):
     loop, watch = make_loop(tmp_path, policy_server, reward_server, reference_server, micro_batches=3)
-    ro = loop._rollout(loop._take_prompts(1), same_tokenizer=True, min_version=0)
+    ro = loop.rollouts.make(loop.rollouts.take_prompts(1), same_tokenizer=True, min_version=0)
     assert watch.started == {"Generate": 3, "Score": 3, "LogProbs": 3}
     assert watch.overlapped == [True, True]
     assert len(set(watch.seeds)) == 3  # each micro-batch samples with a seed of its own
@@ -95,7 +95,7 @@ def test_micro_batches_are_scored_while_the_next_one_generates(
     # The pieces are put back together in prompt order, each score and log-prob with its own sample: the same
     # as scoring all samples in one call (real reward and reference models; batch composition changes padding,
     # hence the tolerance).
-    assert [p for p, _ in ro.samples] == [loop.prompts[i] for i in ro.prompt_idx]
+    assert [p for p, _ in ro.samples] == [loop.rollouts.prompts[i] for i in ro.prompt_idx]
     assert len(ro.scores) == len(ro.ref) == len(ro.samples) == 7
     whole = reward_pb2_grpc.RewardServiceStub(reward_server.channel).Score(
         reward_pb2.ScoreRequest(
@@ -128,7 +128,7 @@ def test_micro_batches_are_scored_while_the_next_one_generates(
 
 def test_one_micro_batch_is_one_generate_call(tmp_path, policy_server, reward_server, reference_server):
     loop, watch = make_loop(tmp_path, policy_server, reward_server, reference_server, micro_batches=1)
-    ro = loop._rollout(loop._take_prompts(1), same_tokenizer=True, min_version=0)
+    ro = loop.rollouts.make(loop.rollouts.take_prompts(1), same_tokenizer=True, min_version=0)
     assert watch.started == {"Generate": 1, "Score": 1, "LogProbs": 1} and watch.overlapped == []
     assert len(ro.samples) == len(ro.scores) == 7
 

@@ -29,9 +29,10 @@ from alignd.runtime.scopes import ADMIN
 from alignd.runtime.server import ServiceHost
 from alignd.services.coordinator.clients import RoleClients
 from alignd.services.coordinator.comparisons import ComparisonStore, LabelError
-from alignd.services.coordinator.loop import PHASES, RunLoop
-from alignd.services.coordinator.pipeline import PipelineLoop, parse_run_config
+from alignd.services.coordinator.loop import PPORun, RunThread
+from alignd.services.coordinator.pipeline import PipelineRun, parse_run_config
 from alignd.services.coordinator.runs import ACTIVE, RunRecord
+from alignd.services.coordinator.step_metrics import PHASES
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 _log = get_logger("alignd.coordinator")
@@ -112,11 +113,11 @@ class CoordinatorMetrics:
         )
 
 
-def make_loop(rec: RunRecord, run_cfg, roles: RoleClients, metrics) -> RunLoop:
-    """A PipelineLoop for `kind: pipeline` runs, a plain PPO RunLoop otherwise."""
+def make_loop(rec: RunRecord, run_cfg, roles: RoleClients, metrics) -> RunThread:
+    """The thread of a run: a PipelineRun for `kind: pipeline` runs, a plain PPORun otherwise."""
     if isinstance(run_cfg, PipelineConfig):
-        return PipelineLoop(rec, run_cfg, roles, metrics)
-    return RunLoop(rec, run_cfg, roles, metrics)
+        return PipelineRun(rec, run_cfg, roles, metrics)
+    return PPORun(rec, run_cfg, roles, metrics)
 
 
 class Coordinator:
@@ -126,7 +127,7 @@ class Coordinator:
         self.metrics = metrics
         self.roots = roots  # alignd.runtime.paths.Roots: where run directories and the runs' data may be
         self.lock = threading.Lock()
-        self.loops: dict[str, RunLoop] = {}
+        self.loops: dict[str, RunThread] = {}
         self.records: dict[str, RunRecord] = {}
 
     def _load_records(self) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from alignd.atomic import write_bytes_atomic, write_json_atomic
+from alignd.services.coordinator.pipeline_state import PipelineState
 from alignd.v1 import coordinator_pb2
 
 STATES = {
@@ -36,7 +37,7 @@ class RunRecord:
     created_unix_seconds: float = field(default_factory=time.time)
     error: str = ""
     latest_metrics: dict = field(default_factory=dict)
-    artifacts: dict = field(default_factory=dict)  # pipeline: stages done, model dirs, versions, stage results
+    pipeline: PipelineState | None = None  # a pipeline run's: stages done, model dirs, versions, stage results
     stage_fraction: float = 0.0  # progress of the current stage, [0, 1]
     stage_detail: str = ""  # what the current stage is doing, for people
     owner: str = ""  # the name of the credential that started the run ("" without authentication): who may stop it
@@ -46,11 +47,21 @@ class RunRecord:
         return Path(self.run_dir)
 
     def save(self) -> None:
-        write_json_atomic(self.path / "state.json", asdict(self))
+        data = asdict(replace(self, pipeline=None))
+        data["pipeline"] = None if self.pipeline is None else self.pipeline.model_dump(mode="json")
+        write_json_atomic(self.path / "state.json", data)
 
     @classmethod
     def load(cls, run_dir: Path) -> RunRecord:
-        return cls(**json.loads((run_dir / "state.json").read_text()))
+        """The record in run_dir/state.json; one written before PipelineState (an `artifacts` dict) is migrated."""
+        data = json.loads((run_dir / "state.json").read_text())
+        artifacts = data.pop("artifacts", None)
+        pipeline = data.pop("pipeline", None)
+        if pipeline is not None:
+            pipeline = PipelineState.model_validate(pipeline)
+        elif artifacts:
+            pipeline = PipelineState.from_artifacts(artifacts)
+        return cls(**data, pipeline=pipeline)
 
     def to_pb(self) -> coordinator_pb2.Run:
         return coordinator_pb2.Run(
@@ -89,6 +100,10 @@ class MetricsLog:
             os.fsync(f.fileno())
 
     def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().split("\n") if line.strip()]
+        return read_jsonl(self.path) if self.path.exists() else []
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The objects of a JSONL file the run wrote. Lines end at "\n" only: str.splitlines would also split at
+    U+2028 and the other Unicode line breaks, which texts (a completion, a Moby-Dick opening) carry unescaped."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]

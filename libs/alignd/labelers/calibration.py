@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -136,6 +136,52 @@ def _bisect_log(f: Callable[[float], float], target: float, t0: float, rel: floa
     return math.sqrt(lo * hi)
 
 
+def _check_calibration_args(tol: float, method: str, seeds: tuple[int, int]) -> tuple[int, int]:
+    """Checks `calibrate_temperature`'s tolerance, method and seeds; returns the seeds as ints."""
+    if not 0.0 < tol < 0.5:
+        raise ValueError(f"tol must be in (0, 0.5), not {tol}")
+    if method not in ("analytic", "empirical"):
+        raise ValueError(f"method must be 'analytic' or 'empirical', not {method!r}")
+    seeds = (int(seeds[0]), int(seeds[1]))
+    if seeds[0] == seeds[1]:
+        raise ValueError(f"the two labelers need different seeds, got {seeds}")
+    return seeds
+
+
+def _check_reachable(gaps: Sequence[float], target: float) -> int:
+    """Raises ValueError unless two simulated labelers agree on `target` of the pairs with these gold-score gaps at
+    some temperature: no pairs, a target outside (1/2, 1), or one at or above the agreement at T = 0. Returns the
+    number of tied pairs (gap 0)."""
+    if not gaps:
+        raise ValueError("no pairs to compare: every item has fewer than 2 completions")
+    n_pairs = len(gaps)
+    tied = sum(1 for d in gaps if d == 0.0)
+    at_zero = (n_pairs - tied + 0.5 * tied) / n_pairs  # the agreement at T -> 0, the most that is reachable
+    if not 0.5 < target < 1.0:
+        raise ValueError(
+            f"target agreement must be in (0.5, 1): two labelers agree on 1/2 of the pairs by chance; got {target}"
+        )
+    if target >= at_zero:
+        raise ValueError(
+            f"target agreement {target:.3f} is unreachable on these items: even at temperature 0 (ranking by gold "
+            f"score) two simulated labelers agree on only {at_zero:.3f} of the {n_pairs} pairs, because {tied} "
+            f"pair(s) have equal gold scores (a coin flip at any temperature); the gold scorer does not separate "
+            f"the completions enough"
+        )
+    return tied
+
+
+def _repeats_for(measure: _Measure, temperature: float, repeats: int, *, se_goal: float, max_repeats: int) -> int:
+    """Repeats (from `repeats` up) so the standard error of the agreement measured at `temperature` is at most
+    se_goal, capped by max_repeats (what max_pairs allows)."""
+    while True:
+        _, se = measure.at(temperature, repeats)
+        if se <= se_goal or repeats >= max_repeats:
+            return repeats
+        need = repeats * (se / se_goal) ** 2 if math.isfinite(se) else 2 * repeats + 1
+        repeats = min(max_repeats, max(repeats + 1, math.ceil(need * 1.1)))
+
+
 def calibrate_temperature(
     gold: GoldScorer,
     items: Iterable[Item],
@@ -160,31 +206,11 @@ def calibrate_temperature(
     temperature 0 (1/2 on tied pairs, 1 on the others), e.g. when all
     completions score the same or too many tie.
     """
-    if not 0.0 < tol < 0.5:
-        raise ValueError(f"tol must be in (0, 0.5), not {tol}")
-    if method not in ("analytic", "empirical"):
-        raise ValueError(f"method must be 'analytic' or 'empirical', not {method!r}")
-    seeds = (int(seeds[0]), int(seeds[1]))
-    if seeds[0] == seeds[1]:
-        raise ValueError(f"the two labelers need different seeds, got {seeds}")
+    seeds = _check_calibration_args(tol, method, seeds)
     kept, scores = _score_items(gold, items)
     gaps = _gaps(scores)
-    if not gaps:
-        raise ValueError("no pairs to compare: every item has fewer than 2 completions")
+    tied = _check_reachable(gaps, target)
     n_pairs = len(gaps)
-    tied = sum(1 for d in gaps if d == 0.0)
-    at_zero = (n_pairs - tied + 0.5 * tied) / n_pairs  # the agreement at T -> 0, the most that is reachable
-    if not 0.5 < target < 1.0:
-        raise ValueError(
-            f"target agreement must be in (0.5, 1): two labelers agree on 1/2 of the pairs by chance; got {target}"
-        )
-    if target >= at_zero:
-        raise ValueError(
-            f"target agreement {target:.3f} is unreachable on these items: even at temperature 0 (ranking by gold "
-            f"score) two simulated labelers agree on only {at_zero:.3f} of the {n_pairs} pairs, because {tied} "
-            f"pair(s) have equal gold scores (a coin flip at any temperature); the gold scorer does not separate "
-            f"the completions enough"
-        )
 
     nonzero = sorted(d for d in gaps if d > 0.0)
     t0 = nonzero[len(nonzero) // 2]  # the median gap: agreement ~ 0.5 + 0.5 tanh(1/2)^2 ~ 0.61 there
@@ -193,13 +219,7 @@ def calibrate_temperature(
     se_goal = tol / 3.0
 
     def repeats_for(temperature: float, repeats: int) -> int:
-        """Repeats so the standard error at `temperature` is at most se_goal (capped by max_pairs)."""
-        while True:
-            _, se = measure.at(temperature, repeats)
-            if se <= se_goal or repeats >= max_repeats:
-                return repeats
-            need = repeats * (se / se_goal) ** 2 if math.isfinite(se) else 2 * repeats + 1
-            repeats = min(max_repeats, max(repeats + 1, math.ceil(need * 1.1)))
+        return _repeats_for(measure, temperature, repeats, se_goal=se_goal, max_repeats=max_repeats)
 
     expected_at = lambda t: _mean_pair_agreement(gaps, t)  # noqa: E731
     if method == "analytic":

@@ -27,45 +27,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from alignd.atomic import write_json_atomic
 from alignd.config import StackConfig, build_config, dump_yaml
+from alignd.runtime.lifetime import PARENT_ENV as PARENT_ENV
+from alignd.runtime.lifetime import child_env
+from alignd.runtime.lifetime import die_with_parent as die_with_parent
 from alignd.runtime.logging import get_logger
+
+# PARENT_ENV, child_env and die_with_parent (alignd.runtime.lifetime) are importable from here too, as before.
 
 _log = get_logger("alignd.local_stack")
 
 WAVES: list[list[str]] = [["policy", "reward", "reference"], ["learner"], ["coordinator"]]
 LOG_TAIL_LINES = 40
-
-
-PARENT_ENV = "ALIGND_PARENT_PID"
-
-
-def child_env(base: dict | None = None) -> dict:
-    """Environment for a child that must not outlive this process (see die_with_parent).
-
-    Not a preexec_fn: running Python between fork and exec in a process whose
-    gRPC threads are live aborts the child (seen: epoll_wait on a closed fd,
-    SIGABRT); the child arms the guard itself at start-up instead.
-    """
-    env = dict(os.environ if base is None else base)
-    env[PARENT_ENV] = str(os.getpid())
-    return env
-
-
-def die_with_parent() -> None:
-    """Called first thing in `alignd` processes started by a launcher: SIGTERM when
-    the launcher dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG); exits at
-    once if the launcher is already gone."""
-    parent = os.environ.get(PARENT_ENV)
-    if not parent:
-        return
-    try:
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:  # not Linux/glibc: the launcher's own stop() is the only guard
-        return
-    if os.getppid() != int(parent):  # the launcher died before the guard was armed
-        os._exit(1)
 
 
 class ChildDied(RuntimeError):

@@ -208,6 +208,72 @@ class _Buffer:
         self.data = memoryview(self.storage.numpy())
         self.filled = 0
 
+    def write(self, chunk: model_pb2.TensorChunk) -> None:
+        """Appends one chunk of this tensor: it must start where the data so far ends and fit in the tensor."""
+        if chunk.offset_bytes != self.filled:
+            raise InvalidArgument(
+                "chunk.offset_bytes", f"tensor {chunk.name}: offset {chunk.offset_bytes}, expected {self.filled}"
+            )
+        end = self.filled + len(chunk.data)
+        if end > self.nbytes:
+            raise InvalidArgument(
+                "chunk.data", f"tensor {chunk.name}: {end} bytes exceed its size {self.nbytes} (shape x dtype)"
+            )
+        self.data[self.filled : end] = chunk.data
+        self.filled = end
+
+    def check_complete(self) -> None:
+        """Raises InvalidArgument when the stream moved on (or ended) before every byte of the tensor came."""
+        if self.filled != self.nbytes:
+            raise InvalidArgument("chunk.data", f"tensor {self.name} truncated: {self.filled} of {self.nbytes} bytes")
+
+
+def _open_tensor(
+    chunk: model_pb2.TensorChunk, expected: Mapping[str, torch.Tensor], buffers: dict[str, _Buffer]
+) -> _Buffer:
+    """The buffer for the tensor that `chunk` starts (added to `buffers`), once the tensor is checked: new in the
+    stream, a key of the receiver's state dict with the same shape, a supported dtype."""
+    if chunk.name in buffers:
+        raise InvalidArgument("chunk.name", f"tensor {chunk.name} sent twice")
+    if chunk.name not in expected:
+        raise InvalidArgument("chunk.name", f"unknown tensor {chunk.name!r}")
+    if chunk.dtype not in PB_TO_TORCH:
+        raise InvalidArgument("chunk.dtype", f"unsupported dtype {chunk.dtype} for {chunk.name}")
+    want_shape = list(expected[chunk.name].shape)
+    if list(chunk.shape) != want_shape:
+        raise InvalidArgument(
+            "chunk.shape", f"tensor {chunk.name} has shape {list(chunk.shape)}, the model expects {want_shape}"
+        )
+    buffers[chunk.name] = _Buffer(chunk.name, PB_TO_TORCH[chunk.dtype], want_shape)
+    return buffers[chunk.name]
+
+
+def _check_totals(header: model_pb2.WeightsHeader, buffers: dict[str, _Buffer], received: int) -> None:
+    """The stream carried as many tensors and bytes as its header announced."""
+    if len(buffers) != header.num_tensors:
+        raise InvalidArgument(
+            "header.num_tensors", f"header announced {header.num_tensors} tensors, stream carried {len(buffers)}"
+        )
+    if received != header.total_bytes:
+        raise InvalidArgument(
+            "header.total_bytes", f"header announced {header.total_bytes} bytes, stream carried {received}"
+        )
+
+
+def _verify_checksum(trailer: model_pb2.WeightsTrailer, buffers: dict[str, _Buffer], crc: int) -> None:
+    """The trailer carries a checksum and it matches the data: the running CRC-32 (`crc`), and SHA-256 over the
+    assembled buffers (the same bytes in the same order) when the trailer carries one."""
+    if not trailer.sha256 and not trailer.HasField("crc32"):
+        raise InvalidArgument("trailer", "no checksum (set crc32 or sha256)")
+    if trailer.HasField("crc32") and trailer.crc32 != crc:
+        raise InvalidArgument("trailer.crc32", "checksum mismatch: the data received is not the data sent")
+    if trailer.sha256:
+        digest = hashlib.sha256()
+        for b in buffers.values():
+            digest.update(b.data)
+        if trailer.sha256 != digest.digest():
+            raise InvalidArgument("trailer.sha256", "checksum mismatch: the data received is not the data sent")
+
 
 def receive_stream(
     messages: Iterable[model_pb2.UpdateWeightsRequest],
@@ -247,60 +313,18 @@ def receive_stream(
             raise InvalidArgument("part", "message without a part")
         chunk = msg.chunk
         if current is None or chunk.name != current.name:
-            if current is not None and current.filled != current.nbytes:
-                raise InvalidArgument(
-                    "chunk.data", f"tensor {current.name} truncated: {current.filled} of {current.nbytes} bytes"
-                )
-            if chunk.name in buffers:
-                raise InvalidArgument("chunk.name", f"tensor {chunk.name} sent twice")
-            if chunk.name not in expected:
-                raise InvalidArgument("chunk.name", f"unknown tensor {chunk.name!r}")
-            if chunk.dtype not in PB_TO_TORCH:
-                raise InvalidArgument("chunk.dtype", f"unsupported dtype {chunk.dtype} for {chunk.name}")
-            want_shape = list(expected[chunk.name].shape)
-            if list(chunk.shape) != want_shape:
-                raise InvalidArgument(
-                    "chunk.shape", f"tensor {chunk.name} has shape {list(chunk.shape)}, the model expects {want_shape}"
-                )
-            current = _Buffer(chunk.name, PB_TO_TORCH[chunk.dtype], want_shape)
-            buffers[chunk.name] = current
-        if chunk.offset_bytes != current.filled:
-            raise InvalidArgument(
-                "chunk.offset_bytes", f"tensor {chunk.name}: offset {chunk.offset_bytes}, expected {current.filled}"
-            )
-        end = current.filled + len(chunk.data)
-        if end > current.nbytes:
-            raise InvalidArgument(
-                "chunk.data", f"tensor {chunk.name}: {end} bytes exceed its size {current.nbytes} (shape x dtype)"
-            )
-        current.data[current.filled : end] = chunk.data
-        current.filled = end
+            if current is not None:
+                current.check_complete()
+            current = _open_tensor(chunk, expected, buffers)
+        current.write(chunk)
         received += len(chunk.data)
         crc = zlib.crc32(chunk.data, crc)
     if trailer is None:
         raise InvalidArgument("trailer", "stream ended without a trailer (truncated)")
-    if current is not None and current.filled != current.nbytes:
-        raise InvalidArgument(
-            "chunk.data", f"tensor {current.name} truncated: {current.filled} of {current.nbytes} bytes"
-        )
-    if len(buffers) != header.num_tensors:
-        raise InvalidArgument(
-            "header.num_tensors", f"header announced {header.num_tensors} tensors, stream carried {len(buffers)}"
-        )
-    if received != header.total_bytes:
-        raise InvalidArgument(
-            "header.total_bytes", f"header announced {header.total_bytes} bytes, stream carried {received}"
-        )
-    if not trailer.sha256 and not trailer.HasField("crc32"):
-        raise InvalidArgument("trailer", "no checksum (set crc32 or sha256)")
-    if trailer.HasField("crc32") and trailer.crc32 != crc:
-        raise InvalidArgument("trailer.crc32", "checksum mismatch: the data received is not the data sent")
-    if trailer.sha256:
-        digest = hashlib.sha256()
-        for b in buffers.values():
-            digest.update(b.data)
-        if trailer.sha256 != digest.digest():
-            raise InvalidArgument("trailer.sha256", "checksum mismatch: the data received is not the data sent")
+    if current is not None:
+        current.check_complete()
+    _check_totals(header, buffers, received)
+    _verify_checksum(trailer, buffers, crc)
     tensors = {
         name: b.storage.view(b.dtype).reshape(b.shape) if b.nbytes else torch.empty(b.shape, dtype=b.dtype)
         for name, b in buffers.items()

@@ -16,7 +16,7 @@ iteration's end to the next: TRL's `on_step_end` callback, alignd's metrics.json
 breakdown (generate, score, reference, train, sync_weights; async adds wait_rollout and wait_generation, and
 its generate/score/reference overlap the previous step's train) is the median of each phase. What differs in
 the work done is listed in bench/README.md (alignd pushes the weights to the policy role each iteration; TRL
-does not). Besides the JSON it writes a Markdown table next to it (same name, .md), as shown in the README.
+does not). Besides the JSON it writes a Markdown table next to it (same name, .md), as shown in docs/benchmarks.md.
 
 `--variant NAME=SETS` adds an alignd run with `--set` overrides of its own (`;`-separated), measured like the
 others and reported as `alignd_NAME_*` (and in a second table), e.g.
@@ -261,7 +261,7 @@ PHASE_COLUMNS = ("generate", "score", "reference", "rollout", "train", "stage_we
 
 
 def markdown(results: dict) -> str:
-    """The README's table: seconds per iteration (median), tokens/s and ratios, then alignd's phases."""
+    """docs/benchmarks.md's table: seconds per iteration (median), tokens/s and ratios, then alignd's phases."""
     m = results["machine"]
     lines = [
         f"Measured {results['date']} on {m['cpus']} CPU cores ({m['processor']}), torch {m['torch']}, "

@@ -4,12 +4,12 @@ calls that survive a role restarting (wait for its health, back off, call again,
 Which layer retries what (docs/architecture.md, "Retries"): the gRPC channel retries idempotent calls on
 UNAVAILABLE a few times within one deadline (runtime.client.service_config); RoleClients.call retries any call
 of the run for as long as its phase's budget (coordinator.retry_budget_seconds) while the role restarts; the
-reward client SDK (alignd.reward_client) has its own policy for callers outside alignd.
+reward client SDK (alignd.reward_client) retries Score for callers outside alignd; both pause by
+alignd.runtime.retry.Backoff.
 """
 
 from __future__ import annotations
 
-import random
 import time
 
 import grpc
@@ -18,6 +18,7 @@ from alignd.config import CoordinatorConfig
 from alignd.runtime.client import expand_addresses, make_channel, wait_for_serving
 from alignd.runtime.errors import FailedPrecondition
 from alignd.runtime.logging import get_logger
+from alignd.runtime.retry import Backoff
 from alignd.services.coordinator.errors import RunFailed
 from alignd.v1 import model_pb2, model_pb2_grpc
 
@@ -62,7 +63,7 @@ class RoleClients:
         self.reference = [self.channel("reference", a) for a in expand_addresses(cfg.reference_addresses)]
         self.learner = self.channel("learner", cfg.learner_address)
         self._rr = 0
-        self._jitter = random.Random()
+        self._backoff = Backoff(0.2, 2.0)  # the pause before calling a role that is serving again
 
     def channel(self, role: str, address: str) -> grpc.Channel:
         """A channel to one replica of `role`, carrying the coordinator's credentials for it."""
@@ -99,7 +100,7 @@ class RoleClients:
                 # The role may serve while what it depends on does not (the learner while a policy replica
                 # restarts, for PushWeights): back off before calling again.
                 attempt += 1
-                pause = min(2.0, 0.1 * 2**attempt) * self._jitter.uniform(0.5, 1.0)
+                pause = self._backoff.delay(attempt)
                 time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
 
     def call_any(self, what: str, channels: list[grpc.Channel], fn):

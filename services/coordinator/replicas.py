@@ -100,100 +100,131 @@ def fan_out(
     left for a shard whose replica failed, wait_any(shard) serves it the slow way (waiting for a replica to come
     back, within the phase's retry budget) and returns the response.
     """
-    events: queue.Queue[_Attempt] = queue.Queue()
-    attempts: dict[int, list[_Attempt]] = {s: [] for s in shards}
-    result = FanoutResult(responses={})
-    active = rotation.active()
-    load = dict.fromkeys(range(rotation.n), 0)  # attempts running per replica
-    fastest: float | None = None
+    return _FanOut(shards, rotation, step, launch, cfg, on_out, wait_any).run()
 
-    def start(shard: int, replica: int) -> None:
+
+class _FanOut:
+    """One step's fan-out: the attempts of each shard, the load of each replica, the fastest answer so far."""
+
+    def __init__(self, shards, rotation: Rotation, step: int, launch, cfg: HedgingConfig, on_out, wait_any) -> None:
+        self.shards, self.rotation, self.step = shards, rotation, step
+        self.launch, self.cfg, self.on_out, self.wait_any = launch, cfg, on_out, wait_any
+        self.events: queue.Queue[_Attempt] = queue.Queue()
+        self.attempts: dict[int, list[_Attempt]] = {s: [] for s in shards}
+        self.result = FanoutResult(responses={})
+        self.load = dict.fromkeys(range(rotation.n), 0)  # attempts running per replica
+        self.fastest: float | None = None
+
+    def run(self) -> FanoutResult:
+        active = self.rotation.active()
+        own = [s for s in self.shards if self.rotation.is_in(s)]
+        for shard in own:  # a replica in the rotation serves its own shard
+            self._start(shard, shard)
+        for i, shard in enumerate(s for s in self.shards if s not in own):  # the others go to the least loaded
+            target = self._pick(set())
+            self._start(shard, target if target is not None else active[i % len(active)])
+        while len(self.result.responses) < len(self.shards):
+            timeout = self._hedge_slow_shards()
+            try:
+                a = self.events.get(timeout=timeout)
+            except queue.Empty:
+                continue
+            self.load[a.replica] -= 1
+            if a.shard in self.result.responses or a.future.cancelled():
+                continue
+            if a.future.exception() is None:
+                self._answered(a)
+            else:
+                self._failed(a)
+        return self.result
+
+    def _start(self, shard: int, replica: int) -> None:
         a = _Attempt(shard, replica, None, time.monotonic())  # type: ignore[arg-type]
-        a.future = launch(shard, replica)
-        attempts[shard].append(a)
-        load[replica] += 1
-        a.future.add_done_callback(lambda _f, a=a: events.put(a))
+        a.future = self.launch(shard, replica)
+        self.attempts[shard].append(a)
+        self.load[replica] += 1
+        a.future.add_done_callback(lambda _f, a=a: self.events.put(a))
 
-    def pick(exclude: set[int], slow_ok: bool = False) -> int | None:
+    def _pick(self, exclude: set[int], slow_ok: bool = False) -> int | None:
         """The least loaded replica in the rotation, not in `exclude`; with slow_ok, else one that is out for
         being slow (better than waiting for one that is down)."""
+        rotation = self.rotation
         cands = [r for r in rotation.inside() if r not in exclude]
         if not cands and slow_ok:
             cands = [r for r in range(rotation.n) if rotation.reason[r] == "slow" and r not in exclude]
-        return min(cands, key=lambda r: (load[r], r)) if cands else None
+        return min(cands, key=lambda r: (self.load[r], r)) if cands else None
 
-    def take_out(replica: int, reason: str) -> None:
-        if rotation.take_out(replica, step, reason):
-            on_out(replica, reason)
+    def _take_out(self, replica: int, reason: str) -> None:
+        if self.rotation.take_out(replica, self.step, reason):
+            self.on_out(replica, reason)
 
-    own = [s for s in shards if rotation.is_in(s)]
-    for shard in own:  # a replica in the rotation serves its own shard
-        start(shard, shard)
-    for i, shard in enumerate(s for s in shards if s not in own):  # the others go to the least loaded
-        target = pick(set())
-        start(shard, target if target is not None else active[i % len(active)])
+    def _hedge_slow_shards(self) -> float | None:
+        """Sends again every shard whose only attempt has run past the hedging threshold (to another replica in
+        the rotation); returns the seconds until the next shard would pass it (None: nothing to wait for)."""
+        cfg, timeout = self.cfg, None
+        if not cfg.enabled or self.fastest is None:
+            return None
+        threshold = max(cfg.min_delay_seconds, cfg.delay_factor * self.fastest)
+        now = time.monotonic()
+        for shard, tries in self.attempts.items():
+            if shard in self.result.responses or len(tries) != 1:
+                continue
+            age = now - tries[0].started
+            if age < threshold:
+                timeout = threshold - age if timeout is None else min(timeout, threshold - age)
+                continue
+            other = self._pick({tries[0].replica})
+            if other is not None:
+                _log.warning(
+                    "shard_hedged",
+                    step=self.step,
+                    shard=shard,
+                    slow_replica=tries[0].replica,
+                    hedge_replica=other,
+                    waited_seconds=round(age, 3),
+                )
+                self.result.hedged.append(shard)
+                self._start(shard, other)
+        return timeout
 
-    while len(result.responses) < len(shards):
-        timeout = None
-        if cfg.enabled and fastest is not None:
-            threshold = max(cfg.min_delay_seconds, cfg.delay_factor * fastest)
-            now = time.monotonic()
-            for shard, tries in attempts.items():
-                if shard in result.responses or len(tries) != 1:
-                    continue
-                age = now - tries[0].started
-                if age >= threshold:
-                    other = pick({tries[0].replica})
-                    if other is not None:
-                        _log.warning(
-                            "shard_hedged",
-                            step=step,
-                            shard=shard,
-                            slow_replica=tries[0].replica,
-                            hedge_replica=other,
-                            waited_seconds=round(age, 3),
-                        )
-                        result.hedged.append(shard)
-                        start(shard, other)
-                else:
-                    left = threshold - age
-                    timeout = left if timeout is None else min(timeout, left)
-        try:
-            a = events.get(timeout=timeout)
-        except queue.Empty:
-            continue
-        load[a.replica] -= 1
-        if a.shard in result.responses or a.future.cancelled():
-            continue
+    def _answered(self, a: _Attempt) -> None:
+        """The first answer of a shard wins: the other attempts are cancelled, a first replica beaten by its hedge
+        leaves the rotation."""
+        self.result.responses[a.shard] = a.future.result()
+        self.result.served_by[a.shard] = a.replica
+        took = time.monotonic() - a.started
+        self.fastest = took if self.fastest is None else min(self.fastest, took)
+        for other in self.attempts[a.shard]:
+            if other is not a and not other.future.done():
+                other.future.cancel()
+                if other is self.attempts[a.shard][0]:  # the hedge beat the first replica
+                    self._take_out(other.replica, "slow")
+
+    def _failed(self, a: _Attempt) -> None:
+        """A retryable failure takes the replica out and sends the shard elsewhere (or waits for a replica to
+        return); any other error cancels every attempt and is raised."""
         err = a.future.exception()
-        if err is None:
-            result.responses[a.shard] = a.future.result()
-            result.served_by[a.shard] = a.replica
-            took = time.monotonic() - a.started
-            fastest = took if fastest is None else min(fastest, took)
-            for other in attempts[a.shard]:
-                if other is not a and not other.future.done():
-                    other.future.cancel()
-                    if other is attempts[a.shard][0]:  # the hedge beat the first replica
-                        take_out(other.replica, "slow")
-            continue
         code = err.code() if isinstance(err, grpc.RpcError) else None
         if code not in RETRYABLE:
-            for tries in attempts.values():
+            for tries in self.attempts.values():
                 for t in tries:
                     t.future.cancel()
             raise err
-        take_out(a.replica, "unavailable" if code == grpc.StatusCode.UNAVAILABLE else "slow")
-        if any(not t.future.done() for t in attempts[a.shard]):
-            continue  # another attempt of this shard is running
-        other = pick({t.replica for t in attempts[a.shard]}, slow_ok=True)
+        self._take_out(a.replica, "unavailable" if code == grpc.StatusCode.UNAVAILABLE else "slow")
+        if any(not t.future.done() for t in self.attempts[a.shard]):
+            return  # another attempt of this shard is running
+        other = self._pick({t.replica for t in self.attempts[a.shard]}, slow_ok=True)
         if other is not None:
             _log.warning(
-                "shard_failed_over", step=step, shard=a.shard, failed_replica=a.replica, replica=other, code=code.name
+                "shard_failed_over",
+                step=self.step,
+                shard=a.shard,
+                failed_replica=a.replica,
+                replica=other,
+                code=code.name,
             )
-            result.failed_over.append(a.shard)
-            start(a.shard, other)
+            self.result.failed_over.append(a.shard)
+            self._start(a.shard, other)
         else:
-            result.responses[a.shard] = wait_any(a.shard)
-            result.served_by[a.shard] = -1
-    return result
+            self.result.responses[a.shard] = self.wait_any(a.shard)
+            self.result.served_by[a.shard] = -1

@@ -2,7 +2,8 @@
 
 A client that retries a failed call pauses before each retry; `Backoff` says how long. The pause before retry k
 (after the k-th failure) is uniform in [0, cap(k)], cap(k) = min(maximum, initial * 2**(k-1)): "full jitter", so
-clients that failed together do not retry together. Used by the reward client SDK (alignd.reward_client); the
+clients that failed together do not retry together. Used by the reward client SDK (alignd.reward_client) and the
+coordinator's RoleClients.call (services/coordinator/clients.py); the
 channel's own retries (alignd.runtime.client.service_config) are gRPC's and configured there.
 """
 

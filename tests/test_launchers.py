@@ -1,4 +1,4 @@
-"""The coordinator's job launchers (services/coordinator/launchers.py) and `alignd job train-rm`.
+"""The coordinator's job launchers (services/coordinator/launchers/) and `alignd job train-rm`.
 
 - build_job_manifest: strict Kubernetes schema validation (1.30, 1.33), CPU and GPU jobs.
 - KubernetesLauncher against a fake API server: the real `kubernetes` client (BatchV1Api, CoreV1Api) over a fake
@@ -132,7 +132,7 @@ def test_launcher_config_chooses_the_launcher_and_checks_kubernetes_fields(monke
     )
     assert cfg.launcher.kubernetes.rm_resources.cpu == "4"
     sa_namespace = tmp_path / "namespace"
-    monkeypatch.setattr(launchers, "SERVICE_ACCOUNT_NAMESPACE", str(sa_namespace))
+    monkeypatch.setattr(launchers.k8s, "SERVICE_ACCOUNT_NAMESPACE", str(sa_namespace))
     launcher = make_launcher(cfg.launcher, api_client=FakeCluster().api_client())
     assert isinstance(launcher, KubernetesLauncher)
     assert launcher.rm_resources == JobResources(cpu="4", memory="8Gi", gpu=1)
@@ -527,14 +527,14 @@ def test_local_launcher_timeout_kills_the_child(tiny_lm, tmp_path, monkeypatch):
         name="slow", args=["job", "train-rm", "--request", str(request)], log_path=str(tmp_path / "slow.log")
     )
     pids: list[int] = []
-    real_popen = launchers.subprocess.Popen
+    real_popen = launchers.local.subprocess.Popen
 
     def spy(*a, **kw):
         p = real_popen(*a, **kw)
         pids.append(p.pid)
         return p
 
-    monkeypatch.setattr(launchers.subprocess, "Popen", spy)
+    monkeypatch.setattr(launchers.local.subprocess, "Popen", spy)
     t0 = time.monotonic()
     result = LocalLauncher(kill_grace_seconds=2.0).run(spec, timeout=1.5)
     monkeypatch.undo()

@@ -69,6 +69,14 @@ def _load(fn, path: str, field: str, **kw):
     return records, report
 
 
+def _records_and_validation(load, *, path: str, field: str, validation_path: str, skip_bad: bool, **kw):
+    """(records of `path`, records of the validation file: [] when validation_path is empty), both read with
+    `load` (InvalidArgument naming the field of a file that is missing or malformed)."""
+    records, _ = _load(load, path, field, skip_bad=skip_bad, **kw)
+    val = _load(load, validation_path, "validation_path", skip_bad=skip_bad, **kw)[0] if validation_path else []
+    return records, val
+
+
 def _owned(directory: Path) -> bool:
     """A directory alignd made: it carries the ownership marker, or a job result (directories of older versions)."""
     return is_owned(directory) or (directory / JOB_FILE).is_file()
@@ -183,12 +191,12 @@ class Jobs:
 
         def prepare():
             cfg: SFTConfig = _config(SFTConfig, req.config_yaml)
-            skip = cfg.skip_bad_lines
-            demos, _ = _load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path", skip_bad=skip)
-            val = (
-                _load(data.load_demonstrations, req.validation_path, "validation_path", skip_bad=skip)[0]
-                if req.validation_path
-                else []
+            demos, val = _records_and_validation(
+                data.load_demonstrations,
+                path=req.demonstrations_path,
+                field="demonstrations_path",
+                validation_path=req.validation_path,
+                skip_bad=cfg.skip_bad_lines,
             )
             return cfg, *_split(demos, val, cfg.validation_fraction, cfg.seed, "demonstrations_path")
 
@@ -264,13 +272,13 @@ def train_reward_model(
     def prepare():
         cfg: RMTrainConfig = _config(RMTrainConfig, req.config_yaml)
         skip = cfg.skip_bad_lines
-        comps, _ = _load(
-            data.load_comparisons, req.comparisons_path, "comparisons_path", max_k=cfg.max_k, skip_bad=skip
-        )
-        val = (
-            _load(data.load_comparisons, req.validation_path, "validation_path", max_k=cfg.max_k, skip_bad=skip)[0]
-            if req.validation_path
-            else []
+        comps, val = _records_and_validation(
+            data.load_comparisons,
+            path=req.comparisons_path,
+            field="comparisons_path",
+            validation_path=req.validation_path,
+            skip_bad=skip,
+            max_k=cfg.max_k,
         )
         demos = (
             _load(data.load_demonstrations, req.demonstrations_path, "demonstrations_path", skip_bad=skip)[0]
@@ -279,74 +287,12 @@ def train_reward_model(
         )
         return cfg, demos, *_split(comps, val, cfg.validation_fraction, cfg.seed, "comparisons_path")
 
-    def train(prepared, tmp: Path) -> learner_pb2.TrainRewardModelResponse:
-        cfg, demos, train, val = prepared
-        mcfg = ModelConfig(path=req.init_model_dir)
-        model, tok = load_scalar_head_model(mcfg, allow_new_head=True), load_tokenizer(mcfg)
-        if tok.pad_token_id is not None:
-            model.config.pad_token_id = tok.pad_token_id
-        triple = lambda c: (c.prompt, list(c.completions), list(c.ranking))  # noqa: E731
-        blocks = supervised.truncate_layers(model, cfg.layers) if cfg.layers else None
-        setattr(model.config, SCORE_POOLING_KEY, cfg.pooling)
-        _log.info(
-            "rm_started",
-            job_id=req.job_id,
-            train=len(train),
-            validation=len(val),
-            mode=cfg.train,
-            pooling=cfg.pooling,
-            layers=model.config.num_hidden_layers,
-            init_layers=blocks,
-        )
-        demo_pairs = [(d.prompt, d.completion) for d in demos]
-        if cfg.train == "head":
-            res = supervised.fit_rm_head(
-                model,
-                tok,
-                [triple(c) for c in train],
-                [triple(c) for c in val],
-                l2=cfg.head_l2,
-                max_tokens=cfg.max_tokens,
-                demonstrations=demo_pairs,
-                unit_std=cfg.score_scale == "unit_std",
-            )
-        else:
-            res = supervised.train_rm(
-                model,
-                tok,
-                [triple(c) for c in train],
-                [triple(c) for c in val],
-                lr=cfg.lr,
-                batch_size=cfg.batch_size,
-                max_tokens=cfg.max_tokens,
-                epochs=cfg.epochs,
-                warmup_steps=cfg.warmup_steps,
-                betas=tuple(betas),
-                seed=cfg.seed,
-                demonstrations=demo_pairs,
-                unit_std=cfg.score_scale == "unit_std",
-            )
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        return learner_pb2.TrainRewardModelResponse(
-            val_accuracy_before=res.extra["val_accuracy_before"],
-            val_accuracy=res.extra["val_accuracy"],
-            train_accuracy=res.extra["train_accuracy"],
-            score_bias=res.extra["score_bias"],
-            history=[
-                learner_pb2.EpochStats(epoch=r["epoch"], step=r["step"], val_accuracy=r["val_accuracy"])
-                for r in res.history
-            ],
-            train_comparisons=len(train),
-            validation_comparisons=len(val),
-        )
-
     resp = run_job(
         job_id=req.job_id,
         output_dir=req.output_dir,
         response_type=learner_pb2.TrainRewardModelResponse,
         prepare=prepare,
-        train=train,
+        train=lambda prepared, tmp: _train_rm(req, prepared, tmp, betas=betas),
         claim=claim,
     )
     if not resp.replayed:
@@ -357,3 +303,73 @@ def train_reward_model(
             seconds=round(resp.duration_seconds, 2),
         )
     return resp
+
+
+def _train_rm(
+    req: learner_pb2.TrainRewardModelRequest, prepared, tmp: Path, *, betas: tuple[float, float]
+) -> learner_pb2.TrainRewardModelResponse:
+    """Trains the reward model of a prepared RM job, saves it into tmp and returns the response."""
+    cfg, demos, train, val = prepared
+    mcfg = ModelConfig(path=req.init_model_dir)
+    model, tok = load_scalar_head_model(mcfg, allow_new_head=True), load_tokenizer(mcfg)
+    if tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+    blocks = supervised.truncate_layers(model, cfg.layers) if cfg.layers else None
+    setattr(model.config, SCORE_POOLING_KEY, cfg.pooling)
+    _log.info(
+        "rm_started",
+        job_id=req.job_id,
+        train=len(train),
+        validation=len(val),
+        mode=cfg.train,
+        pooling=cfg.pooling,
+        layers=model.config.num_hidden_layers,
+        init_layers=blocks,
+    )
+    res = _fit_rm(model, tok, cfg, train=train, val=val, demos=demos, betas=betas)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    return learner_pb2.TrainRewardModelResponse(
+        val_accuracy_before=res.extra["val_accuracy_before"],
+        val_accuracy=res.extra["val_accuracy"],
+        train_accuracy=res.extra["train_accuracy"],
+        score_bias=res.extra["score_bias"],
+        history=[
+            learner_pb2.EpochStats(epoch=r["epoch"], step=r["step"], val_accuracy=r["val_accuracy"])
+            for r in res.history
+        ],
+        train_comparisons=len(train),
+        validation_comparisons=len(val),
+    )
+
+
+def _fit_rm(model, tok, cfg: RMTrainConfig, *, train, val, demos, betas: tuple[float, float]):
+    """Fits the reward model on the comparisons: its head alone (train: head) or the whole model (train: full)."""
+    triple = lambda c: (c.prompt, list(c.completions), list(c.ranking))  # noqa: E731
+    demo_pairs = [(d.prompt, d.completion) for d in demos]
+    if cfg.train == "head":
+        return supervised.fit_rm_head(
+            model,
+            tok,
+            [triple(c) for c in train],
+            [triple(c) for c in val],
+            l2=cfg.head_l2,
+            max_tokens=cfg.max_tokens,
+            demonstrations=demo_pairs,
+            unit_std=cfg.score_scale == "unit_std",
+        )
+    return supervised.train_rm(
+        model,
+        tok,
+        [triple(c) for c in train],
+        [triple(c) for c in val],
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        max_tokens=cfg.max_tokens,
+        epochs=cfg.epochs,
+        warmup_steps=cfg.warmup_steps,
+        betas=tuple(betas),
+        seed=cfg.seed,
+        demonstrations=demo_pairs,
+        unit_std=cfg.score_scale == "unit_std",
+    )

@@ -146,6 +146,31 @@ class StepStats:
     old_logprobs_from_rollout: bool = False
 
 
+# The minibatch statistics averaged into StepStats, in the order of the reduced vector (the loss follows them).
+_MINIBATCH_STATS = (
+    "policy_loss",
+    "value_loss",
+    "approx_kl",
+    "clip_fraction",
+    "entropy",
+    "ratio_mean",
+    "value_clip_fraction",
+    "ptx_loss",
+)
+
+
+@dataclass
+class _Targets:
+    """The batch's PPO targets under the old weights, (B, T) each; minibatches take their rows."""
+
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    vmask: torch.Tensor  # value tokens (the response, plus the score position one past it with eos_plus_one)
+    weights: torch.Tensor | None = None  # behaviour importance weights (off_policy: decoupled), else None
+
+
 class KLController:
     """Fixed beta, or the adaptive controller of Ziegler et al. 2019."""
 
@@ -236,6 +261,28 @@ class PPOTrainer:
         else:
             current = torch.ones(batch.size, dtype=torch.bool)
         old_logprobs, old_values, from_rollout = self._old_outputs(batch, current)
+        kl, kl_coef, targets = self._targets(batch, old_logprobs, old_values)
+        stats = StepStats(
+            mean_score=float(batch.scores.mean()),
+            kl_coef=kl_coef,
+            reference_kl=float(rlmath.masked_mean(old_logprobs - batch.ref_logprobs, batch.mask)),
+            old_logprobs_from_rollout=from_rollout,
+        )
+        targets.weights = self._behaviour_weights(batch, old_logprobs, current, stats)  # (B, T) or None
+        self._epochs(batch, targets, stats)
+        seq_kl = float((kl * batch.mask).sum(1).mean())
+        self.kl.update(seq_kl, batch.size)
+        stats.learning_rate = self.engine.lr()
+        tokens = float(batch.attention_mask.sum()) * (1 + cfg.epochs)
+        stats.tokens_per_second = tokens / max(1e-9, time.perf_counter() - t0)
+        return stats
+
+    def _targets(
+        self, batch: Batch, old_logprobs: torch.Tensor, old_values: torch.Tensor
+    ) -> tuple[torch.Tensor, float, _Targets]:
+        """(per-token KL to the reference (B, T), the KL coefficient, the targets): per-token rewards (the KL
+        penalty plus the score), GAE advantages (whitened over the batch) and returns under the old weights."""
+        cfg = self.cfg
         mask = batch.mask
         kl = rlmath.kl_estimate(old_logprobs, batch.ref_logprobs, cfg.kl_estimator) * mask  # (B, T)
         kl_coef = self.kl.value
@@ -244,14 +291,12 @@ class PPOTrainer:
         vmask = rlmath.value_mask_for(mask, cfg.score_position)  # (B, T)
         advantages, returns = rlmath.gae(rewards, old_values, mask, cfg.gamma, cfg.lam, value_mask=vmask)
         advantages = rlmath.masked_whiten(advantages, mask, unbiased=cfg.whiten_unbiased) * mask
+        return kl, kl_coef, _Targets(old_logprobs, old_values, advantages, returns, vmask)
 
-        stats = StepStats(
-            mean_score=float(batch.scores.mean()),
-            kl_coef=kl_coef,
-            reference_kl=float(rlmath.masked_mean(old_logprobs - batch.ref_logprobs, mask)),
-            old_logprobs_from_rollout=from_rollout,
-        )
-        weights = self._behaviour_weights(batch, old_logprobs, current, stats)  # (B, T) or None
+    def _epochs(self, batch: Batch, targets: _Targets, stats: StepStats) -> None:
+        """`epochs` passes over the batch in shuffled minibatches, one update each; the minibatch statistics
+        averaged into `stats`."""
+        cfg = self.cfg
         sums: dict[str, float] = {}
         n_mb = 0
         B = batch.size
@@ -263,80 +308,82 @@ class PPOTrainer:
                 # This rank's rows of the minibatch; every token mean below is this
                 # rank's share of the minibatch's mean (reduction.py explains why).
                 idx, empty = dp.shard(perm[start : start + mb_size])
-                mb = batch.select(idx)
-                logprobs, entropy, values = self.module(
-                    mb.input_ids, mb.attention_mask, mb.positions, mb.response, cfg.temperature
-                )
-                share = token_share(mb.mask, dp, empty)  # () N_r / N of the policy tokens
-                vshare = token_share(vmask[idx], dp, empty)  # () of the value tokens
-                pl, pstats = rlmath.policy_loss(
-                    logprobs,
-                    old_logprobs[idx],
-                    advantages[idx],
-                    mb.mask,
-                    cfg.clip,
-                    weights=weights[idx] if weights is not None else None,
-                )
-                vl, vclip = rlmath.value_loss(values, old_values[idx], returns[idx], vmask[idx], cfg.value_clip)
-                pl, vl = pl * share, vl * vshare
-                loss = pl + cfg.value_coef * vl
-                ptx = loss.new_zeros(())
-                if cfg.ptx_coef > 0 and self.ptx_batches is not None:
-                    ids, attn = next(self.ptx_batches)  # the same batch on every rank
-                    rows, ptx_empty = dp.shard(torch.arange(ids.shape[0]))
-                    ids, attn = ids[rows], attn[rows]
-                    logits = self.module.lm_logits(ids, attn)
-                    ptx = rlmath.lm_loss(logits[:, :-1].float(), ids[:, 1:], attn[:, 1:].float())
-                    ptx = ptx * token_share(attn[:, 1:], dp, ptx_empty)
-                    loss = rlmath.ppo_ptx_objective(loss, ptx, cfg.ptx_coef)
+                loss, local = self._minibatch_loss(batch, targets, idx, empty, dp)
                 n_mb += 1
-                names = (
-                    "policy_loss",
-                    "value_loss",
-                    "approx_kl",
-                    "clip_fraction",
-                    "entropy",
-                    "ratio_mean",
-                    "value_clip_fraction",
-                    "ptx_loss",
-                    "loss",
-                )
-                local = (
-                    pl,
-                    vl,
-                    pstats["approx_kl"] * share,
-                    pstats["clip_fraction"] * share,
-                    rlmath.masked_mean(entropy, mb.mask) * share,
-                    pstats["ratio_mean"] * share,
-                    vclip * vshare,
-                    ptx,
-                    loss,
-                )
                 reduced = dp.all_reduce_sum(torch.stack([v.detach().float() for v in local]))  # (9,) minibatch values
-                for k, v in zip(names[:-1], reduced[:-1].tolist()):
+                for k, v in zip(_MINIBATCH_STATS, reduced[:-1].tolist()):
                     sums[k] = sums.get(k, 0.0) + v
-                total = reduced[-1]  # () the minibatch's loss, the same on every rank
-                if not torch.isfinite(total):
-                    self.engine.zero_grad()
-                    stats.updates_skipped += 1
-                    _log.warning("update_skipped", reason="non_finite_loss", loss=float(total))
-                    continue
-                self.engine.backward(loss)
-                norm, applied = self.engine.step()
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + (norm if math.isfinite(norm) else 0.0)
-                if applied:
-                    stats.updates_applied += 1
-                else:
-                    stats.updates_skipped += 1
-                    _log.warning("update_skipped", reason="non_finite_gradient", grad_norm=norm)
+                self._update(loss, reduced[-1], stats, sums)
         for k, v in sums.items():
             setattr(stats, k, v / max(1, n_mb))
-        seq_kl = float((kl * mask).sum(1).mean())
-        self.kl.update(seq_kl, B)
-        stats.learning_rate = self.engine.lr()
-        tokens = float(batch.attention_mask.sum()) * (1 + cfg.epochs)
-        stats.tokens_per_second = tokens / max(1e-9, time.perf_counter() - t0)
-        return stats
+
+    def _minibatch_loss(
+        self, batch: Batch, targets: _Targets, idx: torch.Tensor, empty: bool, dp: DataParallel
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(this rank's share of the minibatch's loss, its shares of the minibatch statistics: _MINIBATCH_STATS,
+        then the loss): the clipped surrogate plus value_coef x the clipped value loss (plus the ptx term)."""
+        cfg = self.cfg
+        mb = batch.select(idx)
+        logprobs, entropy, values = self.module(
+            mb.input_ids, mb.attention_mask, mb.positions, mb.response, cfg.temperature
+        )
+        share = token_share(mb.mask, dp, empty)  # () N_r / N of the policy tokens
+        vshare = token_share(targets.vmask[idx], dp, empty)  # () of the value tokens
+        pl, pstats = rlmath.policy_loss(
+            logprobs,
+            targets.old_logprobs[idx],
+            targets.advantages[idx],
+            mb.mask,
+            cfg.clip,
+            weights=targets.weights[idx] if targets.weights is not None else None,
+        )
+        vl, vclip = rlmath.value_loss(
+            values, targets.old_values[idx], targets.returns[idx], targets.vmask[idx], cfg.value_clip
+        )
+        pl, vl = pl * share, vl * vshare
+        loss = pl + cfg.value_coef * vl
+        ptx = loss.new_zeros(())
+        if cfg.ptx_coef > 0 and self.ptx_batches is not None:
+            loss, ptx = self._add_ptx(loss, dp)
+        local = (
+            pl,
+            vl,
+            pstats["approx_kl"] * share,
+            pstats["clip_fraction"] * share,
+            rlmath.masked_mean(entropy, mb.mask) * share,
+            pstats["ratio_mean"] * share,
+            vclip * vshare,
+            ptx,
+            loss,
+        )
+        return loss, local
+
+    def _add_ptx(self, loss: torch.Tensor, dp: DataParallel) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the PPO-ptx objective, this rank's share of the LM loss) on the next pretraining batch."""
+        ids, attn = next(self.ptx_batches)  # the same batch on every rank
+        rows, ptx_empty = dp.shard(torch.arange(ids.shape[0]))
+        ids, attn = ids[rows], attn[rows]
+        logits = self.module.lm_logits(ids, attn)
+        ptx = rlmath.lm_loss(logits[:, :-1].float(), ids[:, 1:], attn[:, 1:].float())
+        ptx = ptx * token_share(attn[:, 1:], dp, ptx_empty)
+        return rlmath.ppo_ptx_objective(loss, ptx, self.cfg.ptx_coef), ptx
+
+    def _update(self, loss: torch.Tensor, total: torch.Tensor, stats: StepStats, sums: dict[str, float]) -> None:
+        """One optimizer step on the minibatch's loss (`total`: the loss of the whole minibatch, the same on every
+        rank); skipped and counted when the loss or the gradient is not finite."""
+        if not torch.isfinite(total):
+            self.engine.zero_grad()
+            stats.updates_skipped += 1
+            _log.warning("update_skipped", reason="non_finite_loss", loss=float(total))
+            return
+        self.engine.backward(loss)
+        norm, applied = self.engine.step()
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + (norm if math.isfinite(norm) else 0.0)
+        if applied:
+            stats.updates_applied += 1
+        else:
+            stats.updates_skipped += 1
+            _log.warning("update_skipped", reason="non_finite_gradient", grad_norm=norm)
 
     def state_dict(self) -> dict:
         return {"kl": self.kl.state_dict(), "generator": self.generator.get_state()}

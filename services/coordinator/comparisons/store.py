@@ -1,263 +1,46 @@
-"""Comparison labeling rounds: pending tasks out, rankings in, every accepted ranking durable (no torch, no grpc).
+"""`ComparisonStore`: one labeling round, durable; see the package docs (`alignd.services.coordinator.comparisons`).
 
-One `ComparisonStore` is one labeling round of the `rm` stage (an RM
-retraining round gets its own directory, e.g. `RUN_DIR/labels/round-N`). The
-coordinator creates the round from the K samples per prompt of the policy;
-labelers, external ones through the coordinator's RPCs or programmatic ones
-(`alignd.labelers.SimulatedLabeler`) through `label_with`, fetch pending tasks
-and submit rankings; once the round is labelled, `export_comparisons` writes
-the rankings file that the learner's TrainRewardModel reads.
-
-Files (in `dir`):
-
-  tasks.jsonl   the round's tasks, one per line:
-                  {"task_id": str, "prompt": str, "completions": [str, ...]}
-                written once, atomically (temp file, fsync, rename, fsync of
-                the directory) by `create_round`; never modified.
-  labels.jsonl  the accepted rankings, append-only, one per line:
-                  {"task_id", "labeler", "prompt", "completions", "ranking", "time"}
-                a superset of the rankings format of `alignd.data` (extra
-                fields are ignored there), so the file itself loads with
-                `alignd.data.load_comparisons`. `ranking` lists completion
-                indices best first; `time` is the acceptance time (Unix seconds).
-  .lock         flock'ed while a store is open: one writer per round.
-
-Durability. `submit` writes the record's line with a single append, fsyncs the
-file (and the directory when the file was just created) and only then updates
-memory and returns: a ranking whose `submit` returned survives a SIGKILL of the
-coordinator, and a power loss too as far as fsync reaches. Submits are
-serialised by a lock, so at most one line, the last, can be incomplete after a
-crash: on open, a last line without its newline, or one that is not valid
-JSON, is a torn append; it is truncated away (fsync'ed) and logged with a
-warning (`dropped_tail_bytes` holds its size). Its submit never returned, so
-no accepted ranking is lost; the labeler's retry of that call is accepted
-anew. Any other malformed line, or a record that contradicts tasks.jsonl, is
-corruption and raises `alignd.data.DataError` (`path:line: problem`). A write
-that fails in the running process (disk full) is truncated back before the
-error propagates, so a failed submit never leaves a partial line behind.
-
-Leases. `pending(limit, labeler)` leases the tasks it returns to that labeler
-for `lease_s` seconds, so two external labelers are not handed the same task
-(with `labels_per_task` > 1, a task is handed to as many labelers as it still
-needs labels). Leases are kept in memory only: a restart drops them. That is
-safe: a lease only steers which tasks `pending` hands out, `submit` never
-checks it, so a restart can at worst hand a task that someone is still working
-on to a second labeler; both rankings are then accepted (as labels of two
-labelers), nothing is rejected or lost. A labeler that gives a task up calls
-`release`; a lease also expires by itself.
-
-Several labels per task. Records are keyed by (task_id, labeler): a labeler
-submitting the same ranking again gets the stored record back (idempotent, a
-safe retry); a different ranking for a task it already labelled is refused
-(`LabelError`, code "already_exists"). Different labelers may label the same
-task, which gives the data for labeler agreement (`agreement`). A task counts
-as labelled when it has `labels_per_task` labels; `export_comparisons` writes
-the rankings of one labeler, of some, or of all.
-
-Errors. Bad requests raise `LabelError` (a ValueError) with `field` (the
-request field at fault), `code` (a gRPC status name in lower case:
-"not_found", "invalid_argument", "already_exists", "failed_precondition") and
-a message naming the field; an unknown task is an `UnknownTaskError`, which is
-also a KeyError. A servicer maps `code` to the gRPC status.
-
-Thread safety: every method takes the store's lock; a servicer calls it from
-any number of gRPC threads.
+The store keeps the round in memory (tasks, accepted labels by task and by
+labeler, in-memory leases), hands out and leases pending tasks, accepts
+rankings through `LabelsFile.append` and answers progress, agreement and
+export. Records and validation are in `records.py`, the files in `files.py`.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
-import logging
-import math
 import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from alignd.atomic import fsync_dir
 from alignd.data import DEFAULT_MAX_K, DataError, write_jsonl_atomic
 from alignd.labelers import Labeler
+from alignd.services.coordinator.comparisons.files import (
+    LABELS_FILE,
+    TASKS_FILE,
+    LabelsFile,
+    lock_round,
+    read_tasks,
+)
+from alignd.services.coordinator.comparisons.records import (
+    Label,
+    LabelError,
+    Progress,
+    Task,
+    UnknownTaskError,
+    as_task,
+    check_labeler,
+    check_lease,
+    check_ranking,
+    check_task,
+    label_from_json,
+)
 
-__all__ = [
-    "ComparisonStore",
-    "Label",
-    "LabelError",
-    "Progress",
-    "StoreBusyError",
-    "Task",
-    "UnknownTaskError",
-    "task_id_for",
-]
-
-_log = logging.getLogger("alignd.coordinator.comparisons")
-
-TASKS_FILE = "tasks.jsonl"
-LABELS_FILE = "labels.jsonl"
-LOCK_FILE = ".lock"
 DEFAULT_LEASE_S = 600.0
-MAX_LABELER_NAME = 256
-
-
-class LabelError(ValueError):
-    """A labeling request was refused. str(): `field: problem`; `code` is the gRPC status name in lower case."""
-
-    def __init__(self, field: str, problem: str, code: str = "invalid_argument"):
-        self.field = field
-        self.problem = problem
-        self.code = code
-        super().__init__(f"{field}: {problem}")
-
-    def __str__(self) -> str:  # KeyError (of UnknownTaskError) would repr() the message
-        return f"{self.field}: {self.problem}"
-
-    def __reduce__(self):
-        return (type(self), (self.field, self.problem, self.code))
-
-
-class UnknownTaskError(LabelError, KeyError):
-    """The task id is not in this round (or no round was created)."""
-
-    def __init__(self, field: str, problem: str, code: str = "not_found"):
-        super().__init__(field, problem, code)
-
-
-class StoreBusyError(RuntimeError):
-    """Another ComparisonStore (in this or another process) has the round's directory open."""
-
-
-@dataclass(frozen=True)
-class Task:
-    """A prompt and its K completions to rank."""
-
-    task_id: str
-    prompt: str
-    completions: tuple[str, ...]
-
-    @property
-    def k(self) -> int:
-        return len(self.completions)
-
-    def to_json(self) -> dict:
-        return {"task_id": self.task_id, "prompt": self.prompt, "completions": list(self.completions)}
-
-
-@dataclass(frozen=True)
-class Label:
-    """An accepted ranking: completion indices of the task, best first."""
-
-    task_id: str
-    labeler: str
-    prompt: str
-    completions: tuple[str, ...]
-    ranking: tuple[int, ...]
-    time: float
-
-    def to_json(self) -> dict:
-        return {
-            "task_id": self.task_id,
-            "labeler": self.labeler,
-            "prompt": self.prompt,
-            "completions": list(self.completions),
-            "ranking": list(self.ranking),
-            "time": self.time,
-        }
-
-
-@dataclass(frozen=True)
-class Progress:
-    total: int  # tasks in the round
-    labelled: int  # tasks with at least labels_per_task labels
-    labels: int  # accepted rankings, all labelers
-    leased: int  # tasks with an active lease
-
-    @property
-    def done(self) -> bool:
-        return self.total > 0 and self.labelled >= self.total
-
-    @property
-    def fraction(self) -> float:
-        return self.labelled / self.total if self.total else 0.0
-
-
-def task_id_for(prompt: str, completions: Sequence[str]) -> str:
-    """A content-derived task id: the same prompt and completions give the same id in any process."""
-    h = hashlib.sha256(b"alignd.coordinator.comparisons.task.v1")
-    for text in (prompt, *completions):
-        b = text.encode("utf-8", "surrogatepass")
-        h.update(len(b).to_bytes(8, "big"))
-        h.update(b)
-    return "t-" + h.hexdigest()[:20]
-
-
-def _as_task(item: Any, index: int) -> Task:
-    """Task from a Task, a dict ({"task_id"?, "prompt", "completions"}), an object with
-    .prompt/.completions (alignd.data.Comparison) or a (prompt, completions) pair; ids derived when absent."""
-    where = f"tasks[{index}]"
-    task_id: Any = None
-    if isinstance(item, Task):
-        task_id, prompt, comps = item.task_id, item.prompt, item.completions
-    elif isinstance(item, dict):
-        task_id, prompt, comps = item.get("task_id"), item.get("prompt"), item.get("completions")
-    elif hasattr(item, "prompt") and hasattr(item, "completions"):
-        task_id, prompt, comps = getattr(item, "task_id", None), item.prompt, item.completions
-    else:
-        try:
-            prompt, comps = item
-        except (TypeError, ValueError):
-            raise LabelError(
-                where, f"expected a Task, a dict or a (prompt, completions) pair, got {type(item).__name__}"
-            ) from None
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise LabelError(f"{where}.prompt", "must be a non-empty string")
-    if isinstance(comps, str) or not isinstance(comps, (list, tuple)):
-        raise LabelError(f"{where}.completions", f"must be a list of strings, got {type(comps).__name__}")
-    for i, c in enumerate(comps):
-        if not isinstance(c, str) or c == "":
-            raise LabelError(f"{where}.completions", f"completion {i} must be a non-empty string")
-    if task_id is None:
-        task_id = task_id_for(prompt, comps)
-    if not isinstance(task_id, str) or not task_id:
-        raise LabelError(f"{where}.task_id", "must be a non-empty string")
-    return Task(task_id, prompt, tuple(comps))
-
-
-def _check_task(task: Task, max_k: int | None, where: str) -> None:
-    if task.k < 2 or (max_k is not None and task.k > max_k):
-        raise LabelError(f"{where}.completions", f"K = {task.k} completions; a task needs 2..{max_k} (max_k)")
-    seen: dict[str, int] = {}
-    for i, c in enumerate(task.completions):
-        if c in seen:
-            raise LabelError(
-                f"{where}.completions", f"completions {seen[c]} and {i} are identical; deduplicate the samples"
-            )
-        seen[c] = i
-
-
-def _check_ranking(ranking: Any, k: int) -> tuple[int, ...]:
-    if isinstance(ranking, (str, bytes)) or not isinstance(ranking, (list, tuple)):
-        raise LabelError("ranking", f"must be a list of completion indices, got {type(ranking).__name__}")
-    if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranking):
-        raise LabelError("ranking", f"must be a list of integer completion indices, got {list(ranking)!r:.120}")
-    if sorted(ranking) != list(range(k)):
-        raise LabelError(
-            "ranking",
-            f"{list(ranking)} is not a permutation of 0..{k - 1} (indices into the {k} completions, best first)",
-        )
-    return tuple(int(r) for r in ranking)
-
-
-def _check_labeler(labeler: Any) -> str:
-    if not isinstance(labeler, str) or not labeler.strip():
-        raise LabelError("labeler", "must be a non-empty string (the labeler's name)")
-    if len(labeler) > MAX_LABELER_NAME:
-        raise LabelError("labeler", f"name is longer than {MAX_LABELER_NAME} characters")
-    return labeler
 
 
 class ComparisonStore:
@@ -282,7 +65,7 @@ class ComparisonStore:
     ) -> None:
         if isinstance(labels_per_task, bool) or not isinstance(labels_per_task, int) or labels_per_task < 1:
             raise ValueError(f"labels_per_task must be an integer >= 1, not {labels_per_task!r}")
-        self.lease_s = self._check_lease(lease_s)
+        self.lease_s = check_lease(lease_s)
         self.labels_per_task = labels_per_task
         self.max_k = max_k
         self.dir = Path(dir)
@@ -299,19 +82,9 @@ class ComparisonStore:
         self._by_task: dict[str, list[Label]] = {}
         self._incomplete: dict[str, None] = {}  # ordered set of task ids still needing labels
         self._leases: dict[str, dict[str, float]] = {}  # task id -> labeler -> expiry (clock)
-        self._fd: int | None = None  # labels.jsonl, O_APPEND
-        self._size = 0  # bytes of labels.jsonl known to be complete lines
-        self.dropped_tail_bytes = 0  # size of a torn last line removed on open
+        self._file = LabelsFile(self.labels_path)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd: int | None = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise StoreBusyError(
-                f"{self.dir}: the labeling round is open in another ComparisonStore (one writer per round)"
-            ) from None
+        self._lock_fd: int | None = lock_round(self.dir)
         try:
             self._load()
         except BaseException:
@@ -321,62 +94,25 @@ class ComparisonStore:
     # --- opening --------------------------------------------------------------
 
     def _load(self) -> None:
-        if self.tasks_path.exists():
-            for n, line in enumerate(self.tasks_path.read_bytes().split(b"\n"), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    task = _as_task(json.loads(line), n - 1)
-                    _check_task(task, None, f"line {n}")  # max_k applies to new rounds only
-                except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError, UnicodeDecodeError, LabelError
-                    raise DataError(self.tasks_path, n, f"corrupt task record: {err}") from None
-                if task.task_id in self._tasks:
-                    raise DataError(self.tasks_path, n, f"duplicate task id {task.task_id!r}")
-                self._index[task.task_id] = len(self._tasks)
-                self._tasks[task.task_id] = task
-                self._incomplete[task.task_id] = None
+        for task in read_tasks(self.tasks_path):
+            self._index[task.task_id] = len(self._tasks)
+            self._tasks[task.task_id] = task
+            self._incomplete[task.task_id] = None
         if self.labels_path.exists():
             if not self._tasks:
                 raise DataError(
                     self.labels_path, None, f"labels without a round: {self.tasks_path} is missing or empty"
                 )
             self._load_labels()
-            self._fd = os.open(self.labels_path, os.O_WRONLY | os.O_APPEND)
+            self._file.open()
 
     def _load_labels(self) -> None:
-        data = self.labels_path.read_bytes()
-        lines = data.split(b"\n")
-        # lines[-1] is what follows the last newline: b"" when the file ends with a complete line
-        complete = lines[:-1]
-        good_end = len(data) - len(lines[-1])
-        if not lines[-1] and complete and complete[-1].strip():
-            # A newline-terminated last line that does not parse (e.g. zeros after a power loss) is torn too:
-            # appends are serialised, so only the last line can lack its fsync. With bytes after it, it was
-            # fsync'ed before the next append started, and a bad line there is corruption (raised below).
-            try:
-                json.loads(complete[-1])
-            except ValueError:
-                good_end -= len(complete[-1]) + 1
-                complete = complete[:-1]
-        if good_end < len(data):
-            self.dropped_tail_bytes = len(data) - good_end
-            with open(self.labels_path, "r+b") as f:
-                f.truncate(good_end)
-                f.flush()
-                os.fsync(f.fileno())
-            _log.warning(
-                "labels_torn_line_dropped: %s: removed an incomplete last line of %d bytes (an append cut short by a "
-                "crash; "
-                "its submit never returned)",
-                self.labels_path,
-                self.dropped_tail_bytes,
-            )
-        for n, line in enumerate(complete, start=1):
+        for n, line in enumerate(self._file.read_lines(), start=1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-                label = self._label_from_json(obj)
+                label = label_from_json(obj, self._tasks, TASKS_FILE)
             except (ValueError, KeyError, TypeError) as err:
                 raise DataError(self.labels_path, n, f"corrupt label record: {err}") from None
             old = self._by_key.get((label.task_id, label.labeler))
@@ -389,29 +125,11 @@ class ComparisonStore:
                     )
                 continue
             self._add(label)
-        self._size = good_end
 
-    def _label_from_json(self, obj: Any) -> Label:
-        if not isinstance(obj, dict):
-            raise ValueError("not a JSON object")
-        task_id = obj.get("task_id")
-        task = self._tasks.get(task_id) if isinstance(task_id, str) else None
-        if task is None:
-            raise ValueError(f"task id {task_id!r} is not in {TASKS_FILE}")
-        if obj.get("prompt") != task.prompt or tuple(obj.get("completions") or ()) != task.completions:
-            raise ValueError(f"prompt or completions differ from task {task_id!r} in {TASKS_FILE}")
-        t = obj.get("time")
-        if isinstance(t, bool) or not isinstance(t, (int, float)):
-            raise ValueError("field 'time' must be a number")
-        # share the task's strings instead of keeping a copy per label
-        return Label(
-            task_id,
-            _check_labeler(obj.get("labeler")),
-            task.prompt,
-            task.completions,
-            _check_ranking(obj.get("ranking"), task.k),
-            float(t),
-        )
+    @property
+    def dropped_tail_bytes(self) -> int:
+        """Size of a torn last line of labels.jsonl removed on open (0: none)."""
+        return self._file.dropped_tail_bytes
 
     def _add(self, label: Label) -> None:
         self._labels.append(label)
@@ -426,9 +144,7 @@ class ComparisonStore:
     def close(self) -> None:
         """Closes the files and releases the directory; the store is unusable afterwards."""
         with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            self._file.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
@@ -475,12 +191,12 @@ class ComparisonStore:
         tasks is refused (LabelError, code "failed_precondition"): a resumed
         coordinator must continue the round it started, not sample a new one.
         """
-        items = [_as_task(t, i) for i, t in enumerate(tasks)]
+        items = [as_task(t, i) for i, t in enumerate(tasks)]
         if not items:
             raise LabelError("tasks", "a round needs at least one task")
         seen: dict[str, int] = {}
         for i, t in enumerate(items):
-            _check_task(t, self.max_k, f"tasks[{i}]")
+            check_task(t, self.max_k, f"tasks[{i}]")
             if t.task_id in seen:
                 raise LabelError(
                     f"tasks[{i}].task_id", f"duplicate task id {t.task_id!r} (also tasks[{seen[t.task_id]}])"
@@ -534,12 +250,6 @@ class ComparisonStore:
 
     # --- handing out tasks --------------------------------------------------------
 
-    @staticmethod
-    def _check_lease(lease_s: Any) -> float:
-        if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or math.isnan(lease_s) or lease_s < 0:
-            raise LabelError("lease_s", f"must be a number of seconds >= 0, not {lease_s!r}")
-        return float(lease_s)
-
     def _active_leases(self, task_id: str, now: float) -> dict[str, float]:
         leases = self._leases.get(task_id)
         if not leases:
@@ -565,8 +275,8 @@ class ComparisonStore:
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise LabelError("limit", f"must be a positive integer (or None for all), not {limit!r}")
         if labeler is not None:
-            labeler = _check_labeler(labeler)
-        lease = self.lease_s if lease_s is None else self._check_lease(lease_s)
+            labeler = check_labeler(labeler)
+        lease = self.lease_s if lease_s is None else check_lease(lease_s)
         out: list[Task] = []
         with self._lock:
             self._check_open()
@@ -589,16 +299,19 @@ class ComparisonStore:
 
     def release(self, task_id: str, labeler: str) -> bool:
         """Drops `labeler`'s lease on the task (the labeler skips it); True when there was one."""
-        labeler = _check_labeler(labeler)
+        labeler = check_labeler(labeler)
         with self._lock:
             self._task(task_id)
-            leases = self._leases.get(task_id)
-            if not leases or labeler not in leases:
-                return False
-            del leases[labeler]
-            if not leases:
-                del self._leases[task_id]
-            return True
+            return self._drop_lease(task_id, labeler)
+
+    def _drop_lease(self, task_id: str, labeler: str) -> bool:
+        leases = self._leases.get(task_id)
+        if not leases or labeler not in leases:
+            return False
+        del leases[labeler]
+        if not leases:
+            del self._leases[task_id]
+        return True
 
     # --- accepting rankings ---------------------------------------------------------
 
@@ -611,11 +324,11 @@ class ComparisonStore:
         LabelError (code "already_exists"). Leases are not checked: a label is
         never refused because someone else holds the task.
         """
-        labeler = _check_labeler(labeler)
+        labeler = check_labeler(labeler)
         with self._lock:
             self._check_open()
             task = self._task(task_id)
-            ranking_t = _check_ranking(ranking, task.k)
+            ranking_t = check_ranking(ranking, task.k)
             old = self._by_key.get((task_id, labeler))
             if old is not None:
                 if old.ranking == ranking_t:
@@ -627,34 +340,10 @@ class ComparisonStore:
                     "already_exists",
                 )
             label = Label(task_id, labeler, task.prompt, task.completions, ranking_t, float(self._wall_clock()))
-            self._append(json.dumps(label.to_json(), ensure_ascii=False).encode("utf-8") + b"\n")
+            self._file.append(json.dumps(label.to_json(), ensure_ascii=False).encode("utf-8") + b"\n")
             self._add(label)
-            leases = self._leases.get(task_id)
-            if leases:
-                leases.pop(labeler, None)
-                if not leases:
-                    del self._leases[task_id]
+            self._drop_lease(task_id, labeler)
             return label
-
-    def _append(self, line: bytes) -> None:
-        created = False
-        if self._fd is None:
-            self._fd = os.open(self.labels_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            created = True
-        try:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(self._fd, view) :]
-            os.fsync(self._fd)
-            if created:
-                fsync_dir(self.dir)  # the new file's directory entry is durable too
-        except BaseException:
-            try:  # never leave a partial line for the next append to follow
-                os.ftruncate(self._fd, self._size)
-            except OSError:
-                pass
-            raise
-        self._size += len(line)
 
     def label_with(
         self, labeler: Labeler, batch: int = 64, *, limit: int | None = None, lease_s: float | None = None
@@ -670,7 +359,7 @@ class ComparisonStore:
         run. Returns the number of new labels. Leases still held when
         `labeler.rank` raises are released.
         """
-        name = _check_labeler(getattr(labeler, "name", None))
+        name = check_labeler(getattr(labeler, "name", None))
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise LabelError("batch", f"must be a positive integer, not {batch!r}")
         done = 0

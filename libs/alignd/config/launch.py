@@ -90,7 +90,7 @@ class KubernetesLauncherConfig(Strict):
 
 
 class LauncherConfig(Strict):
-    """How the coordinator runs one-off jobs such as reward-model training (services/coordinator/launchers.py)."""
+    """How the coordinator runs one-off jobs such as reward-model training (services/coordinator/launchers/)."""
 
     kind: Literal["local", "kubernetes"] = Field(
         "local",

@@ -136,14 +136,14 @@ def preset_path(name: str) -> Path:
 
 
 def cmd_run(args) -> int:
-    from alignd.ppo_cli import run_ppo
+    from alignd.ppo_cli import run_pipeline
 
     if args.config and args.preset:
         raise ConfigError("give --preset or --config, not both")
     config = args.config or str(preset_path(args.preset or "tiny"))
     run_dir = resolve_run_dir(args.run_dir, "run")
     log_to_run_dir(run_dir)
-    return run_ppo(config, args.set, run_dir, pipeline=True)
+    return run_pipeline(config, args.set, run_dir)
 
 
 def cmd_tiny_model(args) -> int:

@@ -136,14 +136,14 @@ def preset_path(name: str) -> Path:
 
 
 def cmd_run(args) -> int:
-    from alignd.ppo_cli import run_ppo
+    from alignd.ppo_cli import run_pipeline
 
     if args.config and args.preset:
         raise ConfigError("give --preset or --config, not both")
     config = args.config or str(preset_path(args.preset or "tiny"))
     run_dir = resolve_run_dir(args.run_dir, "run")
     log_to_run_dir(run_dir)
-    return run_ppo(config, args.set, run_dir, pipeline=True)
+    return run_pipeline(config, args.set, run_dir)
 
 
 def cmd_tiny_model(args) -> int:
@@ -154,80 +154,83 @@ def cmd_tiny_model(args) -> int:
     return 0
 
 
-def cmd_reward_score(args) -> int:
-    """Scores --prompt/--response, or every line of --file (JSON objects: "prompt", "response", optional "id"), with
-    the reward service at --address (or the reward role of an `alignd up` stack.json); one JSON line per input
-    line on stdout or --out: {"id"?, "score", "weight_version"}. Exit 2: bad arguments or input (file:line:
-    message); exit 1: the service refused or failed (status code and details on stderr)."""
+class _ScoreFailure(Exception):
+    """`alignd reward score` stops: `message` goes to stderr, `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_INVALID) -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+def _stack_reward_target(stack_file: str) -> tuple[str, str | None]:
+    """The reward role's address in an `alignd up` stack.json, and the stack's scoring token when it has auth."""
     import json
 
-    from alignd.atomic import write_bytes_atomic
-    from alignd.reward_client import RewardClient, RewardClientError
-    from alignd.runtime.logging import configure_logging
+    try:
+        stack = json.loads(Path(stack_file).read_text())
+        address = stack["services"]["reward"]["address"]
+        auth = stack.get("auth") or {}
+        stack_token = None
+        if auth.get("tokens_file"):  # the stack's scoring client (alignd.runtime.tokens)
+            from alignd.runtime.auth import read_token_entry
 
-    configure_logging("warning", role="reward-client", stream=sys.stderr)
+            stack_token = read_token_entry(auth["tokens_file"], "scorer")
+    except OSError as err:
+        raise _ScoreFailure(f"--stack {stack_file}: {err.strerror}") from err
+    except (ValueError, KeyError, TypeError) as err:
+        raise _ScoreFailure(
+            f"--stack {stack_file}: not a stack.json of `alignd up` with a reward role "
+            '({"services": {"reward": {"address": ...}}})'
+        ) from err
+    if not isinstance(address, str):
+        raise _ScoreFailure(f"--stack {stack_file}: services.reward.address is not a string")
+    return address, stack_token
 
-    def fail(message: str, code: int = EXIT_INVALID) -> int:
-        print(f"alignd: reward score: {message}", file=sys.stderr)
-        return code
 
-    if args.file is not None and (args.prompt is not None or args.response is not None):
-        return fail("give --file or --prompt/--response, not both")
-    if args.file is None and args.response is None:
-        return fail("give --response (and --prompt) or --file")
-    address = args.address
-    stack_token = None
-    if args.stack is not None:
-        try:
-            stack = json.loads(Path(args.stack).read_text())
-            address = stack["services"]["reward"]["address"]
-            auth = stack.get("auth") or {}
-            if auth.get("tokens_file"):  # the stack's scoring client (alignd.runtime.tokens)
-                from alignd.runtime.auth import read_token_entry
+def _score_record(name: str, lineno: int, line: bytes) -> dict | None:
+    """One line of --file as {"prompt", "response", "id"?}; None for a blank line; _ScoreFailure naming file:line."""
+    import json
 
-                stack_token = read_token_entry(auth["tokens_file"], "scorer")
-        except OSError as err:
-            return fail(f"--stack {args.stack}: {err.strerror}")
-        except (ValueError, KeyError, TypeError):
-            return fail(
-                f"--stack {args.stack}: not a stack.json of `alignd up` with a reward role "
-                '({"services": {"reward": {"address": ...}}})'
-            )
-        if not isinstance(address, str):
-            return fail(f"--stack {args.stack}: services.reward.address is not a string")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _ScoreFailure(f"{name}:{lineno}: not UTF-8") from None
+    if not text.strip():
+        return None  # blank lines carry no pair
+    try:
+        obj = json.loads(text)
+    except ValueError as err:
+        raise _ScoreFailure(f"{name}:{lineno}: not JSON: {err}") from None
+    if not isinstance(obj, dict):
+        raise _ScoreFailure(
+            f'{name}:{lineno}: expected a JSON object with "prompt" and "response", got {type(obj).__name__}'
+        )
+    for key in ("prompt", "response"):
+        if key not in obj:
+            raise _ScoreFailure(f'{name}:{lineno}: missing "{key}"')
+        if not isinstance(obj[key], str):
+            raise _ScoreFailure(f'{name}:{lineno}: "{key}" must be a string, got {type(obj[key]).__name__}')
+    if not obj["response"]:
+        raise _ScoreFailure(f'{name}:{lineno}: "response" must not be empty')
+    return obj
 
-    records: list[dict] = []  # {"prompt", "response", "id"?}
+
+def _score_records(args) -> list[dict]:
+    """The pairs to score: --prompt/--response, or each non-blank line of --file (- = stdin)."""
     if args.file is None:
-        records.append({"prompt": args.prompt or "", "response": args.response})
-    else:
-        name = "<stdin>" if args.file == "-" else args.file
-        try:
-            raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
-        except OSError as err:
-            return fail(f"--file {args.file}: {err.strerror}")
-        for lineno, line in enumerate(raw.splitlines(), 1):
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError:
-                return fail(f"{name}:{lineno}: not UTF-8")
-            if not text.strip():
-                continue  # blank lines carry no pair
-            try:
-                obj = json.loads(text)
-            except ValueError as err:
-                return fail(f"{name}:{lineno}: not JSON: {err}")
-            if not isinstance(obj, dict):
-                return fail(
-                    f'{name}:{lineno}: expected a JSON object with "prompt" and "response", got {type(obj).__name__}'
-                )
-            for key in ("prompt", "response"):
-                if key not in obj:
-                    return fail(f'{name}:{lineno}: missing "{key}"')
-                if not isinstance(obj[key], str):
-                    return fail(f'{name}:{lineno}: "{key}" must be a string, got {type(obj[key]).__name__}')
-            if not obj["response"]:
-                return fail(f'{name}:{lineno}: "response" must not be empty')
-            records.append(obj)
+        return [{"prompt": args.prompt or "", "response": args.response}]
+    name = "<stdin>" if args.file == "-" else args.file
+    try:
+        raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as err:
+        raise _ScoreFailure(f"--file {args.file}: {err.strerror}") from None
+    records = (_score_record(name, lineno, line) for lineno, line in enumerate(raw.splitlines(), 1))
+    return [r for r in records if r is not None]
+
+
+def _score(args, *, address: str, stack_token: str | None, records: list[dict]):
+    """The reward service's scores of `records` (a RewardClient from the TLS and token arguments)."""
+    from alignd.reward_client import RewardClient, RewardClientError
 
     env_token = os.environ.get("ALIGND_REWARD_TOKEN") or stack_token
     try:
@@ -243,63 +246,94 @@ def cmd_reward_score(args) -> int:
             timeout=args.timeout,
         )
     except ValueError as err:
-        return fail(str(err))
+        raise _ScoreFailure(str(err)) from None
     try:
         with client:
-            result = client.score_many(records, batch_size=args.batch_size, max_in_flight=args.max_in_flight)
+            return client.score_many(records, batch_size=args.batch_size, max_in_flight=args.max_in_flight)
     except RewardClientError as err:
-        return fail(f"{address}: {err.code.name}: {err.details}", 1)
+        raise _ScoreFailure(f"{address}: {err.code.name}: {err.details}", 1) from None
     except ValueError as err:  # --batch-size / --max-in-flight out of range
-        return fail(str(err))
+        raise _ScoreFailure(str(err)) from None
+
+
+def _write_scores(out_path: str | None, records: list[dict], result) -> None:
+    """One JSON line {"id"?, "score", "weight_version"} per record, to stdout or atomically to --out."""
+    import json
+
+    from alignd.atomic import write_bytes_atomic
+
     lines = []
     for rec, score, version in zip(records, result.scores, result.weight_versions):
         out = {"id": rec["id"]} if "id" in rec else {}
         out.update(score=score, weight_version=version)
         lines.append(json.dumps(out, ensure_ascii=False) + "\n")
     data = "".join(lines)
-    if args.out is None or args.out == "-":
+    if out_path is None or out_path == "-":
         sys.stdout.write(data)
         sys.stdout.flush()
-    else:
-        try:
-            write_bytes_atomic(args.out, data.encode("utf-8"))
-        except OSError as err:
-            return fail(f"--out {args.out}: {err.strerror}")
+        return
+    try:
+        write_bytes_atomic(out_path, data.encode("utf-8"))
+    except OSError as err:
+        raise _ScoreFailure(f"--out {out_path}: {err.strerror}") from None
+
+
+def cmd_reward_score(args) -> int:
+    """Scores --prompt/--response, or every line of --file (JSON objects: "prompt", "response", optional "id"), with
+    the reward service at --address (or the reward role of an `alignd up` stack.json); one JSON line per input
+    line on stdout or --out: {"id"?, "score", "weight_version"}. Exit 2: bad arguments or input (file:line:
+    message); exit 1: the service refused or failed (status code and details on stderr)."""
+    from alignd.runtime.logging import configure_logging
+
+    configure_logging("warning", role="reward-client", stream=sys.stderr)
+    try:
+        if args.file is not None and (args.prompt is not None or args.response is not None):
+            raise _ScoreFailure("give --file or --prompt/--response, not both")
+        if args.file is None and args.response is None:
+            raise _ScoreFailure("give --response (and --prompt) or --file")
+        address, stack_token = args.address, None
+        if args.stack is not None:
+            address, stack_token = _stack_reward_target(args.stack)
+        records = _score_records(args)
+        result = _score(args, address=address, stack_token=stack_token, records=records)
+        _write_scores(args.out, records, result)
+    except _ScoreFailure as failure:
+        print(f"alignd: reward score: {failure.message}", file=sys.stderr)
+        return failure.code
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alignd", description="RLHF as gRPC microservices.")
-    parser.add_argument("--version", action="version", version=f"alignd {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_run_options(p: argparse.ArgumentParser, *, config_required: bool = False) -> None:
+    """--config, --set and --run-dir: the options of every command that runs something."""
+    p.add_argument("--config", required=config_required, help="YAML configuration file")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a configuration key (dotted path; value parsed as YAML); repeatable",
+    )
+    p.add_argument("--run-dir", help="directory for logs and outputs (default: a new one under ./runs)")
 
-    def common(p, config_required: bool = False):
-        p.add_argument("--config", required=config_required, help="YAML configuration file")
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a configuration key (dotted path; value parsed as YAML); repeatable",
-        )
-        p.add_argument("--run-dir", help="directory for logs and outputs (default: a new one under ./runs)")
 
+def _add_run_commands(sub) -> None:
+    """serve, up, demo, ppo and run: the commands that start roles and keep their outputs in --run-dir."""
     p = sub.add_parser("serve", help="run one role (what a container runs)")
     p.add_argument("role", choices=ROLES)
-    common(p, config_required=True)
+    _add_run_options(p, config_required=True)
     p.add_argument("--endpoint-file", help="write {address, metrics_url, pid} here once the ports are bound")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("up", help="start every role as a local process on loopback")
-    common(p)
+    _add_run_options(p)
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("demo", help="start the local stack and call every role once")
-    common(p)
+    _add_run_options(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("ppo", help="run PPO on the local stack (a job file: stack + run)")
-    common(p, config_required=True)
+    _add_run_options(p, config_required=True)
     p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser(
@@ -307,10 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole pipeline (SFT, RM, PPO, evaluation, report) on the local stack; "
         "run it again with the same --run-dir to resume",
     )
-    common(p)
+    _add_run_options(p)
     p.add_argument("--preset", help=f"a pipeline preset of configs/ ({', '.join(sorted(PRESETS))}; default tiny)")
     p.set_defaults(func=cmd_run)
 
+
+def _add_tiny_model_command(sub) -> None:
+    """tiny-model: save a tiny random model."""
     p = sub.add_parser("tiny-model", help="save a tiny random model (tests, demos)")
     p.add_argument("dir")
     p.add_argument("--kind", choices=["causal_lm", "reward"], default="causal_lm")
@@ -318,9 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
 
-    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
-        entry.load()(sub)  # a role's own commands (pyproject.toml [project.entry-points."alignd.commands"])
 
+def _add_reward_commands(sub) -> None:
+    """reward score: score pairs with a reward service, its target, input, output, TLS and batching options."""
     p = sub.add_parser("reward", help="call a reward service (alignd.v1.RewardService)")
     reward = p.add_subparsers(dest="reward_command", required=True)
     r = reward.add_parser(
@@ -356,6 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=64, metavar="N", help="pairs per request (default 64)")
     r.add_argument("--max-in-flight", type=int, default=4, metavar="N", help="requests at once (default 4)")
     r.set_defaults(func=cmd_reward_score)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignd", description="RLHF as gRPC microservices.")
+    parser.add_argument("--version", action="version", version=f"alignd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_commands(sub)
+    _add_tiny_model_command(sub)
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        entry.load()(sub)  # a role's own commands (pyproject.toml [project.entry-points."alignd.commands"])
+    _add_reward_commands(sub)
     return parser
 
 

@@ -73,9 +73,8 @@ def infos_path(channel) -> str:
     return info.model_path
 
 
-def _exercise(svc: dict, credentials) -> dict:
-    ch = {role: make_channel(s["address"], credentials=credentials) for role, s in svc.items()}
-    policy = policy_pb2_grpc.PolicyServiceStub(ch["policy"])
+def _generate_and_score(policy, reward) -> tuple:
+    """Two samples per prompt from the policy (with text), scored by the reward model; prints both results."""
     gen = policy.Generate(
         policy_pb2.GenerateRequest(
             prompts=[policy_pb2.Prompt(text=p) for p in PROMPTS],
@@ -87,7 +86,6 @@ def _exercise(svc: dict, credentials) -> dict:
     print(
         f"policy     Generate: {len(gen.samples)} samples, batch {gen.batch_size}, {gen.generate_seconds * 1000:.0f} ms"
     )
-    reward = reward_pb2_grpc.RewardServiceStub(ch["reward"])
     scored = reward.Score(
         reward_pb2.ScoreRequest(
             items=[
@@ -100,10 +98,11 @@ def _exercise(svc: dict, credentials) -> dict:
         timeout=TIMEOUT_S,
     )
     print(f"reward     Score:    {', '.join(f'{x:+.3f}' for x in scored.scores)}")
-    reference = reference_pb2_grpc.ReferenceServiceStub(ch["reference"])
-    # The reference model starts as the policy: KL(policy || reference) per token is ~0.
-    kl = mean_logratios(reference, gen.samples)
-    print(f"reference  LogProbs: mean per-token log-ratio policy/reference {sum(kl) / len(kl):+.2e}")
+    return gen, scored
+
+
+def _model_infos(ch: dict) -> dict:
+    """Each model role's GetInfo (architecture, weight version, parameters), printed one line per role."""
     infos = {}
     for role in ("policy", "reward", "reference", "learner"):
         info = model_pb2_grpc.ModelServiceStub(ch[role]).GetInfo(model_pb2.GetInfoRequest(), timeout=TIMEOUT_S).info
@@ -116,23 +115,31 @@ def _exercise(svc: dict, credentials) -> dict:
             f"{role:10s} GetInfo:  {info.architecture}, {info.num_parameters:,} parameters, version "
             f"{info.weight_version}"
         )
-    # Weight sync: stream perturbed policy weights (as the learner will after a
-    # PPO step) and sample again; the policy now differs from the reference.
+    return infos
+
+
+def _push_perturbed_weights(policy_channel):
+    """Weight sync: stream perturbed policy weights (as the learner will after a PPO step) as version 1."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from alignd.models.weights import push_weights
 
-    model = AutoModelForCausalLM.from_pretrained(infos_path(ch["policy"]))
+    model = AutoModelForCausalLM.from_pretrained(infos_path(policy_channel))
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    pushed = push_weights(ch["policy"], model.state_dict(), version=1)
+    pushed = push_weights(policy_channel, model.state_dict(), version=1)
     print(
         f"policy     UpdateWeights: version {pushed.version}, {pushed.received_bytes / 1e6:.2f} MB "
         f"in {pushed.duration_seconds * 1000:.0f} ms"
     )
+    return pushed
+
+
+def _logratios_after_update(policy, reference) -> list[float]:
+    """Sample again after the push: the policy now differs from the reference (log-ratio > 0)."""
     gen2 = policy.Generate(
         policy_pb2.GenerateRequest(
             prompts=[policy_pb2.Prompt(text=p) for p in PROMPTS],
@@ -145,12 +152,32 @@ def _exercise(svc: dict, credentials) -> dict:
         f"policy     Generate at version {gen2.samples[0].weight_version}: mean per-token log-ratio "
         f"policy/reference {sum(kl2) / len(kl2):+.3f} (a KL estimate; > 0 once the policy moved)"
     )
-    coord = coordinator_pb2_grpc.CoordinatorServiceStub(ch["coordinator"]).GetCoordinatorInfo(
+    return kl2
+
+
+def _print_coordinator(coordinator_channel) -> None:
+    """The coordinator's GetCoordinatorInfo: which policy replicas and learner it drives."""
+    coord = coordinator_pb2_grpc.CoordinatorServiceStub(coordinator_channel).GetCoordinatorInfo(
         coordinator_pb2.GetCoordinatorInfoRequest(), timeout=TIMEOUT_S
     )
     print(
         f"coordinator GetCoordinatorInfo: drives policy {list(coord.policy_addresses)}, learner {coord.learner_address}"
     )
+
+
+def _exercise(svc: dict, credentials) -> dict:
+    """One call to every role, in order, printing each result; the summary that goes into demo.json."""
+    ch = {role: make_channel(s["address"], credentials=credentials) for role, s in svc.items()}
+    policy = policy_pb2_grpc.PolicyServiceStub(ch["policy"])
+    gen, scored = _generate_and_score(policy, reward_pb2_grpc.RewardServiceStub(ch["reward"]))
+    reference = reference_pb2_grpc.ReferenceServiceStub(ch["reference"])
+    # The reference model starts as the policy: KL(policy || reference) per token is ~0.
+    kl = mean_logratios(reference, gen.samples)
+    print(f"reference  LogProbs: mean per-token log-ratio policy/reference {sum(kl) / len(kl):+.2e}")
+    infos = _model_infos(ch)
+    pushed = _push_perturbed_weights(ch["policy"])
+    kl2 = _logratios_after_update(policy, reference)
+    _print_coordinator(ch["coordinator"])
     for c in ch.values():
         c.close()
     return {

@@ -1,6 +1,7 @@
-"""`alignd ppo --config FILE`: a PPO run on the local stack, with a progress line.
+"""`alignd ppo --config FILE` (`run_ppo`) and `alignd run` (`run_pipeline`): a run on the local stack, with a
+progress line.
 
-Starts the stack of the job file, sends its `run:` section to the
+Starts the stack of the job file, sends its `run:` (PPO) or `pipeline:` section to the
 coordinator (StartRun), follows the run until it ends, prints a summary and
 stops the stack. The run's state.json and metrics.jsonl are written in the
 run directory; the roles' logs under RUN_DIR/logs.
@@ -95,26 +96,45 @@ def progress_line(run: coordinator_pb2.Run, started: float) -> str:
     return f"\r{run.stage:8s} [{bar}] {what[:70]:70s} {time.monotonic() - started:.0f}s"
 
 
-def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline: bool = False) -> int:
-    job = load_pipeline_job(config, overrides) if pipeline else load_job(config, overrides)
-    run_yaml = dump_yaml(job.pipeline) if pipeline else dump_yaml(job.run)
-    if pipeline:  # bad data refuses the run before any role starts
-        from alignd.data import DataError, check_pipeline_data
+def run_ppo(config: str, overrides: list[str] | None, run_dir: Path) -> int:
+    """`alignd ppo`: the PPO run of a job file (stack + run) on its local stack; the exit status."""
+    job = load_job(config, overrides)
+    return _run_on_stack(job, run_yaml=dump_yaml(job.run), run_dir=run_dir, pipeline=False)
 
-        try:
-            reports, _ = check_pipeline_data(job.pipeline)
-        except DataError as err:
-            print(
-                f"alignd: bad data, the run does not start: {err}\n"
-                "  (fix the line, or set pipeline.skip_bad_lines=true to skip bad lines, counted in the report)",
-                file=sys.stderr,
-            )
-            return 2
-        for name, r in reports.items():
-            if r["skipped"]:
-                print(
-                    f"{name}: skipped {r['skipped']} bad line(s) of {r['path']}, first: {r['problems'][0]}", flush=True
-                )
+
+def run_pipeline(config: str, overrides: list[str] | None, run_dir: Path) -> int:
+    """`alignd run`: the whole pipeline of a job file (stack + pipeline) on its local stack; the exit status.
+
+    Bad data refuses the run (exit 2) before any role starts; the same --run-dir resumes a run."""
+    job = load_pipeline_job(config, overrides)
+    run_yaml = dump_yaml(job.pipeline)
+    if not _pipeline_data_ok(job):
+        return 2
+    return _run_on_stack(job, run_yaml=run_yaml, run_dir=run_dir, pipeline=True)
+
+
+def _pipeline_data_ok(job) -> bool:
+    """Checks the pipeline's data files: False (the error on stderr) when one is bad; prints the skipped lines."""
+    from alignd.data import DataError, check_pipeline_data
+
+    try:
+        reports, _ = check_pipeline_data(job.pipeline)
+    except DataError as err:
+        print(
+            f"alignd: bad data, the run does not start: {err}\n"
+            "  (fix the line, or set pipeline.skip_bad_lines=true to skip bad lines, counted in the report)",
+            file=sys.stderr,
+        )
+        return False
+    for name, r in reports.items():
+        if r["skipped"]:
+            print(f"{name}: skipped {r['skipped']} bad line(s) of {r['path']}, first: {r['problems'][0]}", flush=True)
+    return True
+
+
+def _run_on_stack(job, *, run_yaml: str, run_dir: Path, pipeline: bool) -> int:
+    """Starts the job's stack, runs `run_yaml` on its coordinator until the run ends, stops the stack, prints the
+    summary; 1 when a role died for good or the run did not succeed."""
     started = time.monotonic()
     try:
         stack = LocalStack(job.stack, run_dir, data_dirs=data_dirs(job, pipeline)).__enter__()
@@ -122,41 +142,80 @@ def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline
         report_death(err)
         return 1
     try:
-        addr = stack.describe()["services"]["coordinator"]["address"]
-        print(f"stack up in {time.monotonic() - started:.1f}s; logs in {run_dir / 'logs'}", flush=True)
-        with make_channel(addr, credentials=stack.operator_credentials()) as ch:
-            stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
-            run = stub.StartRun(
-                coordinator_pb2.StartRunRequest(
-                    run_id="pipeline" if pipeline else "ppo", config_yaml=run_yaml, run_dir=str(run_dir)
-                ),
-                timeout=120,
-            ).run
-            t0 = time.monotonic()
-            while run.state not in TERMINAL:
-                if stack.any_exited.is_set():
-                    # restarts a role that died, on its ports (stack.restart)
-                    death = stack.supervise(lambda role, code: report_restart(stack, role, code, prefix="\n"))
-                    if death is not None:
-                        print()
-                        report_death(death)
-                        return 1
-                stack.any_exited.wait(timeout=POLL_SECONDS)
-                previous = run.stage
-                try:
-                    run = stub.GetRun(coordinator_pb2.GetRunRequest(run_id=run.run_id), timeout=60).run
-                except grpc.RpcError as err:
-                    if err.code() != grpc.StatusCode.UNAVAILABLE or not stack.any_exited.is_set():
-                        raise
-                    continue  # the coordinator died: the supervisor restarts it, and it resumes the run
-
-                if pipeline and run.stage != previous:
-                    print()  # the finished stage's bar stays on its own line
-                print(progress_line(run, t0), end="", flush=True)
-            print()
+        followed = _start_and_follow(stack, run_yaml=run_yaml, run_dir=run_dir, pipeline=pipeline, started=started)
     finally:
         stack.stop()
+    if followed is None:
+        return 1
+    run, t0 = followed
     state = TERMINAL[run.state]
+    _print_metrics_summary(run_dir, state=state, t0=t0)
+    if pipeline:
+        _print_report_summary(run_dir)
+    if state != "succeeded":
+        print(f"run {state}: {run.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _start_and_follow(
+    stack: LocalStack, *, run_yaml: str, run_dir: Path, pipeline: bool, started: float
+) -> tuple[coordinator_pb2.Run, float] | None:
+    """StartRun on the stack's coordinator, then the run followed to its end: (the last Run, when it started);
+    None when a role died for good (reported)."""
+    addr = stack.describe()["services"]["coordinator"]["address"]
+    print(f"stack up in {time.monotonic() - started:.1f}s; logs in {run_dir / 'logs'}", flush=True)
+    with make_channel(addr, credentials=stack.operator_credentials()) as ch:
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
+        run = stub.StartRun(
+            coordinator_pb2.StartRunRequest(
+                run_id="pipeline" if pipeline else "ppo", config_yaml=run_yaml, run_dir=str(run_dir)
+            ),
+            timeout=120,
+        ).run
+        t0 = time.monotonic()
+        run = _follow_run(stack, stub, run, t0=t0, pipeline=pipeline)
+        if run is None:
+            return None
+        print()
+    return run, t0
+
+
+def _follow_run(
+    stack: LocalStack,
+    stub: coordinator_pb2_grpc.CoordinatorServiceStub,
+    run: coordinator_pb2.Run,
+    *,
+    t0: float,
+    pipeline: bool,
+) -> coordinator_pb2.Run | None:
+    """Polls GetRun until the run ends, redrawing the progress line and restarting roles that die (a pipeline's
+    finished stage keeps its bar on its own line); None when a role died for good (reported)."""
+    while run.state not in TERMINAL:
+        if stack.any_exited.is_set():
+            # restarts a role that died, on its ports (stack.restart)
+            death = stack.supervise(lambda role, code: report_restart(stack, role, code, prefix="\n"))
+            if death is not None:
+                print()
+                report_death(death)
+                return None
+        stack.any_exited.wait(timeout=POLL_SECONDS)
+        previous = run.stage
+        try:
+            run = stub.GetRun(coordinator_pb2.GetRunRequest(run_id=run.run_id), timeout=60).run
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE or not stack.any_exited.is_set():
+                raise
+            continue  # the coordinator died: the supervisor restarts it, and it resumes the run
+
+        if pipeline and run.stage != previous:
+            print()  # the finished stage's bar stays on its own line
+        print(progress_line(run, t0), end="", flush=True)
+    return run
+
+
+def _print_metrics_summary(run_dir: Path, *, state: str, t0: float) -> None:
+    """The PPO steps' summary from metrics.jsonl (nothing when the run failed before its first PPO step)."""
     metrics = run_dir / "metrics.jsonl"  # absent when the run failed before its first PPO step
     rows = [json.loads(line) for line in metrics.read_text().split("\n") if line.strip()] if metrics.exists() else []
     if rows:
@@ -166,28 +225,29 @@ def run_ppo(config: str, overrides: list[str] | None, run_dir: Path, *, pipeline
             f"{last['mean_score']:+.4f}; KL to reference {last['reference_kl']:.4f}; metrics: "
             f"{run_dir / 'metrics.jsonl'}"
         )
+
+
+def _print_report_summary(run_dir: Path) -> None:
+    """The pipeline's headline numbers from report.json (nothing when the run wrote none)."""
     report = run_dir / "report.json"
-    if pipeline and report.exists():
-        r = json.loads(report.read_text())
-        for judge, w in r["win_rates"].items():
-            print(f"win rate vs SFT ({judge}): {w['rate']:.3f} [{w['lower']:.3f}, {w['upper']:.3f}]")
-        accs = ", ".join(f"round {x['round']} {x['accuracy']:.3f}" for x in r.get("rm_accuracy_per_round", []))
-        agree = (r.get("labeler_agreement") or {}).get("agreement")
-        print(
-            f"RM held-out accuracy: {accs or 'n/a'}; labeler agreement {agree:.3f}"
-            if agree is not None
-            else f"RM held-out accuracy: {accs or 'n/a'}"
-        )
-        for key, tax in (r.get("alignment_tax") or {}).items():
-            if tax:
-                print(
-                    f"alignment tax ({key.replace('_', ' ')}): {tax['absolute']:+.3f} nats/token "
-                    f"({tax['before']:.3f} -> {tax['after']:.3f})"
-                )
-        walls = r.get("wall_seconds_per_stage") or {}
-        print("wall seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()))
-        print(f"report: {run_dir / 'report.md'}")
-    if state != "succeeded":
-        print(f"run {state}: {run.error}", file=sys.stderr)
-        return 1
-    return 0
+    if not report.exists():
+        return
+    r = json.loads(report.read_text())
+    for judge, w in r["win_rates"].items():
+        print(f"win rate vs SFT ({judge}): {w['rate']:.3f} [{w['lower']:.3f}, {w['upper']:.3f}]")
+    accs = ", ".join(f"round {x['round']} {x['accuracy']:.3f}" for x in r.get("rm_accuracy_per_round", []))
+    agree = (r.get("labeler_agreement") or {}).get("agreement")
+    print(
+        f"RM held-out accuracy: {accs or 'n/a'}; labeler agreement {agree:.3f}"
+        if agree is not None
+        else f"RM held-out accuracy: {accs or 'n/a'}"
+    )
+    for key, tax in (r.get("alignment_tax") or {}).items():
+        if tax:
+            print(
+                f"alignment tax ({key.replace('_', ' ')}): {tax['absolute']:+.3f} nats/token "
+                f"({tax['before']:.3f} -> {tax['after']:.3f})"
+            )
+    walls = r.get("wall_seconds_per_stage") or {}
+    print("wall seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()))
+    print(f"report: {run_dir / 'report.md'}")

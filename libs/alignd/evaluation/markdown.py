@@ -111,25 +111,21 @@ def plots_markdown(plots: Sequence[str | os.PathLike[str]]) -> str:
     return "\n".join(_plot_lines(plots)).rstrip() + "\n" if plots else ""
 
 
-def render_markdown(
-    report: Mapping[str, Any],
-    samples: Sequence[Mapping[str, Any]] | None = None,
-    *,
-    title: str = "alignd run report",
-    max_samples: int = 5,
-    max_chars: int = 800,
-    plots: Sequence[str | os.PathLike[str]] | None = None,
-) -> str:
-    """A readable Markdown report from a `build_report_json` dict (text only; images by relative path).
+def _meta_lines(report: Mapping[str, Any]) -> list[str]:
+    """The run's metadata as one "key: value" line under the title (none when the report has no meta)."""
+    meta = report.get("meta") or {}
+    if not meta:
+        return []
+    return [", ".join(f"{k}: {json.dumps(v) if not isinstance(v, str) else v}" for k, v in meta.items()), ""]
 
-    samples: dicts {"prompt", "sft", "final", "scores": {judge: {"sft": x, "final": y}},
-    "image": optional relative path}: the SFT policy's and the final policy's responses to
-    a held-out prompt with each judge's scores. The first `max_samples` are shown, each text
-    cut to `max_chars` characters. Sections that the report does not have read "n/a".
-    plots: image paths relative to the report (as `alignd.plots.render_plots` writes them,
-    e.g. "plots/reward_kl.png"), shown in a "## Plots" section before the samples; a path
-    already among the report's figures is not shown twice.
-    """
+
+def _by_primary_first(judges: Iterable[str], primary: str) -> list[str]:
+    """Judges sorted by name with the acceptance's primary judge first."""
+    return sorted(judges, key=lambda j: (j != primary, j))
+
+
+def _headline_section(report: Mapping[str, Any], primary: str) -> list[str]:
+    """ "## Headline": one row per number the report has (win rates, last RM round, agreement, KL, ...)."""
     win_rates: Mapping[str, Any] = report.get("win_rates") or {}
     acc: Mapping[str, Any] = report.get("acceptance") or {}
     rounds: Sequence[Mapping[str, Any]] = report.get("rm_accuracy_per_round") or []
@@ -138,17 +134,8 @@ def render_markdown(
     reward = report.get("reward") or {}
     taxes = report.get("alignment_tax") or {}
     stages: Mapping[str, float] = report.get("wall_seconds_per_stage") or {}
-    figures: Mapping[str, str] = report.get("figures") or {}
-    primary = acc.get("primary_judge", "gold")
-
-    out: list[str] = [f"# {title}", ""]
-    meta = report.get("meta") or {}
-    if meta:
-        out += [", ".join(f"{k}: {json.dumps(v) if not isinstance(v, str) else v}" for k, v in meta.items()), ""]
-
-    # headline
     rows: list[list[str]] = []
-    for judge in sorted(win_rates, key=lambda j: (j != primary, j)):
+    for judge in _by_primary_first(win_rates, primary):
         rows.append([f"Win rate vs SFT ({judge})", _fmt_win_rate(win_rates[judge])])
     if rounds:
         last = rounds[-1]
@@ -178,87 +165,114 @@ def render_markdown(
         rows.append(["Wall time, all stages", f"{sum(stages.values()):.1f} s"])
     if acc:
         rows.append(["Acceptance", "PASS" if acc.get("passed") else "FAIL"])
-    out += ["## Headline", ""] + _table(["metric", "value"], rows) + [""]
+    return ["## Headline", ""] + _table(["metric", "value"], rows) + [""]
 
-    # win rates
-    out += ["## Win rates against the SFT policy", ""]
-    if win_rates:
-        out += _table(
-            ["judge", "win rate", "CI", "wins", "ties", "losses", "n", "interval"],
+
+def _acceptance_bar(acc: Mapping[str, Any], primary: str) -> str:
+    """The acceptance bar in words, each part followed by whether this run met it."""
+    others = ", ".join(f"{j}: {'met' if ok else 'not met'}" for j, ok in (acc.get("secondary_ok") or {}).items())
+    return (
+        f"Bar: {primary} win rate >= {_pct(acc.get('min_rate'), 0)} with the lower bound above "
+        f"{_pct(acc.get('min_lower'), 0)} ({'met' if acc.get('primary_ok') else 'not met'}); every other judge "
+        f">= {_pct(acc.get('secondary_min_rate'), 0)} (" + (others or "no other judge") + ")."
+    )
+
+
+def _win_rates_section(report: Mapping[str, Any], primary: str) -> list[str]:
+    """ "## Win rates against the SFT policy": one row per judge, then the acceptance bar when there is one."""
+    win_rates: Mapping[str, Any] = report.get("win_rates") or {}
+    acc: Mapping[str, Any] = report.get("acceptance") or {}
+    out = ["## Win rates against the SFT policy", ""]
+    if not win_rates:
+        return out + ["n/a", ""]
+    out += _table(
+        ["judge", "win rate", "CI", "wins", "ties", "losses", "n", "interval"],
+        [
             [
-                [
-                    j,
-                    _pct(w["rate"]),
-                    f"{_pct(w['lower'])} to {_pct(w['upper'])}",
-                    _count(w["wins"]),
-                    _count(w["ties"]),
-                    _count(w["losses"]),
-                    w["n"],
-                    f"{round(100 * (w.get('confidence') or 0.95))}% {w['method']}",
-                ]
-                for j, w in sorted(win_rates.items(), key=lambda jw: (jw[0] != primary, jw[0]))
-            ],
-        )
-        out += ["", "Ties count as half a win; n is the number of held-out prompts."]
-        if acc:
-            out += [
-                "",
-                f"Bar: {primary} win rate >= {_pct(acc.get('min_rate'), 0)} with the lower bound above "
-                f"{_pct(acc.get('min_lower'), 0)} ({'met' if acc.get('primary_ok') else 'not met'}); every other judge "
-                f">= {_pct(acc.get('secondary_min_rate'), 0)} ("
-                + (
-                    ", ".join(f"{j}: {'met' if ok else 'not met'}" for j, ok in (acc.get("secondary_ok") or {}).items())
-                    or "no other judge"
-                )
-                + ").",
+                j,
+                _pct(w["rate"]),
+                f"{_pct(w['lower'])} to {_pct(w['upper'])}",
+                _count(w["wins"]),
+                _count(w["ties"]),
+                _count(w["losses"]),
+                w["n"],
+                f"{round(100 * (w.get('confidence') or 0.95))}% {w['method']}",
             ]
-    else:
-        out += ["n/a"]
-    out += [""]
+            for j, w in ((j, win_rates[j]) for j in _by_primary_first(win_rates, primary))
+        ],
+    )
+    out += ["", "Ties count as half a win; n is the number of held-out prompts."]
+    if acc:
+        out += ["", _acceptance_bar(acc, primary)]
+    return out + [""]
 
-    # RM accuracy
-    out += ["## Reward model accuracy on held-out comparisons", ""]
-    if rounds:
-        out += _table(
-            ["round", "accuracy", "95% CI", "n"],
+
+# Rows of the "where the RM errs" table: the key in a round's breakdown and its label.
+RM_BREAKDOWN_ROWS = (
+    ("rm_vs_labeler", "RM vs the labels it trained on, all pairs"),
+    ("rm_vs_labeler_gold_untied", "... pairs the gold judge orders"),
+    ("rm_vs_labeler_gold_tied", "... pairs the gold judge ties (coin flips for the labelers)"),
+    ("rm_vs_labeler_when_labelers_agree", "... pairs the labelers agree on"),
+    ("gold_vs_labeler", "the gold judge vs the same labels (an RM's ceiling)"),
+    ("rm_vs_gold", "RM vs the gold judge, pairs it orders"),
+    ("labeler_vs_gold", "labeler vs the gold judge, pairs it orders"),
+    ("labelers_agreement", "labelers with each other"),
+)
+
+
+def _rm_breakdown_table(broken: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Where the RM errs: one column per round that has a breakdown, one row per kind of pair."""
+    return ["", "Where the RM errs (held-out pairs; alignd.rm_breakdown):", ""] + _table(
+        ["pairs"] + [f"round {r['round']}" for r in broken],
+        [
+            [text] + [f"{_pct(r['breakdown'][key]['accuracy'])} (n = {r['breakdown'][key]['n']})" for r in broken]
+            for key, text in RM_BREAKDOWN_ROWS
+        ]
+        + [["gold ties, share of pairs"] + [_pct(r["breakdown"]["gold_tie_fraction"]) for r in broken]],
+    )
+
+
+def _rm_accuracy_section(report: Mapping[str, Any]) -> list[str]:
+    """ "## Reward model accuracy on held-out comparisons": one row per round, then the breakdown if any."""
+    rounds: Sequence[Mapping[str, Any]] = report.get("rm_accuracy_per_round") or []
+    out = ["## Reward model accuracy on held-out comparisons", ""]
+    if not rounds:
+        return out + ["n/a", ""]
+    out += _table(
+        ["round", "accuracy", "95% CI", "n"],
+        [
             [
-                [
-                    r["round"],
-                    _pct(r["accuracy"]),
-                    "n/a" if r.get("lower") is None else f"{_pct(r['lower'])} to {_pct(r['upper'])}",
-                    r.get("n") or "n/a",
-                ]
-                for r in rounds
-            ],
-        )
-        broken = [r for r in rounds if r.get("breakdown")]
-        if broken:
-            labels = (
-                ("rm_vs_labeler", "RM vs the labels it trained on, all pairs"),
-                ("rm_vs_labeler_gold_untied", "... pairs the gold judge orders"),
-                ("rm_vs_labeler_gold_tied", "... pairs the gold judge ties (coin flips for the labelers)"),
-                ("rm_vs_labeler_when_labelers_agree", "... pairs the labelers agree on"),
-                ("gold_vs_labeler", "the gold judge vs the same labels (an RM's ceiling)"),
-                ("rm_vs_gold", "RM vs the gold judge, pairs it orders"),
-                ("labeler_vs_gold", "labeler vs the gold judge, pairs it orders"),
-                ("labelers_agreement", "labelers with each other"),
-            )
-            out += ["", "Where the RM errs (held-out pairs; alignd.rm_breakdown):", ""]
-            out += _table(
-                ["pairs"] + [f"round {r['round']}" for r in broken],
-                [
-                    [text]
-                    + [f"{_pct(r['breakdown'][key]['accuracy'])} (n = {r['breakdown'][key]['n']})" for r in broken]
-                    for key, text in labels
-                ]
-                + [["gold ties, share of pairs"] + [_pct(r["breakdown"]["gold_tie_fraction"]) for r in broken]],
-            )
-    else:
-        out += ["n/a"]
-    out += [""]
+                r["round"],
+                _pct(r["accuracy"]),
+                "n/a" if r.get("lower") is None else f"{_pct(r['lower'])} to {_pct(r['upper'])}",
+                r.get("n") or "n/a",
+            ]
+            for r in rounds
+        ],
+    )
+    broken = [r for r in rounds if r.get("breakdown")]
+    if broken:
+        out += _rm_breakdown_table(broken)
+    return out + [""]
 
-    # other numbers
-    out += ["## KL, reward and alignment tax", ""]
+
+def _fmt_agreement(agreement: Mapping[str, Any] | None) -> str:
+    """The simulated labelers' agreement with its standard error and temperature when known."""
+    if not agreement:
+        return "n/a"
+    return (
+        _pct(agreement["agreement"])
+        + ("" if agreement.get("stderr") is None else f" +- {_pct(agreement['stderr'])}")
+        + ("" if agreement.get("temperature") is None else f" at T={_num(agreement['temperature'])}")
+    )
+
+
+def _kl_reward_tax_section(report: Mapping[str, Any]) -> list[str]:
+    """ "## KL, reward and alignment tax": every quantity, "n/a" where the report lacks it."""
+    kl = report.get("kl_to_reference")
+    reward = report.get("reward") or {}
+    taxes = report.get("alignment_tax") or {}
+    out = ["## KL, reward and alignment tax", ""]
     out += _table(
         ["quantity", "value"],
         [
@@ -268,47 +282,89 @@ def render_markdown(
             ["Reward, final policy", _fmt_mean(reward.get("final"))],
             ["Alignment tax, PPO", _fmt_tax(taxes.get("without_ptx"))],
             ["Alignment tax, PPO-ptx", _fmt_tax(taxes.get("with_ptx"))],
-            [
-                "Simulated-labeler agreement",
-                "n/a"
-                if not agreement
-                else _pct(agreement["agreement"])
-                + ("" if agreement.get("stderr") is None else f" +- {_pct(agreement['stderr'])}")
-                + ("" if agreement.get("temperature") is None else f" at T={_num(agreement['temperature'])}"),
-            ],
+            ["Simulated-labeler agreement", _fmt_agreement(report.get("labeler_agreement"))],
         ],
     )
-    out += ["", "Alignment tax: LM loss on held-out plain text after PPO minus before (positive: worse).", ""]
+    return out + ["", "Alignment tax: LM loss on held-out plain text after PPO minus before (positive: worse).", ""]
 
-    if stages:
-        out += ["## Wall time per stage", ""]
-        out += _table(
+
+def _wall_time_section(report: Mapping[str, Any]) -> list[str]:
+    """ "## Wall time per stage" with the total (none when the report has no stage times)."""
+    stages: Mapping[str, float] = report.get("wall_seconds_per_stage") or {}
+    if not stages:
+        return []
+    return (
+        ["## Wall time per stage", ""]
+        + _table(
             ["stage", "seconds"],
             [[s, f"{v:.1f}"] for s, v in stages.items()] + [["total", f"{sum(stages.values()):.1f}"]],
         )
-        out += [""]
+        + [""]
+    )
 
-    if figures:
-        out += ["## Figures", ""]
-        for t, p in figures.items():
-            out += [f"![{_cell(t)}]({_check_relative_path(t, p)})", ""]
 
+def _figures_section(figures: Mapping[str, str]) -> list[str]:
+    """ "## Figures": the report's own figures by title (none when it has none)."""
+    if not figures:
+        return []
+    out = ["## Figures", ""]
+    for t, p in figures.items():
+        out += [f"![{_cell(t)}]({_check_relative_path(t, p)})", ""]
+    return out
+
+
+def _sample_lines(i: int, s: Mapping[str, Any], max_chars: int) -> list[str]:
+    """One "### Sample i": the prompt, the SFT and final responses with each judge's score, the image if any."""
+    out = [f"### Sample {i}", "", "**Prompt**", ""] + _fence(_clip(s.get("prompt"), max_chars)) + [""]
+    scores: Mapping[str, Mapping[str, Any]] = s.get("scores") or {}
+    for key, label in (("sft", "SFT policy"), ("final", "final policy")):
+        judged = ", ".join(f"{j}: {_num(sc.get(key))}" for j, sc in scores.items() if sc.get(key) is not None)
+        out += [f"**{label}**" + (f" ({judged})" if judged else ""), ""] + _fence(_clip(s.get(key), max_chars)) + [""]
+    if s.get("image"):
+        out += [f"![sample {i}]({_check_relative_path(f'sample {i}', s['image'])})", ""]
+    return out
+
+
+def _samples_section(samples: Sequence[Mapping[str, Any]] | None, *, max_samples: int, max_chars: int) -> list[str]:
+    """ "## Samples (shown of all)": the first `max_samples` samples (none without samples)."""
+    if not samples:
+        return []
+    shown = list(samples)[: max(0, max_samples)]
+    out = [f"## Samples ({len(shown)} of {len(samples)})", ""]
+    for i, s in enumerate(shown, 1):
+        out += _sample_lines(i, s, max_chars)
+    return out
+
+
+def render_markdown(
+    report: Mapping[str, Any],
+    samples: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    title: str = "alignd run report",
+    max_samples: int = 5,
+    max_chars: int = 800,
+    plots: Sequence[str | os.PathLike[str]] | None = None,
+) -> str:
+    """A readable Markdown report from a `build_report_json` dict (text only; images by relative path).
+
+    samples: dicts {"prompt", "sft", "final", "scores": {judge: {"sft": x, "final": y}},
+    "image": optional relative path}: the SFT policy's and the final policy's responses to
+    a held-out prompt with each judge's scores. The first `max_samples` are shown, each text
+    cut to `max_chars` characters. Sections that the report does not have read "n/a".
+    plots: image paths relative to the report (as `alignd.plots.render_plots` writes them,
+    e.g. "plots/reward_kl.png"), shown in a "## Plots" section before the samples; a path
+    already among the report's figures is not shown twice.
+    """
+    primary = (report.get("acceptance") or {}).get("primary_judge", "gold")
+    figures: Mapping[str, str] = report.get("figures") or {}
+    out: list[str] = [f"# {title}", ""] + _meta_lines(report)
+    out += _headline_section(report, primary)
+    out += _win_rates_section(report, primary)
+    out += _rm_accuracy_section(report)
+    out += _kl_reward_tax_section(report)
+    out += _wall_time_section(report)
+    out += _figures_section(figures)
     if plots:
         out += _plot_lines(plots, skip=(_check_relative_path(t, p) for t, p in figures.items()))
-
-    if samples:
-        shown = list(samples)[: max(0, max_samples)]
-        out += [f"## Samples ({len(shown)} of {len(samples)})", ""]
-        for i, s in enumerate(shown, 1):
-            out += [f"### Sample {i}", "", "**Prompt**", ""] + _fence(_clip(s.get("prompt"), max_chars)) + [""]
-            scores: Mapping[str, Mapping[str, Any]] = s.get("scores") or {}
-            for key, label in (("sft", "SFT policy"), ("final", "final policy")):
-                judged = ", ".join(f"{j}: {_num(sc.get(key))}" for j, sc in scores.items() if sc.get(key) is not None)
-                out += (
-                    [f"**{label}**" + (f" ({judged})" if judged else ""), ""]
-                    + _fence(_clip(s.get(key), max_chars))
-                    + [""]
-                )
-            if s.get("image"):
-                out += [f"![sample {i}]({_check_relative_path(f'sample {i}', s['image'])})", ""]
+    out += _samples_section(samples, max_samples=max_samples, max_chars=max_chars)
     return "\n".join(out).rstrip() + "\n"

@@ -196,6 +196,34 @@ REPORT_KEYS = (
 )
 
 
+def _kl_entry(kl_to_reference: KLSummary | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The KLSummary's fields (None where missing), or None without a KL."""
+    if kl_to_reference is None:
+        return None
+    d = _as_dict(kl_to_reference)
+    return {k: d.get(k) for k in KLSummary.__dataclass_fields__}
+
+
+def _known_keys(name: str, value: Mapping[str, Any] | None, expected: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of `value` ({} for None); ValueError when it has a key other than `expected`."""
+    d = dict(value or {})
+    unknown = set(d) - set(expected)
+    if unknown:
+        raise ValueError(f"{name}: unknown keys {sorted(unknown)} (expected {', '.join(map(repr, expected))})")
+    return d
+
+
+def _stage_seconds(wall_seconds_per_stage: Mapping[str, float] | None) -> dict[str, float]:
+    """stage -> seconds, each finite and >= 0 (ValueError naming the stage otherwise)."""
+    stages = {}
+    for stage, secs in (wall_seconds_per_stage or {}).items():
+        s = _finite(secs, f"wall_seconds_per_stage[{stage!r}]")
+        if s < 0:
+            raise ValueError(f"wall_seconds_per_stage[{stage!r}] must be >= 0, not {secs!r}")
+        stages[str(stage)] = s
+    return stages
+
+
 def build_report_json(
     *,
     win_rates: Mapping[str, WinRate | Mapping[str, Any]],
@@ -230,24 +258,10 @@ def build_report_json(
         raise TypeError("win_rates must be a mapping judge -> WinRate")
     wr = {str(j): _win_rate_entry(str(j), w) for j, w in win_rates.items()}
     rounds = [_rm_round(i, e) for i, e in enumerate(rm_accuracy_per_round)]
-    kl = None
-    if kl_to_reference is not None:
-        d = _as_dict(kl_to_reference)
-        kl = {k: d.get(k) for k in KLSummary.__dataclass_fields__}
-    reward = dict(reward or {})
-    unknown = set(reward) - {"sft", "final"}
-    if unknown:
-        raise ValueError(f"reward: unknown keys {sorted(unknown)} (expected 'sft', 'final')")
-    taxes = dict(alignment_tax or {})
-    unknown = set(taxes) - {"with_ptx", "without_ptx"}
-    if unknown:
-        raise ValueError(f"alignment_tax: unknown keys {sorted(unknown)} (expected 'without_ptx', 'with_ptx')")
-    stages = {}
-    for stage, secs in (wall_seconds_per_stage or {}).items():
-        s = _finite(secs, f"wall_seconds_per_stage[{stage!r}]")
-        if s < 0:
-            raise ValueError(f"wall_seconds_per_stage[{stage!r}] must be >= 0, not {secs!r}")
-        stages[str(stage)] = s
+    kl = _kl_entry(kl_to_reference)
+    reward = _known_keys("reward", reward, ("sft", "final"))
+    taxes = _known_keys("alignment_tax", alignment_tax, ("without_ptx", "with_ptx"))
+    stages = _stage_seconds(wall_seconds_per_stage)
     report = {
         "schema_version": SCHEMA_VERSION,
         "meta": dict(meta or {}),

@@ -155,6 +155,29 @@ class HealthInterceptor(grpc.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(watching, None, handler.response_serializer)
 
 
+def _cert_files(cfg: ServerConfig):
+    """The server's TLS files (alignd.runtime.tls.CertFiles), None without server.tls; ConfigError when unusable."""
+    if not cfg.tls.enabled:
+        return None
+    from alignd.runtime.tls import CertFiles
+
+    return CertFiles(cfg.tls)
+
+
+def _limited_calls_counter(role: str, registry: CollectorRegistry) -> Counter:
+    """alignd_<role>_calls_limited_total by reason, each reason at 0 from the start."""
+    limited = Counter(
+        f"alignd_{role}_calls_limited_total",
+        "Calls refused RESOURCE_EXHAUSTED before they were served, by reason (client_concurrency: the caller had "
+        "server.limits.max_concurrent_calls_per_client in flight; health_watchers: too many Watch streams).",
+        ["reason"],
+        registry=registry,
+    )
+    for reason in ("client_concurrency", "health_watchers"):
+        limited.labels(reason)
+    return limited
+
+
 class ServiceHost:
     """A gRPC server with health, reflection, metrics and graceful stop."""
 
@@ -171,43 +194,17 @@ class ServiceHost:
         self.rpc_metrics = GrpcServerMetrics(self.registry)
         self.service_names = list(service_names)
         self._executor = ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix=f"{role}-rpc")
-        interceptors = [ServerInterceptor(self.rpc_metrics)]
         # Shared with other APIs of the role (the reward role's HTTP API); None without server.auth / server.tls.
-        self.cert_files = None
-        if cfg.tls.enabled:
-            from alignd.runtime.tls import CertFiles
-
-            self.cert_files = CertFiles(cfg.tls)  # ConfigError when the files are unusable
-        self.authenticator = None
-        if cfg.auth.enabled:
-            self.authenticator = make_authenticator(role, cfg.auth, self.registry)
-        self._m_limited = Counter(
-            f"alignd_{role}_calls_limited_total",
-            "Calls refused RESOURCE_EXHAUSTED before they were served, by reason (client_concurrency: the caller had "
-            "server.limits.max_concurrent_calls_per_client in flight; health_watchers: too many Watch streams).",
-            ["reason"],
-            registry=self.registry,
-        )
-        for reason in ("client_concurrency", "health_watchers"):
-            self._m_limited.labels(reason)
+        self.cert_files = _cert_files(cfg)  # ConfigError when the files are unusable
+        self.authenticator = make_authenticator(role, cfg.auth, self.registry) if cfg.auth.enabled else None
+        self._m_limited = _limited_calls_counter(role, self.registry)
         self.exposed_open = not cfg.auth.enabled and not is_loopback(cfg.host)
         Gauge(
             f"alignd_{role}_auth_disabled_exposed",
             "1 when the role serves every caller unchecked (server.auth.enabled false) on a non-loopback address.",
             registry=self.registry,
         ).set(1 if self.exposed_open else 0)
-        interceptors.append(
-            AccessInterceptor(
-                self.authenticator,
-                cfg.limits,
-                cfg.max_message_bytes,
-                on_limited=self._m_limited.labels("client_concurrency").inc,
-            )
-        )
-        if cfg.fault_injection.delay_seconds > 0:
-            from alignd.runtime.faults import FaultInterceptor
-
-            interceptors.append(FaultInterceptor(cfg.fault_injection, self.registry))
+        interceptors = self._call_interceptors()
         health_gate = HealthInterceptor(
             cfg.limits.max_health_watchers,
             cfg.limits.max_health_watchers_per_peer,
@@ -222,23 +219,45 @@ class ServiceHost:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        # Blocking watchers, each on a thread of the HealthInterceptor's Watch pool (see there why).
-        self.health = health.HealthServicer(experimental_non_blocking=False)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        # server.health_port: the same health service, plaintext, alone (probes cannot speak TLS).
-        self._health_server = None
-        self.health_port: int | None = None
-        if cfg.health_port >= 0:
-            self._health_server = grpc.server(
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-probe"), interceptors=[health_gate]
-            )
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+        self._add_health_service(health_gate)
         self._serving = False
         self._set_health(False)
         self._metrics_http = None
         self.metrics_port: int | None = None
         self.port: int | None = None
         self._stopped = threading.Event()
+
+    def _call_interceptors(self) -> list[grpc.ServerInterceptor]:
+        """Around every call, outermost first: metrics and logs, access (token, scope, limits), injected faults."""
+        cfg = self.cfg
+        interceptors: list[grpc.ServerInterceptor] = [ServerInterceptor(self.rpc_metrics)]
+        interceptors.append(
+            AccessInterceptor(
+                self.authenticator,
+                cfg.limits,
+                cfg.max_message_bytes,
+                on_limited=self._m_limited.labels("client_concurrency").inc,
+            )
+        )
+        if cfg.fault_injection.delay_seconds > 0:
+            from alignd.runtime.faults import FaultInterceptor
+
+            interceptors.append(FaultInterceptor(cfg.fault_injection, self.registry))
+        return interceptors
+
+    def _add_health_service(self, health_gate: HealthInterceptor) -> None:
+        """The grpc.health.v1 service on the server, and on its own plaintext server at server.health_port if set."""
+        # Blocking watchers, each on a thread of the HealthInterceptor's Watch pool (see there why).
+        self.health = health.HealthServicer(experimental_non_blocking=False)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # server.health_port: the same health service, plaintext, alone (probes cannot speak TLS).
+        self._health_server = None
+        self.health_port: int | None = None
+        if self.cfg.health_port >= 0:
+            self._health_server = grpc.server(
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-probe"), interceptors=[health_gate]
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
 
     def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -26,6 +26,7 @@ TERMINAL = {
     coordinator_pb2.RUN_STATE_FAILED: "failed",
     coordinator_pb2.RUN_STATE_STOPPED: "stopped",
 }
+COORDINATOR_RESTART_GRACE_S = 120.0  # GetRun may find the coordinator down this long while it restarts
 POLL_SECONDS = 0.5
 
 
@@ -191,6 +192,7 @@ def _follow_run(
 ) -> coordinator_pb2.Run | None:
     """Polls GetRun until the run ends, redrawing the progress line and restarting roles that die (a pipeline's
     finished stage keeps its bar on its own line); None when a role died for good (reported)."""
+    unavailable_since = None  # when GetRun started to find the coordinator down (it is restarting)
     while run.state not in TERMINAL:
         if stack.any_exited.is_set():
             # restarts a role that died, on its ports (stack.restart)
@@ -204,9 +206,15 @@ def _follow_run(
         try:
             run = stub.GetRun(coordinator_pb2.GetRunRequest(run_id=run.run_id), timeout=60).run
         except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.UNAVAILABLE or not stack.any_exited.is_set():
+            # The coordinator died: the supervisor restarts it (above), and it resumes the run. Its death may be
+            # noticed after the call fails, and the restarted one serves a few seconds after it starts.
+            if err.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-            continue  # the coordinator died: the supervisor restarts it, and it resumes the run
+            unavailable_since = unavailable_since or time.monotonic()
+            if time.monotonic() - unavailable_since > COORDINATOR_RESTART_GRACE_S:
+                raise
+            continue
+        unavailable_since = None
 
         if pipeline and run.stage != previous:
             print()  # the finished stage's bar stays on its own line

@@ -17,6 +17,8 @@ import yaml
 from alignd.local_stack import child_env  # children go when pytest goes, even killed
 from alignd.runtime.client import make_channel, wait_for_serving
 
+from helpers import alignd_argv
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -155,19 +157,9 @@ def _spawn_role(role: str, cfg: dict, workdir: Path):
     log_path = workdir / f"{role}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "alignd.cli",
-                "serve",
-                role,
-                "--config",
-                str(cfg_path),
-                "--run-dir",
-                str(workdir),
-                "--endpoint-file",
-                str(endpoint),
-            ],
+            alignd_argv(
+                "serve", role, "--config", str(cfg_path), "--run-dir", str(workdir), "--endpoint-file", str(endpoint)
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

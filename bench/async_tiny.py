@@ -18,35 +18,20 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _launch import preset_argv, run_offline
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(run_dir: Path, seed: int, async_rollouts: bool, ppo_steps: int | None) -> dict:
-    args = [
-        sys.executable,
-        "-m",
-        "alignd.cli",
-        "run",
-        "--preset",
-        "tiny",
-        "--run-dir",
-        str(run_dir),
-        "--set",
-        f"pipeline.seed={seed}",
-        "--set",
-        f"pipeline.ppo.async_rollouts={str(async_rollouts).lower()}",
-    ]
+    overrides = [f"pipeline.seed={seed}", f"pipeline.ppo.async_rollouts={str(async_rollouts).lower()}"]
     if ppo_steps:
-        args += ["--set", f"pipeline.ppo.steps={ppo_steps}"]
-    t0 = time.perf_counter()
-    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    wall = time.perf_counter() - t0
+        overrides.append(f"pipeline.ppo.steps={ppo_steps}")
+    out, wall = run_offline(preset_argv("tiny", run_dir, overrides))
     if out.returncode != 0:
         raise RuntimeError(f"alignd run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     report = json.loads((run_dir / "report.json").read_text())

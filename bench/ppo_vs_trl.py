@@ -40,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+from _launch import alignd_argv, run_offline, set_flags  # noqa: E402
+
 from _proc import process_ticks, system_ticks  # noqa: E402
 from smollm2_timings import NCPU, Meter  # noqa: E402  (the quiet-machine gate of the other benches)
 
@@ -230,11 +232,7 @@ def run_alignd(
         f"run.async_rollouts={str(async_rollouts).lower()}",
         *extra,
     ]
-    args = [sys.executable, "-m", "alignd.cli", "ppo", "--config", spec["config"], "--run-dir", str(run_dir)]
-    for s in sets:
-        args += ["--set", s]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
+    out, _ = run_offline(alignd_argv("ppo", "--config", spec["config"], "--run-dir", str(run_dir), *set_flags(sets)))
     if out.returncode != 0:
         raise RuntimeError(f"alignd ppo failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]

@@ -74,24 +74,11 @@ def headline(report: dict, wall: float) -> dict:
 
 def run_seed(preset: str, seed: int, base: Path, extra: list[str]) -> dict:
     run_dir = base / f"{preset}-seed{seed}"
-    args = [
-        sys.executable,
-        "-m",
-        "alignd.cli",
-        "run",
-        "--preset",
-        preset,
-        "--run-dir",
-        str(run_dir),
-        "--set",
-        f"pipeline.seed={seed}",
-    ]
-    for kv in extra:
-        args += ["--set", kv]
+    from _launch import preset_argv, run_offline  # (here: the tests load this file without bench/ on sys.path)
+
+    args = preset_argv(preset, run_dir, [f"pipeline.seed={seed}", *extra])
     print(f"{preset} seed {seed}: {' '.join(args[2:])}", flush=True)
-    t0 = time.perf_counter()
-    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    wall = time.perf_counter() - t0
+    out, wall = run_offline(args)
     report_path = run_dir / "report.json"
     if out.returncode != 0 or not report_path.exists():
         raise RuntimeError(f"alignd run failed (exit {out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")

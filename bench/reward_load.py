@@ -95,6 +95,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from _launch import await_serving, log_tail, spawn_serve
+
 from _proc import HZ, cpu_model, mem_total_mb, proc_status, process_ticks, system_ticks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -481,59 +483,17 @@ class RoleProc:
         self.metrics_url: str | None = None
 
     def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, n)
 
 
 def start_role(cfg: dict, d: Path, deadline: float) -> RoleProc:
-    import yaml
-
-    from alignd.runtime.client import make_channel, wait_for_serving
-
-    d.mkdir(parents=True, exist_ok=True)
-    cfg_path = d / "reward.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    endpoint = d / "endpoint.json"
-    log_path = d / "reward.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "alignd.cli",
-                "serve",
-                "reward",
-                "--config",
-                str(cfg_path),
-                "--run-dir",
-                str(d),
-                "--endpoint-file",
-                str(endpoint),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=dict(os.environ),
-        )
+    """The reward role served in directory d, once it is SERVING (a channel to it only to wait for that)."""
+    proc, endpoint, log_path = spawn_serve("reward", cfg, d)
     r = RoleProc(proc, d, log_path)
-    while not endpoint.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"reward role exited with {proc.returncode}:\n{r.log_tail()}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"reward role did not bind its ports in time:\n{r.log_tail()}")
-        time.sleep(0.05)
-    info = json.loads(endpoint.read_text())
+    info, channel = await_serving(proc, endpoint, deadline, name="reward role", log_tail=r.log_tail)
+    channel.close()
     r.address, r.metrics_url = info["address"], info.get("metrics_url")
     r.pid = int(info.get("pid") or proc.pid)
-    from _auth import operator, tokens_file
-
-    ch = make_channel(r.address, credentials=operator(tokens_file(d.parent)))
-    try:
-        wait_for_serving(ch, timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        ch.close()
     return r
 
 

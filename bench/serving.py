@@ -85,6 +85,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _hf import hf_sampling
+from _launch import await_serving, log_tail, spawn_serve
+
 from _proc import HZ, cpu_model, minor_faults, process_ticks, system_ticks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,7 +95,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import grpc  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from alignd.config import ModelConfig  # noqa: E402
 from alignd.models.handle import (  # noqa: E402
@@ -103,7 +105,6 @@ from alignd.models.handle import (  # noqa: E402
     set_torch_threads,
 )
 from alignd.models.tiny import build_tiny_model  # noqa: E402
-from alignd.runtime.client import make_channel, wait_for_serving  # noqa: E402
 from alignd.services.policy.engine import PolicyEngine, Row, Sampling  # noqa: E402
 from alignd.services.reference.engine import Item, ReferenceEngine  # noqa: E402
 from alignd.services.reward.engine import RewardEngine  # noqa: E402
@@ -203,61 +204,22 @@ class Role:
     channel: grpc.Channel | None = None
 
     def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, n)
 
 
 def spawn_role(name: str, role: str, cfg: dict, workdir: Path) -> Role:
+    """`alignd serve ROLE` in workdir/name, checking calls against the work directory's tokens (the children get
+    HF_HUB_OFFLINE / TOKENIZERS_PARALLELISM as set above)."""
     from _auth import tokens_file, with_auth
 
-    d = workdir / name
-    d.mkdir(parents=True, exist_ok=True)
-    cfg_path = d / f"{role}.yaml"
-    cfg_path.write_text(yaml.safe_dump(with_auth(cfg, tokens_file(workdir)), sort_keys=False))
-    endpoint = d / "endpoint.json"
-    log_path = d / f"{role}.log"
-    env = dict(os.environ)  # HF_HUB_OFFLINE / TOKENIZERS_PARALLELISM set above
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "alignd.cli",
-                "serve",
-                role,
-                "--config",
-                str(cfg_path),
-                "--run-dir",
-                str(d),
-                "--endpoint-file",
-                str(endpoint),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
+    proc, endpoint, log_path = spawn_serve(role, with_auth(cfg, tokens_file(workdir)), workdir / name)
     return Role(name, role, proc, endpoint, log_path)
 
 
 def wait_ready(r: Role, deadline: float) -> None:
     """Endpoint file (ports bound), then health SERVING (model loaded and warmed up)."""
-    while not r.endpoint.exists():
-        try:
-            r.proc.wait(timeout=0.05)  # returns only if the child died
-            raise RuntimeError(f"{r.name} exited with {r.proc.returncode}:\n{r.log_tail()}")
-        except subprocess.TimeoutExpired:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{r.name} did not bind its ports in time:\n{r.log_tail()}")
-    info = json.loads(r.endpoint.read_text())
+    info, r.channel = await_serving(r.proc, r.endpoint, deadline, name=r.name, log_tail=r.log_tail)
     r.address, r.metrics_url = info["address"], info["metrics_url"]
-    from _auth import operator, tokens_file
-
-    r.channel = make_channel(r.address, credentials=operator(tokens_file(r.endpoint.parent.parent)))
-    wait_for_serving(r.channel, timeout=max(1.0, deadline - time.monotonic()))
 
 
 def stop_roles(roles: list[Role]) -> dict[str, int | None]:
@@ -589,18 +551,7 @@ def hf_generate_sequential(model, prompts: list[list[int]], pad: int) -> float:
         for i, p in enumerate(prompts):
             torch.manual_seed(1000 + i)
             ids = torch.tensor([p], dtype=torch.long)
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=GEN_NEW_TOKENS,
-                min_new_tokens=GEN_NEW_TOKENS,
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                use_cache=True,
-                pad_token_id=pad,
-            )
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **hf_sampling(GEN_NEW_TOKENS, pad))
             if out.shape[1] - len(p) != GEN_NEW_TOKENS:
                 raise AssertionError(f"HF generate produced {out.shape[1] - len(p)} tokens, not {GEN_NEW_TOKENS}")
     return time.perf_counter() - t0

@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from _hf import hf_sampling
+
 from _proc import HZ, process_ticks, system_ticks
 
 NCPU = os.cpu_count() or 1
@@ -188,17 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def hf_generate():
             with torch.inference_mode():
-                return model.generate(
-                    **enc,
-                    do_sample=True,
-                    temperature=1.0,
-                    top_k=0,
-                    top_p=1.0,
-                    max_new_tokens=R,
-                    min_new_tokens=R,
-                    pad_token_id=pad,
-                    use_cache=True,
-                )
+                return model.generate(**enc, **hf_sampling(R, pad))
 
         torch.manual_seed(0)
         if want("generate_hf"):

@@ -17,6 +17,8 @@ import yaml
 from alignd.local_stack import child_env  # children go when pytest goes, even killed
 from alignd.runtime.client import make_channel, wait_for_serving
 
+from helpers import alignd_argv
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -155,19 +157,9 @@ def _spawn_role(role: str, cfg: dict, workdir: Path):
     log_path = workdir / f"{role}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "alignd.cli",
-                "serve",
-                role,
-                "--config",
-                str(cfg_path),
-                "--run-dir",
-                str(workdir),
-                "--endpoint-file",
-                str(endpoint),
-            ],
+            alignd_argv(
+                "serve", role, "--config", str(cfg_path), "--run-dir", str(workdir), "--endpoint-file", str(endpoint)
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -209,6 +201,52 @@ def _await_role(spawned, credentials: grpc.ChannelCredentials | None = None, opt
         print(log_path.read_text(errors="replace"), file=sys.stderr)
         raise
     return RoleServer(role, info["address"], info["metrics_url"], proc, log_path, channel)
+
+
+def start_tiny_stack(
+    tiny_models: dict[str, Path],
+    root: Path,
+    *,
+    every: dict | None = None,
+    learner: dict | None = None,
+    coordinator: dict | None = None,
+) -> dict[str, RoleServer]:
+    """The five roles on the tiny models, by role, each in its own directory under `root`: policy, reward and
+    reference started together, then the learner (streaming weights to the policy) and the coordinator (pointed at
+    the three, with a learner address nothing listens on: the tests call the learner directly). `every` is added to
+    each role's configuration, `learner` and `coordinator` to those roles'. Stop them with stop_roles."""
+    every = every or {}
+    model = lambda key: {"path": str(tiny_models[key])}  # noqa: E731
+    first = start_roles(
+        [
+            ("policy", {"model": model("lm"), "torch_threads": 1, **every}, root / "policy"),
+            ("reward", {"model": model("reward"), "torch_threads": 1, **every}, root / "reward"),
+            ("reference", {"model": model("lm"), "torch_threads": 1, **every}, root / "reference"),
+        ]
+    )
+    by_role = {s.role: s for s in first}
+    learner_cfg = {
+        "model": model("lm"),
+        "value_model": model("reward"),
+        "torch_threads": 1,
+        "policy_addresses": [by_role["policy"].address],
+        "weight_sync": "stream",
+        **every,
+        **(learner or {}),
+    }
+    coordinator_cfg = {
+        "policy_addresses": [by_role["policy"].address],
+        "reward_addresses": [by_role["reward"].address],
+        "reference_addresses": [by_role["reference"].address],
+        "learner_address": "127.0.0.1:1",
+        **every,
+        **(coordinator or {}),
+    }
+    later = start_roles(
+        [("learner", learner_cfg, root / "learner"), ("coordinator", coordinator_cfg, root / "coordinator")]
+    )
+    by_role.update({s.role: s for s in later})
+    return by_role
 
 
 def stop_role(server: RoleServer) -> int:

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TypeVar
 
+from alignd.runtime.lifetime import child_env
+
 T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_until(
@@ -33,3 +40,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def alignd_argv(*args: str) -> list[str]:
+    """The command line of `alignd ARGS...` run by this interpreter (`python -m alignd.cli`)."""
+    return [sys.executable, "-m", "alignd.cli", *args]
+
+
+def set_flags(overrides: Iterable[str]) -> list[str]:
+    """`--set KEY=VALUE` for each override, as the alignd commands take them."""
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+def tiny_ppo_argv(run_dir: Path, *overrides: str) -> list[str]:
+    """`alignd ppo` of the tiny job (configs/tiny.yaml) into run_dir, with those --set overrides."""
+    config = str(ROOT / "configs" / "tiny.yaml")
+    return alignd_argv("ppo", "--config", config, "--run-dir", str(run_dir), *set_flags(overrides))
+
+
+def serve_once(role: str, config: Path, run_dir: Path) -> subprocess.CompletedProcess:
+    """`alignd serve ROLE` with that configuration file, run to its end with its output captured (for a
+    configuration the role must refuse: it exits 2 before serving)."""
+    return subprocess.run(
+        alignd_argv("serve", role, "--config", str(config), "--run-dir", str(run_dir)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
+    )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import urllib.request
 
 import grpc
@@ -12,11 +10,11 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from alignd.atomic import write_bytes_atomic
-from alignd.local_stack import child_env
 from alignd.runtime.auth import TokenError, parse_tokens, peer_ip
 from alignd.v1 import model_pb2, model_pb2_grpc, reward_pb2, reward_pb2_grpc
 
 from conftest import start_role, stop_role
+from helpers import serve_once
 
 ALICE, BOB, CAROL = "alice-token-0123456789", "bob-token-0123456789ab", "carol-token-0123456789"
 
@@ -121,13 +119,7 @@ def test_an_unusable_tokens_file_refuses_to_start(tiny_models, tmp_path):
             }
         )
     )
-    out = subprocess.run(
-        [sys.executable, "-m", "alignd.cli", "serve", "reward", "--config", str(cfg_path), "--run-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=child_env(),
-    )
+    out = serve_once("reward", cfg_path, tmp_path)
     assert out.returncode == 2 and "server.auth.tokens_file" in out.stderr and "missing.yaml" in out.stderr
 
 

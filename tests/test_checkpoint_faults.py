@@ -134,24 +134,16 @@ def test_rewriting_a_checkpoint_of_the_same_name_never_leaves_latest_dangling(tm
             Path(d).mkdir(parents=True, exist_ok=True)
             (Path(d) / "config.json").write_text("{}")
 
-    checkpoint.save(
-        tmp_path,
-        0,
-        module_state={"a": torch.zeros(1)},
-        trainer_state={"v": 1},
-        rank_state={"r": 0},
-        policy=Policy(),
-        tag="reset",
-    )
-    checkpoint.save(
-        tmp_path,
-        0,
-        module_state={"a": torch.ones(1)},
-        trainer_state={"v": 2},
-        rank_state={"r": 0},
-        policy=Policy(),
-        tag="reset",
-    )
+    for a, v in ((torch.zeros(1), 1), (torch.ones(1), 2)):  # twice under one name: step 0, tag reset
+        checkpoint.save(
+            tmp_path,
+            0,
+            module_state={"a": a},
+            trainer_state={"v": v},
+            rank_state={"r": 0},
+            policy=Policy(),
+            tag="reset",
+        )
     assert all(exists for _, exists in seen), seen
     assert [name for name, _ in seen] == ["step-00000000-reset", "step-00000000-reset.new", "step-00000000-reset"]
     _, trainer_state, _ = checkpoint.load(checkpoint.latest(tmp_path))

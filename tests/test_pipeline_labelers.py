@@ -48,6 +48,20 @@ def _lease(stub, labeler: str, n: int = 100):
         raise
 
 
+def _ended(stub, run_id: str):
+    """The run once it is no longer pending or running."""
+    return wait_until(
+        f"run {run_id} to end",
+        lambda: (
+            (r := stub.GetRun(cpb.GetRunRequest(run_id=run_id)).run).state
+            not in (cpb.RUN_STATE_PENDING, cpb.RUN_STATE_RUNNING)
+            and r
+        ),
+        WAIT_S,
+        poll=0.1,
+    )
+
+
 def test_external_labelers_and_coordinator_sigkill_in_rm_stage(tmp_path):
     # One malformed demonstration, skipped by pipeline.skip_bad_lines and counted in the report.
     demos = tmp_path / "demos.jsonl"
@@ -184,16 +198,7 @@ def test_external_labelers_and_coordinator_sigkill_in_rm_stage(tmp_path):
             )
             accepted[t.task_id] = list(ranking)
 
-        run = wait_until(
-            "the run to end",
-            lambda: (
-                (r := stub.GetRun(cpb.GetRunRequest(run_id=RUN_ID)).run).state
-                not in (cpb.RUN_STATE_PENDING, cpb.RUN_STATE_RUNNING)
-                and r
-            ),
-            WAIT_S,
-            poll=0.1,
-        )
+        run = _ended(stub, RUN_ID)
         assert run.state == cpb.RUN_STATE_SUCCEEDED, run.error
         assert run.step == 2
         # After the round: no labeling round is open.
@@ -218,20 +223,6 @@ def test_external_labelers_and_coordinator_sigkill_in_rm_stage(tmp_path):
     assert meta["labelers"] == "external"
     assert meta["skipped_data_lines"] == {"demonstrations": 1, "prompts": 0, "evaluation_prompts": 0}
     assert state["pipeline"]["data"]["demonstrations"]["problems"][0].startswith(f"{demos}:6:")
-
-
-def _ended(stub, run_id: str):
-    """The run once it is no longer pending or running."""
-    return wait_until(
-        f"run {run_id} to end",
-        lambda: (
-            (r := stub.GetRun(cpb.GetRunRequest(run_id=run_id)).run).state
-            not in (cpb.RUN_STATE_PENDING, cpb.RUN_STATE_RUNNING)
-            and r
-        ),
-        WAIT_S,
-        poll=0.1,
-    )
 
 
 def test_stop_run_stops_a_pipeline_in_its_rm_and_ppo_stages_and_it_resumes(tmp_path):

@@ -8,42 +8,30 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from helpers import tiny_ppo_argv
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
 
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def tiny_ppo(run_dir: Path, env: dict, *overrides: str) -> subprocess.CompletedProcess:
+    """`alignd ppo` of the tiny job into run_dir, run to its end: it must succeed."""
+    out = subprocess.run(tiny_ppo_argv(run_dir, *overrides), capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
 def test_alignd_ppo_tiny_preset_raises_reward(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, ALIGND_CACHE=str(tmp_path / "cache"))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alignd.cli",
-            "ppo",
-            "--config",
-            str(ROOT / "configs" / "tiny.yaml"),
-            "--run-dir",
-            str(run_dir),
-            "--set",
-            "run.steps=20",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = tiny_ppo(run_dir, env, "run.steps=20")
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 21))
     for r in rows:
@@ -61,25 +49,7 @@ def test_alignd_ppo_tiny_preset_raises_reward(tmp_path):
 
     # Determinism (issue 7): the same preset and seed, run again for 3 steps, gives exactly the same metrics
     # (every field but the timings): same prompts, same samples, same scores, same updates.
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alignd.cli",
-            "ppo",
-            "--config",
-            str(ROOT / "configs" / "tiny.yaml"),
-            "--run-dir",
-            str(tmp_path / "again"),
-            "--set",
-            "run.steps=3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    tiny_ppo(tmp_path / "again", env, "run.steps=3")
     timing = {"time", "phase_seconds", "tokens_per_second", "iteration_seconds"}
     rows2 = read_metrics(tmp_path / "again" / "metrics.jsonl")
     assert len(rows2) == 3
@@ -95,32 +65,15 @@ def test_async_rollouts_tiny_preset(tmp_path):
     env = dict(os.environ, ALIGND_CACHE=str(tmp_path / "cache"))
 
     def run(name: str, steps: int) -> list[dict]:
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "alignd.cli",
-                "ppo",
-                "--config",
-                str(ROOT / "configs" / "tiny.yaml"),
-                "--run-dir",
-                str(tmp_path / name),
-                "--set",
-                f"run.steps={steps}",
-                "--set",
-                "run.async_rollouts=true",
-                # Generation slower than a training step (as on GPUs): each push is staged while the policy generates.
-                "--set",
-                "stack.policy.server.fault_injection.delay_seconds=1.5",
-                "--set",
-                "stack.policy.server.fault_injection.methods=[Generate]",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=900,
-            env=env,
+        tiny_ppo(
+            tmp_path / name,
+            env,
+            f"run.steps={steps}",
+            "run.async_rollouts=true",
+            # Generation slower than a training step (as on GPUs): each push is staged while the policy generates.
+            "stack.policy.server.fault_injection.delay_seconds=1.5",
+            "stack.policy.server.fault_injection.methods=[Generate]",
         )
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         return read_metrics(tmp_path / name / "metrics.jsonl")
 
     rows = run("async", 8)

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,11 +19,10 @@ from alignd.runtime.tokens import operator_credentials
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 from conftest import dump_stack, stop_launcher
-from helpers import wait_until
+from helpers import tiny_ppo_argv, wait_until
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 16  # the last kill (step 11) leaves several steps: a kill while the stack stops is not restarted
 WAIT_S = 300.0
 
@@ -54,20 +52,7 @@ def test_ppo_run_survives_kill9_of_reward_coordinator_policy_and_learner(tmp_pat
     run_dir = tmp_path / "run"
     env = dict(os.environ, ALIGND_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "alignd.cli",
-            "ppo",
-            "--config",
-            str(ROOT / "configs" / "tiny.yaml"),
-            "--run-dir",
-            str(run_dir),
-            "--set",
-            f"run.steps={STEPS}",
-            "--set",
-            "stack.restart.backoff_initial_seconds=0.2",
-        ],
+        tiny_ppo_argv(run_dir, f"run.steps={STEPS}", "stack.restart.backoff_initial_seconds=0.2"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

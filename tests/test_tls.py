@@ -5,8 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
-import subprocess
-import sys
 import urllib.parse
 
 import grpc
@@ -14,10 +12,10 @@ import pytest
 import trustme
 
 from alignd.atomic import write_bytes_atomic
-from alignd.local_stack import child_env
 from alignd.v1 import reward_pb2, reward_pb2_grpc
 
 from conftest import start_role, stop_role, token_of
+from helpers import serve_once
 
 ITEM = reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt="Hello", response=" world"))
 
@@ -196,23 +194,7 @@ def test_bad_tls_configuration_exits_2_naming_the_key(tiny_models, tmp_path, tls
     }
     cfg = {"model": {"path": str(tiny_models["reward"])}, "server": {"tls": {k: str(paths[v]) for k, v in tls.items()}}}
     (tmp_path / "reward.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alignd.cli",
-            "serve",
-            "reward",
-            "--config",
-            str(tmp_path / "reward.yaml"),
-            "--run-dir",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=child_env(),
-    )
+    proc = serve_once("reward", tmp_path / "reward.yaml", tmp_path / "run")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert needle in proc.stderr
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rpc_catalog import SERVICES, all_methods, base_requests
 
-from conftest import bearer, start_roles, stop_roles
+from conftest import bearer, start_tiny_stack, stop_roles
 
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -133,46 +133,14 @@ def finite_everywhere(msg) -> bool:
 @pytest.fixture(scope="module")
 def roles(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    model = lambda key: {"path": str(tiny_models[key])}  # noqa: E731
     paths = {"roots": [str(tmp_path_factory.getbasetemp()), str(ROOT / "configs")]}  # the valid requests' files
-    first = start_roles(
-        [
-            ("policy", {"model": model("lm"), "torch_threads": 1, "paths": paths}, root / "policy"),
-            ("reward", {"model": model("reward"), "torch_threads": 1, "paths": paths}, root / "reward"),
-            ("reference", {"model": model("lm"), "torch_threads": 1, "paths": paths}, root / "reference"),
-        ]
+    by_role = start_tiny_stack(
+        tiny_models,
+        root,
+        every={"paths": paths},
+        learner={"checkpoint_every_steps": 0},
+        coordinator={"recovery_timeout_seconds": 1},
     )
-    by_role = {s.role: s for s in first}
-    later = start_roles(
-        [
-            (
-                "learner",
-                {
-                    "model": model("lm"),
-                    "value_model": model("reward"),
-                    "torch_threads": 1,
-                    "policy_addresses": [by_role["policy"].address],
-                    "weight_sync": "stream",
-                    "checkpoint_every_steps": 0,
-                    "paths": paths,
-                },
-                root / "learner",
-            ),
-            (
-                "coordinator",
-                {
-                    "paths": paths,
-                    "policy_addresses": [by_role["policy"].address],
-                    "reward_addresses": [by_role["reward"].address],
-                    "reference_addresses": [by_role["reference"].address],
-                    "learner_address": "127.0.0.1:1",
-                    "recovery_timeout_seconds": 1,
-                },
-                root / "coordinator",
-            ),
-        ]
-    )
-    by_role.update({s.role: s for s in later})
     yield by_role
     stop_roles(list(by_role.values()))
 

@@ -4,8 +4,6 @@ and a role serving open on a non-loopback address."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -16,11 +14,10 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from alignd.local_stack import child_env
 from alignd.v1 import model_pb2, model_pb2_grpc, reward_pb2, reward_pb2_grpc
 
 from conftest import start_role, stop_role
-from helpers import wait_until
+from helpers import serve_once, wait_until
 
 TOKENS = {
     "alice": {"token": "alice-token-0123456789abcdef", "scopes": ["score"]},
@@ -207,23 +204,7 @@ def test_a_role_open_on_a_non_loopback_address_says_so(tiny_models, tmp_path):
     """server.auth.enabled: false must be explicit, and on a non-loopback bind it is logged and exported."""
     cfg_path = tmp_path / "reward.yaml"
     cfg_path.write_text(yaml.safe_dump({"model": {"path": str(tiny_models["reward"])}}))  # auth on, no tokens file
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alignd.cli",
-            "serve",
-            "reward",
-            "--config",
-            str(cfg_path),
-            "--run-dir",
-            str(tmp_path / "a"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=child_env(),
-    )
+    out = serve_once("reward", cfg_path, tmp_path / "a")
     assert out.returncode == 2 and "server.auth.tokens_file: required" in out.stderr
     server = start_role(
         "reward",

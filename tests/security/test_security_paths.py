@@ -148,44 +148,27 @@ def test_learner_paths_stay_under_the_roots(learner, area):
 def test_a_job_never_replaces_a_directory_alignd_did_not_make(learner, area):
     _, root, _ = area
     stub = learner_pb2_grpc.LearnerServiceStub(learner.channel)
+
+    def train_sft(job_id: str, output_dir: Path, timeout: float):
+        """One epoch of SFT on the area's demonstrations, published to output_dir."""
+        request = learner_pb2.TrainSFTRequest(
+            job_id=job_id,
+            demonstrations_path=str(root / "data" / "demos.jsonl"),
+            output_dir=str(output_dir),
+            config_yaml="epochs: 1",
+        )
+        return stub.TrainSFT(request, timeout=timeout)
+
     before = tree(root / "foreign")
-    assert_invalid(
-        lambda: stub.TrainSFT(
-            learner_pb2.TrainSFTRequest(
-                job_id="sft-foreign",
-                demonstrations_path=str(root / "data" / "demos.jsonl"),
-                output_dir=str(root / "foreign"),
-                config_yaml="epochs: 1",
-            ),
-            timeout=120,
-        ),
-        "output_dir",
-        "not made by an alignd job",
-    )
+    assert_invalid(lambda: train_sft("sft-foreign", root / "foreign", 120), "output_dir", "not made by an alignd job")
     assert tree(root / "foreign") == before
     # A directory alignd made is the job's to replace: a first job publishes, a second job (another id) replaces it.
     out = root / "sft-out"
-    first = stub.TrainSFT(
-        learner_pb2.TrainSFTRequest(
-            job_id="sft-1",
-            demonstrations_path=str(root / "data" / "demos.jsonl"),
-            output_dir=str(out),
-            config_yaml="epochs: 1",
-        ),
-        timeout=300,
-    )
+    first = train_sft("sft-1", out, 300)
     assert (
         Path(first.model_dir) == out.resolve() and (out / "config.json").exists() and (out / ".alignd-owned").exists()
     )
-    second = stub.TrainSFT(
-        learner_pb2.TrainSFTRequest(
-            job_id="sft-2",
-            demonstrations_path=str(root / "data" / "demos.jsonl"),
-            output_dir=str(out),
-            config_yaml="epochs: 1",
-        ),
-        timeout=300,
-    )
+    second = train_sft("sft-2", out, 300)
     assert not second.replayed and (out / "config.json").exists()
     assert not list(root.glob(".tmp-*"))  # no working directory left behind
 

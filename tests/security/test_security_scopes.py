@@ -35,7 +35,7 @@ from alignd.v1 import (
     reward_pb2_grpc,
 )
 
-from conftest import secure_channel, start_roles, stop_roles, token_of, tokens_file
+from conftest import secure_channel, start_tiny_stack, stop_roles, token_of, tokens_file
 
 ROOT = Path(__file__).resolve().parents[2]
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
@@ -54,41 +54,7 @@ def test_every_method_has_a_scope_and_unlisted_methods_need_admin():
 @pytest.fixture(scope="module")
 def stack(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("scopes")
-    model = lambda key: {"path": str(tiny_models[key])}  # noqa: E731
-    first = start_roles(
-        [
-            ("policy", {"model": model("lm"), "torch_threads": 1}, root / "policy"),
-            ("reward", {"model": model("reward"), "torch_threads": 1}, root / "reward"),
-            ("reference", {"model": model("lm"), "torch_threads": 1}, root / "reference"),
-        ]
-    )
-    by_role = {s.role: s for s in first}
-    later = start_roles(
-        [
-            (
-                "learner",
-                {
-                    "model": model("lm"),
-                    "value_model": model("reward"),
-                    "torch_threads": 1,
-                    "policy_addresses": [by_role["policy"].address],
-                    "weight_sync": "stream",
-                },
-                root / "learner",
-            ),
-            (
-                "coordinator",
-                {
-                    "policy_addresses": [by_role["policy"].address],
-                    "reward_addresses": [by_role["reward"].address],
-                    "reference_addresses": [by_role["reference"].address],
-                    "learner_address": "127.0.0.1:1",
-                },
-                root / "coordinator",
-            ),
-        ]
-    )
-    by_role.update({s.role: s for s in later})
+    by_role = start_tiny_stack(tiny_models, root)
     yield root, by_role
     stop_roles(list(by_role.values()))
 

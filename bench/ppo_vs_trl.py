@@ -41,7 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _launch import alignd_argv, run_offline, set_flags  # noqa: E402
-
 from _proc import process_ticks, system_ticks  # noqa: E402
 from smollm2_timings import NCPU, Meter  # noqa: E402  (the quiet-machine gate of the other benches)
 

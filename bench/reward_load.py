@@ -96,7 +96,6 @@ import urllib.request
 from pathlib import Path
 
 from _launch import await_serving, log_tail, spawn_serve
-
 from _proc import HZ, cpu_model, mem_total_mb, proc_status, process_ticks, system_ticks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

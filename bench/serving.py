@@ -87,7 +87,6 @@ from pathlib import Path
 
 from _hf import hf_sampling
 from _launch import await_serving, log_tail, spawn_serve
-
 from _proc import HZ, cpu_model, minor_faults, process_ticks, system_ticks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

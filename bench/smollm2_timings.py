@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 
 from _hf import hf_sampling
-
 from _proc import HZ, process_ticks, system_ticks
 
 NCPU = os.cpu_count() or 1

@@ -286,10 +286,12 @@ class PPOTrainer:
         mask = batch.mask
         kl = rlmath.kl_estimate(old_logprobs, batch.ref_logprobs, cfg.kl_estimator) * mask  # (B, T)
         kl_coef = self.kl.value
-        rewards, _non_score = rlmath.per_token_rewards(batch.scores, kl, mask, kl_coef, cfg.score_position)
+        rewards, _non_score = rlmath.per_token_rewards(
+            batch.scores, kl, mask, kl_coef=kl_coef, score_position=cfg.score_position
+        )
         # With the score one past the last token (TRL), that position carries a value too.
         vmask = rlmath.value_mask_for(mask, cfg.score_position)  # (B, T)
-        advantages, returns = rlmath.gae(rewards, old_values, mask, cfg.gamma, cfg.lam, value_mask=vmask)
+        advantages, returns = rlmath.gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam, value_mask=vmask)
         advantages = rlmath.masked_whiten(advantages, mask, unbiased=cfg.whiten_unbiased) * mask
         return kl, kl_coef, _Targets(old_logprobs, old_values, advantages, returns, vmask)
 
@@ -333,12 +335,12 @@ class PPOTrainer:
             logprobs,
             targets.old_logprobs[idx],
             targets.advantages[idx],
-            mb.mask,
-            cfg.clip,
+            mask=mb.mask,
+            clip=cfg.clip,
             weights=targets.weights[idx] if targets.weights is not None else None,
         )
         vl, vclip = rlmath.value_loss(
-            values, targets.old_values[idx], targets.returns[idx], targets.vmask[idx], cfg.value_clip
+            values, targets.old_values[idx], targets.returns[idx], mask=targets.vmask[idx], clip=cfg.value_clip
         )
         pl, vl = pl * share, vl * vshare
         loss = pl + cfg.value_coef * vl

@@ -48,7 +48,7 @@ def rollout_logprobs(path: str) -> dict:
 
     cfg = ModelConfig(path=path)
     tok, model = load_tokenizer(cfg), load_causal_lm(cfg).eval()
-    handle = ModelHandle("policy", cfg, model, tok)
+    handle = ModelHandle("policy", cfg, model, tokenizer=tok)
     lines = (cache_dir() / "data" / "moby-dick-openings.train.jsonl").read_text().splitlines()[:16]
     texts = [json.loads(x)["prompt"] for x in lines]
     s = Sampling(1.0, 1.0, 0, 24, frozenset(), True)

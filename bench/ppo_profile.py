@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pcfg = PolicyConfig.model_validate({"model": {"path": str(policy_dir)}})
     engine = E.PolicyEngine(
-        ModelHandle("policy", pcfg.model, load_causal_lm(pcfg.model), load_tokenizer(pcfg.model)), 128
+        ModelHandle("policy", pcfg.model, load_causal_lm(pcfg.model), tokenizer=load_tokenizer(pcfg.model)), 128
     )
     rows = [E.Row(p, E.Sampling(1.0, 1.0, 0, 24, frozenset(), True), i) for i, p in enumerate(ids)]
     inverse_cdf = E.sample_token

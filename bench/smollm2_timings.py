@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         from alignd.models.handle import ModelHandle
         from alignd.services.policy.engine import PolicyEngine, Row, Sampling
 
-        handle = ModelHandle("bench", ModelConfig(path=str(model_dir)), model, tok)
+        handle = ModelHandle("bench", ModelConfig(path=str(model_dir)), model, tokenizer=tok)
         sampling = Sampling(1.0, 1.0, 0, R, frozenset(), False)
         prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         rows = [Row(ids, sampling, i) for i, ids in enumerate(prompt_ids)]

@@ -90,7 +90,9 @@ def test_head_fit_learns_rankings_freezes_the_backbone_and_is_at_its_optimum(tin
     # rm_loss + l2 * |w * sd|^2 with respect to the head (sd: the features' standard deviation) vanishes.
     pairs = [sv.encode_pair(tok, p, c, 32) for p, cs, _r in train for c in cs]
     with torch.no_grad():
-        feats = pooled_features(model, [s for s, _ in pairs], [b for _, b in pairs], tok.pad_token_id or 0).double()
+        feats = pooled_features(
+            model, [s for s, _ in pairs], [b for _, b in pairs], pad_id=tok.pad_token_id or 0
+        ).double()
     sd = feats.std(0).clamp_min(1e-6)
     w = model.score.weight.detach().double()[0].clone().requires_grad_(True)
     scores = feats @ w

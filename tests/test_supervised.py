@@ -104,7 +104,7 @@ def test_rm_training_learns_rankings_and_sets_demo_bias(tiny_models, tok, tmp_pa
     cfg = RewardConfig(model={"path": str(tmp_path / "rm")})
     served = load_scalar_head_model(cfg.model, allow_new_head=False)
     assert getattr(served.config, SCORE_BIAS_KEY) == pytest.approx(res.extra["score_bias"])
-    engine = RewardEngine(ModelHandle("reward", cfg.model, served, tok), 16)
+    engine = RewardEngine(ModelHandle("reward", cfg.model, served, tokenizer=tok), 16)
     pairs = [
         (tok(p, add_special_tokens=False)["input_ids"], tok(c, add_special_tokens=False)["input_ids"]) for p, c in demos
     ]

@@ -162,7 +162,7 @@ class Coordinator:
 
             for key, judge in (("gold.name", run_cfg.gold), ("second_judge.name", run_cfg.second_judge)):
                 try:
-                    judges.resolve(judge.name, judge.args, self.cfg.judges, key)
+                    judges.resolve(judge.name, judge.args, self.cfg.judges, field=key)
                 except ValueError as err:
                     raise InvalidArgument("config_yaml", str(err)) from None
         if self.roots is None:

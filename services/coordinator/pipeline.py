@@ -101,8 +101,8 @@ class PipelineRun(RunThread):
                     "data_lines_skipped", run_id=record.run_id, file=name, path=r["path"], skipped=r["skipped"]
                 )
         registry = roles.cfg.judges
-        self.gold = judges.resolve(cfg.gold.name, cfg.gold.args, registry, "gold.name")
-        self.second = judges.resolve(cfg.second_judge.name, cfg.second_judge.args, registry, "second_judge.name")
+        self.gold = judges.resolve(cfg.gold.name, cfg.gold.args, registry, field="gold.name")
+        self.second = judges.resolve(cfg.second_judge.name, cfg.second_judge.args, registry, field="second_judge.name")
         self.labeling: tuple[int, ComparisonStore] | None = None  # the open labeling round, for the labeler RPCs
         self.launcher = None  # built on first use when rm_job: launcher
 

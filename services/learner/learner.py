@@ -81,7 +81,7 @@ class Learner:
                 pack_blocks(self.tokenizer, cfg.ppo.ptx_data, cfg.ppo.ptx_max_tokens), cfg.ppo.ptx_batch_size, cfg.seed
             )
         self.trainer = PPOTrainer(self.module, self.engine, cfg.ppo, cfg.seed, ptx_batches=ptx)
-        self.handle = ModelHandle("learner", cfg.model, policy, self.tokenizer)
+        self.handle = ModelHandle("learner", cfg.model, policy, tokenizer=self.tokenizer)
         self.ema = [p.detach().clone() for p in policy.parameters()] if cfg.ema_decay else None
         self.step = 0
         self.base_version = 0  # policy version = base_version + step (ResetPolicy moves the base)

@@ -390,7 +390,7 @@ def _features(model, tokenizer, comps, max_tokens: int, batch_size: int) -> tupl
     rows = [index.setdefault((tuple(s), b), len(index)) for s, b in pairs]
     unique = list(index)
     feats = [
-        pooled_features(model, [list(s) for s, _ in chunk], [b for _, b in chunk], pad).double()
+        pooled_features(model, [list(s) for s, _ in chunk], [b for _, b in chunk], pad_id=pad).double()
         for chunk in (unique[i : i + batch_size] for i in range(0, len(unique), batch_size))
     ]
     if not feats:

@@ -61,9 +61,9 @@ class RewardApp(ModelRoleApp):
             model = AutoModel.from_pretrained(
                 str(check_model_dir(self.cfg.model.path)), dtype=DTYPES[self.cfg.model.dtype]
             ).eval()
-            return ModelHandle(self.slug, self.cfg.model, model, load_tokenizer(self.cfg.model))
+            return ModelHandle(self.slug, self.cfg.model, model, tokenizer=load_tokenizer(self.cfg.model))
         model = load_scalar_head_model(self.cfg.model, allow_new_head=self.cfg.allow_new_head)
-        handle = ModelHandle(self.slug, self.cfg.model, model, load_tokenizer(self.cfg.model))
+        handle = ModelHandle(self.slug, self.cfg.model, model, tokenizer=load_tokenizer(self.cfg.model))
         # LoadWeights of a reward model of another architecture (rm.layers: a smaller RM) loads it whole;
         # it must carry a trained head.
         handle.reloader = lambda path: load_scalar_head_model(

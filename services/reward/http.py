@@ -423,7 +423,7 @@ def start_http(cfg, server_cfg, api: RewardAPI, host_obj, registry=None):
             app,
             host,
             cfg.port,
-            policy,
+            policy=policy,
             ssl_context=ssl_context,
             keep_alive_seconds=cfg.idle_timeout_seconds,
             graceful_seconds=server_cfg.grace_seconds,

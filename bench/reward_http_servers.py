@@ -88,7 +88,10 @@ def serve(kind: str, tokens_file: str) -> None:
         def __init__(self) -> None:
             state = SimpleNamespace(handle=SimpleNamespace(tokenizer=SimpleNamespace(pad_token="<pad>")))
             super().__init__(
-                SimpleNamespace(get=lambda: state), RewardLimitsConfig(), RewardAPIMetrics(CollectorRegistry()), None
+                SimpleNamespace(get=lambda: state),
+                RewardLimitsConfig(),
+                RewardAPIMetrics(CollectorRegistry()),
+                batch_metrics=None,
             )
 
         def text_pair(self, handle, prompt, response, field, prompt_field, response_field):

@@ -276,12 +276,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = PPOConfig(epochs=1, minibatches=2)
             prompts_l = [ids[i, :P].tolist() for i in range(B)]
             resp_l = [ids[i, P:].tolist() for i in range(B)]
-            batch = collate(prompts_l, resp_l, [[-3.0] * R] * B, [[-3.0] * R] * B, [0.5] * B, pad)
+            batch = collate(
+                prompts_l, resp_l, [[-3.0] * R] * B, rollout_logprobs=[[-3.0] * R] * B, scores=[0.5] * B, pad_id=pad
+            )
 
             def ppo_fn(policy):
                 mod = PolicyValue(policy, None)
                 disable_dropout(mod)
-                trainer = PPOTrainer(mod, TorchEngine(mod, OptimizerConfig(), cfg.max_grad_norm), cfg, 0)
+                trainer = PPOTrainer(mod, TorchEngine(mod, OptimizerConfig(), cfg.max_grad_norm), cfg, seed=0)
                 return lambda: trainer.step(batch)
 
             if want("ppo_step_full"):

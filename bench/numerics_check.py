@@ -48,7 +48,7 @@ def rollout_logprobs(path: str) -> dict:
 
     cfg = ModelConfig(path=path)
     tok, model = load_tokenizer(cfg), load_causal_lm(cfg).eval()
-    handle = ModelHandle("policy", cfg, model, tok)
+    handle = ModelHandle("policy", cfg, model, tokenizer=tok)
     lines = (cache_dir() / "data" / "moby-dick-openings.train.jsonl").read_text().splitlines()[:16]
     texts = [json.loads(x)["prompt"] for x in lines]
     s = Sampling(1.0, 1.0, 0, 24, frozenset(), True)
@@ -65,7 +65,7 @@ def rollout_logprobs(path: str) -> dict:
         resp[i, :R], roll[i, :R], mask[i, :R] = torch.tensor(res[i].token_ids), torch.tensor(res[i].logprobs), 1
     pos = response_positions([(len(r.prompt_ids), len(x.token_ids)) for r, x in zip(rows, res)], T)
     with torch.no_grad():
-        lp, _, _ = PolicyValue(model, None).eval()(ids, att, pos, resp, 1.0)
+        lp, _, _ = PolicyValue(model, None).eval()(ids, att, pos, response=resp, temperature=1.0)
     d = (lp - roll) * mask
     return {
         "tokens": int(mask.sum()),

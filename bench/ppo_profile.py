@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(0)
     responses = [torch.randint(100, 40000, (24,), generator=g).tolist() for _ in ids]
     lp = [[-3.0] * 24] * 16
-    b = collate(ids, responses, lp, lp, [0.1] * 16, 0, [0] * 16, True)
+    b = collate(
+        ids, responses, lp, rollout_logprobs=lp, scores=[0.1] * 16, pad_id=0, versions=[0] * 16, rollout_exact=True
+    )
     m = learner.module
     out: dict = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -85,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     with torch.no_grad():
         out["old_outputs_policy_and_value_s"] = med(
-            lambda: m(b.input_ids, b.attention_mask, b.positions, b.response, 1.0)
+            lambda: m(b.input_ids, b.attention_mask, b.positions, response=b.response, temperature=1.0)
         )
         out["old_outputs_value_only_s"] = med(lambda: m.values(b.input_ids, b.attention_mask, b.positions))
     mb = b.select(torch.arange(8))
-    logprobs, _, values = m(mb.input_ids, mb.attention_mask, mb.positions, mb.response, 1.0)
+    logprobs, _, values = m(mb.input_ids, mb.attention_mask, mb.positions, response=mb.response, temperature=1.0)
     (logprobs.sum() + values.sum()).backward()
     for fused in (False, True):
         opt = adamw(param_groups(m, cfg.optimizer), fused, lr=1e-9)
@@ -100,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     split = pl.split
 
     def train_minibatch():
-        logprobs, _, values = m(mb.input_ids, mb.attention_mask, mb.positions, mb.response, 1.0)
+        logprobs, _, values = m(mb.input_ids, mb.attention_mask, mb.positions, response=mb.response, temperature=1.0)
         (logprobs.sum() + values.sum()).backward()
         m.zero_grad(set_to_none=True)
 
     def forward16():
         with torch.no_grad():
-            m(b.input_ids, b.attention_mask, b.positions, b.response, 1.0, with_values=False)
+            m(b.input_ids, b.attention_mask, b.positions, response=b.response, temperature=1.0, with_values=False)
 
     # Interleaved (full, positions, full, ...) so that drift of the machine's speed hits both alike; the first
     # round is warm-up.
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pcfg = PolicyConfig.model_validate({"model": {"path": str(policy_dir)}})
     engine = E.PolicyEngine(
-        ModelHandle("policy", pcfg.model, load_causal_lm(pcfg.model), load_tokenizer(pcfg.model)), 128
+        ModelHandle("policy", pcfg.model, load_causal_lm(pcfg.model), tokenizer=load_tokenizer(pcfg.model)), 128
     )
     rows = [E.Row(p, E.Sampling(1.0, 1.0, 0, 24, frozenset(), True), i) for i, p in enumerate(ids)]
     inverse_cdf = E.sample_token

@@ -88,7 +88,10 @@ def serve(kind: str, tokens_file: str) -> None:
         def __init__(self) -> None:
             state = SimpleNamespace(handle=SimpleNamespace(tokenizer=SimpleNamespace(pad_token="<pad>")))
             super().__init__(
-                SimpleNamespace(get=lambda: state), RewardLimitsConfig(), RewardAPIMetrics(CollectorRegistry()), None
+                SimpleNamespace(get=lambda: state),
+                RewardLimitsConfig(),
+                RewardAPIMetrics(CollectorRegistry()),
+                batch_metrics=None,
             )
 
         def text_pair(self, handle, prompt, response, field, prompt_field, response_field):
@@ -143,7 +146,7 @@ def serve(kind: str, tokens_file: str) -> None:
             max_per_ip=cfg.max_connections_per_client,
         )
         app = RewardHTTPApp(api, cfg, authenticator=auth, serving=lambda: True)
-        srv = HTTPServer(app, "127.0.0.1", 0, policy, keep_alive_seconds=cfg.idle_timeout_seconds).start()
+        srv = HTTPServer(app, "127.0.0.1", 0, policy=policy, keep_alive_seconds=cfg.idle_timeout_seconds).start()
         print(f"READY {srv.sock.getsockname()[1]}", flush=True)
         while not stop.wait(0.2):
             pass

@@ -426,7 +426,7 @@ def engine_reference(
 
     set_torch_threads(torch_threads)
     mc = ModelConfig(path=str(rm_dir))
-    handle = ModelHandle("reward", mc, load_scalar_head_model(mc, allow_new_head=False), load_tokenizer(mc))
+    handle = ModelHandle("reward", mc, load_scalar_head_model(mc, allow_new_head=False), tokenizer=load_tokenizer(mc))
     default_b = RewardConfig.model_fields["batching"].get_default(call_default_factory=True)
     extra = {}
     if "max_batch_tokens" in type(default_b).model_fields:  # the token-budget batcher, where present

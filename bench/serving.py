@@ -784,9 +784,9 @@ def main(argv: list[str] | None = None) -> int:
 
         rm_cfg, lm_cfg = ModelConfig(path=str(rm_dir)), ModelConfig(path=str(lm_dir))
         rm_handle = ModelHandle(
-            "reward", rm_cfg, load_scalar_head_model(rm_cfg, allow_new_head=False), load_tokenizer(rm_cfg)
+            "reward", rm_cfg, load_scalar_head_model(rm_cfg, allow_new_head=False), tokenizer=load_tokenizer(rm_cfg)
         )
-        lm_handle = ModelHandle("reference", lm_cfg, load_causal_lm(lm_cfg), load_tokenizer(lm_cfg))
+        lm_handle = ModelHandle("reference", lm_cfg, load_causal_lm(lm_cfg), tokenizer=load_tokenizer(lm_cfg))
         reward_engine = RewardEngine(rm_handle, 32)
         reference_engine = ReferenceEngine(lm_handle, 32)
         policy_engine = PolicyEngine(lm_handle, 32)

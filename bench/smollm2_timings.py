@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         from alignd.models.handle import ModelHandle
         from alignd.services.policy.engine import PolicyEngine, Row, Sampling
 
-        handle = ModelHandle("bench", ModelConfig(path=str(model_dir)), model, tok)
+        handle = ModelHandle("bench", ModelConfig(path=str(model_dir)), model, tokenizer=tok)
         sampling = Sampling(1.0, 1.0, 0, R, frozenset(), False)
         prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         rows = [Row(ids, sampling, i) for i, ids in enumerate(prompt_ids)]
@@ -267,12 +267,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = PPOConfig(epochs=1, minibatches=2)
             prompts_l = [ids[i, :P].tolist() for i in range(B)]
             resp_l = [ids[i, P:].tolist() for i in range(B)]
-            batch = collate(prompts_l, resp_l, [[-3.0] * R] * B, [[-3.0] * R] * B, [0.5] * B, pad)
+            batch = collate(
+                prompts_l, resp_l, [[-3.0] * R] * B, rollout_logprobs=[[-3.0] * R] * B, scores=[0.5] * B, pad_id=pad
+            )
 
             def ppo_fn(policy):
                 mod = PolicyValue(policy, None)
                 disable_dropout(mod)
-                trainer = PPOTrainer(mod, TorchEngine(mod, OptimizerConfig(), cfg.max_grad_norm), cfg, 0)
+                trainer = PPOTrainer(mod, TorchEngine(mod, OptimizerConfig(), cfg.max_grad_norm), cfg, seed=0)
                 return lambda: trainer.step(batch)
 
             if want("ppo_step_full"):

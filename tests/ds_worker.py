@@ -83,7 +83,7 @@ def make_batch(step: int, vocab: int, pad_id: int):
         refs.append((-torch.rand(r, generator=g) * 6 - 1).tolist())
         rollouts.append((-torch.rand(r, generator=g) * 6 - 1).tolist())
         scores.append(float(torch.randn((), generator=g)))
-    return collate(prompts, responses, refs, rollouts, scores, pad_id)
+    return collate(prompts, responses, refs, rollout_logprobs=rollouts, scores=scores, pad_id=pad_id)
 
 
 def build(models: Path, engine_kind: str, zero_stage: int):
@@ -100,7 +100,7 @@ def build(models: Path, engine_kind: str, zero_stage: int):
     module = PolicyValue(policy, value_model)
     disable_dropout(module)
     engine = build_engine(cfg, module)
-    return module, engine, PPOTrainer(module, engine, cfg.ppo, cfg.seed)
+    return module, engine, PPOTrainer(module, engine, cfg.ppo, seed=cfg.seed)
 
 
 def run(

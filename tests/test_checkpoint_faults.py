@@ -52,7 +52,7 @@ def _learner(tiny_models, root: Path, keep: int) -> Learner:
 
 def _step(learner: Learner, step: int) -> learner_pb2.TrainStepResponse:
     h = learner.handle
-    return learner.train_step(step, parse_batch(_request(step), h.vocab_size, h.max_context, h.pad_token_id))
+    return learner.train_step(step, parse_batch(_request(step), h.vocab_size, h.max_context, pad_id=h.pad_token_id))
 
 
 def _dirs(root: Path) -> list[str]:

@@ -134,8 +134,8 @@ def _ppo_inputs(seed: int = 0, B: int = 5, T: int = 7):
 
 
 def _losses(logits, old, adv, returns, mask, rows):
-    pl, _ = rlmath.policy_loss(logits[rows] * 0.1 + old[rows], old[rows], adv[rows], mask[rows], 0.2)
-    vl, _ = rlmath.value_loss(logits[rows], old[rows], returns[rows], mask[rows], 0.2)
+    pl, _ = rlmath.policy_loss(logits[rows] * 0.1 + old[rows], old[rows], adv[rows], mask=mask[rows], clip=0.2)
+    vl, _ = rlmath.value_loss(logits[rows], old[rows], returns[rows], mask=mask[rows], clip=0.2)
     return pl, vl
 
 

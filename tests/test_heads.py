@@ -53,7 +53,7 @@ def test_policy_value_gradients_equal_with_and_without_the_split(tiny_models):
     for m in (a, b):
         with torch.no_grad():  # the same value head in both (the bias is zero-initialised)
             m.value_head.weight.normal_(generator=torch.Generator().manual_seed(3))
-        logprobs, entropy, values = m(ids, mask, positions, response, temperature=0.7)
+        logprobs, entropy, values = m(ids, mask, positions, response=response, temperature=0.7)
         (logprobs.sum() + 0.1 * entropy.sum() + values.pow(2).sum()).backward()
         outs.append((logprobs.detach(), entropy.detach(), values.detach()))
         grads.append([p.grad.clone() for p in m.parameters()])

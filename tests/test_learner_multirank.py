@@ -266,7 +266,7 @@ def reference_steps(models: Path, work: Path, steps: int):
     learner = Learner(LearnerConfig.model_validate(learner_cfg(models, work / "ref-ckpt", "torch")), work)
     h = learner.handle
     out = [
-        learner.train_step(s, parse_batch(request(s), h.vocab_size, h.max_context, h.pad_token_id))
+        learner.train_step(s, parse_batch(request(s), h.vocab_size, h.max_context, pad_id=h.pad_token_id))
         for s in range(1, steps + 1)
     ]
     return out, {k: v.detach().clone() for k, v in learner.module.state_dict().items()}

@@ -36,13 +36,24 @@ def batch_of(learner: Learner, versions: list[int], exact: bool, shift: list[flo
     responses = [torch.randint(3, 60, (n,), generator=g).tolist() for n in (7, 4, 8, 8, 5, 6)]
     zeros = [[0.0] * len(r) for r in responses]
     scores = [float(i % 3) - 1.0 for i in range(6)]
-    probe = collate(prompts, responses, zeros, zeros, scores, 0)
+    probe = collate(prompts, responses, zeros, rollout_logprobs=zeros, scores=scores, pad_id=0)
     with torch.no_grad():
-        lp, _, _ = learner.module(probe.input_ids, probe.attention_mask, probe.positions, probe.response, 1.0)
+        lp, _, _ = learner.module(
+            probe.input_ids, probe.attention_mask, probe.positions, response=probe.response, temperature=1.0
+        )
     shift = shift or [0.0] * 6
     rollout = [[float(lp[b, t]) - shift[b] for t in range(len(r))] for b, r in enumerate(responses)]
     ref = [[float(lp[b, t]) - 0.1 for t in range(len(r))] for b, r in enumerate(responses)]
-    return collate(prompts, responses, ref, rollout, scores, 0, versions, exact)
+    return collate(
+        prompts,
+        responses,
+        ref,
+        rollout_logprobs=rollout,
+        scores=scores,
+        pad_id=0,
+        versions=versions,
+        rollout_exact=exact,
+    )
 
 
 def test_old_logprobs_from_rollouts_give_the_recomputed_step(tiny_models, tmp_path):

@@ -166,14 +166,14 @@ def alignd_with_trl_conventions(
     zero = torch.zeros((), dtype=values.dtype)
     value_mask = rl.value_mask_for(mask, "eos_plus_one")  # (B, T)
     kl = rl.kl_estimate(logprobs, ref_logprobs, kl_estimator)  # (B, T)
-    rewards, non_score = rl.per_token_rewards(scores, kl, mask, kl_coef, "eos_plus_one")
+    rewards, non_score = rl.per_token_rewards(scores, kl, mask, kl_coef=kl_coef, score_position="eos_plus_one")
     if whiten_rewards:
         whitened = rl.masked_whiten(rewards, value_mask, shift_mean=False, unbiased=True)
         rewards = torch.where(value_mask, whitened, zero)
-    raw_adv, returns = rl.gae(rewards, values, mask, gamma, lam, value_mask=value_mask)
+    raw_adv, returns = rl.gae(rewards, values, mask, gamma=gamma, lam=lam, value_mask=value_mask)
     adv = torch.where(mask, rl.masked_whiten(raw_adv, mask, unbiased=True), zero)
-    pg_loss, pg_stats = rl.policy_loss(new_logprobs, logprobs, adv, mask, cliprange)
-    vf_loss, vf_clipfrac = rl.value_loss(vpred, values, returns, value_mask, cliprange_value)
+    pg_loss, pg_stats = rl.policy_loss(new_logprobs, logprobs, adv, mask=mask, clip=cliprange)
+    vf_loss, vf_clipfrac = rl.value_loss(vpred, values, returns, mask=value_mask, clip=cliprange_value)
     return {
         "kl": torch.where(mask, kl, zero),
         "non_score_reward": non_score,
@@ -378,7 +378,7 @@ def test_gae_equals_naive_double_loop(gamma, lam, seed):
     mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
     rewards = torch.where(mask, torch.randn(B, T, generator=g, dtype=torch.float64), 0.0)
     values = torch.randn(B, T, generator=g, dtype=torch.float64)  # garbage beyond the mask
-    adv, ret = rl.gae(rewards, values, mask, gamma, lam)
+    adv, ret = rl.gae(rewards, values, mask, gamma=gamma, lam=lam)
     exp_adv, exp_ret = naive_gae(rewards, values, mask, gamma, lam)
     torch.testing.assert_close(adv, exp_adv, atol=1e-12, rtol=0)
     torch.testing.assert_close(ret, exp_ret, atol=1e-12, rtol=0)
@@ -388,11 +388,11 @@ def test_gae_equals_naive_double_loop(gamma, lam, seed):
 def test_gae_rejects_reward_outside_value_mask():
     mask = torch.tensor([[True, True, False]])
     kl = torch.zeros(1, 3)
-    rewards, _ = rl.per_token_rewards(torch.tensor([1.0]), kl, mask, 0.1, "eos_plus_one")
+    rewards, _ = rl.per_token_rewards(torch.tensor([1.0]), kl, mask, kl_coef=0.1, score_position="eos_plus_one")
     with pytest.raises(ValueError, match="outside value_mask"):
-        rl.gae(rewards, torch.zeros(1, 3), mask, 1.0, 0.95)
+        rl.gae(rewards, torch.zeros(1, 3), mask, gamma=1.0, lam=0.95)
     vm = rl.value_mask_for(mask, "eos_plus_one")
-    adv, _ = rl.gae(rewards, torch.zeros(1, 3), mask, 1.0, 1.0, value_mask=vm)
+    adv, _ = rl.gae(rewards, torch.zeros(1, 3), mask, gamma=1.0, lam=1.0, value_mask=vm)
     assert adv.tolist() == [[1.0, 1.0, 1.0]]
 
 
@@ -400,7 +400,7 @@ def test_per_token_rewards_score_positions():
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
     kl = torch.tensor([[0.1, 0.2, 0.3, 0.4]] * 3, dtype=torch.float64)
     scores = torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64)
-    rewards, nsr = rl.per_token_rewards(scores, kl, mask, 0.5, "last")
+    rewards, nsr = rl.per_token_rewards(scores, kl, mask, kl_coef=0.5, score_position="last")
     expected_nsr = torch.tensor(
         [[-0.05, -0.1, -0.15, -0.2], [-0.05, -0.1, 0.0, 0.0], [-0.05, 0.0, 0.0, 0.0]], dtype=torch.float64
     )
@@ -410,7 +410,7 @@ def test_per_token_rewards_score_positions():
     expected[1, 1] += 20
     expected[2, 0] += 30
     torch.testing.assert_close(rewards, expected)
-    rewards, _ = rl.per_token_rewards(scores, kl, mask, 0.5, "eos_plus_one")
+    rewards, _ = rl.per_token_rewards(scores, kl, mask, kl_coef=0.5, score_position="eos_plus_one")
     expected = expected_nsr.clone()
     expected[0, 3] += 10  # full row: the last token (TRL's actual_end)
     expected[1, 2] += 20  # one past the last real token
@@ -427,14 +427,18 @@ def test_per_token_rewards_score_positions():
 def test_per_token_rewards_rejects_bad_inputs():
     kl = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="at least one response token"):
-        rl.per_token_rewards(torch.ones(2), kl, torch.tensor([[1, 0, 0], [0, 0, 0]]), 0.1, "last")
+        rl.per_token_rewards(
+            torch.ones(2), kl, torch.tensor([[1, 0, 0], [0, 0, 0]]), kl_coef=0.1, score_position="last"
+        )
     with pytest.raises(ValueError, match="right padded"):
-        rl.per_token_rewards(torch.ones(2), kl, torch.tensor([[1, 0, 1], [1, 0, 0]]), 0.1, "last")
+        rl.per_token_rewards(
+            torch.ones(2), kl, torch.tensor([[1, 0, 1], [1, 0, 0]]), kl_coef=0.1, score_position="last"
+        )
     with pytest.raises(ValueError, match="score_position"):
-        rl.per_token_rewards(torch.ones(2), kl, torch.ones(2, 3), 0.1, "first")
+        rl.per_token_rewards(torch.ones(2), kl, torch.ones(2, 3), kl_coef=0.1, score_position="first")
     # An empty row is fine under TRL's convention: the score goes to t = 0.
     rewards, _ = rl.per_token_rewards(
-        torch.tensor([1.0, 2.0]), kl, torch.tensor([[1, 0, 0], [0, 0, 0]]), 0.1, "eos_plus_one"
+        torch.tensor([1.0, 2.0]), kl, torch.tensor([[1, 0, 0], [0, 0, 0]]), kl_coef=0.1, score_position="eos_plus_one"
     )
     assert rewards.tolist() == [[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]]
 
@@ -509,7 +513,7 @@ def test_policy_loss_at_ratio_one():
     lp = torch.randn(4, 6, generator=g, dtype=torch.float64).requires_grad_()
     adv = torch.randn(4, 6, generator=g, dtype=torch.float64)
     mask = torch.arange(6).unsqueeze(0) < torch.tensor([[6], [3], [1], [5]])
-    loss, stats = rl.policy_loss(lp, lp.detach(), adv, mask, 0.2)
+    loss, stats = rl.policy_loss(lp, lp.detach(), adv, mask=mask, clip=0.2)
     torch.testing.assert_close(loss, -rl.masked_mean(adv, mask))
     assert float(stats["clip_fraction"]) == 0.0
     assert float(stats["approx_kl"]) == 0.0 and float(stats["approx_kl_k2"]) == 0.0
@@ -523,7 +527,7 @@ def test_policy_loss_clipping_by_hand():
     lp_old = torch.zeros(1, 4, dtype=torch.float64)
     ratio = torch.tensor([[1.5, 0.5, 1.1, 1.5]], dtype=torch.float64)
     adv = torch.tensor([[2.0, -1.0, 3.0, -1.0]], dtype=torch.float64)
-    loss, stats = rl.policy_loss(ratio.log(), lp_old, adv, torch.ones(1, 4), 0.2)
+    loss, stats = rl.policy_loss(ratio.log(), lp_old, adv, mask=torch.ones(1, 4), clip=0.2)
     # token 0: A>0, ratio above 1+eps -> -1.2*2; token 1: A<0, ratio below 1-eps -> 0.8;
     # token 2: inside -> -1.1*3; token 3: A<0, ratio above -> unclipped 1.5
     assert float(loss) == pytest.approx((-2.4 + 0.8 - 3.3 + 1.5) / 4)
@@ -535,7 +539,7 @@ def test_policy_loss_clipping_by_hand():
 def test_policy_loss_gradient_is_finite_with_inf_padding():
     lp = torch.tensor([[-1.0, -math.inf]], dtype=torch.float64, requires_grad=True)
     old = torch.tensor([[-1.2, -math.inf]], dtype=torch.float64)
-    loss, _ = rl.policy_loss(lp, old, torch.ones(1, 2, dtype=torch.float64), torch.tensor([[1, 0]]), 0.2)
+    loss, _ = rl.policy_loss(lp, old, torch.ones(1, 2, dtype=torch.float64), mask=torch.tensor([[1, 0]]), clip=0.2)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(lp.grad).all() and lp.grad[0, 1] == 0
 
@@ -548,7 +552,7 @@ def test_policy_loss_behaviour_weights_by_naive_loop():
     adv = torch.randn(3, 5, generator=g, dtype=torch.float64)
     w = (torch.rand(3, 5, generator=g, dtype=torch.float64) * 2).requires_grad_()
     mask = torch.arange(5).unsqueeze(0) < torch.tensor([[5], [2], [4]])
-    loss, stats = rl.policy_loss(lp, old, adv, mask, 0.2, weights=w)
+    loss, stats = rl.policy_loss(lp, old, adv, mask=mask, clip=0.2, weights=w)
     total, n = 0.0, 0
     for b in range(3):
         for t in range(5):
@@ -561,8 +565,8 @@ def test_policy_loss_behaviour_weights_by_naive_loop():
     # The weights are constants of the gradient (detached inside), and weights of 1 are the plain loss.
     loss.backward()
     assert w.grad is None and lp.grad is not None
-    plain, _ = rl.policy_loss(lp, old, adv, mask, 0.2)
-    ones, stats1 = rl.policy_loss(lp, old, adv, mask, 0.2, weights=torch.ones_like(w))
+    plain, _ = rl.policy_loss(lp, old, adv, mask=mask, clip=0.2)
+    ones, stats1 = rl.policy_loss(lp, old, adv, mask=mask, clip=0.2, weights=torch.ones_like(w))
     assert float(plain) == float(ones) and float(stats1["ratio_mean"]) == float(stats["ratio_mean"])
 
 
@@ -571,16 +575,16 @@ def test_value_loss_by_hand():
     old = torch.tensor([[0.5, 0.0, 0.0, 0.0]], dtype=torch.float64)
     ret = torch.tensor([[0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 0]])
-    loss, cf = rl.value_loss(v, old, ret, mask, 0.2)
+    loss, cf = rl.value_loss(v, old, ret, mask=mask, clip=0.2)
     # token 0: max(1, 0.7^2) = 1; token 1: 1; token 2: clipped 0.2 -> max(4, 0.04) = 4
     assert float(loss) == pytest.approx(0.5 * (1 + 1 + 4) / 3)
     assert float(cf) == 0.0
     v2 = torch.tensor([[0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
-    loss2, cf2 = rl.value_loss(v2, old, ret, mask, 0.2)
+    loss2, cf2 = rl.value_loss(v2, old, ret, mask=mask, clip=0.2)
     # token 0: v=0 clipped to 0.3 -> max(0, 0.09) -> clipped branch wins
     assert float(loss2) == pytest.approx(0.5 * (0.09 + 1 + 0) / 3)
     assert float(cf2) == pytest.approx(1 / 3)
-    loss3, cf3 = rl.value_loss(v, old, ret, mask, None)
+    loss3, cf3 = rl.value_loss(v, old, ret, mask=mask, clip=None)
     assert float(loss3) == pytest.approx(0.5 * (1 + 1 + 4) / 3) and float(cf3) == 0.0
 
 
@@ -606,7 +610,7 @@ def test_ppo_ptx_gradient_is_sum_of_gradients():
 
     def losses():
         lp = rl.logprobs_from_logits(model(tokens), tokens)
-        ppo, _ = rl.policy_loss(lp, old, adv, mask, 0.2)
+        ppo, _ = rl.policy_loss(lp, old, adv, mask=mask, clip=0.2)
         return ppo, rl.lm_loss(model(ptx_tokens)[:, :-1], ptx_tokens[:, 1:], ptx_mask[:, 1:])
 
     ppo, ptx = losses()

@@ -81,16 +81,18 @@ def test_head_fit_learns_rankings_freezes_the_backbone_and_is_at_its_optimum(tin
     backbone = {k: v.clone() for k, v in model.base_model.state_dict().items()}
     train, val = _comparisons(120, 0), _comparisons(40, 1)
     l2 = 0.05
-    res = sv.fit_rm_head(model, tok, train, val, l2=l2, max_tokens=32)
+    res = sv.fit_rm_head(model, tok, train, val=val, l2=l2, max_tokens=32)
     assert res.extra["val_accuracy"] > 0.85 and res.extra["val_accuracy"] > res.extra["val_accuracy_before"]
     assert all(torch.equal(backbone[k], v) for k, v in model.base_model.state_dict().items())
     # The reported accuracy is that of the model as it will be served (scores through the model).
-    assert res.extra["val_accuracy"] == pytest.approx(sv.pairwise_accuracy(model, tok, val, 32))
+    assert res.extra["val_accuracy"] == pytest.approx(sv.pairwise_accuracy(model, tok, val, max_tokens=32))
     # Optimality of the stated objective, recomputed independently through the model: the gradient of
     # rm_loss + l2 * |w * sd|^2 with respect to the head (sd: the features' standard deviation) vanishes.
-    pairs = [sv.encode_pair(tok, p, c, 32) for p, cs, _r in train for c in cs]
+    pairs = [sv.encode_pair(tok, p, c, max_tokens=32) for p, cs, _r in train for c in cs]
     with torch.no_grad():
-        feats = pooled_features(model, [s for s, _ in pairs], [b for _, b in pairs], tok.pad_token_id or 0).double()
+        feats = pooled_features(
+            model, [s for s, _ in pairs], [b for _, b in pairs], pad_id=tok.pad_token_id or 0
+        ).double()
     sd = feats.std(0).clamp_min(1e-6)
     w = model.score.weight.detach().double()[0].clone().requires_grad_(True)
     scores = feats @ w
@@ -106,15 +108,15 @@ def test_unit_std_scales_scores_of_the_training_completions_to_std_one_keeping_t
     """rm.score_scale: unit_std divides the head by the spread of the RM's scores over its training completions,
     measured here through the model as served (score_sequences, independent of the fit's own features)."""
     train, val = _comparisons(60, 0), _comparisons(20, 1)
-    pairs = [sv.encode_pair(tok, p, c, 32) for p, cs, _r in train for c in cs]
+    pairs = [sv.encode_pair(tok, p, c, max_tokens=32) for p, cs, _r in train for c in cs]
     got = {}
     for unit in (False, True):
         torch.manual_seed(0)
         model = _rm(tiny_models["reward"])
         if train_mode == "head":
-            res = sv.fit_rm_head(model, tok, train, val, l2=0.05, max_tokens=32, unit_std=unit)
+            res = sv.fit_rm_head(model, tok, train, val=val, l2=0.05, max_tokens=32, unit_std=unit)
         else:
-            res = sv.train_rm(model, tok, train, val, lr=1e-3, batch_size=8, max_tokens=32, unit_std=unit)
+            res = sv.train_rm(model, tok, train, val=val, lr=1e-3, batch_size=8, max_tokens=32, unit_std=unit)
         with torch.no_grad():
             got[unit] = (
                 score_sequences(

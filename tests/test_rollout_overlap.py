@@ -79,7 +79,7 @@ def make_loop(tmp_path: Path, policy, reward, reference, micro_batches: int) -> 
     roles.policy = [grpc.intercept_channel(ch, watch) for ch in roles.policy]
     roles.reward = [grpc.intercept_channel(ch, watch) for ch in roles.reward]
     roles.reference = [grpc.intercept_channel(ch, watch) for ch in roles.reference]
-    return RunLoop(rec, run_cfg, roles, CoordinatorMetrics(CollectorRegistry())), watch
+    return RunLoop(rec, run_cfg, roles, metrics=CoordinatorMetrics(CollectorRegistry())), watch
 
 
 def test_micro_batches_are_scored_while_the_next_one_generates(

@@ -28,16 +28,19 @@ def test_cosine_schedule_decays_to_a_tenth():
 
 
 def test_encode_demo_masks_the_prompt_and_ends_with_eos(tok):
-    ids, labels = sv.encode_demo(tok, "What is the capital of France?", " Paris.", 64)
+    ids, labels = sv.encode_demo(tok, "What is the capital of France?", " Paris.", max_tokens=64)
     p = tok("What is the capital of France?", add_special_tokens=False)["input_ids"]
     c = tok(" Paris.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert ids == p + c and labels == [sv.IGNORE] * len(p) + c
-    ids, labels = sv.encode_demo(tok, "word " * 100, " Paris.", 16)
+    ids, labels = sv.encode_demo(tok, "word " * 100, " Paris.", max_tokens=16)
     assert len(ids) == 16 and labels[-len(c) :] == c  # the prompt is cut from the left
 
 
 def test_sft_loss_counts_completion_tokens_only(lm, tok):
-    batch = [sv.encode_demo(tok, "Hello there", " friend", 32), sv.encode_demo(tok, "Hi", " you all", 32)]
+    batch = [
+        sv.encode_demo(tok, "Hello there", " friend", max_tokens=32),
+        sv.encode_demo(tok, "Hi", " you all", max_tokens=32),
+    ]
     loss, n = sv.sft_loss(lm, batch, tok.pad_token_id)
     # Naive: one unpadded forward per demo, sum -log p over completion tokens.
     total, count = 0.0, 0
@@ -57,12 +60,16 @@ def test_sft_learns_demonstrations_and_selects_by_validation_loss(lm, tok):
         ("Q: two plus two? A:", " four"),
         ("Q: colour of the sky? A:", " blue"),
     ]
-    before = sv.sft_eval_loss(lm, [sv.encode_demo(tok, p, c, 64) for p, c in demos], 4, tok.pad_token_id)
-    res = sv.train_sft(lm, tok, demos * 4, demos, epochs=12, lr=3e-3, batch_size=4, max_tokens=64, seed=0)
+    before = sv.sft_eval_loss(
+        lm, [sv.encode_demo(tok, p, c, max_tokens=64) for p, c in demos], 4, pad_id=tok.pad_token_id
+    )
+    res = sv.train_sft(lm, tok, demos * 4, val=demos, epochs=12, lr=3e-3, batch_size=4, max_tokens=64, seed=0)
     assert len(res.history) == 12
     best = min(res.history, key=lambda r: r["val_loss"])
     assert res.best_epoch == best["epoch"] and res.best_metric == pytest.approx(best["val_loss"])
-    after = sv.sft_eval_loss(lm, [sv.encode_demo(tok, p, c, 64) for p, c in demos], 4, tok.pad_token_id)
+    after = sv.sft_eval_loss(
+        lm, [sv.encode_demo(tok, p, c, max_tokens=64) for p, c in demos], 4, pad_id=tok.pad_token_id
+    )
     assert after == pytest.approx(best["val_loss"], rel=1e-5)  # the selected weights are the ones loaded
     assert after < before / 3
     for p, c in demos:  # greedy decoding reproduces the demonstrations
@@ -95,7 +102,9 @@ def test_rm_training_learns_rankings_and_sets_demo_bias(tiny_models, tok, tmp_pa
     rm = load_scalar_head_model(ModelConfig(path=str(tiny_models["reward"])), allow_new_head=False)
     train, val = _comparisons(80, 0), _comparisons(30, 1)
     demos = [("Say something:", " good nice good"), ("Say something:", " fine good")]
-    res = sv.train_rm(rm, tok, train, val, lr=2e-3, batch_size=8, max_tokens=32, epochs=3, seed=0, demonstrations=demos)
+    res = sv.train_rm(
+        rm, tok, train, val=val, lr=2e-3, batch_size=8, max_tokens=32, epochs=3, seed=0, demonstrations=demos
+    )
     assert res.extra["val_accuracy"] > 0.8 > res.extra["val_accuracy_before"] - 0.2
     assert res.extra["val_accuracy"] > res.extra["val_accuracy_before"] + 0.2
     # The bias makes demonstrations score 0 on average, also as served after save/load.
@@ -104,7 +113,7 @@ def test_rm_training_learns_rankings_and_sets_demo_bias(tiny_models, tok, tmp_pa
     cfg = RewardConfig(model={"path": str(tmp_path / "rm")})
     served = load_scalar_head_model(cfg.model, allow_new_head=False)
     assert getattr(served.config, SCORE_BIAS_KEY) == pytest.approx(res.extra["score_bias"])
-    engine = RewardEngine(ModelHandle("reward", cfg.model, served, tok), 16)
+    engine = RewardEngine(ModelHandle("reward", cfg.model, served, tokenizer=tok), 16)
     pairs = [
         (tok(p, add_special_tokens=False)["input_ids"], tok(c, add_special_tokens=False)["input_ids"]) for p, c in demos
     ]

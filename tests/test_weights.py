@@ -46,7 +46,7 @@ def model(model_cfg):
 
 @pytest.fixture
 def handle(model_cfg, model, tokenizer) -> ModelHandle:
-    return ModelHandle("policy", model_cfg, model, tokenizer)
+    return ModelHandle("policy", model_cfg, model, tokenizer=tokenizer)
 
 
 def raw(t: torch.Tensor) -> bytes:

@@ -243,24 +243,24 @@ class RewardHTTPHandler(BaseHTTPRequestHandler):
             finally:
                 PRINCIPAL.reset(token)
         except HttpError as err:
-            api.observe("http", client, started, err.code)
+            api.observe("http", client, started, code=err.code)
             self._send_error(err)
         except AligndError as exc:
             code = status_name(exc)
-            api.observe("http", client, started, code)
+            api.observe("http", client, started, code=code)
             if not isinstance(exc, Unauthenticated):
                 _log.info("http_request_rejected", code=code, error=exc.message)
             self._send_error(HttpError(GRPC_TO_HTTP.get(code, HTTPStatus.INTERNAL_SERVER_ERROR), code, exc.message))
         except (TimeoutError, ConnectionError):
             self.close_connection = True
         except Exception as exc:  # noqa: BLE001 - the boundary of the request
-            api.observe("http", client, started, "INTERNAL")
+            api.observe("http", client, started, code="INTERNAL")
             _log.error("http_request_failed", exc_info=exc)
             self._send_error(
                 HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "INTERNAL", f"internal error: {type(exc).__name__}")
             )
         else:
-            api.observe("http", client, started, "OK", len(payload["rewards"]))
+            api.observe("http", client, started, code="OK", items=len(payload["rewards"]))
             self._send_json(HTTPStatus.OK, payload)
         finally:
             structlog.contextvars.reset_contextvars(**log_tokens)
@@ -327,8 +327,12 @@ class RewardHTTPHandler(BaseHTTPRequestHandler):
             api.text_ids_size(query, f"query[{i}]")  # the limit applies to the query as sent, before any work
             if prompt is not None:
                 api.text_ids_size(prompt, f"prompts[{i}]")
-            p, r = split_query(query, prompt, pad, i)
-            pairs.append(api.text_pair(handle, p, r, f"query[{i}]", f"prompts[{i}]", f"query[{i}]"))
+            p, r = split_query(query, prompt, pad, index=i)
+            pairs.append(
+                api.text_pair(
+                    handle, p, r, field=f"query[{i}]", prompt_field=f"prompts[{i}]", response_field=f"query[{i}]"
+                )
+            )
         remaining = deadline - time.perf_counter()
         if remaining <= 0:
             raise DeadlineExceeded("the deadline passed while the request was read and checked")

@@ -70,7 +70,7 @@ def _cache(cache: str | Path | None) -> Path:
     return Path(cache) if cache is not None else default_cache_dir()
 
 
-def _build_once(root: Path, name: str, marker: str, build: Callable[[Path], None]) -> Path:
+def _build_once(root: Path, name: str, *, marker: str, build: Callable[[Path], None]) -> Path:
     """root/name, built by `build(tmp_dir)` under an exclusive lock and renamed into place.
 
     The same pattern as `alignd.models.tiny.resolve_builtin`: concurrent
@@ -181,7 +181,7 @@ def convert_smollm2(out_dir: str | Path, gguf_path: str | Path | None = None) ->
 def ensure_smollm2(cache: str | Path | None = None) -> Path:
     """CACHE/models/smollm2-135m-instruct: SmolLM2-135M-Instruct as an fp32 causal LM
     directory (538 MB) with its tokenizer and chat template, converted once (~40 s)."""
-    return _build_once(_cache(cache) / "models", SMOLLM2_NAME, "config.json", convert_smollm2)
+    return _build_once(_cache(cache) / "models", SMOLLM2_NAME, marker="config.json", build=convert_smollm2)
 
 
 # No scalar-head variant directory: reward-model training and the learner's value
@@ -256,17 +256,17 @@ _WORD = re.compile(r"\S+")
 
 
 def passage_openings(
-    text: str, rng: random.Random, min_words: int = PROMPT_MIN_WORDS, max_words: int = PROMPT_MAX_WORDS
+    text: str, rng: random.Random, *, min_words: int = PROMPT_MIN_WORDS, max_words: int = PROMPT_MAX_WORDS
 ) -> list[str]:
     """Openings of the sentences of `text`: the first k words (k uniform in
     [min_words, max_words]) of each sentence that has at least k + 4 words, so
     the opening stops mid-sentence and invites a continuation. Sentences
     inside quotations, chapter headings and lines with digits are skipped."""
-    return [opening for opening, _ in passage_pairs(text, rng, min_words, max_words)]
+    return [opening for opening, _ in passage_pairs(text, rng, min_words=min_words, max_words=max_words)]
 
 
 def passage_pairs(
-    text: str, rng: random.Random, min_words: int = PROMPT_MIN_WORDS, max_words: int = PROMPT_MAX_WORDS
+    text: str, rng: random.Random, *, min_words: int = PROMPT_MIN_WORDS, max_words: int = PROMPT_MAX_WORDS
 ) -> list[tuple[str, str]]:
     """(opening, the rest of its sentence as Melville wrote it, punctuation the opening dropped included) for each
     opening of `passage_openings`."""

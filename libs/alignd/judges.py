@@ -61,7 +61,7 @@ BUILTIN: dict[str, Judge] = {
 
 
 def resolve(
-    name: str, args: dict | None = None, registry: dict | None = None, field: str = "judge"
+    name: str, args: dict | None = None, registry: dict | None = None, *, field: str = "judge"
 ) -> Callable[[str, str], float]:
     """The judge `name` with its keyword arguments bound: a built-in one, or one of `registry` (the coordinator's
     `judges`: {name: JudgePluginConfig}), the only place a "module:function" is imported from. ValueError naming

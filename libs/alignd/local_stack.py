@@ -41,7 +41,7 @@ LOG_TAIL_LINES = 40
 
 
 class ChildDied(RuntimeError):
-    def __init__(self, role: str, returncode: int | None, log_tail: str, reason: str = "") -> None:
+    def __init__(self, role: str, returncode: int | None, log_tail: str, *, reason: str = "") -> None:
         super().__init__(f"{role} exited with code {returncode}" + (f" ({reason})" if reason else ""))
         self.role = role
         self.returncode = returncode
@@ -351,7 +351,9 @@ class LocalStack:
                     role,
                     code,
                     dead.log_tail(),
-                    f"{len(recent)} restarts within {policy.reset_after_seconds:g}s: restart.max_restarts reached",
+                    reason=(
+                        f"{len(recent)} restarts within {policy.reset_after_seconds:g}s: restart.max_restarts reached"
+                    ),
                 )
             backoff = policy.backoff(len(recent))
             _log.warning("child_died", child=role, exit_code=code, restarts=len(recent), backoff_seconds=backoff)
@@ -424,7 +426,7 @@ class LocalStack:
         self.stop()
 
 
-def report_restart(stack: LocalStack, role: str, code: int | None, prefix: str = "") -> None:
+def report_restart(stack: LocalStack, role: str, code: int | None, *, prefix: str = "") -> None:
     """The line printed when the supervisor restarted a role (LocalStack.supervise's on_restart)."""
     print(
         f"{prefix}alignd: {role} exited with code {code}; restarted on {stack.children[role].address} "

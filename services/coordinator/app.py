@@ -113,15 +113,15 @@ class CoordinatorMetrics:
         )
 
 
-def make_loop(rec: RunRecord, run_cfg, roles: RoleClients, metrics) -> RunThread:
+def make_loop(rec: RunRecord, run_cfg, roles: RoleClients, *, metrics) -> RunThread:
     """The thread of a run: a PipelineRun for `kind: pipeline` runs, a plain PPORun otherwise."""
     if isinstance(run_cfg, PipelineConfig):
-        return PipelineRun(rec, run_cfg, roles, metrics)
-    return PPORun(rec, run_cfg, roles, metrics)
+        return PipelineRun(rec, run_cfg, roles, metrics=metrics)
+    return PPORun(rec, run_cfg, roles, metrics=metrics)
 
 
 class Coordinator:
-    def __init__(self, cfg: CoordinatorConfig, runs_dir: Path, metrics: CoordinatorMetrics, roots=None) -> None:
+    def __init__(self, cfg: CoordinatorConfig, runs_dir: Path, metrics: CoordinatorMetrics, *, roots=None) -> None:
         self.cfg = cfg
         self.runs_dir = runs_dir
         self.metrics = metrics
@@ -143,7 +143,7 @@ class Coordinator:
             if rec.state in ACTIVE:
                 _log.info("run_resuming", run_id=rec.run_id, step=rec.step, stage=rec.stage)
                 loop = make_loop(
-                    rec, parse_run_config(yaml.safe_load(rec.config_yaml)), RoleClients(self.cfg), self.metrics
+                    rec, parse_run_config(yaml.safe_load(rec.config_yaml)), RoleClients(self.cfg), metrics=self.metrics
                 )
                 self.loops[rec.run_id] = loop
                 loop.start()
@@ -162,7 +162,7 @@ class Coordinator:
 
             for key, judge in (("gold.name", run_cfg.gold), ("second_judge.name", run_cfg.second_judge)):
                 try:
-                    judges.resolve(judge.name, judge.args, self.cfg.judges, key)
+                    judges.resolve(judge.name, judge.args, self.cfg.judges, field=key)
                 except ValueError as err:
                     raise InvalidArgument("config_yaml", str(err)) from None
         if self.roots is None:
@@ -216,7 +216,7 @@ class Coordinator:
             run_id = run_id or f"run-{uuid.uuid4().hex[:8]}"
             path = checked if checked is not None else self.runs_dir / run_id
             if (path / "state.json").exists():
-                return self._restart(path, run_id, config_yaml, run_cfg)
+                return self._restart(path, run_id, config_yaml, run_cfg=run_cfg)
             if run_id in self.records:
                 raise AlreadyExists(f"run {run_id} exists in {self.records[run_id].run_dir}")
             if self.active() is not None:
@@ -235,7 +235,7 @@ class Coordinator:
                 owner=CLIENT.get() or "",
             )
             try:
-                loop = make_loop(rec, run_cfg, RoleClients(self.cfg), self.metrics)
+                loop = make_loop(rec, run_cfg, RoleClients(self.cfg), metrics=self.metrics)
             except (DataError, ValueError) as err:
                 raise InvalidArgument("config_yaml", str(err)) from None
             rec.save()
@@ -256,7 +256,7 @@ class Coordinator:
             link.unlink()
         link.symlink_to(path.resolve(), target_is_directory=True)
 
-    def _restart(self, path: Path, run_id: str, config_yaml: str, run_cfg) -> RunRecord:
+    def _restart(self, path: Path, run_id: str, config_yaml: str, *, run_cfg) -> RunRecord:
         """StartRun on a directory that holds the same run (same id and configuration) resumes it from its durable
         state: an unfinished, failed or stopped run goes on where it stopped; a running or finished one is returned."""
         rec = RunRecord.load(path)
@@ -274,7 +274,7 @@ class Coordinator:
         if active is not None and active.run_id != run_id:
             raise FailedPrecondition(f"run {active.run_id} is active; stop it or wait")
         rec.state, rec.error = "pending", ""
-        loop = make_loop(rec, run_cfg, RoleClients(self.cfg), self.metrics)
+        loop = make_loop(rec, run_cfg, RoleClients(self.cfg), metrics=self.metrics)
         rec.save()
         self._link(run_id, path)
         self.records[run_id] = rec
@@ -431,7 +431,7 @@ class CoordinatorApp(RoleApp):
 
         runs_dir = Path(self.cfg.runs_dir) if self.cfg.runs_dir else Path(self.run_dir or ".") / "runs"
         roots = role_roots(self.cfg, self.run_dir, extra=[runs_dir])
-        coordinator = Coordinator(self.cfg, runs_dir, self.metrics, roots)
+        coordinator = Coordinator(self.cfg, runs_dir, self.metrics, roots=roots)
         coordinator.resume_all()
         self.loaded.set(coordinator)
 

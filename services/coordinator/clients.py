@@ -77,7 +77,7 @@ class RoleClients:
         """Seconds a call of `what` may keep retrying an unavailable role."""
         return self.cfg.retry_budget_seconds.get(PHASE_OF.get(what, ""), self.cfg.recovery_timeout_seconds)
 
-    def call(self, what: str, channel: grpc.Channel, fn, budget: float | None = None):
+    def call(self, what: str, channel: grpc.Channel, fn, *, budget: float | None = None):
         """fn(timeout) with recovery: on UNAVAILABLE, wait for the role's health, back off (jittered), call again;
         for at most the phase's retry budget."""
         budget = self.budget(what) if budget is None else budget

@@ -60,8 +60,8 @@ class RunLoop:
         record: RunRecord,
         run_cfg: PPORunConfig,
         roles: RoleClients,
-        metrics,
         *,
+        metrics,
         plan: VersionPlan | None = None,
         skip_bad: bool = False,
         rollout_texts: bool = False,
@@ -76,8 +76,10 @@ class RunLoop:
         self.metrics = metrics
         self.stop_requested = threading.Event()
         self.log = MetricsLog(record.path / "metrics.jsonl")
-        self.sync = WeightSync(record, roles, metrics, plan or PolicyPushPlan(record))
-        self.rollouts = Rollouts(record, run_cfg, roles, metrics, self.sync, skip_bad=skip_bad, texts=rollout_texts)
+        self.sync = WeightSync(record, roles, metrics, plan=plan or PolicyPushPlan(record))
+        self.rollouts = Rollouts(
+            record, run_cfg, roles, metrics=metrics, sync=self.sync, skip_bad=skip_bad, texts=rollout_texts
+        )
         self.step_extras = step_extras or (lambda samples: {})
         # Whether the rollouts' log-probs are the learner's own, so it need not recompute them (ppo.old_logprobs);
         # settled with the roles' infos at the start of each run (check_tokenizers).
@@ -265,8 +267,8 @@ class RunThread(threading.Thread):
 class PPORun(RunThread):
     """A plain PPO run (kind: ppo): its steps against the reward model the reward role serves."""
 
-    def __init__(self, record: RunRecord, run_cfg: PPORunConfig, roles: RoleClients, metrics) -> None:
-        super().__init__(RunLoop(record, run_cfg, roles, metrics))
+    def __init__(self, record: RunRecord, run_cfg: PPORunConfig, roles: RoleClients, *, metrics) -> None:
+        super().__init__(RunLoop(record, run_cfg, roles, metrics=metrics))
 
     def body(self) -> str:
         rec = self.record

@@ -57,15 +57,15 @@ class PipelineVersions:
             PolicyPushPlan(self.record).resync(role, replicas, sync)  # the learner pushes the current policy
         elif role == "policy":
             chosen = replicas if replicas is not None else range(len(roles.policy))
-            load_weights(roles, [roles.policy[r] for r in chosen], st.sft_dir, st.sft_version)
+            load_weights(roles, [roles.policy[r] for r in chosen], st.sft_dir, version=st.sft_version)
         elif role == "reference":
-            load_weights(roles, roles.reference, st.sft_dir, st.sft_version)
+            load_weights(roles, roles.reference, st.sft_dir, version=st.sft_version)
         else:
-            load_weights(roles, roles.reward, st.rm_dir, st.rm_version)
+            load_weights(roles, roles.reward, st.rm_dir, version=st.rm_version)
 
 
 class PipelineRun(RunThread):
-    def __init__(self, record: RunRecord, cfg: PipelineConfig, roles: RoleClients, metrics) -> None:
+    def __init__(self, record: RunRecord, cfg: PipelineConfig, roles: RoleClients, *, metrics) -> None:
         if record.pipeline is None:
             record.pipeline = PipelineState()
         # Every PPO step also records the gold judge's mean score of its rollouts (metrics.jsonl: gold_mean): with
@@ -75,7 +75,7 @@ class PipelineRun(RunThread):
             record,
             cfg.ppo,
             roles,
-            metrics,
+            metrics=metrics,
             plan=PipelineVersions(record, roles),
             skip_bad=cfg.skip_bad_lines,
             rollout_texts=True,
@@ -101,8 +101,8 @@ class PipelineRun(RunThread):
                     "data_lines_skipped", run_id=record.run_id, file=name, path=r["path"], skipped=r["skipped"]
                 )
         registry = roles.cfg.judges
-        self.gold = judges.resolve(cfg.gold.name, cfg.gold.args, registry, "gold.name")
-        self.second = judges.resolve(cfg.second_judge.name, cfg.second_judge.args, registry, "second_judge.name")
+        self.gold = judges.resolve(cfg.gold.name, cfg.gold.args, registry, field="gold.name")
+        self.second = judges.resolve(cfg.second_judge.name, cfg.second_judge.args, registry, field="second_judge.name")
         self.labeling: tuple[int, ComparisonStore] | None = None  # the open labeling round, for the labeler RPCs
         self.launcher = None  # built on first use when rm_job: launcher
 
@@ -155,7 +155,7 @@ class PipelineRun(RunThread):
         st.sft_dir, st.sft_best_val_loss = resp.model_dir, resp.best_val_loss
         self.record.save()
         self.progress(0.8, "loading the SFT policy; sampling held-out prompts")
-        load_weights(self.roles, self.roles.policy + self.roles.reference, resp.model_dir, st.sft_version)
+        load_weights(self.roles, self.roles.policy + self.roles.reference, resp.model_dir, version=st.sft_version)
         # Held-out samples of the SFT policy, the baseline of the evaluation.
         evaluate.write_eval_samples(self, "sft")
 

@@ -89,6 +89,7 @@ def fan_out(
     shards: list[int],
     rotation: Rotation,
     step: int,
+    *,
     launch: Callable[[int, int], grpc.Future],
     cfg: HedgingConfig,
     on_out: Callable[[int, str], None],
@@ -100,13 +101,13 @@ def fan_out(
     left for a shard whose replica failed, wait_any(shard) serves it the slow way (waiting for a replica to come
     back, within the phase's retry budget) and returns the response.
     """
-    return _FanOut(shards, rotation, step, launch, cfg, on_out, wait_any).run()
+    return _FanOut(shards, rotation, step, launch=launch, cfg=cfg, on_out=on_out, wait_any=wait_any).run()
 
 
 class _FanOut:
     """One step's fan-out: the attempts of each shard, the load of each replica, the fastest answer so far."""
 
-    def __init__(self, shards, rotation: Rotation, step: int, launch, cfg: HedgingConfig, on_out, wait_any) -> None:
+    def __init__(self, shards, rotation: Rotation, step: int, *, launch, cfg: HedgingConfig, on_out, wait_any) -> None:
         self.shards, self.rotation, self.step = shards, rotation, step
         self.launch, self.cfg, self.on_out, self.wait_any = launch, cfg, on_out, wait_any
         self.events: queue.Queue[_Attempt] = queue.Queue()

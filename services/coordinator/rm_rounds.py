@@ -55,7 +55,7 @@ def run_round(run: PipelineRun, r: int) -> None:
         st.rm_versions[r] = max([*served, *st.rm_versions.values()]) + 1
         run.record.save()
     version = st.rm_versions[r]
-    load_weights(run.roles, run.roles.reward, resp.model_dir, version)
+    load_weights(run.roles, run.roles.reward, resp.model_dir, version=version)
     if r == 0 and agreement:
         st.labeler_agreement = agreement
     st.rm_dir, st.rm_version = resp.model_dir, version

@@ -83,9 +83,9 @@ class Rollouts:
         record: RunRecord,
         cfg: PPORunConfig,
         roles: RoleClients,
+        *,
         metrics,
         sync: WeightSync,
-        *,
         skip_bad: bool = False,
         texts: bool = False,
     ) -> None:
@@ -166,7 +166,7 @@ class Rollouts:
 
     # -- the role calls ---------------------------------------------------------
     def _generate_request(
-        self, step: int, shard: int, prompt_idx: list[int], return_text: bool, micro_batch: int | None = None
+        self, step: int, shard: int, prompt_idx: list[int], *, return_text: bool, micro_batch: int | None = None
     ) -> policy_pb2.GenerateRequest:
         """Shard `shard` of the step (of its micro-batch, with run.rollout_micro_batches): its seed depends on the
         shard, not on the replica that serves it."""
@@ -186,14 +186,16 @@ class Rollouts:
         )
 
     def _generate(
-        self, step: int, prompt_idx: list[int], return_text: bool, micro_batch: int | None = None
+        self, step: int, prompt_idx: list[int], return_text: bool, *, micro_batch: int | None = None
     ) -> list[tuple[str, policy_pb2.Sample]]:
         """The step's rollouts (or one micro-batch of them): one shard per configured replica, hedged and failed
         over (replicas.fan_out)."""
         n_rep = len(self.roles.policy)
         shards = [prompt_idx[i::n_rep] for i in range(n_rep)]
         reqs = {
-            r: self._generate_request(step, r, shards[r], return_text, micro_batch) for r in range(n_rep) if shards[r]
+            r: self._generate_request(step, r, shards[r], return_text=return_text, micro_batch=micro_batch)
+            for r in range(n_rep)
+            if shards[r]
         }
 
         def wait_for(shard: int):
@@ -210,7 +212,13 @@ class Rollouts:
                 return stub.Generate.future(reqs[shard], timeout=self.roles.cfg.rpc_timeout_seconds)
 
             res = fan_out(
-                sorted(reqs), self.sync.rotation, step, launch, self.roles.cfg.hedging, self.sync.replica_out, wait_for
+                sorted(reqs),
+                self.sync.rotation,
+                step,
+                launch=launch,
+                cfg=self.roles.cfg.hedging,
+                on_out=self.sync.replica_out,
+                wait_any=wait_for,
             )
             resps = res.responses
             if res.hedged:
@@ -253,7 +261,7 @@ class Rollouts:
         resp = self.sync.call_at_run_version("reference", call, lambda r: r.weight_version)
         return [list(r.logprobs) for r in resp.results]
 
-    def sample_texts(self, prompts: list[str], n: int, sampling: SamplingConfig, seed: int) -> list[list]:
+    def sample_texts(self, prompts: list[str], n: int, sampling: SamplingConfig, *, seed: int) -> list[list]:
         """n samples per prompt from one policy replica in the rotation, texts included; grouped by prompt (the
         pipeline's labeling rounds and evaluation)."""
         req = policy_pb2.GenerateRequest(

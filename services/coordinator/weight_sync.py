@@ -51,7 +51,7 @@ class PolicyPushPlan:
             sync.push(replicas, budget=RETURN_CHECK_BUDGET_S if replicas is not None else None)
 
 
-def load_weights(roles: RoleClients, channels: list[grpc.Channel], path: str, version: int) -> None:
+def load_weights(roles: RoleClients, channels: list[grpc.Channel], path: str, *, version: int) -> None:
     """LoadWeights(path, version) on every replica that does not serve `version` already (a restart may have
     loaded it before)."""
     for ch in channels:
@@ -65,7 +65,7 @@ def load_weights(roles: RoleClients, channels: list[grpc.Channel], path: str, ve
 
 
 class WeightSync:
-    def __init__(self, record: RunRecord, roles: RoleClients, metrics, plan: VersionPlan) -> None:
+    def __init__(self, record: RunRecord, roles: RoleClients, metrics, *, plan: VersionPlan) -> None:
         self.record = record
         self.roles = roles
         self.metrics = metrics
@@ -202,7 +202,7 @@ class WeightSync:
                 self.replica_out(r, "unavailable")
 
     # -- answers from the weights the run expects --------------------------------
-    def call_at_run_version(self, role: str, fn, version_of, want: int | None = None):
+    def call_at_run_version(self, role: str, fn, version_of, *, want: int | None = None):
         """fn() -> a response; when version_of(response) is below what `role` must serve (`want`, else
         expected_version: a replica that restarted from the weights in its configuration), the replicas are
         re-synced and fn is called again."""

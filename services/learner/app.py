@@ -62,8 +62,8 @@ class LearnerApp(ModelRoleApp):
                 self.loaded,
                 self.metrics,
                 lambda v: self.model_servicer.metrics.version.set(v),
-                Jobs(self.cfg),
-                self.roots,
+                jobs=Jobs(self.cfg),
+                roots=self.roots,
             ),
             host.server,
         )

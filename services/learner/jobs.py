@@ -95,7 +95,7 @@ def _check_output(output_dir: str) -> Path:
     return final
 
 
-def _publish(tmp: Path, output_dir: str, job_id: str, resp) -> None:
+def _publish(tmp: Path, output_dir: str, job_id: str, *, resp) -> None:
     (tmp / JOB_FILE).write_bytes(result_record(job_id, resp))
     final = _check_output(output_dir)  # again: the directory may have appeared while the job trained
     publish_dir(tmp, final, replace=True)  # an earlier result of alignd's (a job of another id) is replaced
@@ -116,7 +116,7 @@ def _tmp_dir(output_dir: str) -> Path:
     return tmp
 
 
-def _split(records, validation, fraction: float, seed: int, what: str):
+def _split(records, validation, *, fraction: float, seed: int, what: str):
     if validation:
         return records, validation
     if fraction <= 0:
@@ -160,7 +160,7 @@ def run_job(
             resp = train(prepared, tmp)
             resp.model_dir = str(Path(output_dir).resolve())
             resp.duration_seconds = time.perf_counter() - t0
-            _publish(tmp, output_dir, job_id, resp)
+            _publish(tmp, output_dir, job_id, resp=resp)
             return resp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -198,7 +198,7 @@ class Jobs:
                 validation_path=req.validation_path,
                 skip_bad=cfg.skip_bad_lines,
             )
-            return cfg, *_split(demos, val, cfg.validation_fraction, cfg.seed, "demonstrations_path")
+            return cfg, *_split(demos, val, fraction=cfg.validation_fraction, seed=cfg.seed, what="demonstrations_path")
 
         def train(prepared, tmp: Path) -> learner_pb2.TrainSFTResponse:
             cfg, train, val = prepared
@@ -209,7 +209,7 @@ class Jobs:
                 model,
                 tok,
                 [(d.prompt, d.completion) for d in train],
-                [(d.prompt, d.completion) for d in val],
+                val=[(d.prompt, d.completion) for d in val],
                 epochs=cfg.epochs,
                 lr=cfg.lr,
                 batch_size=cfg.batch_size,
@@ -285,7 +285,7 @@ def train_reward_model(
             if req.demonstrations_path
             else []
         )
-        return cfg, demos, *_split(comps, val, cfg.validation_fraction, cfg.seed, "comparisons_path")
+        return cfg, demos, *_split(comps, val, fraction=cfg.validation_fraction, seed=cfg.seed, what="comparisons_path")
 
     resp = run_job(
         job_id=req.job_id,
@@ -352,7 +352,7 @@ def _fit_rm(model, tok, cfg: RMTrainConfig, *, train, val, demos, betas: tuple[f
             model,
             tok,
             [triple(c) for c in train],
-            [triple(c) for c in val],
+            val=[triple(c) for c in val],
             l2=cfg.head_l2,
             max_tokens=cfg.max_tokens,
             demonstrations=demo_pairs,
@@ -362,7 +362,7 @@ def _fit_rm(model, tok, cfg: RMTrainConfig, *, train, val, demos, betas: tuple[f
         model,
         tok,
         [triple(c) for c in train],
-        [triple(c) for c in val],
+        val=[triple(c) for c in val],
         lr=cfg.lr,
         batch_size=cfg.batch_size,
         max_tokens=cfg.max_tokens,

@@ -80,8 +80,8 @@ class Learner:
             ptx = ptx_batches(
                 pack_blocks(self.tokenizer, cfg.ppo.ptx_data, cfg.ppo.ptx_max_tokens), cfg.ppo.ptx_batch_size, cfg.seed
             )
-        self.trainer = PPOTrainer(self.module, self.engine, cfg.ppo, cfg.seed, ptx_batches=ptx)
-        self.handle = ModelHandle("learner", cfg.model, policy, self.tokenizer)
+        self.trainer = PPOTrainer(self.module, self.engine, cfg.ppo, seed=cfg.seed, ptx_batches=ptx)
+        self.handle = ModelHandle("learner", cfg.model, policy, tokenizer=self.tokenizer)
         self.ema = [p.detach().clone() for p in policy.parameters()] if cfg.ema_decay else None
         self.step = 0
         self.base_version = 0  # policy version = base_version + step (ResetPolicy moves the base)
@@ -306,7 +306,7 @@ class Learner:
             torch.nn.init.zeros_(self.module.value_head.bias)
         self.engine = build_engine(self.cfg, self.module)
         self.trainer = PPOTrainer(
-            self.module, self.engine, self.cfg.ppo, self.cfg.seed, ptx_batches=self.trainer.ptx_batches
+            self.module, self.engine, self.cfg.ppo, seed=self.cfg.seed, ptx_batches=self.trainer.ptx_batches
         )
         self.ema = [p.detach().clone() for p in self.module.policy.parameters()] if self.cfg.ema_decay else None
         self.step = 0

@@ -57,6 +57,7 @@ class PolicyValue(nn.Module):
         input_ids: torch.Tensor,  # (B, L) prompt + response, right-padded
         attention_mask: torch.Tensor,  # (B, L)
         positions: torch.Tensor,  # (B, T) index of the logits that predict response token t
+        *,
         response: torch.Tensor,  # (B, T) response token ids (padding: any valid id)
         temperature: float = 1.0,
         with_values: bool = True,

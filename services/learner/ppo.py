@@ -78,6 +78,7 @@ def collate(
     prompts: list[list[int]],
     responses: list[list[int]],
     ref_logprobs: list[list[float]],
+    *,
     rollout_logprobs: list[list[float]],
     scores: list[float],
     pad_id: int,
@@ -195,7 +196,7 @@ class KLController:
 
 
 class PPOTrainer:
-    def __init__(self, module, engine, cfg: PPOConfig, seed: int, ptx_batches=None) -> None:
+    def __init__(self, module, engine, cfg: PPOConfig, *, seed: int, ptx_batches=None) -> None:
         self.module = module
         self.engine = engine
         self.cfg = cfg
@@ -221,7 +222,7 @@ class PPOTrainer:
             values = self.module.values(batch.input_ids, batch.attention_mask, batch.positions)
             return batch.rollout_logprobs * batch.mask, values, True
         logprobs, _entropy, values = self.module(
-            batch.input_ids, batch.attention_mask, batch.positions, batch.response, cfg.temperature
+            batch.input_ids, batch.attention_mask, batch.positions, response=batch.response, temperature=cfg.temperature
         )
         logprobs = torch.where(from_rollout[:, None], batch.rollout_logprobs, logprobs)
         return logprobs * batch.mask, values, every  # (B, T), (B, T) (gae masks values itself)
@@ -230,7 +231,7 @@ class PPOTrainer:
         """Stale rows take the PPO ratio against the behaviour log-probs (off_policy: behaviour, exact rollouts)."""
         return self.cfg.off_policy == "behaviour" and batch.rollout_exact
 
-    def _behaviour_weights(self, batch: Batch, old_logprobs: torch.Tensor, current: torch.Tensor, stats: StepStats):
+    def _behaviour_weights(self, batch: Batch, old_logprobs: torch.Tensor, current: torch.Tensor, *, stats: StepStats):
         """(B, T) importance weights pi_old / pi_behaviour for rows sampled by other weights (1 elsewhere),
         truncated at behaviour_weight_cap, with off_policy: decoupled; None when every row is current or the
         ratio itself is taken against the behaviour policy."""
@@ -268,7 +269,7 @@ class PPOTrainer:
             reference_kl=float(rlmath.masked_mean(old_logprobs - batch.ref_logprobs, batch.mask)),
             old_logprobs_from_rollout=from_rollout,
         )
-        targets.weights = self._behaviour_weights(batch, old_logprobs, current, stats)  # (B, T) or None
+        targets.weights = self._behaviour_weights(batch, old_logprobs, current, stats=stats)  # (B, T) or None
         self._epochs(batch, targets, stats)
         seq_kl = float((kl * batch.mask).sum(1).mean())
         self.kl.update(seq_kl, batch.size)
@@ -286,10 +287,12 @@ class PPOTrainer:
         mask = batch.mask
         kl = rlmath.kl_estimate(old_logprobs, batch.ref_logprobs, cfg.kl_estimator) * mask  # (B, T)
         kl_coef = self.kl.value
-        rewards, _non_score = rlmath.per_token_rewards(batch.scores, kl, mask, kl_coef, cfg.score_position)
+        rewards, _non_score = rlmath.per_token_rewards(
+            batch.scores, kl, mask, kl_coef=kl_coef, score_position=cfg.score_position
+        )
         # With the score one past the last token (TRL), that position carries a value too.
         vmask = rlmath.value_mask_for(mask, cfg.score_position)  # (B, T)
-        advantages, returns = rlmath.gae(rewards, old_values, mask, cfg.gamma, cfg.lam, value_mask=vmask)
+        advantages, returns = rlmath.gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam, value_mask=vmask)
         advantages = rlmath.masked_whiten(advantages, mask, unbiased=cfg.whiten_unbiased) * mask
         return kl, kl_coef, _Targets(old_logprobs, old_values, advantages, returns, vmask)
 
@@ -308,24 +311,24 @@ class PPOTrainer:
                 # This rank's rows of the minibatch; every token mean below is this
                 # rank's share of the minibatch's mean (reduction.py explains why).
                 idx, empty = dp.shard(perm[start : start + mb_size])
-                loss, local = self._minibatch_loss(batch, targets, idx, empty, dp)
+                loss, local = self._minibatch_loss(batch, targets, idx, empty=empty, dp=dp)
                 n_mb += 1
                 reduced = dp.all_reduce_sum(torch.stack([v.detach().float() for v in local]))  # (9,) minibatch values
                 for k, v in zip(_MINIBATCH_STATS, reduced[:-1].tolist()):
                     sums[k] = sums.get(k, 0.0) + v
-                self._update(loss, reduced[-1], stats, sums)
+                self._update(loss, reduced[-1], stats, sums=sums)
         for k, v in sums.items():
             setattr(stats, k, v / max(1, n_mb))
 
     def _minibatch_loss(
-        self, batch: Batch, targets: _Targets, idx: torch.Tensor, empty: bool, dp: DataParallel
+        self, batch: Batch, targets: _Targets, idx: torch.Tensor, *, empty: bool, dp: DataParallel
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """(this rank's share of the minibatch's loss, its shares of the minibatch statistics: _MINIBATCH_STATS,
         then the loss): the clipped surrogate plus value_coef x the clipped value loss (plus the ptx term)."""
         cfg = self.cfg
         mb = batch.select(idx)
         logprobs, entropy, values = self.module(
-            mb.input_ids, mb.attention_mask, mb.positions, mb.response, cfg.temperature
+            mb.input_ids, mb.attention_mask, mb.positions, response=mb.response, temperature=cfg.temperature
         )
         share = token_share(mb.mask, dp, empty)  # () N_r / N of the policy tokens
         vshare = token_share(targets.vmask[idx], dp, empty)  # () of the value tokens
@@ -333,12 +336,12 @@ class PPOTrainer:
             logprobs,
             targets.old_logprobs[idx],
             targets.advantages[idx],
-            mb.mask,
-            cfg.clip,
+            mask=mb.mask,
+            clip=cfg.clip,
             weights=targets.weights[idx] if targets.weights is not None else None,
         )
         vl, vclip = rlmath.value_loss(
-            values, targets.old_values[idx], targets.returns[idx], targets.vmask[idx], cfg.value_clip
+            values, targets.old_values[idx], targets.returns[idx], mask=targets.vmask[idx], clip=cfg.value_clip
         )
         pl, vl = pl * share, vl * vshare
         loss = pl + cfg.value_coef * vl
@@ -368,7 +371,7 @@ class PPOTrainer:
         ptx = ptx * token_share(attn[:, 1:], dp, ptx_empty)
         return rlmath.ppo_ptx_objective(loss, ptx, self.cfg.ptx_coef), ptx
 
-    def _update(self, loss: torch.Tensor, total: torch.Tensor, stats: StepStats, sums: dict[str, float]) -> None:
+    def _update(self, loss: torch.Tensor, total: torch.Tensor, stats: StepStats, *, sums: dict[str, float]) -> None:
         """One optimizer step on the minibatch's loss (`total`: the loss of the whole minibatch, the same on every
         rank); skipped and counted when the loss or the gradient is not finite."""
         if not torch.isfinite(total):

@@ -16,7 +16,7 @@ import torch
 from alignd import rlmath
 
 
-def pack_blocks(tokenizer, path: str, max_tokens: int, label: str = "ptx_data") -> torch.Tensor:
+def pack_blocks(tokenizer, path: str, max_tokens: int, *, label: str = "ptx_data") -> torch.Tensor:
     """(N, max_tokens) blocks of the documents' tokens; ValueError (starting with `label`) when unusable."""
     p = Path(path)
     try:

@@ -58,7 +58,7 @@ class WeightPublisher:
             version = self.source.version
             mode, path = self._publish(version, addresses)
         t0 = time.perf_counter()
-        push = _Push(self, version, mode, path, stage_only)
+        push = _Push(self, version, mode, path=path, stage_only=stage_only)
         with ThreadPoolExecutor(max_workers=max(1, len(addresses))) as pool:
             sent = list(pool.map(push.to_replica, addresses))
         return learner_pb2.PushWeightsResponse(
@@ -127,7 +127,7 @@ class WeightPublisher:
 class _Push:
     """One push of one version to a set of replicas (PushWeights), one thread per replica."""
 
-    def __init__(self, publisher: WeightPublisher, version: int, mode: str, path: str | None, stage_only: bool):
+    def __init__(self, publisher: WeightPublisher, version: int, mode: str, *, path: str | None, stage_only: bool):
         self.p, self.version, self.mode, self.path, self.stage_only = publisher, version, mode, path, stage_only
         self.committed: list[str] = []
         self._state: dict | None = None

@@ -71,6 +71,7 @@ def parse_batch(
     request: learner_pb2.TrainStepRequest,
     vocab_size: int,
     max_context: int,
+    *,
     pad_id: int,
     temperature: float = 1.0,
     fp32: bool = True,
@@ -123,7 +124,16 @@ def parse_batch(
         and fp32
         and math.isclose(request.rollout_temperature, temperature, rel_tol=1e-6)
     )
-    return collate(prompts, responses, refs, rollouts, scores, pad_id, versions if behaviour else None, exact)
+    return collate(
+        prompts,
+        responses,
+        refs,
+        rollout_logprobs=rollouts,
+        scores=scores,
+        pad_id=pad_id,
+        versions=versions if behaviour else None,
+        rollout_exact=exact,
+    )
 
 
 # The path fields of each request: they must lie under the learner's roots (alignd.runtime.paths); optional ones may
@@ -148,7 +158,7 @@ PATH_FIELDS = {
 
 
 class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
-    def __init__(self, loaded, metrics: LearnerMetrics, on_version, jobs, roots=None) -> None:
+    def __init__(self, loaded, metrics: LearnerMetrics, on_version, *, jobs, roots=None) -> None:
         self.loaded = loaded  # Loaded[Learner]
         self.metrics = metrics
         self.on_version = on_version  # keeps ModelService's version gauge in step
@@ -195,8 +205,8 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             request,
             h.vocab_size,
             h.max_context,
-            h.pad_token_id,
-            cfg.ppo.temperature,
+            pad_id=h.pad_token_id,
+            temperature=cfg.ppo.temperature,
             fp32=cfg.model.dtype == "float32" and not cfg.engine.bf16,
         )
         t0 = time.perf_counter()

@@ -37,7 +37,7 @@ from alignd.services.learner.engine import adamw
 IGNORE = -100
 
 
-def cosine_to_floor(step: int, total: int, warmup: int = 0, floor: float = 0.1) -> float:
+def cosine_to_floor(step: int, total: int, warmup: int = 0, *, floor: float = 0.1) -> float:
     """LR multiplier: linear warm-up, then cosine from 1 to `floor` at `total` steps."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
@@ -53,7 +53,7 @@ def set_dropout(model: nn.Module, p: float) -> None:
             m.p = p
 
 
-def _update(model, opt, sched, loss: torch.Tensor, max_grad_norm: float) -> bool:
+def _update(model, opt, sched, *, loss: torch.Tensor, max_grad_norm: float) -> bool:
     """One optimizer step on `loss`; a non-finite gradient norm skips the update (the LR schedule still advances)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -77,7 +77,7 @@ def _batches(items: Sequence, size: int, rng: random.Random | None) -> list[list
 # ---------------------------------------------------------------------------
 
 
-def encode_demo(tokenizer, prompt: str, completion: str, max_tokens: int) -> tuple[list[int], list[int]]:
+def encode_demo(tokenizer, prompt: str, completion: str, *, max_tokens: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels): labels are IGNORE on the prompt; the completion ends with EOS.
 
     The completion keeps up to max_tokens - 1 tokens (cut on the right); the
@@ -124,7 +124,7 @@ def _snapshot(model) -> dict:
 
 
 @torch.no_grad()
-def sft_eval_loss(model, encoded, batch_size: int, pad_id: int) -> float:
+def sft_eval_loss(model, encoded, batch_size: int, *, pad_id: int) -> float:
     model.eval()
     total, n = 0.0, 0
     for batch in _batches(encoded, batch_size, None):
@@ -138,8 +138,8 @@ def train_sft(
     model,
     tokenizer,
     train: Sequence[tuple[str, str]],
-    val: Sequence[tuple[str, str]],
     *,
+    val: Sequence[tuple[str, str]],
     epochs: int,
     lr: float,
     batch_size: int,
@@ -159,8 +159,8 @@ def train_sft(
     if select == "val_loss" and not val:
         raise ValueError("select=val_loss needs validation demonstrations")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    enc_train = [encode_demo(tokenizer, p, c, max_tokens) for p, c in train]
-    enc_val = [encode_demo(tokenizer, p, c, max_tokens) for p, c in val]
+    enc_train = [encode_demo(tokenizer, p, c, max_tokens=max_tokens) for p, c in train]
+    enc_val = [encode_demo(tokenizer, p, c, max_tokens=max_tokens) for p, c in val]
     rng = random.Random(seed)
     total = epochs * math.ceil(len(enc_train) / batch_size)
     opt = adamw(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
@@ -173,7 +173,7 @@ def train_sft(
         run_loss, run_n = 0.0, 0
         for batch in _batches(enc_train, batch_size, rng):
             loss, k = sft_loss(model, batch, pad)
-            _update(model, opt, sched, loss, max_grad_norm)
+            _update(model, opt, sched, loss=loss, max_grad_norm=max_grad_norm)
             step += 1
             run_loss += float(loss.detach()) * k
             run_n += k
@@ -188,7 +188,7 @@ def train_sft(
                     }
                 )
         set_dropout(model, 0.0)
-        val_loss = sft_eval_loss(model, enc_val, batch_size, pad) if enc_val else float("nan")
+        val_loss = sft_eval_loss(model, enc_val, batch_size, pad_id=pad) if enc_val else float("nan")
         row = {"epoch": epoch, "step": step, "train_loss": run_loss / max(1, run_n), "val_loss": val_loss}
         result.history.append(row)
         metric = val_loss if select == "val_loss" else -epoch
@@ -204,7 +204,7 @@ def train_sft(
 # ---------------------------------------------------------------------------
 
 
-def encode_pair(tokenizer, prompt: str, completion: str, max_tokens: int) -> tuple[list[int], int]:
+def encode_pair(tokenizer, prompt: str, completion: str, *, max_tokens: int) -> tuple[list[int], int]:
     """(prompt + completion tokens, index of the first completion token); the prompt is cut from the left to fit."""
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"][: max_tokens - 1]
@@ -222,12 +222,12 @@ def _encode_comparisons(tokenizer, comps, max_tokens: int) -> tuple[list[tuple[l
     """encode_pair of every completion of every comparison, and the K of each."""
     pairs, sizes = [], []
     for prompt, completions, _ranking in comps:
-        pairs += [encode_pair(tokenizer, prompt, c, max_tokens) for c in completions]
+        pairs += [encode_pair(tokenizer, prompt, c, max_tokens=max_tokens) for c in completions]
         sizes.append(len(completions))
     return pairs, sizes
 
 
-def comparison_rewards(model, tokenizer, comps, max_tokens: int) -> list[torch.Tensor]:
+def comparison_rewards(model, tokenizer, comps, *, max_tokens: int) -> list[torch.Tensor]:
     """One forward over every completion of every comparison; rewards split per prompt."""
     pairs, sizes = _encode_comparisons(tokenizer, comps, max_tokens)
     scores = _score_pairs(model, tokenizer, pairs)  # (sum K,)
@@ -245,12 +245,12 @@ def _pair_counts(rewards_list, rankings) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def pairwise_accuracy(model, tokenizer, comps, max_tokens: int, batch_size: int = 8) -> float:
+def pairwise_accuracy(model, tokenizer, comps, *, max_tokens: int, batch_size: int = 8) -> float:
     """Fraction of the C(K,2) pairs of every ranking that the model orders like the labeler."""
     model.eval()
     right = total = 0
     for batch in _batches(list(comps), batch_size, None):
-        r, t = _pair_counts(comparison_rewards(model, tokenizer, batch, max_tokens), [c[2] for c in batch])
+        r, t = _pair_counts(comparison_rewards(model, tokenizer, batch, max_tokens=max_tokens), [c[2] for c in batch])
         right, total = right + r, total + t
     return right / max(1, total)
 
@@ -259,8 +259,8 @@ def train_rm(
     model,
     tokenizer,
     train: Sequence[tuple[str, Sequence[str], Sequence[int]]],
-    val: Sequence[tuple[str, Sequence[str], Sequence[int]]],
     *,
+    val: Sequence[tuple[str, Sequence[str], Sequence[int]]],
     lr: float,
     batch_size: int,
     max_tokens: int,
@@ -286,14 +286,16 @@ def train_rm(
     opt = adamw(model.parameters(), lr=lr, betas=betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_to_floor(s, total, warmup_steps))
     result = SupervisedResult()
-    result.extra["val_accuracy_before"] = pairwise_accuracy(model, tokenizer, val, max_tokens) if val else float("nan")
+    result.extra["val_accuracy_before"] = (
+        pairwise_accuracy(model, tokenizer, val, max_tokens=max_tokens) if val else float("nan")
+    )
     step = 0
     for epoch in range(1, epochs + 1):
         model.train()
         for batch in _batches(list(train), batch_size, rng):
-            rewards = comparison_rewards(model, tokenizer, batch, max_tokens)
+            rewards = comparison_rewards(model, tokenizer, batch, max_tokens=max_tokens)
             loss = rlmath.rm_loss(rewards, [r for _p, _c, r in batch])
-            _update(model, opt, sched, loss, max_grad_norm)
+            _update(model, opt, sched, loss=loss, max_grad_norm=max_grad_norm)
             step += 1
             if on_step:
                 on_step(
@@ -305,16 +307,20 @@ def train_rm(
                         "lr": sched.get_last_lr()[0],
                     }
                 )
-        acc = pairwise_accuracy(model, tokenizer, val, max_tokens) if val else float("nan")
+        acc = pairwise_accuracy(model, tokenizer, val, max_tokens=max_tokens) if val else float("nan")
         result.history.append({"epoch": epoch, "step": step, "val_accuracy": acc})
     model.eval()
     result.best_epoch = epochs
     result.best_metric = result.history[-1]["val_accuracy"] if result.history else float("nan")
     result.extra["val_accuracy"] = result.best_metric
-    result.extra["train_accuracy"] = pairwise_accuracy(model, tokenizer, train, max_tokens) if train else float("nan")
+    result.extra["train_accuracy"] = (
+        pairwise_accuracy(model, tokenizer, train, max_tokens=max_tokens) if train else float("nan")
+    )
     if unit_std and train:
-        result.extra["score_scale"] = scale_to_unit_std(model, _training_scores(model, tokenizer, train, max_tokens))
-    bias = demonstration_bias(model, tokenizer, demonstrations, max_tokens) if demonstrations else 0.0
+        result.extra["score_scale"] = scale_to_unit_std(
+            model, _training_scores(model, tokenizer, train, max_tokens=max_tokens)
+        )
+    bias = demonstration_bias(model, tokenizer, demonstrations, max_tokens=max_tokens) if demonstrations else 0.0
     setattr(model.config, SCORE_BIAS_KEY, bias)
     result.extra["score_bias"] = bias
     return result
@@ -336,7 +342,9 @@ def scale_to_unit_std(model, scores: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _training_scores(model, tokenizer, train, max_tokens: int, limit: int = 2048, batch_size: int = 16) -> torch.Tensor:
+def _training_scores(
+    model, tokenizer, train, *, max_tokens: int, limit: int = 2048, batch_size: int = 16
+) -> torch.Tensor:
     """The RM's scores of (up to `limit`, evenly spread) completions of its training comparisons."""
     model.eval()
     pairs, _ = _encode_comparisons(tokenizer, train, max_tokens)
@@ -347,13 +355,15 @@ def _training_scores(model, tokenizer, train, max_tokens: int, limit: int = 2048
 
 @torch.no_grad()
 def demonstration_bias(
-    model, tokenizer, demos: Sequence[tuple[str, str]], max_tokens: int, batch_size: int = 16
+    model, tokenizer, demos: Sequence[tuple[str, str]], *, max_tokens: int, batch_size: int = 16
 ) -> float:
     """-mean raw score of the demonstrations: added to every score, demonstrations average 0."""
     model.eval()
     scores = []
     for batch in _batches(list(demos), batch_size, None):
-        scores.append(_score_pairs(model, tokenizer, [encode_pair(tokenizer, p, c, max_tokens) for p, c in batch]))
+        scores.append(
+            _score_pairs(model, tokenizer, [encode_pair(tokenizer, p, c, max_tokens=max_tokens) for p, c in batch])
+        )
     return -float(torch.cat(scores).mean()) if scores else 0.0
 
 
@@ -380,7 +390,7 @@ def truncate_layers(model: nn.Module, n: int) -> int:
 
 
 @torch.no_grad()
-def _features(model, tokenizer, comps, max_tokens: int, batch_size: int) -> tuple[torch.Tensor, list[int]]:
+def _features(model, tokenizer, comps, *, max_tokens: int, batch_size: int) -> tuple[torch.Tensor, list[int]]:
     """Pooled features (sum K, H) of every completion of every comparison, and the K of each."""
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -390,7 +400,7 @@ def _features(model, tokenizer, comps, max_tokens: int, batch_size: int) -> tupl
     rows = [index.setdefault((tuple(s), b), len(index)) for s, b in pairs]
     unique = list(index)
     feats = [
-        pooled_features(model, [list(s) for s, _ in chunk], [b for _, b in chunk], pad).double()
+        pooled_features(model, [list(s) for s, _ in chunk], [b for _, b in chunk], pad_id=pad).double()
         for chunk in (unique[i : i + batch_size] for i in range(0, len(unique), batch_size))
     ]
     if not feats:
@@ -407,8 +417,8 @@ def fit_rm_head(
     model,
     tokenizer,
     train: Sequence[tuple[str, Sequence[str], Sequence[int]]],
-    val: Sequence[tuple[str, Sequence[str], Sequence[int]]],
     *,
+    val: Sequence[tuple[str, Sequence[str], Sequence[int]]],
     l2: float,
     max_tokens: int,
     batch_size: int = 16,
@@ -422,8 +432,8 @@ def fit_rm_head(
     the backbone overfits where a regularised linear head generalises (docs/real-model-preset.md)."""
     set_dropout(model, 0.0)
     result = SupervisedResult()
-    x_train, k_train = _features(model, tokenizer, train, max_tokens, batch_size)  # (N, H)
-    x_val, k_val = _features(model, tokenizer, val, max_tokens, batch_size)
+    x_train, k_train = _features(model, tokenizer, train, max_tokens=max_tokens, batch_size=batch_size)  # (N, H)
+    x_val, k_val = _features(model, tokenizer, val, max_tokens=max_tokens, batch_size=batch_size)
     head = model.score.weight  # (1, H)
     if val:
         result.extra["val_accuracy_before"] = _pair_accuracy(
@@ -457,7 +467,7 @@ def fit_rm_head(
     model.eval()
     if unit_std and train:
         result.extra["score_scale"] = scale_to_unit_std(model, x_train @ raw.double())
-    bias = demonstration_bias(model, tokenizer, demonstrations, max_tokens) if demonstrations else 0.0
+    bias = demonstration_bias(model, tokenizer, demonstrations, max_tokens=max_tokens) if demonstrations else 0.0
     setattr(model.config, SCORE_BIAS_KEY, bias)
     result.extra["score_bias"] = bias
     return result

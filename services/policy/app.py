@@ -35,7 +35,9 @@ class PolicyApp(ModelRoleApp):
         )
 
     def load_handle(self) -> ModelHandle:
-        return ModelHandle(self.slug, self.cfg.model, load_causal_lm(self.cfg.model), load_tokenizer(self.cfg.model))
+        return ModelHandle(
+            self.slug, self.cfg.model, load_causal_lm(self.cfg.model), tokenizer=load_tokenizer(self.cfg.model)
+        )
 
     def build(self, handle: ModelHandle) -> PolicyState:
         engine = PolicyEngine(handle, self.cfg.batching.max_batch_size)

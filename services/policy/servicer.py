@@ -83,7 +83,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 len(ids) + sampling.max_new_tokens,
                 handle,
                 f"prompts[{i}]",
-                f"prompt of {len(ids)} tokens + max_new_tokens {sampling.max_new_tokens} =",
+                what=f"prompt of {len(ids)} tokens + max_new_tokens {sampling.max_new_tokens} =",
             )
             prompts.append(ids)
         rows = [Row(ids, sampling, row_seed(seed, i, j)) for i, ids in enumerate(prompts) for j in range(n)]

@@ -25,7 +25,7 @@ def parse_items(request: reference_pb2.LogProbsRequest, handle: ModelHandle) -> 
             )
         if not response:
             raise InvalidArgument(f"items[{i}].response_token_ids", "empty response")
-        check_length(len(prompt) + len(response), handle, f"items[{i}]", "prompt + response")
+        check_length(len(prompt) + len(response), handle, f"items[{i}]", what="prompt + response")
         items.append(Item(prompt, response, temperature))
     return items
 

@@ -84,7 +84,7 @@ class RewardAPIMetrics:
 class RewardAPI:
     """Checks, scores and counts one request of either API."""
 
-    def __init__(self, loaded, limits: RewardLimitsConfig, metrics: RewardAPIMetrics, batch_metrics) -> None:
+    def __init__(self, loaded, limits: RewardLimitsConfig, metrics: RewardAPIMetrics, *, batch_metrics) -> None:
         self.loaded = loaded  # Loaded[RewardState]
         self.limits = limits
         self.metrics = metrics
@@ -118,7 +118,7 @@ class RewardAPI:
         return tokenize(handle, text) if text else []
 
     def fit(
-        self, handle: ModelHandle, prompt: list[int], response: list[int], field: str
+        self, handle: ModelHandle, prompt: list[int], response: list[int], *, field: str
     ) -> tuple[list[int], list[int]]:
         """The pair within the model's context, by the configured policy (limits.too_long)."""
         total, limit = len(prompt) + len(response), handle.max_context
@@ -137,7 +137,7 @@ class RewardAPI:
         return [], response[cut - len(prompt) :]
 
     def text_pair(
-        self, handle: ModelHandle, prompt: str, response: str, field: str, prompt_field: str, response_field: str
+        self, handle: ModelHandle, prompt: str, response: str, *, field: str, prompt_field: str, response_field: str
     ) -> tuple[list[int], list[int]]:
         """(prompt ids, response ids) of a text pair: the two texts are tokenized separately, as the policy
         produced them."""
@@ -147,14 +147,14 @@ class RewardAPI:
         r = self.text_ids(handle, response, response_field)
         if not r:
             raise InvalidArgument(response_field, "response has no tokens")
-        return self.fit(handle, p, r, field)
+        return self.fit(handle, p, r, field=field)
 
-    def token_pair(self, handle: ModelHandle, prompt: Sequence[int], response: Sequence[int], field: str):
+    def token_pair(self, handle: ModelHandle, prompt: Sequence[int], response: Sequence[int], *, field: str):
         p = check_ids(prompt, handle.vocab_size, f"{field}.prompt_token_ids")
         r = check_ids(response, handle.vocab_size, f"{field}.response_token_ids")
         if not r:
             raise InvalidArgument(f"{field}.response_token_ids", "empty response")
-        return self.fit(handle, p, r, field)
+        return self.fit(handle, p, r, field=field)
 
     # ---- scoring ------------------------------------------------------------------------------------------------
 
@@ -168,7 +168,7 @@ class RewardAPI:
             raise FloatingPointError("the reward model produced a non-finite score")
         return scores, version
 
-    def observe(self, api: str, client: str | None, started: float, code: str, items: int = 0) -> None:
+    def observe(self, api: str, client: str | None, started: float, *, code: str, items: int = 0) -> None:
         client = client or ANONYMOUS
         m = self.metrics
         m.child(m.requests, api, client, code).inc()

@@ -34,7 +34,7 @@ class RewardApp(ModelRoleApp):
 
     def register_role(self, host: ServiceHost) -> None:
         metrics = RewardAPIMetrics(host.registry)
-        self.api = RewardAPI(self.loaded, self.cfg.limits, metrics, self.batch_metrics)
+        self.api = RewardAPI(self.loaded, self.cfg.limits, metrics, batch_metrics=self.batch_metrics)
         if host.authenticator is not None:
             # gRPC refusals happen in the interceptor, before the servicer: count them with the API's.
             host.authenticator.listeners.append(
@@ -48,7 +48,7 @@ class RewardApp(ModelRoleApp):
             return {}
         from alignd.services.reward.http import start_http
 
-        self.http_server = start_http(self.cfg.http, self.cfg.server, self.api, host, registry=host.registry)
+        self.http_server = start_http(self.cfg.http, self.cfg.server, self.api, host_obj=host, registry=host.registry)
         return {"http_url": self.http_server.url}
 
     def load_handle(self) -> ModelHandle:
@@ -61,9 +61,9 @@ class RewardApp(ModelRoleApp):
             model = AutoModel.from_pretrained(
                 str(check_model_dir(self.cfg.model.path)), dtype=DTYPES[self.cfg.model.dtype]
             ).eval()
-            return ModelHandle(self.slug, self.cfg.model, model, load_tokenizer(self.cfg.model))
+            return ModelHandle(self.slug, self.cfg.model, model, tokenizer=load_tokenizer(self.cfg.model))
         model = load_scalar_head_model(self.cfg.model, allow_new_head=self.cfg.allow_new_head)
-        handle = ModelHandle(self.slug, self.cfg.model, model, load_tokenizer(self.cfg.model))
+        handle = ModelHandle(self.slug, self.cfg.model, model, tokenizer=load_tokenizer(self.cfg.model))
         # LoadWeights of a reward model of another architecture (rm.layers: a smaller RM) loads it whole;
         # it must carry a trained head.
         handle.reloader = lambda path: load_scalar_head_model(

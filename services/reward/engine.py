@@ -58,7 +58,7 @@ class RewardEngine:
     @torch.inference_mode()
     def _chunk(self, seqs: list[list[int]], starts: list[int]) -> list[float]:
         h = self.handle
-        raw = score_sequences(h.model, seqs, h.pad_token_id, h.device, starts)  # (B,)
+        raw = score_sequences(h.model, seqs, h.pad_token_id, device=h.device, starts=starts)  # (B,)
         return (raw + score_bias(h.model)).cpu().tolist()
 
 

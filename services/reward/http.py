@@ -104,7 +104,7 @@ def _strip_pads(text: str, pad: str, *, end: bool = True) -> str:
     return text[i:j]
 
 
-def split_query(query: str, prompt: str | None, pad: str | None, index: int) -> tuple[str, str]:
+def split_query(query: str, prompt: str | None, pad: str | None, *, index: int) -> tuple[str, str]:
     """(prompt, response) of one OpenRLHF query (see the module docs)."""
     if pad:
         query = _strip_pads(query, pad)
@@ -277,27 +277,27 @@ class RewardHTTPApp:
                 self._limiter = anyio.CapacityLimiter(self.cfg.max_concurrent_requests)
             payload = await anyio.to_thread.run_sync(self._score, body, timeout, principal, limiter=self._limiter)
         except HttpError as err:
-            api.observe("http", client, started, err.code)
+            api.observe("http", client, started, code=err.code)
             return self._error(err, pending)
         except AligndError as exc:
             code = status_name(exc)
-            api.observe("http", client, started, code)
+            api.observe("http", client, started, code=code)
             if not isinstance(exc, Unauthenticated):
                 _log.info("http_request_rejected", code=code, error=exc.message)
             return self._error(
                 HttpError(GRPC_TO_HTTP.get(code, HTTPStatus.INTERNAL_SERVER_ERROR), code, exc.message), pending
             )
         except ClientDisconnect:  # the client hung up mid-body: nothing to answer
-            api.observe("http", client, started, "CANCELLED")
+            api.observe("http", client, started, code="CANCELLED")
             return Response(status_code=499)
         except Exception as exc:  # noqa: BLE001 - the boundary of the request
-            api.observe("http", client, started, "INTERNAL")
+            api.observe("http", client, started, code="INTERNAL")
             _log.error("http_request_failed", exc_info=exc)
             return self._error(
                 HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "INTERNAL", f"internal error: {type(exc).__name__}"),
                 pending,
             )
-        api.observe("http", client, started, "OK", len(payload["rewards"]))
+        api.observe("http", client, started, code="OK", items=len(payload["rewards"]))
         return self._json(200, payload)
 
     def _authenticate(self, request: Request):
@@ -372,8 +372,12 @@ class RewardHTTPApp:
                 api.text_ids_size(query, f"query[{i}]")  # the limit applies to the query as sent, before any work
                 if prompt is not None:
                     api.text_ids_size(prompt, f"prompts[{i}]")
-                p, r = split_query(query, prompt, pad, i)
-                pairs.append(api.text_pair(handle, p, r, f"query[{i}]", f"prompts[{i}]", f"query[{i}]"))
+                p, r = split_query(query, prompt, pad, index=i)
+                pairs.append(
+                    api.text_pair(
+                        handle, p, r, field=f"query[{i}]", prompt_field=f"prompts[{i}]", response_field=f"query[{i}]"
+                    )
+                )
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 raise DeadlineExceeded("the deadline passed while the request was read and checked")
@@ -383,7 +387,7 @@ class RewardHTTPApp:
             PRINCIPAL.reset(token)
 
 
-def start_http(cfg, server_cfg, api: RewardAPI, host_obj, registry=None):
+def start_http(cfg, server_cfg, api: RewardAPI, *, host_obj, registry=None):
     """Binds and serves the HTTP API (cfg: RewardHTTPConfig) on its own thread; returns the running HTTPServer."""
     from alignd.config import ConfigError
     from alignd.runtime.http import ConnectionPolicy, HTTPServer, reloading_ssl_context
@@ -423,7 +427,7 @@ def start_http(cfg, server_cfg, api: RewardAPI, host_obj, registry=None):
             app,
             host,
             cfg.port,
-            policy,
+            policy=policy,
             ssl_context=ssl_context,
             keep_alive_seconds=cfg.idle_timeout_seconds,
             graceful_seconds=server_cfg.grace_seconds,

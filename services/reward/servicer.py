@@ -23,14 +23,16 @@ def parse_items(api: RewardAPI, request: reward_pb2.ScoreRequest, handle) -> lis
                     handle,
                     item.text.prompt,
                     item.text.response,
-                    field,
-                    f"{field}.text.prompt",
-                    f"{field}.text.response",
+                    field=field,
+                    prompt_field=f"{field}.text.prompt",
+                    response_field=f"{field}.text.response",
                 )
             )
         elif kind == "tokens":
             seqs.append(
-                api.token_pair(handle, item.tokens.prompt_token_ids, item.tokens.response_token_ids, f"{field}.tokens")
+                api.token_pair(
+                    handle, item.tokens.prompt_token_ids, item.tokens.response_token_ids, field=f"{field}.tokens"
+                )
             )
         else:
             raise InvalidArgument(field, "no input: set text or tokens")
@@ -49,7 +51,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             seqs = parse_items(self.api, request, state.handle)
             scores, version = self.api.score(state, seqs, context.time_remaining())
         except BaseException as exc:
-            self.api.observe("grpc", client, started, status_name(exc))
+            self.api.observe("grpc", client, started, code=status_name(exc))
             raise
-        self.api.observe("grpc", client, started, "OK", len(seqs))
+        self.api.observe("grpc", client, started, code="OK", items=len(seqs))
         return reward_pb2.ScoreResponse(scores=scores, weight_version=version)

@@ -35,7 +35,7 @@ def _check_distinct(completions: list[str]) -> None:
         seen[c] = i
 
 
-def _ranking_record(ld: _Loader, n: int, obj: dict, max_k: int) -> Comparison:
+def _ranking_record(ld: _Loader, n: int, obj: dict, *, max_k: int) -> Comparison:
     prompt = _prompt(obj)
     if "completions" not in obj:
         raise _Bad("missing field 'completions'")
@@ -60,15 +60,15 @@ def _ranking_record(ld: _Loader, n: int, obj: dict, max_k: int) -> Comparison:
             f"ranking {ranking} is not a permutation of 0..{k - 1} (indices into the {k} completions, best first)"
         )
     for i, c in enumerate(comps):
-        _completion(ld, n, c, f"completions[{i}]")
+        _completion(ld, n, c, name=f"completions[{i}]")
     _check_distinct(comps)
     return Comparison(prompt, list(comps), list(ranking))
 
 
 def _pairwise_record(ld: _Loader, n: int, obj: dict) -> Comparison:
     prompt = _prompt(obj)
-    chosen = _completion(ld, n, _text(obj, "chosen"), "field 'chosen'")
-    rejected = _completion(ld, n, _text(obj, "rejected"), "field 'rejected'")
+    chosen = _completion(ld, n, _text(obj, "chosen"), name="field 'chosen'")
+    rejected = _completion(ld, n, _text(obj, "rejected"), name="field 'rejected'")
     if chosen == rejected:
         raise _Bad("'chosen' and 'rejected' are identical")
     return Comparison(prompt, [chosen, rejected], [0, 1])
@@ -100,8 +100,8 @@ def _hh_record(ld: _Loader, n: int, obj: dict) -> Comparison:
         raise _Bad(f"'chosen' and 'rejected' transcripts differ before their last Assistant reply (at character {at})")
     if not p_c[: -len(ASSISTANT)].strip():
         raise _Bad("empty prompt: the transcript has nothing before its last Assistant turn")
-    chosen = _completion(ld, n, chosen, "the 'chosen' reply")
-    rejected = _completion(ld, n, rejected, "the 'rejected' reply")
+    chosen = _completion(ld, n, chosen, name="the 'chosen' reply")
+    rejected = _completion(ld, n, rejected, name="the 'rejected' reply")
     if chosen == rejected:
         raise _Bad("'chosen' and 'rejected' transcripts are identical")
     return Comparison(p_c, [chosen, rejected], [0, 1])
@@ -143,7 +143,7 @@ def load_comparisons(
                     f"(from line {fmt_line}); one format per file"
                 )
             if fmt == "rankings":
-                rec = _ranking_record(ld, n, obj, max_k)
+                rec = _ranking_record(ld, n, obj, max_k=max_k)
             elif fmt == "pairwise":
                 rec = _pairwise_record(ld, n, obj)
             else:

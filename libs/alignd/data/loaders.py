@@ -23,7 +23,7 @@ def load_demonstrations(path: str | os.PathLike, *, skip_bad: bool = False) -> t
             if isinstance(obj, _Bad):
                 raise obj
             prompt = _prompt(obj)
-            completion = _completion(ld, n, _text(obj, "completion"), "field 'completion'")
+            completion = _completion(ld, n, _text(obj, "completion"), name="field 'completion'")
         except _Bad as b:
             ld.bad(n, str(b))
             continue
@@ -38,7 +38,9 @@ def _is_jsonl(path: Path) -> bool:
     return name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz"))
 
 
-def _load_strings(path: str | os.PathLike, field_name: str, skip_bad: bool, what: str) -> tuple[list[str], LoadReport]:
+def _load_strings(
+    path: str | os.PathLike, field_name: str, *, skip_bad: bool, what: str
+) -> tuple[list[str], LoadReport]:
     ld = _Loader(path, skip_bad)
     out: list[str] = []
     if _is_jsonl(ld.path):
@@ -65,13 +67,13 @@ def load_prompts(
     path: str | os.PathLike, field: str = "prompt", skip_bad: bool = False
 ) -> tuple[list[str], LoadReport]:
     """Prompts: `.jsonl` (`{field: str}` per line) or plain text, one prompt per non-blank line."""
-    return _load_strings(path, field, skip_bad, "prompts")
+    return _load_strings(path, field, skip_bad=skip_bad, what="prompts")
 
 
 def load_texts(path: str | os.PathLike, field: str = "text", skip_bad: bool = False) -> tuple[list[str], LoadReport]:
     """Pretraining documents (PPO-ptx): `.jsonl` (`{field: str}` per line) or plain text, one document per
     non-blank line."""
-    return _load_strings(path, field, skip_bad, "documents")
+    return _load_strings(path, field, skip_bad=skip_bad, what="documents")
 
 
 def check_pipeline_data(cfg, prompts_report=None) -> tuple[dict, list[str]]:

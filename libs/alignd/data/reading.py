@@ -152,7 +152,7 @@ def _prompt(obj: dict, key: str = "prompt") -> str:
     return v
 
 
-def _completion(ld: _Loader, line: int, v: str, name: str) -> str:
+def _completion(ld: _Loader, line: int, v: str, *, name: str) -> str:
     if v == "":
         raise _Bad(f"{name} is empty")
     if not v.strip():

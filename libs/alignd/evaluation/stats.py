@@ -189,7 +189,7 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
 
 
 def _bootstrap_interval(
-    outcomes: Sequence[float], confidence: float, n_bootstrap: int, seed: int
+    outcomes: Sequence[float], *, confidence: float, n_bootstrap: int, seed: int
 ) -> tuple[float, float]:
     if isinstance(n_bootstrap, bool) or int(n_bootstrap) != n_bootstrap or n_bootstrap < 1:
         raise ValueError(f"n_bootstrap must be a whole number >= 1, not {n_bootstrap!r}")
@@ -243,6 +243,7 @@ def _whole(x: float) -> float:
 def _win_rate_from_triples(
     triples: Sequence[tuple[float, float, float]],
     comparisons: int,
+    *,
     confidence: float,
     method: str,
     n_bootstrap: int,
@@ -263,7 +264,7 @@ def _win_rate_from_triples(
     if method == "wilson":
         lower, upper = wilson_interval(successes, n, confidence)
     else:
-        lower, upper = _bootstrap_interval(outcomes, confidence, n_bootstrap, seed)
+        lower, upper = _bootstrap_interval(outcomes, confidence=confidence, n_bootstrap=n_bootstrap, seed=seed)
     return WinRate(
         wins=_whole(wins),
         losses=_whole(losses),
@@ -328,7 +329,9 @@ def win_rate(
         pairs = len(sa) * len(sb)
         comparisons += pairs
         triples.append((w / pairs, t / pairs, (pairs - w - t) / pairs))
-    return _win_rate_from_triples(triples, comparisons, confidence, method, n_bootstrap, seed)
+    return _win_rate_from_triples(
+        triples, comparisons, confidence=confidence, method=method, n_bootstrap=n_bootstrap, seed=seed
+    )
 
 
 def win_rate_from_preferences(
@@ -352,7 +355,9 @@ def win_rate_from_preferences(
         comparisons += k
         w, t = judgments.count(1.0), judgments.count(0.5)
         triples.append((w / k, t / k, (k - w - t) / k))
-    return _win_rate_from_triples(triples, comparisons, confidence, method, n_bootstrap, seed)
+    return _win_rate_from_triples(
+        triples, comparisons, confidence=confidence, method=method, n_bootstrap=n_bootstrap, seed=seed
+    )
 
 
 # --- means, KL, alignment tax ---------------------------------------------------------

@@ -108,7 +108,7 @@ class _Measure:
         return a, math.sqrt(var) / mean_size
 
 
-def _bisect_log(f: Callable[[float], float], target: float, t0: float, rel: float, max_steps: int = 200) -> float:
+def _bisect_log(f: Callable[[float], float], target: float, t0: float, *, rel: float, max_steps: int = 200) -> float:
     """A temperature where decreasing f crosses target: bracket by factors of 4 from t0, then bisect on log T."""
     lo = hi = t0
     steps = 0
@@ -186,9 +186,9 @@ def calibrate_temperature(
     gold: GoldScorer,
     items: Iterable[Item],
     target: float = PAPER_AGREEMENT,
+    *,
     seeds: tuple[int, int] = (1, 2),
     tol: float = 0.01,
-    *,
     method: Literal["analytic", "empirical"] = "analytic",
     max_pairs: int = 2_000_000,
 ) -> Calibration:

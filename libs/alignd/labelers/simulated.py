@@ -115,7 +115,7 @@ class SimulatedLabeler:
     Deterministic in (seed, prompt, completions); see the module docs.
     """
 
-    def __init__(self, gold: GoldScorer, temperature: float, seed: int = 0, name: str | None = None):
+    def __init__(self, gold: GoldScorer, temperature: float, seed: int = 0, *, name: str | None = None):
         if not callable(gold):
             raise TypeError("gold must be a callable (prompt, completion) -> float")
         if isinstance(seed, bool) or not isinstance(seed, int):

@@ -165,7 +165,7 @@ class ModelHandle:
     never a mix, and reports the version it ran with.
     """
 
-    def __init__(self, role: str, cfg: ModelConfig, model, tokenizer) -> None:
+    def __init__(self, role: str, cfg: ModelConfig, model, *, tokenizer) -> None:
         self.role = role
         self.cfg = cfg
         self.model = model

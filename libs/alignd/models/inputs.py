@@ -51,6 +51,6 @@ def tokenize(handle: ModelHandle, text: str, field: str = "text") -> list[int]:
     return list(handle.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def check_length(n_tokens: int, handle: ModelHandle, field: str, what: str = "sequence") -> None:
+def check_length(n_tokens: int, handle: ModelHandle, field: str, *, what: str = "sequence") -> None:
     if n_tokens > handle.max_context:
         raise InvalidArgument(field, f"{what} of {n_tokens} tokens exceeds the context of {handle.max_context} tokens")

@@ -35,7 +35,7 @@ def score_pooling(model) -> str:
     return pooling
 
 
-def pooled_features(model, seqs: list[list[int]], starts: Sequence[int], pad_id: int, device="cpu") -> torch.Tensor:
+def pooled_features(model, seqs: list[list[int]], starts: Sequence[int], *, pad_id: int, device="cpu") -> torch.Tensor:
     """(N, H): what the head reads for each sequence, per the model's pooling.
 
     `starts[i]` is the index of the first response token of `seqs[i]` (the
@@ -55,7 +55,7 @@ def pooled_features(model, seqs: list[list[int]], starts: Sequence[int], pad_id:
 
 
 def score_sequences(
-    model, seqs: list[list[int]], pad_id: int, device="cpu", starts: Sequence[int] | None = None
+    model, seqs: list[list[int]], pad_id: int, *, device="cpu", starts: Sequence[int] | None = None
 ) -> torch.Tensor:
     """Raw scores (N,): `model.score` applied to the pooled final hidden states.
 
@@ -65,7 +65,7 @@ def score_sequences(
         if score_pooling(model) == "mean":
             raise ValueError("the mean pooling needs the response start of every sequence")
         starts = [len(s) - 1 for s in seqs]
-    return model.score(pooled_features(model, seqs, starts, pad_id, device)).squeeze(-1).float()  # (N,)
+    return model.score(pooled_features(model, seqs, starts, pad_id=pad_id, device=device)).squeeze(-1).float()  # (N,)
 
 
 def score_bias(model) -> float:

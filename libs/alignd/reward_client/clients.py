@@ -103,13 +103,13 @@ class RewardClient(_ClientBase):
     def address(self) -> str:
         return self._settings.address
 
-    def _call(self, stub: str, method: str, request, timeout: float | None):
+    def _call(self, stub: str, method: str, request, *, timeout: float | None):
         if self._closed:
             raise RuntimeError("the RewardClient is closed")
         rpc = getattr(self._stub[stub], method)
         with self._rng_lock:
             rng = random.Random(self._rng.random())  # one per call: threads do not share its state
-        attempts = _Attempts(self._settings, timeout, rng, method)
+        attempts = _Attempts(self._settings, timeout, rng, method=method)
         while True:
             attempt_timeout = attempts.next_timeout()
             try:
@@ -118,7 +118,7 @@ class RewardClient(_ClientBase):
                 time.sleep(attempts.backoff(err))
 
     def _score_request(self, items: list, timeout: float | None) -> ScoreResult:
-        return _result(self._call("reward", "Score", reward_pb2.ScoreRequest(items=items), timeout))
+        return _result(self._call("reward", "Score", reward_pb2.ScoreRequest(items=items), timeout=timeout))
 
     def score(self, pairs: Iterable[Any], *, timeout: float | None = None) -> ScoreResult:
         """Scores (prompt, response) text pairs (tuples, or mappings with "prompt" and "response") in one request.
@@ -144,9 +144,9 @@ class RewardClient(_ClientBase):
         """Scores any number of text pairs: requests of `batch_size` items, up to `max_in_flight` at once (threads
         over the one channel), scores in input order. `timeout` is the deadline of each request (with its retries).
         The first failed request raises (requests not started yet are not sent); no pairs: no request."""
-        return self._many(_text_items(pairs), batch_size, max_in_flight, timeout)
+        return self._many(_text_items(pairs), batch_size=batch_size, max_in_flight=max_in_flight, timeout=timeout)
 
-    def _many(self, items: list, batch_size: int, max_in_flight: int, timeout: float | None) -> ScoreManyResult:
+    def _many(self, items: list, *, batch_size: int, max_in_flight: int, timeout: float | None) -> ScoreManyResult:
         chunks = _chunks(items, batch_size, max_in_flight)
         if len(chunks) <= 1 or max_in_flight == 1:
             return _many([self._score_request(c, timeout) for c in chunks])
@@ -163,7 +163,7 @@ class RewardClient(_ClientBase):
 
     def info(self, *, timeout: float | None = None) -> model_pb2.GetInfoResponse:
         """alignd.v1.ModelService.GetInfo of the replica: its model, tokenizer hash and weight version."""
-        return self._call("model", "GetInfo", model_pb2.GetInfoRequest(), timeout)
+        return self._call("model", "GetInfo", model_pb2.GetInfoRequest(), timeout=timeout)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Blocks until the replica's health reports alignd.v1.RewardService SERVING; TimeoutError after `timeout`."""
@@ -212,9 +212,9 @@ class AsyncRewardClient(_ClientBase):
             }
         return self._stub
 
-    async def _call(self, stub: str, method: str, request, timeout: float | None):
+    async def _call(self, stub: str, method: str, request, *, timeout: float | None):
         rpc = getattr(self._stubs()[stub], method)
-        attempts = _Attempts(self._settings, timeout, self._rng, method)
+        attempts = _Attempts(self._settings, timeout, self._rng, method=method)
         while True:
             attempt_timeout = attempts.next_timeout()
             try:
@@ -223,7 +223,7 @@ class AsyncRewardClient(_ClientBase):
                 await asyncio.sleep(attempts.backoff(err))
 
     async def _score_request(self, items: list, timeout: float | None) -> ScoreResult:
-        resp = await self._call("reward", "Score", reward_pb2.ScoreRequest(items=items), timeout)
+        resp = await self._call("reward", "Score", reward_pb2.ScoreRequest(items=items), timeout=timeout)
         return _result(resp)
 
     async def score(self, pairs: Iterable[Any], *, timeout: float | None = None) -> ScoreResult:
@@ -262,7 +262,7 @@ class AsyncRewardClient(_ClientBase):
 
     async def info(self, *, timeout: float | None = None) -> model_pb2.GetInfoResponse:
         """See RewardClient.info."""
-        return await self._call("model", "GetInfo", model_pb2.GetInfoRequest(), timeout)
+        return await self._call("model", "GetInfo", model_pb2.GetInfoRequest(), timeout=timeout)
 
     async def close(self) -> None:
         """Closes the channel (calls in flight are cancelled); idempotent."""

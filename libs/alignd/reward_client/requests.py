@@ -13,7 +13,7 @@ from alignd.reward_client.results import ScoreManyResult, ScoreResult
 from alignd.v1 import reward_pb2
 
 
-def _pair(pair: Any, keys: tuple[str, str], what: str, where: str) -> tuple[Any, Any]:
+def _pair(pair: Any, keys: tuple[str, str], what: str, *, where: str) -> tuple[Any, Any]:
     """The two halves of `pair`: a mapping with `keys`, or a 2-sequence."""
     if isinstance(pair, Mapping):
         missing = [k for k in keys if k not in pair]
@@ -26,7 +26,7 @@ def _pair(pair: Any, keys: tuple[str, str], what: str, where: str) -> tuple[Any,
 
 
 def _text_pair(pair: Any, where: str) -> tuple[str, str]:
-    prompt, response = _pair(pair, ("prompt", "response"), "(prompt, response)", where)
+    prompt, response = _pair(pair, ("prompt", "response"), "(prompt, response)", where=where)
     for name, value in (("prompt", prompt), ("response", response)):
         if not isinstance(value, str):
             raise TypeError(f"{where}: {name} must be a string, got {type(value).__name__}")
@@ -44,7 +44,9 @@ def _id_list(ids: Any, where: str) -> list[int]:
 
 
 def _token_pair(pair: Any, where: str) -> tuple[list[int], list[int]]:
-    prompt, response = _pair(pair, ("prompt_token_ids", "response_token_ids"), "(prompt ids, response ids)", where)
+    prompt, response = _pair(
+        pair, ("prompt_token_ids", "response_token_ids"), "(prompt ids, response ids)", where=where
+    )
     return _id_list(prompt, f"{where} prompt"), _id_list(response, f"{where} response")
 
 

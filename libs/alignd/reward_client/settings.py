@@ -163,7 +163,7 @@ class _Settings:
 class _Attempts:
     """The retry schedule of one call: a deadline from the start, a timeout per attempt, a backoff per failure."""
 
-    def __init__(self, settings: _Settings, timeout: float | None, rng: random.Random, method: str) -> None:
+    def __init__(self, settings: _Settings, timeout: float | None, rng: random.Random, *, method: str) -> None:
         if timeout is None:
             timeout = settings.timeout
         else:

@@ -16,6 +16,7 @@ def per_token_rewards(
     scores: torch.Tensor,
     kl: torch.Tensor,
     mask: torch.Tensor,
+    *,
     kl_coef: float,
     score_position: ScorePosition = "last",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +61,7 @@ def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,
     mask: torch.Tensor,
+    *,
     gamma: float,
     lam: float,
     value_mask: torch.Tensor | None = None,

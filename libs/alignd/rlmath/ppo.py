@@ -19,6 +19,7 @@ def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
+    *,
     mask: torch.Tensor,
     clip: float,
     weights: torch.Tensor | None = None,
@@ -67,6 +68,7 @@ def value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,
     returns: torch.Tensor,
+    *,
     mask: torch.Tensor,
     clip: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -101,7 +101,7 @@ def request_limit(method: str, overrides: dict[str, int], transport_max: int) ->
     return min(overrides.get(short, REQUEST_BYTES.get(short, DEFAULT_REQUEST_BYTES)), transport_max)
 
 
-def _parse(raw: bytes, deserialize, method: str, limit: int):
+def _parse(raw: bytes, deserialize, method: str, *, limit: int):
     if len(raw) > limit:
         raise ResourceExhausted(
             f"request: {len(raw)} bytes exceed the {limit}-byte limit of {_short(method)} "
@@ -115,7 +115,7 @@ def _parse(raw: bytes, deserialize, method: str, limit: int):
         raise InvalidArgument("request", f"not a valid request message of {_short(method)}") from None
 
 
-def _read_one(request_iterator, deserialize, method: str, limit: int):
+def _read_one(request_iterator, deserialize, method: str, *, limit: int):
     """The one message of a unary-request call (the stream it arrives on is not read further)."""
     try:
         raw = next(request_iterator)
@@ -123,7 +123,7 @@ def _read_one(request_iterator, deserialize, method: str, limit: int):
         raise InvalidArgument("request", f"{_short(method)} needs exactly one request message, got none") from None
     except grpc.RpcError:
         raise Cancelled("the call ended before its request arrived") from None
-    return _parse(raw, deserialize, method, limit)
+    return _parse(raw, deserialize, method, limit=limit)
 
 
 class _IdleLimitedStream:
@@ -133,7 +133,7 @@ class _IdleLimitedStream:
     waits on the queue with the timeout. When the handler stops (finished, failed or timed out), the reader
     stops at its next message, or when gRPC ends the call."""
 
-    def __init__(self, request_iterator, deserialize, method: str, limit: int, idle: float) -> None:
+    def __init__(self, request_iterator, deserialize, method: str, *, limit: int, idle: float) -> None:
         self._deserialize, self._method, self._limit, self._idle = deserialize, method, limit, idle
         self._q: queue.Queue = queue.Queue(maxsize=1)
         self._done = threading.Event()
@@ -177,7 +177,7 @@ class _IdleLimitedStream:
                 "stream ended"
             ) from None
         if kind == "message":
-            return _parse(value, self._deserialize, self._method, self._limit)
+            return _parse(value, self._deserialize, self._method, limit=self._limit)
         self._done.set()
         if kind == "end":
             raise StopIteration
@@ -189,7 +189,9 @@ class _IdleLimitedStream:
 class AccessInterceptor(grpc.ServerInterceptor):
     """Authentication (when `authenticator` is set), scopes, per-client limits and request reading (module docs)."""
 
-    def __init__(self, authenticator: Authenticator | None, limits, transport_max_bytes: int, on_limited=None) -> None:
+    def __init__(
+        self, authenticator: Authenticator | None, limits, transport_max_bytes: int, *, on_limited=None
+    ) -> None:
         self.auth = authenticator
         self.limits = limits  # config.ServerLimitsConfig
         self.transport_max = transport_max_bytes
@@ -247,9 +249,9 @@ class AccessInterceptor(grpc.ServerInterceptor):
             key = f"token:{principal.name}"
             if not self.slots.acquire(key):
                 return self._refusal(handler, self._limited(key))
-        return self._guarded(handler, method, scope, principal, key)
+        return self._guarded(handler, method, scope, principal=principal, key=key)
 
-    def _guarded(self, handler, method: str, scope: str, principal: Principal | None, key: str | None):
+    def _guarded(self, handler, method: str, scope: str, *, principal: Principal | None, key: str | None):
         deserialize = handler.request_deserializer
         limit = request_limit(method, self.limits.max_request_bytes, self.transport_max)
         idle = self.limits.stream_idle_timeout_seconds
@@ -289,8 +291,8 @@ class AccessInterceptor(grpc.ServerInterceptor):
 
         def request_of(request_iterator):
             if handler.request_streaming:
-                return _IdleLimitedStream(request_iterator, deserialize, method, limit, idle)
-            return _read_one(request_iterator, deserialize, method, limit)
+                return _IdleLimitedStream(request_iterator, deserialize, method, limit=limit, idle=idle)
+            return _read_one(request_iterator, deserialize, method, limit=limit)
 
         if handler.response_streaming:
 

@@ -231,7 +231,9 @@ def caller_is_admin() -> bool:
 class Authenticator:
     """The token and scope check shared by the gRPC interceptor and the reward role's HTTP API."""
 
-    def __init__(self, tokens: TokenFile, public_methods=HEALTH_METHODS, trusted_networks=(), on_reject=None) -> None:
+    def __init__(
+        self, tokens: TokenFile, public_methods=HEALTH_METHODS, trusted_networks=(), *, on_reject=None
+    ) -> None:
         self.tokens = tokens
         self.public = frozenset(public_methods)
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in trusted_networks]
@@ -263,7 +265,7 @@ class Authenticator:
             raise Unauthenticated("unknown or revoked token")
         return principal
 
-    def authorize(self, principal: Principal, scope: str, what: str, api: str = "grpc") -> None:
+    def authorize(self, principal: Principal, scope: str, what: str, *, api: str = "grpc") -> None:
         """PermissionDenied naming the scope when `principal` lacks it."""
         if not principal.allows(scope):
             self._reject(api, "scope")

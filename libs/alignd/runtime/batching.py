@@ -92,7 +92,7 @@ class DynamicBatcher(Generic[Req, Res]):
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, request: Req, cost: int, tokens: int = 0, deadline: float | None = None) -> Pending[Req]:
+    def submit(self, request: Req, cost: int, tokens: int = 0, *, deadline: float | None = None) -> Pending[Req]:
         """Queues a request; wait on `.future` for its result. `deadline` is a time.perf_counter() value."""
         pending = Pending(request, max(1, cost), max(0, tokens), deadline)
         with self._cv:
@@ -112,6 +112,7 @@ class DynamicBatcher(Generic[Req, Res]):
         request: Req,
         cost: int,
         timeout: float | None = None,
+        *,
         tokens: int = 0,
         on_done=None,
     ) -> tuple[Res, Pending[Req], BatchInfo]:
@@ -129,7 +130,7 @@ class DynamicBatcher(Generic[Req, Res]):
         if timeout is not None and timeout <= 0:
             raise DeadlineExceeded("the deadline passed before the request was queued")
         deadline = None if timeout is None else time.perf_counter() + timeout
-        pending = self.submit(request, cost, tokens, deadline)
+        pending = self.submit(request, cost, tokens, deadline=deadline)
         if on_done is not None:
             on_done(pending.future.cancel)
         try:

@@ -215,7 +215,7 @@ def wait_for_serving(channel: grpc.Channel, service: str = "", timeout: float = 
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise TimeoutError(f"service {service!r} not SERVING within {timeout:.0f}s") from err
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # too many watchers on the server: poll Check instead
-                _poll_check(stub, service, deadline, timeout)
+                _poll_check(stub, service, deadline, timeout=timeout)
                 return
             if code != grpc.StatusCode.UNAVAILABLE:
                 raise
@@ -229,7 +229,7 @@ def wait_for_serving(channel: grpc.Channel, service: str = "", timeout: float = 
                 call.cancel()  # the server holds a watcher until the stream ends (its Watch streams are capped)
 
 
-def _poll_check(stub, service: str, deadline: float, timeout: float) -> None:
+def _poll_check(stub, service: str, deadline: float, *, timeout: float) -> None:
     """wait_for_serving by Check every 0.2 s (when the server refuses another Watch stream)."""
     while True:
         remaining = deadline - time.monotonic()

@@ -64,7 +64,7 @@ class _TrackedContext:
 class _MethodMetrics:
     """The labelled metric children of one method, looked up once (a labels() call costs more than the update)."""
 
-    def __init__(self, metrics: GrpcServerMetrics, rpc_type: str, service: str, method: str) -> None:
+    def __init__(self, metrics: GrpcServerMetrics, rpc_type: str, service: str, *, method: str) -> None:
         self.started = metrics.started.labels(rpc_type, service, method)
         self.seconds = metrics.handling_seconds.labels(rpc_type, service, method)
         self._handled = metrics.handled
@@ -87,7 +87,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
         key = (rpc_type, service, method)
         found = self._methods.get(key)
         if found is None:
-            found = self._methods[key] = _MethodMetrics(self._metrics, rpc_type, service, method)
+            found = self._methods[key] = _MethodMetrics(self._metrics, rpc_type, service, method=method)
         return found
 
     def intercept_service(self, continuation, handler_call_details):

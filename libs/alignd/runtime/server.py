@@ -55,7 +55,7 @@ def make_authenticator(role: str, cfg, registry: CollectorRegistry):
     for reason in REJECT_REASONS:
         rejected.labels(reason)
     return Authenticator(
-        tokens, cfg.public_methods, cfg.trusted_networks, lambda api, reason: rejected.labels(reason).inc()
+        tokens, cfg.public_methods, cfg.trusted_networks, on_reject=lambda api, reason: rejected.labels(reason).inc()
     )
 
 
@@ -186,6 +186,7 @@ class ServiceHost:
         role: str,
         cfg: ServerConfig,
         service_names: Iterable[str],
+        *,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.role = role

@@ -35,6 +35,13 @@ def test_alignd_run_tiny_preset_meets_the_bar(tmp_path):
     env = dict(os.environ, ALIGND_CACHE=str(tmp_path / "cache"))
     out = _run("--preset", "tiny", "--run-dir", str(run_dir), env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # Its output is a pipe here: progress comes as plain lines within 80 columns, never a carriage return.
+    assert "\r" not in out.stdout
+    progress = [line for line in out.stdout.splitlines() if line.startswith("[")]
+    assert [p.split("] ", 1)[1].split()[:2] for p in progress if " done in " in p] == [
+        [stage, "done"] for stage in ("sft", "rm", "ppo", "rm", "ppo", "evaluate", "report")
+    ]
+    assert all(len(line) <= 80 for line in progress)
     state = json.loads((run_dir / "state.json").read_text())
     assert state["state"] == "succeeded" and state["step"] == 40
     pipeline = state["pipeline"]

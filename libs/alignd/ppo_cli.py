@@ -18,6 +18,7 @@ import grpc
 
 from alignd.config import ConfigError, PPOJobConfig, dump_yaml, load_config
 from alignd.local_stack import ChildDied, LocalStack, report_death, report_restart
+from alignd.progress import RunProgress
 from alignd.runtime.client import make_channel
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -77,24 +78,6 @@ def data_dirs(job, pipeline: bool) -> list[str]:
     else:
         files = [job.run.prompts.path]
     return sorted({str(Path(f).resolve().parent) for f in files if f})
-
-
-def progress_line(run: coordinator_pb2.Run, started: float) -> str:
-    """One bar per stage: PPO shows steps, reward, KL and tokens/s; the other stages what they are doing."""
-    m = run.latest_metrics
-    width = 30
-    ppo = run.stage == "ppo" and not run.stage_detail
-    fraction = run.step / max(1, run.total_steps) if ppo else run.stage_fraction
-    done = int(width * min(1.0, fraction))
-    bar = "#" * done + "." * (width - done)
-    if ppo:
-        what = (
-            f"step {run.step}/{run.total_steps}  reward {m.get('mean_score', float('nan')):+.4f}  "
-            f"kl {m.get('reference_kl', float('nan')):.4f}  tok/s {m.get('tokens_per_second', 0.0):.0f}"
-        )
-    else:
-        what = run.stage_detail
-    return f"\r{run.stage:8s} [{bar}] {what[:70]:70s} {time.monotonic() - started:.0f}s"
 
 
 def run_ppo(config: str, overrides: list[str] | None, run_dir: Path) -> int:
@@ -175,10 +158,13 @@ def _start_and_follow(
             timeout=120,
         ).run
         t0 = time.monotonic()
-        run = _follow_run(stack, stub, run, t0=t0, pipeline=pipeline)
+        progress = RunProgress()
+        try:
+            run = _follow_run(stack, stub, run, progress=progress)
+        finally:
+            progress.close(finished=run is not None and run.state == coordinator_pb2.RUN_STATE_SUCCEEDED)
         if run is None:
             return None
-        print()
     return run, t0
 
 
@@ -187,22 +173,22 @@ def _follow_run(
     stub: coordinator_pb2_grpc.CoordinatorServiceStub,
     run: coordinator_pb2.Run,
     *,
-    t0: float,
-    pipeline: bool,
+    progress: RunProgress,
 ) -> coordinator_pb2.Run | None:
-    """Polls GetRun until the run ends, redrawing the progress line and restarting roles that die (a pipeline's
-    finished stage keeps its bar on its own line); None when a role died for good (reported)."""
+    """Polls GetRun until the run ends, showing its progress and restarting roles that die; None when a role died
+    for good (reported)."""
     unavailable_since = None  # when GetRun started to find the coordinator down (it is restarting)
     while run.state not in TERMINAL:
         if stack.any_exited.is_set():
             # restarts a role that died, on its ports (stack.restart)
-            death = stack.supervise(lambda role, code: report_restart(stack, role, code, prefix="\n"))
+            # (on a terminal the message starts on a line of its own, below the bar)
+            newline = "\n" if progress.tty else ""
+            death = stack.supervise(lambda role, code: report_restart(stack, role, code, prefix=newline))
             if death is not None:
-                print()
+                print(newline, end="")
                 report_death(death)
                 return None
         stack.any_exited.wait(timeout=POLL_SECONDS)
-        previous = run.stage
         try:
             run = stub.GetRun(coordinator_pb2.GetRunRequest(run_id=run.run_id), timeout=60).run
         except grpc.RpcError as err:
@@ -215,10 +201,7 @@ def _follow_run(
                 raise
             continue
         unavailable_since = None
-
-        if pipeline and run.stage != previous:
-            print()  # the finished stage's bar stays on its own line
-        print(progress_line(run, t0), end="", flush=True)
+        progress.update(run)
     return run
 
 

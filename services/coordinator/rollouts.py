@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from alignd.config import PPORunConfig, SamplingConfig
+from alignd.conversations import chat_score_item, policy_prompt
 from alignd.data import load_prompts
 from alignd.services.coordinator.clients import RoleClients
 from alignd.services.coordinator.prompts import PromptSampler, SamplerState
@@ -173,7 +174,7 @@ class Rollouts:
         key = f"{self.cfg.seed}:{step}:{shard}" + ("" if micro_batch is None else f":{micro_batch}")
         seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
         return policy_pb2.GenerateRequest(
-            prompts=[policy_pb2.Prompt(text=self.prompts[i]) for i in prompt_idx],
+            prompts=[policy_prompt(self.prompts[i], self.cfg.prompts.system) for i in prompt_idx],
             # The probability of each token under the distribution sampled: the behaviour policy's, which the
             # learner's importance weights and (untruncated) old log-probs need.
             sampling=sampling_params(
@@ -239,7 +240,9 @@ class Rollouts:
                 for _, s in samples
             ]
         else:
-            items = [reward_pb2.ScoreItem(text=reward_pb2.TextPair(prompt=p, response=s.text)) for p, s in samples]
+            # Another tokenizer or chat template: the reward role renders the conversation and reply itself.
+            system = self.cfg.prompts.system
+            items = [chat_score_item(p, s.text, system) for p, s in samples]
         return score(self.roles, self.sync, items)
 
     def _reference(self, samples) -> list[list[float]]:
@@ -261,11 +264,13 @@ class Rollouts:
         resp = self.sync.call_at_run_version("reference", call, lambda r: r.weight_version)
         return [list(r.logprobs) for r in resp.results]
 
-    def sample_texts(self, prompts: list[str], n: int, sampling: SamplingConfig, *, seed: int) -> list[list]:
+    def sample_texts(
+        self, prompts: list, n: int, sampling: SamplingConfig, *, seed: int, system: str | None = None
+    ) -> list[list]:
         """n samples per prompt from one policy replica in the rotation, texts included; grouped by prompt (the
-        pipeline's labeling rounds and evaluation)."""
+        pipeline's labeling rounds and evaluation); `system`: the system message of prompts given as text."""
         req = policy_pb2.GenerateRequest(
-            prompts=[policy_pb2.Prompt(text=p) for p in prompts],
+            prompts=[policy_prompt(p, system) for p in prompts],
             sampling=sampling_params(sampling, seed=seed, num_samples=n),
             return_text=True,
         )

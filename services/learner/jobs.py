@@ -25,6 +25,7 @@ import yaml
 
 from alignd import data
 from alignd.atomic import publish_dir
+from alignd.chat import ChatFormat
 from alignd.config import (
     ConfigError,
     LearnerConfig,
@@ -44,6 +45,12 @@ from alignd.services.learner import supervised
 from alignd.v1 import learner_pb2
 
 _log = get_logger("alignd.learner.jobs")
+
+
+def job_chat_format(mcfg: ModelConfig, cfg) -> ChatFormat:
+    """The job's tokenizer with the chat format its model will be served with (cfg: an SFT or RM job's config);
+    it stands in for the tokenizer in the training code (alignd.chat)."""
+    return ChatFormat.resolve(load_tokenizer(mcfg), cfg.chat_template).with_system(cfg.system_prompt)
 
 
 def _config(model, text: str, field: str = "config_yaml"):
@@ -202,8 +209,8 @@ class Jobs:
 
         def train(prepared, tmp: Path) -> learner_pb2.TrainSFTResponse:
             cfg, train, val = prepared
-            mcfg = ModelConfig(path=req.init_model_dir or self.cfg.model.path)
-            model, tok = load_causal_lm(mcfg), load_tokenizer(mcfg)
+            mcfg = ModelConfig(path=req.init_model_dir or self.cfg.model.path, chat_template=cfg.chat_template)
+            model, tok = load_causal_lm(mcfg), job_chat_format(mcfg, cfg)
             _log.info("sft_started", job_id=req.job_id, train=len(train), validation=len(val), epochs=cfg.epochs)
             res = supervised.train_sft(
                 model,
@@ -310,8 +317,8 @@ def _train_rm(
 ) -> learner_pb2.TrainRewardModelResponse:
     """Trains the reward model of a prepared RM job, saves it into tmp and returns the response."""
     cfg, demos, train, val = prepared
-    mcfg = ModelConfig(path=req.init_model_dir)
-    model, tok = load_scalar_head_model(mcfg, allow_new_head=True), load_tokenizer(mcfg)
+    mcfg = ModelConfig(path=req.init_model_dir, chat_template=cfg.chat_template)
+    model, tok = load_scalar_head_model(mcfg, allow_new_head=True), job_chat_format(mcfg, cfg)
     if tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
     blocks = supervised.truncate_layers(model, cfg.layers) if cfg.layers else None

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 
 from alignd import rlmath
+from alignd.chat import ChatError, ChatFormat
+from alignd.data.records import Prompt
 from alignd.models.scoring import SCORE_BIAS_KEY, pooled_features, score_sequences
 from alignd.services.learner.engine import adamw
 
@@ -77,16 +79,35 @@ def _batches(items: Sequence, size: int, rng: random.Random | None) -> list[list
 # ---------------------------------------------------------------------------
 
 
-def encode_demo(tokenizer, prompt: str, completion: str, *, max_tokens: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): labels are IGNORE on the prompt; the completion ends with EOS.
+def _prompt_and_reply(tokenizer, prompt: Prompt, completion: str) -> tuple[list[int], list[int]]:
+    """Token ids of a prompt (text or conversation) and its reply. With a ChatFormat (the jobs': the model's chat
+    template, alignd.chat) as the policy sees them: the rendered prompt, the reply with the template's end of turn;
+    with a bare tokenizer, the two texts tokenised apart."""
+    if isinstance(tokenizer, ChatFormat):
+        stops = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+        try:
+            return tokenizer.prompt_ids(prompt), tokenizer.response_ids(prompt, completion, stop_ids=stops)
+        except ChatError as err:
+            raise ValueError(str(err)) from None
+    if not isinstance(prompt, str):
+        raise ValueError("a conversation needs the model's chat format (model.chat_template), not a bare tokenizer")
+    return (
+        tokenizer(prompt, add_special_tokens=False)["input_ids"],
+        tokenizer(completion, add_special_tokens=False)["input_ids"],
+    )
+
+
+def encode_demo(tokenizer, prompt: Prompt, completion: str, *, max_tokens: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): labels are IGNORE on the prompt; the completion ends with EOS (rendered with a chat
+    template: with the template's end of turn).
 
     The completion keeps up to max_tokens - 1 tokens (cut on the right); the
     prompt fills the rest, cut from the left (the end of a prompt matters most)
     and never empty, since the first completion token needs a context.
     """
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
+    p, c = _prompt_and_reply(tokenizer, prompt, completion)
+    templated = isinstance(tokenizer, ChatFormat) and tokenizer.templated
+    if tokenizer.eos_token_id is not None and not (templated and c and c[-1] == tokenizer.eos_token_id):
         c = c + [tokenizer.eos_token_id]
     c = c[: max_tokens - 1]
     p = p[-(max_tokens - len(c)) :]
@@ -204,10 +225,11 @@ def train_sft(
 # ---------------------------------------------------------------------------
 
 
-def encode_pair(tokenizer, prompt: str, completion: str, *, max_tokens: int) -> tuple[list[int], int]:
-    """(prompt + completion tokens, index of the first completion token); the prompt is cut from the left to fit."""
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"][: max_tokens - 1]
+def encode_pair(tokenizer, prompt: Prompt, completion: str, *, max_tokens: int) -> tuple[list[int], int]:
+    """(prompt + completion tokens, index of the first completion token); the prompt is cut from the left to fit.
+    With a ChatFormat, rendered as the reward role scores a conversation (alignd.chat)."""
+    p, c = _prompt_and_reply(tokenizer, prompt, completion)
+    c = c[: max_tokens - 1]
     keep = max_tokens - len(c)
     p = p[-keep:] if keep > 0 else []
     return p + c, len(p)

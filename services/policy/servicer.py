@@ -8,7 +8,7 @@ import secrets
 import numpy as np
 
 from alignd.models.handle import ModelHandle
-from alignd.models.inputs import check_batch, check_ids, check_length, check_temperature, tokenize
+from alignd.models.inputs import check_batch, check_ids, check_length, check_temperature, conversation_ids, tokenize
 from alignd.runtime.errors import InvalidArgument
 from alignd.runtime.metrics import BatchMetrics
 from alignd.services.policy.engine import Row, Sampling
@@ -75,8 +75,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 ids = tokenize(handle, p.text, f"prompts[{i}].text")
             elif kind == "token_ids":
                 ids = check_ids(p.token_ids.ids, handle.vocab_size, f"prompts[{i}].token_ids.ids")
+            elif kind == "messages":
+                ids = conversation_ids(handle, p.messages, f"prompts[{i}].messages")
             else:
-                raise InvalidArgument(f"prompts[{i}]", "no input: set text or token_ids")
+                raise InvalidArgument(f"prompts[{i}]", "no input: set text, token_ids or messages")
             if not ids:
                 raise InvalidArgument(f"prompts[{i}]", "empty prompt")
             check_length(

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from alignd.config import RewardLimitsConfig
 from alignd.models.handle import ModelHandle
-from alignd.models.inputs import check_ids, tokenize
+from alignd.models.inputs import chat_pair_ids, check_ids, tokenize
 from alignd.runtime.errors import AligndError, InvalidArgument
 from alignd.runtime.metrics import LATENCY_BUCKETS_SECONDS
 
@@ -147,6 +147,17 @@ class RewardAPI:
         r = self.text_ids(handle, response, response_field)
         if not r:
             raise InvalidArgument(response_field, "response has no tokens")
+        return self.fit(handle, p, r, field=field)
+
+    def chat_pair(self, handle: ModelHandle, prompt, response: str, *, field: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, response ids) of a conversation and its reply, rendered with the reward model's chat
+        template (alignd.chat), within the limits and the context."""
+        for i, m in enumerate(prompt.messages):
+            self.text_ids_size(m.content, f"{field}.prompt.messages[{i}].content")
+        self.text_ids_size(response, f"{field}.response")
+        p, r = chat_pair_ids(handle, prompt, response, field=field)
+        if not r:
+            raise InvalidArgument(f"{field}.response", "response has no tokens")
         return self.fit(handle, p, r, field=field)
 
     def token_pair(self, handle: ModelHandle, prompt: Sequence[int], response: Sequence[int], *, field: str):

@@ -34,8 +34,10 @@ def parse_items(api: RewardAPI, request: reward_pb2.ScoreRequest, handle) -> lis
                     handle, item.tokens.prompt_token_ids, item.tokens.response_token_ids, field=f"{field}.tokens"
                 )
             )
+        elif kind == "chat":
+            seqs.append(api.chat_pair(handle, item.chat.prompt, item.chat.response, field=f"{field}.chat"))
         else:
-            raise InvalidArgument(field, "no input: set text or tokens")
+            raise InvalidArgument(field, "no input: set text, tokens or chat")
     return seqs
 
 

@@ -29,10 +29,25 @@ class ModelConfig(Strict):
     trust_remote_code: bool = Field(
         False, description="Allow model code from the directory (transformers trust_remote_code)."
     )
+    chat_template: str = Field(
+        "auto",
+        description="How conversations become tokens (docs/chat.md): auto (the tokenizer's chat template; plain "
+        "text if it has none), none (plain text: the messages' contents joined by a blank line), or the path of "
+        "a Jinja template file.",
+    )
 
     @field_validator("path")
     @classmethod
     def _expand(cls, v: str) -> str:
+        return expand_path(v)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if v in ("auto", "none"):
+            return v
+        if not v.strip():
+            raise ValueError("must be auto, none or the path of a Jinja template file")
         return expand_path(v)
 
 

@@ -129,6 +129,14 @@ class SupervisedJobConfig(Strict):
         False,
         description="Drop malformed data lines (counted and reported with file:line) instead of refusing the job.",
     )
+    chat_template: Literal["auto", "none"] = Field(
+        "auto",
+        description="How prompts and completions become tokens (docs/chat.md): auto renders them with the model's "
+        "chat template, as the roles serving it do (plain text if it has none); none: plain text.",
+    )
+    system_prompt: str | None = Field(
+        None, description="System message put before every prompt given as text when a chat template applies."
+    )
 
 
 class SFTConfig(SupervisedJobConfig):

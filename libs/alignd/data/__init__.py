@@ -19,11 +19,22 @@ by their magic bytes; extra fields are ignored):
                         replies (with their leading space, as in the data).
   prompts               {"prompt": str} JSONL (the field is configurable), or any
                         other file as plain text, one prompt per line.
+
+TRL's conversational forms are read too (docs/chat.md): a prompt may be a
+conversation, an array of {"role", "content"} messages (roles system, user,
+assistant, tool) that does not end with the assistant; a completion (or
+chosen / rejected) may be a one-message array with the assistant's reply.
+Besides: demonstrations {"messages": [..., assistant reply]}, and the
+"conversation" comparison format {"chosen": [whole conversation], "rejected":
+[whole conversation]} (TRL's implicit prompt: the two agree up to their last
+assistant reply, which are the completions). A conversational prompt stays a
+list of messages in the records; each role renders it with its chat template.
   pretraining text      {"text": str} JSONL, or plain text, one document per line.
 
 `load_comparisons(format="auto")` picks the format per file from the first
 valid record (completions/ranking -> rankings; chosen/rejected with a prompt
--> pairwise; without -> HH-RLHF) and holds every later line to it.
+-> pairwise; without, as strings -> HH-RLHF, as message arrays ->
+conversation) and holds every later line to it.
 
 Validation. Every problem is a `DataError` whose message is `path:line: problem`
 (1-based physical line numbers; blank lines are skipped but counted): invalid

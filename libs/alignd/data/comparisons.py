@@ -10,20 +10,33 @@ import json
 import os
 from typing import Literal
 
-from alignd.data.reading import _Bad, _completion, _iter_objects, _json_type, _Loader, _prompt, _text
+from alignd.data.reading import (
+    _Bad,
+    _completion,
+    _iter_objects,
+    _json_type,
+    _Loader,
+    _messages,
+    _prompt_or_messages,
+    _reply_text,
+    _split_conversation,
+    _text,
+)
 from alignd.data.records import _FORMAT_NAMES, DEFAULT_MAX_K, Comparison, LoadReport
 
 ASSISTANT = "\n\nAssistant:"
 HUMAN = "\n\nHuman:"
 
-ComparisonFormat = Literal["auto", "rankings", "pairwise", "hh"]
+ComparisonFormat = Literal["auto", "rankings", "pairwise", "hh", "conversation"]
 
 
 def _line_format(obj: dict) -> str | None:
     if "completions" in obj or "ranking" in obj:
         return "rankings"
     if "chosen" in obj or "rejected" in obj:
-        return "pairwise" if "prompt" in obj else "hh"
+        if "prompt" in obj:
+            return "pairwise"
+        return "conversation" if isinstance(obj.get("chosen"), list) else "hh"
     return None
 
 
@@ -36,7 +49,7 @@ def _check_distinct(completions: list[str]) -> None:
 
 
 def _ranking_record(ld: _Loader, n: int, obj: dict, *, max_k: int) -> Comparison:
-    prompt = _prompt(obj)
+    prompt = _prompt_or_messages(obj)
     if "completions" not in obj:
         raise _Bad("missing field 'completions'")
     comps = obj["completions"]
@@ -66,9 +79,9 @@ def _ranking_record(ld: _Loader, n: int, obj: dict, *, max_k: int) -> Comparison
 
 
 def _pairwise_record(ld: _Loader, n: int, obj: dict) -> Comparison:
-    prompt = _prompt(obj)
-    chosen = _completion(ld, n, _text(obj, "chosen"), name="field 'chosen'")
-    rejected = _completion(ld, n, _text(obj, "rejected"), name="field 'rejected'")
+    prompt = _prompt_or_messages(obj)
+    chosen = _completion(ld, n, _reply_text(obj, "chosen"), name="field 'chosen'")
+    rejected = _completion(ld, n, _reply_text(obj, "rejected"), name="field 'rejected'")
     if chosen == rejected:
         raise _Bad("'chosen' and 'rejected' are identical")
     return Comparison(prompt, [chosen, rejected], [0, 1])
@@ -107,6 +120,24 @@ def _hh_record(ld: _Loader, n: int, obj: dict) -> Comparison:
     return Comparison(p_c, [chosen, rejected], [0, 1])
 
 
+def _conversation_record(ld: _Loader, n: int, obj: dict) -> Comparison:
+    """TRL's implicit-prompt preference format: two whole conversations that differ in their last assistant
+    reply only."""
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            raise _Bad(f"missing field {key!r}")
+    p_c, chosen = _split_conversation(_messages(obj["chosen"], "chosen"), "chosen")
+    p_r, rejected = _split_conversation(_messages(obj["rejected"], "rejected"), "rejected")
+    if p_c != p_r:
+        at = next((i for i, (a, b) in enumerate(zip(p_c, p_r)) if a != b), min(len(p_c), len(p_r)))
+        raise _Bad(f"'chosen' and 'rejected' differ before their last assistant reply (at message {at})")
+    chosen = _completion(ld, n, chosen, name="the 'chosen' reply")
+    rejected = _completion(ld, n, rejected, name="the 'rejected' reply")
+    if chosen == rejected:
+        raise _Bad("'chosen' and 'rejected' are identical")
+    return Comparison(p_c, [chosen, rejected], [0, 1])
+
+
 def load_comparisons(
     path: str | os.PathLike,
     *,
@@ -115,8 +146,8 @@ def load_comparisons(
     max_k: int = DEFAULT_MAX_K,
 ) -> tuple[list[Comparison], LoadReport]:
     """Reward-model data: rankings, pairwise or HH-RLHF transcripts (one format per file; see module docs)."""
-    if format not in ("auto", "rankings", "pairwise", "hh"):
-        raise ValueError(f"format must be 'auto', 'rankings', 'pairwise' or 'hh', not {format!r}")
+    if format not in ("auto", "rankings", "pairwise", "hh", "conversation"):
+        raise ValueError(f"format must be 'auto', 'rankings', 'pairwise', 'hh' or 'conversation', not {format!r}")
     if max_k < 2:
         raise ValueError(f"max_k must be at least 2, not {max_k}")
     ld = _Loader(path, skip_bad)
@@ -146,6 +177,8 @@ def load_comparisons(
                 rec = _ranking_record(ld, n, obj, max_k=max_k)
             elif fmt == "pairwise":
                 rec = _pairwise_record(ld, n, obj)
+            elif fmt == "conversation":
+                rec = _conversation_record(ld, n, obj)
             else:
                 rec = _hh_record(ld, n, obj)
         except _Bad as b:

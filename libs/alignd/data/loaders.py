@@ -9,12 +9,24 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from alignd.data.reading import _Bad, _completion, _iter_lines, _iter_objects, _Loader, _prompt, _text
+from alignd.data.reading import (
+    _Bad,
+    _completion,
+    _iter_lines,
+    _iter_objects,
+    _Loader,
+    _messages,
+    _prompt,
+    _prompt_or_messages,
+    _reply_text,
+    _split_conversation,
+)
 from alignd.data.records import Demonstration, LoadReport
 
 
 def load_demonstrations(path: str | os.PathLike, *, skip_bad: bool = False) -> tuple[list[Demonstration], LoadReport]:
-    """SFT demonstrations, `{"prompt", "completion"}` per line."""
+    """SFT demonstrations: `{"prompt", "completion"}` per line, or TRL's conversational forms (`{"messages"}`
+    ending with the assistant's reply; `{"prompt": [messages], "completion": [assistant message]}`)."""
     ld = _Loader(path, skip_bad)
     ld.report.format = "demonstrations"
     out: list[Demonstration] = []
@@ -22,8 +34,13 @@ def load_demonstrations(path: str | os.PathLike, *, skip_bad: bool = False) -> t
         try:
             if isinstance(obj, _Bad):
                 raise obj
-            prompt = _prompt(obj)
-            completion = _completion(ld, n, _text(obj, "completion"), name="field 'completion'")
+            if "messages" in obj and "prompt" not in obj:  # TRL's conversational language modeling format
+                prompt, reply = _split_conversation(_messages(obj["messages"], "messages"), "messages")
+                name = "the last assistant message"
+            else:
+                prompt, reply = _prompt_or_messages(obj), _reply_text(obj, "completion")
+                name = "field 'completion'"
+            completion = _completion(ld, n, reply, name=name)
         except _Bad as b:
             ld.bad(n, str(b))
             continue
@@ -39,17 +56,17 @@ def _is_jsonl(path: Path) -> bool:
 
 
 def _load_strings(
-    path: str | os.PathLike, field_name: str, *, skip_bad: bool, what: str
-) -> tuple[list[str], LoadReport]:
+    path: str | os.PathLike, field_name: str, *, skip_bad: bool, what: str, messages: bool = False
+) -> tuple[list, LoadReport]:
     ld = _Loader(path, skip_bad)
-    out: list[str] = []
+    out: list = []
     if _is_jsonl(ld.path):
         ld.report.format = "jsonl"
         for n, obj in _iter_objects(ld.path):
             try:
                 if isinstance(obj, _Bad):
                     raise obj
-                out.append(_prompt(obj, field_name))
+                out.append(_prompt_or_messages(obj, field_name) if messages else _prompt(obj, field_name))
             except _Bad as b:
                 ld.bad(n, str(b))
     else:
@@ -65,9 +82,10 @@ def _load_strings(
 
 def load_prompts(
     path: str | os.PathLike, field: str = "prompt", skip_bad: bool = False
-) -> tuple[list[str], LoadReport]:
-    """Prompts: `.jsonl` (`{field: str}` per line) or plain text, one prompt per non-blank line."""
-    return _load_strings(path, field, skip_bad=skip_bad, what="prompts")
+) -> tuple[list[str | list[dict[str, str]]], LoadReport]:
+    """Prompts: `.jsonl` (`{field: str}` or, conversational, `{field: [messages]}` per line) or plain text, one
+    prompt per non-blank line."""
+    return _load_strings(path, field, skip_bad=skip_bad, what="prompts", messages=True)
 
 
 def load_texts(path: str | os.PathLike, field: str = "text", skip_bad: bool = False) -> tuple[list[str], LoadReport]:

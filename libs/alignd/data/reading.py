@@ -158,3 +158,60 @@ def _completion(ld: _Loader, line: int, v: str, *, name: str) -> str:
     if not v.strip():
         ld.warn(line, f"{name} is only whitespace ({v!r})")
     return v
+
+
+_CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _messages(v: Any, key: str) -> list[dict[str, str]]:
+    """A conversation in TRL's conversational format: a non-empty array of {"role", "content"} objects."""
+    if not isinstance(v, list):
+        raise _Bad(f"field {key!r} must be a string or an array of messages, got {_json_type(v)}")
+    if not v:
+        raise _Bad(f"field {key!r} is an empty conversation")
+    out = []
+    for i, m in enumerate(v):
+        if not isinstance(m, dict):
+            raise _Bad(f"{key}[{i}] must be a message object {{'role', 'content'}}, got {_json_type(m)}")
+        role, content = m.get("role"), m.get("content")
+        if role not in _CHAT_ROLES:
+            raise _Bad(f"{key}[{i}].role must be one of {', '.join(_CHAT_ROLES)}, got {json.dumps(role)[:40]}")
+        if not isinstance(content, str):
+            raise _Bad(f"{key}[{i}].content must be a string, got {_json_type(content)}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _prompt_messages(conv: list[dict[str, str]], key: str) -> list[dict[str, str]]:
+    if conv[-1]["role"] == "assistant":
+        raise _Bad(f"field {key!r} ends with an assistant message: a prompt is what the assistant answers")
+    if not any(m["content"].strip() for m in conv):
+        raise _Bad(f"field {key!r} is empty")
+    return conv
+
+
+def _prompt_or_messages(obj: dict, key: str = "prompt") -> str | list[dict[str, str]]:
+    """A prompt: a string, or a conversation (TRL's conversational format) that does not end with the assistant."""
+    if isinstance(obj.get(key), list):
+        return _prompt_messages(_messages(obj[key], key), key)
+    return _prompt(obj, key)
+
+
+def _reply_text(obj: dict, key: str) -> str:
+    """A completion: a string, or (conversational) a one-message array with the assistant's reply."""
+    v = obj.get(key)
+    if not isinstance(v, list):
+        return _text(obj, key)
+    conv = _messages(v, key)
+    if len(conv) != 1 or conv[0]["role"] != "assistant":
+        raise _Bad(f"field {key!r} must hold one assistant message (the reply), got {len(conv)} message(s)")
+    return conv[0]["content"]
+
+
+def _split_conversation(conv: list[dict[str, str]], key: str) -> tuple[list[dict[str, str]], str]:
+    """(prompt messages, the final assistant reply) of a whole conversation."""
+    if conv[-1]["role"] != "assistant":
+        raise _Bad(f"field {key!r} must end with an assistant message (the reply)")
+    if len(conv) < 2:
+        raise _Bad(f"field {key!r} has no prompt before its assistant reply")
+    return _prompt_messages(conv[:-1], key), conv[-1]["content"]

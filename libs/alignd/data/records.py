@@ -13,7 +13,16 @@ from itertools import combinations
 DEFAULT_MAX_K = 9  # InstructGPT: labelers ranked K = 4..9 completions per prompt
 MAX_REPORTED = 1000  # problem / warning messages kept in a report; the counts are exact
 
-_FORMAT_NAMES = {"rankings": "rankings", "pairwise": "pairwise", "hh": "HH-RLHF transcript"}
+_FORMAT_NAMES = {
+    "rankings": "rankings",
+    "pairwise": "pairwise",
+    "hh": "HH-RLHF transcript",
+    "conversation": "conversational preference",
+}
+
+# A prompt: text, or a conversation in the Hugging Face chat format ([{"role", "content"}, ...], not ending with
+# the assistant), which each role renders with its model's chat template (alignd.chat).
+Prompt = str | list[dict[str, str]]
 
 
 class DataError(ValueError):
@@ -32,7 +41,7 @@ class DataError(ValueError):
 
 @dataclass
 class Demonstration:
-    prompt: str
+    prompt: Prompt
     completion: str
 
 
@@ -40,7 +49,7 @@ class Demonstration:
 class Comparison:
     """A prompt with K >= 2 completions; `ranking` holds completion indices, best first."""
 
-    prompt: str
+    prompt: Prompt
     completions: list[str]
     ranking: list[int]
 

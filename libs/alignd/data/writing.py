@@ -51,12 +51,18 @@ def to_hf_dataset(records: Sequence[Any], *, str_field: str = "prompt"):
     return datasets.Dataset.from_list([_as_dict(r, str_field) for r in records])
 
 
+def prompt_key(prompt: Any) -> str:
+    """A prompt as a string key: text as it is, a conversation as its canonical JSON (conversations are lists,
+    which cannot key a dict or a set)."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
 def _default_key(record: Any) -> str:
     if isinstance(record, str):
         return record
     if isinstance(record, dict):
-        return record["prompt"]
-    return record.prompt
+        return prompt_key(record["prompt"])
+    return prompt_key(record.prompt)
 
 
 def split_train_eval(

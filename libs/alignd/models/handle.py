@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from alignd import __version__
+from alignd.chat import ChatFormat
 from alignd.config import ModelConfig
+from alignd.models.scoring import SCORE_BIAS_KEY, score_bias
 from alignd.runtime.errors import FailedPrecondition, InvalidArgument
 from alignd.runtime.logging import get_logger
 from alignd.v1 import common_pb2
@@ -99,6 +101,9 @@ def load_scalar_head_model(cfg: ModelConfig, *, allow_new_head: bool):
     if model.score.out_features != 1:
         raise ValueError(f"score head has {model.score.out_features} outputs; a reward model needs 1")
     missing_head = [k for k in info.get("missing_keys", []) if k.startswith("score.")]
+    if missing_head and VALUE_HEAD_KEY in set(info.get("unexpected_keys", [])):
+        _adopt_value_head(model, cfg.path)
+        missing_head = []
     if missing_head:
         if not allow_new_head:
             raise ValueError(
@@ -107,6 +112,41 @@ def load_scalar_head_model(cfg: ModelConfig, *, allow_new_head: bool):
             )
         _log.warning("reward_head_initialised", path=cfg.path)
     return model.to(cfg.device).eval()
+
+
+VALUE_HEAD_KEY = "value_head.weight"  # OpenRLHF's reward models: a bias-free linear head named value_head
+
+
+def _adopt_value_head(model, path: str) -> None:
+    """Serves an OpenRLHF reward model as it is: its `value_head` (the same bias-free linear map of the last
+    token's final hidden state as the `score` head of transformers' sequence classifiers) becomes `score`; with
+    normalize_reward, its stored `mean` and `std` are folded in (score / std, bias -mean / std), so the served
+    score is OpenRLHF's normalised reward."""
+    from safetensors import safe_open
+
+    wanted = {VALUE_HEAD_KEY, "mean", "std"}
+    found: dict[str, torch.Tensor] = {}
+    for f in _weight_files(str(check_model_dir(path))):
+        with safe_open(str(f), framework="pt") as st:
+            found.update({k: st.get_tensor(k) for k in st.keys() if k in wanted})
+    head = found[VALUE_HEAD_KEY].reshape(1, -1)
+    if head.shape[1] != model.score.in_features:
+        raise ValueError(
+            f"{VALUE_HEAD_KEY} has {head.shape[1]} inputs; the backbone's hidden size is {model.score.in_features}"
+        )
+    scale, bias = 1.0, 0.0
+    if getattr(model.config, "normalize_reward", False) and "mean" in found and "std" in found:
+        mean, std = float(found["mean"].reshape(-1)[0]), float(found["std"].reshape(-1)[0])
+        if not std > 0:
+            raise ValueError(f"{path}: normalize_reward with std {std}; it must be positive")
+        scale, bias = 1.0 / std, -mean / std
+    with torch.no_grad():
+        model.score.weight.copy_(head.to(model.score.weight.dtype) * scale)
+        if model.score.bias is not None:
+            model.score.bias.zero_()
+    if bias:
+        setattr(model.config, SCORE_BIAS_KEY, score_bias(model) + bias)
+    _log.info("value_head_adopted", path=path, normalized=bool(bias or scale != 1.0))
 
 
 def context_limit(model, cfg: ModelConfig) -> int:
@@ -178,6 +218,7 @@ class ModelHandle:
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.max_context = context_limit(model, cfg)
         self.tokenizer_hash = tokenizer_hash(tokenizer)
+        self.chat = ChatFormat.resolve(tokenizer, cfg.chat_template)
         self.eos_token_id = (
             tokenizer.eos_token_id
             if tokenizer.eos_token_id is not None
@@ -210,6 +251,8 @@ class ModelHandle:
             eos_token_id=-1 if self.eos_token_id is None else int(self.eos_token_id),
             pad_token_id=self.pad_token_id,
             alignd_version=__version__,
+            chat_template=self.chat.source,
+            chat_template_sha256=self.chat.digest,
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:

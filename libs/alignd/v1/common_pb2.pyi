@@ -2,7 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -58,7 +58,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("role", "model_name", "model_path", "architecture", "tokenizer_hash", "weight_version", "vocab_size", "max_context_tokens", "num_parameters", "dtype", "device", "eos_token_id", "pad_token_id", "alignd_version", "staged_weight_version")
+    __slots__ = ("role", "model_name", "model_path", "architecture", "tokenizer_hash", "weight_version", "vocab_size", "max_context_tokens", "num_parameters", "dtype", "device", "eos_token_id", "pad_token_id", "alignd_version", "staged_weight_version", "chat_template", "chat_template_sha256")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,8 @@ class ModelInfo(_message.Message):
     PAD_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     ALIGND_VERSION_FIELD_NUMBER: _ClassVar[int]
     STAGED_WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_SHA256_FIELD_NUMBER: _ClassVar[int]
     role: str
     model_name: str
     model_path: str
@@ -89,4 +91,20 @@ class ModelInfo(_message.Message):
     pad_token_id: int
     alignd_version: str
     staged_weight_version: int
-    def __init__(self, role: _Optional[str] = ..., model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., weight_version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., num_parameters: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., alignd_version: _Optional[str] = ..., staged_weight_version: _Optional[int] = ...) -> None: ...
+    chat_template: str
+    chat_template_sha256: str
+    def __init__(self, role: _Optional[str] = ..., model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., weight_version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., num_parameters: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., alignd_version: _Optional[str] = ..., staged_weight_version: _Optional[int] = ..., chat_template: _Optional[str] = ..., chat_template_sha256: _Optional[str] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class Conversation(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...

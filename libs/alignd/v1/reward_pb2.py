@@ -22,25 +22,28 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from alignd.v1 import common_pb2 as alignd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61lignd/v1/reward.proto\x12\talignd.v1\",\n\x08TextPair\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\"A\n\tTokenPair\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x1a\n\x12response_token_ids\x18\x02 \x03(\x05\"a\n\tScoreItem\x12#\n\x04text\x18\x01 \x01(\x0b\x32\x13.alignd.v1.TextPairH\x00\x12&\n\x06tokens\x18\x02 \x01(\x0b\x32\x14.alignd.v1.TokenPairH\x00\x42\x07\n\x05input\"3\n\x0cScoreRequest\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.alignd.v1.ScoreItem\"7\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x16\n\x0eweight_version\x18\x02 \x01(\x04\x32K\n\rRewardService\x12:\n\x05Score\x12\x17.alignd.v1.ScoreRequest\x1a\x18.alignd.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61lignd/v1/reward.proto\x12\talignd.v1\x1a\x16\x61lignd/v1/common.proto\",\n\x08TextPair\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\"A\n\tTokenPair\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x1a\n\x12response_token_ids\x18\x02 \x03(\x05\"E\n\x08\x43hatPair\x12\'\n\x06prompt\x18\x01 \x01(\x0b\x32\x17.alignd.v1.Conversation\x12\x10\n\x08response\x18\x02 \x01(\t\"\x86\x01\n\tScoreItem\x12#\n\x04text\x18\x01 \x01(\x0b\x32\x13.alignd.v1.TextPairH\x00\x12&\n\x06tokens\x18\x02 \x01(\x0b\x32\x14.alignd.v1.TokenPairH\x00\x12#\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x13.alignd.v1.ChatPairH\x00\x42\x07\n\x05input\"3\n\x0cScoreRequest\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.alignd.v1.ScoreItem\"7\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x16\n\x0eweight_version\x18\x02 \x01(\x04\x32K\n\rRewardService\x12:\n\x05Score\x12\x17.alignd.v1.ScoreRequest\x1a\x18.alignd.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'alignd.v1.reward_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TEXTPAIR']._serialized_start=37
-  _globals['_TEXTPAIR']._serialized_end=81
-  _globals['_TOKENPAIR']._serialized_start=83
-  _globals['_TOKENPAIR']._serialized_end=148
-  _globals['_SCOREITEM']._serialized_start=150
-  _globals['_SCOREITEM']._serialized_end=247
-  _globals['_SCOREREQUEST']._serialized_start=249
-  _globals['_SCOREREQUEST']._serialized_end=300
-  _globals['_SCORERESPONSE']._serialized_start=302
-  _globals['_SCORERESPONSE']._serialized_end=357
-  _globals['_REWARDSERVICE']._serialized_start=359
-  _globals['_REWARDSERVICE']._serialized_end=434
+  _globals['_TEXTPAIR']._serialized_start=61
+  _globals['_TEXTPAIR']._serialized_end=105
+  _globals['_TOKENPAIR']._serialized_start=107
+  _globals['_TOKENPAIR']._serialized_end=172
+  _globals['_CHATPAIR']._serialized_start=174
+  _globals['_CHATPAIR']._serialized_end=243
+  _globals['_SCOREITEM']._serialized_start=246
+  _globals['_SCOREITEM']._serialized_end=380
+  _globals['_SCOREREQUEST']._serialized_start=382
+  _globals['_SCOREREQUEST']._serialized_end=433
+  _globals['_SCORERESPONSE']._serialized_start=435
+  _globals['_SCORERESPONSE']._serialized_end=490
+  _globals['_REWARDSERVICE']._serialized_start=492
+  _globals['_REWARDSERVICE']._serialized_end=567
 # @@protoc_insertion_point(module_scope)

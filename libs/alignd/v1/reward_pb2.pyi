@@ -1,3 +1,4 @@
+from alignd.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -22,13 +23,23 @@ class TokenPair(_message.Message):
     response_token_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class ChatPair(_message.Message):
+    __slots__ = ("prompt", "response")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    prompt: _common_pb2.Conversation
+    response: str
+    def __init__(self, prompt: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ..., response: _Optional[str] = ...) -> None: ...
+
 class ScoreItem(_message.Message):
-    __slots__ = ("text", "tokens")
+    __slots__ = ("text", "tokens", "chat")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
     text: TextPair
     tokens: TokenPair
-    def __init__(self, text: _Optional[_Union[TextPair, _Mapping]] = ..., tokens: _Optional[_Union[TokenPair, _Mapping]] = ...) -> None: ...
+    chat: ChatPair
+    def __init__(self, text: _Optional[_Union[TextPair, _Mapping]] = ..., tokens: _Optional[_Union[TokenPair, _Mapping]] = ..., chat: _Optional[_Union[ChatPair, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("items",)

@@ -23,7 +23,6 @@ from urllib.parse import parse_qs, urlparse
 
 import kubernetes_validate
 import pytest
-from test_chart import COORDINATOR_RBAC_RULES  # the chart's Role, checked against rbac.yaml there
 
 from alignd.config import CoordinatorConfig, KubernetesLauncherConfig, LauncherConfig, build_config
 from alignd.jobs import rm_response
@@ -40,6 +39,8 @@ from alignd.services.coordinator.launchers import (
     make_launcher,
     run_rm_job,
 )
+
+from test_chart import COORDINATOR_RBAC_RULES  # the chart's Role, checked against rbac.yaml there
 
 KUBE_VERSIONS = ("1.30.0", "1.33.0")
 NS = "ml"

@@ -13,6 +13,8 @@ import pytest
 
 from alignd.data import load_comparisons
 
+from test_tracking import history, read_mlflow, read_tensorboard
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +35,8 @@ def test_alignd_run_tiny_preset_meets_the_bar(tmp_path):
     the reward model's held-out accuracy is above 60% in every round."""
     run_dir = tmp_path / "run"
     env = dict(os.environ, ALIGND_CACHE=str(tmp_path / "cache"))
-    out = _run("--preset", "tiny", "--run-dir", str(run_dir), env=env)
+    tracking = ("--set", "pipeline.tracking=[tensorboard,mlflow]")
+    out = _run("--preset", "tiny", "--run-dir", str(run_dir), *tracking, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # Its output is a pipe here: progress comes as plain lines within 80 columns, never a carriage return.
     assert "\r" not in out.stdout
@@ -87,8 +90,19 @@ def test_alignd_run_tiny_preset_meets_the_bar(tmp_path):
         assert f"plots/{png}.png" in md
     assert "win rate vs SFT (gold):" in out.stdout and "RM held-out accuracy: round 0" in out.stdout
 
+    # Every step's metrics, each stage's results and the report's figures, in TensorBoard's and MLflow's own
+    # readers (tests/test_tracking.py).
+    tb = read_tensorboard(run_dir)
+    assert tb["mean_score"] == [(r["step"], pytest.approx(r["mean_score"])) for r in rows]
+    client, run_id = read_mlflow(run_dir)
+    assert history(client, run_id, "reference_kl") == [(r["step"], pytest.approx(r["reference_kl"])) for r in rows]
+    assert [v for _, v in history(client, run_id, "stage.rm.accuracy")] == pytest.approx([rounds[0]["accuracy"]])
+    assert history(client, run_id, "report.win_rates.gold.rate") == [(40, pytest.approx(gold["rate"]))]
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"report.json", "report.md", "reward_kl.png"}
+    assert client.get_run(run_id).data.params["kind"] == "pipeline"
+
     # The same command again resumes the run from its directory: it is finished, so nothing runs again.
-    again = _run("--preset", "tiny", "--run-dir", str(run_dir), env=env)
+    again = _run("--preset", "tiny", "--run-dir", str(run_dir), *tracking, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((run_dir / "state.json").read_text())["pipeline"]["rm_rounds"] == rounds
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 40

@@ -103,7 +103,7 @@ def test_an_unknown_field_is_refused_by_name(v1_run):
 def _fake_run(run_dir: Path) -> SimpleNamespace:
     """What write_eval_samples reads of a PipelineRun: a policy whose i-th sample of prompt p is "p i"."""
 
-    def sample_texts(prompts, n, sampling, seed):
+    def sample_texts(prompts, n, sampling, seed, system=None):
         return [
             [SimpleNamespace(text=f"{p} {i}", token_ids=[5, 6], prompt_token_ids=[1, 2]) for i in range(n)]
             for p in prompts
@@ -112,7 +112,12 @@ def _fake_run(run_dir: Path) -> SimpleNamespace:
     return SimpleNamespace(
         record=RunRecord(run_id="r", run_dir=str(run_dir), config_yaml="", total_steps=1),
         eval_prompts_all=["a", "b\u2028c", "d"],
-        cfg=SimpleNamespace(seed=0, evaluation=SimpleNamespace(max_prompts=2, samples_per_prompt=2, sampling=None)),
+        cfg=SimpleNamespace(
+            seed=0,
+            evaluation=SimpleNamespace(
+                max_prompts=2, samples_per_prompt=2, sampling=None, prompts=SimpleNamespace(system=None)
+            ),
+        ),
         loop=SimpleNamespace(rollouts=SimpleNamespace(sample_texts=sample_texts)),
     )
 

@@ -31,7 +31,9 @@ def write_eval_samples(run: PipelineRun, which: str) -> None:
     """Samples of the policy the replicas serve now (`which`: "sft" or "final") for the held-out prompts."""
     ev = run.cfg.evaluation
     prompts = run.eval_prompts_all[: ev.max_prompts]
-    groups = run.loop.rollouts.sample_texts(prompts, ev.samples_per_prompt, ev.sampling, seed=run.cfg.seed + 1)
+    groups = run.loop.rollouts.sample_texts(
+        prompts, ev.samples_per_prompt, ev.sampling, seed=run.cfg.seed + 1, system=ev.prompts.system
+    )
     rows = [
         {
             "prompt": p,
@@ -110,6 +112,7 @@ def stage_report(run: PipelineRun) -> None:
     plots = render_plots(path, report)
     md = evaluation.render_markdown(report, samples, plots=[p.relative_to(path).as_posix() for p in plots])
     write_bytes_atomic(path / "report.md", md.encode())
+    run.loop.tracker.report(report, [path / "report.json", path / "report.md", *plots])
     run.record.latest_metrics.update(
         {
             "gold_win_rate": report["win_rates"]["gold"]["rate"],
@@ -125,6 +128,7 @@ def _report_fields(run: PipelineRun, ev: dict) -> dict:
     if "sft" in st.text_loss and "final" in st.text_loss:
         ptx = any(r.get("ptx_loss") for r in run.loop.log.read())
         tax = {"with_ptx" if ptx else "without_ptx": (st.text_loss["sft"].loss, st.text_loss["final"].loss)}
+    pol = run.roles.info(run.roles.policy[0])
     return dict(
         alignment_tax=tax,
         win_rates=ev["win_rates"],
@@ -141,5 +145,9 @@ def _report_fields(run: PipelineRun, ev: dict) -> dict:
             "evaluation_temperature": run.cfg.evaluation.sampling.temperature,
             "evaluation_max_new_tokens": run.cfg.evaluation.sampling.max_new_tokens,
             "skipped_data_lines": {k: v["skipped"] for k, v in st.data.items()},
+            # How prompts reached the policy (docs/chat.md): its chat template (source and sha256) and the system
+            # message of the prompts given as text.
+            "chat_template": " ".join(filter(None, (pol.chat_template, pol.chat_template_sha256))) or "none",
+            "system_prompt": run.cfg.ppo.prompts.system,
         },
     )

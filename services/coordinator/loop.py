@@ -44,6 +44,7 @@ from alignd.services.coordinator.errors import RunFailed, RunStopped
 from alignd.services.coordinator.rollouts import Rollout, Rollouts
 from alignd.services.coordinator.runs import MetricsLog, RunRecord
 from alignd.services.coordinator.step_metrics import PHASES, timed_phase
+from alignd.services.coordinator.tracking import Tracker
 from alignd.services.coordinator.weight_sync import PolicyPushPlan, VersionPlan, WeightSync
 from alignd.v1 import learner_pb2, learner_pb2_grpc
 
@@ -81,6 +82,8 @@ class RunLoop:
             record, run_cfg, roles, metrics=metrics, sync=self.sync, skip_bad=skip_bad, texts=rollout_texts
         )
         self.step_extras = step_extras or (lambda samples: {})
+        # TensorBoard / MLflow / W&B (run.tracking); FailedPrecondition here when a backend's package is missing.
+        self.tracker = Tracker(record.path, run_cfg.tracking, roles.cfg.tracking, run_name=record.run_id)
         # Whether the rollouts' log-probs are the learner's own, so it need not recompute them (ppo.old_logprobs);
         # settled with the roles' infos at the start of each run (check_tokenizers).
         self._exact = False
@@ -88,9 +91,11 @@ class RunLoop:
 
     def close(self) -> None:
         self.rollouts.close()
+        self.tracker.close()
 
     def check_tokenizers(self) -> bool:
-        """True when the reward model shares the policy's tokenizer (then scores use token ids). Also settles
+        """True when the reward model shares the policy's tokenizer and chat template (then scores use token ids).
+        Also settles
         whether the rollouts' log-probs are exact (self._exact), from the same answers."""
         pol = self.roles.info(self.roles.policy[0])
         dtypes = {pol.dtype, self.roles.info(self.roles.learner).dtype}
@@ -104,7 +109,10 @@ class RunLoop:
         # Untruncated sampling, policy and learner in fp32 (in bf16 the cached decoding and the training forward
         # differ by ~1e-2 in log-prob): the rollouts' log-probs are then the learner's own.
         self._exact = s.temperature > 0 and s.top_k == 0 and s.top_p >= 1.0 and dtypes == {"float32"}
-        return self.roles.info(self.roles.reward[0]).tokenizer_hash == pol.tokenizer_hash
+        rew = self.roles.info(self.roles.reward[0])
+        # Token ids carry the policy's rendering of a prompt; a reward role with another chat template is sent the
+        # conversation and reply instead, and renders them itself (docs/chat.md).
+        return (rew.tokenizer_hash, rew.chat_template_sha256) == (pol.tokenizer_hash, pol.chat_template_sha256)
 
     # -- steps ---------------------------------------------------------------
     def steps(self, end: int, same_tokenizer: bool) -> bool:
@@ -179,6 +187,7 @@ class RunLoop:
         row = step_metrics.step_row(ro, resp, push, trained_on=trained_on, iteration_seconds=iteration_seconds, now=now)
         row.update(self.step_extras(ro.samples))
         self.log.append(row)
+        self.tracker.step_metrics(ro.step, row)
         rec.step = ro.step
         rec.policy_version = push.version
         # The sampler after this step's prompts (async runs have taken later steps' too: those are taken again
@@ -243,6 +252,7 @@ class RunThread(threading.Thread):
             rec.state = "running"
             rec.save()
             self.loop.log.truncate_after(rec.step)
+            self.loop.tracker.run_config(rec.config_yaml)
             state = self.body()
         except RunStopped as stop:
             state = "stopped"

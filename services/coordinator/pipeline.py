@@ -124,8 +124,22 @@ class PipelineRun(RunThread):
             st.wall_seconds[stage] = st.wall_seconds.get(stage, 0.0) + seconds
             st.done.append(stage)
             rec.save()
+            self.loop.tracker.stage(stage, self._stage_results(stage, seconds))
             _log.info("stage_finished", run_id=rec.run_id, stage=stage, seconds=round(seconds, 2))
         return "succeeded"
+
+    def _stage_results(self, stage: str, seconds: float) -> dict:
+        """What tracking records of a finished stage: its wall seconds, and the RM's accuracy after the rm stage."""
+        out: dict = {"seconds": seconds}
+        if stage == "rm" and self.state.rm_rounds:
+            last = self.state.rm_rounds[-1]
+            out.update(
+                accuracy=last.accuracy,
+                heldout_comparisons=last.n,
+                train_accuracy=last.train_accuracy,
+                labeler_agreement=last.labeler_agreement,
+            )
+        return out
 
     def progress(self, fraction: float, detail: str) -> None:
         """Stage progress for GetRun (and the CLI's bar); saved with the record."""

@@ -29,6 +29,7 @@ from alignd.config.base import (  # noqa: F401
 from alignd.config.coordinator import (  # noqa: F401
     RETRY_PHASES,
     CoordinatorConfig,
+    CoordinatorTrackingConfig,
     HedgingConfig,
     JudgePluginConfig,
 )
@@ -71,6 +72,7 @@ from alignd.config.runs import (  # noqa: F401
     PromptsConfig,
     RMRetrainConfig,
     SamplingConfig,
+    TrackingConfig,
 )
 from alignd.config.server import (  # noqa: F401
     AuthConfig,
@@ -105,6 +107,7 @@ __all__ = [
     "CIDRList",
     "ConfigError",
     "CoordinatorConfig",
+    "CoordinatorTrackingConfig",
     "EngineConfig",
     "EvaluationConfig",
     "FaultInjectionConfig",
@@ -127,6 +130,7 @@ __all__ = [
     "PolicyBatchingConfig",
     "PolicyConfig",
     "PromptsConfig",
+    "TrackingConfig",
     "RETRY_PHASES",
     "RMRetrainConfig",
     "RMTrainConfig",

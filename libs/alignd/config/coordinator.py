@@ -43,6 +43,22 @@ class JudgePluginConfig(Strict):
     args: dict[str, Any] = Field({}, description="Keyword arguments bound to it (a run's judge args are added).")
 
 
+class CoordinatorTrackingConfig(Strict):
+    """Where the tracking backends a run names send its data (the operator's choice, not the run request's)."""
+
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking server (http(s)://...) or store; null = a file store in the run directory "
+        "(RUN_DIR/mlruns: `mlflow ui --backend-store-uri RUN_DIR/mlruns`).",
+    )
+    wandb_mode: Literal["auto", "online", "offline"] = Field(
+        "auto",
+        description="W&B: auto = online when WANDB_API_KEY is set in the coordinator's environment, else offline "
+        "(RUN_DIR/wandb; `wandb sync` uploads it later).",
+    )
+    wandb_entity: str | None = Field(None, description="W&B entity (team); null = the key's default.")
+
+
 class CoordinatorConfig(RoleConfig):
     """coordinator: runs the RLHF loop (alignd.v1.CoordinatorService). Imports no torch."""
 
@@ -78,6 +94,10 @@ class CoordinatorConfig(RoleConfig):
     )
     launcher: LauncherConfig = Field(
         LauncherConfig(), description="How jobs that run outside the roles (reward-model training) are started."
+    )
+    tracking: CoordinatorTrackingConfig = Field(
+        default_factory=CoordinatorTrackingConfig,
+        description="Where runs' MLflow and W&B tracking goes (a run chooses the backends: run.tracking).",
     )
     judges: dict[str, JudgePluginConfig] = Field(
         {},

@@ -28,7 +28,14 @@ class PromptsConfig(Strict):
     path: str = Field(
         description='JSONL ({"prompt": ...} per line) or .txt (one prompt per line); "~" and $VARS expanded.'
     )
-    field: str = Field("prompt", description="JSONL field holding the prompt text.")
+    field: str = Field(
+        "prompt", description="JSONL field holding the prompt: text, or a conversation (TRL's conversational format)."
+    )
+    system: str | None = Field(
+        None,
+        description="System message put before each prompt given as text: the policy renders [system, user] with "
+        "its chat template (docs/chat.md); plain text without one.",
+    )
 
     @field_validator("path")
     @classmethod
@@ -36,8 +43,45 @@ class PromptsConfig(Strict):
         return expand_path(v)
 
 
+TRACKING_BACKENDS = ("tensorboard", "mlflow", "wandb")
+
+
+class TrackingConfig(Strict):
+    """Experiment tracking of a run (docs/operations.md "Tracking"): every step's metrics, each stage's results,
+    the run's configuration and the report's figures. Written by the coordinator; where MLflow and W&B send
+    them is the coordinator's configuration (coordinator.tracking), never a run request's."""
+
+    backends: list[Literal[TRACKING_BACKENDS]] = Field(
+        ["tensorboard"],
+        description="tensorboard (event files in RUN_DIR/tensorboard), mlflow, wandb; [] = none.",
+    )
+    experiment: str = Field(
+        "alignd",
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$",
+        description="MLflow experiment / W&B project name.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list(cls, v):
+        # `tracking: [tensorboard, mlflow]` is short for `tracking: {backends: [...]}`.
+        return {"backends": v} if isinstance(v, list) else v
+
+    @field_validator("backends")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+
 class PPORunConfig(Strict):
     """A PPO run, as sent to CoordinatorService.StartRun (config_yaml)."""
+
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="Experiment tracking: a list of backends (tensorboard, mlflow, wandb) or {backends, experiment}.",
+    )
 
     steps: int = Field(20, ge=1, description="PPO iterations.")
     prompts_per_step: int = Field(
@@ -198,11 +242,32 @@ class PipelineConfig(Strict):
         "counted and reported (file:line) in state.json and report.json. Also sets sft/rm.skip_bad_lines.",
     )
 
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="Experiment tracking of the whole pipeline (sets ppo.tracking): a list of backends "
+        "(tensorboard, mlflow, wandb) or {backends, experiment}.",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="System message of every prompt given as text, in every stage (SFT, labeling, RM, PPO, "
+        "evaluation), where ppo.prompts.system, evaluation.prompts.system, sft.system_prompt and rm.system_prompt "
+        "are not set themselves (docs/chat.md).",
+    )
+
     @model_validator(mode="after")
     def _stage_seeds(self) -> PipelineConfig:
         for stage in (self.sft, self.rm, self.ppo):
             if "seed" not in stage.model_fields_set:
                 stage.seed = self.seed
+        if "tracking" in self.model_fields_set and "tracking" not in self.ppo.model_fields_set:
+            self.ppo.tracking = self.tracking
+        if self.system_prompt:
+            for prompts in (self.ppo.prompts, self.evaluation.prompts):
+                if "system" not in prompts.model_fields_set:
+                    prompts.system = self.system_prompt
+            for job in (self.sft, self.rm):
+                if "system_prompt" not in job.model_fields_set:
+                    job.system_prompt = self.system_prompt
         return self
 
     @field_validator("demonstrations")

@@ -110,6 +110,16 @@ def role_block(role: str, config_def: str) -> dict:
             "tolerations": {"type": "array", "items": K8S_OBJECT},
             "affinity": K8S_OBJECT,
             "podAnnotations": STRING_MAP,
+            "podLabels": {**STRING_MAP, "description": "Extra labels on the role's pods."},
+            "priorityClassName": {**STRING, "description": 'PriorityClass of the pods ("" = the cluster default).'},
+            "schedulerName": {
+                **STRING,
+                "description": 'Scheduler of the pods ("" = default-scheduler; e.g. "volcano" to gang-schedule).',
+            },
+            "runtimeClassName": {**STRING, "description": 'RuntimeClass of the pods ("" = the node default).'},
+            "topologySpreadConstraints": {"type": "array", "items": K8S_OBJECT},
+            "initContainers": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+            "extraContainers": {"type": "array", "items": {"type": "object", "required": ["name"]}},
             "env": {"type": "array", "items": {"type": "object", "required": ["name"]}},
             "extraVolumes": {"type": "array", "items": {"type": "object", "required": ["name"]}},
             "extraVolumeMounts": {"type": "array", "items": {"type": "object", "required": ["name", "mountPath"]}},
@@ -158,6 +168,10 @@ def build_schema() -> dict:
     names, defs = role_config_defs()
     peers = {"type": "array", "items": K8S_OBJECT, "description": "NetworkPolicyPeer objects."}
     props = {
+        "global": {
+            "type": "object",
+            "description": "Values an umbrella chart shares with its subcharts; this chart reads none of them.",
+        },
         "nameOverride": STRING,
         "fullnameOverride": STRING,
         "imagePullSecrets": {"type": "array", "items": obj({"name": {"type": "string", "minLength": 1}})},
@@ -267,6 +281,16 @@ def build_schema() -> dict:
                 "metricsFrom": peers,
             }
         ),
+        "helmTest": obj({"enabled": BOOL, "timeoutSeconds": {"type": "number", "exclusiveMinimum": 0}}),
+        "kueue": obj(
+            {
+                "queueName": {
+                    **STRING,
+                    "description": 'Kueue LocalQueue the roles\' workloads are admitted through ("" = none).',
+                },
+                "roles": {"type": "array", "items": {"enum": list(ROLES)}, "uniqueItems": True},
+            }
+        ),
         "metrics": obj(
             {
                 "auth": BOOL,
@@ -280,6 +304,7 @@ def build_schema() -> dict:
                         "stalledRunWindow": DURATION,
                         "klThreshold": {"type": "number", "exclusiveMinimum": 0},
                         "errorRatioThreshold": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                        "runbookUrl": {"type": "string", "minLength": 1},
                     }
                 ),
                 "grafanaDashboard": obj(

@@ -395,6 +395,22 @@ def _add_reward_commands(sub) -> None:
     r.set_defaults(func=cmd_reward_score)
 
 
+def cmd_probe(args) -> int:
+    from alignd import probe
+
+    return probe.run(load_config(probe.ProbeConfig, args.config))
+
+
+def _add_probe_command(sub) -> None:
+    p = sub.add_parser(
+        "probe",
+        help="check that a deployment serves: every role's gRPC health and the reward role's /get_reward (what "
+        "`helm test` runs); exit 0 when all pass",
+    )
+    p.add_argument("--config", required=True, metavar="probe.yaml", help="the roles and how to reach them")
+    p.set_defaults(func=cmd_probe)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignd", description="RLHF as gRPC microservices.")
     parser.add_argument("--version", action="version", version=f"alignd {__version__}")
@@ -404,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
         entry.load()(sub)  # a role's own commands (pyproject.toml [project.entry-points."alignd.commands"])
     _add_reward_commands(sub)
+    _add_probe_command(sub)
     return parser
 
 

@@ -336,6 +336,10 @@ metadata:
   labels:
     {{- include "alignd.selectorLabels" $ctx | nindent 4 }}
     app.kubernetes.io/part-of: alignd
+    {{- include "alignd.kueueLabel" $ctx | nindent 4 }}
+    {{- with $v.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   annotations:
     checksum/config: {{ include "alignd.roleConfig" $ctx | sha256sum }}
     {{- if $authOn }}
@@ -358,6 +362,23 @@ spec:
   securityContext:
     {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
   terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+  {{- with $v.priorityClassName }}
+  priorityClassName: {{ . | quote }}
+  {{- end }}
+  {{- with $v.schedulerName }}
+  schedulerName: {{ . | quote }}
+  {{- end }}
+  {{- with $v.runtimeClassName }}
+  runtimeClassName: {{ . | quote }}
+  {{- end }}
+  {{- with $v.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.initContainers }}
+  initContainers:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   {{- with $v.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
@@ -508,6 +529,9 @@ spec:
         {{- with $v.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+    {{- with $v.extraContainers }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   volumes:
     - name: config
       configMap:
@@ -592,6 +616,15 @@ spec:
     {{- end }}
 {{- end -}}
 
+{{/* The Kueue queue label of a role's workload and pods (kueue.queueName, for the roles in kueue.roles); "" when
+none. */}}
+{{- define "alignd.kueueLabel" -}}
+{{- $k := .root.Values.kueue -}}
+{{- if and $k.queueName (has .role $k.roles) -}}
+kueue.x-k8s.io/queue-name: {{ $k.queueName | quote }}
+{{- end -}}
+{{- end -}}
+
 {{/* A role's Deployment (policy, reward, reference, coordinator). */}}
 {{- define "alignd.deployment" -}}
 {{- $ctx := dict "root" .root "role" .role -}}
@@ -604,6 +637,7 @@ metadata:
   namespace: {{ .root.Release.Namespace }}
   labels:
     {{- include "alignd.labels" $ctx | nindent 4 }}
+    {{- include "alignd.kueueLabel" $ctx | nindent 4 }}
 spec:
   replicas: {{ $v.replicas }}
   revisionHistoryLimit: 5

@@ -17,8 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 
+from alignd import build
 from alignd.config import ServerConfig
 from alignd.runtime.access import AccessInterceptor
 from alignd.runtime.addresses import is_loopback
@@ -200,6 +201,11 @@ class ServiceHost:
         self.authenticator = make_authenticator(role, cfg.auth, self.registry) if cfg.auth.enabled else None
         self._m_limited = _limited_calls_counter(role, self.registry)
         self.exposed_open = not cfg.auth.enabled and not is_loopback(cfg.host)
+        Info(
+            "alignd_build",
+            "The alignd build this role runs: version and commit (alignd.build).",
+            registry=self.registry,
+        ).info(build.info())
         Gauge(
             f"alignd_{role}_auth_disabled_exposed",
             "1 when the role serves every caller unchecked (server.auth.enabled false) on a non-loopback address.",

@@ -3,6 +3,8 @@
     .venv/bin/python bench/presets.py --preset tiny --seeds 0,1,2       # ~1 min a seed
     .venv/bin/python bench/presets.py --preset smollm2 --seeds 0,1,2    # up to 20 min a seed (after `make smollm2`)
     .venv/bin/python bench/presets.py --readme                          # README tables from the results file
+    .venv/bin/python bench/presets.py --preset smollm2 --plot 0         # the README's plot, from a --keep run
+    .venv/bin/python bench/presets.py --preset smollm2 --seeds 0 --merge  # one seed again, the others kept
 
 Each seed is one `alignd run --preset NAME --set pipeline.seed=S` as a user runs it (the pipeline's seed drives
 every stage's: SFT and RM shuffling, labeling, PPO prompts and sampling, the learner's minibatches, evaluation),
@@ -67,6 +69,9 @@ def headline(report: dict, wall: float) -> dict:
         "reward_std": {k: (v["std"] if v else None) for k, v in report["reward"].items()},  # the RM's scale
         "alignment_tax": {k: tax[k] for k in ("before", "after", "absolute")} if tax else None,
         "ppo_steps": report["meta"].get("ppo_steps"),
+        # How prompts reached the policy: its chat template (source and sha256, or "none") and system message.
+        "chat_template": report["meta"].get("chat_template"),
+        "system_prompt": report["meta"].get("system_prompt"),
         "stage_seconds": report["wall_seconds_per_stage"],
         "wall_seconds": wall,
     }
@@ -140,20 +145,30 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
-def measure(preset: str, seeds: list[int], extra: list[str], keep: str | None) -> None:
+def measure(preset: str, seeds: list[int], extra: list[str], keep: str | None, *, merge: bool = False) -> None:
+    """Runs the seeds and writes the preset's entry; with merge, the seeds replace their rows of the entry there is
+    (the others kept, each row with the commit it ran at) and the summary is made again over all of them."""
     # The results file itself does not count: the run of another preset just before rewrote it.
     dirty = bool(
         git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){RESULTS.relative_to(ROOT)}")
     )
     base = Path(keep) if keep else Path(tempfile.mkdtemp(prefix=f"alignd-presets-{preset}-"))
     base.mkdir(parents=True, exist_ok=True)
-    rows = [run_seed(preset, s, base, extra) for s in seeds]
+    commit = git("rev-parse", "HEAD")
+    rows = [{**run_seed(preset, s, base, extra), "commit": commit, "dirty": dirty} for s in seeds]
     if not keep:
         for r in rows:
             r.pop("run_dir")
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"schema_version": 1, "presets": {}}
+    if merge and preset in data["presets"]:
+        old = data["presets"][preset]
+        kept = [{"commit": old["commit"], "dirty": old["dirty"], **r} for r in old["seeds"] if r["seed"] not in seeds]
+        rows = sorted(kept + rows, key=lambda r: r["seed"])
+    commits = list(dict.fromkeys(r["commit"] for r in rows))
     entry = {
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": dirty,
+        "commit": commits[-1] if len(commits) == 1 else commit,
+        "commits": commits,  # every commit a row of this entry ran at (each row says its own)
+        "dirty": any(r["dirty"] for r in rows),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "command": f"alignd run --preset {preset} --set pipeline.seed=S" + "".join(f" --set {kv}" for kv in extra),
@@ -162,7 +177,6 @@ def measure(preset: str, seeds: list[int], extra: list[str], keep: str | None) -
     }
     from alignd.atomic import write_json_atomic
 
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"schema_version": 1, "presets": {}}
     data["presets"][preset] = entry
     write_json_atomic(RESULTS, data)
     s = entry["summary"]
@@ -187,10 +201,24 @@ def render(preset: str, entry: dict) -> str:
     """The README's Markdown for one preset: a row per seed and the mean +- standard deviation."""
     rows = entry["seeds"]
     j = rows[0]["judges"]
+    template = rows[0].get("chat_template")
+    how = ""
+    if template and template != "none":
+        source, _, digest = template.partition(" ")
+        how = f" Prompts in the policy's chat template ({source}, sha256 `{digest[:12]}`)" + (
+            f', system prompt "{rows[0]["system_prompt"]}".' if rows[0].get("system_prompt") else "."
+        )
+    commits = entry.get("commits") or [entry["commit"]]
+    at = f"commit `{commits[0][:7]}`" if len(commits) == 1 else "commits " + ", ".join(f"`{c[:7]}`" for c in commits)
+    per_seed = (
+        " (seed by seed: " + ", ".join(f"{r['seed']} at `{r['commit'][:7]}`" for r in rows) + ")"
+        if len(commits) > 1
+        else ""
+    )
     lines = [
-        f"Measured at commit `{entry['commit'][:7]}`{' (with uncommitted changes)' if entry['dirty'] else ''} on "
+        f"Measured at {at}{per_seed}{' (with uncommitted changes)' if entry['dirty'] else ''} on "
         f"{entry['machine']['cpus']} cores, {entry['date']} (`bench/presets.py --preset {preset}`; "
-        f"`bench/results/presets.json`):",
+        f"`bench/results/presets.json`).{how}",
         "",
         f"| seed | win rate vs SFT, gold ({j['gold']}), 95% CI | second judge ({j['second']}) | bar | RM accuracy "
         "(labelers agree) | RM vs gold / gold vs labels | KL to reference, nats/token | alignment tax, nats/token | "
@@ -247,6 +275,32 @@ def rewrite_readme(text: str, data: dict) -> str:
     return re.sub(r"<!-- presets:([\w-]+):begin -->.*?<!-- presets:\1:end -->", sub, text, flags=re.S)
 
 
+def plot(preset: str, seed: int) -> None:
+    """Copies the reward/KL plot of a kept seed's run (bench/presets.py --keep) to docs/images/ for the README and
+    records which run it is (the preset's entry: readme_plot, with its SHA-256, checked by the README's test)."""
+    import hashlib
+    import shutil
+
+    from alignd.atomic import write_json_atomic
+
+    data = json.loads(RESULTS.read_text())
+    entry = data["presets"][preset]
+    (row,) = [r for r in entry["seeds"] if r["seed"] == seed]
+    if "run_dir" not in row:
+        raise SystemExit(f"{preset} seed {seed}: its run directory was not kept (measure with --keep DIR)")
+    src = Path(row["run_dir"]) / "plots" / "reward_kl.png"
+    dst = ROOT / "docs" / "images" / f"{preset}-reward-kl.png"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    entry["readme_plot"] = {
+        "seed": seed,
+        "file": str(dst.relative_to(ROOT)),
+        "sha256": hashlib.sha256(dst.read_bytes()).hexdigest(),
+    }
+    write_json_atomic(RESULTS, data)
+    print(f"copied {src} to {dst.relative_to(ROOT)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=("tiny", "smollm2"))
@@ -254,9 +308,15 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="K=V", help="extra overrides for every run")
     ap.add_argument("--keep", metavar="DIR", help="keep the run directories under DIR (default: a temporary directory)")
     ap.add_argument("--readme", action="store_true", help="rewrite the README's preset tables from the results file")
+    ap.add_argument("--merge", action="store_true", help="replace only these seeds' rows of the preset's entry")
+    ap.add_argument("--plot", metavar="SEED", type=int, help="copy a kept seed's reward/KL plot for the README")
     args = ap.parse_args()
-    if args.preset:
-        measure(args.preset, [int(s) for s in args.seeds.split(",")], args.set, args.keep)
+    if args.plot is not None:
+        if not args.preset:
+            ap.error("--plot needs --preset")
+        plot(args.preset, args.plot)
+    elif args.preset:
+        measure(args.preset, [int(s) for s in args.seeds.split(",")], args.set, args.keep, merge=args.merge)
     if args.readme:
         data = json.loads(RESULTS.read_text())
         README.write_text(rewrite_readme(README.read_text(), data))

@@ -256,13 +256,16 @@ def build_schema() -> dict:
                 "serverName": STRING,
             }
         ),
-        "rewardService": obj(
-            {
-                "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
-                "annotations": STRING_MAP,
-                "loadBalancerSourceRanges": {"type": "array", "items": STRING},
-            }
-        ),
+        **{
+            service: obj(
+                {
+                    "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+                    "annotations": STRING_MAP,
+                    "loadBalancerSourceRanges": {"type": "array", "items": STRING},
+                }
+            )
+            for service in ("rewardService", "coordinatorService")
+        },
         "learnerLaunch": obj({"masterPort": PORT, "maxRestarts": {"type": "integer", "minimum": 0}}),
         "networkPolicy": obj(
             {

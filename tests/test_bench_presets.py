@@ -31,6 +31,21 @@ def test_readme_tables_match_the_committed_results():
         assert f"<!-- presets:{name}:begin -->" in readme, f"the README has no table for the {name} preset"
 
 
+def test_readme_plot_is_the_recorded_runs():
+    """The plot in the README is the one `bench/presets.py --plot` copied from a measured run: same bytes."""
+    import hashlib
+
+    presets = _presets()
+    data = json.loads(presets.RESULTS.read_text())
+    readme = presets.README.read_text()
+    plots = [(name, e["readme_plot"]) for name, e in data["presets"].items() if "readme_plot" in e]
+    assert plots, "no preset records the README's plot (bench/presets.py --preset NAME --plot SEED)"
+    for name, p in plots:
+        assert f"]({p['file']})" in readme, (name, p["file"])
+        assert hashlib.sha256((ROOT / p["file"]).read_bytes()).hexdigest() == p["sha256"], p["file"]
+        assert p["seed"] in [r["seed"] for r in data["presets"][name]["seeds"]]
+
+
 def test_headline_reads_the_report_and_the_summary_spreads_over_seeds():
     presets = _presets()
 
@@ -74,3 +89,20 @@ def test_headline_reads_the_report_and_the_summary_spreads_over_seeds():
     )
     assert "| 0 | 75.0% [" in md and "PASS" in md and "| 1 | 45.0% [" in md and "FAIL" in md and "`0123456`" in md
     assert "not all PASS" in md
+    # Rows measured at two commits (bench/presets.py --merge) say which seed ran where; a chat template is named.
+    rows2 = [{**rows[0], "commit": "aaaaaaa111"}, {**rows[1], "commit": "bbbbbbb222"}]
+    rows2[0]["chat_template"], rows2[0]["system_prompt"] = "model 872be49dbb63aaaa", "Continue the passage."
+    md2 = presets.render(
+        "demo",
+        {
+            "commit": "bbbbbbb222",
+            "commits": ["aaaaaaa111", "bbbbbbb222"],
+            "dirty": False,
+            "date": "2026-12-07",
+            "machine": {"cpus": 2},
+            "seeds": rows2,
+            "summary": s,
+        },
+    )
+    assert "commits `aaaaaaa`, `bbbbbbb` (seed by seed: 0 at `aaaaaaa`, 1 at `bbbbbbb`)" in md2
+    assert 'chat template (model, sha256 `872be49dbb63`), system prompt "Continue the passage."' in md2

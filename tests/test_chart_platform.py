@@ -279,3 +279,21 @@ def test_every_role_exports_build_info(tiny_models, tmp_path):
         assert sample.labels == {"version": __version__, "commit": expected_commit}
     finally:
         stop_roles([server])
+
+
+def test_coordinator_service_can_be_exposed_for_alignd_runs(chart):  # noqa: F811
+    """`alignd runs` from a workstation: the coordinator's Service as a LoadBalancer, with its source ranges and
+    annotations, like the reward Service; ClusterIP by default."""
+    name = f"{FULLNAME}-coordinator"
+    assert one(render(chart, {}), "Service", name)["spec"]["type"] == "ClusterIP"
+    exposed = {
+        "type": "LoadBalancer",
+        "annotations": {"networking.gke.io/load-balancer-type": "Internal"},
+        "loadBalancerSourceRanges": ["10.20.0.0/16"],
+    }
+    docs = render(chart, {"coordinatorService": exposed})
+    svc = one(docs, "Service", name)
+    assert svc["spec"]["type"] == "LoadBalancer" and svc["spec"]["loadBalancerSourceRanges"] == ["10.20.0.0/16"]
+    assert svc["metadata"]["annotations"] == exposed["annotations"]
+    validate(svc)
+    assert one(docs, "Service", f"{FULLNAME}-reward")["spec"]["type"] == "ClusterIP"  # each Service its own type

@@ -624,7 +624,24 @@ def test_train_sft_job_learns_demonstrations_and_replays(stub, tiny_models, tmp_
         config_yaml="epochs: 10\nlr: 3.0e-3\nbatch_size: 4\nmax_tokens: 64\n",
         output_dir=str(tmp_path / "sft"),
     )
-    resp = stub.TrainSFT(req, timeout=600)
+    # While it trains, GetJobProgress says how far it is (what the coordinator shows); once over, NOT_FOUND.
+    future = stub.TrainSFT.future(req, timeout=600)
+    seen = []
+    while not future.done():
+        try:
+            seen.append(stub.GetJobProgress(learner_pb2.GetJobProgressRequest(job_id="sft-1"), timeout=10))
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.NOT_FOUND, err  # before the job started, or after it ended
+    resp = future.result()
+    training = [p for p in seen if p.phase == "training"]
+    assert training, [str(p) for p in seen]
+    for p in training:  # 12 demonstrations in batches of 4: 3 steps an epoch, 10 epochs
+        assert (p.job_id, p.epochs, p.total_steps) == ("sft-1", 10, 30) and 1 <= p.step <= 30
+        assert p.epoch == -(-p.step // 3)
+    assert [p.step for p in training] == sorted(p.step for p in training)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetJobProgress(learner_pb2.GetJobProgressRequest(job_id="sft-1"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "job_id" in err.value.details()
     assert not resp.replayed and len(resp.history) == 10 and resp.train_examples == 12 and resp.validation_examples == 3
     assert resp.best_val_loss == pytest.approx(min(h.val_loss for h in resp.history))
     assert resp.history[-1].train_loss < resp.history[0].train_loss / 2

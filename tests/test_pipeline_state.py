@@ -103,13 +103,18 @@ def test_an_unknown_field_is_refused_by_name(v1_run):
 def _fake_run(run_dir: Path) -> SimpleNamespace:
     """What write_eval_samples reads of a PipelineRun: a policy whose i-th sample of prompt p is "p i"."""
 
-    def sample_texts(prompts, n, sampling, seed, system=None):
+    def sample_texts(prompts, n, sampling, seed, system=None, on_progress=None):
+        if on_progress:
+            on_progress(len(prompts) * n, len(prompts) * n)
         return [
             [SimpleNamespace(text=f"{p} {i}", token_ids=[5, 6], prompt_token_ids=[1, 2]) for i in range(n)]
             for p in prompts
         ]
 
+    shown = []
     return SimpleNamespace(
+        shown=shown,
+        progress=lambda fraction, detail: shown.append((fraction, detail)),
         record=RunRecord(run_id="r", run_dir=str(run_dir), config_yaml="", total_steps=1),
         eval_prompts_all=["a", "b\u2028c", "d"],
         cfg=SimpleNamespace(
@@ -123,7 +128,12 @@ def _fake_run(run_dir: Path) -> SimpleNamespace:
 
 
 def test_eval_samples_are_jsonl_and_those_of_older_runs_still_read(tmp_path):
-    write_eval_samples(_fake_run(tmp_path), "sft")
+    run = _fake_run(tmp_path)
+    write_eval_samples(run, "sft", span=(0.8, 1.0))
+    assert run.shown == [
+        (0.8, "sampling held-out prompts: 0/4 completions"),
+        (1.0, "sampling held-out prompts: 4/4 completions"),
+    ]
     lines = (tmp_path / "eval_sft.jsonl").read_text(encoding="utf-8").split("\n")
     assert len([x for x in lines if x]) == 2  # one prompt per line (max_prompts)
     rows = read_eval_samples(tmp_path, "sft")

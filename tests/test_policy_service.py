@@ -107,6 +107,23 @@ def test_same_seed_same_samples_regardless_of_batch(stub, tok):
     assert len(set(map(tuple, seqs(a)))) > 1  # the 3 samples of one prompt differ from each other
 
 
+def test_a_set_sampled_in_parts_equals_one_request(stub, tok):
+    """first_prompt_index: the parts of a set, each seeded where it starts, sample what one request of the whole
+    set samples (the coordinator sends its labeling and evaluation samples in parts to show their progress)."""
+    prompts = [ids_of(tok, t) for t in TEXTS[:3]]
+    kw = dict(temperature=1.0, max_new_tokens=12, num_samples=2, seed=7)
+    whole = generate(stub, prompts, **kw)
+    first = generate(stub, prompts[:2], **kw)
+    rest = generate(stub, prompts[2:], first_prompt_index=2, **kw)
+    by_prompt = lambda r, off=0: sorted(  # noqa: E731
+        (off + s.prompt_index, s.sample_index, tuple(s.token_ids)) for s in r.samples
+    )
+    assert by_prompt(whole) == sorted(by_prompt(first) + by_prompt(rest, 2))
+    # Without the offset, the third prompt would draw the first prompt's generators: other samples.
+    unseeded = generate(stub, prompts[2:], **kw)
+    assert [t for _, _, t in by_prompt(unseeded)] != [t for _, _, t in by_prompt(rest)]
+
+
 def test_top_k_one_is_greedy_and_sampled_logprob_zero(stub, tok, lm):
     p = ids_of(tok, TEXTS[1])
     resp = generate(

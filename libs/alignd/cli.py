@@ -1,6 +1,7 @@
 """The `alignd` command line.
 
-  alignd up    [--config stack.yaml] [--set k=v ...] [--run-dir DIR]   every role, local processes
+  alignd up    [--config stack.yaml | --preset NAME] [--set k=v ...] [--run-dir DIR]
+                                                                       every role, local processes
   alignd serve ROLE --config FILE [--set k=v ...] [--run-dir DIR]      one role (what a container runs)
   alignd demo  [--run-dir DIR]                                         the local stack, one call per role
   alignd ppo   --config JOB.yaml [--set k=v ...] [--run-dir DIR]        a PPO run on the local stack
@@ -10,6 +11,7 @@
   alignd job train-rm --request FILE.json                               one reward-model training job, standalone
   alignd reward score (--address HOST:PORT | --stack stack.json) (--prompt P --response R | --file in.jsonl)
                                                                        score pairs with a reward service
+  alignd runs start|list|watch|stop|report ...                          runs on a coordinator (alignd.runs_cli)
 
 Every command that runs something keeps its logs and outputs in --run-dir
 (default: a new directory under ./runs).
@@ -84,13 +86,23 @@ def cmd_up(args) -> int:
     from alignd.config import StackConfig
     from alignd.local_stack import default_stack_config, run_stack
 
-    run_dir = resolve_run_dir(args.run_dir, "up")
-    log_to_run_dir(run_dir)
-    if args.config:
+    if args.config and args.preset:
+        raise ConfigError("give --preset or --config, not both")
+    data_dirs: list[str] = []
+    if args.preset:
+        # The preset's stack (its `stack:` section; --set keys are the stack's), with its data readable by every role.
+        from alignd.ppo_cli import data_dirs as job_data_dirs
+        from alignd.ppo_cli import load_pipeline_job
+
+        job = load_pipeline_job(str(preset_path(args.preset)), [f"stack.{kv}" for kv in args.set])
+        cfg, data_dirs = job.stack, job_data_dirs(job, True)
+    elif args.config:
         cfg = load_config(StackConfig, args.config, args.set)
     else:
         cfg = default_stack_config(args.set)
-    return run_stack(cfg, run_dir)
+    run_dir = resolve_run_dir(args.run_dir, "up")
+    log_to_run_dir(run_dir)
+    return run_stack(cfg, run_dir, data_dirs=data_dirs)
 
 
 def cmd_demo(args) -> int:
@@ -114,14 +126,13 @@ PRESETS = {"tiny": "tiny_pipeline.yaml", "smollm2": "smollm2_pipeline.yaml"}
 
 
 def configs_dir() -> Path:
-    """$ALIGND_CONFIGS, else ./configs, else the configs/ of the source tree alignd runs from."""
+    """$ALIGND_CONFIGS, else the presets installed with alignd (alignd.presets: configs/ of a checkout)."""
     env = os.environ.get("ALIGND_CONFIGS")
     if env:
         return Path(env)
-    here = Path("configs")
-    if all((here / f).exists() for f in PRESETS.values()):
-        return here
-    return Path(__file__).resolve().parents[2] / "configs"
+    from alignd.datapaths import presets_dir
+
+    return presets_dir()
 
 
 def preset_path(name: str) -> Path:
@@ -234,17 +245,7 @@ def _score(args, *, address: str, stack_token: str | None, records: list[dict]):
 
     env_token = os.environ.get("ALIGND_REWARD_TOKEN") or stack_token
     try:
-        client = RewardClient(
-            address,
-            token=None if args.token_file else env_token,
-            token_file=args.token_file,
-            tls=args.tls,
-            root_certificates_file=args.ca_file,
-            cert_file=args.cert_file,
-            key_file=args.key_file,
-            server_name_override=args.server_name,
-            timeout=args.timeout,
-        )
+        client = RewardClient(address, **client_options(args, env_token))
     except ValueError as err:
         raise _ScoreFailure(str(err)) from None
     try:
@@ -254,6 +255,32 @@ def _score(args, *, address: str, stack_token: str | None, records: list[dict]):
         raise _ScoreFailure(f"{address}: {err.code.name}: {err.details}", 1) from None
     except ValueError as err:  # --batch-size / --max-in-flight out of range
         raise _ScoreFailure(str(err)) from None
+
+
+def client_options(args, env_token: str | None) -> dict:
+    """The keyword arguments of a client SDK (RewardClient, RunsClient) from add_client_options' arguments: the
+    token from --token-file, else `env_token` (the environment's, or an `alignd up` stack's)."""
+    return dict(
+        token=None if args.token_file else env_token,
+        token_file=args.token_file,
+        tls=args.tls,
+        root_certificates_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+        server_name_override=args.server_name,
+        timeout=args.timeout,
+    )
+
+
+def add_client_options(p: argparse.ArgumentParser, *, token_env: str, timeout: float, timeout_help: str) -> None:
+    """--token-file, TLS and --timeout: how a command reaches a service (alignd reward score, alignd runs)."""
+    p.add_argument("--token-file", metavar="F", help=f"file holding the bearer token (default: ${token_env})")
+    p.add_argument("--tls", action="store_true", help="use TLS (implied by --ca-file, --cert-file, --key-file)")
+    p.add_argument("--ca-file", metavar="F", help="PEM CA bundle for the server's certificate (default: system roots)")
+    p.add_argument("--cert-file", metavar="F", help="PEM client certificate (mutual TLS; with --key-file)")
+    p.add_argument("--key-file", metavar="F", help="PEM client private key (mutual TLS; with --cert-file)")
+    p.add_argument("--server-name", metavar="NAME", help="check the server's certificate against NAME")
+    p.add_argument("--timeout", type=float, default=timeout, metavar="S", help=f"{timeout_help} (default {timeout:g})")
 
 
 def _write_scores(out_path: str | None, records: list[dict], result) -> None:
@@ -325,6 +352,9 @@ def _add_run_commands(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("up", help="start every role as a local process on loopback")
+    p.add_argument(
+        "--preset", metavar="NAME", help="the stack a preset runs on (then: alignd runs start --preset NAME)"
+    )
     _add_run_options(p)
     p.set_defaults(func=cmd_up)
 
@@ -377,18 +407,8 @@ def _add_reward_commands(sub) -> None:
         "--file", metavar="in.jsonl", help='one JSON object per line: "prompt", "response", optional "id"; - = stdin'
     )
     r.add_argument("--out", metavar="out.jsonl", help="write the results here (atomically) instead of stdout")
-    r.add_argument("--token-file", metavar="F", help="file holding the bearer token (default: $ALIGND_REWARD_TOKEN)")
-    r.add_argument("--tls", action="store_true", help="use TLS (implied by --ca-file, --cert-file, --key-file)")
-    r.add_argument("--ca-file", metavar="F", help="PEM CA bundle for the server's certificate (default: system roots)")
-    r.add_argument("--cert-file", metavar="F", help="PEM client certificate (mutual TLS; with --key-file)")
-    r.add_argument("--key-file", metavar="F", help="PEM client private key (mutual TLS; with --cert-file)")
-    r.add_argument("--server-name", metavar="NAME", help="check the server's certificate against NAME")
-    r.add_argument(
-        "--timeout",
-        type=float,
-        default=30.0,
-        metavar="S",
-        help="deadline of each request, retries included (default 30)",
+    add_client_options(
+        r, token_env="ALIGND_REWARD_TOKEN", timeout=30.0, timeout_help="deadline of each request, retries included"
     )
     r.add_argument("--batch-size", type=int, default=64, metavar="N", help="pairs per request (default 64)")
     r.add_argument("--max-in-flight", type=int, default=4, metavar="N", help="requests at once (default 4)")
@@ -421,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
         entry.load()(sub)  # a role's own commands (pyproject.toml [project.entry-points."alignd.commands"])
     _add_reward_commands(sub)
     _add_probe_command(sub)
+    from alignd.runs_cli import register as add_runs_commands
+
+    add_runs_commands(sub)
     return parser
 
 

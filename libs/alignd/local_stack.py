@@ -441,11 +441,11 @@ def report_death(err: ChildDied) -> None:
     print(err.log_tail, file=sys.stderr)
 
 
-def run_stack(cfg: StackConfig, run_dir: Path) -> int:
+def run_stack(cfg: StackConfig, run_dir: Path, *, data_dirs=()) -> int:
     """`alignd up`: start, print where everything is, supervise until a signal or a death."""
     stop = threading.Event()
     started = threading.Event()
-    stack = LocalStack(cfg, run_dir)
+    stack = LocalStack(cfg, run_dir, data_dirs=data_dirs)
 
     def on_signal(signum, _frame):
         stop.set()

@@ -16,57 +16,35 @@ from pathlib import Path
 
 import grpc
 
-from alignd.config import ConfigError, PPOJobConfig, dump_yaml, load_config
+from alignd.config import PPOJobConfig, dump_yaml, load_config
 from alignd.local_stack import ChildDied, LocalStack, report_death, report_restart
 from alignd.progress import RunProgress
+from alignd.runs_client import TERMINAL
 from alignd.runtime.client import make_channel
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-TERMINAL = {
-    coordinator_pb2.RUN_STATE_SUCCEEDED: "succeeded",
-    coordinator_pb2.RUN_STATE_FAILED: "failed",
-    coordinator_pb2.RUN_STATE_STOPPED: "stopped",
-}
 COORDINATOR_RESTART_GRACE_S = 120.0  # GetRun may find the coordinator down this long while it restarts
 POLL_SECONDS = 0.5
 
 
-def load_job(config: str, overrides: list[str] | None) -> PPOJobConfig:
+def load_job(config: str, overrides: list[str] | None, *, resolve_prefixes: bool = True) -> PPOJobConfig:
+    """A PPO job file with its prompts path resolved as load_pipeline_job resolves a pipeline's."""
+    from alignd.datapaths import resolve_run_paths
+
     job = load_config(PPOJobConfig, config, overrides)
-    base = Path(config).resolve().parent
-    p = Path(job.run.prompts.path)
-    if not p.is_absolute():
-        job.run.prompts.path = str((base / p).resolve())
+    resolve_run_paths(job.run, base=Path(config).resolve().parent, prefixes=resolve_prefixes)
     return job
 
 
-CACHE_PREFIX = "cache:"
-
-
-def load_pipeline_job(config: str, overrides: list[str] | None):
+def load_pipeline_job(config: str, overrides: list[str] | None, *, resolve_prefixes: bool = True):
+    """A pipeline job file with its data paths resolved: relative ones against the file's directory, and
+    `preset:`/`cache:` ones on this machine unless resolve_prefixes=False (`alignd runs start` leaves those to the
+    coordinator that reads the files: alignd.datapaths)."""
     from alignd.config import PipelineJobConfig
+    from alignd.datapaths import resolve_run_paths
 
     job = load_config(PipelineJobConfig, config, overrides)
-    base = Path(config).resolve().parent
-    pl = job.pipeline
-
-    def resolve(p: str) -> str:
-        if p.startswith(CACHE_PREFIX):  # prepared by `python -m alignd.assets` into $ALIGND_CACHE
-            from alignd.models.tiny import default_cache_dir
-
-            path = default_cache_dir() / p[len(CACHE_PREFIX) :]
-            if not path.exists():
-                raise ConfigError(
-                    f"{p}: {path} does not exist; prepare the real-model assets first: python -m alignd.assets"
-                )
-            return str(path)
-        return p if Path(p).is_absolute() else str((base / p).resolve())
-
-    pl.demonstrations = resolve(pl.demonstrations)
-    pl.ppo.prompts.path = resolve(pl.ppo.prompts.path)
-    pl.evaluation.prompts.path = resolve(pl.evaluation.prompts.path)
-    if pl.evaluation.heldout_text:
-        pl.evaluation.heldout_text = resolve(pl.evaluation.heldout_text)
+    resolve_run_paths(job.pipeline, base=Path(config).resolve().parent, prefixes=resolve_prefixes)
     return job
 
 
@@ -223,22 +201,30 @@ def _print_report_summary(run_dir: Path) -> None:
     report = run_dir / "report.json"
     if not report.exists():
         return
-    r = json.loads(report.read_text())
-    for judge, w in r["win_rates"].items():
-        print(f"win rate vs SFT ({judge}): {w['rate']:.3f} [{w['lower']:.3f}, {w['upper']:.3f}]")
+    for line in report_summary(json.loads(report.read_text())):
+        print(line)
+    print(f"report: {run_dir / 'report.md'}")
+
+
+def report_summary(r: dict) -> list[str]:
+    """The headline lines of a pipeline's report.json: win rates, RM accuracy, alignment tax, stage times."""
+    lines = [
+        f"win rate vs SFT ({judge}): {w['rate']:.3f} [{w['lower']:.3f}, {w['upper']:.3f}]"
+        for judge, w in r["win_rates"].items()
+    ]
     accs = ", ".join(f"round {x['round']} {x['accuracy']:.3f}" for x in r.get("rm_accuracy_per_round", []))
     agree = (r.get("labeler_agreement") or {}).get("agreement")
-    print(
+    lines.append(
         f"RM held-out accuracy: {accs or 'n/a'}; labeler agreement {agree:.3f}"
         if agree is not None
         else f"RM held-out accuracy: {accs or 'n/a'}"
     )
     for key, tax in (r.get("alignment_tax") or {}).items():
         if tax:
-            print(
+            lines.append(
                 f"alignment tax ({key.replace('_', ' ')}): {tax['absolute']:+.3f} nats/token "
                 f"({tax['before']:.3f} -> {tax['after']:.3f})"
             )
     walls = r.get("wall_seconds_per_stage") or {}
-    print("wall seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()))
-    print(f"report: {run_dir / 'report.md'}")
+    lines.append("wall seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()))
+    return lines

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from alignd import __version__
 from alignd.config import ConfigError, CoordinatorConfig, PipelineConfig
 from alignd.data import DataError
+from alignd.datapaths import resolve_run_paths
 from alignd.runtime.auth import CLIENT, PRINCIPAL
 from alignd.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from alignd.runtime.logging import get_logger
@@ -27,6 +28,7 @@ from alignd.runtime.paths import is_owned, mark_owned
 from alignd.runtime.role import RoleApp
 from alignd.runtime.scopes import ADMIN
 from alignd.runtime.server import ServiceHost
+from alignd.services.coordinator import run_files
 from alignd.services.coordinator.clients import RoleClients
 from alignd.services.coordinator.comparisons import ComparisonStore, LabelError
 from alignd.services.coordinator.loop import PPORun, RunThread
@@ -142,9 +144,7 @@ class Coordinator:
         for rec in self.records.values():
             if rec.state in ACTIVE:
                 _log.info("run_resuming", run_id=rec.run_id, step=rec.step, stage=rec.stage)
-                loop = make_loop(
-                    rec, parse_run_config(yaml.safe_load(rec.config_yaml)), RoleClients(self.cfg), metrics=self.metrics
-                )
+                loop = make_loop(rec, _run_config(rec.config_yaml), RoleClients(self.cfg), metrics=self.metrics)
                 self.loops[rec.run_id] = loop
                 loop.start()
 
@@ -205,6 +205,7 @@ class Coordinator:
             raise InvalidArgument("config_yaml", "must be a YAML mapping of the run configuration")
         try:
             run_cfg = parse_run_config(data)
+            resolve_run_paths(run_cfg)  # preset: and cache: paths, against this coordinator's installation and cache
         except ConfigError as err:
             raise InvalidArgument("config_yaml", str(err)) from None
         total_steps = run_cfg.ppo.steps if isinstance(run_cfg, PipelineConfig) else run_cfg.steps
@@ -320,6 +321,13 @@ class Coordinator:
             raise FailedPrecondition(str(err)) from None
 
 
+def _run_config(config_yaml: str):
+    """A stored run's configuration, its prefixed paths resolved as when it was accepted."""
+    run_cfg = parse_run_config(yaml.safe_load(config_yaml))
+    resolve_run_paths(run_cfg, must_exist=False)
+    return run_cfg
+
+
 def _labeler_is_caller(labeler: str) -> None:
     """A labeler's token labels as itself: `labeler` must be its name (an admin may act for any labeler)."""
     who = PRINCIPAL.get()
@@ -367,6 +375,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def ListRuns(self, request, context):
         recs = sorted(self.loaded.get().records.values(), key=lambda r: r.created_unix_seconds, reverse=True)
         return coordinator_pb2.ListRunsResponse(runs=[r.to_pb() for r in recs])
+
+    def GetRunFiles(self, request, context):
+        rec = self.loaded.get().get(request.run_id)
+        run_dir = Path(rec.run_dir)
+        # Every file is read (and the request checked) before the first chunk goes out: an error is the call's
+        # status, never a stream cut off after some files.
+        files = run_files.read(run_dir, run_files.select(run_dir, list(request.paths)))
+        _log.info("run_files_sent", run_id=rec.run_id, files=len(files), bytes=sum(len(f.data) for f in files))
+        for path, offset, data, size, sha in run_files.chunks(files):
+            yield coordinator_pb2.GetRunFilesResponse(path=path, offset=offset, data=data, size=size, sha256=sha)
 
     def LeaseComparisonTasks(self, request, context):
         c = self.loaded.get()

@@ -27,13 +27,21 @@ if TYPE_CHECKING:
 EVAL_FILES = {"sft": "eval_sft.jsonl", "final": "eval_final.jsonl"}
 
 
-def write_eval_samples(run: PipelineRun, which: str) -> None:
-    """Samples of the policy the replicas serve now (`which`: "sft" or "final") for the held-out prompts."""
+def write_eval_samples(run: PipelineRun, which: str, *, span: tuple[float, float]) -> None:
+    """Samples of the policy the replicas serve now (`which`: "sft" or "final") for the held-out prompts; the
+    stage's progress goes from span[0] to span[1] as they come."""
     ev = run.cfg.evaluation
     prompts = run.eval_prompts_all[: ev.max_prompts]
+    lo, hi = span
+
+    def progress(done: int, total: int) -> None:
+        run.progress(lo + (hi - lo) * done / total, f"sampling held-out prompts: {done}/{total} completions")
+
+    progress(0, len(prompts) * ev.samples_per_prompt)
     groups = run.loop.rollouts.sample_texts(
-        prompts, ev.samples_per_prompt, ev.sampling, seed=run.cfg.seed + 1, system=ev.prompts.system
-    )
+        prompts, ev.samples_per_prompt, ev.sampling, seed=run.cfg.seed + 1, system=ev.prompts.system,
+        on_progress=progress,
+    )  # fmt: skip
     rows = [
         {
             "prompt": p,
@@ -60,9 +68,10 @@ def read_eval_samples(run_dir: Path, which: str) -> list[dict]:
 def stage_evaluate(run: PipelineRun) -> None:
     """evaluation.json: win rates of the final policy over SFT (gold and second judge), both judges' and the RM's
     scores, the KL to the reference at the last step."""
-    run.progress(0.0, "sampling held-out prompts")
-    write_eval_samples(run, "final")
+    write_eval_samples(run, "final", span=(0.0, 0.5))
+    run.progress(0.5, "held-out text loss")
     run.text_loss("final")
+    run.progress(0.7, "judging and scoring the samples")
     sft, final = read_eval_samples(run.record.path, "sft"), read_eval_samples(run.record.path, "final")
     result = {"win_rates": {}, "reward": {}}
     for name, judge in (("gold", run.gold), ("second", run.second)):

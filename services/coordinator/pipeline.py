@@ -13,7 +13,10 @@ re-enters the unfinished one, whose own steps are idempotent:
 from __future__ import annotations
 
 import statistics
+import threading
 import time
+
+import grpc
 
 from alignd import judges
 from alignd.config import PipelineConfig, PPORunConfig, build_config, dump_yaml
@@ -29,6 +32,8 @@ from alignd.services.coordinator.rm_rounds import JOB_TIMEOUT_S, external_agreem
 from alignd.services.coordinator.runs import RunRecord
 from alignd.services.coordinator.weight_sync import PolicyPushPlan, WeightSync, load_weights
 from alignd.v1 import learner_pb2, learner_pb2_grpc
+
+JOB_POLL_S = 2.0  # how often a learner job's progress is asked for
 
 __all__ = ["STAGES", "PipelineRun", "PipelineVersions", "external_agreement", "parse_run_config"]
 
@@ -149,6 +154,34 @@ class PipelineRun(RunThread):
     def learner(self) -> learner_pb2_grpc.LearnerServiceStub:
         return learner_pb2_grpc.LearnerServiceStub(self.roles.learner)
 
+    def learner_job(self, method: str, call, *, job_id: str, span: tuple[float, float], what: str):
+        """The learner's job call (TrainSFT, TrainRewardModel: one blocking RPC), with its progress polled
+        (GetJobProgress, every JOB_POLL_S) into the stage's between span[0] and span[1]."""
+        done = threading.Event()
+        lo, hi = span
+
+        def poll() -> None:
+            while not done.wait(JOB_POLL_S):
+                try:
+                    p = self.learner().GetJobProgress(learner_pb2.GetJobProgressRequest(job_id=job_id), timeout=10)
+                except grpc.RpcError:
+                    continue  # not started yet, over, or the learner is restarting: the call itself says
+                if not p.total_steps or done.is_set():
+                    continue
+                where = f"epoch {p.epoch}/{p.epochs}, " if p.epochs else ""
+                unit = "step" if p.phase == "training" else f"{p.phase} batch"
+                self.progress(
+                    lo + (hi - lo) * p.step / p.total_steps, f"{what}: {where}{unit} {p.step}/{p.total_steps}"
+                )
+
+        poller = threading.Thread(target=poll, name=f"{job_id}-progress", daemon=True)
+        poller.start()
+        try:
+            return self.roles.call(method, self.roles.learner, call)
+        finally:
+            done.set()
+            poller.join()
+
     # -- stages ------------------------------------------------------------
     def _stage_sft(self) -> None:
         st = self.state
@@ -159,8 +192,12 @@ class PipelineRun(RunThread):
             config_yaml=dump_yaml(self.cfg.sft),
             output_dir=str(self.record.path / "sft"),
         )
-        resp = self.roles.call(
-            "TrainSFT", self.roles.learner, lambda t: self.learner().TrainSFT(req, timeout=JOB_TIMEOUT_S)
+        resp = self.learner_job(
+            "TrainSFT",
+            lambda t: self.learner().TrainSFT(req, timeout=JOB_TIMEOUT_S),
+            job_id=req.job_id,
+            span=(0.0, 0.8),
+            what="training on the demonstrations",
         )
         if not st.sft_version:  # above every version served (fixed once: a restart loads the same)
             st.sft_version = (
@@ -168,10 +205,10 @@ class PipelineRun(RunThread):
             )
         st.sft_dir, st.sft_best_val_loss = resp.model_dir, resp.best_val_loss
         self.record.save()
-        self.progress(0.8, "loading the SFT policy; sampling held-out prompts")
+        self.progress(0.8, "loading the SFT policy")
         load_weights(self.roles, self.roles.policy + self.roles.reference, resp.model_dir, version=st.sft_version)
         # Held-out samples of the SFT policy, the baseline of the evaluation.
-        evaluate.write_eval_samples(self, "sft")
+        evaluate.write_eval_samples(self, "sft", span=(0.8, 1.0))
 
     def _stage_rm(self) -> None:
         """Round 0 on samples of the SFT policy; then the learner starts PPO from SFT (value model from the RM)."""

@@ -116,9 +116,14 @@ def _tasks(run: PipelineRun, r: int) -> list[tuple[str, list[str]]]:
     prompts = list(run.loop.rollouts.prompts)
     random.Random(f"{cfg.seed}:rm:{r}" if r else f"{cfg.seed}:rm").shuffle(prompts)
     chosen = prompts[:n]
+
+    def progress(done: int, total: int) -> None:
+        run.progress(0.2 * done / total, f"round {r}: sampled {done}/{total} completions")
+
     groups = run.loop.rollouts.sample_texts(
-        chosen, lab.k, cfg.ppo.sampling, seed=cfg.seed + 2 + 7919 * r, system=cfg.ppo.prompts.system
-    )
+        chosen, lab.k, cfg.ppo.sampling, seed=cfg.seed + 2 + 7919 * r, system=cfg.ppo.prompts.system,
+        on_progress=progress,
+    )  # fmt: skip
     tasks = []
     for p, g in zip(chosen, groups):
         distinct = list(dict.fromkeys(s.text for s in g if s.text))
@@ -170,10 +175,12 @@ def _train(run: PipelineRun, r: int, data: Path):
         output_dir=str(run.record.path / f"rm-{r}"),
     )
     if run.cfg.rm_job != "launcher":
-        return run.roles.call(
+        return run.learner_job(
             "TrainRewardModel",
-            run.roles.learner,
             lambda t: run.learner().TrainRewardModel(learner_pb2.TrainRewardModelRequest(**req), timeout=JOB_TIMEOUT_S),
+            job_id=req["job_id"],
+            span=(0.6, 1.0),
+            what=f"round {r}: training the reward model",
         )
     if run.launcher is None:
         run.launcher = launchers.make_launcher(run.roles.cfg.launcher)

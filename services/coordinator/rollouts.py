@@ -10,8 +10,10 @@ generates. Every answer comes from the weights the run expects (WeightSync.call_
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -26,6 +28,9 @@ from alignd.services.coordinator.step_metrics import timed_phase
 from alignd.services.coordinator.weight_sync import WeightSync
 from alignd.v1 import policy_pb2, policy_pb2_grpc, reference_pb2, reference_pb2_grpc, reward_pb2, reward_pb2_grpc
 
+# Samples per Generate request of sample_texts' parts (times n / gcd): a power of two, so that any power-of-two
+# max_batch_size up to it batches the parts as it would batch one request.
+PART_ROWS = 512
 NO_SAMPLES = 1 << 62  # the weight version of an answer without samples (above any: it needs no re-sync)
 
 
@@ -265,24 +270,40 @@ class Rollouts:
         return [list(r.logprobs) for r in resp.results]
 
     def sample_texts(
-        self, prompts: list, n: int, sampling: SamplingConfig, *, seed: int, system: str | None = None
+        self,
+        prompts: list,
+        n: int,
+        sampling: SamplingConfig,
+        *,
+        seed: int,
+        system: str | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> list[list]:
         """n samples per prompt from one policy replica in the rotation, texts included; grouped by prompt (the
-        pipeline's labeling rounds and evaluation); `system`: the system message of prompts given as text."""
-        req = policy_pb2.GenerateRequest(
-            prompts=[policy_prompt(p, system) for p in prompts],
-            sampling=sampling_params(sampling, seed=seed, num_samples=n),
-            return_text=True,
-        )
-        channels = [self.roles.policy[r] for r in self.sync.rotation.active()]
+        pipeline's labeling rounds and evaluation); `system`: the system message of prompts given as text.
 
-        def call():
-            return self.roles.call_any(
-                "Generate", channels, lambda ch, t: policy_pb2_grpc.PolicyServiceStub(ch).Generate(req, timeout=t)
+        Sent in parts of lcm(n, PART_ROWS) samples, one after the other, with on_progress(samples done, samples in
+        all) after each: the parts sample what one request would (SamplingParams.first_prompt_index), and a policy
+        whose max_batch_size divides PART_ROWS batches them as it would batch the one request."""
+        per_part = math.lcm(n, PART_ROWS) // n
+        out: list[list] = [[] for _ in prompts]
+        channels = [self.roles.policy[r] for r in self.sync.rotation.active()]
+        for start in range(0, len(prompts), per_part):
+            part = prompts[start : start + per_part]
+            params = sampling_params(sampling, seed=seed, num_samples=n)
+            params.first_prompt_index = start
+            req = policy_pb2.GenerateRequest(
+                prompts=[policy_prompt(p, system) for p in part], sampling=params, return_text=True
             )
 
-        resp = self.sync.call_at_run_version("policy", call, lambda r: sample_version(r.samples))
-        out: list[list] = [[] for _ in prompts]
-        for s in resp.samples:
-            out[s.prompt_index].append(s)
+            def call(req=req):
+                return self.roles.call_any(
+                    "Generate", channels, lambda ch, t: policy_pb2_grpc.PolicyServiceStub(ch).Generate(req, timeout=t)
+                )
+
+            resp = self.sync.call_at_run_version("policy", call, lambda r: sample_version(r.samples))
+            for s in resp.samples:
+                out[start + s.prompt_index].append(s)
+            if on_progress is not None:
+                on_progress(min(len(prompts), start + per_part) * n, len(prompts) * n)
         return out

@@ -38,7 +38,7 @@ from alignd.config import (
 from alignd.jobs import JOB_FILE, result_record, stored_response
 from alignd.models.handle import load_causal_lm, load_scalar_head_model, load_tokenizer
 from alignd.models.scoring import SCORE_POOLING_KEY
-from alignd.runtime.errors import FailedPrecondition, InvalidArgument
+from alignd.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from alignd.runtime.logging import get_logger
 from alignd.runtime.paths import is_owned, mark_owned
 from alignd.services.learner import supervised
@@ -179,10 +179,52 @@ def _required(**fields: str) -> None:
             raise InvalidArgument(name, "must not be empty")
 
 
+class JobProgress:
+    """How far each running job has come (LearnerService.GetJobProgress), from its training loop's on_step."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[str, learner_pb2.GetJobProgressResponse] = {}
+
+    @contextlib.contextmanager
+    def tracking(self, job_id: str):
+        with self._lock:
+            self._jobs[job_id] = learner_pb2.GetJobProgressResponse(job_id=job_id, phase="loading")
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._jobs.pop(job_id, None)
+
+    def on_step(self, job_id: str, *, epochs: int) -> Callable[[dict], None]:
+        """The on_step of a training loop of `epochs` epochs (alignd.services.learner.supervised)."""
+
+        def report(row: dict) -> None:
+            phase = row.get("phase", "training")
+            step, total = int(row["step"]), int(row["total_steps"])
+            epoch = min(epochs, -(-step * epochs // max(1, total))) if phase == "training" and epochs else 0
+            msg = learner_pb2.GetJobProgressResponse(
+                job_id=job_id, phase=phase, epoch=epoch, epochs=epochs if epoch else 0, step=step, total_steps=total
+            )
+            with self._lock:
+                if job_id in self._jobs:
+                    self._jobs[job_id] = msg
+
+        return report
+
+    def get(self, job_id: str) -> learner_pb2.GetJobProgressResponse:
+        with self._lock:
+            msg = self._jobs.get(job_id)
+        if msg is None:
+            raise NotFound(f"job_id: no job {job_id[:128]!r} is running")
+        return msg
+
+
 class Jobs:
     def __init__(self, cfg: LearnerConfig) -> None:
         self.cfg = cfg
         self._busy = threading.Lock()
+        self.progress = JobProgress()
 
     @contextlib.contextmanager
     def _claim(self):
@@ -226,6 +268,7 @@ class Jobs:
                 warmup_steps=cfg.warmup_steps,
                 betas=tuple(self.cfg.optimizer.betas),
                 seed=cfg.seed,
+                on_step=self.progress.on_step(req.job_id, epochs=cfg.epochs),
             )
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
@@ -242,14 +285,15 @@ class Jobs:
                 validation_examples=len(val),
             )
 
-        resp = run_job(
-            job_id=req.job_id,
-            output_dir=req.output_dir,
-            response_type=learner_pb2.TrainSFTResponse,
-            prepare=prepare,
-            train=train,
-            claim=self._claim,
-        )
+        with self.progress.tracking(req.job_id):
+            resp = run_job(
+                job_id=req.job_id,
+                output_dir=req.output_dir,
+                response_type=learner_pb2.TrainSFTResponse,
+                prepare=prepare,
+                train=train,
+                claim=self._claim,
+            )
         if not resp.replayed:
             _log.info(
                 "sft_finished", job_id=req.job_id, best_epoch=resp.best_epoch, seconds=round(resp.duration_seconds, 2)
@@ -257,7 +301,10 @@ class Jobs:
         return resp
 
     def reward_model(self, req: learner_pb2.TrainRewardModelRequest) -> learner_pb2.TrainRewardModelResponse:
-        return train_reward_model(req, betas=tuple(self.cfg.optimizer.betas), claim=self._claim)
+        with self.progress.tracking(req.job_id):
+            return train_reward_model(
+                req, betas=tuple(self.cfg.optimizer.betas), claim=self._claim, progress=self.progress
+            )
 
 
 def train_reward_model(
@@ -265,6 +312,7 @@ def train_reward_model(
     *,
     betas: tuple[float, float] = tuple(OptimizerConfig().betas),
     claim: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    progress: JobProgress | None = None,
 ) -> learner_pb2.TrainRewardModelResponse:
     """The reward-model training job (LearnerService.TrainRewardModel, and `alignd job train-rm` standalone).
 
@@ -299,7 +347,7 @@ def train_reward_model(
         output_dir=req.output_dir,
         response_type=learner_pb2.TrainRewardModelResponse,
         prepare=prepare,
-        train=lambda prepared, tmp: _train_rm(req, prepared, tmp, betas=betas),
+        train=lambda prepared, tmp: _train_rm(req, prepared, tmp, betas=betas, progress=progress),
         claim=claim,
     )
     if not resp.replayed:
@@ -313,7 +361,12 @@ def train_reward_model(
 
 
 def _train_rm(
-    req: learner_pb2.TrainRewardModelRequest, prepared, tmp: Path, *, betas: tuple[float, float]
+    req: learner_pb2.TrainRewardModelRequest,
+    prepared,
+    tmp: Path,
+    *,
+    betas: tuple[float, float],
+    progress: JobProgress | None = None,
 ) -> learner_pb2.TrainRewardModelResponse:
     """Trains the reward model of a prepared RM job, saves it into tmp and returns the response."""
     cfg, demos, train, val = prepared
@@ -333,7 +386,8 @@ def _train_rm(
         layers=model.config.num_hidden_layers,
         init_layers=blocks,
     )
-    res = _fit_rm(model, tok, cfg, train=train, val=val, demos=demos, betas=betas)
+    on_step = progress.on_step(req.job_id, epochs=cfg.epochs if cfg.train != "head" else 0) if progress else None
+    res = _fit_rm(model, tok, cfg, train=train, val=val, demos=demos, betas=betas, on_step=on_step)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     return learner_pb2.TrainRewardModelResponse(
@@ -350,7 +404,7 @@ def _train_rm(
     )
 
 
-def _fit_rm(model, tok, cfg: RMTrainConfig, *, train, val, demos, betas: tuple[float, float]):
+def _fit_rm(model, tok, cfg: RMTrainConfig, *, train, val, demos, betas: tuple[float, float], on_step=None):
     """Fits the reward model on the comparisons: its head alone (train: head) or the whole model (train: full)."""
     triple = lambda c: (c.prompt, list(c.completions), list(c.ranking))  # noqa: E731
     demo_pairs = [(d.prompt, d.completion) for d in demos]
@@ -364,6 +418,7 @@ def _fit_rm(model, tok, cfg: RMTrainConfig, *, train, val, demos, betas: tuple[f
             max_tokens=cfg.max_tokens,
             demonstrations=demo_pairs,
             unit_std=cfg.score_scale == "unit_std",
+            on_step=on_step,
         )
     return supervised.train_rm(
         model,
@@ -379,4 +434,5 @@ def _fit_rm(model, tok, cfg: RMTrainConfig, *, train, val, demos, betas: tuple[f
         seed=cfg.seed,
         demonstrations=demo_pairs,
         unit_std=cfg.score_scale == "unit_std",
+        on_step=on_step,
     )

@@ -197,6 +197,11 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             raise InvalidArgument("job_id", "must not be empty")
         return self.jobs.reward_model(self._paths("TrainRewardModel", request))
 
+    def GetJobProgress(self, request, context):
+        if not request.job_id:
+            raise InvalidArgument("job_id", "must not be empty")
+        return self.jobs.progress.get(request.job_id)
+
     def TrainStep(self, request, context):
         learner = self.loaded.get()
         h = learner.handle

@@ -300,8 +300,6 @@ def train_rm(
     batch_size counts prompts (each with all its pairs). Returns history, the
     held-out pairwise accuracy before and after, and the demonstration bias.
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    del pad  # comparison_rewards reads it from the tokenizer
     set_dropout(model, 0.0)
     rng = random.Random(seed)
     total = epochs * math.ceil(len(train) / batch_size)
@@ -412,8 +410,10 @@ def truncate_layers(model: nn.Module, n: int) -> int:
 
 
 @torch.no_grad()
-def _features(model, tokenizer, comps, *, max_tokens: int, batch_size: int) -> tuple[torch.Tensor, list[int]]:
-    """Pooled features (sum K, H) of every completion of every comparison, and the K of each."""
+def _features(
+    model, tokenizer, comps, *, max_tokens: int, batch_size: int, on_batch: Callable[[int, int], None] | None = None
+) -> tuple[torch.Tensor, list[int]]:
+    """Pooled features (sum K, H) of every completion of every comparison, and the K of each; on_batch(done, of)."""
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pairs, sizes = _encode_comparisons(tokenizer, comps, max_tokens)
@@ -421,10 +421,12 @@ def _features(model, tokenizer, comps, *, max_tokens: int, batch_size: int) -> t
     index: dict[tuple, int] = {}
     rows = [index.setdefault((tuple(s), b), len(index)) for s, b in pairs]
     unique = list(index)
-    feats = [
-        pooled_features(model, [list(s) for s, _ in chunk], [b for _, b in chunk], pad_id=pad).double()
-        for chunk in (unique[i : i + batch_size] for i in range(0, len(unique), batch_size))
-    ]
+    chunks = [unique[i : i + batch_size] for i in range(0, len(unique), batch_size)]
+    feats = []
+    for done, chunk in enumerate(chunks, 1):
+        feats.append(pooled_features(model, [list(s) for s, _ in chunk], [b for _, b in chunk], pad_id=pad).double())
+        if on_batch:
+            on_batch(done, len(chunks))
     if not feats:
         return torch.zeros(0, model.config.hidden_size, dtype=torch.float64), sizes
     return torch.cat(feats)[torch.tensor(rows, dtype=torch.long)], sizes
@@ -447,6 +449,7 @@ def fit_rm_head(
     max_iterations: int = 200,
     demonstrations: Sequence[tuple[str, str]] = (),
     unit_std: bool = False,
+    on_step: Callable[[dict], None] | None = None,
 ) -> SupervisedResult:
     """Fits only the scalar head, the backbone frozen: the same loss as `train_rm` (rlmath.rm_loss, all pairs of a
     prompt one element) plus l2 * |w|^2 on the standardised features, minimised by L-BFGS over all comparisons
@@ -454,7 +457,9 @@ def fit_rm_head(
     the backbone overfits where a regularised linear head generalises (docs/real-model-preset.md)."""
     set_dropout(model, 0.0)
     result = SupervisedResult()
-    x_train, k_train = _features(model, tokenizer, train, max_tokens=max_tokens, batch_size=batch_size)  # (N, H)
+
+    report = on_step and (lambda i, n: on_step({"stage": "rm", "phase": "features", "step": i, "total_steps": n}))
+    x_train, k_train = _features(model, tokenizer, train, max_tokens=max_tokens, batch_size=batch_size, on_batch=report)
     x_val, k_val = _features(model, tokenizer, val, max_tokens=max_tokens, batch_size=batch_size)
     head = model.score.weight  # (1, H)
     if val:

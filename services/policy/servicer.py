@@ -88,7 +88,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 what=f"prompt of {len(ids)} tokens + max_new_tokens {sampling.max_new_tokens} =",
             )
             prompts.append(ids)
-        rows = [Row(ids, sampling, row_seed(seed, i, j)) for i, ids in enumerate(prompts) for j in range(n)]
+        first = request.sampling.first_prompt_index  # a part of a larger set: its prompts' seeds continue the set's
+        rows = [Row(ids, sampling, row_seed(seed, first + i, j)) for i, ids in enumerate(prompts) for j in range(n)]
         return prompts, rows, n
 
     def Generate(self, request, context):

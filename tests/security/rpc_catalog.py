@@ -79,11 +79,13 @@ def base_requests(root: Path, tiny_models, *, stream_state: bool = False) -> dic
         "EvaluateTextLoss": learner_pb2.EvaluateTextLossRequest(
             text_path=str(ROOT / "configs" / "tiny_heldout_text.txt")
         ),
+        "GetJobProgress": learner_pb2.GetJobProgressRequest(job_id="intruder"),
         "GetCoordinatorInfo": coordinator_pb2.GetCoordinatorInfoRequest(),
         "StartRun": coordinator_pb2.StartRunRequest(run_id="intruder", config_yaml=ppo_run),
         "GetRun": coordinator_pb2.GetRunRequest(run_id="intruder"),
         "StopRun": coordinator_pb2.StopRunRequest(run_id="intruder"),
         "ListRuns": coordinator_pb2.ListRunsRequest(),
+        "GetRunFiles": coordinator_pb2.GetRunFilesRequest(run_id="intruder"),
         "LeaseComparisonTasks": coordinator_pb2.LeaseComparisonTasksRequest(run_id="intruder", labeler="x"),
         "SubmitRanking": coordinator_pb2.SubmitRankingRequest(
             run_id="intruder", task_id="t", labeler="x", ranking=[0, 1]

@@ -116,6 +116,8 @@ def build(cls, values: dict):
 
 
 def finite_everywhere(msg) -> bool:
+    if isinstance(msg, list):  # a server stream's messages
+        return all(finite_everywhere(m) for m in msg)
     for field, value in msg.ListFields():
         values = value if field.is_repeated else [value]
         if field.type == F.TYPE_MESSAGE:
@@ -159,6 +161,12 @@ def call(channel, method: str, payload):
         if m.client_streaming:
             resp = channel.stream_unary(method, request_serializer=ser, response_deserializer=resp_cls.FromString)(
                 iter([payload]), metadata=bearer(), timeout=30
+            )
+        elif m.server_streaming:
+            resp = list(
+                channel.unary_stream(method, request_serializer=ser, response_deserializer=resp_cls.FromString)(
+                    payload, metadata=bearer(), timeout=30
+                )
             )
         else:
             resp = channel.unary_unary(method, request_serializer=ser, response_deserializer=resp_cls.FromString)(

@@ -44,7 +44,7 @@ PROMPT = [5, 6, 7, 8]
 
 def test_every_method_has_a_scope_and_unlisted_methods_need_admin():
     methods = all_methods()
-    assert len(methods) == 22  # 4 ModelService + 3 model roles + 7 LearnerService + 8 CoordinatorService
+    assert len(methods) == 24  # 4 ModelService + 3 model roles + 8 LearnerService + 9 CoordinatorService
     missing = [m for m in methods if m not in S.METHOD_SCOPES]
     assert not missing, f"methods without an entry in alignd.runtime.scopes.METHOD_SCOPES: {missing}"
     assert all(S.METHOD_SCOPES[m] != S.PUBLIC for m in methods)  # only health is public
@@ -125,6 +125,14 @@ def call(channel, method: str, request, metadata):
             channel.stream_unary(
                 method, request_serializer=lambda x: x.SerializeToString(), response_deserializer=resp_cls.FromString
             )(request(), metadata=metadata, timeout=30)
+        elif m.server_streaming:
+            list(
+                channel.unary_stream(
+                    method,
+                    request_serializer=lambda x: x.SerializeToString(),
+                    response_deserializer=resp_cls.FromString,
+                )(request, metadata=metadata, timeout=30)
+            )
         else:
             channel.unary_unary(
                 method, request_serializer=lambda x: x.SerializeToString(), response_deserializer=resp_cls.FromString

@@ -26,7 +26,8 @@ class PromptsConfig(Strict):
     """Where prompts come from: a JSONL file with a text field, or a plain text file (one prompt per line)."""
 
     path: str = Field(
-        description='JSONL ({"prompt": ...} per line) or .txt (one prompt per line); "~" and $VARS expanded.'
+        description='JSONL ({"prompt": ...} per line) or .txt (one prompt per line); "~" and $VARS expanded; '
+        "preset:FILE and cache:FILE name a file shipped with alignd or prepared into $ALIGND_CACHE (docs/pipeline.md)."
     )
     field: str = Field(
         "prompt", description="JSONL field holding the prompt: text, or a conversation (TRL's conversational format)."
@@ -203,7 +204,10 @@ class PipelineConfig(Strict):
     """The whole InstructGPT pipeline, as sent to CoordinatorService.StartRun (`kind: pipeline`)."""
 
     kind: Literal["pipeline"] = Field("pipeline", description="Marks a pipeline run (PPO-only runs have no kind).")
-    demonstrations: str = Field(description='JSONL of {"prompt", "completion"} for SFT (read by the learner).')
+    demonstrations: str = Field(
+        description='JSONL of {"prompt", "completion"} for SFT (read by the learner); preset:FILE and cache:FILE as '
+        "in prompts.path."
+    )
     sft: SFTConfig = Field(SFTConfig(), description="Supervised fine-tuning.")
     gold: JudgeConfig = Field(description="The gold scorer: simulated labelers rank by it; the main evaluation judge.")
     second_judge: JudgeConfig = Field(description="An independent judge for the evaluation.")

@@ -4,9 +4,9 @@ Every path a request carries (a run directory, a job's output or data, a
 weights directory to load, a text to evaluate) goes through `Roots.check`,
 which resolves it the way the filesystem will (symlinks followed, `..`
 collapsed) and refuses it with INVALID_ARGUMENT naming the field unless the
-result lies under one of the roots: the role's `paths.roots` and its run
-directory. What a refusal says does not depend on whether the path exists,
-so a caller cannot probe the filesystem outside the roots.
+result lies under one of the roots: the role's `paths.roots`, its run
+directory and the presets shipped with alignd (alignd.datapaths). What a
+refusal says does not depend on whether the path exists, so a caller cannot probe the filesystem outside the roots.
 
 Directories a job creates carry an ownership marker (`OWNER_FILE`, written
 when the directory is made); a job replaces or removes only directories that
@@ -67,8 +67,11 @@ def role_roots(
     extra: Iterable[str | os.PathLike] = (),
     prefixes: Iterable[str | os.PathLike] = (),
 ) -> Roots:
-    """A role's Roots: its paths.roots, its run directory and `extra` (e.g. directories it was configured with)."""
-    return Roots([*cfg.paths.roots, *([run_dir] if run_dir else []), *extra], prefixes=prefixes)
+    """A role's Roots: its paths.roots, its run directory, `extra` (e.g. directories it was configured with) and the
+    presets shipped with alignd (alignd.datapaths: what `preset:` paths name, the same on every role)."""
+    from alignd.datapaths import presets_dir
+
+    return Roots([*cfg.paths.roots, *([run_dir] if run_dir else []), *extra, presets_dir()], prefixes=prefixes)
 
 
 def mark_owned(directory: Path) -> None:

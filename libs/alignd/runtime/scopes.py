@@ -15,7 +15,7 @@ The scopes, by what they let a caller do:
   generate  PolicyService.Generate
   logprobs  ReferenceService.LogProbs
   label     lease, submit and release comparison tasks (human labelers)
-  runs      start, watch, list and stop runs on the coordinator
+  runs      start, watch, list and stop runs on the coordinator, and fetch their reports
   train     learner steps and jobs (TrainStep, TrainSFT, TrainRewardModel, ...)
   weights   change what a replica serves (UpdateWeights, LoadWeights, CommitWeights, PushWeights)
   metrics   scrape /metrics where the role requires a credential for it
@@ -61,12 +61,14 @@ METHOD_SCOPES: dict[str, str] = {
     "/alignd.v1.LearnerService/TrainSFT": TRAIN,
     "/alignd.v1.LearnerService/TrainRewardModel": TRAIN,
     "/alignd.v1.LearnerService/EvaluateTextLoss": TRAIN,
+    "/alignd.v1.LearnerService/GetJobProgress": TRAIN,
     "/alignd.v1.LearnerService/PushWeights": WEIGHTS,
     "/alignd.v1.CoordinatorService/GetCoordinatorInfo": ANY,
     "/alignd.v1.CoordinatorService/StartRun": RUNS,
     "/alignd.v1.CoordinatorService/GetRun": RUNS,
     "/alignd.v1.CoordinatorService/StopRun": RUNS,
     "/alignd.v1.CoordinatorService/ListRuns": RUNS,
+    "/alignd.v1.CoordinatorService/GetRunFiles": RUNS,
     "/alignd.v1.CoordinatorService/LeaseComparisonTasks": LABEL,
     "/alignd.v1.CoordinatorService/SubmitRanking": LABEL,
     "/alignd.v1.CoordinatorService/ReleaseComparisonTask": LABEL,

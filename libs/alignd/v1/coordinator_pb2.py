@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61lignd/v1/coordinator.proto\x12\talignd.v1\"\xe0\x02\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.alignd.v1.RunState\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x04\x12\x39\n\x0elatest_metrics\x18\x07 \x03(\x0b\x32!.alignd.v1.Run.LatestMetricsEntry\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0f\n\x07run_dir\x18\t \x01(\t\x12\x1c\n\x14\x63reated_unix_seconds\x18\n \x01(\x01\x12\x16\n\x0estage_fraction\x18\x0b \x01(\x01\x12\x14\n\x0cstage_detail\x18\x0c \x01(\t\x1a\x34\n\x12LatestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1b\n\x19GetCoordinatorInfoRequest\"\x9e\x01\n\x1aGetCoordinatorInfoResponse\x12\x16\n\x0e\x61lignd_version\x18\x01 \x01(\t\x12\x18\n\x10policy_addresses\x18\x02 \x03(\t\x12\x18\n\x10reward_addresses\x18\x03 \x03(\t\x12\x1b\n\x13reference_addresses\x18\x04 \x03(\t\x12\x17\n\x0flearner_address\x18\x05 \x01(\t\"G\n\x0fStartRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x02 \x01(\t\x12\x0f\n\x07run_dir\x18\x03 \x01(\t\"/\n\x10StartRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.alignd.v1.Run\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"-\n\x0eGetRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.alignd.v1.Run\" \n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\".\n\x0fStopRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.alignd.v1.Run\"\x11\n\x0fListRunsRequest\"0\n\x10ListRunsResponse\x12\x1c\n\x04runs\x18\x01 \x03(\x0b\x32\x0e.alignd.v1.Run\"F\n\x0e\x43omparisonTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x13\n\x0b\x63ompletions\x18\x03 \x03(\t\"T\n\x10LabelingProgress\x12\r\n\x05round\x18\x01 \x01(\r\x12\r\n\x05tasks\x18\x02 \x01(\r\x12\x10\n\x08labelled\x18\x03 \x01(\r\x12\x10\n\x08rankings\x18\x04 \x01(\r\"h\n\x1bLeaseComparisonTasksRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07labeler\x18\x02 \x01(\t\x12\x11\n\tmax_tasks\x18\x03 \x01(\r\x12\x15\n\rlease_seconds\x18\x04 \x01(\x01\"w\n\x1cLeaseComparisonTasksResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.alignd.v1.ComparisonTask\x12-\n\x08progress\x18\x02 \x01(\x0b\x32\x1b.alignd.v1.LabelingProgress\"Y\n\x14SubmitRankingRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07labeler\x18\x03 \x01(\t\x12\x0f\n\x07ranking\x18\x04 \x03(\r\"F\n\x15SubmitRankingResponse\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x1b.alignd.v1.LabelingProgress\"P\n\x1cReleaseComparisonTaskRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07labeler\x18\x03 \x01(\t\"1\n\x1dReleaseComparisonTaskResponse\x12\x10\n\x08released\x18\x01 \x01(\x08*\x99\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x15\n\x11RUN_STATE_STOPPED\x10\x05\x32\xab\x05\n\x12\x43oordinatorService\x12\x61\n\x12GetCoordinatorInfo\x12$.alignd.v1.GetCoordinatorInfoRequest\x1a%.alignd.v1.GetCoordinatorInfoResponse\x12\x43\n\x08StartRun\x12\x1a.alignd.v1.StartRunRequest\x1a\x1b.alignd.v1.StartRunResponse\x12=\n\x06GetRun\x12\x18.alignd.v1.GetRunRequest\x1a\x19.alignd.v1.GetRunResponse\x12@\n\x07StopRun\x12\x19.alignd.v1.StopRunRequest\x1a\x1a.alignd.v1.StopRunResponse\x12\x43\n\x08ListRuns\x12\x1a.alignd.v1.ListRunsRequest\x1a\x1b.alignd.v1.ListRunsResponse\x12g\n\x14LeaseComparisonTasks\x12&.alignd.v1.LeaseComparisonTasksRequest\x1a\'.alignd.v1.LeaseComparisonTasksResponse\x12R\n\rSubmitRanking\x12\x1f.alignd.v1.SubmitRankingRequest\x1a .alignd.v1.SubmitRankingResponse\x12j\n\x15ReleaseComparisonTask\x12\'.alignd.v1.ReleaseComparisonTaskRequest\x1a(.alignd.v1.ReleaseComparisonTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61lignd/v1/coordinator.proto\x12\talignd.v1\"\xe0\x02\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.alignd.v1.RunState\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x04\x12\x39\n\x0elatest_metrics\x18\x07 \x03(\x0b\x32!.alignd.v1.Run.LatestMetricsEntry\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0f\n\x07run_dir\x18\t \x01(\t\x12\x1c\n\x14\x63reated_unix_seconds\x18\n \x01(\x01\x12\x16\n\x0estage_fraction\x18\x0b \x01(\x01\x12\x14\n\x0cstage_detail\x18\x0c \x01(\t\x1a\x34\n\x12LatestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1b\n\x19GetCoordinatorInfoRequest\"\x9e\x01\n\x1aGetCoordinatorInfoResponse\x12\x16\n\x0e\x61lignd_version\x18\x01 \x01(\t\x12\x18\n\x10policy_addresses\x18\x02 \x03(\t\x12\x18\n\x10reward_addresses\x18\x03 \x03(\t\x12\x1b\n\x13reference_addresses\x18\x04 \x03(\t\x12\x17\n\x0flearner_address\x18\x05 \x01(\t\"G\n\x0fStartRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x02 \x01(\t\x12\x0f\n\x07run_dir\x18\x03 \x01(\t\"/\n\x10StartRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.alignd.v1.Run\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"-\n\x0eGetRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.alignd.v1.Run\" \n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\".\n\x0fStopRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.alignd.v1.Run\"\x11\n\x0fListRunsRequest\"0\n\x10ListRunsResponse\x12\x1c\n\x04runs\x18\x01 \x03(\x0b\x32\x0e.alignd.v1.Run\"3\n\x12GetRunFilesRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05paths\x18\x02 \x03(\t\"_\n\x13GetRunFilesResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"F\n\x0e\x43omparisonTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x13\n\x0b\x63ompletions\x18\x03 \x03(\t\"T\n\x10LabelingProgress\x12\r\n\x05round\x18\x01 \x01(\r\x12\r\n\x05tasks\x18\x02 \x01(\r\x12\x10\n\x08labelled\x18\x03 \x01(\r\x12\x10\n\x08rankings\x18\x04 \x01(\r\"h\n\x1bLeaseComparisonTasksRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07labeler\x18\x02 \x01(\t\x12\x11\n\tmax_tasks\x18\x03 \x01(\r\x12\x15\n\rlease_seconds\x18\x04 \x01(\x01\"w\n\x1cLeaseComparisonTasksResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.alignd.v1.ComparisonTask\x12-\n\x08progress\x18\x02 \x01(\x0b\x32\x1b.alignd.v1.LabelingProgress\"Y\n\x14SubmitRankingRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07labeler\x18\x03 \x01(\t\x12\x0f\n\x07ranking\x18\x04 \x03(\r\"F\n\x15SubmitRankingResponse\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x1b.alignd.v1.LabelingProgress\"P\n\x1cReleaseComparisonTaskRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07labeler\x18\x03 \x01(\t\"1\n\x1dReleaseComparisonTaskResponse\x12\x10\n\x08released\x18\x01 \x01(\x08*\x99\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x15\n\x11RUN_STATE_STOPPED\x10\x05\x32\xfb\x05\n\x12\x43oordinatorService\x12\x61\n\x12GetCoordinatorInfo\x12$.alignd.v1.GetCoordinatorInfoRequest\x1a%.alignd.v1.GetCoordinatorInfoResponse\x12\x43\n\x08StartRun\x12\x1a.alignd.v1.StartRunRequest\x1a\x1b.alignd.v1.StartRunResponse\x12=\n\x06GetRun\x12\x18.alignd.v1.GetRunRequest\x1a\x19.alignd.v1.GetRunResponse\x12@\n\x07StopRun\x12\x19.alignd.v1.StopRunRequest\x1a\x1a.alignd.v1.StopRunResponse\x12\x43\n\x08ListRuns\x12\x1a.alignd.v1.ListRunsRequest\x1a\x1b.alignd.v1.ListRunsResponse\x12N\n\x0bGetRunFiles\x12\x1d.alignd.v1.GetRunFilesRequest\x1a\x1e.alignd.v1.GetRunFilesResponse0\x01\x12g\n\x14LeaseComparisonTasks\x12&.alignd.v1.LeaseComparisonTasksRequest\x1a\'.alignd.v1.LeaseComparisonTasksResponse\x12R\n\rSubmitRanking\x12\x1f.alignd.v1.SubmitRankingRequest\x1a .alignd.v1.SubmitRankingResponse\x12j\n\x15ReleaseComparisonTask\x12\'.alignd.v1.ReleaseComparisonTaskRequest\x1a(.alignd.v1.ReleaseComparisonTaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RUN_LATESTMETRICSENTRY']._loaded_options = None
   _globals['_RUN_LATESTMETRICSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=1622
-  _globals['_RUNSTATE']._serialized_end=1775
+  _globals['_RUNSTATE']._serialized_start=1772
+  _globals['_RUNSTATE']._serialized_end=1925
   _globals['_RUN']._serialized_start=43
   _globals['_RUN']._serialized_end=395
   _globals['_RUN_LATESTMETRICSENTRY']._serialized_start=343
@@ -59,22 +59,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTRUNSREQUEST']._serialized_end=888
   _globals['_LISTRUNSRESPONSE']._serialized_start=890
   _globals['_LISTRUNSRESPONSE']._serialized_end=938
-  _globals['_COMPARISONTASK']._serialized_start=940
-  _globals['_COMPARISONTASK']._serialized_end=1010
-  _globals['_LABELINGPROGRESS']._serialized_start=1012
-  _globals['_LABELINGPROGRESS']._serialized_end=1096
-  _globals['_LEASECOMPARISONTASKSREQUEST']._serialized_start=1098
-  _globals['_LEASECOMPARISONTASKSREQUEST']._serialized_end=1202
-  _globals['_LEASECOMPARISONTASKSRESPONSE']._serialized_start=1204
-  _globals['_LEASECOMPARISONTASKSRESPONSE']._serialized_end=1323
-  _globals['_SUBMITRANKINGREQUEST']._serialized_start=1325
-  _globals['_SUBMITRANKINGREQUEST']._serialized_end=1414
-  _globals['_SUBMITRANKINGRESPONSE']._serialized_start=1416
-  _globals['_SUBMITRANKINGRESPONSE']._serialized_end=1486
-  _globals['_RELEASECOMPARISONTASKREQUEST']._serialized_start=1488
-  _globals['_RELEASECOMPARISONTASKREQUEST']._serialized_end=1568
-  _globals['_RELEASECOMPARISONTASKRESPONSE']._serialized_start=1570
-  _globals['_RELEASECOMPARISONTASKRESPONSE']._serialized_end=1619
-  _globals['_COORDINATORSERVICE']._serialized_start=1778
-  _globals['_COORDINATORSERVICE']._serialized_end=2461
+  _globals['_GETRUNFILESREQUEST']._serialized_start=940
+  _globals['_GETRUNFILESREQUEST']._serialized_end=991
+  _globals['_GETRUNFILESRESPONSE']._serialized_start=993
+  _globals['_GETRUNFILESRESPONSE']._serialized_end=1088
+  _globals['_COMPARISONTASK']._serialized_start=1090
+  _globals['_COMPARISONTASK']._serialized_end=1160
+  _globals['_LABELINGPROGRESS']._serialized_start=1162
+  _globals['_LABELINGPROGRESS']._serialized_end=1246
+  _globals['_LEASECOMPARISONTASKSREQUEST']._serialized_start=1248
+  _globals['_LEASECOMPARISONTASKSREQUEST']._serialized_end=1352
+  _globals['_LEASECOMPARISONTASKSRESPONSE']._serialized_start=1354
+  _globals['_LEASECOMPARISONTASKSRESPONSE']._serialized_end=1473
+  _globals['_SUBMITRANKINGREQUEST']._serialized_start=1475
+  _globals['_SUBMITRANKINGREQUEST']._serialized_end=1564
+  _globals['_SUBMITRANKINGRESPONSE']._serialized_start=1566
+  _globals['_SUBMITRANKINGRESPONSE']._serialized_end=1636
+  _globals['_RELEASECOMPARISONTASKREQUEST']._serialized_start=1638
+  _globals['_RELEASECOMPARISONTASKREQUEST']._serialized_end=1718
+  _globals['_RELEASECOMPARISONTASKRESPONSE']._serialized_start=1720
+  _globals['_RELEASECOMPARISONTASKRESPONSE']._serialized_end=1769
+  _globals['_COORDINATORSERVICE']._serialized_start=1928
+  _globals['_COORDINATORSERVICE']._serialized_end=2691
 # @@protoc_insertion_point(module_scope)

@@ -60,6 +60,11 @@ class CoordinatorServiceStub:
                 request_serializer=alignd_dot_v1_dot_coordinator__pb2.ListRunsRequest.SerializeToString,
                 response_deserializer=alignd_dot_v1_dot_coordinator__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
+        self.GetRunFiles = channel.unary_stream(
+                '/alignd.v1.CoordinatorService/GetRunFiles',
+                request_serializer=alignd_dot_v1_dot_coordinator__pb2.GetRunFilesRequest.SerializeToString,
+                response_deserializer=alignd_dot_v1_dot_coordinator__pb2.GetRunFilesResponse.FromString,
+                _registered_method=True)
         self.LeaseComparisonTasks = channel.unary_unary(
                 '/alignd.v1.CoordinatorService/LeaseComparisonTasks',
                 request_serializer=alignd_dot_v1_dot_coordinator__pb2.LeaseComparisonTasksRequest.SerializeToString,
@@ -112,6 +117,20 @@ class CoordinatorServiceServicer:
 
     def ListRuns(self, request, context):
         """Every run this coordinator knows, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRunFiles(self, request, context):
+        """The run's output files (its report, plots, evaluation, metrics...) in
+        chunks, file after file, read at the time of the call: what
+        `alignd runs report` fetches. Only the outputs listed at
+        GetRunFilesRequest.paths can be read, never checkpoints, models or
+        credentials. Errors: NOT_FOUND (the run; a file named without a
+        wildcard that the run has not written), INVALID_ARGUMENT (a path that is
+        not one of the run's outputs), RESOURCE_EXHAUSTED (more bytes than one
+        call may carry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,6 +191,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListRuns,
                     request_deserializer=alignd_dot_v1_dot_coordinator__pb2.ListRunsRequest.FromString,
                     response_serializer=alignd_dot_v1_dot_coordinator__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'GetRunFiles': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetRunFiles,
+                    request_deserializer=alignd_dot_v1_dot_coordinator__pb2.GetRunFilesRequest.FromString,
+                    response_serializer=alignd_dot_v1_dot_coordinator__pb2.GetRunFilesResponse.SerializeToString,
             ),
             'LeaseComparisonTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.LeaseComparisonTasks,
@@ -325,6 +349,33 @@ class CoordinatorService:
             '/alignd.v1.CoordinatorService/ListRuns',
             alignd_dot_v1_dot_coordinator__pb2.ListRunsRequest.SerializeToString,
             alignd_dot_v1_dot_coordinator__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/alignd.v1.CoordinatorService/GetRunFiles',
+            alignd_dot_v1_dot_coordinator__pb2.GetRunFilesRequest.SerializeToString,
+            alignd_dot_v1_dot_coordinator__pb2.GetRunFilesResponse.FromString,
             options,
             channel_credentials,
             insecure,

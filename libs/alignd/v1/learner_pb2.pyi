@@ -262,3 +262,25 @@ class EvaluateTextLossResponse(_message.Message):
     tokens: int
     policy_version: int
     def __init__(self, loss: _Optional[float] = ..., tokens: _Optional[int] = ..., policy_version: _Optional[int] = ...) -> None: ...
+
+class GetJobProgressRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class GetJobProgressResponse(_message.Message):
+    __slots__ = ("job_id", "phase", "epoch", "epochs", "step", "total_steps")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    phase: str
+    epoch: int
+    epochs: int
+    step: int
+    total_steps: int
+    def __init__(self, job_id: _Optional[str] = ..., phase: _Optional[str] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ...) -> None: ...

@@ -70,6 +70,11 @@ class LearnerServiceStub:
                 request_serializer=alignd_dot_v1_dot_learner__pb2.EvaluateTextLossRequest.SerializeToString,
                 response_deserializer=alignd_dot_v1_dot_learner__pb2.EvaluateTextLossResponse.FromString,
                 _registered_method=True)
+        self.GetJobProgress = channel.unary_unary(
+                '/alignd.v1.LearnerService/GetJobProgress',
+                request_serializer=alignd_dot_v1_dot_learner__pb2.GetJobProgressRequest.SerializeToString,
+                response_deserializer=alignd_dot_v1_dot_learner__pb2.GetJobProgressResponse.FromString,
+                _registered_method=True)
 
 
 class LearnerServiceServicer:
@@ -146,6 +151,15 @@ class LearnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJobProgress(self, request, context):
+        """How far the training job the learner runs now has come (TrainSFT,
+        TrainRewardModel): what a caller waiting on the job shows. Errors:
+        NOT_FOUND (no job of this id is running: not started, or over).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearnerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +197,11 @@ def add_LearnerServiceServicer_to_server(servicer, server):
                     servicer.EvaluateTextLoss,
                     request_deserializer=alignd_dot_v1_dot_learner__pb2.EvaluateTextLossRequest.FromString,
                     response_serializer=alignd_dot_v1_dot_learner__pb2.EvaluateTextLossResponse.SerializeToString,
+            ),
+            'GetJobProgress': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobProgress,
+                    request_deserializer=alignd_dot_v1_dot_learner__pb2.GetJobProgressRequest.FromString,
+                    response_serializer=alignd_dot_v1_dot_learner__pb2.GetJobProgressResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -375,6 +394,33 @@ class LearnerService:
             '/alignd.v1.LearnerService/EvaluateTextLoss',
             alignd_dot_v1_dot_learner__pb2.EvaluateTextLossRequest.SerializeToString,
             alignd_dot_v1_dot_learner__pb2.EvaluateTextLossResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/alignd.v1.LearnerService/GetJobProgress',
+            alignd_dot_v1_dot_learner__pb2.GetJobProgressRequest.SerializeToString,
+            alignd_dot_v1_dot_learner__pb2.GetJobProgressResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,25 +25,25 @@ _sym_db = _symbol_database.Default()
 from alignd.v1 import common_pb2 as alignd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61lignd/v1/policy.proto\x12\talignd.v1\x1a\x16\x61lignd/v1/common.proto\"x\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.alignd.v1.TokenIdsH\x00\x12+\n\x08messages\x18\x03 \x01(\x0b\x32\x17.alignd.v1.ConversationH\x00\x42\x07\n\x05input\"\xe6\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0bnum_samples\x18\x08 \x01(\x05\x12,\n\x0clogprob_mode\x18\t \x01(\x0e\x32\x16.alignd.v1.LogprobModeB\x07\n\x05_seed\"w\n\x0fGenerateRequest\x12\"\n\x07prompts\x18\x01 \x03(\x0b\x32\x11.alignd.v1.Prompt\x12+\n\x08sampling\x18\x02 \x01(\x0b\x32\x19.alignd.v1.SamplingParams\x12\x13\n\x0breturn_text\x18\x03 \x01(\x08\"\xc9\x01\n\x06Sample\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x14\n\x0csample_index\x18\x02 \x01(\r\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.alignd.v1.FinishReason\x12\x16\n\x0eweight_version\x18\x07 \x01(\x04\x12\x0c\n\x04text\x18\x08 \x01(\t\"{\n\x10GenerateResponse\x12\"\n\x07samples\x18\x01 \x03(\x0b\x32\x11.alignd.v1.Sample\x12\x15\n\rqueue_seconds\x18\x02 \x01(\x01\x12\x18\n\x10generate_seconds\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\r*[\n\x0bLogprobMode\x12\x1c\n\x18LOGPROB_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10LOGPROB_MODE_RAW\x10\x01\x12\x18\n\x14LOGPROB_MODE_SAMPLED\x10\x02\x32T\n\rPolicyService\x12\x43\n\x08Generate\x12\x1a.alignd.v1.GenerateRequest\x1a\x1b.alignd.v1.GenerateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61lignd/v1/policy.proto\x12\talignd.v1\x1a\x16\x61lignd/v1/common.proto\"x\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.alignd.v1.TokenIdsH\x00\x12+\n\x08messages\x18\x03 \x01(\x0b\x32\x17.alignd.v1.ConversationH\x00\x42\x07\n\x05input\"\x82\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0bnum_samples\x18\x08 \x01(\x05\x12,\n\x0clogprob_mode\x18\t \x01(\x0e\x32\x16.alignd.v1.LogprobMode\x12\x1a\n\x12\x66irst_prompt_index\x18\n \x01(\rB\x07\n\x05_seed\"w\n\x0fGenerateRequest\x12\"\n\x07prompts\x18\x01 \x03(\x0b\x32\x11.alignd.v1.Prompt\x12+\n\x08sampling\x18\x02 \x01(\x0b\x32\x19.alignd.v1.SamplingParams\x12\x13\n\x0breturn_text\x18\x03 \x01(\x08\"\xc9\x01\n\x06Sample\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x14\n\x0csample_index\x18\x02 \x01(\r\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.alignd.v1.FinishReason\x12\x16\n\x0eweight_version\x18\x07 \x01(\x04\x12\x0c\n\x04text\x18\x08 \x01(\t\"{\n\x10GenerateResponse\x12\"\n\x07samples\x18\x01 \x03(\x0b\x32\x11.alignd.v1.Sample\x12\x15\n\rqueue_seconds\x18\x02 \x01(\x01\x12\x18\n\x10generate_seconds\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\r*[\n\x0bLogprobMode\x12\x1c\n\x18LOGPROB_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10LOGPROB_MODE_RAW\x10\x01\x12\x18\n\x14LOGPROB_MODE_SAMPLED\x10\x02\x32T\n\rPolicyService\x12\x43\n\x08Generate\x12\x1a.alignd.v1.GenerateRequest\x1a\x1b.alignd.v1.GenerateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'alignd.v1.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOGPROBMODE']._serialized_start=866
-  _globals['_LOGPROBMODE']._serialized_end=957
+  _globals['_LOGPROBMODE']._serialized_start=894
+  _globals['_LOGPROBMODE']._serialized_end=985
   _globals['_PROMPT']._serialized_start=61
   _globals['_PROMPT']._serialized_end=181
   _globals['_SAMPLINGPARAMS']._serialized_start=184
-  _globals['_SAMPLINGPARAMS']._serialized_end=414
-  _globals['_GENERATEREQUEST']._serialized_start=416
-  _globals['_GENERATEREQUEST']._serialized_end=535
-  _globals['_SAMPLE']._serialized_start=538
-  _globals['_SAMPLE']._serialized_end=739
-  _globals['_GENERATERESPONSE']._serialized_start=741
-  _globals['_GENERATERESPONSE']._serialized_end=864
-  _globals['_POLICYSERVICE']._serialized_start=959
-  _globals['_POLICYSERVICE']._serialized_end=1043
+  _globals['_SAMPLINGPARAMS']._serialized_end=442
+  _globals['_GENERATEREQUEST']._serialized_start=444
+  _globals['_GENERATEREQUEST']._serialized_end=563
+  _globals['_SAMPLE']._serialized_start=566
+  _globals['_SAMPLE']._serialized_end=767
+  _globals['_GENERATERESPONSE']._serialized_start=769
+  _globals['_GENERATERESPONSE']._serialized_end=892
+  _globals['_POLICYSERVICE']._serialized_start=987
+  _globals['_POLICYSERVICE']._serialized_end=1071
 # @@protoc_insertion_point(module_scope)

@@ -177,6 +177,9 @@ def measure(preset: str, seeds: list[int], extra: list[str], keep: str | None, *
     }
     from alignd.atomic import write_json_atomic
 
+    plot_kept = merge and data["presets"].get(preset, {}).get("readme_plot")
+    if plot_kept and plot_kept["seed"] not in seeds:  # the README's plot is still that run's
+        entry["readme_plot"] = plot_kept
     data["presets"][preset] = entry
     write_json_atomic(RESULTS, data)
     s = entry["summary"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,11 @@ def test_alignd_run_tiny_preset_meets_the_bar(tmp_path):
         [stage, "done"] for stage in ("sft", "rm", "ppo", "rm", "ppo", "evaluate", "report")
     ]
     assert all(len(line) <= 80 for line in progress)
+    # Progress inside a job (GetJobProgress, polled): each line whole within the 80 columns, not cut mid-number.
+    for line in progress:
+        if " epoch " in line:
+            m = re.search(r"(SFT|round \d: RM) epoch (\d+)/(\d+), step (\d+)/(\d+)$", line)
+            assert m and int(m[2]) <= int(m[3]) and int(m[4]) <= int(m[5]), line
     state = json.loads((run_dir / "state.json").read_text())
     assert state["state"] == "succeeded" and state["step"] == 40
     pipeline = state["pipeline"]

@@ -170,9 +170,8 @@ class PipelineRun(RunThread):
                     continue
                 where = f"epoch {p.epoch}/{p.epochs}, " if p.epochs else ""
                 unit = "step" if p.phase == "training" else f"{p.phase} batch"
-                self.progress(
-                    lo + (hi - lo) * p.step / p.total_steps, f"{what}: {where}{unit} {p.step}/{p.total_steps}"
-                )
+                # e.g. "round 0: RM epoch 2/4, step 53/144": within the CLI's 80 columns after its prefix
+                self.progress(lo + (hi - lo) * p.step / p.total_steps, f"{what} {where}{unit} {p.step}/{p.total_steps}")
 
         poller = threading.Thread(target=poll, name=f"{job_id}-progress", daemon=True)
         poller.start()
@@ -197,7 +196,7 @@ class PipelineRun(RunThread):
             lambda t: self.learner().TrainSFT(req, timeout=JOB_TIMEOUT_S),
             job_id=req.job_id,
             span=(0.0, 0.8),
-            what="training on the demonstrations",
+            what="SFT",
         )
         if not st.sft_version:  # above every version served (fixed once: a restart loads the same)
             st.sft_version = (

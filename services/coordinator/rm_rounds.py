@@ -180,7 +180,7 @@ def _train(run: PipelineRun, r: int, data: Path):
             lambda t: run.learner().TrainRewardModel(learner_pb2.TrainRewardModelRequest(**req), timeout=JOB_TIMEOUT_S),
             job_id=req["job_id"],
             span=(0.6, 1.0),
-            what=f"round {r}: training the reward model",
+            what=f"round {r}: RM",
         )
     if run.launcher is None:
         run.launcher = launchers.make_launcher(run.roles.cfg.launcher)

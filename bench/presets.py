@@ -206,8 +206,8 @@ def render(preset: str, entry: dict) -> str:
     j = rows[0]["judges"]
     template = rows[0].get("chat_template")
     how = ""
-    if template and template != "none":
-        source, _, digest = template.partition(" ")
+    source, _, digest = (template or "none").partition(" ")
+    if source != "none" and digest and digest != "(none)":  # "model (none)": a model without a template, plain text
         how = f" Prompts in the policy's chat template ({source}, sha256 `{digest[:12]}`)" + (
             f', system prompt "{rows[0]["system_prompt"]}".' if rows[0].get("system_prompt") else "."
         )

@@ -107,11 +107,11 @@ def run_config_yaml(config: str, overrides: list[str] | None) -> str:
     return dump_yaml(run_cfg)
 
 
-def _print_run(run, *, file=None) -> None:
+def _print_run(run) -> None:
     from alignd.runs_client import state_name
 
     where = f"step {run.step}/{run.total_steps}" if run.stage == "ppo" else f"{run.stage_fraction:.0%}"
-    print(f"{run.run_id}: {state_name(run.state)}, stage {run.stage} ({where})", file=file or sys.stdout)
+    print(f"{run.run_id}: {state_name(run.state)}, stage {run.stage} ({where})")
 
 
 def cmd_start(args) -> int:

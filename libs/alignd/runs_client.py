@@ -27,7 +27,6 @@ import grpc
 
 from alignd.atomic import write_bytes_atomic
 from alignd.reward_client.settings import _Settings
-from alignd.runtime.retry import Backoff
 from alignd.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 __all__ = ["TERMINAL", "RunsClient", "RunsClientError", "state_name"]
@@ -105,7 +104,7 @@ class RunsClient:
                 )
             except grpc.RpcError as err:
                 failures += 1
-                pause = Backoff(0.5, 5.0).delay(failures, self._rng)
+                pause = self._settings.policy.delay(failures, self._rng)  # the client's own backoff
                 if (
                     not retry
                     or err.code() != grpc.StatusCode.UNAVAILABLE

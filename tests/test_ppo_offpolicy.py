@@ -126,3 +126,27 @@ def test_stale_rows_are_weighted_by_current_over_behaviour(tiny_models, tmp_path
     assert any(
         not torch.equal(p, q) for p, q in zip(plain.module.policy.parameters(), learner.module.policy.parameters())
     )
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,dtypes,engines,exact",
+    [
+        (1.0, 0, {"float32"}, {("transformers", "cpu")}, True),
+        (1.0, 0, {"float32"}, {("transformers", "cuda:0")}, True),
+        (1.0, 0, {"float32"}, {("vllm", "cpu")}, True),  # measured within the tolerance (docs/vllm.md)
+        (1.0, 0, {"float32"}, {("vllm", "cuda")}, False),  # other kernels, not measured: recompute
+        (1.0, 0, {"float32"}, {("transformers", "cpu"), ("vllm", "cuda")}, False),  # one such replica is enough
+        (1.0, 0, {"float32", "bfloat16"}, {("transformers", "cpu")}, False),
+        (0.7, 0, {"float32"}, {("transformers", "cpu")}, True),
+        (1.0, 50, {"float32"}, {("transformers", "cpu")}, False),
+        (0.0, 0, {"float32"}, {("transformers", "cpu")}, False),
+    ],
+)
+def test_when_the_rollouts_log_probs_are_the_learners_own(temperature, top_k, dtypes, engines, exact):
+    """ppo.old_logprobs: auto takes the rollouts' log-probs only where they are the learner's own within the
+    tolerance: untruncated sampling, float32 everywhere, no policy replica on vLLM on a GPU."""
+    from alignd.config.runs import SamplingConfig
+    from alignd.services.coordinator.loop import rollouts_exact
+
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, max_new_tokens=4)
+    assert rollouts_exact(sampling, dtypes, engines) is exact

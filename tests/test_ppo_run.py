@@ -40,6 +40,7 @@ def test_alignd_ppo_tiny_preset_raises_reward(tmp_path):
         assert math.isfinite(r["reference_kl"]) and math.isfinite(r["approx_kl"])
         assert r["policy_version"] == r["step"]
     assert abs(rows[0]["reference_kl"]) < 1e-5  # step 1: policy == reference
+    assert all(r["old_logprobs_from_rollout"] for r in rows)  # fp32, temperature 1: the rollouts' are exact
     first, last = (
         statistics.fmean(r["mean_score"] for r in rows[:5]),
         statistics.fmean(r["mean_score"] for r in rows[-5:]),
@@ -106,3 +107,24 @@ def test_async_rollouts_tiny_preset(tmp_path):
     # training steps of a fraction of a second), the weights are staged; the last step has no next generation.
     staged = ["stage_weights" in r["phase_seconds"] for r in rows]
     assert sum(staged[:-1]) >= 5 and not staged[-1], staged
+
+
+def test_alignd_ppo_tiny_preset_raises_reward_on_vllm(tmp_path):
+    """The same job with the policy on vLLM (stack.policy.engine=vllm): the mean reward rises as on the
+    transformers engine and step 1's policy is the reference. On CPU in float32, vLLM's log-probs are within the
+    tolerance of the learner's (bench/results/vllm_logprobs.json), so they serve as the old log-probs as the
+    transformers engine's do (on GPUs the learner recomputes them; docs/vllm.md)."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, ALIGND_CACHE=str(tmp_path / "cache"))
+    out = tiny_ppo(run_dir, env, "run.steps=20", "stack.policy.engine=vllm")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert abs(rows[0]["reference_kl"]) < 1e-5
+    assert all(r["policy_version"] == r["step"] for r in rows)
+    first, last = (
+        statistics.fmean(r["mean_score"] for r in rows[:5]),
+        statistics.fmean(r["mean_score"] for r in rows[-5:]),
+    )
+    assert last > first + 0.02, (first, last)
+    assert "succeeded: 20 steps" in out.stdout
+    assert all(r["old_logprobs_from_rollout"] for r in rows)

@@ -53,6 +53,17 @@ __all__ = ["PHASES", "PPORun", "RunLoop", "RunThread"]
 _log = get_logger("alignd.coordinator.loop")
 
 
+def rollouts_exact(sampling, dtypes: set[str], engines: set[tuple[str, str]]) -> bool:
+    """Whether the rollouts' log-probs are the learner's own (ppo.old_logprobs: auto takes them): untruncated
+    sampling, every policy and the learner in float32, and no policy on vLLM on a GPU. They are then within the 1e-4
+    alignd's engines are held to; vLLM on CPU is too (bench/results/vllm_logprobs.json: 3.2e-5 at most on SmolLM2),
+    vLLM on GPUs, with other kernels, is not measured to be, and the learner recomputes (docs/vllm.md, "Log-probs").
+    `engines`: (ModelInfo.engine, ModelInfo.device) of each policy replica."""
+    vllm_on_gpu = any(engine == "vllm" and not device.startswith("cpu") for engine, device in engines)
+    untruncated = sampling.temperature > 0 and sampling.top_k == 0 and sampling.top_p >= 1.0
+    return untruncated and dtypes == {"float32"} and not vllm_on_gpu
+
+
 class RunLoop:
     """The PPO steps of one run: rollouts, TrainStep, PushWeights, the step's metrics row and run state."""
 
@@ -99,16 +110,18 @@ class RunLoop:
         whether the rollouts' log-probs are exact (self._exact), from the same answers."""
         pol = self.roles.info(self.roles.policy[0])
         dtypes = {pol.dtype, self.roles.info(self.roles.learner).dtype}
+        engines = {(pol.engine, pol.device)}
         for ch in self.roles.policy[1:] + self.roles.reference:
             other = self.roles.info(ch)
             if other.tokenizer_hash != pol.tokenizer_hash:
                 raise RunFailed(f"{other.role} {other.model_name} tokenizes differently from the policy")
             if other.role == "policy":
                 dtypes.add(other.dtype)
+                engines.add((other.engine, other.device))
         s = self.cfg.sampling
         # Untruncated sampling, policy and learner in fp32 (in bf16 the cached decoding and the training forward
-        # differ by ~1e-2 in log-prob): the rollouts' log-probs are then the learner's own.
-        self._exact = s.temperature > 0 and s.top_k == 0 and s.top_p >= 1.0 and dtypes == {"float32"}
+        # differ by ~1e-2 in log-prob): see rollouts_exact.
+        self._exact = rollouts_exact(s, dtypes, engines)
         rew = self.roles.info(self.roles.reward[0])
         # Token ids carry the policy's rendering of a prompt; a reward role with another chat template is sent the
         # conversation and reply instead, and renders them itself (docs/chat.md).

@@ -122,11 +122,11 @@ class PolicyEngine:
                 input_ids=cur_ids,
                 attention_mask=attention,
                 position_ids=cur_pos,
-                cache=past,
+                past_key_values=past,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            past = out.cache  # transformers 5: the KV cache (formerly past_key_values)
+            past = out.past_key_values  # the KV cache (transformers 5.19, the version vLLM accepts; docs/install.md)
             logits = out.logits[:, -1, :].float().cpu()  # (B, V)
             raw_logp = torch.log_softmax(logits, dim=-1)  # (B, V)
             next_ids = torch.full((B,), pad, dtype=torch.long)

@@ -12,6 +12,7 @@ from alignd.models.inputs import check_batch, check_ids, check_length, check_tem
 from alignd.runtime.errors import InvalidArgument
 from alignd.runtime.metrics import BatchMetrics
 from alignd.services.policy.engine import Row, Sampling
+from alignd.services.policy.vllm_engine import check_logprob_mode
 from alignd.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
 
@@ -95,10 +96,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def Generate(self, request, context):
         state = self.loaded.get()
         prompts, rows, n = self.parse(request, state.handle)
-        (results, version), pending, info = state.batcher.run(
-            rows, len(rows), context.time_remaining(), on_done=context.add_callback
-        )
-        self.metrics.queue_seconds.observe(pending.queue_seconds)
+        if getattr(state.handle, "gate", None) is not None:  # the vLLM engine: one kind of log-probs per engine
+            check_logprob_mode(rows[0].sampling, state.handle.engine.mode)
+        out = state.generate(rows, context.time_remaining(), context.add_callback)
+        results, version = out.results, out.version
+        self.metrics.queue_seconds.observe(out.queue_seconds)
         samples = []
         for k, res in enumerate(results):
             i, j = divmod(k, n)
@@ -119,5 +121,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self.metrics.tokens.labels("prompt").inc(sum(len(r.prompt_ids) for r in rows))
         self.metrics.tokens.labels("generated").inc(sum(len(r.token_ids) for r in results))
         return policy_pb2.GenerateResponse(
-            samples=samples, queue_seconds=pending.queue_seconds, generate_seconds=info.seconds, batch_size=info.size
+            samples=samples,
+            queue_seconds=out.queue_seconds,
+            generate_seconds=out.generate_seconds,
+            batch_size=out.batch_size,
         )

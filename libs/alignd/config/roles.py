@@ -184,14 +184,75 @@ class RewardLimitsConfig(Strict):
     )
 
 
+class VllmConfig(Strict):
+    """The policy's vLLM engine (policy.engine: vllm; docs/vllm.md). The model, its dtype and context come from
+    policy.model; these are vLLM's own settings."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the model is split over (vLLM tensor parallelism).")
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Share of each GPU's memory vLLM may take for the weights and its KV cache (lower it when the "
+        "policy shares its GPUs).",
+    )
+    max_model_len: int | None = Field(
+        None, ge=2, description="Longest prompt + response vLLM plans its KV cache for; default: the model's context."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="vLLM's weight and compute dtype; auto: policy.model.dtype."
+    )
+    enable_sleep_mode: bool = Field(
+        False,
+        description="Let the engine free its GPU memory between rollouts (a policy colocated with training on the "
+        "same GPUs; vLLM's sleep mode, CUDA only).",
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of shared prompt prefixes (the K samples of a labeling prompt)."
+    )
+    enforce_eager: bool = Field(
+        False, description="Run without CUDA graphs (slower decoding, faster start, less memory). CPU runs are eager."
+    )
+    max_num_seqs: int = Field(256, ge=1, description="Sequences vLLM schedules at once (its continuous batch).")
+    max_num_batched_tokens: int = Field(
+        16384,
+        ge=1,
+        description="Tokens one engine step processes. 16384 prefills a labeling round's prompts in one step; on CPU, "
+        "seeded requests whose prefill is split over steps crash vLLM 0.32 (ENV.md).",
+    )
+    logprobs_mode: Literal["sampled", "raw"] = Field(
+        "sampled",
+        description="Which log-probs the engine returns (vLLM computes one kind per engine): sampled (the "
+        "distribution sampled from: LOGPROB_MODE_SAMPLED, what PPO rollouts ask) or raw (LOGPROB_MODE_RAW). A "
+        "request for the other kind is served where both are equal (temperature 1 without top-k/top-p, or greedy) "
+        "and answers FAILED_PRECONDITION otherwise.",
+    )
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="GiB for the KV cache (vLLM's kv_cache_memory_bytes) instead of what gpu_memory_utilization "
+        "leaves; default: that share on GPUs, 2 on CPU (where gpu_memory_utilization would reserve that share of "
+        "the host's memory).",
+    )
+    start_timeout_s: float = Field(600.0, gt=0, description="How long the engine may take to start.")
+
+
 class PolicyConfig(RoleConfig):
     """policy: samples responses (alignd.v1.PolicyService + ModelService)."""
 
     model: ModelConfig = Field(description="The policy's causal LM.")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="What generates: transformers (alignd's batched KV-cache loop over the transformers model; the "
+        "default, as fast as vLLM or faster on CPU) or vllm (vLLM's engine: continuous batching, paged KV cache, "
+        "prefix caching, tensor parallelism; the choice on GPUs; needs the vllm extra; docs/vllm.md).",
+    )
+    vllm: VllmConfig = Field(default_factory=VllmConfig, description="The vLLM engine's settings (engine: vllm).")
     batching: PolicyBatchingConfig = Field(
         default_factory=PolicyBatchingConfig,
         description="Dynamic batching of Generate calls. The 20 ms default wait lets a burst of concurrent calls "
-        "form one batch (bench/README.md: 11x over sequential generate vs 7.6x at 5 ms).",
+        "form one batch (bench/README.md: 11x over sequential generate vs 7.6x at 5 ms). With engine: vllm, vLLM "
+        "batches instead and only max_queue applies (samples in flight).",
     )
 
 

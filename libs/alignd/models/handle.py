@@ -78,6 +78,20 @@ def load_causal_lm(cfg: ModelConfig):
     return model.to(cfg.device).eval()
 
 
+def load_meta_causal_lm(cfg: ModelConfig):
+    """The causal LM of `cfg` without its weights (every tensor on the meta device): its names, shapes, dtypes and
+    tied weights, for checking weight updates of an engine that holds the weights itself (vLLM)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = str(check_model_dir(cfg.path))
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        )
+    return model.eval()
+
+
 def load_scalar_head_model(cfg: ModelConfig, *, allow_new_head: bool):
     """The LM backbone with a scalar head (`AutoModelForSequenceClassification`, 1 label).
 
@@ -161,7 +175,9 @@ def alias_groups(model) -> list[list[str]]:
     """State-dict names grouped by shared storage (tied weights form one group)."""
     groups: dict[tuple[int, int], list[str]] = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
+        # Meta tensors (a model whose weights live elsewhere: the vLLM engine's workers) have no storage to compare:
+        # tied weights are the same Parameter object.
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() and not t.is_meta else (id(t), 0)
         groups.setdefault(key, []).append(name)
     return list(groups.values())
 
@@ -204,6 +220,8 @@ class ModelHandle:
     the same lock, so a batch sees either the old weights or the new ones,
     never a mix, and reports the version it ran with.
     """
+
+    engine_name = "transformers"  # ModelInfo.engine
 
     def __init__(self, role: str, cfg: ModelConfig, model, *, tokenizer) -> None:
         self.role = role
@@ -253,6 +271,7 @@ class ModelHandle:
             alignd_version=__version__,
             chat_template=self.chat.source,
             chat_template_sha256=self.chat.digest,
+            engine=self.engine_name,
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -343,11 +362,16 @@ class ModelHandle:
                 for name, t in tensors.items():
                     state[name].copy_(t.to(device=state[name].device, dtype=state[name].dtype))
             self.version = version
-        _log.info(
-            "weights_applied",
-            version=version,
-            num_tensors=len(tensors),
-            partial=partial,
-            apply_seconds=round(time.perf_counter() - t0, 4),
-        )
+        log_weights_applied(version, len(tensors), partial=partial, t0=t0)
         return len(tensors)
+
+
+def log_weights_applied(version: int, num_tensors: int, *, partial: bool, t0: float) -> None:
+    """The weights_applied event of an update that began at time.perf_counter() `t0`."""
+    _log.info(
+        "weights_applied",
+        version=version,
+        num_tensors=num_tensors,
+        partial=partial,
+        apply_seconds=round(time.perf_counter() - t0, 4),
+    )

@@ -106,8 +106,9 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         self.handle = handle
         self.metrics.version.set(handle.version)
         by_device = self._report_memory(handle)
+        in_process = not any(p.is_meta for p in handle.model.parameters())  # else no CUDA memory of this process
         for device in by_device:
-            if device.startswith("cuda"):
+            if device.startswith("cuda") and in_process:
                 import torch
 
                 self.metrics.gpu_memory.labels(device).set_function(lambda d=device: torch.cuda.memory_allocated(d))
@@ -116,7 +117,9 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         """alignd_<slug>_model_memory_bytes{device} of the served model; returns the bytes by device."""
         by_device: dict[str, int] = {}
         for t in [*handle.model.parameters(), *handle.model.buffers()]:
-            by_device[str(t.device)] = by_device.get(str(t.device), 0) + t.numel() * t.element_size()
+            # Meta tensors: the weights live in an engine's workers (vLLM), on the configured device.
+            device = str(handle.device) if t.is_meta else str(t.device)
+            by_device[device] = by_device.get(device, 0) + t.numel() * t.element_size()
         for device, n in by_device.items():
             self.metrics.memory.labels(device).set(n)
         return by_device

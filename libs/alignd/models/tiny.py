@@ -92,13 +92,14 @@ def build_tiny_model(
     seed: int = 0,
     hidden: int = 64,
     layers: int = 2,
-    heads: int = 4,
+    heads: int = 2,
     context: int = 256,
     vocab_size: int = 512,
 ) -> Path:
     """Builds a random tiny model and saves it (with its tokenizer) to `out_dir`.
 
-    kind: "causal_lm" (policy, reference) or "reward" (scalar head, 1 label).
+    kind: "causal_lm" (policy, reference) or "reward" (scalar head, 1 label). Two heads of 32 dimensions by
+    default: vLLM's CPU attention takes head sizes from 32 up (the policy's vLLM engine runs these models too).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -130,6 +131,9 @@ BUILTIN_MODELS = {
     "tiny-gpt2-reward": dict(kind="reward", seed=1),
 }
 BUILTIN_PREFIX = "builtin:"
+# Part of a built-in model's cache directory name: raised whenever build_tiny_model builds other weights for the same
+# arguments (r2: heads 4 -> 2 and transformers 5.19), so a cache of an older alignd is not served as this one's.
+BUILTIN_REVISION = "r2"
 
 
 def _smollm2() -> str:
@@ -163,7 +167,7 @@ def resolve_builtin(path: str) -> str:
             f"unknown built-in model {name!r}; built-ins: {', '.join([*BUILTIN_MODELS, *REAL_MODELS])}"
         )
     root = default_cache_dir() / "models"
-    final = root / name
+    final = root / f"{name}-{BUILTIN_REVISION}"
     if (final / "config.json").exists():
         return str(final)
     root.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,7 @@ def hf_generate(lm, tok, prompts: list[list[int]], new_tokens: int) -> None:
 
 
 def serve_policy(engine: str, path: str, workdir: Path):
+    """`alignd serve policy` of `path` on `engine`, in a directory of its own under workdir (a fresh endpoint file)."""
     from _auth import tokens_file, with_auth
     from _launch import await_serving, log_tail, spawn_serve
 
@@ -146,7 +147,7 @@ def measure_model(name: str, repeats: int, workdir: Path) -> dict:
     out["weight_update_seconds"] = {}
     for engine in ("transformers", "vllm"):
         t0 = time.perf_counter()
-        proc, channel = serve_policy(engine, path, workdir)
+        proc, channel = serve_policy(engine, path, workdir / name)
         out.setdefault("start_seconds", {})[engine] = round(time.perf_counter() - t0, 1)
         try:
             stub = policy_pb2_grpc.PolicyServiceStub(channel)

@@ -184,7 +184,7 @@ def render(data: dict) -> str:
     for m in data["results"]:
         w = m["weight_update_seconds"]
         for i, c in enumerate(m["cases"]):
-            update = f"{w['transformers']:.2f} s / {w['vllm']:.2f} s" if i == 0 else ""
+            update = f"{w['transformers']:.3f} s / {w['vllm']:.3f} s" if i == 0 else ""
             lines.append(
                 f"| {m['model'] if i == 0 else ''} | {c['case']} ({c['prompts']} x {c['new_tokens']}) "
                 f"| {c['generate']['tokens_per_second']:.0f} "

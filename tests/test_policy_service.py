@@ -392,3 +392,10 @@ def test_sampled_logprobs_are_the_truncated_distributions(stub, lm, tok):
     logp = torch.log_softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
     expected = logp.gather(-1, torch.tensor(list(s.token_ids))[:, None])[:, 0]
     assert torch.allclose(expected, torch.tensor(list(s.logprobs)), atol=1e-4), (expected, list(s.logprobs))
+
+
+def test_one_call_may_carry_more_samples_than_max_queue(stub, tok):
+    """batching.max_queue bounds calls waiting (or, on vLLM, in flight), not the samples of one call: 300 samples of
+    one prompt in one call, above the default 256, are served (the pipeline samples 384 held-out completions so)."""
+    resp = generate(stub, [ids_of(tok, TEXTS[1])], temperature=1.0, max_new_tokens=2, num_samples=300, seed=4)
+    assert len(resp.samples) == 300 and {s.sample_index for s in resp.samples} == set(range(300))

@@ -2,7 +2,9 @@
 
 weight_sync "stream": the chunked ModelService.UpdateWeights stream; "filesystem": the policy is written once to a
 shared directory and every replica loads it with LoadWeights; "auto": filesystem in shared memory (/dev/shm) when
-every replica is on this host's loopback and there is room, else the stream.
+every replica is on this host's loopback and there is room, else the stream; "collective": a torch.distributed
+broadcast to the replicas whose engine joins a weight group (services/learner/collective.py), the stream to the
+others and to all when the group fails.
 
 stage_only: the replicas receive and check the weights but keep serving their own (ModelService stage_only); a
 replica that already holds this version staged is skipped. Without it, a replica holding this version staged only
@@ -51,6 +53,7 @@ class WeightPublisher:
         self.cfg, self.source = cfg, source
         self.published_root = Path(cfg.weight_sync_dir) if cfg.weight_sync_dir else published_root
         self._shm_dir: Path | bool | None = None  # weight_sync auto: None = not decided, False = no room or unusable
+        self._group = None  # weight_sync collective: the WeightGroup, formed on the first push
 
     def push(self, addresses: list[str], *, stage_only: bool = False) -> learner_pb2.PushWeightsResponse:
         """Sends the current policy to every replica not already at this version (module docstring)."""
@@ -59,8 +62,12 @@ class WeightPublisher:
             mode, path = self._publish(version, addresses)
         t0 = time.perf_counter()
         push = _Push(self, version, mode, path=path, stage_only=stage_only)
-        with ThreadPoolExecutor(max_workers=max(1, len(addresses))) as pool:
-            sent = list(pool.map(push.to_replica, addresses))
+        broadcast: dict[str, int] = {}
+        if self.cfg.weight_sync == "collective":
+            broadcast = self._broadcast(push, addresses)
+        rest = [a for a in addresses if a not in broadcast]
+        with ThreadPoolExecutor(max_workers=max(1, len(rest))) as pool:
+            sent = list(pool.map(push.to_replica, rest)) + list(broadcast.values())
         return learner_pb2.PushWeightsResponse(
             version=version,
             bytes_per_replica=max(sent, default=0),
@@ -69,10 +76,39 @@ class WeightPublisher:
             committed_replicas=len(push.committed),
         )
 
+    def _broadcast(self, push: _Push, addresses: list[str]) -> dict[str, int]:
+        """weight_sync collective: the version over the weight group to every replica that can join one and needs
+        the full weights; {address: bytes received}. Empty when there are none or the group failed (logged): the
+        replicas then get the stream."""
+        from alignd.services.learner.collective import WeightGroup, WeightGroupFailed
+
+        ranks: dict[str, int] = {}
+        for a in addresses:
+            try:
+                with make_channel(a, credentials=self.cfg.client) as ch:
+                    info = model_pb2_grpc.ModelServiceStub(ch).GetInfo(model_pb2.GetInfoRequest(), timeout=30).info
+            except grpc.RpcError:  # the stream path reports it
+                continue
+            staged = info.staged_weight_version == push.version
+            if info.weight_group_ranks > 0 and info.weight_version < push.version and not staged:
+                ranks[a] = info.weight_group_ranks
+        if not ranks:
+            return {}
+        if self._group is None:
+            self._group = WeightGroup(self.cfg)
+        try:
+            self._group.ensure(ranks)
+            return self._group.broadcast(push.policy_state(), push.version, stage_only=push.stage_only)
+        except WeightGroupFailed as exc:
+            _log.warning("weight_sync_fallback", to="stream", reason=str(exc)[:500])
+            return {}
+
     def close(self) -> None:
-        """Removes the shared-memory directory of this process, if it made one."""
+        """Removes the shared-memory directory of this process, if it made one, and leaves the weight group."""
         if isinstance(self._shm_dir, Path):
             shutil.rmtree(self._shm_dir, ignore_errors=True)
+        if self._group is not None:
+            self._group.dissolve()
 
     @property
     def uses_shared_memory(self) -> bool:
@@ -80,7 +116,7 @@ class WeightPublisher:
 
     def _mode(self, addresses: list[str]) -> tuple[str, Path | None]:
         """("stream" | "filesystem", the directory to publish in)."""
-        if self.cfg.weight_sync == "stream":
+        if self.cfg.weight_sync in ("stream", "collective"):  # collective: the stream to replicas out of the group
             return "stream", None
         if self.cfg.weight_sync == "filesystem":
             return "filesystem", self.published_root
@@ -202,7 +238,7 @@ class _Push:
         """The UpdateWeights stream: (response, bytes sent)."""
         resp = push_weights(
             ch,
-            self._policy_state(),
+            self.policy_state(),
             self.version,
             chunk_bytes=self.p.cfg.push_chunk_bytes,
             stage_only=self.stage_only,
@@ -217,11 +253,11 @@ class _Push:
             stub.LoadWeights(req, timeout=600)
             return 0
         resp = push_weights(
-            ch, self._policy_state(), self.version, chunk_bytes=self.p.cfg.push_chunk_bytes, replace_newer=True
+            ch, self.policy_state(), self.version, chunk_bytes=self.p.cfg.push_chunk_bytes, replace_newer=True
         )
         return int(resp.received_bytes)
 
-    def _policy_state(self) -> dict:
+    def policy_state(self) -> dict:
         """The stream's copy of the policy, made once, and only when a replica needs more than a commit."""
         with self.p.source.lock:
             if self._state is None:

@@ -36,6 +36,7 @@ from alignd.models.handle import ModelHandle, log_weights_applied
 from alignd.runtime.errors import (
     DeadlineExceeded,
     FailedPrecondition,
+    InvalidArgument,
     ResourceExhausted,
     Unavailable,
 )
@@ -129,7 +130,7 @@ class VllmEngine:
     def __init__(self, cfg: PolicyConfig, *, max_context: int) -> None:
         self.cfg = cfg
         self.mode = cfg.vllm.logprobs_mode
-        self.max_in_flight = cfg.batching.max_queue  # rows (samples) in flight
+        self.max_in_flight = cfg.batching.max_queue  # Generate calls in flight (as the batcher's queued requests)
         self._in_flight = 0
         self._count_lock = threading.Lock()
         self._ids = itertools.count()
@@ -234,12 +235,12 @@ class VllmEngine:
     def generate(self, rows: list[Row], timeout: float | None, on_done: Callable | None = None) -> list[RowResult]:
         """Every row through vLLM at once; DeadlineExceeded after `timeout` s (its requests are aborted)."""
         with self._count_lock:
-            if self._in_flight + len(rows) > self.max_in_flight:
+            if self._in_flight >= self.max_in_flight:
                 raise ResourceExhausted(
-                    f"{self._in_flight} samples are in flight and this request adds {len(rows)}; the limit is "
-                    f"{self.max_in_flight} (policy.batching.max_queue); retry later"
+                    f"{self._in_flight} Generate calls are in flight, the limit (policy.batching.max_queue); "
+                    "retry later"
                 )
-            self._in_flight += len(rows)
+            self._in_flight += 1
         try:
             fut = asyncio.run_coroutine_threadsafe(self._many(rows, f"g{next(self._ids)}"), self._loop)
             if on_done is not None:
@@ -253,7 +254,7 @@ class VllmEngine:
                 raise DeadlineExceeded("the caller cancelled the request") from None
         finally:
             with self._count_lock:
-                self._in_flight -= len(rows)
+                self._in_flight -= 1
 
     @property
     def in_flight(self) -> int:
@@ -264,10 +265,17 @@ class VllmEngine:
     def load_files(self, files: list[str]) -> int:
         """Loads these safetensors files into every worker, then drops the prefix cache (no KV of the old weights
         is reused). The caller holds the gate exclusively."""
-        counts = self._call(self.llm.collective_rpc("alignd_load_weights", args=(files,)), None)
+        counts = self.rpc("alignd_load_weights", files)
+        self.reset_prefix_cache()
+        return int(counts[0])
+
+    def rpc(self, method: str, *args, timeout: float | None = None) -> list:
+        """Every worker's answer to AligndWorkerExtension.`method`(*args)."""
+        return list(self._call(self.llm.collective_rpc(method, args=args), timeout))
+
+    def reset_prefix_cache(self) -> None:
         if not self._call(self.llm.reset_prefix_cache(), None):
             raise RuntimeError("vLLM did not reset its prefix cache after a weight update")
-        return int(counts[0])
 
     def digests(self) -> list[str]:
         """Each worker's weights digest (AligndWorkerExtension.alignd_weights_digest)."""
@@ -301,6 +309,7 @@ class VllmHandle(ModelHandle):
         self.gate = SwapGate()
         self.engine: VllmEngine | None = None
         self.broken: str | None = None  # set when a load failed in the workers after it began
+        self.group: tuple[str, float] | None = None  # (name, timeout) of the learner's weight group joined
 
     def apply_weights(
         self, tensors: Mapping[str, torch.Tensor], version: int, *, partial: bool, replace_newer: bool = False
@@ -315,16 +324,7 @@ class VllmHandle(ModelHandle):
             t0 = time.perf_counter()
             path = str(Path(tmp) / "update.safetensors")
             save_file({n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, path)
-            with self.gate.exclusive():
-                self.check_version(version, replace_newer=replace_newer)
-                try:
-                    self.engine.load_files([path])
-                except Exception as exc:
-                    self.broken = f"version {version} failed to load: {exc}"
-                    _log.error("weights_load_failed", version=version, error=str(exc))
-                    raise
-                self.broken = None
-                self.version = version
+            self._swap_in(version, lambda: self.engine.load_files([path]), replace_newer=replace_newer)
             log_weights_applied(version, len(tensors), partial=partial, t0=t0)
             return len(tensors)
         finally:
@@ -332,6 +332,79 @@ class VllmHandle(ModelHandle):
 
     def replace_model(self, model, version: int, *, replace_newer: bool = False) -> int:
         raise FailedPrecondition("the vLLM engine loads weights of its own architecture only")
+
+    # --- a learner's weight group ---------------------------------------------------------------------------------
+
+    @property
+    def weight_group_ranks(self) -> int:
+        return self.engine.cfg.vllm.tensor_parallel_size if self.engine is not None else 0
+
+    def join_weight_group(self, req) -> int:
+        """Every worker joins the group (JoinWeightGroup); returns the ranks taken."""
+        try:
+            spec = {
+                "group": req.group,
+                "store_address": req.store_address,
+                "world_size": int(req.world_size),
+                "rank_offset": int(req.rank_offset),
+                "backend": req.backend,
+                "timeout_seconds": float(req.timeout_seconds),
+            }
+            ranks = self.engine.rpc("alignd_join_group", spec, timeout=float(req.timeout_seconds) + 30)
+        except Exception as exc:  # noqa: BLE001 - the group did not form: the learner sends another way
+            self.engine.rpc("alignd_leave_group", req.group, timeout=60)
+            raise Unavailable(f"weight group {req.group!r} did not form: {exc}") from None
+        self.group = (req.group, float(req.timeout_seconds))
+        return len(ranks)
+
+    def leave_weight_group(self, group: str) -> None:
+        self.engine.rpc("alignd_leave_group", group, timeout=60)
+        if getattr(self, "group", None) and self.group[0] == group:
+            self.group = None
+
+    def receive_weights(self, req, specs: list[tuple[str, str, list[int]]]) -> int:
+        """Every worker receives the broadcast and checks its digest; returns the bytes each received. The caller
+        checked the version and the specs. On failure the workers keep nothing and leave the group."""
+        group = getattr(self, "group", None)
+        if group is None or group[0] != req.group:
+            raise FailedPrecondition(f"group: this replica is not in weight group {req.group!r}")
+        try:
+            received = self.engine.rpc("alignd_receive", req.group, specs, req.sha256, timeout=group[1] * 2 + 60)
+        except Exception as exc:  # noqa: BLE001 - a dead peer or a digest mismatch: nothing applied
+            self.engine.rpc("alignd_drop_received", timeout=60)
+            if "sha256" in str(exc):
+                raise InvalidArgument("sha256", str(exc).split("sha256:", 1)[-1].strip()[:200]) from None
+            self.leave_weight_group(req.group)
+            raise Unavailable(f"the broadcast of version {req.version} failed: {exc}") from None
+        return int(received[0])
+
+    def apply_received(self, version: int, *, replace_newer: bool = False) -> int:
+        """Serves the weights the workers received (under the gate, the prefix cache reset after)."""
+        t0 = time.perf_counter()
+
+        def load() -> int:
+            counts = self.engine.rpc("alignd_apply_received")
+            self.engine.reset_prefix_cache()
+            return int(counts[0])
+
+        n = self._swap_in(version, load, replace_newer=replace_newer)
+        log_weights_applied(version, n, partial=False, t0=t0)
+        return n
+
+    def _swap_in(self, version: int, load, *, replace_newer: bool):
+        """Runs `load` (the workers load new weights) with the gate held alone, then serves `version`. A failure
+        inside the workers marks the engine broken until a full update succeeds."""
+        with self.gate.exclusive():
+            self.check_version(version, replace_newer=replace_newer)
+            try:
+                out = load()
+            except Exception as exc:
+                self.broken = f"version {version} failed to load: {exc}"
+                _log.error("weights_load_failed", version=version, error=str(exc))
+                raise
+            self.broken = None
+            self.version = version
+        return out
 
     def generate(self, rows: list[Row], timeout: float | None, on_done=None) -> Generated:
         if timeout is not None and timeout > 86400:  # gRPC's remaining time of a call without a deadline

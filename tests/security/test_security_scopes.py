@@ -44,7 +44,7 @@ PROMPT = [5, 6, 7, 8]
 
 def test_every_method_has_a_scope_and_unlisted_methods_need_admin():
     methods = all_methods()
-    assert len(methods) == 24  # 4 ModelService + 3 model roles + 8 LearnerService + 9 CoordinatorService
+    assert len(methods) == 27  # 7 ModelService + 3 model roles + 8 LearnerService + 9 CoordinatorService
     missing = [m for m in methods if m not in S.METHOD_SCOPES]
     assert not missing, f"methods without an entry in alignd.runtime.scopes.METHOD_SCOPES: {missing}"
     assert all(S.METHOD_SCOPES[m] != S.PUBLIC for m in methods)  # only health is public

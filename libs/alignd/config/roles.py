@@ -252,7 +252,7 @@ class PolicyConfig(RoleConfig):
         default_factory=PolicyBatchingConfig,
         description="Dynamic batching of Generate calls. The 20 ms default wait lets a burst of concurrent calls "
         "form one batch (bench/README.md: 11x over sequential generate vs 7.6x at 5 ms). With engine: vllm, vLLM "
-        "batches instead and only max_queue applies (samples in flight).",
+        "batches instead and only max_queue applies (Generate calls in flight).",
     )
 
 
@@ -352,14 +352,33 @@ class LearnerConfig(RoleConfig):
         description="Chunk size of the weight stream, in bytes (at most the replicas' request limit of an "
         "UpdateWeights message, server.limits.max_request_bytes: 16 MiB by default).",
     )
-    weight_sync: Literal["auto", "stream", "filesystem"] = Field(
+    weight_sync: Literal["auto", "stream", "filesystem", "collective"] = Field(
         "auto",
         description='How new policy weights reach the replicas: "stream" (ModelService.UpdateWeights over gRPC), '
-        '"filesystem" (written once to weight_sync_dir, loaded by each replica with LoadWeights), or "auto": '
-        "filesystem through shared memory (a directory of this process under /dev/shm, removed when it exits) when "
-        "every replica is on loopback (the local stack) and /dev/shm has room for three copies of the policy, "
-        "stream otherwise (about 3x faster for SmolLM2-135M on 2 cores: bench/NOTES.md).",
+        '"filesystem" (written once to weight_sync_dir, loaded by each replica with LoadWeights), "collective" '
+        "(a torch.distributed broadcast from this learner to the vLLM workers of every replica that can join a "
+        "weight group: NCCL on GPUs, gloo on CPU; the others, and every replica when the group cannot be formed or a "
+        'broadcast fails, get the stream; docs/vllm.md), or "auto": filesystem through shared memory (a directory '
+        "of this process under /dev/shm, removed when it exits) when every replica is on loopback (the local stack) "
+        "and /dev/shm has room for three copies of the policy, stream otherwise (about 3x faster for SmolLM2-135M on 2 "
+        "cores: bench/NOTES.md).",
     )
     weight_sync_dir: str | None = Field(
         None, description="Shared directory for weight_sync: filesystem; default: next to the checkpoints."
+    )
+    weight_group_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="weight_sync: collective: the group's backend; auto: nccl when CUDA is there, else gloo."
+    )
+    weight_group_host: str | None = Field(
+        None,
+        description="weight_sync: collective: the address the replicas reach this learner's group store at "
+        "(its TCP port is chosen when the group forms); default: 127.0.0.1 when every replica is on loopback, else "
+        "this host's name resolved (in Kubernetes, the pod's IP: set it from the downward API).",
+    )
+    weight_group_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="weight_sync: collective: how long forming the group and each broadcast may take before the "
+        "push falls back to the stream.",
     )

@@ -222,6 +222,7 @@ class ModelHandle:
     """
 
     engine_name = "transformers"  # ModelInfo.engine
+    weight_group_ranks = 0  # ModelInfo.weight_group_ranks: this engine receives weights by stream or directory only
 
     def __init__(self, role: str, cfg: ModelConfig, model, *, tokenizer) -> None:
         self.role = role
@@ -272,6 +273,7 @@ class ModelHandle:
             chat_template=self.chat.source,
             chat_template_sha256=self.chat.digest,
             engine=self.engine_name,
+            weight_group_ranks=self.weight_group_ranks,
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:

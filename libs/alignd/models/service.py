@@ -301,3 +301,99 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         self.metrics.version.set(handle.version)
         _log.info("weights_committed", version=handle.version, seconds=round(elapsed, 4))
         return model_pb2.CommitWeightsResponse(version=handle.version, num_tensors=n, duration_seconds=elapsed)
+
+    # --- a learner's weight group (learner.weight_sync: collective) -------------------------------------------------
+
+    def _group_handle(self, context) -> ModelHandle:
+        handle = self._handle(context)
+        if not self.accepts_updates:
+            raise FailedPrecondition(f"the {self.slug} role owns its weights and does not accept updates")
+        if handle.weight_group_ranks == 0:
+            raise FailedPrecondition(
+                f"this {self.slug} replica's engine cannot join a weight group (ModelInfo.weight_group_ranks is 0); "
+                "send its weights with UpdateWeights or LoadWeights"
+            )
+        return handle
+
+    def JoinWeightGroup(self, request, context):
+        handle = self._group_handle(context)
+        if not request.group:
+            raise InvalidArgument("group", "must not be empty")
+        host, _, port = request.store_address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidArgument("store_address", f"must be host:port, got {request.store_address!r}")
+        if request.backend not in ("gloo", "nccl"):
+            raise InvalidArgument("backend", f"must be gloo or nccl, got {request.backend!r}")
+        if request.rank_offset < 1 or request.rank_offset + handle.weight_group_ranks > request.world_size:
+            raise InvalidArgument(
+                "rank_offset",
+                f"ranks {request.rank_offset}..{request.rank_offset + handle.weight_group_ranks - 1} do not fit a "
+                f"world of {request.world_size} with the learner at 0",
+            )
+        if not 0 < request.timeout_seconds <= 3600:
+            raise InvalidArgument("timeout_seconds", f"must be in (0, 3600], got {request.timeout_seconds}")
+        ranks = handle.join_weight_group(request)
+        _log.info("weight_group_joined", group=request.group, ranks=ranks, rank_offset=request.rank_offset)
+        return model_pb2.JoinWeightGroupResponse(ranks=ranks)
+
+    def LeaveWeightGroup(self, request, context):
+        handle = self._group_handle(context)
+        handle.leave_weight_group(request.group)
+        return model_pb2.LeaveWeightGroupResponse()
+
+    def ReceiveWeights(self, request, context):
+        import torch
+
+        from alignd.models.tensors import PB_TO_TORCH
+
+        handle = self._group_handle(context)
+        start = time.perf_counter()
+        if not request.tensors:
+            raise InvalidArgument("tensors", "must name at least one tensor")
+        if len(request.sha256) != 64:
+            raise InvalidArgument("sha256", "must be 64 hex digits")
+        specs, meta = [], {}
+        for i, spec in enumerate(request.tensors):
+            if spec.dtype not in PB_TO_TORCH:
+                raise InvalidArgument(f"tensors[{i}].dtype", f"unknown dtype {spec.dtype}")
+            if any(d < 0 for d in spec.shape):
+                raise InvalidArgument(f"tensors[{i}].shape", f"negative dimension in {list(spec.shape)}")
+            if spec.name in meta:
+                raise InvalidArgument(f"tensors[{i}].name", f"{spec.name!r} twice")
+            dtype = PB_TO_TORCH[spec.dtype]
+            meta[spec.name] = torch.empty(list(spec.shape), dtype=dtype, device="meta")
+            specs.append((spec.name, str(dtype).removeprefix("torch."), list(spec.shape)))
+
+        def run():
+            handle.check_version(request.version, replace_newer=request.replace_newer)
+            handle.check_tensors(meta, partial=request.partial)
+            received = handle.receive_weights(request, specs)
+            self.metrics.bytes.inc(received)
+            if request.stage_only:
+                self.staged = Staged(request.version, lambda: handle.apply_received(request.version))
+                return received, len(specs)
+            self.host.set_serving(False)
+            try:
+                n = handle.apply_received(request.version, replace_newer=request.replace_newer)
+            finally:
+                self.host.set_serving(True)
+            self._drop_outdated_staged(handle)
+            return received, n
+
+        (received, n), elapsed = self._counted_swap(handle, run, start)  # a failure counts as a rejected update
+        self.metrics.updates.labels("staged" if request.stage_only else "applied").inc()
+        self.metrics.seconds.observe(elapsed)
+        self.metrics.version.set(handle.version)
+        _log.info(
+            "weights_staged" if request.stage_only else "weights_received",
+            version=request.version,
+            received_bytes=received,
+            seconds=round(elapsed, 4),
+        )
+        return model_pb2.ReceiveWeightsResponse(
+            version=handle.version,
+            num_tensors=n,
+            received_bytes=received,
+            duration_seconds=elapsed,
+            staged=request.stage_only,
+        )

@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61lignd/v1/common.proto\x12\talignd.v1\"F\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.alignd.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x96\x03\n\tModelInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x16\n\x0etokenizer_hash\x18\x05 \x01(\t\x12\x16\n\x0eweight_version\x18\x06 \x01(\x04\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\x1a\n\x12max_context_tokens\x18\x08 \x01(\x05\x12\x16\n\x0enum_parameters\x18\t \x01(\x03\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x14\n\x0c\x65os_token_id\x18\x0c \x01(\x05\x12\x14\n\x0cpad_token_id\x18\r \x01(\x05\x12\x16\n\x0e\x61lignd_version\x18\x0e \x01(\t\x12\x1d\n\x15staged_weight_version\x18\x0f \x01(\x04\x12\x15\n\rchat_template\x18\x10 \x01(\t\x12\x1c\n\x14\x63hat_template_sha256\x18\x11 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x12 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43onversation\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.alignd.v1.ChatMessage*\xcf\x01\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0e\n\nDTYPE_INT8\x10\x07\x12\x11\n\rDTYPE_FLOAT64\x10\x08\x12\x0e\n\nDTYPE_BOOL\x10\t\x12\x0f\n\x0b\x44TYPE_INT16\x10\n*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61lignd/v1/common.proto\x12\talignd.v1\"F\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.alignd.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb2\x03\n\tModelInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x16\n\x0etokenizer_hash\x18\x05 \x01(\t\x12\x16\n\x0eweight_version\x18\x06 \x01(\x04\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\x1a\n\x12max_context_tokens\x18\x08 \x01(\x05\x12\x16\n\x0enum_parameters\x18\t \x01(\x03\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x14\n\x0c\x65os_token_id\x18\x0c \x01(\x05\x12\x14\n\x0cpad_token_id\x18\r \x01(\x05\x12\x16\n\x0e\x61lignd_version\x18\x0e \x01(\t\x12\x1d\n\x15staged_weight_version\x18\x0f \x01(\x04\x12\x15\n\rchat_template\x18\x10 \x01(\t\x12\x1c\n\x14\x63hat_template_sha256\x18\x11 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x12 \x01(\t\x12\x1a\n\x12weight_group_ranks\x18\x13 \x01(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43onversation\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.alignd.v1.ChatMessage*\xcf\x01\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0e\n\nDTYPE_INT8\x10\x07\x12\x11\n\rDTYPE_FLOAT64\x10\x08\x12\x0e\n\nDTYPE_BOOL\x10\t\x12\x0f\n\x0b\x44TYPE_INT16\x10\n*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'alignd.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=648
-  _globals['_DTYPE']._serialized_end=855
-  _globals['_FINISHREASON']._serialized_start=857
-  _globals['_FINISHREASON']._serialized_end=952
+  _globals['_DTYPE']._serialized_start=676
+  _globals['_DTYPE']._serialized_end=883
+  _globals['_FINISHREASON']._serialized_start=885
+  _globals['_FINISHREASON']._serialized_end=980
   _globals['_TENSOR']._serialized_start=37
   _globals['_TENSOR']._serialized_end=107
   _globals['_TOKENIDS']._serialized_start=109
   _globals['_TOKENIDS']._serialized_end=132
   _globals['_MODELINFO']._serialized_start=135
-  _globals['_MODELINFO']._serialized_end=541
-  _globals['_CHATMESSAGE']._serialized_start=543
-  _globals['_CHATMESSAGE']._serialized_end=587
-  _globals['_CONVERSATION']._serialized_start=589
-  _globals['_CONVERSATION']._serialized_end=645
+  _globals['_MODELINFO']._serialized_end=569
+  _globals['_CHATMESSAGE']._serialized_start=571
+  _globals['_CHATMESSAGE']._serialized_end=615
+  _globals['_CONVERSATION']._serialized_start=617
+  _globals['_CONVERSATION']._serialized_end=673
 # @@protoc_insertion_point(module_scope)

@@ -58,7 +58,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("role", "model_name", "model_path", "architecture", "tokenizer_hash", "weight_version", "vocab_size", "max_context_tokens", "num_parameters", "dtype", "device", "eos_token_id", "pad_token_id", "alignd_version", "staged_weight_version", "chat_template", "chat_template_sha256", "engine")
+    __slots__ = ("role", "model_name", "model_path", "architecture", "tokenizer_hash", "weight_version", "vocab_size", "max_context_tokens", "num_parameters", "dtype", "device", "eos_token_id", "pad_token_id", "alignd_version", "staged_weight_version", "chat_template", "chat_template_sha256", "engine", "weight_group_ranks")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class ModelInfo(_message.Message):
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_SHA256_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_GROUP_RANKS_FIELD_NUMBER: _ClassVar[int]
     role: str
     model_name: str
     model_path: str
@@ -95,7 +96,8 @@ class ModelInfo(_message.Message):
     chat_template: str
     chat_template_sha256: str
     engine: str
-    def __init__(self, role: _Optional[str] = ..., model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., weight_version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., num_parameters: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., alignd_version: _Optional[str] = ..., staged_weight_version: _Optional[int] = ..., chat_template: _Optional[str] = ..., chat_template_sha256: _Optional[str] = ..., engine: _Optional[str] = ...) -> None: ...
+    weight_group_ranks: int
+    def __init__(self, role: _Optional[str] = ..., model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., weight_version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., num_parameters: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., alignd_version: _Optional[str] = ..., staged_weight_version: _Optional[int] = ..., chat_template: _Optional[str] = ..., chat_template_sha256: _Optional[str] = ..., engine: _Optional[str] = ..., weight_group_ranks: _Optional[int] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")

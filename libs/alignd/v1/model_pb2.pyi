@@ -118,3 +118,77 @@ class CommitWeightsResponse(_message.Message):
     num_tensors: int
     duration_seconds: float
     def __init__(self, version: _Optional[int] = ..., num_tensors: _Optional[int] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
+
+class JoinWeightGroupRequest(_message.Message):
+    __slots__ = ("group", "store_address", "world_size", "rank_offset", "backend", "timeout_seconds")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANK_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    store_address: str
+    world_size: int
+    rank_offset: int
+    backend: str
+    timeout_seconds: float
+    def __init__(self, group: _Optional[str] = ..., store_address: _Optional[str] = ..., world_size: _Optional[int] = ..., rank_offset: _Optional[int] = ..., backend: _Optional[str] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class JoinWeightGroupResponse(_message.Message):
+    __slots__ = ("ranks",)
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    ranks: int
+    def __init__(self, ranks: _Optional[int] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: _common_pb2.Dtype
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReceiveWeightsRequest(_message.Message):
+    __slots__ = ("group", "version", "tensors", "sha256", "stage_only", "replace_newer", "partial")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    STAGE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_NEWER_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    version: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    sha256: str
+    stage_only: bool
+    replace_newer: bool
+    partial: bool
+    def __init__(self, group: _Optional[str] = ..., version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., sha256: _Optional[str] = ..., stage_only: _Optional[bool] = ..., replace_newer: _Optional[bool] = ..., partial: _Optional[bool] = ...) -> None: ...
+
+class ReceiveWeightsResponse(_message.Message):
+    __slots__ = ("version", "num_tensors", "received_bytes", "duration_seconds", "staged")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    num_tensors: int
+    received_bytes: int
+    duration_seconds: float
+    staged: bool
+    def __init__(self, version: _Optional[int] = ..., num_tensors: _Optional[int] = ..., received_bytes: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., staged: _Optional[bool] = ...) -> None: ...
+
+class LeaveWeightGroupRequest(_message.Message):
+    __slots__ = ("group",)
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    def __init__(self, group: _Optional[str] = ...) -> None: ...
+
+class LeaveWeightGroupResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -55,6 +55,21 @@ class ModelServiceStub:
                 request_serializer=alignd_dot_v1_dot_model__pb2.CommitWeightsRequest.SerializeToString,
                 response_deserializer=alignd_dot_v1_dot_model__pb2.CommitWeightsResponse.FromString,
                 _registered_method=True)
+        self.JoinWeightGroup = channel.unary_unary(
+                '/alignd.v1.ModelService/JoinWeightGroup',
+                request_serializer=alignd_dot_v1_dot_model__pb2.JoinWeightGroupRequest.SerializeToString,
+                response_deserializer=alignd_dot_v1_dot_model__pb2.JoinWeightGroupResponse.FromString,
+                _registered_method=True)
+        self.ReceiveWeights = channel.unary_unary(
+                '/alignd.v1.ModelService/ReceiveWeights',
+                request_serializer=alignd_dot_v1_dot_model__pb2.ReceiveWeightsRequest.SerializeToString,
+                response_deserializer=alignd_dot_v1_dot_model__pb2.ReceiveWeightsResponse.FromString,
+                _registered_method=True)
+        self.LeaveWeightGroup = channel.unary_unary(
+                '/alignd.v1.ModelService/LeaveWeightGroup',
+                request_serializer=alignd_dot_v1_dot_model__pb2.LeaveWeightGroupRequest.SerializeToString,
+                response_deserializer=alignd_dot_v1_dot_model__pb2.LeaveWeightGroupResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -105,6 +120,41 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinWeightGroup(self, request, context):
+        """Joins this replica's engine workers to a torch.distributed group through
+        which a learner broadcasts weights (learner.weight_sync: collective;
+        docs/vllm.md). The learner is rank 0 and hosts the group's store at
+        `store_address`; this replica's workers take ranks rank_offset ..
+        rank_offset + ModelInfo.weight_group_ranks - 1. Returns once every rank
+        joined, or fails after timeout_seconds. Errors: FAILED_PRECONDITION (this
+        engine cannot join a group: ModelInfo.weight_group_ranks is 0),
+        INVALID_ARGUMENT (a field), UNAVAILABLE (the group did not form).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReceiveWeights(self, request, context):
+        """Receives one version over the group joined with JoinWeightGroup: the
+        learner broadcasts `tensors` in order from rank 0 while this call runs.
+        Checked like the stream: names, shapes and dtypes against the model, then
+        the SHA-256 of the received bytes against `sha256`, before anything is
+        applied; on any error the old weights keep serving. With stage_only the
+        weights wait for CommitWeights. Errors as UpdateWeights, and UNAVAILABLE
+        when the broadcast failed (a rank died, the timeout passed): the group is
+        then left, and the learner sends the weights another way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaveWeightGroup(self, request, context):
+        """Leaves the weight group (a no-op when this replica is in none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +177,21 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.CommitWeights,
                     request_deserializer=alignd_dot_v1_dot_model__pb2.CommitWeightsRequest.FromString,
                     response_serializer=alignd_dot_v1_dot_model__pb2.CommitWeightsResponse.SerializeToString,
+            ),
+            'JoinWeightGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinWeightGroup,
+                    request_deserializer=alignd_dot_v1_dot_model__pb2.JoinWeightGroupRequest.FromString,
+                    response_serializer=alignd_dot_v1_dot_model__pb2.JoinWeightGroupResponse.SerializeToString,
+            ),
+            'ReceiveWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReceiveWeights,
+                    request_deserializer=alignd_dot_v1_dot_model__pb2.ReceiveWeightsRequest.FromString,
+                    response_serializer=alignd_dot_v1_dot_model__pb2.ReceiveWeightsResponse.SerializeToString,
+            ),
+            'LeaveWeightGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaveWeightGroup,
+                    request_deserializer=alignd_dot_v1_dot_model__pb2.LeaveWeightGroupRequest.FromString,
+                    response_serializer=alignd_dot_v1_dot_model__pb2.LeaveWeightGroupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -238,6 +303,87 @@ class ModelService:
             '/alignd.v1.ModelService/CommitWeights',
             alignd_dot_v1_dot_model__pb2.CommitWeightsRequest.SerializeToString,
             alignd_dot_v1_dot_model__pb2.CommitWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinWeightGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/alignd.v1.ModelService/JoinWeightGroup',
+            alignd_dot_v1_dot_model__pb2.JoinWeightGroupRequest.SerializeToString,
+            alignd_dot_v1_dot_model__pb2.JoinWeightGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReceiveWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/alignd.v1.ModelService/ReceiveWeights',
+            alignd_dot_v1_dot_model__pb2.ReceiveWeightsRequest.SerializeToString,
+            alignd_dot_v1_dot_model__pb2.ReceiveWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaveWeightGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/alignd.v1.ModelService/LeaveWeightGroup',
+            alignd_dot_v1_dot_model__pb2.LeaveWeightGroupRequest.SerializeToString,
+            alignd_dot_v1_dot_model__pb2.LeaveWeightGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -128,3 +128,16 @@ def test_alignd_ppo_tiny_preset_raises_reward_on_vllm(tmp_path):
     assert last > first + 0.02, (first, last)
     assert "succeeded: 20 steps" in out.stdout
     assert all(r["old_logprobs_from_rollout"] for r in rows)
+
+    # The same job with the learner broadcasting the weights over a gloo group (learner.weight_sync: collective)
+    # instead of through shared memory: the same weights arrive, so every step's metrics are the same.
+    again = tmp_path / "collective"
+    tiny_ppo(again, env, "run.steps=3", "stack.policy.engine=vllm", "stack.learner.weight_sync=collective")
+    skip = {"time", "phase_seconds", "tokens_per_second", "iteration_seconds", "weight_sync_bytes"}
+    rows2 = read_metrics(again / "metrics.jsonl")
+    assert [{k: v for k, v in r.items() if k not in skip} for r in rows2] == [
+        {k: v for k, v in r.items() if k not in skip} for r in rows[:3]
+    ]
+    assert all(r["weight_sync_bytes"] > 0 for r in rows2)  # sent over the group, not through /dev/shm
+    learner_log = "".join(p.read_text() for p in (again / "logs").glob("learner*.log"))
+    assert learner_log.count('"event": "weight_group_formed"') == 1 and "weight_sync_fallback" not in learner_log

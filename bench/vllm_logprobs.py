@@ -10,7 +10,8 @@ For each model (fp32): the policy's vLLM engine (alignd.services.policy.vllm_eng
 the log-prob it returns for each sampled token is compared with log_softmax of the transformers model's logits over
 the same prompt + response, one forward per sample: the learner's recomputation (alignd.rlmath.lm). It prints and
 saves the largest and the mean absolute difference over all tokens, and the same for alignd's transformers engine
-(PolicyEngine) as the baseline. docs/vllm.md quotes the saved file.
+(PolicyEngine) as the baseline; and how many of the same prompts' greedy samples (EOS ignored) equal
+`model.generate`'s token for token. docs/vllm.md quotes the saved file.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def differences(lm, prompts, rows, results) -> dict:
 
 
 def measure(name: str, n: int, tokens: int) -> dict:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignd.config import PolicyConfig
@@ -89,10 +91,23 @@ def measure(name: str, n: int, tokens: int) -> dict:
     t0 = time.perf_counter()
     engine = VllmEngine(cfg, max_context=min(lm.config.max_position_embeddings, 512))
     start = time.perf_counter() - t0
+    greedy_s = Sampling(0.0, 1.0, 0, tokens, frozenset(), False)
+    greedy_rows = [Row(p, greedy_s, 0) for p in prompts]
     try:
         vllm_results = engine.generate(rows, None)
+        vllm_greedy = engine.generate(greedy_rows, None)
     finally:
         engine.close()
+    same = 0
+    for row, res in zip(greedy_rows, vllm_greedy):
+        want = lm.generate(
+            torch.tensor([row.prompt_ids]),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+        )[0, len(row.prompt_ids) :].tolist()
+        same += int(res.token_ids[: len(want)] == want)  # generate stops at EOS; vLLM (EOS ignored) goes on
     handle = ModelHandle("policy", cfg.model, lm, tokenizer=tok)
     hf_results, _ = PolicyEngine(handle, 32).generate(rows)
     return {
@@ -100,6 +115,7 @@ def measure(name: str, n: int, tokens: int) -> dict:
         "vllm": differences(lm, prompts, rows, vllm_results),
         "transformers_engine": differences(lm, prompts, rows, hf_results),
         "vllm_start_seconds": round(start, 1),
+        "greedy_equal_to_generate": f"{same}/{len(greedy_rows)}",
     }
 
 
@@ -122,7 +138,8 @@ def main() -> None:
         out["results"].append(r)
         print(
             f"{name}: vLLM max |diff| {r['vllm']['max_abs']:.3g} (mean {r['vllm']['mean_abs']:.3g}) over "
-            f"{r['vllm']['tokens']} tokens; transformers engine max {r['transformers_engine']['max_abs']:.3g}",
+            f"{r['vllm']['tokens']} tokens; transformers engine max {r['transformers_engine']['max_abs']:.3g}; "
+            f"greedy samples equal to model.generate: {r['greedy_equal_to_generate']}",
             flush=True,
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -24,33 +24,8 @@ import statistics
 import time
 from pathlib import Path
 
-TEXTS = [
-    "The quick brown fox",
-    "Paris is",
-    "Write a short story about a robot who learns to paint",
-    "Explain the moon to a six year old",
-    "What is the capital of France?",
-    "Use the word river in a sentence:",
-    "Thank you! Please answer the question.",
-    "A reward model scores a response",
-]
-
-
-def model_dir(name: str) -> str:
-    from alignd.models.tiny import resolve_builtin
-
-    return resolve_builtin({"tiny": "builtin:tiny-gpt2", "smollm2": "builtin:smollm2-135m-instruct"}[name])
-
-
-def prompts_for(name: str, tok, n: int) -> list[list[int]]:
-    if name == "smollm2":
-        from alignd.datapaths import cache_dir
-
-        lines = (cache_dir() / "data" / "moby-dick-openings.eval.jsonl").read_text().splitlines()
-        texts = [json.loads(x)["prompt"] for x in lines if x.strip()]
-    else:
-        texts = TEXTS
-    return [tok(texts[i % len(texts)], add_special_tokens=False)["input_ids"] for i in range(n)]
+from generation import model_dir  # bench/ is on sys.path when a script runs
+from generation import prompt_ids as prompts_for
 
 
 def recomputed(lm, prompt: list[int], tokens: list[int]):

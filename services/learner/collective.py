@@ -22,7 +22,7 @@ import grpc
 import torch
 
 from alignd.config import LearnerConfig
-from alignd.models.tensors import TORCH_TO_PB
+from alignd.models.tensors import TORCH_TO_PB, tensor_bytes
 from alignd.models.weights import unique_tensors
 from alignd.runtime.addresses import is_loopback
 from alignd.runtime.client import make_channel
@@ -34,10 +34,6 @@ _log = get_logger("alignd.learner.collective")
 
 class WeightGroupFailed(Exception):
     """The group could not be formed or a broadcast failed; the group is gone."""
-
-
-def _bytes(t: torch.Tensor) -> bytes:
-    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 class WeightGroup:
@@ -151,7 +147,7 @@ class WeightGroup:
         """Hex SHA-256 over the tensors' bytes in order: what each receiving worker checks."""
         h = hashlib.sha256()
         for t in tensors.values():
-            h.update(_bytes(t))
+            h.update(tensor_bytes(t))
         return h.hexdigest()
 
     def _leave(self, addresses, name: str) -> None:

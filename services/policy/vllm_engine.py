@@ -256,10 +256,6 @@ class VllmEngine:
             with self._count_lock:
                 self._in_flight -= 1
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
     # --- weights --------------------------------------------------------------------------------------------------
 
     def load_files(self, files: list[str]) -> int:
@@ -276,10 +272,6 @@ class VllmEngine:
     def reset_prefix_cache(self) -> None:
         if not self._call(self.llm.reset_prefix_cache(), None):
             raise RuntimeError("vLLM did not reset its prefix cache after a weight update")
-
-    def digests(self) -> list[str]:
-        """Each worker's weights digest (AligndWorkerExtension.alignd_weights_digest)."""
-        return list(self._call(self.llm.collective_rpc("alignd_weights_digest"), 120))
 
     def close(self) -> None:
         llm, self.llm = self.llm, None

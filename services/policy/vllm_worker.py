@@ -2,8 +2,8 @@
 
 Runs inside each vLLM worker process, beside its model runner: it loads new weights into the running model through
 vLLM's in-place reload (the model's `load_weights`, which maps Hugging Face names onto vLLM's fused layers, then
-each layer's processing), and digests the weights a
-worker serves so tests and operators can compare replicas. No gRPC here.
+each layer's processing), and joins a learner's weight group to receive its broadcasts (learner.weight_sync:
+collective). No gRPC here.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import datetime
 import hashlib
 
 import torch
+
+from alignd.models.tensors import tensor_bytes
 
 _DTYPES = {
     str(d).removeprefix("torch."): d
@@ -58,9 +60,7 @@ class AligndWorkerExtension:
         for tname, dtype, shape in specs:
             t = torch.empty(shape, dtype=_DTYPES[dtype], device=device)
             pg.broadcast(t, 0, timeout).wait(timeout)
-            data = (
-                t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-            )
+            data = tensor_bytes(t)
             digest.update(data)
             total += len(data)
             received[tname] = t
@@ -133,14 +133,3 @@ class AligndWorkerExtension:
             weight = getattr(module, "weight", None)
             if hasattr(module, "cpu_linear") and weight is not None and weight.ndim == 2 and weight.numel():
                 dispatch_cpu_unquantized_gemm(module, remove_weight=False)
-
-    def alignd_weights_digest(self) -> str:
-        """SHA-256 over the served parameters (vLLM's names, sorted; bytes as stored): equal digests, equal
-        weights."""
-        h = hashlib.sha256()
-        for name, p in sorted(self._alignd_model().state_dict().items()):
-            t = p.detach().to("cpu").contiguous().reshape(-1)
-            h.update(name.encode())
-            h.update(str(t.dtype).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()
